@@ -1,0 +1,37 @@
+"""Prometheus metrics helpers: get-or-create, so a module can be imported twice in tests."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.registry import CollectorRegistry
+
+T = TypeVar("T", Counter, Gauge, Histogram)
+
+_created: dict[str, Any] = {}
+
+
+def _get(kind: type[T], name: str, doc: str, labels: list[str] | tuple[str, ...] = (),
+         registry: CollectorRegistry = REGISTRY, **kw: Any) -> T:
+    if name in _created:
+        return _created[name]  # type: ignore[no-any-return]
+    metric = kind(name, doc, list(labels), registry=registry, **kw)
+    _created[name] = metric
+    return metric
+
+
+def counter(name: str, doc: str, labels: list[str] | tuple[str, ...] = ()) -> Counter:
+    return _get(Counter, name, doc, labels)
+
+
+def gauge(name: str, doc: str, labels: list[str] | tuple[str, ...] = ()) -> Gauge:
+    return _get(Gauge, name, doc, labels)
+
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def histogram(name: str, doc: str, labels: list[str] | tuple[str, ...] = (),
+              buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+    return _get(Histogram, name, doc, labels, buckets=buckets)

@@ -1,0 +1,80 @@
+"""Settings shared by every service: infrastructure endpoints and credentials.
+
+Every value is an environment variable with the prefix ``POSTBUS_``. A service's own
+settings class nests ``CommonSettings`` as ``common`` and reads
+``POSTBUS_<SERVICE>_<NAME>`` for its own fields. Build settings once, in ``__main__``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTBUS_", extra="ignore")
+
+    # NATS
+    nats_url: str = "nats://127.0.0.1:4333"
+    nats_user: str | None = None
+    nats_password: str | None = None
+    stream_replicas: int = 1
+
+    # S3
+    s3_endpoint: str = "http://127.0.0.1:8333"
+    s3_access_key: str = "postbus"
+    s3_secret_key: str = "postbus-secret"
+    s3_bucket: str = "postbus"
+    s3_region: str = "us-east-1"
+    blob_cache_mb: int = 256
+
+    # SQL (only mailbox-store uses it)
+    database_url: str = "sqlite+aiosqlite:///.run/postbus.db"
+
+    # Management APIs
+    admin_token: str | None = None
+    admin_token_file: Path = Path(".run/admin-token")
+    bind_host: str = "127.0.0.1"
+
+    # SMTP -> NATS claim check (ARCHITECTURE.md "Contracts")
+    inline_threshold: int = 128 * 1024
+
+    # TLS for every listener that offers it (STARTTLS and implicit TLS);
+    # `postbus run` generates a self-signed pair into .run/ when none is given
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    # Logging
+    log_level: str = "INFO"
+    log_format: str = Field(default="console", pattern="^(console|json)$")
+
+    # Host name used in greetings, Received headers and DSNs
+    hostname: str = "localhost"
+
+    def resolved_admin_token(self) -> str | None:
+        """The admin token from the environment, else from the token file, else None."""
+        if self.admin_token:
+            return self.admin_token
+        try:
+            token = self.admin_token_file.read_text().strip()
+        except OSError:
+            return None
+        return token or None
+
+
+def ensure_admin_token(path: Path) -> str:
+    """Read the token in ``path``, creating a random one (mode 0600) when absent."""
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token

@@ -1,0 +1,312 @@
+"""Store API contracts (served by mailbox-store) for the access services.
+
+Everything addresses a mailbox by ``mailbox_id`` once it has been looked up by name, so a
+rename never confuses a session. UID sets travel as inclusive ``[first, last]`` ranges;
+``*`` is resolved by the caller against its snapshot. Replies that can grow with mailbox
+size are paged (``after_uid`` / ``limit``) so no NATS message exceeds the payload limit.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from postbus.proto.base import B64Bytes, Model, Rpc
+from postbus.proto.mail import MessageSummary
+
+UidRanges = list[tuple[int, int]]
+
+
+# ---------------------------------------------------------------- mailboxes
+class MailboxInfo(Model):
+    mailbox_id: int
+    name: str  # full path, "/" delimited, "INBOX" for the inbox
+    special_use: str | None = None  # "\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive"
+    attributes: list[str] = Field(default_factory=list)  # "\\HasChildren", "\\Noselect"...
+    subscribed: bool = False
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    messages: int
+    unseen: int
+    recent: int = 0
+    size: int = 0  # octets
+    deleted: int = 0  # messages with \Deleted
+
+
+class MailboxListRequest(Model):
+    account_id: int
+    subscribed_only: bool = False
+
+
+class MailboxListReply(Model):
+    mailboxes: list[MailboxInfo]
+
+
+STORE_MAILBOX_LIST = Rpc("store.mailbox.list.v1", MailboxListRequest, MailboxListReply,
+                         "Every mailbox of an account with its status counters")
+
+
+class MailboxRef(Model):
+    account_id: int
+    name: str
+
+
+STORE_MAILBOX_STATUS = Rpc("store.mailbox.status.v1", MailboxRef, MailboxInfo,
+                           "Status of one mailbox by name; error not_found")
+
+
+class MailboxCreateRequest(Model):
+    account_id: int
+    name: str
+    special_use: str | None = None
+
+
+STORE_MAILBOX_CREATE = Rpc("store.mailbox.create.v1", MailboxCreateRequest, MailboxInfo,
+                           "Create a mailbox (and missing parents); error exists/invalid")
+
+
+class Ok(Model):
+    ok: bool = True
+
+
+STORE_MAILBOX_DELETE = Rpc("store.mailbox.delete.v1", MailboxRef, Ok,
+                           "Delete a mailbox and its messages; INBOX cannot be deleted")
+
+
+class MailboxRenameRequest(Model):
+    account_id: int
+    old: str
+    new: str
+
+
+STORE_MAILBOX_RENAME = Rpc("store.mailbox.rename.v1", MailboxRenameRequest, Ok,
+                           "Rename with children; renaming INBOX moves its messages (RFC 3501 §6.3.5)")
+
+
+class SubscribeRequest(Model):
+    account_id: int
+    name: str
+    subscribed: bool
+
+
+STORE_MAILBOX_SUBSCRIBE = Rpc("store.mailbox.subscribe.v1", SubscribeRequest, Ok,
+                              "Subscribe or unsubscribe (the name need not exist)")
+
+
+# ---------------------------------------------------------------- select / snapshot
+class MessageState(Model):
+    uid: int
+    flags: list[str] = Field(default_factory=list)
+    modseq: int
+
+
+class SelectRequest(Model):
+    account_id: int
+    mailbox_id: int
+    after_uid: int = 0  # page: UIDs greater than this
+    limit: int = 5000
+    changed_since: int | None = None  # only messages with modseq > this (CONDSTORE/QRESYNC)
+
+
+class SelectReply(Model):
+    mailbox: MailboxInfo
+    messages: list[MessageState]  # ascending UID
+    more: bool = False
+    vanished: UidRanges = Field(default_factory=list)  # with changed_since: expunged since
+
+
+STORE_SELECT = Rpc("store.select.v1", SelectRequest, SelectReply,
+                   "Snapshot of UIDs, flags and modseqs (paged)")
+
+
+# ---------------------------------------------------------------- fetch metadata
+class MessageMeta(Model):
+    uid: int
+    flags: list[str]
+    modseq: int
+    internaldate: datetime
+    size: int  # len(prefix) + blob_size: the RFC822.SIZE clients see
+    blob_key: str
+    blob_size: int
+    prefix: B64Bytes = b""
+    summary: MessageSummary | None = None
+
+
+class FetchRequest(Model):
+    account_id: int
+    mailbox_id: int
+    uids: UidRanges
+    with_summary: bool = True
+
+
+class FetchReply(Model):
+    messages: list[MessageMeta]
+
+
+STORE_FETCH = Rpc("store.fetch.v1", FetchRequest, FetchReply,
+                  "Metadata for a UID set in one round trip (bodies come from S3)")
+
+
+# ---------------------------------------------------------------- flags
+class StoreFlagsRequest(Model):
+    account_id: int
+    mailbox_id: int
+    uids: UidRanges
+    op: Literal["set", "add", "remove"]
+    flags: list[str]
+    unchanged_since: int | None = None  # RFC 7162 UNCHANGEDSINCE
+    origin: str | None = None
+
+
+class StoreFlagsReply(Model):
+    updated: list[MessageState]
+    modified: list[int] = Field(default_factory=list)  # UIDs that failed UNCHANGEDSINCE
+
+
+STORE_FLAGS = Rpc("store.flags.v1", StoreFlagsRequest, StoreFlagsReply,
+                  "Set, add or remove flags on a UID set")
+
+
+# ---------------------------------------------------------------- copy / move
+class CopyRequest(Model):
+    account_id: int
+    mailbox_id: int
+    uids: UidRanges
+    target: str  # mailbox name
+    move: bool = False
+    origin: str | None = None
+
+
+class CopyReply(Model):
+    uidvalidity: int  # of the target
+    source_uids: list[int]
+    target_uids: list[int]
+
+
+STORE_COPY = Rpc("store.copy.v1", CopyRequest, CopyReply,
+                 "Copy or move (RFC 6851) messages; error not_found (TRYCREATE), over_quota")
+
+
+# ---------------------------------------------------------------- append
+class AppendRequest(Model):
+    account_id: int
+    mailbox: str
+    flags: list[str] = Field(default_factory=list)
+    internaldate: datetime | None = None
+    message: B64Bytes | None = None  # the literal, when small
+    blob_key: str | None = None  # or already uploaded to S3 by the caller
+    origin: str | None = None
+
+
+class AppendReply(Model):
+    uidvalidity: int
+    uid: int
+
+
+STORE_APPEND = Rpc("store.append.v1", AppendRequest, AppendReply,
+                   "Append a client-provided message; error not_found, over_quota")
+
+
+# ---------------------------------------------------------------- expunge
+class ExpungeRequest(Model):
+    account_id: int
+    mailbox_id: int
+    uids: UidRanges | None = None  # None: every \Deleted message; else only these (UID EXPUNGE)
+    origin: str | None = None
+
+
+class ExpungeReply(Model):
+    expunged: list[int]
+    highestmodseq: int
+
+
+STORE_EXPUNGE = Rpc("store.expunge.v1", ExpungeRequest, ExpungeReply,
+                    "Remove \\Deleted messages (all, or within a UID set)")
+
+
+# ---------------------------------------------------------------- search
+class SearchKey(Model):
+    """One node of a search program (RFC 3501 §6.4.4).
+
+    ``op`` is one of: all, and, or, not, uid, flag, unflag (flag absent), header, from, to,
+    cc, bcc, subject, body, text, before, on, since, sentbefore, senton, sentsince,
+    larger, smaller, modseq. ``args`` holds the operand(s) as strings; ``children`` the
+    sub-keys of and/or/not; ``uids`` the ranges of a uid key.
+    """
+
+    op: str
+    args: list[str] = Field(default_factory=list)
+    uids: UidRanges = Field(default_factory=list)
+    children: list[SearchKey] = Field(default_factory=list)
+
+
+class SearchRequest(Model):
+    account_id: int
+    mailbox_id: int
+    key: SearchKey
+    charset: str = "UTF-8"
+
+
+class SearchReply(Model):
+    uids: list[int]
+    highestmodseq: int = 0  # of the matched messages (RFC 7162 SEARCH MODSEQ)
+
+
+STORE_SEARCH = Rpc("store.search.v1", SearchRequest, SearchReply,
+                   "Evaluate a search program in the store (SQL first, body text last)",
+                   timeout_s=30.0)
+
+
+# ---------------------------------------------------------------- quota
+class QuotaRequest(Model):
+    account_id: int
+
+
+class QuotaReply(Model):
+    used_bytes: int
+    limit_bytes: int | None  # None: unlimited
+    messages: int
+
+
+STORE_QUOTA = Rpc("store.quota.v1", QuotaRequest, QuotaReply, "Storage used and the limit")
+
+
+# ---------------------------------------------------------------- POP3 maildrop
+class Pop3Message(Model):
+    uid: int
+    uidl: str  # stable across sessions, replicas and restarts
+    size: int  # octets as RETR sends them (CRLF line ends, before byte-stuffing)
+    blob_key: str
+    prefix: B64Bytes = b""
+
+
+class Pop3MaildropRequest(Model):
+    account_id: int
+
+
+class Pop3MaildropReply(Model):
+    mailbox_id: int
+    uidvalidity: int
+    messages: list[Pop3Message]  # the INBOX minus messages hidden from POP3
+
+
+STORE_POP3_MAILDROP = Rpc("store.pop3.maildrop.v1", Pop3MaildropRequest, Pop3MaildropReply,
+                          "INBOX as a POP3 maildrop, fixed for the session")
+
+
+class Pop3CommitRequest(Model):
+    account_id: int
+    mailbox_id: int
+    delete_uids: list[int]
+    mode: Literal["delete", "keep"]  # delete: expunge; keep: hide from POP3, keep for IMAP
+    seen_uids: list[int] = Field(default_factory=list)  # RETR'd messages, flagged \Seen
+
+
+STORE_POP3_COMMIT = Rpc("store.pop3.commit.v1", Pop3CommitRequest, Ok,
+                        "Apply the UPDATE state of a POP3 session (RFC 1939 §6)")
+
+
+SearchKey.model_rebuild()

@@ -1,0 +1,1 @@
+pytest_plugins = ["postbus.kit.testing"]
