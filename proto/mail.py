@@ -187,6 +187,13 @@ class DeliveryEvent(Model):
     remote_mta: str | None = None
     attempt: int = 0
     next_attempt_at: datetime | None = None
+    # enough for relay to bounce a failure it did not see itself (RFC 3464)
+    mail_from: str | None = None
+    blob_key: str | None = None
+    notify: list[str] = Field(default_factory=list)
+    orcpt: str | None = None
+    dsn_envid: str | None = None
+    dsn_ret: Literal["FULL", "HDRS"] | None = None
 
 
 DELIVERY_EVENT = Subject(
