@@ -1,0 +1,66 @@
+# Postbus — the two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+# Debian packages of the real mail clients the tests drive (CLIENTS.md)
+CLIENT_TOOLS := swaks fetchmail getmail6 isync curl
+CLIENT_BINS := swaks fetchmail getmail mbsync curl
+
+.PHONY: run test test-fast venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay schemas lint typecheck clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## Start the whole platform with embedded NATS, S3 and SQLite (data in .run/)
+run: $(STAMP)
+	@mkdir -p .run
+	$(VENV)/bin/postbus run
+
+## Real mail clients for the tests (installed with apt-get when missing and we are root)
+clients:
+	@missing=""; for b in $(CLIENT_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing mail clients:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLIENT_TOOLS)) >/dev/null \
+	      || echo "warning: could not install $(CLIENT_TOOLS); tests that need them will be skipped"; \
+	  else echo "warning: missing$$missing (apt-get install $(CLIENT_TOOLS)); those tests will be skipped"; fi; \
+	fi
+
+## Unit, session, socket and end-to-end tests (real nats-server, SeaweedFS, SQL, clients)
+test: $(STAMP) clients
+	$(PY) -m postbus.proto.schema --check
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=600 tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+## Only the pure tests (no sockets)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+## Benchmarks (medians printed; JSON in bench-results/)
+bench: bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay
+bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay: bench-%: $(STAMP)
+	@mkdir -p bench-results
+	@if [ -f tests/bench/bench_$*.py ]; then $(PY) tests/bench/bench_$*.py; else echo "no benchmark for $*"; fi
+
+## Regenerate proto/schemas from the pydantic models
+schemas: $(STAMP)
+	$(PY) -m postbus.proto.schema
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check libs proto services tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy libs/kit proto
+
+clean:
+	rm -rf .run bench-results .pytest_cache
