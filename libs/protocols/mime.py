@@ -1,0 +1,874 @@
+"""MIME structure of a stored message, as IMAP sees it (RFC 3501 §6.4.5, §7.4.2; RFC 2045-2047).
+
+Pure: bytes in, values out; no asyncio, nats or boto3. ``summarize`` never raises: anything
+it cannot make sense of is shown as text/plain, as Dovecot does. Byte offsets come from our
+own boundary scanner (RFC 2046 §5.1.1), never from a re-serialised ``email`` object.
+
+Wire text (``envelope``/``body``/``bodystructure``) is a ``str``; write it to the client
+encoded as UTF-8: literal lengths ``{n}`` count the UTF-8 octets.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.utils
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from postbus.proto.mail import MessageSummary, PartSpan
+
+__all__ = [
+    "summarize", "header_fields", "section_bytes", "parse_headers", "header_block_end",
+    "decode_words", "parse_section", "normalize_crlf", "Section", "imap_string", "MAX_DEPTH", "MAX_PARTS",
+]
+
+# Dovecot bounds nesting too (message-parser: max_nested_mime_parts=100, max_total=10000);
+# beyond our bounds a part is shown as text/plain and not descended into.
+MAX_DEPTH = 40
+MAX_PARTS = 5000
+MAX_HEADER_FIELDS = 2000
+
+_FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+_WSP = b" \t"
+
+
+# ---------------------------------------------------------------- header parsing
+def header_block_end(raw: bytes, start: int, end: int) -> int:
+    """Offset where the body of the entity at ``raw[start:end]`` begins: just after the first
+    empty line (CRLF or bare LF line ends); ``end`` when there is no empty line."""
+    if start >= end:
+        return end
+    if raw.startswith(b"\r\n", start, end):
+        return start + 2
+    if raw[start] == 0x0A:
+        return start + 1
+    a = raw.find(b"\n\r\n", start, end)
+    b = raw.find(b"\n\n", start, end)
+    if a < 0 and b < 0:
+        return end
+    if b < 0 or (0 <= a < b):
+        return a + 3
+    return b + 2
+
+
+def parse_headers(block: bytes) -> list[tuple[str, bytes]]:
+    """Header fields of a header block as (lower-case name, raw value with folding kept).
+
+    Lines that are neither a field nor a continuation (e.g. an mbox ``From `` line) are
+    skipped, as are continuation lines that follow them.
+    """
+    out: list[tuple[str, bytes]] = []
+    cur_name: str | None = None
+    cur: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            continue
+        if line[0] in _WSP:
+            if cur_name is not None:
+                cur.append(b"\r\n" + line)
+            continue
+        if cur_name is not None:
+            out.append((cur_name, b"".join(cur)))
+            cur_name = None
+            if len(out) >= MAX_HEADER_FIELDS:
+                return out
+        m = _FIELD_NAME.match(line)
+        if m is None:
+            continue
+        cur_name = m.group(1).decode("ascii").lower()
+        cur = [line[m.end():]]
+    if cur_name is not None:
+        out.append((cur_name, b"".join(cur)))
+    return out
+
+
+def _unfold(value: bytes) -> str:
+    """Unfold (RFC 5322 §2.2.3: drop CRLF, keep the WSP) and trim; 8-bit as UTF-8."""
+    v = value.replace(b"\r", b"").replace(b"\n", b"").strip(b" \t")
+    return v.decode("utf-8", errors="replace").replace("\x00", "")
+
+
+def decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded-words for searching/display; never raises."""
+    if "=?" not in text:
+        return text
+    try:
+        out: list[str] = []
+        for chunk, charset in email.header.decode_header(text):
+            if isinstance(chunk, bytes):
+                cs = charset or "us-ascii"
+                try:
+                    out.append(chunk.decode(cs, errors="replace"))
+                except LookupError:
+                    out.append(chunk.decode("utf-8", errors="replace"))
+            else:
+                out.append(chunk)
+        return "".join(out)
+    except Exception:
+        return text
+
+
+def normalize_crlf(raw: bytes) -> bytes:
+    """Bare LF (and bare CR) line ends to CRLF, as IMAP requires (RFC 3501 §2.3.1 sizes count
+    CRLF). Summarize the normalized bytes and store those, so sizes match what is served."""
+    if b"\n" not in raw and b"\r" not in raw:
+        return raw
+    return re.sub(rb"\r?\n|\r", b"\r\n", raw)
+
+
+# ---------------------------------------------------------------- IMAP strings
+def imap_string(s: str | None) -> str:
+    """An IMAP nstring (RFC 3501 §4.3, §9): NIL, a quoted string, or a literal when the text
+    has CR, LF or 8-bit characters (length in UTF-8 octets)."""
+    if s is None:
+        return "NIL"
+    s = s.replace("\x00", "")
+    if s.isascii() and "\r" not in s and "\n" not in s:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "{%d}\r\n%s" % (len(s.encode("utf-8")), s)
+
+
+# ---------------------------------------------------------------- structured fields
+def _skip_comment(s: str, i: int) -> tuple[int, str]:
+    """s[i] == '('; return the index after the (nested) comment and its text."""
+    depth, j, buf = 0, i, []
+    while j < len(s):
+        c = s[j]
+        if c == "\\" and j + 1 < len(s):
+            buf.append(s[j + 1])
+            j += 2
+            continue
+        if c == "(":
+            depth += 1
+            if depth > 1:
+                buf.append(c)
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return j + 1, "".join(buf)
+            buf.append(c)
+        else:
+            buf.append(c)
+        j += 1
+    return j, "".join(buf)
+
+
+def _read_quoted(s: str, i: int) -> tuple[int, str]:
+    """s[i] == '"'; return the index after the closing quote and the unescaped content."""
+    j, buf = i + 1, []
+    while j < len(s):
+        c = s[j]
+        if c == "\\" and j + 1 < len(s):
+            buf.append(s[j + 1])
+            j += 2
+            continue
+        if c == '"':
+            return j + 1, "".join(buf)
+        buf.append(c)
+        j += 1
+    return j, "".join(buf)
+
+
+_TSPECIALS = set('()<>@,;:\\"/[]?= \t')
+
+
+def _parse_params(s: str, i: int) -> list[tuple[str, str]]:
+    """RFC 2045 §5.1 parameters after the media type, with RFC 2231 continuations merged."""
+    raw: list[tuple[str, str]] = []
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c in " \t;":
+            i += 1
+            continue
+        if c == "(":
+            i, _ = _skip_comment(s, i)
+            continue
+        j = i
+        while j < n and s[j] not in "=;" and s[j] not in " \t":
+            j += 1
+        name = s[i:j]
+        while j < n and s[j] in " \t":
+            j += 1
+        if j >= n or s[j] != "=":
+            i = j + 1 if j < n and s[j] != ";" else j
+            continue  # a parameter without a value: skipped
+        j += 1
+        while j < n and s[j] in " \t":
+            j += 1
+        if j < n and s[j] == '"':
+            j, value = _read_quoted(s, j)
+        else:
+            k = j
+            while k < n and s[k] not in "; \t(":
+                k += 1
+            value = s[j:k]
+            j = k
+        if name:
+            raw.append((name, value))
+        i = j
+    return _merge_rfc2231(raw)
+
+
+_CONT = re.compile(r"^(.+?)\*(\d+)(\*?)$")
+
+
+def _merge_rfc2231(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Join ``name*0*=``/``name*1=`` continuations (RFC 2231 §3) into one parameter; an
+    encoded one keeps its ``charset'lang'`` prefix and becomes ``name*`` (as Dovecot shows)."""
+    if not any("*" in k for k, _ in params):
+        return params
+    out: list[tuple[str, str] | str] = []  # a str is the base name of a continuation group
+    groups: dict[str, list[tuple[int, bool, str]]] = {}
+    for k, v in params:
+        m = _CONT.match(k)
+        if m is None:
+            out.append((k, v))
+            continue
+        base = m.group(1)
+        if base.lower() not in groups:
+            groups[base.lower()] = []
+            out.append(base)
+        groups[base.lower()].append((int(m.group(2)), bool(m.group(3)), v))
+    result: list[tuple[str, str]] = []
+    for item in out:
+        if isinstance(item, tuple):
+            result.append(item)
+            continue
+        segs = sorted(groups[item.lower()], key=lambda t: t[0])
+        if segs[0][1]:
+            vals = [segs[0][2]]
+            for _, enc, v in segs[1:]:
+                vals.append(v if enc else "".join(
+                    c if c.isalnum() and c.isascii() or c in "-._~" else
+                    "".join("%%%02X" % b for b in c.encode("utf-8")) for c in v))
+            result.append((item + "*", "".join(vals)))
+        else:
+            result.append((item, "".join(v for _, _, v in segs)))
+    return result
+
+
+def _parse_content_type(value: str) -> tuple[str, str, list[tuple[str, str]]] | None:
+    """type, subtype, params of a Content-Type value; None when it is not valid."""
+    i, n = 0, len(value)
+    while i < n and (value[i] in " \t" or value[i] == "("):
+        if value[i] == "(":
+            i, _ = _skip_comment(value, i)
+        else:
+            i += 1
+    j = i
+    while j < n and value[j] not in _TSPECIALS:
+        j += 1
+    typ = value[i:j]
+    while j < n and value[j] in " \t":
+        j += 1
+    if not typ or j >= n or value[j] != "/":
+        return None
+    j += 1
+    while j < n and value[j] in " \t":
+        j += 1
+    k = j
+    while k < n and value[k] not in _TSPECIALS:
+        k += 1
+    sub = value[j:k]
+    if not sub:
+        return None
+    return typ, sub, _parse_params(value, k)
+
+
+def _parse_disposition(value: str) -> tuple[str, list[tuple[str, str]]] | None:
+    i, n = 0, len(value)
+    while i < n and value[i] in " \t":
+        i += 1
+    j = i
+    while j < n and value[j] not in _TSPECIALS:
+        j += 1
+    if j == i:
+        return None
+    return value[i:j], _parse_params(value, j)
+
+
+def _first_token(value: str) -> str:
+    v = value.strip()
+    if "(" in v:
+        v = v.split("(", 1)[0].strip()
+    return v.split()[0] if v.split() else ""
+
+
+# ---------------------------------------------------------------- addresses (RFC 5322 §3.4)
+@dataclass(frozen=True)
+class _Addr:
+    name: str | None
+    adl: str | None
+    mailbox: str | None
+    host: str | None
+
+
+_ADDR_SPECIALS = set('()<>@,;:"[]')
+
+
+def _tokenize(s: str) -> list[tuple[str, str]]:
+    """Tokens: ('atom', text), ('q', quoted text), ('c', comment), ('d', [literal]), (special, '')."""
+    toks: list[tuple[str, str]] = []
+    i, n = 0, len(s)
+    while i < n:
+        c = s[i]
+        if c in " \t\r\n":
+            i += 1
+        elif c == '"':
+            i, t = _read_quoted(s, i)
+            toks.append(("q", t))
+        elif c == "(":
+            i, t = _skip_comment(s, i)
+            toks.append(("c", t))
+        elif c == "[":
+            j = s.find("]", i)
+            j = n if j < 0 else j + 1
+            toks.append(("d", s[i:j]))
+            i = j
+        elif c in _ADDR_SPECIALS:
+            toks.append((c, ""))
+            i += 1
+        else:
+            j = i
+            while j < n and s[j] not in _ADDR_SPECIALS and s[j] not in " \t\r\n":
+                j += 1
+            toks.append(("atom", s[i:j]))
+            i = j
+    return toks
+
+
+def _quote_local(t: tuple[str, str]) -> str:
+    return '"' + t[1].replace("\\", "\\\\").replace('"', '\\"') + '"' if t[0] == "q" else t[1]
+
+
+class _AddrParser:
+    def __init__(self, toks: list[tuple[str, str]]) -> None:
+        self.t = toks
+        self.i = 0
+
+    def peek(self) -> str | None:
+        return self.t[self.i][0] if self.i < len(self.t) else None
+
+    def parse_list(self, in_group: bool = False) -> list[_Addr]:
+        out: list[_Addr] = []
+        while self.i < len(self.t):
+            k = self.peek()
+            if k == ",":
+                self.i += 1
+                continue
+            if k == ";":
+                if in_group:
+                    return out
+                self.i += 1
+                continue
+            out.extend(self.parse_one(in_group))
+            if len(out) > 10000:
+                break
+        return out
+
+    def parse_one(self, in_group: bool) -> list[_Addr]:
+        words: list[tuple[str, str]] = []
+        comments: list[str] = []
+        while self.i < len(self.t):
+            kind, text = self.t[self.i]
+            if kind in ("atom", "q", "d", "@"):
+                words.append((kind, text))
+                self.i += 1
+            elif kind == "c":
+                comments.append(text)
+                self.i += 1
+            elif kind == "<":
+                self.i += 1
+                return [self.angle(_phrase(words))]
+            elif kind == ":" and not in_group:
+                self.i += 1
+                members = self.parse_list(in_group=True)
+                if self.peek() == ";":
+                    self.i += 1
+                name = _phrase(words) or ""
+                return [_Addr(None, None, name, None), *members, _Addr(None, None, None, None)]
+            elif kind in (",", ";", ":", ">"):
+                if kind in (":", ">"):
+                    self.i += 1
+                    continue
+                break
+            else:
+                self.i += 1
+        if not words:
+            return []
+        return [_addr_spec(words, comments[-1].strip() if comments else None)]
+
+    def angle(self, name: str | None) -> _Addr:
+        adl_parts: list[str] = []
+        # obs-route: "@a,@b:" before the addr-spec (RFC 5322 §4.4)
+        if self.peek() == "@":
+            save = self.i
+            cur = ""
+            while self.i < len(self.t) and self.peek() not in (":", ">"):
+                kind, text = self.t[self.i]
+                if kind == "@":
+                    cur += "@"
+                elif kind == ",":
+                    adl_parts.append(cur)
+                    cur = ""
+                elif kind in ("atom", "d"):
+                    cur += text
+                self.i += 1
+            if self.peek() == ":":
+                adl_parts.append(cur)
+                self.i += 1
+            else:
+                self.i = save
+                adl_parts = []
+        words: list[tuple[str, str]] = []
+        while self.i < len(self.t) and self.peek() != ">":
+            kind, text = self.t[self.i]
+            if kind in ("atom", "q", "d", "@"):
+                words.append((kind, text))
+            elif kind in (",", ";") and not any(k == "@" for k, _ in words):
+                break  # unterminated "<" : stop at the list separator
+            self.i += 1
+        if self.peek() == ">":
+            self.i += 1
+        a = _addr_spec(words, None)
+        adl = ",".join(p for p in adl_parts if p) or None
+        return _Addr(name, adl, a.mailbox, a.host)
+
+
+def _phrase(words: list[tuple[str, str]]) -> str | None:
+    parts = [t for k, t in words if k in ("atom", "q", "d")]
+    return " ".join(parts) if parts else None
+
+
+def _addr_spec(words: list[tuple[str, str]], comment: str | None) -> _Addr:
+    at = next((n for n, (k, _) in enumerate(words) if k == "@"), None)
+    if at is None:
+        local_toks, dom_toks = words, []
+    else:
+        local_toks, dom_toks = words[:at], words[at + 1:]
+    local = "".join(_quote_local(t) for t in local_toks if t[0] != "@")
+    host = "".join(t for k, t in dom_toks if k in ("atom", "d"))
+    # Dovecot's markers for a missing part: a NIL host would read as group syntax
+    return _Addr(comment or None, None, local or "MISSING_MAILBOX", host or "MISSING_DOMAIN")
+
+
+def _parse_addresses(value: str) -> list[_Addr]:
+    try:
+        return _AddrParser(_tokenize(value)).parse_list()
+    except Exception:
+        return []
+
+
+def _addr_list(value: str | None) -> str:
+    if value is None:
+        return "NIL"
+    addrs = _parse_addresses(value)
+    if not addrs:
+        return "NIL"
+    return "(" + "".join(
+        "(%s %s %s %s)" % (imap_string(a.name), imap_string(a.adl), imap_string(a.mailbox),
+                           imap_string(a.host)) for a in addrs) + ")"
+
+
+# ---------------------------------------------------------------- the entity tree
+@dataclass
+class _Entity:
+    header_start: int
+    body_start: int
+    end: int
+    headers: list[tuple[str, bytes]]
+    typ: str = "text"
+    sub: str = "plain"
+    params: list[tuple[str, str]] = field(default_factory=lambda: [("charset", "us-ascii")])
+    children: list[_Entity] = field(default_factory=list)
+    message: _Entity | None = None  # message/rfc822: the encapsulated message
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k == name:
+                return _unfold(v)
+        return None
+
+    @property
+    def is_multipart(self) -> bool:
+        return self.typ.lower() == "multipart"
+
+    @property
+    def is_rfc822(self) -> bool:
+        return self.message is not None
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.parts = 0
+
+
+def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+    """Ranges of the body parts between ``--boundary`` delimiter lines (RFC 2046 §5.1.1).
+
+    The line break before a delimiter belongs to the delimiter. A missing close delimiter
+    ends the last part at ``end``.
+    """
+    delim = b"--" + boundary
+    dl = len(delim)
+    parts: list[tuple[int, int]] = []
+    cur: int | None = None
+    pos = start
+    while pos < end:
+        i = raw.find(delim, pos, end)
+        if i < 0:
+            break
+        if i != start and raw[i - 1] != 0x0A:
+            pos = i + 1
+            continue
+        after = i + dl
+        close = raw.startswith(b"--", after, end)
+        if not close and after < end and raw[after] not in b" \t\r\n":
+            pos = i + 1  # a longer boundary that merely starts with ours
+            continue
+        nl = raw.find(b"\n", after, end)
+        line_end = end if nl < 0 else nl + 1
+        if cur is not None:
+            pe = i
+            if pe > cur and raw[pe - 1] == 0x0A:
+                pe -= 1
+                if pe > cur and raw[pe - 1] == 0x0D:
+                    pe -= 1
+            parts.append((cur, pe))
+        if close:
+            cur = None
+            break
+        cur = line_end
+        pos = line_end
+        if len(parts) > MAX_PARTS:
+            break
+    if cur is not None:
+        parts.append((cur, end))
+    return parts
+
+
+def _parse_entity(raw: bytes, start: int, end: int, digest: bool, depth: int,
+                  budget: _Budget) -> _Entity:
+    body_start = header_block_end(raw, start, end)
+    headers = parse_headers(raw[start:body_start])
+    e = _Entity(start, body_start, end, headers)
+    budget.parts += 1
+    ct = e.header("content-type")
+    parsed = _parse_content_type(ct) if ct is not None else None
+    if parsed is None:
+        if digest:  # RFC 2046 §5.1.5
+            e.typ, e.sub, e.params = "message", "rfc822", []
+    else:
+        e.typ, e.sub, e.params = parsed
+        if e.typ.lower() == "text" and not any(k.lower() == "charset" for k, _ in e.params):
+            e.params = [("charset", "us-ascii"), *e.params]  # RFC 2045 §5.2 default
+    t, s = e.typ.lower(), e.sub.lower()
+    deep = depth >= MAX_DEPTH or budget.parts >= MAX_PARTS
+    if t == "multipart":
+        boundary = next((v for k, v in e.params if k.lower() == "boundary"), "")
+        if not boundary or deep:
+            e.typ, e.sub, e.params = "text", "plain", [("charset", "us-ascii")]
+            return e
+        ranges = _split_multipart(raw, body_start, end, boundary.encode("utf-8", "replace"))
+        if not ranges:
+            ranges = [(end, end)]  # no delimiter at all: one empty part, as Dovecot shows
+        for ps, pe in ranges:
+            if budget.parts >= MAX_PARTS:
+                break
+            e.children.append(_parse_entity(raw, ps, pe, s == "digest", depth + 1, budget))
+        if not e.children:
+            e.typ, e.sub, e.params = "text", "plain", [("charset", "us-ascii")]
+    elif t == "message" and s == "rfc822":
+        if deep:
+            e.typ, e.sub, e.params = "text", "plain", [("charset", "us-ascii")]
+            return e
+        e.message = _parse_entity(raw, body_start, end, False, depth + 1, budget)
+    return e
+
+
+# ---------------------------------------------------------------- IMAP structures
+def _params(params: list[tuple[str, str]]) -> str:
+    if not params:
+        return "NIL"
+    return "(" + " ".join(f"{imap_string(k)} {imap_string(v)}" for k, v in params) + ")"
+
+
+def _envelope(e: _Entity) -> str:
+    h = {}
+    for k, v in e.headers:
+        if k not in h:
+            h[k] = _unfold(v)
+    frm = h.get("from")
+
+    def defaulted(name: str) -> str:
+        v = h.get(name)
+        # RFC 3501 §7.4.2: absent or empty Sender/Reply-To take the From value
+        return _addr_list(frm if v is None or not v.strip() else v)
+
+    return "(%s %s %s %s %s %s %s %s %s %s)" % (
+        imap_string(h.get("date")), imap_string(h.get("subject")),
+        _addr_list(frm), defaulted("sender"), defaulted("reply-to"),
+        _addr_list(h.get("to")), _addr_list(h.get("cc")), _addr_list(h.get("bcc")),
+        imap_string(h.get("in-reply-to")), imap_string(h.get("message-id")))
+
+
+def _lines(raw: bytes, start: int, end: int) -> int:
+    return raw.count(b"\n", start, end)
+
+
+def _struct(raw: bytes, e: _Entity, ext: bool) -> str:
+    if e.is_multipart:
+        inner = "".join(_struct(raw, c, ext) for c in e.children)
+        out = f"({inner} {imap_string(e.sub)}"
+        if ext:
+            out += " " + _params(e.params) + " " + _ext_tail(e)
+        return out + ")"
+    cid = e.header("content-id")
+    desc = e.header("content-description")
+    cte = e.header("content-transfer-encoding")
+    enc = _first_token(cte) if cte else ""
+    if enc and any(c in _TSPECIALS or not c.isascii() or not c.isprintable() for c in enc):
+        enc = ""  # RFC 2045 §6.1: not a token; shown as the default
+    size = e.end - e.body_start
+    out = "(%s %s %s %s %s %s %d" % (
+        imap_string(e.typ), imap_string(e.sub), _params(e.params), imap_string(cid),
+        imap_string(desc), imap_string(enc or "7bit"), size)
+    if e.message is not None:
+        out += " %s %s %d" % (_envelope(e.message), _struct(raw, e.message, ext),
+                              _lines(raw, e.body_start, e.end))
+    elif e.typ.lower() == "text":
+        out += " %d" % _lines(raw, e.body_start, e.end)
+    if ext:
+        md5 = e.header("content-md5")
+        out += " " + imap_string(md5 or None) + " " + _ext_tail(e)
+    return out + ")"
+
+
+def _ext_tail(e: _Entity) -> str:
+    """body-fld-dsp SP body-fld-lang SP body-fld-loc (RFC 3501 §9)."""
+    dsp = "NIL"
+    cd = e.header("content-disposition")
+    if cd:
+        d = _parse_disposition(cd)
+        if d is not None:
+            dsp = f"({imap_string(d[0])} {_params(d[1])})"
+    lang = "NIL"
+    cl = e.header("content-language")
+    if cl:
+        langs = [x.strip() for x in re.sub(r"\([^)]*\)", "", cl).split(",") if x.strip()]
+        if langs:  # always a list, as Dovecot writes it
+            lang = "(" + " ".join(imap_string(x) for x in langs) + ")"
+    loc = e.header("content-location")
+    # RFC 2557 §4.4.1: folding whitespace inside a URL is not part of it
+    loc_s = imap_string(re.sub(r"\s+", "", loc)) if loc else "NIL"
+    return f"{dsp} {lang} {loc_s}"
+
+
+def _spans(root: _Entity) -> list[PartSpan]:
+    spans = [PartSpan(section="", header_start=root.header_start, body_start=root.body_start,
+                      end=root.end, content_type="message/rfc822", is_message_rfc822=True)]
+
+    def emit(sec: str, e: _Entity) -> None:
+        spans.append(PartSpan(section=sec, header_start=e.header_start, body_start=e.body_start,
+                              end=e.end, content_type=f"{e.typ}/{e.sub}".lower(),
+                              is_message_rfc822=e.message is not None))
+
+    def message(m: _Entity, prefix: str) -> None:
+        def join(n: int) -> str:
+            return f"{prefix}.{n}" if prefix else str(n)
+
+        if m.is_multipart:
+            for n, c in enumerate(m.children, 1):
+                emit(join(n), c)
+                part(c, join(n))
+        else:  # RFC 3501 §6.4.5: a non-multipart message's body is part 1
+            emit(join(1), m)
+            part(m, join(1))
+
+    def part(e: _Entity, sec: str) -> None:
+        if e.is_multipart:
+            for n, c in enumerate(e.children, 1):
+                emit(f"{sec}.{n}", c)
+                part(c, f"{sec}.{n}")
+        elif e.message is not None:
+            message(e.message, sec)
+
+    message(root, "")
+    return spans
+
+
+def _search_text(e: _Entity, name: str) -> str:
+    vals = [_unfold(v) for k, v in e.headers if k == name]
+    return decode_words(", ".join(vals)) if vals else ""
+
+
+def _date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        d = email.utils.parsedate_to_datetime(value)
+    except Exception:
+        return None
+    if d is None:
+        return None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=UTC)
+    return d
+
+
+def _summary(raw: bytes) -> MessageSummary:
+    root = _parse_entity(raw, 0, len(raw), False, 0, _Budget())
+    mid = root.header("message-id")
+    return MessageSummary(
+        envelope=_envelope(root),
+        bodystructure=_struct(raw, root, True),
+        body=_struct(raw, root, False),
+        parts=_spans(root),
+        subject=_search_text(root, "subject"),
+        from_=_search_text(root, "from"),
+        to=_search_text(root, "to"),
+        cc=_search_text(root, "cc"),
+        bcc=_search_text(root, "bcc"),
+        message_id=mid.strip() if mid else "",
+        date=_date(root.header("date")),
+        header_bytes=root.body_start,
+    )
+
+
+def summarize(raw: bytes) -> MessageSummary:
+    """ENVELOPE, BODY, BODYSTRUCTURE, part offsets and SEARCH fields of one message.
+
+    Never raises: a message we cannot parse at all is shown as one text/plain body.
+    """
+    try:
+        return _summary(bytes(raw))
+    except Exception:  # a last resort; the parser is written not to get here
+        n = len(raw)
+        return MessageSummary(
+            envelope="(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)",
+            bodystructure='("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" %d %d NIL NIL NIL NIL)'
+            % (n, bytes(raw).count(b"\n")),
+            body='("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" %d %d)'
+            % (n, bytes(raw).count(b"\n")),
+            parts=[PartSpan(section="", header_start=0, body_start=0, end=n),
+                   PartSpan(section="1", header_start=0, body_start=0, end=n)],
+        )
+
+
+# ---------------------------------------------------------------- FETCH helpers
+def header_fields(raw_header: bytes, names: Iterable[str | bytes], negate: bool = False) -> bytes:
+    """BODY[HEADER.FIELDS (names)] / HEADER.FIELDS.NOT (RFC 3501 §6.4.5): the matching fields
+    with their continuation lines, in message order and original bytes, then a blank line."""
+    wanted = {(n.decode("ascii", "replace") if isinstance(n, bytes) else n).lower()
+              for n in names}
+    out: list[bytes] = []
+    keep = False
+    for line in raw_header.splitlines(keepends=True):
+        if line in (b"\r\n", b"\n"):
+            break  # the end of the header block
+        if line[:1] in (b" ", b"\t"):
+            if keep:
+                out.append(line)
+            continue
+        m = _FIELD_NAME.match(line)
+        if m is None:
+            keep = False
+            continue
+        name = m.group(1).decode("ascii").lower()
+        keep = (name in wanted) != negate
+        if keep:
+            out.append(line)
+    if out and not out[-1].endswith(b"\n"):
+        out[-1] += b"\r\n"
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+@dataclass(frozen=True)
+class Section:
+    """A parsed section-spec: ``part`` ("" or "1.2"), ``text`` ("", "HEADER", "TEXT", "MIME",
+    "HEADER.FIELDS", "HEADER.FIELDS.NOT") and ``fields`` for HEADER.FIELDS."""
+
+    part: str
+    text: str
+    fields: tuple[str, ...] = ()
+
+
+_SECTION = re.compile(
+    r"^((?:[1-9][0-9]*)(?:\.[1-9][0-9]*)*)?\.?"
+    r"(HEADER\.FIELDS\.NOT|HEADER\.FIELDS|HEADER|TEXT|MIME)?\s*(?:\((.*)\))?$",
+    re.IGNORECASE | re.DOTALL)
+
+
+def parse_section(spec: str) -> Section | None:
+    """Parse the inside of ``BODY[...]``; None when it is not a valid section-spec."""
+    s = spec.strip()
+    m = _SECTION.match(s)
+    if m is None:
+        return None
+    part, text, flist = m.group(1) or "", (m.group(2) or "").upper(), m.group(3)
+    if part and s[len(part):len(part) + 1] not in ("", ".") or (not part and s.startswith(".")):
+        return None
+    if part and text and s[len(part)] != ".":
+        return None
+    if part == "" and text == "MIME":
+        return None  # RFC 3501 §9: MIME needs a part number
+    if text.startswith("HEADER.FIELDS"):
+        if flist is None:
+            return None
+        names = tuple(x.strip('"') for x in flist.split() if x.strip('"'))
+        if not names:
+            return None
+        return Section(part, text, names)
+    if flist is not None:
+        return None
+    return Section(part, text)
+
+
+def section_bytes(raw: bytes, summary_or_parts: MessageSummary | Sequence[PartSpan],
+                  section_spec: str | Section) -> bytes | None:
+    """The bytes of ``BODY[<section_spec>]`` (e.g. "", "HEADER", "1.2", "2.MIME",
+    "3.HEADER.FIELDS (From Subject)"), or None when the section does not exist or the
+    spec is invalid. ``raw`` is the message the summary was computed from."""
+    parts = summary_or_parts.parts if isinstance(summary_or_parts, MessageSummary) \
+        else summary_or_parts
+    sec = parse_section(section_spec) if isinstance(section_spec, str) else section_spec
+    if sec is None:
+        return None
+    by = {p.section: p for p in parts}
+    if sec.part == "":
+        top = by.get("")
+        if top is None:
+            hb = header_block_end(raw, 0, len(raw))
+            msg_start, msg_body, msg_end = 0, hb, len(raw)
+        else:
+            msg_start, msg_body, msg_end = top.header_start, top.body_start, top.end
+    else:
+        p = by.get(sec.part)
+        if p is None:
+            return None
+        if sec.text == "":
+            return raw[p.body_start:p.end]
+        if sec.text == "MIME":
+            return raw[p.header_start:p.body_start]
+        if not p.is_message_rfc822:
+            return None  # HEADER/TEXT apply to a message/rfc822 part only (§6.4.5)
+        msg_start, msg_end = p.body_start, p.end
+        msg_body = header_block_end(raw, msg_start, msg_end)
+    match sec.text:
+        case "":
+            return raw[msg_start:msg_end]
+        case "HEADER":
+            return raw[msg_start:msg_body]
+        case "TEXT":
+            return raw[msg_body:msg_end]
+        case "HEADER.FIELDS":
+            return header_fields(raw[msg_start:msg_body], sec.fields)
+        case "HEADER.FIELDS.NOT":
+            return header_fields(raw[msg_start:msg_body], sec.fields, negate=True)
+    return None
