@@ -59,8 +59,11 @@ schemas: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check libs proto services tests
 
+# mypy cannot follow setuptools' package-dir mapping: give it a tree of symlinks named postbus/
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy libs/kit proto
+	@rm -rf $(VENV)/typecheck && mkdir -p $(VENV)/typecheck/postbus && touch $(VENV)/typecheck/postbus/__init__.py
+	@$(PY) -c "import tomllib,os; m=tomllib.load(open('pyproject.toml','rb'))['tool']['setuptools']['package-dir']; [os.symlink(os.path.abspath(v), p) for k,v in m.items() for p in ['$(VENV)/typecheck/'+k.replace('.','/')] if not os.path.exists(p)]"
+	cd $(VENV)/typecheck && ../bin/mypy --strict -p postbus.kit -p postbus.proto
 
 clean:
 	rm -rf .run bench-results .pytest_cache

@@ -5,8 +5,8 @@ Pure declarations (pydantic only); no nats import. See STYLE.md "One subject, de
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import base64
+from dataclasses import dataclass, field
 from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, WithJsonSchema

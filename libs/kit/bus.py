@@ -194,7 +194,7 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         try:
             ack = await self.js.publish(name, encode(data), timeout=timeout, headers=headers)
-        except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             raise BusUnavailable(str(exc) or type(exc).__name__) from exc
         return int(ack.seq)
 
@@ -241,7 +241,7 @@ class Bus:
                         psub = await self.js.pull_subscribe(
                             subject.pattern, durable=durable, stream=stream, config=cfg)
                     msgs = await psub.fetch(batch, timeout=1.0)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     continue
                 except asyncio.CancelledError:
                     raise
@@ -298,7 +298,7 @@ class Bus:
             msg = await self.nc.request(rpc.name, encode(data), timeout=timeout or rpc.timeout_s)
         except nats.errors.NoRespondersError as exc:
             raise BusUnavailable(f"no responders for {rpc.name}") from exc
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             raise BusUnavailable(f"{rpc.name}: {exc or type(exc).__name__}") from exc
         if msg.headers and msg.headers.get(ERROR_HEADER):
             err = RpcError.model_validate_json(msg.data)

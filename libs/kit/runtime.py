@@ -122,7 +122,7 @@ def main(name: str, common: CommonSettings, mgmt_port: int, setup: Setup) -> Non
     """Entry point for ``python -m postbus.<service>``."""
     klog.configure(common.log_level, common.log_format, service=name)
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
         uvloop.install()
     except ImportError:
