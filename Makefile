@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CLIENT_TOOLS := swaks fetchmail getmail6 isync curl
 CLIENT_BINS := swaks fetchmail getmail mbsync curl
 
-.PHONY: run test test-fast venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay schemas lint typecheck clean
+.PHONY: run test test-fast venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e schemas lint typecheck clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +47,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 ## Benchmarks (medians printed; JSON in bench-results/)
-bench: bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay
-bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay: bench-%: $(STAMP)
+bench: bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e
+bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e: bench-%: $(STAMP)
 	@mkdir -p bench-results
 	@if [ -f tests/bench/bench_$*.py ]; then $(PY) tests/bench/bench_$*.py; else echo "no benchmark for $*"; fi
 
