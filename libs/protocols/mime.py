@@ -129,7 +129,7 @@ def imap_string(s: str | None) -> str:
     s = s.replace("\x00", "")
     if s.isascii() and "\r" not in s and "\n" not in s:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return "{%d}\r\n%s" % (len(s.encode("utf-8")), s)
+    return f"{{{len(s.encode('utf-8'))}}}\r\n{s}"
 
 
 # ---------------------------------------------------------------- structured fields
@@ -245,7 +245,7 @@ def _merge_rfc2231(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
             for _, enc, v in segs[1:]:
                 vals.append(v if enc else "".join(
                     c if c.isalnum() and c.isascii() or c in "-._~" else
-                    "".join("%%%02X" % b for b in c.encode("utf-8")) for c in v))
+                    "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in v))
             result.append((item + "*", "".join(vals)))
         else:
             result.append((item, "".join(v for _, _, v in segs)))
@@ -471,8 +471,7 @@ def _addr_list(value: str | None) -> str:
     if not addrs:
         return "NIL"
     return "(" + "".join(
-        "(%s %s %s %s)" % (imap_string(a.name), imap_string(a.adl), imap_string(a.mailbox),
-                           imap_string(a.host)) for a in addrs) + ")"
+        f"({imap_string(a.name)} {imap_string(a.adl)} {imap_string(a.mailbox)} {imap_string(a.host)})" for a in addrs) + ")"
 
 
 # ---------------------------------------------------------------- the entity tree
@@ -610,7 +609,7 @@ def _envelope(e: _Entity) -> str:
         # RFC 3501 §7.4.2: absent or empty Sender/Reply-To take the From value
         return _addr_list(frm if v is None or not v.strip() else v)
 
-    return "(%s %s %s %s %s %s %s %s %s %s)" % (
+    return "({} {} {} {} {} {} {} {} {} {})".format(
         imap_string(h.get("date")), imap_string(h.get("subject")),
         _addr_list(frm), defaulted("sender"), defaulted("reply-to"),
         _addr_list(h.get("to")), _addr_list(h.get("cc")), _addr_list(h.get("bcc")),
@@ -635,14 +634,13 @@ def _struct(raw: bytes, e: _Entity, ext: bool) -> str:
     if enc and any(c in _TSPECIALS or not c.isascii() or not c.isprintable() for c in enc):
         enc = ""  # RFC 2045 §6.1: not a token; shown as the default
     size = e.end - e.body_start
-    out = "(%s %s %s %s %s %s %d" % (
-        imap_string(e.typ), imap_string(e.sub), _params(e.params), imap_string(cid),
-        imap_string(desc), imap_string(enc or "7bit"), size)
+    out = (f"({imap_string(e.typ)} {imap_string(e.sub)} {_params(e.params)} "
+           f"{imap_string(cid)} {imap_string(desc)} {imap_string(enc or '7bit')} {size}")
     if e.message is not None:
-        out += " %s %s %d" % (_envelope(e.message), _struct(raw, e.message, ext),
-                              _lines(raw, e.body_start, e.end))
+        out += (f" {_envelope(e.message)} {_struct(raw, e.message, ext)} "
+                f"{_lines(raw, e.body_start, e.end)}")
     elif e.typ.lower() == "text":
-        out += " %d" % _lines(raw, e.body_start, e.end)
+        out += f" {_lines(raw, e.body_start, e.end)}"
     if ext:
         md5 = e.header("content-md5")
         out += " " + imap_string(md5 or None) + " " + _ext_tail(e)
@@ -748,13 +746,12 @@ def summarize(raw: bytes) -> MessageSummary:
     try:
         return _summary(bytes(raw))
     except Exception:  # a last resort; the parser is written not to get here
-        n = len(raw)
+        n, lines = len(raw), bytes(raw).count(b"\n")
+        basic = f'"text" "plain" ("charset" "us-ascii") NIL NIL "7bit" {n} {lines}'
         return MessageSummary(
             envelope="(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)",
-            bodystructure='("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" %d %d NIL NIL NIL NIL)'
-            % (n, bytes(raw).count(b"\n")),
-            body='("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" %d %d)'
-            % (n, bytes(raw).count(b"\n")),
+            bodystructure=f"({basic} NIL NIL NIL NIL)",
+            body=f"({basic})",
             parts=[PartSpan(section="", header_start=0, body_start=0, end=n),
                    PartSpan(section="1", header_start=0, body_start=0, end=n)],
         )
@@ -812,6 +809,8 @@ def parse_section(spec: str) -> Section | None:
     if m is None:
         return None
     part, text, flist = m.group(1) or "", (m.group(2) or "").upper(), m.group(3)
+    if not text and s.endswith("."):
+        return None
     if part and s[len(part):len(part) + 1] not in ("", ".") or (not part and s.startswith(".")):
         return None
     if part and text and s[len(part)] != ".":
