@@ -1,0 +1,660 @@
+"""The directory: domains, accounts and aliases in SQL, and the ``directory.*`` RPCs that
+smtp-ingress, imap-access and pop3-access ask (proto/directory.py).
+
+Nothing is cached: every replica reads the database on each request, so a password change,
+a disabled account or a new alias takes effect at once on every replica. A lookup is one
+or two indexed queries. HTTPException never appears here (see mgmt.py).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+import idna
+from sqlalchemy import case, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from postbus.kit.bus import Bus, RemoteError
+from postbus.kit.logging import get_logger
+from postbus.mailbox_store.models import (
+    Account,
+    Alias,
+    AliasTarget,
+    Blob,
+    Delivery,
+    Domain,
+    Expunged,
+    Mailbox,
+    Message,
+    Subscription,
+)
+from postbus.mailbox_store.passwords import Passwords
+from postbus.proto.directory import (
+    DIRECTORY_AUTHENTICATE,
+    DIRECTORY_RESOLVE,
+    DIRECTORY_SEND_AS,
+    AccountRef,
+    AuthReply,
+    AuthRequest,
+    ResolveReply,
+    ResolveRequest,
+    SendAsReply,
+    SendAsRequest,
+)
+
+log = get_logger("postbus.mailbox_store.directory")
+
+QUEUE_GROUP = "mailbox-store"
+POP3_POLICIES = ("client", "keep", "delete")
+Pop3Policy = Literal["client", "keep", "delete"]
+
+# RFC 5321 §4.5.3.1: local part <= 64 octets, domain <= 255, path <= 256 (we store 320)
+MAX_LOCAL = 64
+MAX_DOMAIN = 253
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# a dot-atom local part (RFC 5322 §3.2.3) or a quoted string; no controls, no spaces unquoted
+_ATOM_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]+$")
+
+# the folders every new account gets (RFC 6154 special-use)
+DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None), ("Drafts", "\\Drafts"), ("Sent", "\\Sent"), ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"), ("Archive", "\\Archive"),
+)
+
+
+# ---------------------------------------------------------------- errors (values for mgmt)
+class DirectoryError(Exception):
+    code = "invalid"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Invalid(DirectoryError):
+    code = "invalid"
+
+
+class NotFound(DirectoryError):
+    code = "not_found"
+
+
+class Exists(DirectoryError):
+    code = "exists"
+
+
+class Conflict(DirectoryError):
+    code = "conflict"
+
+
+# ---------------------------------------------------------------- addresses (pure)
+def normalize_domain(name: str) -> str:
+    """Lower-case IDNA A-label form of a domain; raises Invalid."""
+    d = name.strip().rstrip(".")
+    if d.startswith("[") or not d:
+        raise Invalid(f"invalid domain {name!r}")
+    try:
+        a = idna.encode(d, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise Invalid(f"invalid domain {name!r}: {exc}") from exc
+    labels = a.split(".")
+    if len(a) > MAX_DOMAIN or len(labels) < 2 or not all(_LABEL.match(lb) for lb in labels):
+        raise Invalid(f"invalid domain {name!r}")
+    return a
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """``local@domain`` (angle brackets and spaces around are tolerated) -> (local, A-label
+    domain). The local part keeps its case. Raises Invalid."""
+    a = address.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1].strip()
+    local, sep, domain = a.rpartition("@")
+    if not sep or not local or not domain:
+        raise Invalid(f"invalid address {address!r}: expected local@domain")
+    if len(local.encode()) > MAX_LOCAL:
+        raise Invalid(f"invalid address {address!r}: local part over {MAX_LOCAL} octets")
+    if local.startswith('"') and local.endswith('"') and len(local) >= 2:
+        if any(ord(c) < 32 or c == "\x7f" for c in local):
+            raise Invalid(f"invalid address {address!r}")
+    elif (not _ATOM_LOCAL.match(local) or local.startswith(".") or local.endswith(".")
+          or ".." in local):
+        raise Invalid(f"invalid address {address!r}")
+    return local, normalize_domain(domain)
+
+
+def fold_local(local: str, case_sensitive: bool) -> str:
+    return local if case_sensitive else local.lower()
+
+
+def base_local(local: str, separator: str) -> str | None:
+    """``alice+tag`` -> ``alice`` (RFC 5233 sub-addressing); None when there is no tag."""
+    if not separator or separator not in local:
+        return None
+    base = local.split(separator, 1)[0]
+    return base or None
+
+
+# ---------------------------------------------------------------- results
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    local_part_case_sensitive: bool
+    catch_all: str | None
+    accounts: int
+    aliases: int
+    created_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    id: int
+    address: str
+    domain: str
+    enabled: bool
+    quota_bytes: int | None
+    used_bytes: int
+    message_count: int
+    pop3_policy: str
+    pop3_expire_days: int | None
+    created_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AliasInfo:
+    address: str
+    targets: list[str] = field(default_factory=list)
+    created_at: datetime | None = None
+
+
+def _account_info(a: Account, domain: str) -> AccountInfo:
+    return AccountInfo(a.id, a.address, domain, a.enabled, a.quota_bytes, a.used_bytes,
+                       a.message_count, a.pop3_policy, a.pop3_expire_days, a.created_at)
+
+
+_UNSET: object = object()
+
+
+class Directory:
+    """Directory operations on one ``async_sessionmaker``. Safe to share between tasks."""
+
+    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], *,
+                 passwords: Passwords | None = None, subaddress_separator: str = "+") -> None:
+        self.sm = sessionmaker
+        self.passwords = passwords or Passwords()
+        self.separator = subaddress_separator
+
+    # ============================================================ domains
+    async def create_domain(self, name: str, *, local_part_case_sensitive: bool = False) -> DomainInfo:
+        dn = normalize_domain(name)
+        async with self.sm() as s, s.begin():
+            if await s.scalar(select(Domain.id).where(Domain.name == dn)) is not None:
+                raise Exists(f"domain {dn} exists")
+            s.add(Domain(name=dn, local_part_case_sensitive=local_part_case_sensitive))
+            try:
+                await s.flush()
+            except IntegrityError as exc:  # a concurrent create won the race
+                raise Exists(f"domain {dn} exists") from exc
+        log.info("domain created", domain=dn)
+        return await self.get_domain(dn)
+
+    async def _domain(self, s: AsyncSession, name: str) -> Domain:
+        dn = normalize_domain(name)
+        d = await s.scalar(select(Domain).where(Domain.name == dn))
+        if d is None:
+            raise NotFound(f"domain {dn} does not exist")
+        return d
+
+    async def _domain_info(self, s: AsyncSession, d: Domain) -> DomainInfo:
+        accounts = await s.scalar(select(func.count()).select_from(Account)
+                                  .where(Account.domain_id == d.id)) or 0
+        aliases = await s.scalar(select(func.count()).select_from(Alias)
+                                 .where(Alias.domain_id == d.id)) or 0
+        catch_all = None
+        if d.catch_all_account_id is not None:
+            catch_all = await s.scalar(select(Account.address)
+                                       .where(Account.id == d.catch_all_account_id))
+        return DomainInfo(d.name, d.local_part_case_sensitive, catch_all, accounts, aliases,
+                          d.created_at)
+
+    async def get_domain(self, name: str) -> DomainInfo:
+        async with self.sm() as s:
+            return await self._domain_info(s, await self._domain(s, name))
+
+    async def list_domains(self) -> list[DomainInfo]:
+        async with self.sm() as s:
+            ds = (await s.scalars(select(Domain).order_by(Domain.name))).all()
+            return [await self._domain_info(s, d) for d in ds]
+
+    async def update_domain(self, name: str, *, catch_all: str | None | object = _UNSET,
+                            local_part_case_sensitive: bool | None = None) -> DomainInfo:
+        """``catch_all``: an account address of this domain, or None to remove it."""
+        async with self.sm() as s, s.begin():
+            d = await self._domain(s, name)
+            if catch_all is not _UNSET:
+                if catch_all is None or catch_all == "":
+                    d.catch_all_account_id = None
+                else:
+                    acc = await self._find_account(s, str(catch_all))
+                    if acc is None:
+                        raise Invalid(f"catch-all account {catch_all} does not exist")
+                    if acc.domain_id != d.id:
+                        raise Invalid("the catch-all account must belong to the domain")
+                    d.catch_all_account_id = acc.id
+            if local_part_case_sensitive is not None and \
+                    local_part_case_sensitive != d.local_part_case_sensitive:
+                if not local_part_case_sensitive:
+                    await self._fold_domain_addresses(s, d)
+                d.local_part_case_sensitive = local_part_case_sensitive
+            dn = d.name
+        log.info("domain updated", domain=dn)
+        return await self.get_domain(dn)
+
+    async def _fold_domain_addresses(self, s: AsyncSession, d: Domain) -> None:
+        """Going case-insensitive: lower-case every stored local part, refusing collisions."""
+        for model in (Account, Alias):
+            rows = (await s.execute(select(model.id, model.address)  # type: ignore[attr-defined]
+                                    .where(model.domain_id == d.id))).all()  # type: ignore[attr-defined]
+            folded = [(i, a.lower()) for i, a in rows]
+            if len({a for _, a in folded}) != len(folded):
+                raise Conflict("addresses that differ only in case exist; "
+                               "the domain cannot become case-insensitive")
+            for (i, new), (_, old) in zip(folded, rows, strict=True):
+                if new != old:
+                    await s.execute(update(model).where(model.id == i)  # type: ignore[attr-defined]
+                                    .values(address=new))
+
+    async def delete_domain(self, name: str, *, force: bool = False) -> list[str]:
+        """Delete a domain; with accounts or aliases only when ``force`` (their mail too).
+        Returns the blob keys whose refcount reached zero."""
+        freed: list[str] = []
+        async with self.sm() as s, s.begin():
+            d = await self._domain(s, name)
+            ids = (await s.scalars(select(Account.id).where(Account.domain_id == d.id))).all()
+            n_alias = await s.scalar(select(func.count()).select_from(Alias)
+                                     .where(Alias.domain_id == d.id)) or 0
+            if (ids or n_alias) and not force:
+                raise Conflict(f"domain {d.name} has {len(ids)} accounts and {n_alias} aliases; "
+                               "delete them first or use force")
+            d.catch_all_account_id = None
+            await s.flush()
+            for aid in ids:
+                freed += await self._delete_account_rows(s, aid)
+            alias_ids = select(Alias.id).where(Alias.domain_id == d.id).scalar_subquery()
+            await s.execute(delete(AliasTarget).where(AliasTarget.alias_id.in_(alias_ids)))
+            await s.execute(delete(Alias).where(Alias.domain_id == d.id))
+            await s.execute(delete(Domain).where(Domain.id == d.id))
+            dn = d.name
+        log.info("domain deleted", domain=dn, accounts=len(ids), aliases=n_alias)
+        return freed
+
+    # ============================================================ accounts
+    async def _canonical(self, s: AsyncSession, address: str) -> tuple[Domain | None, str]:
+        """(domain row or None, canonical address)."""
+        local, dn = split_address(address)
+        d = await s.scalar(select(Domain).where(Domain.name == dn))
+        cs = d.local_part_case_sensitive if d is not None else False
+        return d, f"{fold_local(local, cs)}@{dn}"
+
+    async def _find_account(self, s: AsyncSession, address: str) -> Account | None:
+        _, canon = await self._canonical(s, address)
+        return await s.scalar(select(Account).where(Account.address == canon))
+
+    async def _account(self, s: AsyncSession, address: str) -> Account:
+        acc = await self._find_account(s, address)
+        if acc is None:
+            raise NotFound(f"account {address} does not exist")
+        return acc
+
+    async def create_account(self, address: str, password: str, *, quota_bytes: int | None = None,
+                             enabled: bool = True, pop3_policy: str = "client",
+                             pop3_expire_days: int | None = None) -> AccountInfo:
+        if not password:
+            raise Invalid("the password must not be empty")
+        _check_pop3(pop3_policy, pop3_expire_days)
+        if quota_bytes is not None and quota_bytes < 0:
+            raise Invalid("quota_bytes must be >= 0")
+        pw_hash = await self.passwords.hash(password)
+        async with self.sm() as s, s.begin():
+            d, canon = await self._canonical(s, address)
+            if d is None:
+                raise NotFound(f"domain {canon.rsplit('@', 1)[1]} does not exist; "
+                               "create the domain first")
+            if await s.scalar(select(Account.id).where(Account.address == canon)) is not None:
+                raise Exists(f"account {canon} exists")
+            if await s.scalar(select(Alias.id).where(Alias.address == canon)) is not None:
+                raise Exists(f"{canon} is an alias")
+            acc = Account(address=canon, domain_id=d.id, password_hash=pw_hash, enabled=enabled,
+                          quota_bytes=quota_bytes, used_bytes=0, message_count=0,
+                          pop3_policy=pop3_policy, pop3_expire_days=pop3_expire_days)
+            s.add(acc)
+            try:
+                await s.flush()
+            except IntegrityError as exc:
+                raise Exists(f"account {canon} exists") from exc
+            await create_default_mailboxes(s, acc.id)
+            info = _account_info(acc, d.name)
+        log.info("account created", account=canon, account_id=info.id)
+        return await self.get_account(canon)
+
+    async def get_account(self, address: str) -> AccountInfo:
+        async with self.sm() as s:
+            acc = await self._account(s, address)
+            dn = await s.scalar(select(Domain.name).where(Domain.id == acc.domain_id))
+            return _account_info(acc, dn or "")
+
+    async def get_account_by_id(self, account_id: int) -> AccountInfo:
+        async with self.sm() as s:
+            acc = await s.get(Account, account_id)
+            if acc is None:
+                raise NotFound(f"account {account_id} does not exist")
+            dn = await s.scalar(select(Domain.name).where(Domain.id == acc.domain_id))
+            return _account_info(acc, dn or "")
+
+    async def list_accounts(self, domain: str | None = None, *, offset: int = 0,
+                            limit: int = 1000) -> list[AccountInfo]:
+        async with self.sm() as s:
+            q = select(Account, Domain.name).join(Domain, Domain.id == Account.domain_id)
+            if domain:
+                q = q.where(Domain.name == normalize_domain(domain))
+            rows = (await s.execute(q.order_by(Account.address).offset(offset).limit(limit))).all()
+            return [_account_info(a, dn) for a, dn in rows]
+
+    async def update_account(self, address: str, *, password: str | None = None,
+                             enabled: bool | None = None,
+                             quota_bytes: int | None | object = _UNSET,
+                             pop3_policy: str | None = None,
+                             pop3_expire_days: int | None | object = _UNSET) -> AccountInfo:
+        pw_hash = None
+        if password is not None:
+            if not password:
+                raise Invalid("the password must not be empty")
+            pw_hash = await self.passwords.hash(password)
+        async with self.sm() as s, s.begin():
+            acc = await self._account(s, address)
+            if pw_hash is not None:
+                acc.password_hash = pw_hash
+            if enabled is not None:
+                acc.enabled = enabled
+            if quota_bytes is not _UNSET:
+                if quota_bytes is not None and int(quota_bytes) < 0:  # type: ignore[call-overload]
+                    raise Invalid("quota_bytes must be >= 0")
+                acc.quota_bytes = quota_bytes  # type: ignore[assignment]
+            policy = pop3_policy if pop3_policy is not None else acc.pop3_policy
+            days = acc.pop3_expire_days if pop3_expire_days is _UNSET else pop3_expire_days
+            _check_pop3(policy, days)  # type: ignore[arg-type]
+            acc.pop3_policy = policy
+            acc.pop3_expire_days = days  # type: ignore[assignment]
+            canon = acc.address
+        changed = [k for k, v in (("password", password), ("enabled", enabled),
+                                  ("pop3_policy", pop3_policy)) if v is not None]
+        if quota_bytes is not _UNSET:
+            changed.append("quota_bytes")
+        if pop3_expire_days is not _UNSET:
+            changed.append("pop3_expire_days")
+        log.info("account updated", account=canon, changed=changed)
+        return await self.get_account(canon)
+
+    async def delete_account(self, address: str) -> list[str]:
+        """Delete an account with its mailboxes and messages, decrementing blob refcounts.
+        Returns the blob keys whose refcount reached zero (collected later by blob GC)."""
+        async with self.sm() as s, s.begin():
+            acc = await self._account(s, address)
+            canon, aid = acc.address, acc.id
+            freed = await self._delete_account_rows(s, aid)
+        log.info("account deleted", account=canon, account_id=aid, unreferenced_blobs=len(freed))
+        return freed
+
+    async def _delete_account_rows(self, s: AsyncSession, aid: int) -> list[str]:
+        mbox_ids = select(Mailbox.id).where(Mailbox.account_id == aid).scalar_subquery()
+        refs = (await s.execute(
+            select(Message.blob_key, func.count()).where(Message.mailbox_id.in_(mbox_ids))
+            .group_by(Message.blob_key))).all()
+        freed = await release_blobs(s, {k: int(n) for k, n in refs})
+        await s.execute(delete(Message).where(Message.mailbox_id.in_(mbox_ids)))
+        await s.execute(delete(Expunged).where(Expunged.mailbox_id.in_(mbox_ids)))
+        await s.execute(delete(Mailbox).where(Mailbox.account_id == aid))
+        await s.execute(delete(Subscription).where(Subscription.account_id == aid))
+        await s.execute(delete(Delivery).where(Delivery.account_id == aid))
+        await s.execute(delete(AliasTarget).where(AliasTarget.account_id == aid))
+        await s.execute(update(Domain).where(Domain.catch_all_account_id == aid)
+                        .values(catch_all_account_id=None))
+        await s.execute(delete(Account).where(Account.id == aid))
+        return freed
+
+    # ============================================================ aliases
+    async def _targets(self, s: AsyncSession, targets: Sequence[str]) -> list[int]:
+        if not targets:
+            raise Invalid("an alias needs at least one target account")
+        ids: list[int] = []
+        for t in targets:
+            acc = await self._find_account(s, t)
+            if acc is None:
+                raise Invalid(f"target account {t} does not exist")
+            if acc.id not in ids:
+                ids.append(acc.id)
+        return ids
+
+    async def create_alias(self, address: str, targets: Sequence[str]) -> AliasInfo:
+        async with self.sm() as s, s.begin():
+            d, canon = await self._canonical(s, address)
+            if d is None:
+                raise NotFound(f"domain {canon.rsplit('@', 1)[1]} does not exist; "
+                               "create the domain first")
+            if await s.scalar(select(Alias.id).where(Alias.address == canon)) is not None:
+                raise Exists(f"alias {canon} exists")
+            if await s.scalar(select(Account.id).where(Account.address == canon)) is not None:
+                raise Exists(f"{canon} is an account")
+            ids = await self._targets(s, targets)
+            al = Alias(address=canon, domain_id=d.id)
+            s.add(al)
+            try:
+                await s.flush()
+            except IntegrityError as exc:
+                raise Exists(f"alias {canon} exists") from exc
+            s.add_all(AliasTarget(alias_id=al.id, account_id=i) for i in ids)
+        log.info("alias created", alias=canon, targets=len(ids))
+        return await self.get_alias(canon)
+
+    async def _alias(self, s: AsyncSession, address: str) -> Alias:
+        _, canon = await self._canonical(s, address)
+        al = await s.scalar(select(Alias).where(Alias.address == canon))
+        if al is None:
+            raise NotFound(f"alias {canon} does not exist")
+        return al
+
+    async def _alias_info(self, s: AsyncSession, al: Alias) -> AliasInfo:
+        targets = (await s.scalars(
+            select(Account.address).join(AliasTarget, AliasTarget.account_id == Account.id)
+            .where(AliasTarget.alias_id == al.id).order_by(Account.address))).all()
+        return AliasInfo(al.address, list(targets), al.created_at)
+
+    async def get_alias(self, address: str) -> AliasInfo:
+        async with self.sm() as s:
+            return await self._alias_info(s, await self._alias(s, address))
+
+    async def list_aliases(self, domain: str | None = None) -> list[AliasInfo]:
+        async with self.sm() as s:
+            q = select(Alias)
+            if domain:
+                q = q.join(Domain, Domain.id == Alias.domain_id).where(
+                    Domain.name == normalize_domain(domain))
+            als = (await s.scalars(q.order_by(Alias.address))).all()
+            return [await self._alias_info(s, a) for a in als]
+
+    async def set_alias_targets(self, address: str, targets: Sequence[str]) -> AliasInfo:
+        async with self.sm() as s, s.begin():
+            al = await self._alias(s, address)
+            ids = await self._targets(s, targets)
+            await s.execute(delete(AliasTarget).where(AliasTarget.alias_id == al.id))
+            s.add_all(AliasTarget(alias_id=al.id, account_id=i) for i in ids)
+            canon = al.address
+        log.info("alias updated", alias=canon, targets=len(ids))
+        return await self.get_alias(canon)
+
+    async def delete_alias(self, address: str) -> None:
+        async with self.sm() as s, s.begin():
+            al = await self._alias(s, address)
+            canon = al.address
+            await s.execute(delete(AliasTarget).where(AliasTarget.alias_id == al.id))
+            await s.execute(delete(Alias).where(Alias.id == al.id))
+        log.info("alias deleted", alias=canon)
+
+    # ============================================================ RPC logic
+    async def resolve(self, address: str) -> ResolveReply:
+        """RCPT TO -> local / unknown / remote / disabled (see proto ResolveReply)."""
+        local, dn = split_address(address)
+        async with self.sm() as s:
+            d = await s.scalar(select(Domain).where(Domain.name == dn))
+            if d is None:
+                return ResolveReply(status="remote", domain=dn)
+            candidates = [fold_local(local, d.local_part_case_sensitive)]
+            base = base_local(candidates[0], self.separator)
+            if base is not None:
+                candidates.append(base)
+            for lp in candidates:
+                found = await self._resolve_exact(s, f"{lp}@{dn}")
+                if found is not None:
+                    return found.model_copy(update={"domain": dn})
+            if d.catch_all_account_id is not None:
+                acc = await s.get(Account, d.catch_all_account_id)
+                if acc is not None:
+                    return _reply_for([acc], dn)
+            return ResolveReply(status="unknown", domain=dn)
+
+    async def _resolve_exact(self, s: AsyncSession, canon: str) -> ResolveReply | None:
+        acc = await s.scalar(select(Account).where(Account.address == canon))
+        if acc is not None:
+            return _reply_for([acc], "")
+        alias_id = await s.scalar(select(Alias.id).where(Alias.address == canon))
+        if alias_id is None:
+            return None
+        accs = (await s.scalars(
+            select(Account).join(AliasTarget, AliasTarget.account_id == Account.id)
+            .where(AliasTarget.alias_id == alias_id).order_by(Account.id))).all()
+        if not accs:
+            return ResolveReply(status="unknown")
+        return _reply_for(list(accs), "")
+
+    async def authenticate(self, username: str, password: str) -> AuthReply:
+        """A login by full address (domain case-insensitive). Never raises for bad input."""
+        try:
+            async with self.sm() as s:
+                acc = await self._find_account(s, username)
+        except Invalid:
+            acc = None
+        if acc is None:
+            await self.passwords.burn(password)
+            return AuthReply(ok=False, reason="invalid")
+        v = await self.passwords.verify(acc.password_hash, password)
+        if not v.ok:
+            return AuthReply(ok=False, reason="invalid")
+        if not acc.enabled:
+            return AuthReply(ok=False, reason="disabled", account_id=acc.id, address=acc.address)
+        if v.new_hash is not None:  # parameters changed since the hash was made: upgrade it
+            async with self.sm() as s, s.begin():
+                await s.execute(update(Account).where(Account.id == acc.id,
+                                                      Account.password_hash == acc.password_hash)
+                                .values(password_hash=v.new_hash))
+            log.info("password rehashed", account=acc.address)
+        policy: Pop3Policy = acc.pop3_policy if acc.pop3_policy in POP3_POLICIES else "client"  # type: ignore[assignment]
+        return AuthReply(ok=True, account_id=acc.id, address=acc.address,
+                         send_as=await self.send_as(acc.id), pop3_policy=policy,
+                         pop3_expire_days=acc.pop3_expire_days)
+
+    async def send_as(self, account_id: int) -> list[str]:
+        """The account's own address, then every alias that delivers to it."""
+        async with self.sm() as s:
+            own = await s.scalar(select(Account.address).where(Account.id == account_id))
+            if own is None:
+                raise NotFound(f"account {account_id} does not exist")
+            aliases = (await s.scalars(
+                select(Alias.address).join(AliasTarget, AliasTarget.alias_id == Alias.id)
+                .where(AliasTarget.account_id == account_id).order_by(Alias.address))).all()
+        return [own, *aliases]
+
+    # ============================================================ bus handlers
+    async def handle_resolve(self, req: ResolveRequest) -> ResolveReply:
+        try:
+            return await self.resolve(req.address)
+        except Invalid as exc:
+            raise RemoteError("invalid", exc.message) from exc
+
+    async def handle_authenticate(self, req: AuthRequest) -> AuthReply:
+        reply = await self.authenticate(req.username, req.password)
+        log.info("login", service=req.service, client_ip=req.client_ip, ok=reply.ok,
+                 reason=reply.reason, account=reply.address or req.username[:320])
+        return reply
+
+    async def handle_send_as(self, req: SendAsRequest) -> SendAsReply:
+        try:
+            return SendAsReply(addresses=await self.send_as(req.account_id))
+        except NotFound as exc:
+            raise RemoteError("not_found", exc.message) from exc
+
+
+def _reply_for(accs: Sequence[Account], dn: str) -> ResolveReply:
+    live = [a for a in accs if a.enabled]
+    if not live:
+        return ResolveReply(status="disabled", domain=dn,
+                            accounts=[AccountRef(account_id=a.id, address=a.address) for a in accs])
+    return ResolveReply(status="local", domain=dn,
+                        accounts=[AccountRef(account_id=a.id, address=a.address) for a in live])
+
+
+def _check_pop3(policy: str, days: int | None) -> None:
+    if policy not in POP3_POLICIES:
+        raise Invalid(f"pop3_policy must be one of {', '.join(POP3_POLICIES)}")
+    if days is not None and days < 0:
+        raise Invalid("pop3_expire_days must be >= 0")
+
+
+# ---------------------------------------------------------------- shared SQL helpers
+def new_uidvalidity() -> int:
+    """A UIDVALIDITY that grows with time (RFC 3501 §2.3.1.1: must change if UIDs are
+    reused; a recreated mailbox gets a larger one). 32-bit, non-zero."""
+    return max(1, int(time.time()) & 0xFFFFFFFF)
+
+
+async def create_default_mailboxes(s: AsyncSession, account_id: int) -> None:
+    """INBOX and the RFC 6154 special-use folders for a new account."""
+    uv = new_uidvalidity()
+    for name, special in DEFAULT_MAILBOXES:
+        s.add(Mailbox(account_id=account_id, name=name, special_use=special, uidvalidity=uv,
+                      uidnext=1, highestmodseq=1))
+        s.add(Subscription(account_id=account_id, name=name))
+    await s.flush()
+
+
+async def release_blobs(s: AsyncSession, refs: dict[str, int]) -> list[str]:
+    """Drop ``n`` references from each blob; return the keys that reached zero (their
+    ``unreferenced_since`` is set so blob GC collects them after the grace period)."""
+    freed: list[str] = []
+    now = datetime.now(UTC)
+    for key, n in refs.items():
+        await s.execute(update(Blob).where(Blob.key == key)
+                        .values(refcount=case((Blob.refcount > n, Blob.refcount - n), else_=0)))
+        rc = await s.scalar(select(Blob.refcount).where(Blob.key == key))
+        if rc == 0:
+            await s.execute(update(Blob).where(Blob.key == key, Blob.unreferenced_since.is_(None))
+                            .values(unreferenced_since=now))
+            freed.append(key)
+    return freed
+
+
+async def serve_directory(bus: Bus, sessionmaker: async_sessionmaker[AsyncSession], *,
+                          passwords: Passwords | None = None,
+                          subaddress_separator: str = "+") -> Directory:
+    """Answer DIRECTORY_RESOLVE, DIRECTORY_AUTHENTICATE and DIRECTORY_SEND_AS in the
+    ``mailbox-store`` queue group. Returns the Directory (also usable by mgmt)."""
+    d = Directory(sessionmaker, passwords=passwords, subaddress_separator=subaddress_separator)
+    await bus.serve(DIRECTORY_RESOLVE, d.handle_resolve, queue=QUEUE_GROUP)
+    await bus.serve(DIRECTORY_AUTHENTICATE, d.handle_authenticate, queue=QUEUE_GROUP)
+    await bus.serve(DIRECTORY_SEND_AS, d.handle_send_as, queue=QUEUE_GROUP)
+    return d

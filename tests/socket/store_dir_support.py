@@ -1,0 +1,65 @@
+"""Shared by the test_store_dir_* / test_store_api_* / test_cli_* tests: a real SQL database
+(SQLite in a temp dir; PostgreSQL too when POSTBUS_TEST_POSTGRES_URL is set), schema from
+the models (or the store's own migrations once db.py provides them)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from postbus.mailbox_store.models import Base
+
+PG_URL = os.environ.get("POSTBUS_TEST_POSTGRES_URL", "")
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=[
+    pytest.mark.postgres,
+    pytest.mark.skipif(not PG_URL, reason="POSTBUS_TEST_POSTGRES_URL not set")])]
+
+
+def _async_pg(url: str) -> str:
+    for p in ("postgresql://", "postgres://"):
+        if url.startswith(p):
+            return "postgresql+asyncpg://" + url[len(p):]
+    return url
+
+
+async def open_db(backend: str, tmp: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """Yield a sessionmaker on a fresh, empty database; drop it afterwards."""
+    if backend == "sqlite":
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp / 'dir.db'}")
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _fk(dbapi_conn, _rec):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        async with engine.begin() as c:
+            await c.run_sync(Base.metadata.create_all)
+        try:
+            yield async_sessionmaker(engine, expire_on_commit=False)
+        finally:
+            await engine.dispose()
+        return
+    base = _async_pg(PG_URL)
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = create_async_engine(base, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as c:
+        await c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = base.rsplit("/", 1)[0] + "/" + name
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as c:
+            await c.run_sync(Base.metadata.create_all)
+        yield async_sessionmaker(engine, expire_on_commit=False)
+    finally:
+        await engine.dispose()
+        async with admin.connect() as c:
+            await c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
