@@ -8,9 +8,10 @@ or two indexed queries. HTTPException never appears here (see mgmt.py).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -22,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from postbus.kit.bus import Bus, RemoteError
 from postbus.kit.logging import get_logger
+from postbus.mailbox_store.db import IMMEDIATE
 from postbus.mailbox_store.models import (
     Account,
     Alias,
@@ -190,10 +192,18 @@ class Directory:
         self.passwords = passwords or Passwords()
         self.separator = subaddress_separator
 
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction; on SQLite it starts with BEGIN IMMEDIATE so a read followed
+        by a write never fails to upgrade its lock when another writer got in between."""
+        async with self.sm() as s, s.begin():
+            await s.connection(execution_options={IMMEDIATE: True})
+            yield s
+
     # ============================================================ domains
     async def create_domain(self, name: str, *, local_part_case_sensitive: bool = False) -> DomainInfo:
         dn = normalize_domain(name)
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             if await s.scalar(select(Domain.id).where(Domain.name == dn)) is not None:
                 raise Exists(f"domain {dn} exists")
             s.add(Domain(name=dn, local_part_case_sensitive=local_part_case_sensitive))
@@ -235,7 +245,7 @@ class Directory:
     async def update_domain(self, name: str, *, catch_all: str | None | object = _UNSET,
                             local_part_case_sensitive: bool | None = None) -> DomainInfo:
         """``catch_all``: an account address of this domain, or None to remove it."""
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             d = await self._domain(s, name)
             if catch_all is not _UNSET:
                 if catch_all is None or catch_all == "":
@@ -274,7 +284,7 @@ class Directory:
         """Delete a domain; with accounts or aliases only when ``force`` (their mail too).
         Returns the blob keys whose refcount reached zero."""
         freed: list[str] = []
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             d = await self._domain(s, name)
             ids = (await s.scalars(select(Account.id).where(Account.domain_id == d.id))).all()
             n_alias = await s.scalar(select(func.count()).select_from(Alias)
@@ -321,7 +331,7 @@ class Directory:
         if quota_bytes is not None and quota_bytes < 0:
             raise Invalid("quota_bytes must be >= 0")
         pw_hash = await self.passwords.hash(password)
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             d, canon = await self._canonical(s, address)
             if d is None:
                 raise NotFound(f"domain {canon.rsplit('@', 1)[1]} does not exist; "
@@ -376,7 +386,7 @@ class Directory:
             if not password:
                 raise Invalid("the password must not be empty")
             pw_hash = await self.passwords.hash(password)
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             acc = await self._account(s, address)
             if pw_hash is not None:
                 acc.password_hash = pw_hash
@@ -404,7 +414,7 @@ class Directory:
     async def delete_account(self, address: str) -> list[str]:
         """Delete an account with its mailboxes and messages, decrementing blob refcounts.
         Returns the blob keys whose refcount reached zero (collected later by blob GC)."""
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             acc = await self._account(s, address)
             canon, aid = acc.address, acc.id
             freed = await self._delete_account_rows(s, aid)
@@ -442,7 +452,7 @@ class Directory:
         return ids
 
     async def create_alias(self, address: str, targets: Sequence[str]) -> AliasInfo:
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             d, canon = await self._canonical(s, address)
             if d is None:
                 raise NotFound(f"domain {canon.rsplit('@', 1)[1]} does not exist; "
@@ -489,7 +499,7 @@ class Directory:
             return [await self._alias_info(s, a) for a in als]
 
     async def set_alias_targets(self, address: str, targets: Sequence[str]) -> AliasInfo:
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             al = await self._alias(s, address)
             ids = await self._targets(s, targets)
             await s.execute(delete(AliasTarget).where(AliasTarget.alias_id == al.id))
@@ -499,7 +509,7 @@ class Directory:
         return await self.get_alias(canon)
 
     async def delete_alias(self, address: str) -> None:
-        async with self.sm() as s, s.begin():
+        async with self._write() as s:
             al = await self._alias(s, address)
             canon = al.address
             await s.execute(delete(AliasTarget).where(AliasTarget.alias_id == al.id))
@@ -558,7 +568,7 @@ class Directory:
         if not acc.enabled:
             return AuthReply(ok=False, reason="disabled", account_id=acc.id, address=acc.address)
         if v.new_hash is not None:  # parameters changed since the hash was made: upgrade it
-            async with self.sm() as s, s.begin():
+            async with self._write() as s:
                 await s.execute(update(Account).where(Account.id == acc.id,
                                                       Account.password_hash == acc.password_hash)
                                 .values(password_hash=v.new_hash))

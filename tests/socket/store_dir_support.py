@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
+from postbus.mailbox_store import db
 from postbus.mailbox_store.models import Base
 
 PG_URL = os.environ.get("POSTBUS_TEST_POSTGRES_URL", "")
@@ -32,14 +33,8 @@ def _async_pg(url: str) -> str:
 async def open_db(backend: str, tmp: Path) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     """Yield a sessionmaker on a fresh, empty database; drop it afterwards."""
     if backend == "sqlite":
-        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp / 'dir.db'}")
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _fk(dbapi_conn, _rec):  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
+        # the store's own engine set-up: WAL, foreign keys, BEGIN IMMEDIATE for writes
+        engine = db.create_engine(f"sqlite+aiosqlite:///{tmp / 'dir.db'}")
         async with engine.begin() as c:
             await c.run_sync(Base.metadata.create_all)
         try:
