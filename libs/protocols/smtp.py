@@ -1,0 +1,387 @@
+"""Pure SMTP codecs (RFC 5321, 1870, 1652, 3030, 3461, 6531, 2034): paths, ESMTP parameters,
+the DATA scanner (end-of-data detection, smuggling checks, dot-unstuffing), enhanced codes.
+
+Bytes and strings in, values out. No asyncio, no nats, no boto3.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# ---------------------------------------------------------------- enhanced status codes
+# RFC 2034 §4: every reply except the greeting, HELO/EHLO and 334 challenges carries one.
+_DEFAULT_ENHANCED: dict[str, str] = {
+    "211": "2.0.0", "214": "2.0.0", "220": "2.0.0", "221": "2.0.0", "235": "2.7.0",
+    "250": "2.0.0", "251": "2.1.5", "252": "2.5.0", "354": "",
+    "421": "4.3.2", "432": "4.7.12", "450": "4.2.0", "451": "4.3.0", "452": "4.3.1",
+    "454": "4.7.0", "455": "4.5.4",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "521": "5.3.2", "530": "5.7.0", "534": "5.7.9", "535": "5.7.8", "538": "5.7.11",
+    "550": "5.1.1", "551": "5.1.6", "552": "5.3.4", "553": "5.1.3", "554": "5.6.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def with_enhanced_code(reply: str) -> str:
+    """Insert a default enhanced status code into a reply line that has none
+    (used for replies written by aiosmtpd itself). Lines with one are returned as they are."""
+    if len(reply) < 3 or _HAS_ENHANCED.match(reply):
+        return reply
+    code = reply[:3]
+    enh = _DEFAULT_ENHANCED.get(code)
+    if not enh:
+        return reply
+    sep = reply[3:4] or " "
+    text = reply[4:]
+    return f"{code}{sep}{enh} {text}".rstrip()
+
+
+# ---------------------------------------------------------------- paths (RFC 5321 §4.1.2)
+class PathError(ValueError):
+    """A path that is not a syntactically valid reverse-path or forward-path."""
+
+
+_ATEXT = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+_DOMAIN = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+_ADDR_LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3})\]$")
+_ROUTE = re.compile(r"^@[^,:<>]+(?:,@[^,:<>]+)*:")
+
+
+@dataclass(frozen=True)
+class Path:
+    """One parsed path. ``address`` is ``local@domain`` with the route stripped
+    ("" for the null reverse-path). The flags tell policy about open-relay tricks."""
+
+    address: str
+    local: str = ""
+    domain: str = ""
+    had_route: bool = False  # "<@hop:user@domain>" (RFC 5321 §4.1.1.3: ignore the route)
+    quoted_local: bool = False
+    utf8: bool = False
+
+    @property
+    def relay_trick(self) -> bool:
+        """Forms that old MTAs routed onwards: percent hack, bang paths, quoted or extra @."""
+        return (self.had_route or self.quoted_local
+                or any(c in self.local for c in "%!@"))
+
+
+def _is_utf8_atext(s: str) -> bool:
+    # RFC 6531 §3.3: atext =/ UTF8-non-ascii
+    return all(ord(c) > 127 or _ATEXT.match(c) or c == "." for c in s) and bool(s) \
+        and not s.startswith(".") and not s.endswith(".") and ".." not in s
+
+
+def _valid_domain(d: str, utf8: bool) -> bool:
+    if _ADDR_LITERAL.match(d):
+        return True
+    if not d or len(d) > 255:
+        return False
+    if utf8 and any(ord(c) > 127 for c in d):
+        try:
+            d = d.encode("idna").decode("ascii")
+        except UnicodeError:
+            return False
+    return bool(_DOMAIN.match(d))
+
+
+def parse_path(text: str, *, allow_null: bool, utf8: bool = False) -> tuple[Path, str]:
+    """Parse ``<path> [params]``; returns the path and the rest (the parameters).
+
+    Raises PathError for anything that is not a valid path. ``local@domain`` without
+    angle brackets is tolerated (many clients send it), as Postfix does.
+    """
+    text = text.lstrip(" ")
+    if text.startswith("<"):
+        end = _closing_bracket(text)
+        inner, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(" "):
+            raise PathError("junk after path")
+    else:
+        inner, _, rest = text.partition(" ")
+    rest = rest.strip(" ")
+    if inner == "":
+        if allow_null:
+            return Path(""), rest
+        raise PathError("empty path")
+    if any(ord(c) < 32 or ord(c) == 127 for c in inner):
+        raise PathError("control character in path")
+    if any(ord(c) > 127 for c in inner) and not utf8:
+        raise PathError("8-bit address without SMTPUTF8")
+    had_route = False
+    m = _ROUTE.match(inner)
+    if m:
+        had_route = True
+        inner = inner[m.end():]
+    if "@" not in inner:
+        raise PathError("no domain in address")
+    local, _, domain = inner.rpartition("@")
+    quoted = False
+    if local.startswith('"'):
+        if len(local) < 2 or not local.endswith('"'):
+            raise PathError("unterminated quoted local part")
+        body = local[1:-1]
+        if re.search(r'(?<!\\)"', body):
+            raise PathError("bad quoted local part")
+        quoted = True
+        plain = re.sub(r"\\(.)", r"\1", body)
+    else:
+        plain = local
+        if "@" in local:
+            # user@remote@local: not a valid dot-string; flagged as a relay trick
+            parts = local.split("@")
+            if not all(_ATEXT.match(p) or (utf8 and _is_utf8_atext(p)) for p in parts):
+                raise PathError("bad local part")
+        elif not (_ATEXT.match(local) or (utf8 and _is_utf8_atext(local))):
+            raise PathError("bad local part")
+    if len(plain) > 64 * 4 or not plain and not quoted:
+        raise PathError("local part too long or empty")
+    if not _valid_domain(domain, utf8):
+        raise PathError("bad domain")
+    is_utf8 = any(ord(c) > 127 for c in inner)
+    return Path(f"{local}@{domain}", plain, domain.lower(), had_route, quoted, is_utf8), rest
+
+
+def _closing_bracket(text: str) -> int:
+    in_quote = escaped = False
+    for i, c in enumerate(text):
+        if i == 0:
+            continue
+        if escaped:
+            escaped = False
+        elif c == "\\" and in_quote:
+            escaped = True
+        elif c == '"':
+            in_quote = not in_quote
+        elif c == ">" and not in_quote:
+            return i
+    raise PathError("missing '>'")
+
+
+# ---------------------------------------------------------------- ESMTP parameters
+class ParamError(ValueError):
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
+def parse_params(rest: str) -> dict[str, str | None]:
+    """``KEY=value KEY2`` -> {"KEY": "value", "KEY2": None} (RFC 5321 §4.1.2 esmtp-param)."""
+    out: dict[str, str | None] = {}
+    for item in rest.split():
+        key, eq, value = item.partition("=")
+        if not _KEYWORD.match(key) or (eq and not value):
+            raise ParamError(f"501 5.5.4 Bad parameter syntax: {item[:40]}")
+        k = key.upper()
+        if k in out:
+            raise ParamError(f"501 5.5.4 Duplicate parameter {k}")
+        out[k] = value if eq else None
+    return out
+
+
+def xtext_decode(s: str) -> str:
+    """RFC 3461 §4: "+XX" is a hex-encoded octet."""
+    out = bytearray()
+    i = 0
+    raw = s.encode("utf-8", "surrogateescape")
+    while i < len(raw):
+        b = raw[i]
+        if b == 0x2B:  # '+'
+            hx = raw[i + 1:i + 3]
+            if len(hx) != 2 or not re.fullmatch(rb"[0-9A-F]{2}", hx):
+                raise ParamError("501 5.5.4 Bad xtext encoding")
+            out.append(int(hx, 16))
+            i += 3
+        elif b < 33 or b > 126 or b == 0x3D:
+            raise ParamError("501 5.5.4 Bad xtext character")
+        else:
+            out.append(b)
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class MailParams:
+    size: int | None = None
+    body: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    auth: str | None = None
+
+
+def mail_params(params: dict[str, str | None], *, max_size: int, utf8_enabled: bool = True) -> MailParams:
+    """Validate MAIL FROM parameters; raises ParamError with the reply to send."""
+    p = dict(params)
+    size: int | None = None
+    if "SIZE" in p:
+        v = p.pop("SIZE")
+        if v is None or not v.isdigit() or len(v) > 20:
+            raise ParamError("501 5.5.4 Bad SIZE value")
+        size = int(v)
+        if max_size and size > max_size:  # RFC 1870 §6
+            raise ParamError("552 5.3.4 Message size exceeds fixed maximum message size")
+    body = "7BIT"
+    if "BODY" in p:
+        v = (p.pop("BODY") or "").upper()
+        if v not in ("7BIT", "8BITMIME"):  # BINARYMIME is not advertised
+            raise ParamError("501 5.5.4 BODY must be 7BIT or 8BITMIME")
+        body = v
+    smtputf8 = False
+    if "SMTPUTF8" in p:
+        if p.pop("SMTPUTF8") is not None:
+            raise ParamError("501 5.5.4 SMTPUTF8 takes no value")
+        if not utf8_enabled:
+            raise ParamError("555 5.5.4 SMTPUTF8 not supported")
+        smtputf8 = True
+    ret = None
+    if "RET" in p:
+        v = (p.pop("RET") or "").upper()
+        if v not in ("FULL", "HDRS"):
+            raise ParamError("501 5.5.4 RET must be FULL or HDRS")
+        ret = v
+    envid = None
+    if "ENVID" in p:
+        v = p.pop("ENVID")
+        if not v or len(v) > 100:  # RFC 3461 §4.4: at most 100 characters
+            raise ParamError("501 5.5.4 Bad ENVID")
+        envid = xtext_decode(v)
+    auth = None
+    if "AUTH" in p:  # RFC 4954 §5: accepted and recorded only
+        auth = p.pop("AUTH")
+    if p:
+        raise ParamError(f"555 5.5.4 Unsupported MAIL parameter {next(iter(p))}")
+    return MailParams(size, body, smtputf8, ret, envid, auth)
+
+
+NOTIFY_VALUES = ("NEVER", "SUCCESS", "FAILURE", "DELAY")
+
+
+@dataclass(frozen=True)
+class RcptParams:
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+
+def rcpt_params(params: dict[str, str | None]) -> RcptParams:
+    p = dict(params)
+    notify: tuple[str, ...] = ()
+    if "NOTIFY" in p:
+        v = (p.pop("NOTIFY") or "").upper()
+        items = tuple(x for x in v.split(","))
+        if not items or any(x not in NOTIFY_VALUES for x in items) or len(set(items)) != len(items):
+            raise ParamError("501 5.5.4 Bad NOTIFY value")
+        if "NEVER" in items and len(items) > 1:  # RFC 3461 §4.1
+            raise ParamError("501 5.5.4 NOTIFY=NEVER cannot be combined")
+        notify = items
+    orcpt = None
+    if "ORCPT" in p:
+        v = p.pop("ORCPT") or ""
+        addr_type, semi, addr = v.partition(";")
+        if not semi or not addr_type or not addr or len(v) > 500:
+            raise ParamError("501 5.5.4 Bad ORCPT value")
+        orcpt = f"{addr_type.lower()};{xtext_decode(addr)}"
+    if p:
+        raise ParamError(f"555 5.5.4 Unsupported RCPT parameter {next(iter(p))}")
+    return RcptParams(notify, orcpt)
+
+
+# ---------------------------------------------------------------- DATA (RFC 5321 §4.1.1.4, §4.5.2)
+END_OF_DATA = b"\r\n.\r\n"
+
+
+@dataclass
+class DataScanner:
+    """Finds the end of DATA in a stream of chunks without looking at lines one by one.
+
+    The stream is read as if it started with CRLF (the one that ended the DATA command),
+    so an empty message (".\\r\\n" at once) is found too. Only <CRLF>.<CRLF> ends the data;
+    "\\n.\\n", "\\r.\\r", "\\n.\\r\\n" and friends stay inside and are judged by ``finish``.
+    Past ``limit`` bytes the data is discarded but still scanned for its end (RFC 5321 §4.2.5:
+    the reply comes after the whole message).
+    """
+
+    limit: int
+    buf: bytearray = field(default_factory=lambda: bytearray(b"\r\n"))
+    total: int = 0  # bytes seen (stuffed)
+    overflow: bool = False
+    done: bool = False
+    _scan_from: int = 0
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """Add a chunk. When the end is found returns the bytes after it (possibly b"");
+        else None."""
+        self.buf += chunk
+        self.total += len(chunk)
+        idx = self.buf.find(END_OF_DATA, self._scan_from)
+        if idx >= 0:
+            rest = bytes(self.buf[idx + 5:])
+            del self.buf[idx + 2:]  # keep the body's last CRLF
+            self.done = True
+            return rest
+        self._scan_from = max(0, len(self.buf) - 4)
+        if len(self.buf) > self.limit + 2:
+            # keep only what could start the terminator
+            self.overflow = True
+            del self.buf[:-4]
+            self._scan_from = 0
+        return None
+
+    def stuffed_body(self) -> bytes:
+        """The body as sent (dot-stuffed), ending with CRLF (or empty)."""
+        return bytes(self.buf[2:])
+
+
+@dataclass(frozen=True)
+class DataProblem:
+    reply: str
+    reason: str
+
+
+R550_BARE_LF = DataProblem("550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8)", "bare_crlf")
+R500_LINE_TOO_LONG = DataProblem("500 5.5.6 Message line too long (RFC 5321 4.5.3.1.6)",
+                                 "line_too_long")
+R552_TOO_BIG = DataProblem("552 5.3.4 Message size exceeds fixed maximum message size",
+                           "too_big")
+
+
+def finish_data(stuffed: bytes, *, max_line: int) -> bytes | DataProblem:
+    """Check and un-stuff a complete DATA body (as returned by ``DataScanner.stuffed_body``).
+
+    Bare CR and bare LF are rejected rather than normalised: they are what SMTP smuggling
+    is made of, and a well-behaved client never sends them (RFC 5321 §2.3.8).
+    ``max_line`` counts octets without CRLF, after removing a stuffed dot.
+    """
+    crlf = stuffed.count(b"\r\n")
+    if stuffed.count(b"\n") != crlf or stuffed.count(b"\r") != crlf:
+        return R550_BARE_LF
+    if max_line and len(stuffed) > max_line:
+        longest = max(map(len, stuffed.split(b"\r\n")))
+        if longest > max_line:
+            # a stuffed leading dot does not count
+            lines = [ln for ln in stuffed.split(b"\r\n") if len(ln) > max_line]
+            if any(len(ln) - (1 if ln.startswith(b".") else 0) > max_line for ln in lines):
+                return R500_LINE_TOO_LONG
+    body = stuffed.replace(b"\r\n.", b"\r\n")
+    if body.startswith(b"."):
+        body = body[1:]
+    return body
+
+
+# ---------------------------------------------------------------- BDAT (RFC 3030 §2)
+_BDAT = re.compile(r"^(\d{1,18})(?: +(LAST))? *$", re.IGNORECASE)
+
+
+def parse_bdat(arg: str | None) -> tuple[int, bool] | None:
+    """``BDAT <size> [LAST]`` -> (size, last), or None for bad syntax."""
+    m = _BDAT.match(arg or "")
+    if not m:
+        return None
+    return int(m.group(1)), m.group(2) is not None

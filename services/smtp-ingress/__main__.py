@@ -1,0 +1,52 @@
+"""``python -m postbus.smtp_ingress``: build settings and adapters, start the listeners."""
+
+from __future__ import annotations
+
+from postbus.kit.runtime import ServiceContext, main
+from postbus.kit.tls import server_context
+from postbus.smtp_ingress.settings import Settings
+
+
+async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
+    """Wire adapters and listeners into a running service context; returns the Ingress."""
+    from postbus.smtp_ingress import mgmt
+    from postbus.smtp_ingress.adapters import (
+        AUTHFAIL_BUCKET,
+        BusDirectory,
+        BusQueue,
+        KvBlockList,
+        KvCounters,
+        S3Bodies,
+    )
+    from postbus.smtp_ingress.server import Ingress
+
+    blocklist = KvBlockList(ctx.bus)
+    await blocklist.refresh()
+    ingress = Ingress(
+        settings,
+        directory=BusDirectory(ctx.bus, ttl_s=settings.resolve_cache_ttl_s,
+                               size=settings.resolve_cache_size),
+        queue=BusQueue(ctx.bus, timeout_s=settings.publish_timeout_s),
+        bodies=S3Bodies(ctx.blobs),
+        auth_failures=KvCounters(ctx.bus, AUTHFAIL_BUCKET, settings.auth_fail_window_s),
+        blocklist=blocklist,
+        tls_context=server_context(ctx.common.tls_cert, ctx.common.tls_key),
+    )
+    await ingress.start()
+    ctx.add_task(blocklist.run(), "smtp-blocklist-refresh")
+    ctx.routers.append(mgmt.router(ingress))
+    ctx.on_stop(ingress.stop)
+    return ingress
+
+
+def run() -> None:
+    settings = Settings()
+
+    async def setup(ctx: ServiceContext) -> None:
+        await setup_ingress(ctx, settings)
+
+    main("smtp-ingress", settings.common, settings.mgmt_port, setup)
+
+
+if __name__ == "__main__":
+    run()

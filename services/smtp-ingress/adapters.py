@@ -1,0 +1,271 @@
+"""Adapters from the ports to the bus (directory RPC, JetStream), S3 and NATS KV.
+
+Uses postbus.kit.bus / postbus.kit.blob only (never nats or boto3 directly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ipaddress
+import json
+import time
+from collections import OrderedDict
+from typing import Any
+
+from postbus.kit.blob import BlobStore, BlobUnavailable
+from postbus.kit.bus import Bus, BusUnavailable, RemoteError
+from postbus.kit.logging import get_logger
+from postbus.proto.directory import (
+    DIRECTORY_AUTHENTICATE,
+    DIRECTORY_RESOLVE,
+    AuthReply,
+    AuthRequest,
+    ResolveReply,
+    ResolveRequest,
+)
+from postbus.proto.mail import MAIL_RECEIVED, MailReceived
+from postbus.smtp_ingress.ports import BlockEntry, Unavailable
+
+log = get_logger("postbus.smtp_ingress")
+
+BLOCKLIST_BUCKET = "smtp_ingress_blocklist"
+AUTHFAIL_BUCKET = "smtp_ingress_authfail"
+
+
+def _kv_error(exc: BaseException, *names: str) -> bool:
+    """True when ``exc`` is one of the named nats KV errors (matched by class name so
+    that only kit.bus imports nats)."""
+    return any(c.__name__ in names for c in type(exc).__mro__)
+
+
+def kv_key(text: str) -> str:
+    """Any text as a valid KV key (IPv6 colons, CIDR slashes, '@' in addresses)."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def kv_unkey(key: str) -> str:
+    return base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)).decode()
+
+
+class BusDirectory:
+    """directory.* requests with a short in-process cache of resolve answers."""
+
+    def __init__(self, bus: Bus, *, ttl_s: float = 5.0, size: int = 10000) -> None:
+        self.bus = bus
+        self.ttl_s = ttl_s
+        self.size = size
+        self._cache: OrderedDict[str, tuple[float, ResolveReply]] = OrderedDict()
+
+    async def resolve(self, address: str) -> ResolveReply:
+        key = address.lower()
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit and hit[0] > now:
+            return hit[1]
+        try:
+            rep = await self.bus.request(DIRECTORY_RESOLVE, ResolveRequest(address=address))
+        except (BusUnavailable, RemoteError) as exc:
+            raise Unavailable(str(exc)) from exc
+        if self.ttl_s > 0:
+            self._cache[key] = (now + self.ttl_s, rep)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return rep
+
+    async def authenticate(self, username: str, password: str, client_ip: str) -> AuthReply:
+        try:
+            return await self.bus.request(DIRECTORY_AUTHENTICATE, AuthRequest(
+                username=username, password=password, service="smtp", client_ip=client_ip))
+        except (BusUnavailable, RemoteError) as exc:
+            raise Unavailable(str(exc)) from exc
+
+
+class BusQueue:
+    """MAIL_RECEIVED on JetStream; returns after the ack. The queue id is the message id,
+    so a publish retried by the client library inside the duplicate window is stored once."""
+
+    def __init__(self, bus: Bus, *, timeout_s: float = 5.0) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def publish(self, msg: MailReceived) -> None:
+        if not self.bus.nc.is_connected:
+            # while reconnecting, nats-py would buffer the publish and may send it after
+            # we answered 451: refuse at once instead
+            raise Unavailable("not connected to NATS")
+        try:
+            await self.bus.publish(MAIL_RECEIVED, msg, msg_id=msg.queue_id, timeout=self.timeout_s)
+        except BusUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+
+class S3Bodies:
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    async def put(self, data: bytes) -> str:
+        try:
+            return await self.blobs.put(data)
+        except BlobUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        except Exception as exc:  # connection refused etc. surface as botocore errors
+            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+class KvCounters:
+    """Counters in a NATS KV bucket whose TTL is the window: a key disappears
+    ``window_s`` after its last increment. Compare-and-set on the revision, so
+    replicas incrementing at once never lose a count."""
+
+    def __init__(self, bus: Bus, bucket: str, window_s: float) -> None:
+        self.bus = bus
+        self.bucket = bucket
+        self.window_s = window_s
+        self._kv: Any = None
+
+    async def _open(self) -> Any:
+        if self._kv is None:
+            try:
+                self._kv = await self.bus.kv(self.bucket, ttl_s=self.window_s)
+            except Exception as exc:
+                raise Unavailable(f"KV {self.bucket}: {exc}") from exc
+        return self._kv
+
+    async def get(self, key: str) -> int:
+        kv = await self._open()
+        try:
+            entry = await kv.get(kv_key(key))
+        except Exception as exc:
+            if _kv_error(exc, "KeyNotFoundError"):
+                return 0
+            raise Unavailable(str(exc)) from exc
+        try:
+            return int(entry.value or b"0")
+        except ValueError:
+            return 0
+
+    async def incr(self, key: str) -> int:
+        kv = await self._open()
+        k = kv_key(key)
+        for _ in range(20):
+            try:
+                try:
+                    entry = await kv.get(k)
+                except Exception as exc:
+                    if not _kv_error(exc, "KeyNotFoundError"):
+                        raise
+                    await kv.create(k, b"1")
+                    return 1
+                n = int(entry.value or b"0") + 1
+                await kv.update(k, str(n).encode(), last=entry.revision)
+                return n
+            except Exception as exc:
+                if _kv_error(exc, "KeyWrongLastSequenceError"):
+                    continue  # someone else incremented first: read again
+                raise Unavailable(str(exc)) from exc
+        raise Unavailable("KV counter contention")
+
+    async def reset(self, key: str) -> None:
+        kv = await self._open()
+        try:
+            await kv.delete(kv_key(key))
+        except Exception as exc:
+            raise Unavailable(str(exc)) from exc
+
+
+class KvBlockList:
+    """Client networks refused at connect time. The truth is a NATS KV bucket shared by
+    every replica; each replica answers from its own copy, refreshed every few seconds
+    (and at once for changes it makes itself)."""
+
+    def __init__(self, bus: Bus, *, refresh_s: float = 2.0) -> None:
+        self.bus = bus
+        self.refresh_s = refresh_s
+        self._kv: Any = None
+        self._entries: dict[str, BlockEntry] = {}
+        self._nets: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
+
+    async def _open(self) -> Any:
+        if self._kv is None:
+            try:
+                self._kv = await self.bus.kv(BLOCKLIST_BUCKET)
+            except Exception as exc:
+                raise Unavailable(f"KV {BLOCKLIST_BUCKET}: {exc}") from exc
+        return self._kv
+
+    def _rebuild(self) -> None:
+        self._nets = [(ipaddress.ip_network(e.network, strict=False), e.network)
+                      for e in self._entries.values()]
+
+    def blocked(self, ip: str) -> bool:
+        if not self._nets:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr.version == n.version and addr in n for n, _ in self._nets)
+
+    def entries(self) -> list[BlockEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.network)
+
+    async def add(self, entry: BlockEntry) -> None:
+        net = str(ipaddress.ip_network(entry.network, strict=False))
+        entry = BlockEntry(net, entry.reason, entry.added_at)
+        kv = await self._open()
+        try:
+            await kv.put(kv_key(net), json.dumps(entry.__dict__).encode())
+        except Exception as exc:
+            raise Unavailable(str(exc)) from exc
+        self._entries[net] = entry
+        self._rebuild()
+
+    async def remove(self, network: str) -> bool:
+        net = str(ipaddress.ip_network(network, strict=False))
+        kv = await self._open()
+        existed = net in self._entries
+        if not existed:
+            await self.refresh()
+            existed = net in self._entries
+        try:
+            await kv.delete(kv_key(net))
+        except Exception as exc:
+            raise Unavailable(str(exc)) from exc
+        self._entries.pop(net, None)
+        self._rebuild()
+        return existed
+
+    async def refresh(self) -> None:
+        kv = await self._open()
+        try:
+            keys = await kv.keys()
+        except Exception as exc:
+            if _kv_error(exc, "NoKeysError"):
+                keys = []
+            else:
+                raise Unavailable(str(exc)) from exc
+        fresh: dict[str, BlockEntry] = {}
+        for k in keys:
+            try:
+                entry = await kv.get(k)
+                data = json.loads(entry.value or b"{}")
+                fresh[data["network"]] = BlockEntry(data["network"], data.get("reason", ""),
+                                                    data.get("added_at", ""))
+            except Exception as exc:
+                if _kv_error(exc, "KeyNotFoundError"):
+                    continue
+                log.warning("bad block list entry", key=k, error=str(exc))
+        self._entries = fresh
+        self._rebuild()
+
+    async def run(self) -> None:
+        """Refresh forever (a ServiceContext task)."""
+        while True:
+            with contextlib.suppress(Unavailable):
+                await self.refresh()
+            await asyncio.sleep(self.refresh_s)

@@ -1,0 +1,203 @@
+"""Pure decisions of smtp-ingress: relay policy, sender rights, limits, queue ids,
+the Received header. Values in, values out; no I/O, no asyncio.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+
+from postbus.protocols.smtp import Path
+from postbus.proto.directory import ResolveReply
+
+# ---------------------------------------------------------------- replies
+R250_OK = "250 2.1.0 Ok"
+R250_RCPT_OK = "250 2.1.5 Ok"
+R451_DIRECTORY = "451 4.3.0 Directory temporarily unavailable, try again later"
+R451_QUEUE = "451 4.3.0 Queue temporarily unavailable, try again later"
+R452_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+R550_NO_SUCH_USER = "550 5.1.1 Recipient address rejected: user unknown"
+R550_DISABLED = "550 5.2.1 Recipient mailbox disabled"
+R554_RELAY_DENIED = "554 5.7.1 Relay access denied"
+R553_NOT_OWNER = "553 5.7.1 Sender address rejected: not owned by authenticated user"
+R530_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+R530_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+R538_ENCRYPTION = "538 5.7.11 Encryption required for requested authentication mechanism"
+R535_INVALID = "535 5.7.8 Authentication credentials invalid"
+R454_AUTH_THROTTLED = "454 4.7.0 Too many failed authentication attempts, try again later"
+R554_BLOCKED = "554 5.7.1 Client host blocked"
+R421_TOO_MANY_CONN = "421 4.7.0 Too many connections from your host, try again later"
+R421_RATE = "421 4.7.0 Connection rate limit exceeded, try again later"
+R421_BUSY = "421 4.3.2 Service busy, try again later"
+
+
+# ---------------------------------------------------------------- recipients
+@dataclass(frozen=True)
+class Accept:
+    reply: str = R250_RCPT_OK
+
+
+@dataclass(frozen=True)
+class Refuse:
+    reply: str
+    reason: str
+
+
+Decision = Accept | Refuse
+
+
+def recipient_needs_lookup(path: Path, *, may_relay: bool) -> Refuse | None:
+    """Before asking the directory: refuse the open-relay tricks from anyone who may not relay
+    (percent hack, bang paths, source routes, quoted or doubled local parts)."""
+    if path.relay_trick and not may_relay:
+        return Refuse(R554_RELAY_DENIED, "relay_trick")
+    return None
+
+
+def recipient_decision(reply: ResolveReply, *, may_relay: bool) -> Decision:
+    """What to answer a RCPT once the directory has spoken (ARCHITECTURE.md "Security")."""
+    match reply.status:
+        case "local":
+            return Accept() if reply.accounts else Refuse(R550_NO_SUCH_USER, "unknown_user")
+        case "unknown":
+            return Refuse(R550_NO_SUCH_USER, "unknown_user")
+        case "disabled":
+            return Refuse(R550_DISABLED, "disabled")
+        case "remote":
+            return Accept() if may_relay else Refuse(R554_RELAY_DENIED, "relay_denied")
+    return Refuse(R451_DIRECTORY, "directory")  # pragma: no cover - Literal exhausted
+
+
+def may_relay(*, authenticated: bool, trusted: bool) -> bool:
+    return authenticated or trusted
+
+
+def sender_allowed(mail_from: str, send_as: list[str]) -> bool:
+    """An authenticated user may use only its own addresses (and the null sender for
+    bounces it generates). Domain part compared case-insensitively, local part exactly
+    as the directory lists it but case-insensitively, as the directory canonicalises."""
+    if mail_from == "":
+        return True
+    return mail_from.lower() in {a.lower() for a in send_as}
+
+
+# ---------------------------------------------------------------- networks
+def parse_networks(items: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(i.strip(), strict=False) for i in items if i.strip()]
+
+
+def ip_in(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr.version == n.version and addr in n for n in networks)
+
+
+# ---------------------------------------------------------------- connection limits
+@dataclass(frozen=True)
+class ConnLimits:
+    max_connections: int
+    per_ip: int
+    rate_per_minute: int
+
+
+def connection_decision(*, total: int, from_ip: int, recent: int, limits: ConnLimits) -> str | None:
+    """None to accept, else the 421 reply (RFC 5321 §3.8: 421 and close)."""
+    if limits.max_connections and total >= limits.max_connections:
+        return R421_BUSY
+    if limits.per_ip and from_ip >= limits.per_ip:
+        return R421_TOO_MANY_CONN
+    if limits.rate_per_minute and recent >= limits.rate_per_minute:
+        return R421_RATE
+    return None
+
+
+class RateWindow:
+    """Events per key in a sliding 60 s window (one replica's view; the hot path)."""
+
+    def __init__(self, window_s: float = 60.0, clock: object = time.monotonic) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._events: dict[str, deque[float]] = {}
+
+    def hit(self, key: str) -> int:
+        """Record one event; returns how many happened in the window before it."""
+        now: float = self.clock()  # type: ignore[operator]
+        q = self._events.setdefault(key, deque())
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        n = len(q)
+        q.append(now)
+        if len(self._events) > 100_000:
+            self._gc(now)
+        return n
+
+    def _gc(self, now: float) -> None:
+        for k in [k for k, q in self._events.items() if not q or q[-1] <= now - self.window_s]:
+            del self._events[k]
+
+
+def auth_throttled(ip_failures: int, account_failures: int, *, ip_limit: int,
+                   account_limit: int) -> bool:
+    return bool((ip_limit and ip_failures >= ip_limit)
+                or (account_limit and account_failures >= account_limit))
+
+
+# ---------------------------------------------------------------- queue ids
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _b32(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        out.append(_CROCKFORD[n & 31])
+        n >>= 5
+    return "".join(reversed(out))
+
+
+def new_queue_id(now_ms: int | None = None, rand: bytes | None = None) -> str:
+    """17 characters: 9 of milliseconds since 1970 (sortable until year 2527) and 8 of
+    randomness (40 bits), Crockford base32, so ids sort by time and do not collide."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    r = int.from_bytes(rand if rand is not None else os.urandom(5), "big")
+    return _b32(ms, 9) + _b32(r, 8)
+
+
+# ---------------------------------------------------------------- trace header
+def received_header(*, helo: str | None, ip: str, rdns: str | None, hostname: str,
+                    esmtp: bool, tls: str | None, auth_user: str | None, utf8: bool,
+                    queue_id: str, rcpt: str | None, when: datetime) -> bytes:
+    """The Received header (RFC 5321 §4.4) with the protocol named as in RFC 3848/6531
+    (ESMTP, ESMTPS, ESMTPA, ESMTPSA, UTF8SMTP...), TLS and authentication as comments."""
+    proto = "SMTP" if not esmtp else ("UTF8SMTP" if utf8 else "ESMTP")
+    if esmtp:
+        proto += ("S" if tls else "") + ("A" if auth_user else "")
+    ip_lit = f"IPv6:{ip}" if ":" in ip else ip
+    src = f"from {_clean(helo or 'unknown')} ({_clean(rdns) + ' ' if rdns else ''}[{ip_lit}])"
+    lines = [f"Received: {src}", f"\tby {hostname} (Postbus) with {proto} id {queue_id}"]
+    if tls:
+        lines.append(f"\t(using {_clean(tls)})")
+    if auth_user:
+        lines.append(f"\t(Authenticated sender: {_clean(auth_user)})")
+    if rcpt:
+        lines.append(f"\tfor <{_clean(rcpt)}>;")
+    else:
+        lines[-1] += ";"
+    lines.append("\t" + format_datetime(when))
+    text = "\r\n".join(lines) + "\r\n"
+    return text.encode("utf-8", "replace")
+
+
+def _clean(s: str) -> str:
+    """No CR/LF, parentheses or control characters from the client into our header."""
+    return "".join(c if 32 <= ord(c) != 127 and c not in "()\\" else "?" for c in s)[:200]

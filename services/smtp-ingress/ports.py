@@ -1,0 +1,63 @@
+"""What the SMTP sessions need from the outside world, as typing.Protocols.
+
+Implementations: adapters.py (NATS, S3, NATS KV). No imports of nats or boto3 here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from postbus.proto.directory import AuthReply, ResolveReply
+from postbus.proto.mail import MailReceived
+
+
+class Unavailable(Exception):
+    """A dependency (directory, queue, blob store, KV) did not answer; reply 4xx."""
+
+
+class Directory(Protocol):
+    async def resolve(self, address: str) -> ResolveReply: ...
+
+    async def authenticate(self, username: str, password: str, client_ip: str) -> AuthReply: ...
+
+
+class Queue(Protocol):
+    async def publish(self, msg: MailReceived) -> None:
+        """Return only once the message is durable (JetStream ack); else raise Unavailable."""
+        ...
+
+
+class Bodies(Protocol):
+    async def put(self, data: bytes) -> str:
+        """Store a body content-addressed; returns its key. Raises Unavailable."""
+        ...
+
+
+class Counters(Protocol):
+    """Shared counters that expire a window after their last increment."""
+
+    async def get(self, key: str) -> int: ...
+
+    async def incr(self, key: str) -> int: ...
+
+    async def reset(self, key: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    network: str
+    reason: str = ""
+    added_at: str = ""
+
+
+class BlockList(Protocol):
+    def blocked(self, ip: str) -> bool:
+        """Synchronous: answered from this replica's copy, kept current by a watch."""
+        ...
+
+    async def add(self, entry: BlockEntry) -> None: ...
+
+    async def remove(self, network: str) -> bool: ...
+
+    def entries(self) -> list[BlockEntry]: ...

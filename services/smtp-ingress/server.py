@@ -1,0 +1,841 @@
+"""SMTP listeners: an aiosmtpd ``SMTP`` subclass per connection and the shared ``Ingress``.
+
+aiosmtpd keeps the command loop shape, STARTTLS and AUTH challenges; this subclass adds the
+Postbus policy (policy.py), enhanced status codes on every reply, DSN/SMTPUTF8/CHUNKING,
+a DATA reader that scans large chunks instead of lines, limits and the durable hand-off
+(250 only after the JetStream ack). Talks to the world through ports.py only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import itertools
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiosmtpd.proxy_protocol import get_proxy
+from aiosmtpd.smtp import SMTP, TLSSetupException
+from asyncio import sslproto
+
+from postbus.kit.logging import get_logger
+from postbus.kit.metrics import counter, gauge, histogram
+from postbus.protocols import smtp as proto
+from postbus.proto.directory import AuthReply
+from postbus.proto.mail import BodyRef, ClientInfo, MailReceived, Recipient
+from postbus.smtp_ingress import policy
+from postbus.smtp_ingress.ports import BlockList, Bodies, Counters, Directory, Queue, Unavailable
+from postbus.smtp_ingress.settings import Settings
+
+log = get_logger("postbus.smtp_ingress")
+
+CONNECTIONS = counter("postbus_smtp_connections_total", "SMTP connections",
+                      ["listener", "outcome"])
+ACTIVE = gauge("postbus_smtp_sessions_active", "Open SMTP sessions", ["listener"])
+MESSAGES = counter("postbus_smtp_messages_total", "Messages by outcome and reason",
+                   ["listener", "outcome", "reason"])
+RECIPIENTS = counter("postbus_smtp_recipients_total", "RCPT answers by outcome and reason",
+                     ["listener", "outcome", "reason"])
+AUTHS = counter("postbus_smtp_auth_total", "AUTH attempts by outcome", ["listener", "outcome"])
+BYTES = counter("postbus_smtp_received_bytes_total", "Message bytes accepted", ["listener"])
+ACCEPT_LATENCY = histogram("postbus_smtp_accept_seconds",
+                           "End of data to the 250 reply (S3 put if any + JetStream ack)",
+                           ["listener"])
+
+LISTENERS = ("mx", "submission", "smtps")
+ALLOWED_BEFORE_STARTTLS = {"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"}
+READ_CHUNK = 256 * 1024
+
+_ids = itertools.count(1)
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler object; every decision lives in the subclass."""
+
+
+@dataclass
+class SessionInfo:
+    id: int
+    listener: str
+    ip: str
+    port: int
+    started_at: datetime
+    helo: str | None = None
+    tls: str | None = None
+    auth_user: str | None = None
+    commands: int = 0
+    messages: int = 0
+    last_command: str = ""
+
+
+@dataclass
+class Stats:
+    """Counters by outcome and reason for the management API (this replica)."""
+
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def add(self, outcome: str, reason: str) -> None:
+        self.counts[(outcome, reason)] += 1
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (outcome, reason), n in sorted(self.counts.items()):
+            out.setdefault(outcome, {})[reason] = n
+        return out
+
+
+class Ingress:
+    """What every connection of this process shares: settings, ports, limits, sessions."""
+
+    def __init__(self, settings: Settings, *, directory: Directory, queue: Queue, bodies: Bodies,
+                 auth_failures: Counters, blocklist: BlockList,
+                 tls_context: ssl.SSLContext | None) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.queue = queue
+        self.bodies = bodies
+        self.auth_failures = auth_failures
+        self.blocklist = blocklist
+        self.tls_context = tls_context
+        self.trusted = policy.parse_networks(settings.trusted_networks)
+        self.limits = policy.ConnLimits(settings.max_connections, settings.max_connections_per_ip,
+                                        settings.connection_rate_per_ip)
+        self.rate = policy.RateWindow()
+        self.per_ip: Counter[str] = Counter()
+        self.sessions: dict[int, SessionInfo] = {}
+        self.stats = Stats()
+        self.servers: list[asyncio.Server] = []
+        self.ports: dict[str, int] = {}
+        self.hostname = settings.common.hostname
+        self.inline_threshold = settings.common.inline_threshold
+
+    # ------------------------------------------------------------ listeners
+    async def start(self) -> dict[str, int]:
+        """Open the listeners; returns listener -> bound port."""
+        loop = asyncio.get_running_loop()
+        wanted = {"mx": self.settings.smtp_port, "submission": self.settings.submission_port,
+                  "smtps": self.settings.smtps_port}
+        for name, port in wanted.items():
+            if port < 0 or (name == "smtps" and self.tls_context is None):
+                continue
+            server = await loop.create_server(lambda n=name: IngressSMTP(self, n),  # type: ignore[misc]
+                                              self.settings.host, port, backlog=1024,
+                                              reuse_address=True)
+            self.servers.append(server)
+            self.ports[name] = int(server.sockets[0].getsockname()[1])
+            log.info("listening", listener=name, port=self.ports[name])
+        return self.ports
+
+    async def stop(self) -> None:
+        for s in self.servers:
+            s.close()
+        for s in self.servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 5)
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
+
+    # ------------------------------------------------------------ admission
+    def admit(self, ip: str) -> str | None:
+        """None when this client may talk to us, else the reply to close with."""
+        if self.blocklist.blocked(ip):
+            self.stats.add("connection_refused", "blocked")
+            return policy.R554_BLOCKED
+        recent = self.rate.hit(ip) if self.limits.rate_per_minute else 0
+        refusal = policy.connection_decision(total=len(self.sessions), from_ip=self.per_ip[ip],
+                                             recent=recent, limits=self.limits)
+        if refusal:
+            self.stats.add("connection_refused", refusal.split(" ", 3)[3][:40])
+        return refusal
+
+    def may_relay(self, ip: str, authenticated: bool) -> bool:
+        return policy.may_relay(authenticated=authenticated, trusted=policy.ip_in(ip, self.trusted))
+
+
+def _tls_info(obj: Any) -> str | None:
+    if obj is None:
+        return None
+    try:
+        cipher = obj.cipher()
+        return f"{obj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+    except Exception:
+        return "TLS"
+
+
+class IngressSMTP(SMTP):
+    """One SMTP connection (RFC 5321) on one of the listeners mx, submission, smtps."""
+
+    def __init__(self, ingress: Ingress, listener: str) -> None:
+        s = ingress.settings
+        self.ingress = ingress
+        self.listener = listener
+        self.line_length_limit = s.max_command_length
+        super().__init__(
+            _NoHooks(),
+            data_size_limit=s.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=ingress.hostname,
+            ident="ESMTP Postbus",
+            tls_context=ingress.tls_context,
+            require_starttls=listener == "submission",
+            timeout=s.idle_timeout_s,
+            auth_required=listener == "submission",
+            auth_require_tls=True,
+        )
+        self.info: SessionInfo | None = None
+        self.client_ip = ""
+        self.client_port = 0
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._auth: AuthReply | None = None
+        self._admitted = False
+        self._closing = False
+
+    # ------------------------------------------------------------ plumbing
+    @property
+    def encrypted(self) -> bool:
+        return self._tls_protocol is not None
+
+    @property
+    def authenticated(self) -> bool:
+        return self._auth is not None
+
+    async def push(self, status: str | bytes) -> None:
+        """Every reply gets an enhanced status code (RFC 2034) unless it has one."""
+        if isinstance(status, str):
+            status = proto.with_enhanced_code(status)
+        await super().push(status)
+
+    async def _push_plain(self, line: str) -> None:
+        """Greeting and HELO/EHLO replies: no enhanced code (RFC 2034 §3)."""
+        await super().push(line)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            peer = transport.get_extra_info("peername") or ("", 0)
+            self.client_ip, self.client_port = str(peer[0]), int(peer[1]) if len(peer) > 1 else 0
+            self._session_timer = self.loop.call_later(self.ingress.settings.session_timeout_s,
+                                                       self._session_expired)
+        elif self.info is not None:
+            self.info.tls = _tls_info(transport.get_extra_info("ssl_object"))
+            self._auth = None  # RFC 3207 §4.2: forget everything learnt before TLS
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        self._close_with("421 4.4.2 Idle timeout, closing connection")
+
+    def _session_expired(self) -> None:
+        self._close_with("421 4.4.2 Session time limit exceeded, closing connection")
+
+    def _close_with(self, reply: str) -> None:
+        if self.transport is not None and not self._closing:
+            self._closing = True
+            try:
+                self._writer.write(reply.encode() + b"\r\n")
+            except Exception:
+                pass
+            self.transport.close()
+
+    async def _close_after(self, reply: str) -> None:
+        await self.push(reply)
+        self._closing = True
+        assert self.transport is not None
+        self.transport.close()
+
+    def _reason(self, reply: str) -> str:
+        return reply[:9].replace(" ", "_")
+
+    # ------------------------------------------------------------ the command loop
+    async def _handle_client(self) -> None:
+        try:
+            await self._serve()
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, TLSSetupException):
+            pass
+        except Exception:
+            log.exception("smtp session failed", ip=self.client_ip)
+            if self.transport is not None:
+                self._close_with("421 4.3.0 Internal error, closing connection")
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self.info is not None and self.ingress.sessions.pop(self.info.id, None) is not None:
+            ip = self.info.ip
+            self.ingress.per_ip[ip] -= 1
+            if self.ingress.per_ip[ip] <= 0:
+                del self.ingress.per_ip[ip]
+            ACTIVE.labels(self.listener).dec()
+
+    async def _serve(self) -> None:
+        s = self.ingress.settings
+        if s.proxy_protocol:
+            self._reset_timeout(s.proxy_protocol_timeout_s)
+            data = await get_proxy(self._reader)
+            if not data.valid:
+                CONNECTIONS.labels(self.listener, "bad_proxy").inc()
+                log.warning("invalid PROXY header", ip=self.client_ip, error=data.error)
+                assert self.transport is not None
+                self.transport.close()
+                return
+            if data.src_addr is not None:  # v2 LOCAL (health checks) keeps the socket peer
+                self.client_ip, self.client_port = str(data.src_addr), int(data.src_port or 0)
+            self._reset_timeout()
+        if self.listener == "smtps":
+            await self._upgrade_tls()
+
+        refusal = self.ingress.admit(self.client_ip)
+        if refusal:
+            CONNECTIONS.labels(self.listener, "refused").inc()
+            await self._close_after(refusal)
+            return
+        self.info = SessionInfo(next(_ids), self.listener, self.client_ip, self.client_port,
+                                datetime.now(UTC), tls=_tls_info(self._ssl_object()))
+        self.ingress.sessions[self.info.id] = self.info
+        self.ingress.per_ip[self.client_ip] += 1
+        ACTIVE.labels(self.listener).inc()
+        CONNECTIONS.labels(self.listener, "accepted").inc()
+
+        await self._push_plain(f"220 {self.hostname} ESMTP Postbus")
+        unknown = 0
+        while self.transport is not None and not self._closing:
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._discard_line(exc.consumed)
+                await self.push("500 5.5.6 Line too long (RFC 5321 4.5.3.1.4)")
+                continue
+            except asyncio.IncompleteReadError:
+                return
+            self.info.commands += 1
+            if self.info.commands > s.max_commands:
+                await self._close_after("421 4.7.0 Too many commands, closing connection")
+                return
+            line = line.rstrip(b"\r\n")
+            command_bytes, _, arg_bytes = line.partition(b" ")
+            try:
+                command = command_bytes.upper().decode("ascii")
+            except UnicodeDecodeError:
+                command = ""
+            if not command.isalpha() or b"\x00" in line:
+                unknown += 1
+                if unknown > s.max_unknown_commands:
+                    await self._close_after("421 4.7.0 Too many bad commands, closing connection")
+                    return
+                await self.push("500 5.5.2 Syntax error, command unrecognized")
+                continue
+            arg = arg_bytes.strip().decode("utf-8", "surrogateescape") if arg_bytes else None
+            self.info.last_command = command
+            if (self.require_starttls and not self.encrypted
+                    and command not in ALLOWED_BEFORE_STARTTLS):
+                await self.push(policy.R530_STARTTLS_FIRST)
+                continue
+            method = self._smtp_methods.get(command)
+            if method is None:
+                unknown += 1
+                if unknown > s.max_unknown_commands:
+                    await self._close_after("421 4.7.0 Too many bad commands, closing connection")
+                    return
+                await self.push(f"500 5.5.2 Command {command[:20]} unrecognized")
+                continue
+            self._reset_timeout()
+            await method(arg)
+
+    async def _discard_line(self, consumed: int) -> None:
+        await self._reader.readexactly(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as e:
+                await self._reader.readexactly(e.consumed)
+
+    def _ssl_object(self) -> Any:
+        return self.transport.get_extra_info("ssl_object") if self.transport else None
+
+    async def _upgrade_tls(self) -> None:
+        """Put TLS under the protocol (STARTTLS, or the start of an smtps connection)."""
+        assert self.tls_context is not None
+        waiter = self.loop.create_future()
+        self._tls_protocol = sslproto.SSLProtocol(self.loop, self, self.tls_context, waiter,
+                                                  server_side=True)
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        self._original_transport.set_protocol(self._tls_protocol)  # type: ignore[attr-defined]
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
+
+    # ------------------------------------------------------------ greeting commands
+    async def smtp_HELO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        self._set_rset_state()
+        assert self.session is not None
+        self.session.extended_smtp = False
+        self.session.host_name = hostname
+        if self.info:
+            self.info.helo = hostname[:255]
+        await self._push_plain(f"250 {self.hostname}")
+
+    async def smtp_EHLO(self, hostname: str | None) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        assert self.session is not None
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        if self.info:
+            self.info.helo = hostname[:255]
+        lines = [self.hostname, "PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME",
+                 "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"]
+        if self.tls_context is not None and not self.encrypted:
+            lines.append("STARTTLS")
+        if self.encrypted:  # RFC 4954 §4 + ARCHITECTURE.md: AUTH only over TLS, always
+            lines.append("AUTH PLAIN LOGIN")
+        text = "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}"
+        await self._push_plain(text)
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls_context is None:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        if self.encrypted:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        await self._upgrade_tls()
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: RSET")
+            return
+        self._set_rset_state()
+        await self.push("250 2.0.0 Ok")
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        await self.push("221 2.0.0 Bye")
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        # RFC 5321 §3.5.3: 252 rather than a directory oracle
+        if not arg:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            return
+        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 EXPN not available")
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.push("214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT "
+                        "RSET NOOP QUIT STARTTLS AUTH VRFY")
+
+    # ------------------------------------------------------------ AUTH (RFC 4954)
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        assert self.session is not None and self.envelope is not None
+        if not self.session.host_name or not self.session.extended_smtp:
+            await self.push("503 5.5.1 Send EHLO first")
+            return
+        if not self.encrypted:
+            await self.push(policy.R538_ENCRYPTION)
+            return
+        if self.authenticated:
+            await self.push("503 5.5.1 Already authenticated")
+            return
+        if self._in_transaction():
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
+        args = (arg or "").split()
+        if not args or len(args) > 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        mech = args[0].upper()
+        if mech not in ("PLAIN", "LOGIN"):
+            await self.push("504 5.5.4 Unrecognized authentication type")
+            return
+        ing = self.ingress
+        try:
+            ip_failures = await ing.auth_failures.get("ip:" + self.client_ip)
+        except Unavailable:
+            await self.push("454 4.7.0 Temporary authentication failure")
+            return
+        if policy.auth_throttled(ip_failures, 0, ip_limit=ing.settings.auth_fail_limit_ip,
+                                 account_limit=0):
+            AUTHS.labels(self.listener, "throttled").inc()
+            ing.stats.add("auth", "throttled_ip")
+            await self.push(policy.R454_AUTH_THROTTLED)
+            return
+        creds = await (self._auth_plain(args) if mech == "PLAIN" else self._auth_login(args))
+        if creds is None:
+            return
+        username, password = creds
+        try:
+            account_failures = await ing.auth_failures.get("acct:" + username.lower())
+            if policy.auth_throttled(0, account_failures, ip_limit=0,
+                                     account_limit=ing.settings.auth_fail_limit_account):
+                AUTHS.labels(self.listener, "throttled").inc()
+                ing.stats.add("auth", "throttled_account")
+                await self.push(policy.R454_AUTH_THROTTLED)
+                return
+            reply = await ing.directory.authenticate(username, password, self.client_ip)
+        except Unavailable:
+            AUTHS.labels(self.listener, "unavailable").inc()
+            await self.push("454 4.7.0 Temporary authentication failure")
+            return
+        if reply.ok:
+            self._auth = reply
+            self.session.authenticated = True
+            if self.info:
+                self.info.auth_user = reply.address or username
+            AUTHS.labels(self.listener, "ok").inc()
+            ing.stats.add("auth", "ok")
+            await self.push("235 2.7.0 Authentication successful")
+            return
+        if reply.reason == "throttled":
+            await self.push(policy.R454_AUTH_THROTTLED)
+            return
+        AUTHS.labels(self.listener, "failed").inc()
+        ing.stats.add("auth", "failed")
+        try:
+            await ing.auth_failures.incr("ip:" + self.client_ip)
+            await ing.auth_failures.incr("acct:" + username.lower())
+        except Unavailable:
+            pass
+        await self.push(policy.R535_INVALID)
+
+    async def _read_b64(self, challenge: bytes) -> bytes | None:
+        # challenges go out as "334 <base64>", no enhanced code (RFC 4954 §4)
+        await super().push(b"334 " + base64.b64encode(challenge))
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._discard_line(exc.consumed)
+            await self.push("500 5.5.6 Line too long")
+            return None
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Authentication aborted")
+            return None
+        try:
+            return base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            await self.push("501 5.5.2 Cannot decode base64")
+            return None
+
+    async def _auth_plain(self, args: list[str]) -> tuple[str, str] | None:
+        if len(args) == 2:
+            if args[1] == "=":
+                raw = b""
+            else:
+                try:
+                    raw = base64.b64decode(args[1], validate=True)
+                except (binascii.Error, ValueError):
+                    await self.push("501 5.5.2 Cannot decode base64")
+                    return None
+        else:
+            got = await self._read_b64(b"")
+            if got is None:
+                return None
+            raw = got
+        parts = raw.split(b"\x00")
+        if len(parts) != 3 or not parts[1]:
+            await self.push("501 5.5.2 Cannot parse PLAIN credentials")
+            return None
+        return parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace")
+
+    async def _auth_login(self, args: list[str]) -> tuple[str, str] | None:
+        if len(args) == 2:
+            try:
+                user = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Cannot decode base64")
+                return None
+        else:
+            got = await self._read_b64(b"Username:")
+            if got is None:
+                return None
+            user = got
+        pw = await self._read_b64(b"Password:")
+        if pw is None:
+            return None
+        return user.decode("utf-8", "replace"), pw.decode("utf-8", "replace")
+
+    # ------------------------------------------------------------ the transaction
+    def _in_transaction(self) -> bool:
+        env = self.envelope
+        return env is not None and getattr(env, "params", None) is not None
+
+    async def _transaction_gate(self, command: str) -> bool:
+        """Common checks before MAIL/RCPT/DATA/BDAT; True when a reply was sent."""
+        assert self.session is not None
+        if not self.session.host_name:
+            await self.push("503 5.5.1 Send HELO/EHLO first")
+            return True
+        if self.listener != "mx" and not self.authenticated:
+            await self.push(policy.R530_AUTH_REQUIRED)
+            return True
+        return False
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._transaction_gate("MAIL"):
+            return
+        assert self.session is not None and self.envelope is not None
+        if self._in_transaction():
+            await self.push("503 5.5.1 Nested MAIL command")
+            return
+        if not arg or arg[:5].upper() != "FROM:":
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        try:
+            path, rest = proto.parse_path(arg[5:], allow_null=True, utf8=True)
+            params = proto.parse_params(rest)
+            if params and not self.session.extended_smtp:
+                raise proto.ParamError("501 5.5.4 Parameters need EHLO")
+            mp = proto.mail_params(params, max_size=self.data_size_limit or 0)
+        except proto.PathError as exc:
+            await self.push(f"501 5.1.7 Bad sender address syntax ({exc})")
+            return
+        except proto.ParamError as exc:
+            await self.push(exc.reply)
+            return
+        if path.utf8 and not mp.smtputf8:
+            await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+            return
+        if self._auth is not None and not policy.sender_allowed(path.address, self._auth.send_as):
+            self.ingress.stats.add("mail_rejected", "not_owner")
+            await self.push(policy.R553_NOT_OWNER)
+            return
+        env = self.envelope
+        env.mail_from = path.address
+        env.smtp_utf8 = mp.smtputf8
+        env.params = mp  # type: ignore[attr-defined]
+        env.recipients = []  # type: ignore[attr-defined]
+        env.seen = set()  # type: ignore[attr-defined]
+        env.mode = None  # type: ignore[attr-defined]  # "DATA" or "BDAT" once started
+        env.chunks = bytearray()  # type: ignore[attr-defined]
+        env.failed = False  # type: ignore[attr-defined]
+        await self.push(policy.R250_OK)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self._transaction_gate("RCPT"):
+            return
+        assert self.envelope is not None
+        if not self._in_transaction():
+            await self.push("503 5.5.1 Need MAIL command")
+            return
+        env: Any = self.envelope
+        if env.mode is not None:
+            await self.push("503 5.5.1 RCPT not allowed after data transfer began")
+            return
+        if not arg or arg[:3].upper() != "TO:":
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        try:
+            path, rest = proto.parse_path(arg[3:], allow_null=False, utf8=env.params.smtputf8)
+            params = proto.parse_params(rest)
+            if params and not self.session.extended_smtp:  # type: ignore[union-attr]
+                raise proto.ParamError("501 5.5.4 Parameters need EHLO")
+            rp = proto.rcpt_params(params)
+        except proto.PathError as exc:
+            await self.push(f"501 5.1.3 Bad recipient address syntax ({exc})")
+            return
+        except proto.ParamError as exc:
+            await self.push(exc.reply)
+            return
+        if len(env.recipients) >= self.ingress.settings.max_recipients:
+            self._count_rcpt("deferred", "too_many_recipients")
+            await self.push(policy.R452_TOO_MANY_RCPTS)
+            return
+        may_relay = self.ingress.may_relay(self.client_ip, self.authenticated)
+        refusal = policy.recipient_needs_lookup(path, may_relay=may_relay)
+        if refusal is None:
+            try:
+                answer = await self.ingress.directory.resolve(path.address)
+            except Unavailable:
+                self._count_rcpt("deferred", "directory_unavailable")
+                await self.push(policy.R451_DIRECTORY)
+                return
+            decision = policy.recipient_decision(answer, may_relay=may_relay)
+        else:
+            decision = refusal
+        match decision:
+            case policy.Refuse(reply=reply, reason=reason):
+                self._count_rcpt("rejected", reason)
+                await self.push(reply)
+            case policy.Accept(reply=reply):
+                key = path.address.lower()
+                if key not in env.seen:
+                    env.seen.add(key)
+                    env.recipients.append(Recipient(address=path.address, orcpt=rp.orcpt,
+                                                    notify=list(rp.notify)))  # type: ignore[arg-type]
+                    env.rcpt_tos.append(path.address)
+                self._count_rcpt("accepted", "ok")
+                await self.push(reply)
+
+    def _count_rcpt(self, outcome: str, reason: str) -> None:
+        RECIPIENTS.labels(self.listener, outcome, reason).inc()
+        self.ingress.stats.add("rcpt_" + outcome, reason)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self._transaction_gate("DATA"):
+            return
+        env: Any = self.envelope
+        if not self._in_transaction():
+            await self.push("503 5.5.1 Need MAIL command")
+            return
+        if env.mode == "BDAT":
+            await self.push("503 5.5.1 DATA not allowed after BDAT")
+            return
+        if not env.recipients:
+            await self.push("503 5.5.1 Need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        env.mode = "DATA"
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        scanner = proto.DataScanner(limit=int((self.data_size_limit or 2**31) * 1.1) + 1024)
+        reader = self._reader
+        while True:
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                raise ConnectionResetError("EOF during DATA")
+            rest = scanner.feed(chunk)
+            if rest is not None:
+                if rest:
+                    # pipelined commands after the final dot (RFC 2920 §3.1) go back
+                    # to the reader for the command loop
+                    reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+                break
+            self._reset_timeout()
+        self._reset_timeout()
+        if scanner.overflow:
+            await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
+            return
+        result = proto.finish_data(scanner.stuffed_body(),
+                                   max_line=self.ingress.settings.max_line_length)
+        if isinstance(result, proto.DataProblem):
+            await self._refuse_message(result.reply, result.reason)
+            return
+        if self.data_size_limit and len(result) > self.data_size_limit:
+            await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
+            return
+        await self._accept_message(result)
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        parsed = proto.parse_bdat(arg)
+        if parsed is None:
+            # the size is unknown, so the chunk cannot be skipped: close (RFC 3030 §4)
+            await self._close_after("501 5.5.4 Syntax: BDAT <size> [LAST], closing connection")
+            return
+        size, last = parsed
+        env: Any = self.envelope
+        limit = self.data_size_limit or 2**31
+        keep = (self._in_transaction() and env.mode != "DATA" and not env.failed
+                and len(env.chunks) + size <= limit)
+        remaining = size
+        while remaining:
+            piece = await self._reader.readexactly(min(remaining, READ_CHUNK))
+            remaining -= len(piece)
+            if keep:
+                env.chunks += piece
+            self._reset_timeout()
+        if await self._transaction_gate("BDAT"):
+            return
+        if not self._in_transaction():
+            await self.push("503 5.5.1 Need MAIL command")
+            return
+        if env.mode == "DATA":
+            await self.push("503 5.5.1 BDAT not allowed after DATA")
+            return
+        if not env.recipients:
+            await self.push("503 5.5.1 Need RCPT command")
+            return
+        env.mode = "BDAT"
+        if not keep:
+            await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
+            return
+        if not last:
+            await self.push(f"250 2.0.0 {size} octets received")
+            return
+        body = bytes(env.chunks)
+        env.chunks = bytearray()
+        await self._accept_message(body)
+
+    async def _refuse_message(self, reply: str, reason: str) -> None:
+        MESSAGES.labels(self.listener, "rejected", reason).inc()
+        self.ingress.stats.add("message_rejected", reason)
+        log.info("message refused", ip=self.client_ip, reason=reason)
+        self._set_rset_state()
+        await self.push(reply)
+
+    async def _accept_message(self, body: bytes) -> None:
+        started = time.perf_counter()
+        env: Any = self.envelope
+        ing = self.ingress
+        qid = policy.new_queue_id()
+        now = datetime.now(UTC)
+        ssl_obj = self._ssl_object()
+        tls = _tls_info(ssl_obj)
+        auth_user = self._auth.address if self._auth else None
+        assert self.session is not None
+        header = policy.received_header(
+            helo=self.session.host_name, ip=self.client_ip, rdns=None, hostname=ing.hostname,
+            esmtp=bool(self.session.extended_smtp), tls=tls, auth_user=auth_user,
+            utf8=bool(env.params.smtputf8), queue_id=qid,
+            rcpt=env.recipients[0].address if len(env.recipients) == 1 else None, when=now)
+        full = header + body
+        try:
+            if len(full) > ing.inline_threshold:
+                ref = BodyRef(size=len(full), blob_key=await ing.bodies.put(full))
+            else:
+                ref = BodyRef(size=len(full), inline=full)
+            msg = MailReceived(
+                queue_id=qid, received_at=now,
+                client=ClientInfo(ip=self.client_ip, port=self.client_port,
+                                  helo=self.session.host_name, listener=self.listener,  # type: ignore[arg-type]
+                                  tls=tls, auth_user=auth_user),
+                mail_from=env.mail_from, rcpt_to=env.recipients, body=ref,
+                body_type=env.params.body, smtputf8=env.params.smtputf8,
+                dsn_envid=env.params.envid, dsn_ret=env.params.ret)
+            await ing.queue.publish(msg)
+        except Unavailable as exc:
+            log.warning("could not queue message", error=str(exc)[:200], ip=self.client_ip)
+            await self._refuse_message(policy.R451_QUEUE, "queue_unavailable")
+            return
+        elapsed = time.perf_counter() - started
+        ACCEPT_LATENCY.labels(self.listener).observe(elapsed)
+        MESSAGES.labels(self.listener, "accepted", "ok").inc()
+        BYTES.labels(self.listener).inc(len(full))
+        ing.stats.add("message_accepted", "ok")
+        if self.info:
+            self.info.messages += 1
+        self._set_rset_state()
+        await self.push(f"250 2.0.0 Ok: queued as {qid}")

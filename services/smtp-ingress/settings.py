@@ -1,0 +1,63 @@
+"""smtp-ingress settings: environment variables ``POSTBUS_SMTP_INGRESS_<NAME>``.
+
+Built once in ``__main__``; tests build ``Settings(...)`` directly.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from postbus.kit.settings import CommonSettings
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTBUS_SMTP_INGRESS_", extra="ignore")
+
+    common: CommonSettings = Field(default_factory=CommonSettings)
+
+    # listeners (names as in postbus.kit.topology); 0 = pick a free port, -1 = off
+    mgmt_port: int = 8101
+    smtp_port: int = 2525
+    submission_port: int = 2587
+    smtps_port: int = 2465
+    listen_host: str | None = None  # default: common.bind_host
+
+    # PROXY protocol v1/v2 in front of every listener (HAProxy, a cloud load balancer)
+    proxy_protocol: bool = False
+    proxy_protocol_timeout_s: float = 5.0
+
+    # message limits
+    max_message_size: int = 25 * 1024 * 1024  # SIZE (RFC 1870), 552 5.3.4
+    max_recipients: int = 100  # RFC 5321 §4.5.3.1.8 asks for at least 100; 452 4.5.3
+    max_line_length: int = 998  # RFC 5321 §4.5.3.1.6: 1000 octets with CRLF
+    max_command_length: int = 2048  # RFC 5321 §4.5.3.1.4 (512) + ESMTP parameters
+    max_commands: int = 1000  # per session
+    max_unknown_commands: int = 10  # per session, then 421
+    # timeouts (RFC 5321 §4.5.3.2.7: at least 5 minutes idle)
+    idle_timeout_s: float = 300.0
+    session_timeout_s: float = 1800.0
+
+    # connection limits (this replica; the block list is shared through NATS KV)
+    max_connections: int = 2000
+    max_connections_per_ip: int = 50
+    connection_rate_per_ip: int = 0  # new connections per minute; 0 = no limit (as Postfix)
+
+    # AUTH throttling, counted in NATS KV so every replica sees the same numbers
+    auth_fail_limit_ip: int = 10
+    auth_fail_limit_account: int = 5
+    auth_fail_window_s: float = 900.0
+
+    # relay policy: networks that may relay without AUTH (CIDR); empty by default,
+    # loopback is NOT trusted (ARCHITECTURE.md "Security baseline")
+    trusted_networks: list[str] = Field(default_factory=list)
+
+    # directory answers cached in this process for a short time (the RCPT hot path)
+    resolve_cache_ttl_s: float = 5.0
+    resolve_cache_size: int = 10000
+
+    publish_timeout_s: float = 5.0
+
+    @property
+    def host(self) -> str:
+        return self.listen_host or self.common.bind_host
