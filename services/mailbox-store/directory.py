@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ from postbus.mailbox_store.models import (
     Subscription,
 )
 from postbus.mailbox_store.passwords import Passwords
+from postbus.mailbox_store.repository import Repository
 from postbus.proto.directory import (
     DIRECTORY_AUTHENTICATE,
     DIRECTORY_RESOLVE,
@@ -62,13 +62,6 @@ MAX_DOMAIN = 253
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # a dot-atom local part (RFC 5322 §3.2.3) or a quoted string; no controls, no spaces unquoted
 _ATOM_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]+$")
-
-# the folders every new account gets (RFC 6154 special-use)
-DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
-    ("INBOX", None), ("Drafts", "\\Drafts"), ("Sent", "\\Sent"), ("Trash", "\\Trash"),
-    ("Junk", "\\Junk"), ("Archive", "\\Archive"),
-)
-
 
 # ---------------------------------------------------------------- errors (values for mgmt)
 class DirectoryError(Exception):
@@ -187,8 +180,10 @@ class Directory:
     """Directory operations on one ``async_sessionmaker``. Safe to share between tasks."""
 
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], *,
-                 passwords: Passwords | None = None, subaddress_separator: str = "+") -> None:
+                 passwords: Passwords | None = None, subaddress_separator: str = "+",
+                 repo: Repository | None = None) -> None:
         self.sm = sessionmaker
+        self.repo = repo
         self.passwords = passwords or Passwords()
         self.separator = subaddress_separator
 
@@ -348,8 +343,9 @@ class Directory:
                 await s.flush()
             except IntegrityError as exc:
                 raise Exists(f"account {canon} exists") from exc
-            await create_default_mailboxes(s, acc.id)
             info = _account_info(acc, d.name)
+        if self.repo is not None:  # INBOX and the special-use folders (else made lazily)
+            await self.repo.ensure_defaults(info.id)
         log.info("account created", account=canon, account_id=info.id)
         return await self.get_account(canon)
 
@@ -626,22 +622,6 @@ def _check_pop3(policy: str, days: int | None) -> None:
 
 
 # ---------------------------------------------------------------- shared SQL helpers
-def new_uidvalidity() -> int:
-    """A UIDVALIDITY that grows with time (RFC 3501 §2.3.1.1: must change if UIDs are
-    reused; a recreated mailbox gets a larger one). 32-bit, non-zero."""
-    return max(1, int(time.time()) & 0xFFFFFFFF)
-
-
-async def create_default_mailboxes(s: AsyncSession, account_id: int) -> None:
-    """INBOX and the RFC 6154 special-use folders for a new account."""
-    uv = new_uidvalidity()
-    for name, special in DEFAULT_MAILBOXES:
-        s.add(Mailbox(account_id=account_id, name=name, special_use=special, uidvalidity=uv,
-                      uidnext=1, highestmodseq=1))
-        s.add(Subscription(account_id=account_id, name=name))
-    await s.flush()
-
-
 async def release_blobs(s: AsyncSession, refs: dict[str, int]) -> list[str]:
     """Drop ``n`` references from each blob; return the keys that reached zero (their
     ``unreferenced_since`` is set so blob GC collects them after the grace period)."""
@@ -659,11 +639,12 @@ async def release_blobs(s: AsyncSession, refs: dict[str, int]) -> list[str]:
 
 
 async def serve_directory(bus: Bus, sessionmaker: async_sessionmaker[AsyncSession], *,
-                          passwords: Passwords | None = None,
-                          subaddress_separator: str = "+") -> Directory:
+                          passwords: Passwords | None = None, subaddress_separator: str = "+",
+                          repo: Repository | None = None) -> Directory:
     """Answer DIRECTORY_RESOLVE, DIRECTORY_AUTHENTICATE and DIRECTORY_SEND_AS in the
-    ``mailbox-store`` queue group. Returns the Directory (also usable by mgmt)."""
-    d = Directory(sessionmaker, passwords=passwords, subaddress_separator=subaddress_separator)
+    ``mailbox-store`` queue group. Returns the Directory (pass it to mgmt.router)."""
+    d = Directory(sessionmaker, passwords=passwords, subaddress_separator=subaddress_separator,
+                  repo=repo)
     await bus.serve(DIRECTORY_RESOLVE, d.handle_resolve, queue=QUEUE_GROUP)
     await bus.serve(DIRECTORY_AUTHENTICATE, d.handle_authenticate, queue=QUEUE_GROUP)
     await bus.serve(DIRECTORY_SEND_AS, d.handle_send_as, queue=QUEUE_GROUP)

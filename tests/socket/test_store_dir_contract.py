@@ -29,6 +29,7 @@ from postbus.mailbox_store.directory import (
 )
 from postbus.mailbox_store.models import Account, Blob, Mailbox, Message
 from postbus.mailbox_store.passwords import Passwords, fast_hasher
+from postbus.mailbox_store.repository import Repository
 from postbus.proto.directory import (
     DIRECTORY_AUTHENTICATE,
     DIRECTORY_RESOLVE,
@@ -49,7 +50,7 @@ async def sm(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sm
 
 @pytest.fixture
 def d(sm: Sm) -> Directory:
-    return Directory(sm, passwords=Passwords(fast_hasher()))
+    return Directory(sm, passwords=Passwords(fast_hasher()), repo=Repository(sm.kw["bind"]))
 
 
 # ---------------------------------------------------------------- pure helpers
