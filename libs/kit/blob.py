@@ -179,6 +179,12 @@ class BlobStore:
         except BlobNotFound:
             return False
 
+    async def last_modified(self, key: str) -> datetime:
+        """When the object was last written (S3 LastModified); raises BlobNotFound."""
+        head = await self._call("head", self._s3.head_object, Bucket=self.bucket, Key=key)
+        modified: datetime = head["LastModified"]
+        return modified
+
     async def delete(self, key: str) -> None:
         self.cache.discard(key)
         await self._call("delete", self._s3.delete_object, Bucket=self.bucket, Key=key)

@@ -97,7 +97,21 @@ class Mailbox(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     uidnext: Mapped[int] = mapped_column(BigInteger, default=1)  # never decreases, never reused
     highestmodseq: Mapped[int] = mapped_column(BigInteger, default=1)
+    # a deleted mailbox that still has children keeps its name as \Noselect (RFC 3501 §6.3.4)
+    noselect: Mapped[bool] = mapped_column(Boolean, default=False)
+    # kept exact in the transaction that adds or removes messages (EXISTS without a COUNT)
+    message_count: Mapped[int] = mapped_column(Integer, default=0)
+    total_size: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Counter(Base):
+    """Global monotonic counters (e.g. the last UIDVALIDITY handed out)."""
+
+    __tablename__ = "store_counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
 
 
 class Subscription(Base):

@@ -1,0 +1,53 @@
+"""mailbox-store: ``python -m postbus.mailbox_store``. The only place that builds Settings
+and wires the database, the repository, the delivery consumer, the store and directory
+APIs, blob GC and the management routers."""
+
+from __future__ import annotations
+
+import importlib
+from functools import partial
+
+from postbus.kit.runtime import ServiceContext, main
+from postbus.mailbox_store import db
+from postbus.mailbox_store.blobgc import run_forever
+from postbus.mailbox_store.delivery import Deliverer
+from postbus.mailbox_store.repository import Repository
+from postbus.mailbox_store.settings import Settings
+from postbus.mailbox_store.storeapi import StoreApi
+
+NAME = "mailbox-store"
+
+
+async def setup(settings: Settings, ctx: ServiceContext) -> None:
+    engine = db.create_engine(settings.common.database_url, pool_size=settings.db_pool_size,
+                              sqlite_synchronous=settings.sqlite_synchronous)
+    ctx.stack.push_async_callback(engine.dispose)
+    await db.migrate(engine)
+    ctx.checks["database"] = partial(db.check, engine)
+
+    repo = Repository(engine)
+    sessions = db.sessionmaker(engine)
+
+    # the directory (domains, accounts, aliases; directory.* RPCs) and its management API
+    directory_mod = importlib.import_module("postbus.mailbox_store.directory")
+    directory = await directory_mod.serve_directory(ctx.bus, sessions)
+    try:
+        mgmt_mod = importlib.import_module("postbus.mailbox_store.mgmt")
+    except ModuleNotFoundError:
+        mgmt_mod = None
+    if mgmt_mod is not None:
+        ctx.routers.append(mgmt_mod.router(directory))
+
+    await StoreApi(ctx.bus, ctx.blobs, repo, settings).serve()
+    Deliverer(ctx.bus, ctx.blobs, repo, settings).start()
+    ctx.add_task(run_forever(repo, ctx.blobs, settings.blob_gc_grace_s,
+                             settings.blob_gc_interval_s), "blob-gc")
+
+
+def run() -> None:
+    settings = Settings()
+    main(NAME, settings.common, settings.mgmt_port, partial(setup, settings))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,157 @@
+"""The store's SQL engine (SQLite via aiosqlite, or PostgreSQL via asyncpg), its migrations
+(Alembic, applied at start-up) and the readiness check.
+
+Only this module, the repositories and the migrations touch SQLAlchemy engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+HERE = Path(__file__).resolve().parent
+ALEMBIC_INI = HERE / "alembic.ini"
+MIGRATIONS = HERE / "migrations"
+
+# pg_advisory_lock key for "running migrations" (any constant shared by every replica)
+MIGRATION_LOCK_KEY = 0x706F_7374_6275_73  # "postbus"
+# execution option asking for BEGIN IMMEDIATE on SQLite (a write transaction)
+IMMEDIATE = "postbus_sqlite_immediate"
+
+
+def normalize_url(url: str) -> str:
+    """Accept the plain driver-less spellings and pick the async drivers."""
+    for plain in ("postgresql://", "postgres://", "postgresql+psycopg2://", "postgresql+psycopg://"):
+        if url.startswith(plain):
+            return "postgresql+asyncpg://" + url[len(plain):]
+    if url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://"):]
+    return url
+
+
+def is_sqlite(engine: AsyncEngine | AsyncConnection | Connection) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FULL",
+                  echo: bool = False) -> AsyncEngine:
+    """An engine with the right connection set-up for the dialect.
+
+    SQLite: WAL (readers never block the writer), a busy timeout so several processes can
+    share the file, foreign keys on, and explicit transaction control so a write
+    transaction starts with ``BEGIN IMMEDIATE`` (it takes the write lock up front instead
+    of failing to upgrade a read lock later).
+    """
+    url = normalize_url(url)
+    kw: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        kw["connect_args"] = {"timeout": 30}
+        kw["pool_pre_ping"] = False
+    else:
+        kw.update(pool_size=pool_size, max_overflow=pool_size)
+    engine = create_async_engine(url, **kw)
+    if engine.dialect.name == "sqlite":
+        sync = sqlite_synchronous.upper()
+        if sync not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"sqlite synchronous must be OFF/NORMAL/FULL/EXTRA, not {sync}")
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA synchronous={sync}")
+            cur.close()
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            if conn.get_execution_options().get(IMMEDIATE):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# ---------------------------------------------------------------- migrations
+# Alembic keeps its context in module globals: one migration at a time per process
+_MIGRATE_LOCK = asyncio.Lock()
+
+
+def _alembic_config(connection: Connection | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config(str(ALEMBIC_INI))
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _upgrade(connection: Connection, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(_alembic_config(connection), revision)
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+    """``alembic upgrade head`` on this engine.
+
+    On PostgreSQL an advisory lock makes replicas that start together take turns: the
+    first applies the migrations, the others then find nothing left to do.
+    """
+    async with _MIGRATE_LOCK, engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            await conn.commit()
+            try:
+                await conn.run_sync(_upgrade, revision)
+                await conn.commit()
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                await conn.commit()
+        else:
+            # one writer at a time across processes: take the write lock up front
+            await conn.execution_options(**{IMMEDIATE: True})
+            await conn.run_sync(_upgrade, revision)
+            await conn.commit()
+
+
+async def check(engine: AsyncEngine) -> None:
+    """Readiness: the database answers ``SELECT 1``."""
+    async with engine.connect() as conn:
+        await asyncio.wait_for(conn.execute(text("SELECT 1")), 5)
+
+
+@contextlib.asynccontextmanager
+async def open_database(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FULL",
+                        run_migrations: bool = True) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(url, pool_size=pool_size, sqlite_synchronous=sqlite_synchronous)
+    try:
+        if run_migrations:
+            await migrate(engine)
+        yield engine
+    finally:
+        await engine.dispose()

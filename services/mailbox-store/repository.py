@@ -1,0 +1,1239 @@
+"""IMAP state in SQL: mailboxes, messages, flags, MODSEQ, expunge log, blob references, quota.
+
+The same behaviour on SQLite and PostgreSQL. Every write is one transaction that first
+locks the account row (PostgreSQL: ``SELECT ... FOR UPDATE``; SQLite: one process-wide
+writer plus ``BEGIN IMMEDIATE``), so writes to one account are serialized, UIDs are handed
+out in commit order (``UPDATE mailboxes SET uidnext = uidnext + n ... RETURNING``) and
+locks are always taken in the same order (account, mailbox, blobs sorted by key).
+Imports SQLAlchemy; never nats or boto3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from postbus.kit.logging import get_logger
+from postbus.mailbox_store.db import IMMEDIATE
+from postbus.mailbox_store.models import (
+    FLAG_BITS,
+    Account,
+    Blob,
+    Counter,
+    Delivery,
+    Expunged,
+    Mailbox,
+    Message,
+    Subscription,
+)
+from postbus.proto.mail import MessageSummary
+from postbus.proto.store import MailboxInfo, MessageMeta, MessageState, Pop3Message, SearchKey
+
+log = get_logger("postbus.mailbox_store.repository")
+
+T = TypeVar("T")
+
+A = Account.__table__
+MB = Mailbox.__table__
+M = Message.__table__
+X = Expunged.__table__
+B = Blob.__table__
+D = Delivery.__table__
+S = Subscription.__table__
+C = Counter.__table__
+
+DELIMITER = "/"
+INBOX = "INBOX"
+# INBOX and the RFC 6154 special-use folders every account has (created at account creation
+# by the directory, or lazily here on first use)
+DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None), ("Drafts", "\\Drafts"), ("Sent", "\\Sent"), ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"), ("Archive", "\\Archive"),
+)
+SPECIAL_USES = frozenset(s for _, s in DEFAULT_MAILBOXES if s) | {"\\All", "\\Flagged"}
+MAX_NAME = 1024
+SEEN = FLAG_BITS["\\Seen"]
+DELETED = FLAG_BITS["\\Deleted"]
+_FLAG_BY_LOWER = {k.lower(): (k, v) for k, v in FLAG_BITS.items()}
+# RFC 3501 §9 atom-specials forbidden in a keyword (flag-keyword = atom)
+_KEYWORD_RE = re.compile(r'^[^\x00-\x20\x7f(){%*"\\\]]+$')
+# OR clauses per statement before falling back to a bounding range + filter in Python
+MAX_RANGES_IN_SQL = 100
+
+
+# ---------------------------------------------------------------- errors
+class StoreError(Exception):
+    """A refused operation; ``code`` is the RpcError code (proto/base.py)."""
+
+    code = "internal"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(StoreError):
+    code = "not_found"
+
+
+class Exists(StoreError):
+    code = "exists"
+
+
+class Invalid(StoreError):
+    code = "invalid"
+
+
+class OverQuota(StoreError):
+    code = "over_quota"
+
+
+class Conflict(StoreError):
+    code = "conflict"
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class Change:
+    """What a committed write did to one mailbox, for MAILBOX_CHANGED."""
+
+    account_id: int
+    mailbox_id: int
+    mailbox: str
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    exists: int
+    added: list[MessageState] = field(default_factory=list)
+    flags: list[MessageState] = field(default_factory=list)
+    expunged: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DeliverOutcome:
+    status: Literal["delivered", "duplicate", "over_quota", "disabled", "no_account"]
+    uid: int | None = None
+    mailbox_id: int | None = None
+    change: Change | None = None
+
+
+@dataclass
+class NewMessage:
+    """A message to insert: the blob is already in S3."""
+
+    blob_key: str
+    blob_size: int
+    summary: MessageSummary
+    prefix: bytes = b""
+    flags: Sequence[str] = ()
+    internaldate: datetime | None = None
+
+
+# ---------------------------------------------------------------- helpers
+def utc(dt: datetime) -> datetime:
+    """Aware UTC (SQLite gives naive datetimes back; we always store UTC)."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def flags_to_db(flags: Iterable[str]) -> tuple[int, str]:
+    """System flags to bits, keywords to a sorted space-separated string.
+    ``\\Recent`` and unknown ``\\`` flags are ignored (IMAP4rev2 dropped \\Recent)."""
+    bits, kws = 0, set()
+    for f in flags:
+        known = _FLAG_BY_LOWER.get(f.lower())
+        if known:
+            bits |= known[1]
+        elif f.startswith("\\"):
+            continue
+        elif f and _KEYWORD_RE.match(f):
+            kws.add(f)
+        else:
+            raise Invalid(f"not a valid flag: {f!r}")
+    return bits, " ".join(sorted(kws))
+
+
+def flags_from_db(bits: int, keywords: str) -> list[str]:
+    out = [name for name, b in FLAG_BITS.items() if bits & b]
+    if keywords:
+        out.extend(keywords.split(" "))
+    return out
+
+
+def normalize_name(name: str) -> str:
+    """Canonical mailbox name: INBOX case-insensitive (RFC 3501 §5.1), "/" delimited,
+    a trailing delimiter dropped (§6.3.3); empty levels, wildcards and controls refused."""
+    if name.endswith(DELIMITER):
+        name = name[:-1]
+    if not name or len(name) > MAX_NAME:
+        raise Invalid("mailbox name is empty or too long")
+    parts = name.split(DELIMITER)
+    if any(p == "" for p in parts):
+        raise Invalid("mailbox name has an empty level")
+    if any(ch in name for ch in "*%") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        raise Invalid("mailbox name contains a wildcard or a control character")
+    if parts[0].upper() == INBOX:
+        parts[0] = INBOX
+    return DELIMITER.join(parts)
+
+
+def parents_of(name: str) -> list[str]:
+    parts = name.split(DELIMITER)
+    return [DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
+
+
+def ranges_to_list(uids: Iterable[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for u in sorted(set(uids)):
+        if out and u == out[-1][1] + 1:
+            out[-1] = (out[-1][0], u)
+        else:
+            out.append((u, u))
+    return out
+
+
+def _clean_ranges(ranges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    out = []
+    for r in ranges:
+        if len(r) != 2:
+            raise Invalid("a UID range is [first, last]")
+        a, b = int(r[0]), int(r[1])
+        if a > b:
+            a, b = b, a
+        if b < 1:
+            continue
+        out.append((max(a, 1), b))
+    # merge overlaps so the SQL stays small
+    out.sort()
+    merged: list[tuple[int, int]] = []
+    for a, b in out:
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def uid_filter(ranges: Sequence[Sequence[int]]) -> tuple[ColumnElement[bool], Callable[[int], bool]]:
+    """SQL for "uid in these ranges", plus an exact Python test when the SQL is only a
+    bounding range (too many ranges for one statement)."""
+    rs = _clean_ranges(ranges)
+    if not rs:
+        return false(), lambda _u: False
+    if len(rs) <= MAX_RANGES_IN_SQL:
+        conds = [M.c.uid == a if a == b else M.c.uid.between(a, b) for a, b in rs]
+        return or_(*conds), lambda _u: True
+    lo, hi = rs[0][0], rs[-1][1]
+
+    def inside(u: int) -> bool:
+        import bisect
+
+        i = bisect.bisect_right(rs, (u, float("inf"))) - 1
+        return i >= 0 and rs[i][0] <= u <= rs[i][1]
+
+    return M.c.uid.between(lo, hi), inside
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    if code in ("40P01", "40001"):  # deadlock, serialization failure
+        return True
+    text = str(orig).lower()
+    return "database is locked" in text or "deadlock detected" in text
+
+
+# ---------------------------------------------------------------- the repository
+class Repository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sqlite = engine.dialect.name == "sqlite"
+        self._sqlite_writer = asyncio.Lock()
+        self._insert = sqlite_dialect.insert if self.sqlite else pg_dialect.insert
+
+    # ------------------------------------------------------------ transactions
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _write_tx(self) -> AsyncIterator[AsyncConnection]:
+        if self.sqlite:
+            async with self._sqlite_writer, self.engine.connect() as conn:
+                await conn.execution_options(**{IMMEDIATE: True})
+                async with conn.begin():
+                    yield conn
+        else:
+            async with self.engine.begin() as conn:
+                yield conn
+
+    async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]], attempts: int = 5) -> T:
+        """Run ``fn`` in one write transaction, retried on deadlock / busy."""
+        for i in range(attempts):
+            try:
+                async with self._write_tx() as conn:
+                    return await fn(conn)
+            except DBAPIError as exc:
+                if i + 1 < attempts and _retryable(exc):
+                    log.warning("write transaction retried", error=str(exc.orig)[:200])
+                    await asyncio.sleep(0.01 * (2 ** i))
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ account + mailbox rows
+    async def _lock_account(self, conn: AsyncConnection, account_id: int) -> Any:
+        row = (await conn.execute(
+            select(A.c.id, A.c.enabled, A.c.quota_bytes, A.c.used_bytes, A.c.message_count)
+            .where(A.c.id == account_id).with_for_update())).first()
+        if row is None:
+            raise NotFound(f"no account {account_id}")
+        return row
+
+    async def _charge(self, conn: AsyncConnection, acct: Any, nbytes: int, nmsgs: int,
+                      *, enforce: bool = True) -> None:
+        """Add to the account's usage (same transaction as the change); refuse over quota."""
+        if (enforce and nbytes > 0 and acct.quota_bytes is not None
+                and acct.used_bytes + nbytes > acct.quota_bytes):
+            raise OverQuota(f"quota of {acct.quota_bytes} bytes exceeded")
+        await conn.execute(update(A).where(A.c.id == acct.id).values(
+            used_bytes=A.c.used_bytes + nbytes, message_count=A.c.message_count + nmsgs))
+
+    async def _next_uidvalidity(self, conn: AsyncConnection) -> int:
+        """Strictly increasing across every mailbox ever created, near the clock
+        (RFC 3501 §2.3.1.1: a recreated name gets a greater UIDVALIDITY)."""
+        now = max(1, int(time.time()))
+        cur = (await conn.execute(
+            select(C.c.value).where(C.c.name == "uidvalidity").with_for_update())).scalar()
+        if cur is None:
+            floor = (await conn.execute(select(func.max(MB.c.uidvalidity)))).scalar() or 0
+            value = max(now, floor + 1)
+            await conn.execute(self._insert(C).values(name="uidvalidity", value=value)
+                               .on_conflict_do_update(index_elements=["name"],
+                                                      set_={"value": value}))
+        else:
+            value = max(now, int(cur) + 1)
+            await conn.execute(update(C).where(C.c.name == "uidvalidity").values(value=value))
+        if value > 0xFFFFFFFF:
+            raise Conflict("UIDVALIDITY space exhausted")
+        return value
+
+    async def _mailbox_rows(self, conn: AsyncConnection, account_id: int) -> list[Any]:
+        return list((await conn.execute(
+            select(MB).where(MB.c.account_id == account_id).order_by(MB.c.name))).all())
+
+    async def _mailbox_by_name(self, conn: AsyncConnection, account_id: int, name: str,
+                               *, lock: bool = False) -> Any:
+        q = select(MB).where(MB.c.account_id == account_id, MB.c.name == name)
+        if lock:
+            q = q.with_for_update()
+        return (await conn.execute(q)).first()
+
+    async def _mailbox_by_id(self, conn: AsyncConnection, account_id: int, mailbox_id: int,
+                             *, lock: bool = False) -> Any:
+        q = select(MB).where(MB.c.id == mailbox_id, MB.c.account_id == account_id)
+        if lock:
+            q = q.with_for_update()
+        row = (await conn.execute(q)).first()
+        if row is None:
+            raise NotFound(f"no mailbox {mailbox_id}")
+        return row
+
+    async def _create_mailbox_row(self, conn: AsyncConnection, account_id: int, name: str,
+                                  special_use: str | None = None, subscribe: bool = False) -> Any:
+        uv = await self._next_uidvalidity(conn)
+        await conn.execute(insert(MB).values(
+            account_id=account_id, name=name, special_use=special_use, uidvalidity=uv,
+            uidnext=1, highestmodseq=1, noselect=False, message_count=0, total_size=0))
+        if subscribe:
+            await conn.execute(self._insert(S).values(account_id=account_id, name=name)
+                               .on_conflict_do_nothing())
+        return await self._mailbox_by_name(conn, account_id, name)
+
+    async def _ensure_defaults(self, conn: AsyncConnection, account_id: int) -> None:
+        """Create whichever of INBOX and the special-use folders are missing (in a write tx)."""
+        rows = await self._mailbox_rows(conn, account_id)
+        have = {r.name for r in rows}
+        have_special = {r.special_use for r in rows}
+        for name, special in DEFAULT_MAILBOXES:
+            if name in have or (special and special in have_special):
+                continue
+            await self._create_mailbox_row(conn, account_id, name, special, subscribe=True)
+
+    async def ensure_defaults(self, account_id: int) -> None:
+        async def tx(conn: AsyncConnection) -> None:
+            await self._lock_account(conn, account_id)
+            await self._ensure_defaults(conn, account_id)
+
+        await self.write(tx)
+
+    async def _ensure_inbox(self, account_id: int) -> None:
+        async with self._read() as conn:
+            row = await self._mailbox_by_name(conn, account_id, INBOX)
+            if row is not None:
+                return
+            exists = (await conn.execute(select(A.c.id).where(A.c.id == account_id))).first()
+        if exists is None:
+            raise NotFound(f"no account {account_id}")
+        await self.ensure_defaults(account_id)
+
+    # ------------------------------------------------------------ mailbox info
+    async def _unseen_deleted(self, conn: AsyncConnection, mailbox_ids: Sequence[int]
+                              ) -> dict[int, tuple[int, int]]:
+        if not mailbox_ids:
+            return {}
+        seen = M.c.flags.op("&")(SEEN)
+        deleted = M.c.flags.op("&")(DELETED)
+        rows = (await conn.execute(
+            select(M.c.mailbox_id,
+                   func.sum(case((seen == 0, 1), else_=0)),
+                   func.sum(case((deleted != 0, 1), else_=0)))
+            .where(M.c.mailbox_id.in_(list(mailbox_ids)))
+            .where(or_(seen == 0, deleted != 0))
+            .group_by(M.c.mailbox_id))).all()
+        return {int(r[0]): (int(r[1] or 0), int(r[2] or 0)) for r in rows}
+
+    def _info(self, row: Any, names: set[str], subscribed: set[str],
+              counts: dict[int, tuple[int, int]]) -> MailboxInfo:
+        prefix = row.name + DELIMITER
+        has_children = any(n.startswith(prefix) for n in names)
+        attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
+        if row.noselect:
+            attrs.append("\\Noselect")
+        unseen, deleted = counts.get(row.id, (0, 0))
+        return MailboxInfo(
+            mailbox_id=row.id, name=row.name, special_use=row.special_use, attributes=attrs,
+            subscribed=row.name in subscribed, uidvalidity=row.uidvalidity, uidnext=row.uidnext,
+            highestmodseq=row.highestmodseq, messages=row.message_count, unseen=unseen,
+            size=row.total_size, deleted=deleted)
+
+    async def _subscribed(self, conn: AsyncConnection, account_id: int) -> set[str]:
+        return {r[0] for r in (await conn.execute(
+            select(S.c.name).where(S.c.account_id == account_id))).all()}
+
+    async def _mailbox_info(self, conn: AsyncConnection, account_id: int, row: Any) -> MailboxInfo:
+        names = {r[0] for r in (await conn.execute(
+            select(MB.c.name).where(MB.c.account_id == account_id,
+                                    MB.c.name.startswith(row.name + DELIMITER, autoescape=True))
+            .limit(1))).all()}
+        sub = (await conn.execute(select(S.c.name).where(
+            S.c.account_id == account_id, S.c.name == row.name))).first()
+        counts = await self._unseen_deleted(conn, [row.id])
+        return self._info(row, names, {row.name} if sub else set(), counts)
+
+    async def list_mailboxes(self, account_id: int, subscribed_only: bool = False) -> list[MailboxInfo]:
+        await self._ensure_inbox(account_id)
+        async with self._read() as conn:
+            rows = await self._mailbox_rows(conn, account_id)
+            subs = await self._subscribed(conn, account_id)
+            counts = await self._unseen_deleted(conn, [r.id for r in rows])
+        names = {r.name for r in rows}
+        out = [self._info(r, names, subs, counts) for r in rows]
+        if subscribed_only:
+            out = [i for i in out if i.subscribed]
+            # a subscription may name a mailbox that does not exist (RFC 3501 §6.3.6)
+            for name in sorted(subs - names):
+                out.append(MailboxInfo(mailbox_id=0, name=name, attributes=["\\NonExistent"],
+                                       subscribed=True, uidvalidity=0, uidnext=0,
+                                       highestmodseq=0, messages=0, unseen=0))
+        return out
+
+    async def status(self, account_id: int, name: str) -> MailboxInfo:
+        name = normalize_name(name)
+        if name == INBOX:
+            await self._ensure_inbox(account_id)
+        async with self._read() as conn:
+            row = await self._mailbox_by_name(conn, account_id, name)
+            if row is None:
+                raise NotFound(f"no mailbox {name}")
+            return await self._mailbox_info(conn, account_id, row)
+
+    # ------------------------------------------------------------ create / delete / rename
+    async def create_mailbox(self, account_id: int, name: str,
+                             special_use: str | None = None) -> MailboxInfo:
+        name = normalize_name(name)
+        if special_use is not None and special_use not in SPECIAL_USES:
+            raise Invalid(f"unknown special-use attribute {special_use}")
+
+        async def tx(conn: AsyncConnection) -> MailboxInfo:
+            await self._lock_account(conn, account_id)
+            await self._ensure_defaults(conn, account_id)
+            row = await self._mailbox_by_name(conn, account_id, name)
+            if row is not None and not row.noselect:
+                raise Exists(f"mailbox {name} exists")
+            for parent in parents_of(name):
+                if await self._mailbox_by_name(conn, account_id, parent) is None:
+                    await self._create_mailbox_row(conn, account_id, parent)
+            if row is not None:  # a \Noselect placeholder becomes a real mailbox again
+                await conn.execute(update(MB).where(MB.c.id == row.id).values(
+                    noselect=False, special_use=special_use or row.special_use))
+                row = await self._mailbox_by_name(conn, account_id, name)
+            else:
+                row = await self._create_mailbox_row(conn, account_id, name, special_use)
+            return await self._mailbox_info(conn, account_id, row)
+
+        return await self.write(tx)
+
+    async def delete_mailbox(self, account_id: int, name: str) -> Change | None:
+        """RFC 3501 §6.3.4: INBOX cannot be deleted; a mailbox with children loses its
+        messages and becomes \\Noselect; deleting a \\Noselect one with children is refused."""
+        name = normalize_name(name)
+        if name == INBOX:
+            raise Invalid("INBOX cannot be deleted")
+
+        async def tx(conn: AsyncConnection) -> Change | None:
+            acct = await self._lock_account(conn, account_id)
+            row = await self._mailbox_by_name(conn, account_id, name, lock=True)
+            if row is None:
+                raise NotFound(f"no mailbox {name}")
+            child = (await conn.execute(select(MB.c.id).where(
+                MB.c.account_id == account_id,
+                MB.c.name.startswith(name + DELIMITER, autoescape=True)).limit(1))).first()
+            if child is not None and row.noselect:
+                raise Invalid(f"{name} has children and is already \\Noselect")
+            change = await self._remove_messages(conn, acct, row, None)
+            if child is not None:
+                await conn.execute(update(MB).where(MB.c.id == row.id).values(noselect=True))
+            else:
+                await conn.execute(delete(X).where(X.c.mailbox_id == row.id))
+                await conn.execute(delete(MB).where(MB.c.id == row.id))
+            return change
+
+        return await self.write(tx)
+
+    async def rename_mailbox(self, account_id: int, old: str, new: str) -> Change | None:
+        """RFC 3501 §6.3.5: children move along; renaming INBOX moves its messages to a new
+        mailbox and leaves INBOX empty. Returns the INBOX change in that case."""
+        old, new = normalize_name(old), normalize_name(new)
+        if old == new:
+            raise Exists(f"mailbox {new} exists")
+        if new == INBOX or new.startswith(old + DELIMITER):
+            raise Invalid(f"cannot rename {old} to {new}")
+
+        async def tx(conn: AsyncConnection) -> Change | None:
+            await self._lock_account(conn, account_id)
+            await self._ensure_defaults(conn, account_id)
+            src = await self._mailbox_by_name(conn, account_id, old, lock=True)
+            if src is None:
+                raise NotFound(f"no mailbox {old}")
+            if await self._mailbox_by_name(conn, account_id, new) is not None:
+                raise Exists(f"mailbox {new} exists")
+            for parent in parents_of(new):
+                if await self._mailbox_by_name(conn, account_id, parent) is None:
+                    await self._create_mailbox_row(conn, account_id, parent)
+            if old == INBOX:
+                return await self._rename_inbox(conn, account_id, src, new)
+            children = (await conn.execute(select(MB.c.id, MB.c.name).where(
+                MB.c.account_id == account_id,
+                MB.c.name.startswith(old + DELIMITER, autoescape=True)))).all()
+            for _cid, cname in children:
+                clash = await self._mailbox_by_name(conn, account_id, new + cname[len(old):])
+                if clash is not None:
+                    raise Exists(f"mailbox {clash.name} exists")
+            await conn.execute(update(MB).where(MB.c.id == src.id).values(name=new))
+            for cid, cname in children:
+                await conn.execute(update(MB).where(MB.c.id == cid).values(
+                    name=new + cname[len(old):]))
+            # subscriptions follow the rename
+            subs = (await conn.execute(select(S.c.name).where(
+                S.c.account_id == account_id,
+                or_(S.c.name == old, S.c.name.startswith(old + DELIMITER, autoescape=True))))).all()
+            for (sname,) in subs:
+                await conn.execute(delete(S).where(S.c.account_id == account_id, S.c.name == sname))
+                await conn.execute(self._insert(S).values(
+                    account_id=account_id, name=new + sname[len(old):]).on_conflict_do_nothing())
+            return None
+
+        return await self.write(tx)
+
+    async def _rename_inbox(self, conn: AsyncConnection, account_id: int, inbox: Any,
+                            new: str) -> Change:
+        target = await self._create_mailbox_row(conn, account_id, new)
+        # the messages keep their UIDs: the new mailbox has its own UIDVALIDITY
+        await conn.execute(update(M).where(M.c.mailbox_id == inbox.id).values(mailbox_id=target.id))
+        await conn.execute(update(MB).where(MB.c.id == target.id).values(
+            uidnext=inbox.uidnext, highestmodseq=inbox.highestmodseq,
+            message_count=inbox.message_count, total_size=inbox.total_size))
+        moved = [r[0] for r in (await conn.execute(
+            select(M.c.uid).where(M.c.mailbox_id == target.id))).all()]
+        modseq = inbox.highestmodseq + 1
+        await conn.execute(update(MB).where(MB.c.id == inbox.id).values(
+            highestmodseq=modseq, message_count=0, total_size=0))
+        await self._log_expunged(conn, inbox.id, moved, modseq)
+        return Change(account_id, inbox.id, INBOX, inbox.uidvalidity, inbox.uidnext, modseq, 0,
+                      expunged=moved)
+
+    async def subscribe(self, account_id: int, name: str, subscribed: bool) -> None:
+        name = normalize_name(name)
+
+        async def tx(conn: AsyncConnection) -> None:
+            await self._lock_account(conn, account_id)
+            if subscribed:
+                await conn.execute(self._insert(S).values(account_id=account_id, name=name)
+                                   .on_conflict_do_nothing())
+            else:
+                await conn.execute(delete(S).where(S.c.account_id == account_id, S.c.name == name))
+
+        await self.write(tx)
+
+    # ------------------------------------------------------------ inserting messages
+    async def _ref_blobs(self, conn: AsyncConnection, refs: dict[str, tuple[int, int]]) -> None:
+        """Add references: {key: (count, size)}; sorted so concurrent writers lock in order."""
+        for key in sorted(refs):
+            n, size = refs[key]
+            stmt = self._insert(B).values(key=key, size=size, refcount=n, unreferenced_since=None)
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=["key"],
+                set_={"refcount": B.c.refcount + n, "unreferenced_since": None}))
+
+    async def _unref_blobs(self, conn: AsyncConnection, refs: dict[str, int]) -> None:
+        now = datetime.now(UTC)
+        for key in sorted(refs):
+            n = refs[key]
+            await conn.execute(update(B).where(B.c.key == key).values(
+                refcount=case((B.c.refcount > n, B.c.refcount - n), else_=0),
+                unreferenced_since=case((B.c.refcount > n, None), else_=now)))
+
+    async def _allocate(self, conn: AsyncConnection, mailbox_id: int, n: int) -> tuple[int, int, Any]:
+        """Reserve ``n`` UIDs and one MODSEQ; returns (first uid, modseq, the new row).
+        The row lock taken here is held until commit, so UIDs are visible in order."""
+        row = (await conn.execute(
+            update(MB).where(MB.c.id == mailbox_id)
+            .values(uidnext=MB.c.uidnext + n, highestmodseq=MB.c.highestmodseq + 1)
+            .returning(MB.c.uidnext, MB.c.highestmodseq, MB.c.uidvalidity, MB.c.name,
+                       MB.c.message_count, MB.c.total_size))).first()
+        if row is None:
+            raise NotFound(f"no mailbox {mailbox_id}")
+        return row.uidnext - n, row.highestmodseq, row
+
+    def _message_values(self, mailbox_id: int, uid: int, modseq: int, m: NewMessage) -> dict[str, Any]:
+        bits, kws = flags_to_db(m.flags)
+        s = m.summary
+        return {
+            "mailbox_id": mailbox_id, "uid": uid, "modseq": modseq, "flags": bits,
+            "keywords": kws, "internaldate": utc(m.internaldate or datetime.now(UTC)),
+            "size": len(m.prefix) + m.blob_size, "blob_key": m.blob_key, "prefix": m.prefix,
+            "summary": s.model_dump_json(by_alias=True), "subject": s.subject[:2000],
+            "from_addr": s.from_[:2000], "to_addr": s.to[:4000], "cc_addr": s.cc[:4000],
+            "bcc_addr": s.bcc[:4000], "message_id_hdr": s.message_id[:1000],
+            "sent_date": utc(s.date) if s.date else None, "pop3_hidden": False,
+        }
+
+    async def _insert_messages(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                               msgs: Sequence[NewMessage], *, enforce_quota: bool = True
+                               ) -> tuple[list[int], Change]:
+        if mbox.noselect:
+            raise NotFound(f"{mbox.name} is \\Noselect")
+        total = sum(len(m.prefix) + m.blob_size for m in msgs)
+        await self._charge(conn, acct, total, len(msgs), enforce=enforce_quota)
+        first, modseq, row = await self._allocate(conn, mbox.id, len(msgs))
+        refs: dict[str, tuple[int, int]] = {}
+        for m in msgs:
+            n, _ = refs.get(m.blob_key, (0, m.blob_size))
+            refs[m.blob_key] = (n + 1, m.blob_size)
+        await self._ref_blobs(conn, refs)
+        values = [self._message_values(mbox.id, first + i, modseq, m) for i, m in enumerate(msgs)]
+        await conn.execute(insert(M), values)
+        await conn.execute(update(MB).where(MB.c.id == mbox.id).values(
+            message_count=MB.c.message_count + len(msgs), total_size=MB.c.total_size + total))
+        uids = [first + i for i in range(len(msgs))]
+        added = [MessageState(uid=v["uid"], flags=flags_from_db(v["flags"], v["keywords"]),
+                              modseq=modseq) for v in values]
+        change = Change(acct.id, mbox.id, row.name, row.uidvalidity, row.uidnext, modseq,
+                        row.message_count + len(msgs), added=added)
+        return uids, change
+
+    async def _target_mailbox(self, conn: AsyncConnection, account_id: int, name: str) -> Any:
+        """Mailbox for a delivery: the named one, else INBOX (creating defaults lazily)."""
+        try:
+            name = normalize_name(name or INBOX)
+        except Invalid:
+            name = INBOX
+        row = await self._mailbox_by_name(conn, account_id, name)
+        if row is None and name in {n for n, _ in DEFAULT_MAILBOXES}:
+            await self._ensure_defaults(conn, account_id)
+            row = await self._mailbox_by_name(conn, account_id, name)
+        if row is None or row.noselect:
+            row = await self._mailbox_by_name(conn, account_id, INBOX)
+            if row is None:
+                await self._ensure_defaults(conn, account_id)
+                row = await self._mailbox_by_name(conn, account_id, INBOX)
+        return row
+
+    async def deliver(self, queue_id: str, account_id: int, mailbox: str, msg: NewMessage
+                      ) -> DeliverOutcome:
+        """Store one delivered message, idempotent on (queue_id, account_id): the
+        deliveries row is written in the same transaction as the message."""
+
+        async def tx(conn: AsyncConnection) -> DeliverOutcome:
+            try:
+                acct = await self._lock_account(conn, account_id)
+            except NotFound:
+                return DeliverOutcome("no_account")
+            done = (await conn.execute(select(D.c.message_id).where(
+                D.c.queue_id == queue_id, D.c.account_id == account_id))).first()
+            if done is not None:
+                return DeliverOutcome("duplicate")
+            if not acct.enabled:
+                return DeliverOutcome("disabled")
+            mbox = await self._target_mailbox(conn, account_id, mailbox)
+            try:
+                uids, change = await self._insert_messages(conn, acct, mbox, [msg])
+            except OverQuota:
+                return DeliverOutcome("over_quota")
+            mid = (await conn.execute(select(M.c.id).where(
+                M.c.mailbox_id == mbox.id, M.c.uid == uids[0]))).scalar()
+            await conn.execute(insert(D).values(queue_id=queue_id, account_id=account_id,
+                                                message_id=mid, delivered_at=datetime.now(UTC)))
+            return DeliverOutcome("delivered", uids[0], mbox.id, change)
+
+        return await self.write(tx)
+
+    async def append(self, account_id: int, mailbox: str, msg: NewMessage) -> tuple[int, int, Change]:
+        """APPEND: returns (uidvalidity, uid, change); not_found (TRYCREATE) / over_quota."""
+        name = normalize_name(mailbox)
+
+        async def tx(conn: AsyncConnection) -> tuple[int, int, Change]:
+            acct = await self._lock_account(conn, account_id)
+            mbox = await self._mailbox_by_name(conn, account_id, name)
+            if mbox is None and name in {n for n, _ in DEFAULT_MAILBOXES}:
+                await self._ensure_defaults(conn, account_id)
+                mbox = await self._mailbox_by_name(conn, account_id, name)
+            if mbox is None:
+                raise NotFound(f"no mailbox {name}")
+            uids, change = await self._insert_messages(conn, acct, mbox, [msg])
+            return mbox.uidvalidity, uids[0], change
+
+        return await self.write(tx)
+
+    # ------------------------------------------------------------ select / fetch
+    async def select(self, account_id: int, mailbox_id: int, *, after_uid: int = 0,
+                     limit: int = 5000, changed_since: int | None = None
+                     ) -> tuple[MailboxInfo, list[MessageState], bool, list[tuple[int, int]]]:
+        limit = max(1, min(limit, 50_000))
+        async with self._read() as conn:
+            row = await self._mailbox_by_id(conn, account_id, mailbox_id)
+            if row.noselect:
+                raise NotFound(f"{row.name} is \\Noselect")
+            info = await self._mailbox_info(conn, account_id, row)
+            q = (select(M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
+                 .where(M.c.mailbox_id == mailbox_id, M.c.uid > after_uid))
+            if changed_since is not None:
+                q = q.where(M.c.modseq > changed_since)
+            rows = (await conn.execute(q.order_by(M.c.uid).limit(limit + 1))).all()
+            vanished: list[tuple[int, int]] = []
+            if changed_since is not None and after_uid == 0:
+                gone = (await conn.execute(select(X.c.uid).where(
+                    X.c.mailbox_id == mailbox_id, X.c.modseq > changed_since))).scalars().all()
+                vanished = ranges_to_list(gone)
+        more = len(rows) > limit
+        msgs = [MessageState(uid=r[0], flags=flags_from_db(r[1], r[2]), modseq=r[3])
+                for r in rows[:limit]]
+        return info, msgs, more, vanished
+
+    async def fetch(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
+                    with_summary: bool = True) -> list[MessageMeta]:
+        cond, inside = uid_filter(uids)
+        cols = [M.c.uid, M.c.flags, M.c.keywords, M.c.modseq, M.c.internaldate, M.c.size,
+                M.c.blob_key, M.c.prefix]
+        if with_summary:
+            cols.append(M.c.summary)
+        async with self._read() as conn:
+            await self._mailbox_by_id(conn, account_id, mailbox_id)
+            rows = (await conn.execute(select(*cols).where(M.c.mailbox_id == mailbox_id, cond)
+                                       .order_by(M.c.uid))).all()
+        out = []
+        for r in rows:
+            if not inside(r.uid):
+                continue
+            prefix = bytes(r.prefix or b"")
+            out.append(MessageMeta(
+                uid=r.uid, flags=flags_from_db(r.flags, r.keywords), modseq=r.modseq,
+                internaldate=utc(r.internaldate), size=r.size, blob_key=r.blob_key,
+                blob_size=r.size - len(prefix), prefix=prefix,
+                summary=MessageSummary.model_validate_json(r.summary) if with_summary else None))
+        return out
+
+    # ------------------------------------------------------------ flags
+    async def store_flags(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
+                          op: Literal["set", "add", "remove"], flags: Sequence[str],
+                          unchanged_since: int | None = None
+                          ) -> tuple[list[MessageState], list[int], Change | None]:
+        """STORE: every changed message gets the new MODSEQ (RFC 7162 §3.1.3); messages whose
+        MODSEQ is above UNCHANGEDSINCE are left alone and reported as modified."""
+        bits, kws = flags_to_db(flags)
+        kwset = set(kws.split()) if kws else set()
+        cond, inside = uid_filter(uids)
+
+        async def tx(conn: AsyncConnection) -> tuple[list[MessageState], list[int], Change | None]:
+            await self._lock_account(conn, account_id)
+            mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
+            rows = (await conn.execute(select(M.c.id, M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
+                                       .where(M.c.mailbox_id == mailbox_id, cond)
+                                       .order_by(M.c.uid))).all()
+            modified: list[int] = []
+            todo: list[tuple[int, int, int, str]] = []  # id, uid, new bits, new keywords
+            for r in rows:
+                if not inside(r.uid):
+                    continue
+                if unchanged_since is not None and r.modseq > unchanged_since:
+                    modified.append(r.uid)
+                    continue
+                cur_kw = set(r.keywords.split()) if r.keywords else set()
+                if op == "set":
+                    nb, nk = bits, kwset
+                elif op == "add":
+                    nb, nk = r.flags | bits, cur_kw | kwset
+                else:
+                    nb, nk = r.flags & ~bits, cur_kw - kwset
+                if nb != r.flags or nk != cur_kw:
+                    todo.append((r.id, r.uid, nb, " ".join(sorted(nk))))
+            if not todo:
+                return [], modified, None
+            modseq = mbox.highestmodseq + 1
+            await conn.execute(update(MB).where(MB.c.id == mailbox_id).values(highestmodseq=modseq))
+            await self._bulk_update_flags(conn, todo, modseq)
+            updated = [MessageState(uid=u, flags=flags_from_db(b, k), modseq=modseq)
+                       for _, u, b, k in todo]
+            change = Change(account_id, mailbox_id, mbox.name, mbox.uidvalidity, mbox.uidnext,
+                            modseq, mbox.message_count, flags=updated)
+            return updated, modified, change
+
+        return await self.write(tx)
+
+    async def _bulk_update_flags(self, conn: AsyncConnection,
+                                 todo: Sequence[tuple[int, int, int, str]], modseq: int) -> None:
+        # group by the new value: "+FLAGS \\Seen" on 100,000 messages is a few statements
+        groups: dict[tuple[int, str], list[int]] = {}
+        for mid, _uid, b, k in todo:
+            groups.setdefault((b, k), []).append(mid)
+        for (b, k), ids in groups.items():
+            for i in range(0, len(ids), 900):
+                await conn.execute(update(M).where(M.c.id.in_(ids[i:i + 900])).values(
+                    flags=b, keywords=k, modseq=modseq))
+
+    # ------------------------------------------------------------ expunge / remove
+    async def _log_expunged(self, conn: AsyncConnection, mailbox_id: int, uids: Sequence[int],
+                            modseq: int) -> None:
+        if uids:
+            await conn.execute(insert(X), [{"mailbox_id": mailbox_id, "uid": u, "modseq": modseq}
+                                           for u in uids])
+
+    async def _remove_messages(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                               where: ColumnElement[bool] | None,
+                               keep: Callable[[int], bool] = lambda _u: True) -> Change | None:
+        """Delete messages of one mailbox matching ``where`` (all when None) and ``keep``;
+        log them for VANISHED, release blob references, credit the quota."""
+        q = select(M.c.id, M.c.uid, M.c.blob_key, M.c.size).where(M.c.mailbox_id == mbox.id)
+        if where is not None:
+            q = q.where(where)
+        rows = [r for r in (await conn.execute(q.order_by(M.c.uid))).all() if keep(r.uid)]
+        if not rows:
+            return None
+        ids = [r.id for r in rows]
+        for i in range(0, len(ids), 900):
+            await conn.execute(delete(M).where(M.c.id.in_(ids[i:i + 900])))
+        refs: dict[str, int] = {}
+        for r in rows:
+            refs[r.blob_key] = refs.get(r.blob_key, 0) + 1
+        await self._unref_blobs(conn, refs)
+        total = sum(r.size for r in rows)
+        await self._charge(conn, acct, -total, -len(rows), enforce=False)
+        modseq = mbox.highestmodseq + 1
+        await conn.execute(update(MB).where(MB.c.id == mbox.id).values(
+            highestmodseq=modseq, message_count=MB.c.message_count - len(rows),
+            total_size=MB.c.total_size - total))
+        uids = [r.uid for r in rows]
+        await self._log_expunged(conn, mbox.id, uids, modseq)
+        return Change(acct.id, mbox.id, mbox.name, mbox.uidvalidity, mbox.uidnext, modseq,
+                      mbox.message_count - len(rows), expunged=uids)
+
+    async def expunge(self, account_id: int, mailbox_id: int,
+                      uids: Sequence[Sequence[int]] | None = None) -> tuple[list[int], int, Change | None]:
+        """Remove \\Deleted messages (all, or only within ``uids``: UID EXPUNGE, RFC 4315)."""
+        deleted = M.c.flags.op("&")(DELETED) != 0
+        if uids is None:
+            where, keep = deleted, (lambda _u: True)
+        else:
+            cond, keep = uid_filter(uids)
+            where = and_(deleted, cond)
+
+        async def tx(conn: AsyncConnection) -> tuple[list[int], int, Change | None]:
+            acct = await self._lock_account(conn, account_id)
+            mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
+            change = await self._remove_messages(conn, acct, mbox, where, keep)
+            if change is None:
+                return [], mbox.highestmodseq, None
+            return change.expunged, change.highestmodseq, change
+
+        return await self.write(tx)
+
+    # ------------------------------------------------------------ copy / move
+    async def copy(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
+                   target: str, move: bool = False
+                   ) -> tuple[int, list[int], list[int], list[Change]]:
+        """COPY / MOVE (RFC 6851: copy and expunge in one transaction). Returns the target's
+        UIDVALIDITY, source and target UIDs (COPYUID, RFC 4315) and the changes."""
+        target = normalize_name(target)
+        cond, inside = uid_filter(uids)
+
+        async def tx(conn: AsyncConnection) -> tuple[int, list[int], list[int], list[Change]]:
+            acct = await self._lock_account(conn, account_id)
+            src = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
+            dst = await self._mailbox_by_name(conn, account_id, target)
+            if dst is None and target in {n for n, _ in DEFAULT_MAILBOXES}:
+                await self._ensure_defaults(conn, account_id)
+                dst = await self._mailbox_by_name(conn, account_id, target)
+            if dst is None or dst.noselect:
+                raise NotFound(f"no mailbox {target}")
+            rows = [r for r in (await conn.execute(
+                select(M).where(M.c.mailbox_id == mailbox_id, cond).order_by(M.c.uid))).all()
+                if inside(r.uid)]
+            if not rows:
+                return dst.uidvalidity, [], [], []
+            if move and dst.id == src.id:
+                raise Invalid("cannot move messages into the same mailbox")
+            n = len(rows)
+            total = sum(r.size for r in rows)
+            # a move within the account does not change its usage
+            await self._charge(conn, acct, 0 if move else total, 0 if move else n)
+            first, modseq, drow = await self._allocate(conn, dst.id, n)
+            values = []
+            for i, r in enumerate(rows):
+                v = {c: getattr(r, c) for c in r._fields if c != "id"}
+                v.update(mailbox_id=dst.id, uid=first + i, modseq=modseq)
+                values.append(v)
+            if not move:
+                refs: dict[str, tuple[int, int]] = {}
+                for r in rows:
+                    k, _ = refs.get(r.blob_key, (0, 0))
+                    refs[r.blob_key] = (k + 1, r.size - len(r.prefix or b""))
+                await self._ref_blobs(conn, refs)
+            await conn.execute(insert(M), values)
+            await conn.execute(update(MB).where(MB.c.id == dst.id).values(
+                message_count=MB.c.message_count + n, total_size=MB.c.total_size + total))
+            target_uids = [first + i for i in range(n)]
+            dst_count = drow.message_count + n
+            changes = [Change(account_id, dst.id, drow.name, drow.uidvalidity, drow.uidnext,
+                              modseq, dst_count,
+                              added=[MessageState(uid=v["uid"],
+                                                  flags=flags_from_db(v["flags"], v["keywords"]),
+                                                  modseq=modseq) for v in values])]
+            if move:
+                src = await self._mailbox_by_id(conn, account_id, mailbox_id)
+                ids = [r.id for r in rows]
+                for i in range(0, n, 900):
+                    await conn.execute(delete(M).where(M.c.id.in_(ids[i:i + 900])))
+                smodseq = src.highestmodseq + 1
+                await conn.execute(update(MB).where(MB.c.id == src.id).values(
+                    highestmodseq=smodseq, message_count=MB.c.message_count - n,
+                    total_size=MB.c.total_size - total))
+                source = [r.uid for r in rows]
+                await self._log_expunged(conn, src.id, source, smodseq)
+                changes.append(Change(account_id, src.id, src.name, src.uidvalidity, src.uidnext,
+                                      smodseq, src.message_count - n, expunged=source))
+            return drow.uidvalidity, [r.uid for r in rows], target_uids, changes
+
+        return await self.write(tx)
+
+    # ------------------------------------------------------------ search
+    async def search(self, account_id: int, mailbox_id: int, key: SearchKey,
+                     body_matcher: Callable[[list[Any], list[tuple[str, SearchKey]]],
+                                            Awaitable[dict[int, dict[int, bool]]]] | None = None
+                     ) -> tuple[list[int], int]:
+        """Evaluate a search program: SQL for everything but body/text/unknown-header keys,
+        which ``body_matcher`` checks on the SQL candidates only (reading their blobs last).
+        Returns matching UIDs (ascending) and the highest MODSEQ among them."""
+        compiler = _SearchCompiler()
+        full = compiler.compile(key)
+        async with self._read() as conn:
+            await self._mailbox_by_id(conn, account_id, mailbox_id)
+            base = M.c.mailbox_id == mailbox_id
+            if not compiler.blob_leaves:
+                rows = (await conn.execute(select(M.c.uid, M.c.modseq).where(base, full)
+                                           .order_by(M.c.uid))).all()
+                return [r[0] for r in rows], max((r[1] for r in rows), default=0)
+            superset = compiler.bound(key, positive=True)
+            leaf_cols = [case((expr, 1), else_=0).label(f"l{i}")
+                         for i, expr in enumerate(compiler.sql_leaves)]
+            rows = (await conn.execute(
+                select(M.c.uid, M.c.modseq, M.c.blob_key, M.c.prefix, *leaf_cols)
+                .where(base, superset).order_by(M.c.uid))).all()
+        if not rows:
+            return [], 0
+        if body_matcher is None:
+            raise Invalid("body search is not available")
+        blob_results = await body_matcher(list(rows), compiler.blob_leaves)
+        out: list[int] = []
+        top = 0
+        for r in rows:
+            sql_vals = [bool(getattr(r, f"l{i}")) for i in range(len(compiler.sql_leaves))]
+            if compiler.evaluate(key, sql_vals, blob_results.get(r.uid, {})):
+                out.append(r.uid)
+                top = max(top, r.modseq)
+        return out, top
+
+    # ------------------------------------------------------------ quota
+    async def quota(self, account_id: int) -> tuple[int, int | None, int]:
+        async with self._read() as conn:
+            row = (await conn.execute(select(A.c.used_bytes, A.c.quota_bytes, A.c.message_count)
+                                      .where(A.c.id == account_id))).first()
+        if row is None:
+            raise NotFound(f"no account {account_id}")
+        return int(row[0]), (int(row[1]) if row[1] is not None else None), int(row[2])
+
+    # ------------------------------------------------------------ POP3
+    async def pop3_maildrop(self, account_id: int) -> tuple[int, int, list[Pop3Message]]:
+        await self._ensure_inbox(account_id)
+        async with self._read() as conn:
+            inbox = await self._mailbox_by_name(conn, account_id, INBOX)
+            rows = (await conn.execute(
+                select(M.c.uid, M.c.size, M.c.blob_key, M.c.prefix)
+                .where(M.c.mailbox_id == inbox.id, M.c.pop3_hidden == false())
+                .order_by(M.c.uid))).all()
+        msgs = [Pop3Message(uid=r.uid, uidl=f"{inbox.uidvalidity}.{r.uid}", size=r.size,
+                            blob_key=r.blob_key, prefix=bytes(r.prefix or b"")) for r in rows]
+        return inbox.id, inbox.uidvalidity, msgs
+
+    async def pop3_commit(self, account_id: int, mailbox_id: int, delete_uids: Sequence[int],
+                          mode: Literal["delete", "keep"], seen_uids: Sequence[int]) -> list[Change]:
+        """The UPDATE state of RFC 1939 §6 in one transaction."""
+        dels = sorted(set(delete_uids))
+        seen = sorted(set(seen_uids) - (set(dels) if mode == "delete" else set()))
+
+        async def tx(conn: AsyncConnection) -> list[Change]:
+            acct = await self._lock_account(conn, account_id)
+            mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
+            changes: list[Change] = []
+            modseq = mbox.highestmodseq
+            flagged: list[MessageState] = []
+            if seen:
+                rows = (await conn.execute(select(M.c.id, M.c.uid, M.c.flags, M.c.keywords).where(
+                    M.c.mailbox_id == mailbox_id, M.c.uid.in_(seen)))).all()
+                todo = [(r.id, r.uid, r.flags | SEEN, r.keywords) for r in rows
+                        if not r.flags & SEEN]
+                if todo:
+                    modseq += 1
+                    await self._bulk_update_flags(conn, todo, modseq)
+                    await conn.execute(update(MB).where(MB.c.id == mailbox_id)
+                                       .values(highestmodseq=modseq))
+                    flagged = [MessageState(uid=u, flags=flags_from_db(b, k), modseq=modseq)
+                               for _, u, b, k in todo]
+            if dels and mode == "keep":
+                for i in range(0, len(dels), 900):
+                    await conn.execute(update(M).where(
+                        M.c.mailbox_id == mailbox_id, M.c.uid.in_(dels[i:i + 900]))
+                        .values(pop3_hidden=True))
+            if flagged:
+                changes.append(Change(account_id, mailbox_id, mbox.name, mbox.uidvalidity,
+                                      mbox.uidnext, modseq, mbox.message_count, flags=flagged))
+            if dels and mode == "delete":
+                mbox = await self._mailbox_by_id(conn, account_id, mailbox_id)
+                change = await self._remove_messages(conn, acct, mbox, M.c.uid.in_(dels))
+                if change is not None:
+                    changes.append(change)
+            return changes
+
+        return await self.write(tx)
+
+    # ------------------------------------------------------------ blob GC support
+    async def collectable_blobs(self, older_than: datetime, limit: int = 500) -> list[str]:
+        async with self._read() as conn:
+            return list((await conn.execute(
+                select(B.c.key).where(B.c.refcount <= 0, B.c.unreferenced_since.is_not(None),
+                                      B.c.unreferenced_since < utc(older_than))
+                .order_by(B.c.key).limit(limit))).scalars().all())
+
+    async def forget_blob(self, key: str, older_than: datetime) -> bool:
+        """Delete the blob row if it is still unreferenced; True when the S3 object may go."""
+
+        async def tx(conn: AsyncConnection) -> bool:
+            res = await conn.execute(delete(B).where(
+                B.c.key == key, B.c.refcount <= 0, B.c.unreferenced_since < utc(older_than)))
+            return bool(res.rowcount)
+
+        return await self.write(tx)
+
+    async def known_blobs(self, keys: Sequence[str]) -> set[str]:
+        if not keys:
+            return set()
+        async with self._read() as conn:
+            return set((await conn.execute(select(B.c.key).where(B.c.key.in_(list(keys)))))
+                       .scalars().all())
+
+
+# ---------------------------------------------------------------- search compilation
+_MONTHS = {m: i for i, m in enumerate(
+    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+_HEADER_COLUMNS = {"subject": "subject", "from": "from_addr", "to": "to_addr", "cc": "cc_addr",
+                   "bcc": "bcc_addr", "message-id": "message_id_hdr"}
+BLOB_OPS = {"body", "text"}
+
+
+def parse_search_date(s: str) -> datetime:
+    """An IMAP date (``1-Feb-1994``, RFC 3501 §9 date) or ISO ``1994-02-01``, as UTC midnight."""
+    s = s.strip().strip('"')
+    m = re.fullmatch(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})", s)
+    if m and m.group(2).lower() in _MONTHS:
+        return datetime(int(m.group(3)), _MONTHS[m.group(2).lower()], int(m.group(1)), tzinfo=UTC)
+    try:
+        d = datetime.fromisoformat(s[:10])
+    except ValueError as exc:
+        raise Invalid(f"not a date: {s!r}") from exc
+    return datetime(d.year, d.month, d.day, tzinfo=UTC)
+
+
+class _SearchCompiler:
+    """Turns a SearchKey tree into SQL; leaves SQL cannot answer (body, text, headers
+    without a column) are collected for the blob pass."""
+
+    def __init__(self) -> None:
+        self.sql_leaves: list[ColumnElement[bool]] = []
+        self.blob_leaves: list[tuple[str, SearchKey]] = []
+        self._leaf_index: dict[int, tuple[str, int]] = {}
+
+    def _is_blob(self, k: SearchKey) -> bool:
+        if k.op in BLOB_OPS:
+            return True
+        return k.op == "header" and (not k.args or k.args[0].lower() not in _HEADER_COLUMNS)
+
+    def compile(self, k: SearchKey) -> ColumnElement[bool]:
+        op = k.op.lower()
+        if op == "and":
+            return and_(true(), *(self.compile(c) for c in k.children))
+        if op == "or":
+            if not k.children:
+                return false()
+            return or_(*(self.compile(c) for c in k.children))
+        if op == "not":
+            if len(k.children) != 1:
+                raise Invalid("not takes one key")
+            return not_(self.compile(k.children[0]))
+        if self._is_blob(k):
+            self._leaf_index[id(k)] = ("blob", len(self.blob_leaves))
+            self.blob_leaves.append((f"b{len(self.blob_leaves)}", k))
+            return true()
+        expr = self._leaf(k)
+        self._leaf_index[id(k)] = ("sql", len(self.sql_leaves))
+        self.sql_leaves.append(expr)
+        return expr
+
+    def bound(self, k: SearchKey, *, positive: bool) -> ColumnElement[bool]:
+        """SQL that keeps every message that could match (positive) or could fail (not
+        positive) once blob leaves are known: a superset for the candidates query."""
+        op = k.op.lower()
+        if op == "and":
+            return and_(true(), *(self.bound(c, positive=positive) for c in k.children))
+        if op == "or":
+            if not k.children:
+                return false()
+            return or_(*(self.bound(c, positive=positive) for c in k.children))
+        if op == "not":
+            return not_(self.bound(k.children[0], positive=not positive))
+        kind, i = self._leaf_index[id(k)]
+        if kind == "blob":
+            return true() if positive else false()
+        return self.sql_leaves[i]
+
+    def evaluate(self, k: SearchKey, sql_vals: list[bool], blob_vals: dict[int, bool]) -> bool:
+        op = k.op.lower()
+        if op == "and":
+            return all(self.evaluate(c, sql_vals, blob_vals) for c in k.children)
+        if op == "or":
+            return any(self.evaluate(c, sql_vals, blob_vals) for c in k.children)
+        if op == "not":
+            return not self.evaluate(k.children[0], sql_vals, blob_vals)
+        kind, i = self._leaf_index[id(k)]
+        return sql_vals[i] if kind == "sql" else blob_vals.get(i, False)
+
+    @staticmethod
+    def _arg(k: SearchKey, n: int = 0) -> str:
+        if len(k.args) <= n:
+            raise Invalid(f"search key {k.op} needs an argument")
+        return k.args[n]
+
+    @staticmethod
+    def _contains(col: Any, value: str) -> ColumnElement[bool]:
+        if value == "":
+            return true()
+        return func.lower(col).contains(value.lower(), autoescape=True)
+
+    def _leaf(self, k: SearchKey) -> ColumnElement[bool]:
+        op = k.op.lower()
+        date_col = func.coalesce(M.c.sent_date, M.c.internaldate)
+        match op:
+            case "all":
+                return true()
+            case "uid":
+                return uid_filter(k.uids)[0] if k.uids else false()
+            case "flag" | "unflag":
+                name = self._arg(k)
+                low = name.lower()
+                if low == "\\recent":
+                    hit: ColumnElement[bool] = false()
+                elif low in _FLAG_BY_LOWER:
+                    hit = M.c.flags.op("&")(_FLAG_BY_LOWER[low][1]) != 0
+                else:
+                    hit = (literal(" ") + M.c.keywords + literal(" ")).contains(
+                        f" {name} ", autoescape=True)
+                return hit if op == "flag" else not_(hit)
+            case "header":
+                return self._contains(getattr(M.c, _HEADER_COLUMNS[self._arg(k).lower()]),
+                                      self._arg(k, 1) if len(k.args) > 1 else "")
+            case "from" | "to" | "cc" | "bcc" | "subject":
+                return self._contains(getattr(M.c, _HEADER_COLUMNS[op]), self._arg(k))
+            case "before":
+                return M.c.internaldate < parse_search_date(self._arg(k))
+            case "on":
+                d = parse_search_date(self._arg(k))
+                return and_(M.c.internaldate >= d, M.c.internaldate < d + timedelta(days=1))
+            case "since":
+                return M.c.internaldate >= parse_search_date(self._arg(k))
+            case "sentbefore":
+                return date_col < parse_search_date(self._arg(k))
+            case "senton":
+                d = parse_search_date(self._arg(k))
+                return and_(date_col >= d, date_col < d + timedelta(days=1))
+            case "sentsince":
+                return date_col >= parse_search_date(self._arg(k))
+            case "larger" | "smaller":
+                try:
+                    n = int(self._arg(k))
+                except ValueError as exc:
+                    raise Invalid(f"{op} needs a number") from exc
+                return M.c.size > n if op == "larger" else M.c.size < n
+            case "modseq":
+                try:
+                    n = int(self._arg(k, len(k.args) - 1))
+                except ValueError as exc:
+                    raise Invalid("modseq needs a number") from exc
+                return M.c.modseq >= n
+            case _:
+                raise Invalid(f"unknown search key {k.op}")
+

@@ -1,0 +1,40 @@
+"""Settings of mailbox-store (env prefix POSTBUS_MAILBOX_STORE_); built once in __main__."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from postbus.kit.settings import CommonSettings
+from postbus.kit.topology import BY_NAME
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTBUS_MAILBOX_STORE_", extra="ignore")
+
+    common: CommonSettings = Field(default_factory=CommonSettings)
+    mgmt_port: int = BY_NAME["mailbox-store"].mgmt_port
+
+    # SQL
+    db_pool_size: int = 10
+    # SQLite PRAGMA synchronous: FULL fsyncs every commit (a delivery is acked only after it)
+    sqlite_synchronous: str = "FULL"
+
+    # local delivery (mail.deliver.local)
+    delivery_concurrency: int = 16
+    # over quota / disabled: "deferred" events and retries, then "failed" (a bounce)
+    delivery_max_attempts: int = 12
+    delivery_retry_base_s: float = 60.0
+    delivery_retry_max_s: float = 3600.0
+    # HEAD the blob in S3 before storing a delivery (it should always be there)
+    verify_blob_on_delivery: bool = False
+
+    # blob garbage collection: blobs unreferenced for longer than the grace period, and
+    # S3 objects under blobs/ with no row at all (claim-check leftovers, outbound-only
+    # bodies). The grace must exceed the longest time a body can wait in a queue
+    # (relay retries for days), hence a week.
+    blob_gc_interval_s: float = 3600.0
+    blob_gc_grace_s: float = 7 * 86400.0
+
+    # STORE_SEARCH: blobs read at once for BODY/TEXT keys
+    search_blob_concurrency: int = 16

@@ -1,0 +1,282 @@
+"""The store API (proto/store.py) served over NATS request/reply in the "mailbox-store"
+queue group, for imap-access and pop3-access. Errors travel as RemoteError codes
+(not_found, exists, invalid, over_quota, conflict); MAILBOX_CHANGED follows each commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
+from postbus.kit.bus import Bus, RemoteError
+from postbus.kit.logging import get_logger
+from postbus.mailbox_store.delivery import publish_change
+from postbus.mailbox_store.repository import NewMessage, Repository, StoreError
+from postbus.mailbox_store.settings import Settings
+from postbus.proto.base import Rpc
+from postbus.proto.store import (
+    STORE_APPEND,
+    STORE_COPY,
+    STORE_EXPUNGE,
+    STORE_FETCH,
+    STORE_FLAGS,
+    STORE_MAILBOX_CREATE,
+    STORE_MAILBOX_DELETE,
+    STORE_MAILBOX_LIST,
+    STORE_MAILBOX_RENAME,
+    STORE_MAILBOX_STATUS,
+    STORE_MAILBOX_SUBSCRIBE,
+    STORE_POP3_COMMIT,
+    STORE_POP3_MAILDROP,
+    STORE_QUOTA,
+    STORE_SEARCH,
+    STORE_SELECT,
+    AppendReply,
+    AppendRequest,
+    CopyReply,
+    CopyRequest,
+    ExpungeReply,
+    ExpungeRequest,
+    FetchReply,
+    FetchRequest,
+    MailboxCreateRequest,
+    MailboxInfo,
+    MailboxListReply,
+    MailboxListRequest,
+    MailboxRef,
+    MailboxRenameRequest,
+    Ok,
+    Pop3CommitRequest,
+    Pop3MaildropReply,
+    Pop3MaildropRequest,
+    QuotaReply,
+    QuotaRequest,
+    SearchKey,
+    SearchReply,
+    SearchRequest,
+    SelectReply,
+    SelectRequest,
+    StoreFlagsReply,
+    StoreFlagsRequest,
+    SubscribeRequest,
+)
+from postbus.protocols.mime import normalize_crlf, summarize
+
+log = get_logger("postbus.mailbox_store.storeapi")
+QUEUE = "mailbox-store"
+Req = TypeVar("Req", bound=BaseModel)
+Rep = TypeVar("Rep", bound=BaseModel)
+
+
+def message_text(raw: bytes, *, headers: bool) -> str:
+    """Decoded text for BODY/TEXT search (RFC 3501 §6.4.4): transfer encodings and
+    charsets undone, text parts only; with ``headers`` the decoded header block too."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    out: list[str] = []
+    if headers:
+        for k, v in msg.items():
+            out.append(f"{k}: {v}")
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        if part.get_content_maintype() == "text" or part.get_content_type() == "message/rfc822":
+            try:
+                content = part.get_content()
+            except Exception:
+                payload = part.get_payload(decode=True) or b""
+                content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload)
+            out.append(content if isinstance(content, str) else str(content))
+    return "\n".join(out)
+
+
+def header_values(raw: bytes, name: str) -> list[str]:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    return [str(v) for v in msg.get_all(name, [])]
+
+
+class StoreApi:
+    def __init__(self, bus: Bus, blobs: BlobStore, repo: Repository, settings: Settings) -> None:
+        self.bus = bus
+        self.blobs = blobs
+        self.repo = repo
+        self.settings = settings
+
+    async def serve(self) -> None:
+        routes: list[tuple[Rpc[Any, Any], Callable[[Any], Awaitable[Any]]]] = [
+            (STORE_MAILBOX_LIST, self.mailbox_list),
+            (STORE_MAILBOX_STATUS, self.mailbox_status),
+            (STORE_MAILBOX_CREATE, self.mailbox_create),
+            (STORE_MAILBOX_DELETE, self.mailbox_delete),
+            (STORE_MAILBOX_RENAME, self.mailbox_rename),
+            (STORE_MAILBOX_SUBSCRIBE, self.mailbox_subscribe),
+            (STORE_SELECT, self.select),
+            (STORE_FETCH, self.fetch),
+            (STORE_FLAGS, self.flags),
+            (STORE_COPY, self.copy),
+            (STORE_APPEND, self.append),
+            (STORE_EXPUNGE, self.expunge),
+            (STORE_SEARCH, self.search),
+            (STORE_QUOTA, self.quota),
+            (STORE_POP3_MAILDROP, self.pop3_maildrop),
+            (STORE_POP3_COMMIT, self.pop3_commit),
+        ]
+        for rpc, handler in routes:
+            await self.bus.serve(rpc, _errors(handler), queue=QUEUE)
+
+    # ------------------------------------------------------------ mailboxes
+    async def mailbox_list(self, req: MailboxListRequest) -> MailboxListReply:
+        return MailboxListReply(mailboxes=await self.repo.list_mailboxes(
+            req.account_id, req.subscribed_only))
+
+    async def mailbox_status(self, req: MailboxRef) -> MailboxInfo:
+        return await self.repo.status(req.account_id, req.name)
+
+    async def mailbox_create(self, req: MailboxCreateRequest) -> MailboxInfo:
+        return await self.repo.create_mailbox(req.account_id, req.name, req.special_use)
+
+    async def mailbox_delete(self, req: MailboxRef) -> Ok:
+        change = await self.repo.delete_mailbox(req.account_id, req.name)
+        await publish_change(self.bus, change)
+        return Ok()
+
+    async def mailbox_rename(self, req: MailboxRenameRequest) -> Ok:
+        change = await self.repo.rename_mailbox(req.account_id, req.old, req.new)
+        await publish_change(self.bus, change)
+        return Ok()
+
+    async def mailbox_subscribe(self, req: SubscribeRequest) -> Ok:
+        await self.repo.subscribe(req.account_id, req.name, req.subscribed)
+        return Ok()
+
+    # ------------------------------------------------------------ messages
+    async def select(self, req: SelectRequest) -> SelectReply:
+        info, msgs, more, vanished = await self.repo.select(
+            req.account_id, req.mailbox_id, after_uid=req.after_uid, limit=req.limit,
+            changed_since=req.changed_since)
+        return SelectReply(mailbox=info, messages=msgs, more=more, vanished=vanished)
+
+    async def fetch(self, req: FetchRequest) -> FetchReply:
+        return FetchReply(messages=await self.repo.fetch(
+            req.account_id, req.mailbox_id, req.uids, req.with_summary))
+
+    async def flags(self, req: StoreFlagsRequest) -> StoreFlagsReply:
+        updated, modified, change = await self.repo.store_flags(
+            req.account_id, req.mailbox_id, req.uids, req.op, req.flags, req.unchanged_since)
+        await publish_change(self.bus, change, req.origin)
+        return StoreFlagsReply(updated=updated, modified=modified)
+
+    async def copy(self, req: CopyRequest) -> CopyReply:
+        uv, src, dst, changes = await self.repo.copy(
+            req.account_id, req.mailbox_id, req.uids, req.target, req.move)
+        for c in changes:
+            await publish_change(self.bus, c, req.origin)
+        return CopyReply(uidvalidity=uv, source_uids=src, target_uids=dst)
+
+    async def append(self, req: AppendRequest) -> AppendReply:
+        if req.message is not None:
+            raw = normalize_crlf(req.message)
+            key = await self.blobs.put(raw)
+        elif req.blob_key:
+            try:
+                raw = await self.blobs.get(req.blob_key)
+            except BlobNotFound as exc:
+                raise RemoteError("invalid", f"no blob {req.blob_key}") from exc
+            key = req.blob_key
+            fixed = normalize_crlf(raw)
+            if fixed != raw:  # store what IMAP will serve, with CRLF line ends
+                raw = fixed
+                key = await self.blobs.put(raw)
+        else:
+            raise RemoteError("invalid", "append needs message or blob_key")
+        summary = await asyncio.get_running_loop().run_in_executor(None, summarize, raw)
+        uv, uid, change = await self.repo.append(req.account_id, req.mailbox, NewMessage(
+            blob_key=key, blob_size=len(raw), summary=summary, flags=req.flags,
+            internaldate=req.internaldate))
+        await publish_change(self.bus, change, req.origin)
+        return AppendReply(uidvalidity=uv, uid=uid)
+
+    async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
+        expunged, hms, change = await self.repo.expunge(req.account_id, req.mailbox_id, req.uids)
+        await publish_change(self.bus, change, req.origin)
+        return ExpungeReply(expunged=expunged, highestmodseq=hms)
+
+    async def search(self, req: SearchRequest) -> SearchReply:
+        uids, top = await self.repo.search(req.account_id, req.mailbox_id, req.key,
+                                           self._match_blobs)
+        return SearchReply(uids=uids, highestmodseq=top)
+
+    async def _match_blobs(self, rows: list[Any], leaves: list[tuple[str, SearchKey]]
+                           ) -> dict[int, dict[int, bool]]:
+        """Evaluate body/text/header leaves on the candidate messages, reading blobs with
+        bounded concurrency."""
+        sem = asyncio.Semaphore(self.settings.search_blob_concurrency)
+        loop = asyncio.get_running_loop()
+
+        async def one(row: Any) -> tuple[int, dict[int, bool]]:
+            async with sem:
+                try:
+                    blob = await self.blobs.get(row.blob_key)
+                except (BlobNotFound, BlobUnavailable) as exc:
+                    log.warning("search could not read a blob", key=row.blob_key, error=str(exc))
+                    return row.uid, {}
+            raw = bytes(row.prefix or b"") + blob
+            return row.uid, await loop.run_in_executor(None, _eval_leaves, raw, leaves)
+
+        results = await asyncio.gather(*(one(r) for r in rows))
+        return dict(results)
+
+    async def quota(self, req: QuotaRequest) -> QuotaReply:
+        used, limit, messages = await self.repo.quota(req.account_id)
+        return QuotaReply(used_bytes=used, limit_bytes=limit, messages=messages)
+
+    async def pop3_maildrop(self, req: Pop3MaildropRequest) -> Pop3MaildropReply:
+        mid, uv, msgs = await self.repo.pop3_maildrop(req.account_id)
+        return Pop3MaildropReply(mailbox_id=mid, uidvalidity=uv, messages=msgs)
+
+    async def pop3_commit(self, req: Pop3CommitRequest) -> Ok:
+        changes = await self.repo.pop3_commit(req.account_id, req.mailbox_id, req.delete_uids,
+                                              req.mode, req.seen_uids)
+        for c in changes:
+            await publish_change(self.bus, c)
+        return Ok()
+
+
+def _eval_leaves(raw: bytes, leaves: list[tuple[str, SearchKey]]) -> dict[int, bool]:
+    out: dict[int, bool] = {}
+    cache: dict[str, str] = {}
+    for i, (_name, k) in enumerate(leaves):
+        op = k.op.lower()
+        try:
+            if op in ("body", "text"):
+                needle = (k.args[0] if k.args else "").casefold()
+                if op not in cache:
+                    cache[op] = message_text(raw, headers=op == "text").casefold()
+                out[i] = needle in cache[op]
+            else:  # header with a field that has no column
+                field_name = k.args[0] if k.args else ""
+                needle = (k.args[1] if len(k.args) > 1 else "").casefold()
+                values = header_values(raw, field_name)
+                out[i] = any(needle in v.casefold() for v in values) if needle else bool(values)
+        except Exception:  # an unparseable message matches nothing, never fails the search
+            out[i] = False
+    return out
+
+
+def _errors(handler: Callable[[Req], Awaitable[Rep]]) -> Callable[[Req], Awaitable[Rep]]:
+    """Repository errors to RemoteError codes."""
+
+    async def wrapped(req: Req) -> Rep:
+        try:
+            return await handler(req)
+        except StoreError as exc:
+            raise RemoteError(exc.code, exc.message) from exc
+        except BlobUnavailable as exc:
+            raise RemoteError("unavailable", str(exc)) from exc
+
+    return wrapped
