@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import email.header
 import email.utils
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ def header_block_end(raw: bytes, start: int, end: int) -> int:
     if raw[start] == 0x0A:
         return start + 1
     a = raw.find(b"\n\r\n", start, end)
-    b = raw.find(b"\n\n", start, end)
+    b = raw.find(b"\n\n", start, end if a < 0 else a + 2)  # only an earlier one matters
     if a < 0 and b < 0:
         return end
     if b < 0 or (0 <= a < b):
@@ -126,6 +127,17 @@ def imap_string(s: str | None) -> str:
     has CR, LF or 8-bit characters (length in UTF-8 octets)."""
     if s is None:
         return "NIL"
+    if len(s) <= 64:
+        return _imap_string_short(s)
+    return _imap_string(s)
+
+
+@functools.lru_cache(maxsize=4096)
+def _imap_string_short(s: str) -> str:  # type names, parameters, short addresses recur
+    return _imap_string(s)
+
+
+def _imap_string(s: str) -> str:
     s = s.replace("\x00", "")
     if s.isascii() and "\r" not in s and "\n" not in s:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -486,12 +498,16 @@ class _Entity:
     params: list[tuple[str, str]] = field(default_factory=lambda: [("charset", "us-ascii")])
     children: list[_Entity] = field(default_factory=list)
     message: _Entity | None = None  # message/rfc822: the encapsulated message
+    _first: dict[str, bytes] | None = None
 
     def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k == name:
-                return _unfold(v)
-        return None
+        """The first field of that name, unfolded; None when absent."""
+        if self._first is None:
+            self._first = {}
+            for k, val in self.headers:
+                self._first.setdefault(k, val)
+        v = self._first.get(name)
+        return None if v is None else _unfold(v)
 
     @property
     def is_multipart(self) -> bool:
@@ -620,31 +636,35 @@ def _lines(raw: bytes, start: int, end: int) -> int:
     return raw.count(b"\n", start, end)
 
 
-def _struct(raw: bytes, e: _Entity, ext: bool) -> str:
+def _struct(raw: bytes, e: _Entity) -> tuple[str, str]:
+    """(BODYSTRUCTURE, BODY) of an entity, built in one walk."""
     if e.is_multipart:
-        inner = "".join(_struct(raw, c, ext) for c in e.children)
-        out = f"({inner} {imap_string(e.sub)}"
-        if ext:
-            out += " " + _params(e.params) + " " + _ext_tail(e)
-        return out + ")"
-    cid = e.header("content-id")
-    desc = e.header("content-description")
+        kids = [_struct(raw, c) for c in e.children]
+        sub = imap_string(e.sub)
+        return (f"({''.join(k[0] for k in kids)} {sub} {_params(e.params)} {_ext_tail(e)})",
+                f"({''.join(k[1] for k in kids)} {sub})")
     cte = e.header("content-transfer-encoding")
     enc = _first_token(cte) if cte else ""
     if enc and any(c in _TSPECIALS or not c.isascii() or not c.isprintable() for c in enc):
         enc = ""  # RFC 2045 §6.1: not a token; shown as the default
     size = e.end - e.body_start
     out = (f"({imap_string(e.typ)} {imap_string(e.sub)} {_params(e.params)} "
-           f"{imap_string(cid)} {imap_string(desc)} {imap_string(enc or '7bit')} {size}")
+           f"{imap_string(e.header('content-id'))} {imap_string(e.header('content-description'))} "
+           f"{imap_string(enc or '7bit')} {size}")
+    ext_out = out
     if e.message is not None:
-        out += (f" {_envelope(e.message)} {_struct(raw, e.message, ext)} "
-                f"{_lines(raw, e.body_start, e.end)}")
+        env = _envelope(e.message)
+        inner_ext, inner = _struct(raw, e.message)
+        lines = _lines(raw, e.body_start, e.end)
+        out += f" {env} {inner} {lines}"
+        ext_out += f" {env} {inner_ext} {lines}"
     elif e.typ.lower() == "text":
-        out += f" {_lines(raw, e.body_start, e.end)}"
-    if ext:
-        md5 = e.header("content-md5")
-        out += " " + imap_string(md5 or None) + " " + _ext_tail(e)
-    return out + ")"
+        lines_s = f" {_lines(raw, e.body_start, e.end)}"
+        out += lines_s
+        ext_out += lines_s
+    md5 = e.header("content-md5")
+    ext_out += " " + imap_string(md5 or None) + " " + _ext_tail(e)
+    return ext_out + ")", out + ")"
 
 
 def _ext_tail(e: _Entity) -> str:
@@ -721,14 +741,15 @@ def _date(value: str | None) -> datetime | None:
 
 def _summary(raw: bytes) -> MessageSummary:
     root = _parse_entity(raw, 0, len(raw), False, 0, _Budget())
+    bodystructure, body = _struct(raw, root)
     mid = root.header("message-id")
     return MessageSummary(
         envelope=_envelope(root),
-        bodystructure=_struct(raw, root, True),
-        body=_struct(raw, root, False),
+        bodystructure=bodystructure,
+        body=body,
         parts=_spans(root),
         subject=_search_text(root, "subject"),
-        from_=_search_text(root, "from"),
+        **{"from": _search_text(root, "from")},
         to=_search_text(root, "to"),
         cc=_search_text(root, "cc"),
         bcc=_search_text(root, "bcc"),
