@@ -363,3 +363,84 @@ class Bus:
             return await self.js.create_key_value(KeyValueConfig(
                 bucket=bucket, ttl=ttl_s, history=history,
                 replicas=self.settings.stream_replicas))
+
+    async def kv_bucket(self, bucket: str, *, ttl_s: float | None = None,
+                        history: int = 1) -> KvBucket:
+        """A KV bucket behind a small nats-free API (create-if-absent, compare-and-set)."""
+        return KvBucket(await self.kv(bucket, ttl_s=ttl_s, history=history))
+
+
+@dataclass(frozen=True)
+class KvEntry:
+    key: str
+    value: bytes
+    revision: int
+
+
+class KvBucket:
+    """Compare-and-set operations on one KV bucket, for locks and counters across replicas.
+
+    Every method answers None/False for "someone else got there first" and raises
+    BusUnavailable when NATS does not answer.
+    """
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def create(self, key: str, value: bytes) -> int | None:
+        """Write ``key`` only if it is absent (or deleted/expired); its revision, else None."""
+        try:
+            return int(await self.kv.create(key, value))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"kv create {key}: {exc or type(exc).__name__}") from exc
+
+    async def update(self, key: str, value: bytes, last: int) -> int | None:
+        """Write ``key`` only if its revision is still ``last``; the new revision, else None."""
+        try:
+            return int(await self.kv.update(key, value, last=last))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"kv update {key}: {exc or type(exc).__name__}") from exc
+
+    async def get(self, key: str) -> KvEntry | None:
+        try:
+            e = await self.kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"kv get {key}: {exc or type(exc).__name__}") from exc
+        if e.value is None:
+            return None
+        return KvEntry(key, bytes(e.value), int(e.revision or 0))
+
+    async def delete(self, key: str, last: int | None = None) -> bool:
+        """Delete ``key`` (only at revision ``last`` when given); False when it had moved on."""
+        try:
+            await self.kv.delete(key, last=last)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in (10071, 10164):  # wrong last sequence
+                return False
+            raise BusUnavailable(f"kv delete {key}: {exc}") from exc
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"kv delete {key}: {exc or type(exc).__name__}") from exc
+
+    async def entries(self) -> list[KvEntry]:
+        """Every live key with its value (for management listings; not for hot paths)."""
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"kv keys: {exc or type(exc).__name__}") from exc
+        out: list[KvEntry] = []
+        for k in keys:
+            e = await self.get(k)
+            if e is not None:
+                out.append(e)
+        return out

@@ -1,0 +1,245 @@
+"""The POP3 ports over the platform: directory and maildrop over kit Bus.request, bodies from
+S3 through kit BlobStore (LRU cached, fetched ahead concurrently), the maildrop lock and the
+login throttle in JetStream KV buckets with expiry (so every replica sees them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+
+from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
+from postbus.kit.bus import Bus, BusUnavailable, KvBucket, RemoteError
+from postbus.kit.logging import get_logger
+from postbus.pop3_access.ports import Unavailable
+from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
+from postbus.proto.store import (
+    STORE_POP3_COMMIT,
+    STORE_POP3_MAILDROP,
+    Pop3CommitRequest,
+    Pop3MaildropReply,
+    Pop3MaildropRequest,
+    Pop3Message,
+)
+
+log = get_logger("postbus.pop3.adapters")
+
+
+class BusDirectory:
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def authenticate(self, username: str, password: str, client_ip: str) -> AuthReply:
+        try:
+            return await self.bus.request(DIRECTORY_AUTHENTICATE, AuthRequest(
+                username=username, password=password, service="pop3", client_ip=client_ip))
+        except (BusUnavailable, RemoteError) as exc:
+            raise Unavailable(str(exc)) from exc
+
+
+class StoreMaildrops:
+    """Maildrop RPCs to mailbox-store; bodies straight from S3.
+
+    Concurrent reads of one blob share a single GET; ``prefetch`` starts GETs for the
+    messages a client will most likely RETR next, bounded by ``max_inflight``.
+    """
+
+    def __init__(self, bus: Bus, blobs: BlobStore, *, timeout_s: float = 15.0,
+                 max_inflight: int = 64) -> None:
+        self.bus = bus
+        self.blobs = blobs
+        self.timeout_s = timeout_s
+        self._inflight: dict[str, asyncio.Task[bytes]] = {}
+        self._sem = asyncio.Semaphore(max_inflight)
+
+    async def open(self, account_id: int) -> Pop3MaildropReply:
+        try:
+            return await self.bus.request(STORE_POP3_MAILDROP,
+                                          Pop3MaildropRequest(account_id=account_id),
+                                          timeout=self.timeout_s)
+        except (BusUnavailable, RemoteError) as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def commit(self, request: Pop3CommitRequest) -> None:
+        try:
+            await self.bus.request(STORE_POP3_COMMIT, request, timeout=self.timeout_s)
+        except (BusUnavailable, RemoteError) as exc:
+            raise Unavailable(str(exc)) from exc
+
+    def _fetch(self, key: str) -> asyncio.Task[bytes]:
+        task = self._inflight.get(key)
+        if task is None:
+            async def get() -> bytes:
+                async with self._sem:
+                    return await self.blobs.get(key)
+
+            task = asyncio.create_task(get(), name=f"blob:{key[-12:]}")
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+        return task
+
+    async def body(self, message: Pop3Message) -> bytes:
+        cached = self.blobs.cache.get(message.blob_key)
+        if cached is None:
+            try:
+                cached = await asyncio.shield(self._fetch(message.blob_key))
+            except (BlobNotFound, BlobUnavailable) as exc:
+                raise Unavailable(f"{message.blob_key}: {exc}") from exc
+        return message.prefix + cached if message.prefix else cached
+
+    def prefetch(self, messages: Sequence[Pop3Message]) -> None:
+        for m in messages:
+            if m.blob_key in self._inflight or self.blobs.cache.get(m.blob_key) is not None:
+                continue
+            t = self._fetch(m.blob_key)
+            # a failed prefetch is retried by body(); only mark the exception retrieved here
+            t.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def _account_key(account_id: int) -> str:
+    return f"account-{account_id}"
+
+
+class KvLease:
+    def __init__(self, bucket: KvBucket, key: str, value: bytes, revision: int,
+                 ttl_s: float) -> None:
+        self.bucket = bucket
+        self.key = key
+        self.value = value
+        self.revision = revision
+        self._lost = False
+        self._task = asyncio.create_task(self._refresh(ttl_s / 3), name=f"lock:{key}")
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
+
+    async def _refresh(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                rev = await self.bucket.update(self.key, self.value, self.revision)
+            except BusUnavailable as exc:
+                log.warning("lock refresh failed; retrying", key=self.key, error=str(exc))
+                continue
+            if rev is None:
+                self._lost = True
+                log.warning("maildrop lock lost", key=self.key)
+                return
+            self.revision = rev
+
+    async def release(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self._lost:
+            return
+        self._lost = True
+        try:
+            await self.bucket.delete(self.key, last=self.revision)
+        except BusUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+
+class KvLocks:
+    """One POP3 session per maildrop across every replica: ``create`` succeeds only when the
+    key is absent; the bucket's max age expires the lock of a replica that died."""
+
+    def __init__(self, bucket: KvBucket, *, ttl_s: float, replica: str) -> None:
+        self.bucket = bucket
+        self.ttl_s = ttl_s
+        self.replica = replica
+
+    async def acquire(self, account_id: int, holder: str) -> KvLease | None:
+        key = _account_key(account_id)
+        value = json.dumps({"replica": self.replica, "session": holder,
+                            "since": time.time()}).encode()
+        try:
+            rev = await self.bucket.create(key, value)
+        except BusUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        if rev is None:
+            return None
+        return KvLease(self.bucket, key, value, rev, self.ttl_s)
+
+    async def holders(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for e in await self.bucket.entries():
+            try:
+                info = json.loads(e.value)
+            except ValueError:
+                info = {}
+            out.append({"key": e.key, **info})
+        return out
+
+
+class KvThrottle:
+    """Failed-login counters per client IP and per account name in a KV bucket whose max age
+    is the counting window; LOGIN-DELAY as create-if-absent in a bucket whose max age is
+    the delay."""
+
+    def __init__(self, failures: KvBucket, login_delay: KvBucket | None) -> None:
+        self.bucket = failures
+        self.login_delay = login_delay
+
+    @staticmethod
+    def _ip_key(ip: str) -> str:
+        return "ip-" + "".join(c if c.isalnum() or c in "-." else "_" for c in ip)
+
+    @staticmethod
+    def _user_key(username: str) -> str:
+        return "user-" + hashlib.sha256(username.lower().encode()).hexdigest()[:32]
+
+    async def _count(self, key: str) -> int:
+        e = await self.bucket.get(key)
+        try:
+            return int(e.value) if e else 0
+        except ValueError:
+            return 0
+
+    async def failures(self, client_ip: str, username: str) -> tuple[int, int]:
+        try:
+            return (await self._count(self._ip_key(client_ip)),
+                    await self._count(self._user_key(username)))
+        except BusUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def _increment(self, key: str) -> None:
+        for _ in range(8):  # compare-and-set; another replica may count at the same time
+            e = await self.bucket.get(key)
+            if e is None:
+                if await self.bucket.create(key, b"1") is not None:
+                    return
+                continue
+            try:
+                n = int(e.value)
+            except ValueError:
+                n = 0
+            if await self.bucket.update(key, str(n + 1).encode(), e.revision) is not None:
+                return
+
+    async def record_failure(self, client_ip: str, username: str) -> None:
+        try:
+            await self._increment(self._ip_key(client_ip))
+            await self._increment(self._user_key(username))
+        except BusUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def record_success(self, client_ip: str, username: str) -> None:
+        key = self._user_key(username)
+        try:
+            if await self.bucket.get(key) is not None:
+                await self.bucket.delete(key)
+        except BusUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+    async def login_allowed(self, account_id: int) -> bool:
+        if self.login_delay is None:
+            return True
+        try:
+            return await self.login_delay.create(_account_key(account_id), b"1") is not None
+        except BusUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
