@@ -1,0 +1,1164 @@
+"""IMAP4rev1 command parser (RFC 3501 §9 grammar, LITERAL+ RFC 7888, CONDSTORE RFC 7162,
+MOVE RFC 6851, UIDPLUS RFC 4315, LIST-EXTENDED RFC 5258, ID RFC 2971, ENABLE RFC 5161).
+
+Pure and sans-I/O: bytes in, values out. No asyncio, nats or boto3. ``Receiver.feed`` never
+raises on client input: junk, over-long lines and over-sized literals come back as ``Bad``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+__all__ = [
+    "Receiver", "Continue", "RawLine", "Bad", "Command", "SeqSet", "FetchAtt", "SearchNode",
+    "parse_command", "MAX_LINE", "MAX_LITERAL",
+    "Capability", "Noop", "Logout", "StartTLS", "Login", "Authenticate", "Select", "Create",
+    "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "IdCmd",
+    "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Fetch",
+    "StoreCmd", "Copy", "GetQuotaRoot", "GetQuota",
+]
+
+# RFC 3501 §4: no line length limit, but RFC 7162 §4 recommends servers accept at least
+# 8192 octets; we take 64 KiB (Dovecot: imap_max_line_length = 64k).
+MAX_LINE = 64 * 1024
+MAX_LITERAL = 64 * 1024 * 1024
+MAX_LITERALS_PER_COMMAND = 1000
+MAX_DEPTH = 50  # nesting of search keys / parentheses
+
+SeqSet = tuple[tuple[int | None, int | None], ...]
+"""Inclusive ranges; ``None`` stands for ``*`` (RFC 3501 §9 seq-number)."""
+
+
+# ---------------------------------------------------------------- receiver outputs
+@dataclass(frozen=True)
+class Continue:
+    """A synchronising literal ``{n}`` is announced: the server must send ``+ ...`` before
+    the client sends its ``n`` octets (RFC 3501 §7.5)."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class RawLine:
+    """A line read in raw mode (``expect_line``): IDLE's DONE, an AUTHENTICATE response."""
+
+    line: bytes
+
+
+@dataclass(frozen=True)
+class Bad:
+    """An unparseable or over-sized command: answer ``<tag> BAD [code] reason``."""
+
+    tag: str
+    reason: str
+    code: str | None = None
+
+
+# ---------------------------------------------------------------- commands
+@dataclass(frozen=True)
+class Capability:
+    tag: str
+
+
+@dataclass(frozen=True)
+class Noop:
+    tag: str
+
+
+@dataclass(frozen=True)
+class Logout:
+    tag: str
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    tag: str
+
+
+@dataclass(frozen=True)
+class Login:
+    tag: str
+    user: bytes
+    password: bytes
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    tag: str
+    mechanism: str  # upper-case
+    initial: bytes | None = None  # SASL-IR (RFC 4959), still base64; "=" is an empty response
+
+
+@dataclass(frozen=True)
+class Select:
+    tag: str
+    mailbox: bytes
+    readonly: bool = False  # EXAMINE
+    condstore: bool = False
+
+
+@dataclass(frozen=True)
+class Create:
+    tag: str
+    mailbox: bytes
+    special_use: tuple[str, ...] = ()  # RFC 6154 CREATE (USE (\Sent))
+
+
+@dataclass(frozen=True)
+class Delete:
+    tag: str
+    mailbox: bytes
+
+
+@dataclass(frozen=True)
+class Rename:
+    tag: str
+    old: bytes
+    new: bytes
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    tag: str
+    mailbox: bytes
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    tag: str
+    mailbox: bytes
+
+
+@dataclass(frozen=True)
+class ListCmd:
+    tag: str
+    reference: bytes
+    patterns: tuple[bytes, ...]
+    lsub: bool = False
+    select_opts: tuple[str, ...] = ()  # upper-case, e.g. SUBSCRIBED, SPECIAL-USE
+    return_opts: tuple[str, ...] = ()  # upper-case, e.g. SPECIAL-USE, SUBSCRIBED, CHILDREN
+
+
+@dataclass(frozen=True)
+class Status:
+    tag: str
+    mailbox: bytes
+    items: tuple[str, ...]  # upper-case
+
+
+@dataclass(frozen=True)
+class Append:
+    tag: str
+    mailbox: bytes
+    flags: tuple[str, ...]
+    date: datetime | None
+    message: bytes
+
+
+@dataclass(frozen=True)
+class IdCmd:
+    tag: str
+    params: tuple[tuple[str, str | None], ...] | None
+
+
+@dataclass(frozen=True)
+class Enable:
+    tag: str
+    capabilities: tuple[str, ...]  # upper-case
+
+
+@dataclass(frozen=True)
+class Namespace:
+    tag: str
+
+
+@dataclass(frozen=True)
+class Idle:
+    tag: str
+
+
+@dataclass(frozen=True)
+class Check:
+    tag: str
+
+
+@dataclass(frozen=True)
+class Close:
+    tag: str
+
+
+@dataclass(frozen=True)
+class Unselect:
+    tag: str
+
+
+@dataclass(frozen=True)
+class Expunge:
+    tag: str
+    uids: SeqSet | None = None  # UID EXPUNGE (RFC 4315)
+
+
+@dataclass(frozen=True)
+class SearchNode:
+    """One search key. ``op`` as in ``postbus.proto.store.SearchKey`` plus ``seq`` (a
+    message sequence set, resolved by the session); ``uid`` and ``seq`` carry ``seqset``."""
+
+    op: str
+    args: tuple[str, ...] = ()
+    seqset: SeqSet = ()
+    children: tuple[SearchNode, ...] = ()
+
+
+@dataclass(frozen=True)
+class Search:
+    tag: str
+    uid: bool
+    charset: str | None
+    program: SearchNode  # an "and" node
+    return_opts: tuple[str, ...] | None = None  # ESEARCH RETURN (...), None: plain SEARCH
+
+
+@dataclass(frozen=True)
+class FetchAtt:
+    """``name`` upper-case: FLAGS, UID, INTERNALDATE, RFC822.SIZE, ENVELOPE, BODY,
+    BODYSTRUCTURE, RFC822, RFC822.HEADER, RFC822.TEXT, MODSEQ, or BODY[] (with ``section``)."""
+
+    name: str
+    section: tuple[str, str, tuple[str, ...]] | None = None  # (part, text, fields)
+    partial: tuple[int, int] | None = None  # <start.count>
+    peek: bool = False
+
+    @property
+    def section_text(self) -> str:
+        """The section-spec as echoed in the response (``HEADER.FIELDS (A B)``)."""
+        if self.section is None:
+            return ""
+        part, text, fields = self.section
+        s = ".".join(x for x in (part, text) if x)
+        if fields:
+            s += " (" + " ".join(_astring_text(f) for f in fields) + ")"
+        return s
+
+
+@dataclass(frozen=True)
+class Fetch:
+    tag: str
+    uid: bool
+    seqset: SeqSet
+    atts: tuple[FetchAtt, ...]
+    changedsince: int | None = None
+    macro: str | None = None  # ALL / FAST / FULL when one was used
+
+
+@dataclass(frozen=True)
+class StoreCmd:
+    tag: str
+    uid: bool
+    seqset: SeqSet
+    mode: str  # "set" | "add" | "remove"
+    silent: bool
+    flags: tuple[str, ...]
+    unchangedsince: int | None = None
+
+
+@dataclass(frozen=True)
+class Copy:
+    tag: str
+    uid: bool
+    seqset: SeqSet
+    mailbox: bytes
+    move: bool = False
+
+
+@dataclass(frozen=True)
+class GetQuotaRoot:
+    tag: str
+    mailbox: bytes
+
+
+@dataclass(frozen=True)
+class GetQuota:
+    tag: str
+    root: bytes
+
+
+Command = (Capability | Noop | Logout | StartTLS | Login | Authenticate | Select | Create
+           | Delete | Rename | Subscribe | Unsubscribe | ListCmd | Status | Append | IdCmd
+           | Enable | Namespace | Idle | Check | Close | Unselect | Expunge | Search | Fetch
+           | StoreCmd | Copy | GetQuotaRoot | GetQuota)
+
+
+# ---------------------------------------------------------------- character classes (§9)
+def _cls(chars: bytes) -> frozenset[int]:
+    return frozenset(chars)
+
+
+_CTL = set(range(0x00, 0x20)) | {0x7F}
+_ATOM_SPECIALS = set(b'(){ %*"\\]') | _CTL
+ATOM_CHARS = frozenset(set(range(0x21, 0x7F)) - _ATOM_SPECIALS)
+ASTRING_CHARS = ATOM_CHARS | {ord("]")}
+TAG_CHARS = ASTRING_CHARS - {ord("+")}
+LIST_CHARS = ATOM_CHARS | {ord("%"), ord("*"), ord("]")}
+_LITERAL_AT_END = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n\Z")
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+
+
+def _astring_text(s: str) -> str:
+    if s and all(ord(c) in ASTRING_CHARS for c in s):
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class ParseError(Exception):
+    def __init__(self, reason: str, code: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+# ---------------------------------------------------------------- receiver (framing)
+class Receiver:
+    """IMAP commands from bytes. No I/O.
+
+    ``push(data)`` buffers; ``next()`` returns the next ``Command``, ``Bad``, ``Continue`` or
+    ``RawLine`` (or None when more bytes are needed). ``feed(data)`` does both and returns
+    everything completed. Between two ``next()`` calls the session may switch the receiver
+    to raw-line mode (``expect_line``) for IDLE/AUTHENTICATE, or ``reset`` it (STARTTLS).
+    """
+
+    def __init__(self, max_line: int = MAX_LINE, max_literal: int = MAX_LITERAL) -> None:
+        self.max_line = max_line
+        self.max_literal = max_literal
+        self._buf = bytearray()
+        self._out: deque[Continue | Bad | RawLine | Command] = deque()
+        self._reset_command()
+        self._raw = False
+        self._skip_line = False  # discarding the rest of an over-long line
+        self._discard = 0  # octets of a refused LITERAL+ still to discard
+        self._discard_bad: Bad | None = None
+
+    def _reset_command(self) -> None:
+        self._parts: list[bytes] = []
+        self._literal = 0  # octets of literal data expected next
+        self._nliterals = 0
+        self._size = 0
+        self._tag = "*"
+
+    def reset(self) -> None:
+        """Drop buffered input (after STARTTLS: RFC 3501 §6.2.1, no plaintext injection)."""
+        self._buf.clear()
+        self._out.clear()
+        self._reset_command()
+        self._raw = self._skip_line = False
+        self._discard = 0
+        self._discard_bad = None
+
+    def expect_line(self) -> None:
+        """The next line (outside a command) is returned as ``RawLine``."""
+        self._raw = True
+
+    @property
+    def pending(self) -> int:
+        """Buffered octets not consumed yet."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Continue | Bad | RawLine | Command]:
+        self.push(data)
+        out = []
+        while (item := self.next()) is not None:
+            out.append(item)
+        return out
+
+    def push(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> Continue | Bad | RawLine | Command | None:
+        while not self._out:
+            if not self._step():
+                break
+        return self._out.popleft() if self._out else None
+
+    # one step of framing; False when more input is needed
+    def _step(self) -> bool:
+        buf = self._buf
+        if self._discard:
+            n = min(self._discard, len(buf))
+            del buf[:n]
+            self._discard -= n
+            if self._discard:
+                return False
+            self._skip_line = True
+            return True
+        if self._literal:
+            if len(buf) < self._literal:
+                return False
+            self._parts.append(bytes(buf[:self._literal]))
+            del buf[:self._literal]
+            self._literal = 0
+            return True
+        nl = buf.find(b"\n")
+        if self._skip_line:
+            if nl < 0:
+                buf.clear()
+                return False
+            del buf[:nl + 1]
+            self._skip_line = False
+            if self._discard_bad is not None:
+                self._out.append(self._discard_bad)
+                self._discard_bad = None
+            return True
+        if nl < 0:
+            if len(buf) > self.max_line:
+                self._out.append(Bad(self._tag_of(bytes(buf[:200])),
+                                     "line too long", "TOOBIG"))
+                buf.clear()
+                self._reset_command()
+                self._skip_line = True
+            return False
+        line = bytes(buf[:nl + 1])
+        del buf[:nl + 1]
+        if len(line) > self.max_line:
+            self._out.append(Bad(self._tag_of(line[:200]), "line too long", "TOOBIG"))
+            self._reset_command()
+            return True
+        if self._raw and not self._parts:
+            self._raw = False
+            self._out.append(RawLine(line.rstrip(b"\r\n")))
+            return True
+        if not self._parts:
+            self._tag = self._tag_of(line)
+        self._parts.append(line)
+        self._size += len(line)
+        m = _LITERAL_AT_END.search(line)
+        if m is None:
+            data = b"".join(self._parts)
+            tag = self._tag
+            self._reset_command()
+            self._out.append(parse_command(data, tag))
+            return True
+        size, plus = int(m.group(1)), bool(m.group(2))
+        self._nliterals += 1
+        if size > self.max_literal or self._nliterals > MAX_LITERALS_PER_COMMAND:
+            bad = Bad(self._tag, "literal too large" if size > self.max_literal
+                      else "too many literals", "TOOBIG")
+            self._reset_command()
+            if plus:
+                # the client sends the data anyway: skip it and the rest of the command line
+                self._discard = size
+                self._discard_bad = bad
+            else:
+                # a synchronising literal is refused before the data (RFC 3501 §7.5)
+                self._out.append(bad)
+            return True
+        self._size += size
+        self._literal = size
+        if not plus:
+            self._out.append(Continue(size))
+        if size == 0:
+            return True
+        return True
+
+    @staticmethod
+    def _tag_of(line: bytes) -> str:
+        sp = line.find(b" ")
+        tag = line[:sp] if sp > 0 else b""
+        if tag and all(c in TAG_CHARS for c in tag):
+            return tag.decode("ascii")
+        return "*"
+
+
+# ---------------------------------------------------------------- cursor over one command
+class _Cursor:
+    def __init__(self, data: bytes) -> None:
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        elif data.endswith(b"\n"):
+            data = data[:-1]
+        self.d = data
+        self.i = 0
+        self.depth = 0
+
+    def fail(self, reason: str, code: str | None = None) -> ParseError:
+        return ParseError(reason, code)
+
+    def peek(self) -> int | None:
+        return self.d[self.i] if self.i < len(self.d) else None
+
+    def at_end(self) -> bool:
+        return self.i >= len(self.d)
+
+    def end(self) -> None:
+        if not self.at_end():
+            raise self.fail("unexpected characters at end of command")
+
+    def sp(self) -> None:
+        if self.peek() != 0x20:
+            raise self.fail("expected a space")
+        self.i += 1
+
+    def maybe(self, lit: bytes) -> bool:
+        if self.d[self.i:self.i + len(lit)].upper() == lit.upper():
+            self.i += len(lit)
+            return True
+        return False
+
+    def expect(self, lit: bytes) -> None:
+        if not self.maybe(lit):
+            raise self.fail(f"expected {lit.decode()!r}")
+
+    def chars(self, allowed: frozenset[int], what: str) -> bytes:
+        j = self.i
+        d = self.d
+        while j < len(d) and d[j] in allowed:
+            j += 1
+        if j == self.i:
+            raise self.fail(f"expected {what}")
+        out = d[self.i:j]
+        self.i = j
+        return out
+
+    def atom(self) -> str:
+        return self.chars(ATOM_CHARS, "an atom").decode("ascii")
+
+    def number(self, nz: bool = False, limit: int = 2**63 - 1) -> int:
+        s = self.chars(frozenset(b"0123456789"), "a number")
+        if len(s) > 20:
+            raise self.fail("number too large")
+        n = int(s)
+        if n > limit or (nz and n == 0):
+            raise self.fail("number out of range")
+        return n
+
+    def quoted(self) -> bytes:
+        d = self.d
+        assert d[self.i] == 0x22
+        j = self.i + 1
+        out = bytearray()
+        while j < len(d):
+            c = d[j]
+            if c == 0x22:
+                self.i = j + 1
+                return bytes(out)
+            if c == 0x5C:
+                if j + 1 < len(d) and d[j + 1] in (0x22, 0x5C):
+                    out.append(d[j + 1])
+                    j += 2
+                    continue
+                raise self.fail("bad escape in quoted string")
+            if c in (0x0D, 0x0A, 0x00):
+                raise self.fail("CR, LF or NUL in quoted string")
+            out.append(c)
+            j += 1
+        raise self.fail("unterminated quoted string")
+
+    def literal(self) -> bytes:
+        m = re.compile(rb"~?\{([0-9]{1,20})\+?\}\r?\n").match(self.d, self.i)
+        if m is None:
+            raise self.fail("bad literal")
+        n = int(m.group(1))
+        start = m.end()
+        if start + n > len(self.d):
+            raise self.fail("literal shorter than announced")
+        self.i = start + n
+        return self.d[start:start + n]
+
+    def string(self) -> bytes:
+        c = self.peek()
+        if c == 0x22:
+            return self.quoted()
+        if c == 0x7B:
+            return self.literal()
+        raise self.fail("expected a string")
+
+    def astring(self) -> bytes:
+        c = self.peek()
+        if c in (0x22, 0x7B):
+            return self.string()
+        return self.chars(ASTRING_CHARS, "a string")
+
+    def nstring(self) -> bytes | None:
+        if self.d[self.i:self.i + 3].upper() == b"NIL" and (
+                self.i + 3 >= len(self.d) or self.d[self.i + 3] not in ATOM_CHARS):
+            self.i += 3
+            return None
+        return self.string()
+
+    def list_mailbox(self) -> bytes:
+        c = self.peek()
+        if c in (0x22, 0x7B):
+            return self.string()
+        return self.chars(LIST_CHARS, "a mailbox pattern")
+
+    def seqset(self) -> SeqSet:
+        out: list[tuple[int | None, int | None]] = []
+        while True:
+            a = self._seqnum()
+            b = a
+            if self.peek() == 0x3A:
+                self.i += 1
+                b = self._seqnum()
+            out.append((a, b))
+            if len(out) > 100_000:
+                raise self.fail("sequence set too long")
+            if self.peek() != 0x2C:
+                return tuple(out)
+            self.i += 1
+
+    def _seqnum(self) -> int | None:
+        if self.peek() == 0x2A:
+            self.i += 1
+            return None
+        return self.number(nz=True, limit=4294967295)
+
+    def flag(self) -> str:
+        if self.peek() == 0x5C:
+            self.i += 1
+            if self.peek() == 0x2A:
+                self.i += 1
+                return "\\*"
+            return "\\" + self.atom()
+        return self.atom()
+
+    def flag_list(self) -> tuple[str, ...]:
+        self.expect(b"(")
+        flags: list[str] = []
+        while self.peek() != 0x29:
+            if flags:
+                self.sp()
+            flags.append(self.flag())
+            if self.at_end():
+                raise self.fail("unterminated flag list")
+        self.i += 1
+        return tuple(flags)
+
+    def paren_atoms(self) -> tuple[str, ...]:
+        self.expect(b"(")
+        out: list[str] = []
+        while self.peek() != 0x29:
+            if out:
+                self.sp()
+            out.append(self.atom().upper())
+            if self.at_end():
+                raise self.fail("unterminated list")
+        self.i += 1
+        return tuple(out)
+
+    def date(self) -> str:
+        """date (RFC 3501 §9) as ISO ``YYYY-MM-DD``."""
+        q = self.peek() == 0x22
+        if q:
+            self.i += 1
+        m = re.compile(rb"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})").match(self.d, self.i)
+        if m is None:
+            raise self.fail("bad date")
+        self.i = m.end()
+        if q:
+            self.expect(b'"')
+        day, mon, year = int(m.group(1)), m.group(2).decode().lower(), int(m.group(3))
+        if mon not in _MONTHS:
+            raise self.fail("bad month")
+        try:
+            return datetime(year, _MONTHS.index(mon) + 1, day).date().isoformat()
+        except ValueError:
+            raise self.fail("bad date") from None
+
+    def date_time(self) -> datetime:
+        """date-time: "dd-Mon-yyyy hh:mm:ss +zzzz" (RFC 3501 §9)."""
+        m = re.compile(rb'"([ 0-9][0-9])-([A-Za-z]{3})-([0-9]{4}) ([0-9]{2}):([0-9]{2}):'
+                       rb'([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})"').match(self.d, self.i)
+        if m is None:
+            raise self.fail("bad date-time")
+        self.i = m.end()
+        mon = m.group(2).decode().lower()
+        if mon not in _MONTHS:
+            raise self.fail("bad month")
+        off = timedelta(hours=int(m.group(8)), minutes=int(m.group(9)))
+        if m.group(7) == b"-":
+            off = -off
+        try:
+            return datetime(int(m.group(3)), _MONTHS.index(mon) + 1, int(m.group(1)),
+                            int(m.group(4)), int(m.group(5)), int(m.group(6)),
+                            tzinfo=timezone(off))
+        except ValueError:
+            raise self.fail("bad date-time") from None
+
+
+# ---------------------------------------------------------------- command grammar
+def parse_command(data: bytes, tag: str | None = None) -> Command | Bad:
+    """Parse one complete command (its lines and literal data, as received). Never raises."""
+    c = _Cursor(data)
+    try:
+        t = c.chars(TAG_CHARS, "a tag").decode("ascii")
+    except ParseError:
+        return Bad(tag or "*", "missing or invalid tag")
+    try:
+        c.sp()
+        name = c.atom().upper()
+        uid = False
+        if name == "UID":
+            c.sp()
+            name = c.atom().upper()
+            if name not in ("FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE"):
+                raise c.fail(f"UID {name} is not a command")
+            uid = True
+        fn = _COMMANDS.get(name)
+        if fn is None:
+            raise c.fail(f"unknown command {name[:40]}")
+        cmd = fn(c, t, uid)
+        c.end()
+        return cmd
+    except ParseError as exc:
+        return Bad(t, exc.reason, exc.code)
+    except RecursionError:
+        return Bad(t, "nested too deeply")
+
+
+def _simple(cls: type) -> object:
+    def parse(c: _Cursor, tag: str, uid: bool) -> object:
+        return cls(tag)
+    return parse
+
+
+def _login(c: _Cursor, tag: str, uid: bool) -> Login:
+    c.sp()
+    user = c.astring()
+    c.sp()
+    return Login(tag, user, c.astring())
+
+
+def _authenticate(c: _Cursor, tag: str, uid: bool) -> Authenticate:
+    c.sp()
+    mech = c.atom().upper()
+    initial = None
+    if not c.at_end():
+        c.sp()
+        if c.maybe(b"="):
+            initial = b"="
+        else:
+            initial = c.chars(frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                        b"0123456789+/="), "a base64 response")
+    return Authenticate(tag, mech, initial)
+
+
+def _mailbox_cmd(cls: type) -> object:
+    def parse(c: _Cursor, tag: str, uid: bool) -> object:
+        c.sp()
+        return cls(tag, c.astring())
+    return parse
+
+
+def _select(readonly: bool) -> object:
+    def parse(c: _Cursor, tag: str, uid: bool) -> Select:
+        c.sp()
+        mbox = c.astring()
+        condstore = False
+        if not c.at_end():
+            c.sp()
+            for p in c.paren_atoms():
+                if p == "CONDSTORE":
+                    condstore = True
+                else:
+                    raise c.fail(f"unsupported select parameter {p}")
+        return Select(tag, mbox, readonly, condstore)
+    return parse
+
+
+def _create(c: _Cursor, tag: str, uid: bool) -> Create:
+    c.sp()
+    mbox = c.astring()
+    use: tuple[str, ...] = ()
+    if not c.at_end():
+        c.sp()
+        c.expect(b"(")
+        c.expect(b"USE")
+        c.sp()
+        use = c.flag_list()
+        c.expect(b")")
+    return Create(tag, mbox, use)
+
+
+def _rename(c: _Cursor, tag: str, uid: bool) -> Rename:
+    c.sp()
+    old = c.astring()
+    c.sp()
+    return Rename(tag, old, c.astring())
+
+
+def _list(lsub: bool) -> object:
+    def parse(c: _Cursor, tag: str, uid: bool) -> ListCmd:
+        c.sp()
+        select_opts: tuple[str, ...] = ()
+        if not lsub and c.peek() == 0x28:
+            select_opts = c.paren_atoms()
+            c.sp()
+        ref = c.astring() if c.peek() != 0x22 else c.string()
+        c.sp()
+        pats: list[bytes] = []
+        if not lsub and c.peek() == 0x28:
+            c.i += 1
+            while c.peek() != 0x29:
+                if pats:
+                    c.sp()
+                pats.append(c.list_mailbox())
+                if c.at_end():
+                    raise c.fail("unterminated pattern list")
+            c.i += 1
+        else:
+            pats.append(c.list_mailbox())
+        ret: tuple[str, ...] = ()
+        if not lsub and not c.at_end():
+            c.sp()
+            c.expect(b"RETURN")
+            c.sp()
+            ret = _return_opts(c)
+        return ListCmd(tag, ref, tuple(pats), lsub, select_opts, ret)
+    return parse
+
+
+def _return_opts(c: _Cursor) -> tuple[str, ...]:
+    # RETURN (SPECIAL-USE CHILDREN STATUS (MESSAGES UNSEEN)): keep the option names
+    c.expect(b"(")
+    out: list[str] = []
+    while c.peek() != 0x29:
+        if out:
+            c.sp()
+        out.append(c.atom().upper())
+        if c.peek() == 0x20 and c.d[c.i + 1:c.i + 2] == b"(":
+            c.sp()
+            out.extend("STATUS." + x for x in c.paren_atoms())
+        if c.at_end():
+            raise c.fail("unterminated RETURN list")
+    c.i += 1
+    return tuple(out)
+
+
+def _status(c: _Cursor, tag: str, uid: bool) -> Status:
+    c.sp()
+    mbox = c.astring()
+    c.sp()
+    items = c.paren_atoms()
+    if not items:
+        raise c.fail("no status items")
+    for it in items:
+        if it not in ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN",
+                      "HIGHESTMODSEQ", "SIZE", "DELETED"):
+            raise c.fail(f"unknown status item {it}")
+    return Status(tag, mbox, items)
+
+
+def _append(c: _Cursor, tag: str, uid: bool) -> Append:
+    c.sp()
+    mbox = c.astring()
+    c.sp()
+    flags: tuple[str, ...] = ()
+    date = None
+    if c.peek() == 0x28:
+        flags = c.flag_list()
+        c.sp()
+    if c.peek() == 0x22:
+        date = c.date_time()
+        c.sp()
+    if c.peek() != 0x7B:
+        raise c.fail("expected a literal")
+    return Append(tag, mbox, flags, date, c.literal())
+
+
+def _id(c: _Cursor, tag: str, uid: bool) -> IdCmd:
+    c.sp()
+    if c.maybe(b"NIL"):
+        return IdCmd(tag, None)
+    c.expect(b"(")
+    params: list[tuple[str, str | None]] = []
+    while c.peek() != 0x29:
+        if params:
+            c.sp()
+        k = c.string()
+        c.sp()
+        v = c.nstring()
+        params.append((k.decode("utf-8", "replace")[:30],
+                       None if v is None else v.decode("utf-8", "replace")[:1024]))
+        if len(params) > 30 or c.at_end():
+            raise c.fail("bad ID parameter list")  # RFC 2971 §3.3: at most 30 pairs
+    c.i += 1
+    return IdCmd(tag, tuple(params))
+
+
+def _enable(c: _Cursor, tag: str, uid: bool) -> Enable:
+    caps: list[str] = []
+    while not c.at_end():
+        c.sp()
+        caps.append(c.atom().upper())
+    if not caps:
+        raise c.fail("ENABLE needs a capability")
+    return Enable(tag, tuple(caps))
+
+
+def _expunge(c: _Cursor, tag: str, uid: bool) -> Expunge:
+    if uid:
+        c.sp()
+        return Expunge(tag, c.seqset())
+    return Expunge(tag)
+
+
+def _copy(move: bool) -> object:
+    def parse(c: _Cursor, tag: str, uid: bool) -> Copy:
+        c.sp()
+        s = c.seqset()
+        c.sp()
+        return Copy(tag, uid, s, c.astring(), move)
+    return parse
+
+
+def _store(c: _Cursor, tag: str, uid: bool) -> StoreCmd:
+    c.sp()
+    s = c.seqset()
+    c.sp()
+    unchanged = None
+    if c.peek() == 0x28:
+        c.i += 1
+        c.expect(b"UNCHANGEDSINCE")
+        c.sp()
+        unchanged = c.number()
+        c.expect(b")")
+        c.sp()
+    mode = "set"
+    if c.maybe(b"+"):
+        mode = "add"
+    elif c.maybe(b"-"):
+        mode = "remove"
+    c.expect(b"FLAGS")
+    silent = c.maybe(b".SILENT")
+    c.sp()
+    if c.peek() == 0x28:
+        flags = c.flag_list()
+    else:
+        fl = [c.flag()]
+        while not c.at_end():
+            c.sp()
+            fl.append(c.flag())
+        flags = tuple(fl)
+    return StoreCmd(tag, uid, s, mode, silent, flags, unchanged)
+
+
+_SIMPLE_ATTS = ("FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE",
+                "RFC822.HEADER", "RFC822.TEXT", "RFC822", "MODSEQ", "BODY")
+_MACROS = {
+    "ALL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"),
+    "FAST": ("FLAGS", "INTERNALDATE", "RFC822.SIZE"),
+    "FULL": ("FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"),
+}
+
+
+def _section(c: _Cursor) -> tuple[str, str, tuple[str, ...]]:
+    """section-spec inside [...] (RFC 3501 §9); the cursor is after '['."""
+    m = re.compile(rb"([1-9][0-9]{0,8}(?:\.[1-9][0-9]{0,8}){0,49})?").match(c.d, c.i)
+    assert m is not None
+    part = m.group(1).decode() if m.group(1) else ""
+    c.i = m.end()
+    text = ""
+    fields: tuple[str, ...] = ()
+    if part and c.peek() == 0x2E:
+        c.i += 1
+        if c.maybe(b"MIME"):
+            text = "MIME"
+        elif c.peek() not in (0x48, 0x68, 0x54, 0x74):
+            raise c.fail("bad section")
+    elif part and c.peek() != 0x5D:
+        raise c.fail("bad section")
+    if not text and c.peek() != 0x5D:
+        if c.maybe(b"HEADER.FIELDS.NOT"):
+            text = "HEADER.FIELDS.NOT"
+        elif c.maybe(b"HEADER.FIELDS"):
+            text = "HEADER.FIELDS"
+        elif c.maybe(b"HEADER"):
+            text = "HEADER"
+        elif c.maybe(b"TEXT"):
+            text = "TEXT"
+        else:
+            raise c.fail("bad section")
+        if text.startswith("HEADER.FIELDS"):
+            c.sp()
+            c.expect(b"(")
+            names: list[str] = []
+            while c.peek() != 0x29:
+                if names:
+                    c.sp()
+                names.append(c.astring().decode("ascii", "replace"))
+                if c.at_end() or len(names) > 500:
+                    raise c.fail("bad header list")
+            c.i += 1
+            if not names:
+                raise c.fail("empty header list")
+            fields = tuple(names)
+    c.expect(b"]")
+    return part, text, fields
+
+
+def _fetch_att(c: _Cursor) -> FetchAtt:
+    for name in ("BODY.PEEK[", "BODY[", "BINARY.PEEK[", "BINARY["):
+        if c.maybe(name.encode()):
+            if name.startswith("BINARY"):
+                raise c.fail("BINARY is not supported")
+            sec = _section(c)
+            partial = None
+            if c.peek() == 0x3C:
+                c.i += 1
+                start = c.number(limit=4294967295)
+                c.expect(b".")
+                count = c.number(nz=True, limit=4294967295)
+                c.expect(b">")
+                partial = (start, count)
+            return FetchAtt("BODY[]", sec, partial, peek=name.startswith("BODY.PEEK"))
+    a = c.chars(ATOM_CHARS, "a fetch attribute").decode("ascii").upper()
+    if a not in _SIMPLE_ATTS:
+        raise c.fail(f"unknown fetch attribute {a[:40]}")
+    return FetchAtt(a)
+
+
+def _fetch(c: _Cursor, tag: str, uid: bool) -> Fetch:
+    c.sp()
+    s = c.seqset()
+    c.sp()
+    atts: list[FetchAtt] = []
+    macro = None
+    if c.peek() == 0x28:
+        c.i += 1
+        while c.peek() != 0x29:
+            if atts:
+                c.sp()
+            atts.append(_fetch_att(c))
+            if c.at_end() or len(atts) > 100:
+                raise c.fail("bad fetch attribute list")
+        c.i += 1
+    else:
+        save = c.i
+        word = c.chars(ATOM_CHARS, "a fetch attribute").decode("ascii").upper()
+        if word in _MACROS:
+            macro = word
+            atts = [FetchAtt(x) for x in _MACROS[word]]
+        else:
+            c.i = save
+            atts = [_fetch_att(c)]
+    changedsince = None
+    if not c.at_end():
+        c.sp()
+        c.expect(b"(")
+        c.expect(b"CHANGEDSINCE")
+        c.sp()
+        changedsince = c.number()
+        c.expect(b")")
+    if not atts:
+        raise c.fail("no fetch attributes")
+    return Fetch(tag, uid, s, tuple(atts), changedsince, macro)
+
+
+_FLAG_KEYS = {
+    "ANSWERED": ("flag", "\\Answered"), "DELETED": ("flag", "\\Deleted"),
+    "DRAFT": ("flag", "\\Draft"), "FLAGGED": ("flag", "\\Flagged"), "SEEN": ("flag", "\\Seen"),
+    "RECENT": ("flag", "\\Recent"),
+    "UNANSWERED": ("unflag", "\\Answered"), "UNDELETED": ("unflag", "\\Deleted"),
+    "UNDRAFT": ("unflag", "\\Draft"), "UNFLAGGED": ("unflag", "\\Flagged"),
+    "UNSEEN": ("unflag", "\\Seen"), "OLD": ("unflag", "\\Recent"),
+}
+_STRING_KEYS = ("BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO")
+_DATE_KEYS = ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE")
+
+
+def _search_key(c: _Cursor, charset: str) -> SearchNode:
+    c.depth += 1
+    if c.depth > MAX_DEPTH:
+        raise c.fail("search program nested too deeply")
+    try:
+        p = c.peek()
+        if p == 0x28:
+            c.i += 1
+            keys = [_search_key(c, charset)]
+            while c.peek() == 0x20:
+                c.i += 1
+                keys.append(_search_key(c, charset))
+            c.expect(b")")
+            return SearchNode("and", children=tuple(keys))
+        if p is not None and (0x30 <= p <= 0x39 or p == 0x2A):
+            return SearchNode("seq", seqset=c.seqset())
+        word = c.atom().upper()
+
+        def text() -> str:
+            return c.astring().decode(charset, "replace")
+
+        if word == "ALL":
+            return SearchNode("all")
+        if word == "NEW":
+            return SearchNode("and", children=(SearchNode("flag", ("\\Recent",)),
+                                               SearchNode("unflag", ("\\Seen",))))
+        if word in _FLAG_KEYS:
+            op, flag = _FLAG_KEYS[word]
+            return SearchNode(op, (flag,))
+        c.sp()
+        if word in ("KEYWORD", "UNKEYWORD"):
+            return SearchNode("flag" if word == "KEYWORD" else "unflag", (c.atom(),))
+        if word in _STRING_KEYS:
+            return SearchNode(word.lower(), (text(),))
+        if word in _DATE_KEYS:
+            return SearchNode(word.lower(), (c.date(),))
+        if word in ("LARGER", "SMALLER"):
+            return SearchNode(word.lower(), (str(c.number(limit=2**63 - 1)),))
+        if word == "HEADER":
+            name = c.astring().decode("ascii", "replace")
+            c.sp()
+            return SearchNode("header", (name, text()))
+        if word == "UID":
+            return SearchNode("uid", seqset=c.seqset())
+        if word == "NOT":
+            return SearchNode("not", children=(_search_key(c, charset),))
+        if word == "OR":
+            a = _search_key(c, charset)
+            c.sp()
+            return SearchNode("or", children=(a, _search_key(c, charset)))
+        if word == "MODSEQ":
+            if c.peek() == 0x22:  # entry-name and entry-type-req (RFC 7162 §3.1.5)
+                c.quoted()
+                c.sp()
+                c.atom()
+                c.sp()
+            return SearchNode("modseq", (str(c.number()),))
+        raise c.fail(f"unknown search key {word[:40]}")
+    finally:
+        c.depth -= 1
+
+
+def _search(c: _Cursor, tag: str, uid: bool) -> Search:
+    c.sp()
+    ret: tuple[str, ...] | None = None
+    if c.maybe(b"RETURN "):
+        ret = c.paren_atoms()
+        c.sp()
+    charset = None
+    if c.maybe(b"CHARSET "):
+        charset = c.astring().decode("ascii", "replace").upper()
+        c.sp()
+    py_charset = {"UTF-8": "utf-8", "US-ASCII": "ascii"}.get(charset or "UTF-8")
+    if py_charset is None:
+        raise c.fail(f"unsupported charset {charset}", "BADCHARSET (UTF-8 US-ASCII)")
+    keys = [_search_key(c, py_charset if py_charset != "ascii" else "utf-8")]
+    while not c.at_end():
+        c.sp()
+        keys.append(_search_key(c, "utf-8"))
+    return Search(tag, uid, charset, SearchNode("and", children=tuple(keys)), ret)
+
+
+_COMMANDS = {
+    "CAPABILITY": _simple(Capability), "NOOP": _simple(Noop), "LOGOUT": _simple(Logout),
+    "STARTTLS": _simple(StartTLS), "LOGIN": _login, "AUTHENTICATE": _authenticate,
+    "SELECT": _select(False), "EXAMINE": _select(True), "CREATE": _create,
+    "DELETE": _mailbox_cmd(Delete), "RENAME": _rename, "SUBSCRIBE": _mailbox_cmd(Subscribe),
+    "UNSUBSCRIBE": _mailbox_cmd(Unsubscribe), "LIST": _list(False), "LSUB": _list(True),
+    "STATUS": _status, "APPEND": _append, "ID": _id, "ENABLE": _enable,
+    "NAMESPACE": _simple(Namespace), "IDLE": _simple(Idle), "CHECK": _simple(Check),
+    "CLOSE": _simple(Close), "UNSELECT": _simple(Unselect), "EXPUNGE": _expunge,
+    "SEARCH": _search, "FETCH": _fetch, "STORE": _store, "COPY": _copy(False),
+    "MOVE": _copy(True), "GETQUOTAROOT": _mailbox_cmd(GetQuotaRoot),
+    "GETQUOTA": _mailbox_cmd(GetQuota),
+}

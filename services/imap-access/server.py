@@ -1,0 +1,199 @@
+"""IMAP listeners (asyncio streams): port 143-style with STARTTLS and 993-style implicit TLS.
+
+Reads bytes into the pure ``Receiver``, hands every command to a ``Session`` and writes
+what it answers. Owns timeouts (RFC 3501 §5.4), the command budget and TLS upgrades.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import ssl
+import time
+from dataclasses import dataclass, field
+
+from postbus.imap_access.ports import Blobs, Changes, Directory, Store
+from postbus.imap_access.session import Session, SessionConfig
+from postbus.imap_access.settings import Settings
+from postbus.kit.logging import get_logger
+from postbus.kit.metrics import counter, gauge
+from postbus.protocols.imap_parser import Continue, RawLine, Receiver
+
+log = get_logger("postbus.imap.server")
+
+SESSIONS = gauge("postbus_imap_sessions", "Open IMAP sessions", ["listener"])
+CONNECTIONS = counter("postbus_imap_connections_total", "IMAP connections accepted",
+                      ["listener"])
+READ_SIZE = 64 * 1024
+
+
+class _Out:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+
+def is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ImapServer:
+    settings: Settings
+    directory: Directory
+    store: Store
+    blobs: Blobs
+    changes: Changes
+    tls: ssl.SSLContext | None = None
+    sessions: dict[str, Session] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    _servers: list[asyncio.Server] = field(default_factory=list)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def session_config(self) -> SessionConfig:
+        s = self.settings
+        return SessionConfig(auth_fail_delay_s=s.auth_fail_delay_s,
+                             max_auth_failures=s.max_auth_failures, fetch_batch=s.fetch_batch,
+                             inline_append_max=s.common.inline_threshold,
+                             hostname=s.common.hostname,
+                             starttls_available=self.tls is not None)
+
+    async def start(self, host: str, imap_port: int | None,
+                    imaps_port: int | None) -> list[int]:
+        """Listen; returns the bound ports (useful with port 0)."""
+        ports = []
+        if imap_port is not None:
+            srv = await asyncio.start_server(lambda r, w: self._spawn(r, w, "imap", False),
+                                             host, imap_port, limit=READ_SIZE)
+            self._servers.append(srv)
+            ports.append(srv.sockets[0].getsockname()[1])
+        if imaps_port is not None and self.tls is not None:
+            srv = await asyncio.start_server(lambda r, w: self._spawn(r, w, "imaps", True),
+                                             host, imaps_port, ssl=self.tls, limit=READ_SIZE)
+            self._servers.append(srv)
+            ports.append(srv.sockets[0].getsockname()[1])
+        return ports
+
+    async def stop(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for s in list(self.sessions.values()):
+            with contextlib.suppress(Exception):
+                s.bye("Server shutting down")
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 2)
+
+    async def _spawn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     listener: str, implicit_tls: bool) -> None:
+        t = asyncio.current_task()
+        if t is not None:
+            self._tasks.add(t)
+        SESSIONS.labels(listener).inc()
+        CONNECTIONS.labels(listener).inc()
+        try:
+            await self._serve(reader, writer, listener, implicit_tls)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        except Exception:
+            log.exception("connection failed", listener=listener)
+        finally:
+            SESSIONS.labels(listener).dec()
+            if t is not None:
+                self._tasks.discard(t)
+            with contextlib.suppress(Exception):
+                writer.close()
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     listener: str, implicit_tls: bool) -> None:
+        s = self.settings
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        ip = str(peer[0])
+        secure = implicit_tls or (s.loopback_is_secure and is_loopback(ip))
+        out = _Out(writer)
+        session = Session(directory=self.directory, store=self.store, blobs=self.blobs,
+                          changes=self.changes, out=out, config=self.session_config(),
+                          client_ip=ip, secure=secure, tls=implicit_tls, listener=listener)
+        if len(self.sessions) >= s.max_sessions:
+            out.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
+            await out.drain()
+            return
+        self.sessions[session.info.id] = session
+        rx = Receiver(max_line=s.max_line, max_literal=s.max_literal)
+        read_task: asyncio.Task[bytes] | None = None
+        try:
+            session.greeting()
+            await out.drain()
+            commands = 0
+            while not session.closed:
+                item = rx.next()
+                if item is None:
+                    if read_task is None:
+                        read_task = asyncio.ensure_future(reader.read(READ_SIZE))
+                    timeout = s.idle_timeout_s if session.authenticated else s.preauth_timeout_s
+                    waits: set[asyncio.Future[object]] = {read_task}  # type: ignore[arg-type]
+                    wake = None
+                    if session.idling:
+                        wake = asyncio.ensure_future(session.wakeup.wait())
+                        waits.add(wake)
+                    done, _ = await asyncio.wait(waits, timeout=timeout,
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if wake is not None and not wake.done():
+                        wake.cancel()
+                    if not done:
+                        session.bye("Autologout; idle for too long")
+                        break
+                    if wake is not None and wake in done:
+                        await session.idle_updates()
+                    if read_task.done():
+                        data = read_task.result()
+                        read_task = None
+                        if not data:
+                            break
+                        rx.push(data)
+                    continue
+                if not isinstance(item, Continue | RawLine):
+                    commands += 1
+                    if commands > s.max_commands:
+                        session.bye("Too many commands in one session")
+                        break
+                await session.handle(item)
+                if session.expect_line:
+                    rx.expect_line()
+                if session.start_tls:
+                    session.start_tls = False
+                    await out.drain()
+                    if read_task is not None:
+                        # nothing may follow STARTTLS in plaintext (RFC 3501 §6.2.1)
+                        read_task.cancel()
+                        read_task = None
+                    rx.reset()
+                    assert self.tls is not None
+                    await writer.start_tls(self.tls)
+                    session.tls = session.secure = session.info.tls = True
+                if out.bytes > 256 * 1024 or rx.pending == 0:
+                    out.bytes = 0
+                    await out.drain()
+            await out.drain()
+        finally:
+            if read_task is not None:
+                read_task.cancel()
+            self.sessions.pop(session.info.id, None)
+            await session.close()

@@ -1,0 +1,1007 @@
+"""One IMAP4rev1 session (RFC 3501 §3 states: not authenticated, authenticated, selected,
+logout), talking only to the ports. The server owns the socket; the session writes its
+responses to an ``Output`` and tells the server what to do next (raw line, STARTTLS, close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from postbus.imap_access.ports import (
+    Blobs,
+    Changes,
+    Directory,
+    Output,
+    Store,
+    StoreError,
+    Unsubscribe,
+)
+from postbus.imap_access.view import BadSequence, MailboxView, to_ranges
+from postbus.kit.logging import get_logger
+from postbus.kit.metrics import counter
+from postbus.proto.mail import MailboxChanged, MessageSummary
+from postbus.proto.store import (
+    AppendRequest,
+    CopyRequest,
+    ExpungeRequest,
+    FetchRequest,
+    MailboxCreateRequest,
+    MailboxInfo,
+    MailboxListRequest,
+    MailboxRef,
+    MailboxRenameRequest,
+    MessageMeta,
+    QuotaRequest,
+    SearchKey,
+    SearchRequest,
+    SelectRequest,
+    StoreFlagsRequest,
+    SubscribeRequest,
+)
+from postbus.protocols import imap_parser as p
+from postbus.protocols import mime
+from postbus.protocols.imap_wire import (
+    astring,
+    flag_list,
+    imap_datetime,
+    literal,
+    mutf7_decode,
+    mutf7_encode,
+    seqset,
+)
+
+log = get_logger("postbus.imap")
+
+COMMANDS = counter("postbus_imap_commands_total", "IMAP commands by name and result",
+                   ["command", "result"])
+FETCH_BYTES = counter("postbus_imap_fetch_bytes_total", "Octets of message data sent by FETCH")
+
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+DELIM = "/"
+BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
+             "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
+             "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA")
+
+
+# ---------------------------------------------------------------- states (RFC 3501 §3)
+@dataclass(frozen=True)
+class NotAuthenticated:
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    account_id: int
+    user: str
+
+
+@dataclass
+class Selected:
+    account_id: int
+    user: str
+    view: MailboxView
+
+
+@dataclass(frozen=True)
+class LoggedOut:
+    pass
+
+
+State = NotAuthenticated | Authenticated | Selected | LoggedOut
+
+
+@dataclass(frozen=True)
+class Tagged:
+    status: str  # OK | NO | BAD
+    text: str
+
+
+class No(Exception):
+    """Answer the command with ``NO [code] text``."""
+
+    def __init__(self, text: str, code: str | None = None, status: str = "NO") -> None:
+        super().__init__(text)
+        self.text = f"[{code}] {text}" if code else text
+        self.status = status
+
+
+@dataclass
+class SessionConfig:
+    auth_fail_delay_s: float = 2.0
+    max_auth_failures: int = 3
+    fetch_batch: int = 250
+    inline_append_max: int = 128 * 1024  # larger APPENDs go to S3 first, then a reference
+    hostname: str = "localhost"
+    starttls_available: bool = False
+
+
+@dataclass
+class Info:
+    """What the management API shows about a live session."""
+
+    id: str
+    ip: str
+    listener: str
+    since: float = field(default_factory=time.time)
+    user: str | None = None
+    mailbox: str | None = None
+    tls: bool = False
+    commands: int = 0
+
+
+# ---------------------------------------------------------------- names
+def to_store_name(raw: bytes) -> str:
+    """Wire mailbox name (modified UTF-7) to the store's name; INBOX is case-insensitive."""
+    name = mutf7_decode(raw).strip(DELIM) if raw not in (b"",) else ""
+    head, sep, rest = name.partition(DELIM)
+    if head.upper() == "INBOX":
+        name = "INBOX" + sep + rest
+    return name
+
+
+def wire_name(name: str) -> bytes:
+    return astring(mutf7_encode(name))
+
+
+def _pattern_regex(ref: str, pattern: str) -> re.Pattern[str]:
+    """LIST wildcards (RFC 3501 §6.3.8): * matches anything, % anything but the delimiter."""
+    full = pattern if (not ref or pattern.startswith(DELIM)) else ref + pattern
+    out = []
+    for ch in full:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "%":
+            out.append(f"[^{re.escape(DELIM)}]*")
+        else:
+            out.append(re.escape(ch))
+    rx = "".join(out)
+    if full.upper().startswith("INBOX"):
+        rx = "(?i:INBOX)" + "".join(out[5:])
+    return re.compile(rx + r"\Z", re.DOTALL)
+
+
+class Session:
+    def __init__(self, *, directory: Directory, store: Store, blobs: Blobs, changes: Changes,
+                 out: Output, config: SessionConfig, client_ip: str = "127.0.0.1",
+                 secure: bool = False, tls: bool = False, listener: str = "imap") -> None:
+        self.directory = directory
+        self.store = store
+        self.blobs = blobs
+        self.changes = changes
+        self.out = out
+        self.cfg = config
+        self.client_ip = client_ip
+        self.secure = secure or tls
+        self.tls = tls
+        self.state: State = NotAuthenticated()
+        self.info = Info(uuid.uuid4().hex[:16], client_ip, listener, tls=tls)
+        self.condstore = False
+        # what the server should do after the current command
+        self.expect_line = False
+        self.start_tls = False
+        self._pending_auth: str | None = None  # tag of an AUTHENTICATE waiting for a response
+        self._idle_tag: str | None = None
+        self._events: list[MailboxChanged] = []
+        self.wakeup = asyncio.Event()
+        self._unsubscribe: Unsubscribe | None = None
+
+    # ------------------------------------------------------------ helpers
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.state, LoggedOut)
+
+    @property
+    def idling(self) -> bool:
+        return self._idle_tag is not None
+
+    @property
+    def authenticated(self) -> bool:
+        return isinstance(self.state, Authenticated | Selected)
+
+    def capabilities(self) -> str:
+        caps = list(BASE_CAPS)
+        if not self.tls and self.cfg.starttls_available:
+            caps.append("STARTTLS")
+        if not self.secure:
+            caps.append("LOGINDISABLED")
+        elif not self.authenticated:
+            caps.append("AUTH=PLAIN")
+        return " ".join(caps)
+
+    def w(self, line: str | bytes) -> None:
+        self.out.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
+
+    def greeting(self) -> None:
+        self.w(f"* OK [CAPABILITY {self.capabilities()}] Postbus IMAP ready")
+
+    def bye(self, text: str) -> None:
+        self.w(f"* BYE {text}")
+        self.state = LoggedOut()
+
+    def notify(self, event: MailboxChanged) -> None:
+        """Called by the Changes port (any time): remember, apply at the next safe point."""
+        if isinstance(self.state, Selected) and event.mailbox_id == self.state.view.mailbox_id:
+            self._events.append(event)
+            self.wakeup.set()
+
+    async def close(self) -> None:
+        if self._unsubscribe is not None:
+            unsub, self._unsubscribe = self._unsubscribe, None
+            try:
+                await unsub()
+            except Exception:
+                log.warning("unsubscribe failed", session=self.info.id)
+        if not self.closed:
+            self.state = LoggedOut()
+
+    # ------------------------------------------------------------ dispatch
+    async def handle(self, item: p.Command | p.Bad | p.Continue | p.RawLine) -> None:
+        """Process one receiver output; writes the responses. Never raises for client input."""
+        self.expect_line = False
+        match item:
+            case p.Continue():
+                self.w("+ Ready for literal data")
+                return
+            case p.RawLine(line=line):
+                await self._raw_line(line)
+                return
+            case p.Bad(tag=tag, reason=reason, code=code):
+                COMMANDS.labels("invalid", "BAD").inc()
+                self.w(f"{tag} BAD {'[' + code + '] ' if code else ''}{reason}")
+                return
+        cmd = item
+        name = type(cmd).__name__.upper().replace("CMD", "")
+        self.info.commands += 1
+        try:
+            result = await self._dispatch(cmd)
+        except No as exc:
+            result = Tagged(exc.status, exc.text)
+        except StoreError as exc:
+            result = Tagged("NO", _store_error_text(exc))
+        except Exception:
+            log.exception("command failed", command=name, session=self.info.id)
+            result = Tagged("NO", "[SERVERBUG] Internal error")
+        if result is None:  # answered later (IDLE, AUTHENTICATE continuation) or LOGOUT
+            return
+        if isinstance(self.state, Selected) and result.status != "BAD":
+            try:
+                await self._apply_events(allow_expunge=_expunge_allowed(cmd))
+            except Exception:
+                log.exception("applying mailbox changes failed", session=self.info.id)
+        COMMANDS.labels(name, result.status).inc()
+        self.w(f"{cmd.tag} {result.status} {result.text}")
+
+    async def _dispatch(self, cmd: p.Command) -> Tagged | None:
+        st = self.state
+        # commands valid in any state (RFC 3501 §6.1)
+        match cmd:
+            case p.Capability():
+                self.w(f"* CAPABILITY {self.capabilities()}")
+                return Tagged("OK", "CAPABILITY completed")
+            case p.Noop() | p.Check():
+                if isinstance(st, Selected):
+                    await self._sync_new(st)
+                return Tagged("OK", f"{type(cmd).__name__.upper()} completed")
+            case p.Logout():
+                self.w("* BYE Logging out")
+                self.w(f"{cmd.tag} OK LOGOUT completed")
+                COMMANDS.labels("LOGOUT", "OK").inc()
+                await self.close()
+                return None
+            case p.IdCmd():
+                self.w('* ID ("name" "Postbus" "vendor" "Postbus" "version" "0.1.0")')
+                return Tagged("OK", "ID completed")
+        if isinstance(st, NotAuthenticated):
+            match cmd:
+                case p.StartTLS():
+                    return self._starttls()
+                case p.Login(user=user, password=password):
+                    return await self._login(st, user, password)
+                case p.Authenticate():
+                    return await self._authenticate(st, cmd)
+                case _:
+                    return Tagged("BAD", "Command not valid before login")
+        if isinstance(cmd, p.StartTLS | p.Login | p.Authenticate):
+            return Tagged("BAD", "Already authenticated")
+        assert isinstance(st, Authenticated | Selected)
+        match cmd:
+            case p.Select():
+                return await self._select(st, cmd)
+            case p.Create():
+                return await self._create(st, cmd)
+            case p.Delete(mailbox=m):
+                name = to_store_name(m)
+                if name == "INBOX":
+                    raise No("INBOX cannot be deleted", "CANNOT")
+                if isinstance(st, Selected) and st.view.name == name:
+                    raise No("Cannot delete the selected mailbox", "INUSE")
+                await self.store.mailbox_delete(MailboxRef(account_id=st.account_id, name=name))
+                return Tagged("OK", "DELETE completed")
+            case p.Rename(old=old, new=new):
+                o, n = to_store_name(old), to_store_name(new)
+                if not n or n == "INBOX":
+                    raise No("Invalid target name", "CANNOT")
+                await self.store.mailbox_rename(
+                    MailboxRenameRequest(account_id=st.account_id, old=o, new=n))
+                return Tagged("OK", "RENAME completed")
+            case p.Subscribe(mailbox=m) | p.Unsubscribe(mailbox=m):
+                await self.store.mailbox_subscribe(SubscribeRequest(
+                    account_id=st.account_id, name=to_store_name(m),
+                    subscribed=isinstance(cmd, p.Subscribe)))
+                return Tagged("OK", f"{type(cmd).__name__.upper()} completed")
+            case p.ListCmd():
+                return await self._list(st, cmd)
+            case p.Status():
+                return await self._status(st, cmd)
+            case p.Append():
+                return await self._append(st, cmd)
+            case p.Enable(capabilities=caps):
+                enabled = [c for c in caps if c == "CONDSTORE"]
+                if enabled:
+                    self.condstore = True
+                self.w("* ENABLED" + "".join(" " + c for c in enabled))
+                return Tagged("OK", "ENABLE completed")
+            case p.Namespace():
+                self.w(f'* NAMESPACE (("" "{DELIM}")) NIL NIL')
+                return Tagged("OK", "NAMESPACE completed")
+            case p.GetQuotaRoot(mailbox=m):
+                q = await self.store.quota(QuotaRequest(account_id=st.account_id))
+                self.out.write(b"* QUOTAROOT " + wire_name(to_store_name(m)) + b' ""\r\n')
+                self._quota_line(q.used_bytes, q.limit_bytes)
+                return Tagged("OK", "GETQUOTAROOT completed")
+            case p.GetQuota(root=r):
+                if r != b"":
+                    raise No("No such quota root", "NONEXISTENT")
+                q = await self.store.quota(QuotaRequest(account_id=st.account_id))
+                self._quota_line(q.used_bytes, q.limit_bytes)
+                return Tagged("OK", "GETQUOTA completed")
+            case p.Idle():
+                return await self._idle_start(st, cmd.tag)
+        if not isinstance(st, Selected):
+            return Tagged("BAD", "No mailbox selected")
+        match cmd:
+            case p.Close():
+                if not st.view.readonly:
+                    await self.store.expunge(ExpungeRequest(
+                        account_id=st.account_id, mailbox_id=st.view.mailbox_id,
+                        origin=self.info.id))
+                self._deselect(st)
+                return Tagged("OK", "CLOSE completed")
+            case p.Unselect():
+                self._deselect(st)
+                return Tagged("OK", "UNSELECT completed")
+            case p.Expunge():
+                return await self._expunge(st, cmd)
+            case p.Search():
+                return await self._search(st, cmd)
+            case p.Fetch():
+                return await self._fetch(st, cmd)
+            case p.StoreCmd():
+                return await self._store_flags(st, cmd)
+            case p.Copy():
+                return await self._copy(st, cmd)
+        return Tagged("BAD", "Command not supported")
+
+    # ------------------------------------------------------------ authentication
+    def _starttls(self) -> Tagged:
+        if self.tls:
+            return Tagged("BAD", "TLS is already active")
+        if not self.cfg.starttls_available:
+            return Tagged("NO", "TLS is not configured")
+        self.start_tls = True
+        return Tagged("OK", "Begin TLS negotiation now")
+
+    async def _login(self, st: NotAuthenticated, user: bytes, password: bytes) -> Tagged:
+        if not self.secure:
+            return Tagged("NO", "[PRIVACYREQUIRED] LOGIN is disabled before STARTTLS")
+        return await self._check_credentials(st, user.decode("utf-8", "replace"),
+                                             password.decode("utf-8", "replace"))
+
+    async def _check_credentials(self, st: NotAuthenticated, user: str, password: str) -> Tagged:
+        try:
+            reply = await self.directory.authenticate(user, password, self.client_ip)
+        except StoreError:
+            return Tagged("NO", "[UNAVAILABLE] Authentication service unavailable")
+        if not reply.ok or reply.account_id is None:
+            failures = st.failures + 1
+            self.state = NotAuthenticated(failures)
+            log.info("login failed", user=user[:100], ip=self.client_ip, reason=reply.reason)
+            await asyncio.sleep(self.cfg.auth_fail_delay_s)
+            if failures >= self.cfg.max_auth_failures:
+                self.w("* BYE Too many authentication failures")
+                self.state = LoggedOut()
+            return Tagged("NO", "[AUTHENTICATIONFAILED] Authentication failed")
+        self.state = Authenticated(reply.account_id, reply.address or user)
+        self.info.user = reply.address or user
+        try:
+            self._unsubscribe = await self.changes.subscribe(reply.account_id, self.notify)
+        except Exception:
+            log.warning("could not subscribe to mailbox changes", session=self.info.id)
+        return Tagged("OK", f"[CAPABILITY {self.capabilities()}] Logged in")
+
+    async def _authenticate(self, st: NotAuthenticated, cmd: p.Authenticate) -> Tagged | None:
+        if cmd.mechanism != "PLAIN":
+            return Tagged("NO", "[CANNOT] Unsupported authentication mechanism")
+        if not self.secure:
+            return Tagged("NO", "[PRIVACYREQUIRED] Authentication is disabled before STARTTLS")
+        if cmd.initial is None:
+            self._pending_auth = cmd.tag
+            self.expect_line = True
+            self.w("+ ")
+            return None
+        return await self._plain(st, cmd.initial)
+
+    async def _plain(self, st: NotAuthenticated, response: bytes) -> Tagged:
+        try:
+            raw = b"" if response == b"=" else base64.b64decode(response, validate=True)
+        except (binascii.Error, ValueError):
+            return Tagged("BAD", "Invalid base64")
+        parts = raw.split(b"\x00")
+        if len(parts) != 3:
+            return Tagged("BAD", "Invalid PLAIN response")
+        authz, user, password = (x.decode("utf-8", "replace") for x in parts)
+        if authz and authz != user:
+            return Tagged("NO", "[AUTHORIZATIONFAILED] Proxy authorization is not supported")
+        return await self._check_credentials(st, user, password)
+
+    async def _raw_line(self, line: bytes) -> None:
+        if self._pending_auth is not None:
+            tag, self._pending_auth = self._pending_auth, None
+            if line.strip() == b"*":
+                result = Tagged("BAD", "Authentication cancelled")
+            elif isinstance(self.state, NotAuthenticated):
+                result = await self._plain(self.state, line.strip())
+            else:
+                result = Tagged("BAD", "Already authenticated")
+            COMMANDS.labels("AUTHENTICATE", result.status).inc()
+            self.w(f"{tag} {result.status} {result.text}")
+        elif self._idle_tag is not None:
+            tag, self._idle_tag = self._idle_tag, None
+            if line.strip().upper() == b"DONE":
+                if isinstance(self.state, Selected):
+                    await self._apply_events(allow_expunge=True)
+                COMMANDS.labels("IDLE", "OK").inc()
+                self.w(f"{tag} OK IDLE terminated")
+            else:
+                COMMANDS.labels("IDLE", "BAD").inc()
+                self.w(f"{tag} BAD Expected DONE")
+
+    # ------------------------------------------------------------ IDLE (RFC 2177)
+    async def _idle_start(self, st: Authenticated | Selected, tag: str) -> None:
+        self._idle_tag = tag
+        self.expect_line = True
+        self.w("+ idling")
+        if isinstance(st, Selected):
+            await self._apply_events(allow_expunge=True)
+        await self.out.drain()
+        return None
+
+    async def idle_updates(self) -> None:
+        """The server calls this when ``wakeup`` fires during IDLE."""
+        self.wakeup.clear()
+        if self.idling and isinstance(self.state, Selected):
+            await self._apply_events(allow_expunge=True)
+            await self.out.drain()
+
+    # ------------------------------------------------------------ mailboxes
+    async def _list(self, st: Authenticated | Selected, cmd: p.ListCmd) -> Tagged:
+        ref = mutf7_decode(cmd.reference)
+        verb = "LSUB" if cmd.lsub else "LIST"
+        if len(cmd.patterns) == 1 and cmd.patterns[0] == b"" and not cmd.lsub:
+            self.w(f'* LIST (\\Noselect) "{DELIM}" ""')
+            return Tagged("OK", "LIST completed")
+        subscribed_only = cmd.lsub or "SUBSCRIBED" in cmd.select_opts
+        boxes = (await self.store.mailbox_list(MailboxListRequest(
+            account_id=st.account_id, subscribed_only=subscribed_only))).mailboxes
+        names = {b.name for b in boxes}
+        rxs = [_pattern_regex(ref, mutf7_decode(pat)) for pat in cmd.patterns]
+        want_status = [x[7:] for x in cmd.return_opts if x.startswith("STATUS.")]
+        show_subscribed = "SUBSCRIBED" in cmd.return_opts or "SUBSCRIBED" in cmd.select_opts
+        special_only = "SPECIAL-USE" in cmd.select_opts
+        for b in sorted(boxes, key=lambda b: (b.name != "INBOX", b.name)):
+            if not any(rx.match(b.name) for rx in rxs):
+                continue
+            if special_only and not b.special_use:
+                continue
+            attrs = [a for a in b.attributes if a.lower() not in ("\\haschildren",
+                                                                  "\\hasnochildren")]
+            has_children = any(n.startswith(b.name + DELIM) for n in names)
+            if not cmd.lsub:
+                attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
+            if b.special_use and b.special_use not in attrs:
+                attrs.append(b.special_use)
+            if show_subscribed and b.subscribed and "\\Subscribed" not in attrs:
+                attrs.append("\\Subscribed")
+            self.out.write(f"* {verb} ({' '.join(attrs)}) \"{DELIM}\" ".encode()
+                           + wire_name(b.name) + b"\r\n")
+            if want_status and "\\Noselect" not in attrs:
+                self._status_line(b, tuple(want_status))
+        return Tagged("OK", f"{verb} completed")
+
+    def _status_line(self, info: MailboxInfo, items: tuple[str, ...]) -> None:
+        vals = {"MESSAGES": info.messages, "RECENT": info.recent, "UIDNEXT": info.uidnext,
+                "UIDVALIDITY": info.uidvalidity, "UNSEEN": info.unseen,
+                "HIGHESTMODSEQ": info.highestmodseq, "SIZE": info.size,
+                "DELETED": info.deleted}
+        body = " ".join(f"{it} {vals[it]}" for it in items if it in vals)
+        self.out.write(b"* STATUS " + wire_name(info.name) + f" ({body})\r\n".encode())
+
+    async def _status(self, st: Authenticated | Selected, cmd: p.Status) -> Tagged:
+        info = await self._mailbox(st.account_id, to_store_name(cmd.mailbox))
+        self._status_line(info, cmd.items)
+        return Tagged("OK", "STATUS completed")
+
+    async def _mailbox(self, account_id: int, name: str) -> MailboxInfo:
+        try:
+            return await self.store.mailbox_status(MailboxRef(account_id=account_id, name=name))
+        except StoreError as exc:
+            if exc.code == "not_found":
+                raise No("Mailbox does not exist", "NONEXISTENT") from None
+            raise
+
+    async def _create(self, st: Authenticated | Selected, cmd: p.Create) -> Tagged:
+        name = to_store_name(cmd.mailbox)
+        if not name or name == "INBOX":
+            raise No("Mailbox already exists", "ALREADYEXISTS")
+        use = cmd.special_use[0] if cmd.special_use else None
+        try:
+            await self.store.mailbox_create(MailboxCreateRequest(
+                account_id=st.account_id, name=name, special_use=use))
+        except StoreError as exc:
+            if exc.code == "exists":
+                raise No("Mailbox already exists", "ALREADYEXISTS") from None
+            raise
+        return Tagged("OK", "CREATE completed")
+
+    def _quota_line(self, used: int, limit: int | None) -> None:
+        if limit is None:
+            self.w('* QUOTA "" ()')
+        else:
+            self.w(f'* QUOTA "" (STORAGE {(used + 1023) // 1024} {limit // 1024})')
+
+    # ------------------------------------------------------------ select
+    async def _select(self, st: Authenticated | Selected, cmd: p.Select) -> Tagged:
+        if isinstance(st, Selected):
+            self._deselect(st)
+            if self.condstore:
+                self.w("* OK [CLOSED] Previous mailbox closed")
+            st2: Authenticated | Selected = self.state  # type: ignore[assignment]
+        else:
+            st2 = st
+        info = await self._mailbox(st2.account_id, to_store_name(cmd.mailbox))
+        if "\\Noselect" in info.attributes:
+            raise No("Mailbox cannot be selected", "CANNOT")
+        if cmd.condstore:
+            self.condstore = True
+        view = MailboxView(info.mailbox_id, info.name, cmd.readonly, info.uidvalidity,
+                           info.uidnext, info.highestmodseq)
+        after = 0
+        while True:
+            page = await self.store.select(SelectRequest(
+                account_id=st2.account_id, mailbox_id=info.mailbox_id, after_uid=after))
+            for m in page.messages:
+                view.add(m.uid, m.flags, m.modseq)
+            view.uidnext = max(view.uidnext, page.mailbox.uidnext)
+            view.highestmodseq = max(view.highestmodseq, page.mailbox.highestmodseq)
+            if not page.more or not page.messages:
+                break
+            after = page.messages[-1].uid
+        self.state = Selected(st2.account_id, st2.user, view)
+        self.info.mailbox = view.name
+        flags = list(SYSTEM_FLAGS) + view.keywords()
+        self.w(f"* FLAGS ({' '.join(flags)})")
+        if cmd.readonly:
+            self.w("* OK [PERMANENTFLAGS ()] Read-only mailbox")
+        else:
+            self.w(f"* OK [PERMANENTFLAGS ({' '.join(flags)} \\*)] Flags permitted")
+        self.w(f"* {view.exists} EXISTS")
+        self.w(f"* {info.recent} RECENT")
+        first_unseen = next((i + 1 for i, u in enumerate(view.uids)
+                             if "\\Seen" not in view.flags[u]), None)
+        if first_unseen:
+            self.w(f"* OK [UNSEEN {first_unseen}] First unseen")
+        self.w(f"* OK [UIDVALIDITY {view.uidvalidity}] UIDs valid")
+        self.w(f"* OK [UIDNEXT {view.uidnext}] Predicted next UID")
+        self.w(f"* OK [HIGHESTMODSEQ {view.highestmodseq}] Highest")
+        verb = "EXAMINE" if cmd.readonly else "SELECT"
+        return Tagged("OK", f"[{'READ-ONLY' if cmd.readonly else 'READ-WRITE'}] {verb} completed")
+
+    def _deselect(self, st: Selected) -> None:
+        self.state = Authenticated(st.account_id, st.user)
+        self.info.mailbox = None
+        self._events.clear()
+
+    # ------------------------------------------------------------ changes from elsewhere
+    async def _sync_new(self, st: Selected) -> None:
+        """Add messages newer than the view (paged STORE_SELECT after the largest UID)."""
+        view = st.view
+        before = view.exists
+        while True:
+            page = await self.store.select(SelectRequest(
+                account_id=st.account_id, mailbox_id=view.mailbox_id, after_uid=view.max_uid))
+            for m in page.messages:
+                view.add(m.uid, m.flags, m.modseq)
+            view.uidnext = max(view.uidnext, page.mailbox.uidnext)
+            if not page.more or not page.messages:
+                break
+        if view.exists != before:
+            self.w(f"* {view.exists} EXISTS")
+
+    async def _apply_events(self, allow_expunge: bool) -> None:
+        st = self.state
+        if not isinstance(st, Selected) or not self._events:
+            return
+        view = st.view
+        kept: list[MailboxChanged] = []
+        events, self._events = self._events, []
+        need_new = False
+        for ev in events:
+            if ev.mailbox_id != view.mailbox_id:
+                continue
+            if ev.uidvalidity != view.uidvalidity:
+                self.bye("Mailbox UIDVALIDITY changed")
+                return
+            for ch in ev.flags:
+                if view.set_flags(ch.uid, ch.flags, ch.modseq):
+                    self._flags_response(view, ch.uid, with_uid=True)
+            if ev.expunged:
+                if allow_expunge:
+                    for uid in sorted(ev.expunged):
+                        seq = view.expunge(uid)
+                        if seq is not None:
+                            self.w(f"* {seq} EXPUNGE")
+                else:
+                    kept.append(MailboxChanged(**{**ev.model_dump(by_alias=True),
+                                                  "added": [], "flags": []}))
+            if ev.uidnext > view.max_uid + 1 and (ev.added or ev.exists > view.exists):
+                need_new = True
+            view.highestmodseq = max(view.highestmodseq, ev.highestmodseq)
+        self._events = kept + self._events
+        if need_new:
+            await self._sync_new(st)
+
+    def _flags_response(self, view: MailboxView, uid: int, with_uid: bool) -> None:
+        seq = view.seq_of(uid)
+        if seq is None:
+            return
+        items = [b"FLAGS " + flag_list(view.flags[uid])]
+        if with_uid:
+            items.append(b"UID %d" % uid)
+        if self.condstore:
+            items.append(b"MODSEQ (%d)" % view.modseq.get(uid, 0))
+        self.out.write(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
+
+    # ------------------------------------------------------------ resolving sets
+    def _uids(self, view: MailboxView, s: p.SeqSet, uid: bool) -> list[int]:
+        try:
+            return view.resolve(s, uid)
+        except BadSequence as exc:
+            raise No(str(exc), status="BAD") from None
+
+    # ------------------------------------------------------------ EXPUNGE
+    async def _expunge(self, st: Selected, cmd: p.Expunge) -> Tagged:
+        view = st.view
+        if view.readonly:
+            raise No("Mailbox is read-only", "READ-ONLY")
+        ranges = None
+        if cmd.uids is not None:
+            uids = self._uids(view, cmd.uids, True)
+            if not uids:
+                return Tagged("OK", "EXPUNGE completed")
+            ranges = to_ranges(uids)
+        reply = await self.store.expunge(ExpungeRequest(
+            account_id=st.account_id, mailbox_id=view.mailbox_id, uids=ranges,
+            origin=self.info.id))
+        for uid in sorted(reply.expunged):
+            seq = view.expunge(uid)
+            if seq is not None:
+                self.w(f"* {seq} EXPUNGE")
+        view.highestmodseq = max(view.highestmodseq, reply.highestmodseq)
+        if self.condstore:
+            return Tagged("OK", f"[HIGHESTMODSEQ {view.highestmodseq}] EXPUNGE completed")
+        return Tagged("OK", "EXPUNGE completed")
+
+    # ------------------------------------------------------------ SEARCH
+    def _search_key(self, view: MailboxView, node: p.SearchNode) -> SearchKey:
+        if node.op == "seq":
+            return SearchKey(op="uid", uids=to_ranges(view.resolve_lenient(node.seqset)))
+        if node.op == "uid":
+            return SearchKey(op="uid", uids=to_ranges(view.resolve(node.seqset, True)))
+        return SearchKey(op=node.op, args=list(node.args),
+                         children=[self._search_key(view, c) for c in node.children])
+
+    async def _search(self, st: Selected, cmd: p.Search) -> Tagged:
+        view = st.view
+        key = self._search_key(view, cmd.program)
+        if len(key.children) == 1:
+            key = key.children[0]
+        reply = await self.store.search(SearchRequest(
+            account_id=st.account_id, mailbox_id=view.mailbox_id, key=key,
+            charset=cmd.charset or "UTF-8"))
+        uids = sorted(u for u in set(reply.uids) if u in view.flags)
+        nums = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
+        uses_modseq = _has_op(cmd.program, "modseq")
+        if cmd.return_opts is not None:
+            opts = cmd.return_opts or ("ALL",)
+            parts = [f'* ESEARCH (TAG "{cmd.tag}")'] + (["UID"] if cmd.uid else [])
+            if nums:
+                if "MIN" in opts:
+                    parts.append(f"MIN {nums[0]}")
+                if "MAX" in opts:
+                    parts.append(f"MAX {nums[-1]}")
+                if "ALL" in opts:
+                    parts.append(f"ALL {seqset(nums)}")
+            if "COUNT" in opts:
+                parts.append(f"COUNT {len(nums)}")
+            if uses_modseq and nums:
+                parts.append(f"MODSEQ {reply.highestmodseq}")
+            self.w(" ".join(parts))
+        else:
+            line = "* SEARCH" + "".join(f" {n}" for n in nums)
+            if uses_modseq and nums:
+                line += f" (MODSEQ {reply.highestmodseq})"
+            self.w(line)
+        return Tagged("OK", "SEARCH completed")
+
+    # ------------------------------------------------------------ STORE
+    async def _store_flags(self, st: Selected, cmd: p.StoreCmd) -> Tagged:
+        view = st.view
+        if view.readonly:
+            raise No("Mailbox is read-only", "READ-ONLY")
+        uids = self._uids(view, cmd.seqset, cmd.uid)
+        flags = [f for f in cmd.flags if f.lower() != "\\recent"]
+        if cmd.unchangedsince is not None:
+            self.condstore = True
+        if not uids:
+            return Tagged("OK", "STORE completed")
+        reply = await self.store.flags(StoreFlagsRequest(
+            account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(uids),
+            op=cmd.mode, flags=flags, unchanged_since=cmd.unchangedsince, origin=self.info.id))  # type: ignore[arg-type]
+        for m in reply.updated:
+            view.set_flags(m.uid, m.flags, m.modseq)
+            if not cmd.silent or (self.condstore and cmd.unchangedsince is not None):
+                self._flags_response(view, m.uid, with_uid=cmd.uid)
+        if reply.modified:
+            mod = reply.modified if cmd.uid else [view.seq_of(u) or 0 for u in reply.modified]
+            return Tagged("OK", f"[MODIFIED {seqset(mod)}] Conditional STORE failed")
+        return Tagged("OK", "STORE completed")
+
+    # ------------------------------------------------------------ COPY / MOVE
+    async def _copy(self, st: Selected, cmd: p.Copy) -> Tagged:
+        view = st.view
+        verb = "MOVE" if cmd.move else "COPY"
+        if cmd.move and view.readonly:
+            raise No("Mailbox is read-only", "READ-ONLY")
+        uids = self._uids(view, cmd.seqset, cmd.uid)
+        if not uids:
+            return Tagged("OK", f"{verb} completed (no messages)")
+        target = to_store_name(cmd.mailbox)
+        try:
+            reply = await self.store.copy(CopyRequest(
+                account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(uids),
+                target=target, move=cmd.move, origin=self.info.id))
+        except StoreError as exc:
+            if exc.code == "not_found":
+                raise No("Mailbox does not exist", "TRYCREATE") from None
+            if exc.code == "over_quota":
+                raise No("Quota exceeded", "OVERQUOTA") from None
+            raise
+        code = ""
+        if reply.source_uids:
+            code = (f"[COPYUID {reply.uidvalidity} {seqset(reply.source_uids)} "
+                    f"{_uid_list(reply.target_uids)}] ")
+        if cmd.move:
+            if code:
+                self.w(f"* OK {code}Moved")
+            for uid in sorted(reply.source_uids):
+                seq = view.expunge(uid)
+                if seq is not None:
+                    self.w(f"* {seq} EXPUNGE")
+            return Tagged("OK", "MOVE completed")
+        if target == view.name:
+            await self._sync_new(st)
+        return Tagged("OK", f"{code}COPY completed")
+
+    # ------------------------------------------------------------ APPEND
+    async def _append(self, st: Authenticated | Selected, cmd: p.Append) -> Tagged:
+        name = to_store_name(cmd.mailbox)
+        flags = [f for f in cmd.flags if f.lower() != "\\recent"]
+        req = AppendRequest(account_id=st.account_id, mailbox=name, flags=flags,
+                            internaldate=cmd.date or datetime.now(UTC), origin=self.info.id)
+        if len(cmd.message) > self.cfg.inline_append_max:
+            req.blob_key = await self.blobs.put(cmd.message)
+        else:
+            req.message = cmd.message
+        try:
+            reply = await self.store.append(req)
+        except StoreError as exc:
+            if exc.code == "not_found":
+                raise No("Mailbox does not exist", "TRYCREATE") from None
+            if exc.code == "over_quota":
+                raise No("Quota exceeded", "OVERQUOTA") from None
+            raise
+        if isinstance(self.state, Selected) and self.state.view.name == name:
+            await self._sync_new(self.state)
+        return Tagged("OK", f"[APPENDUID {reply.uidvalidity} {reply.uid}] APPEND completed")
+
+    # ------------------------------------------------------------ FETCH
+    async def _fetch(self, st: Selected, cmd: p.Fetch) -> Tagged:
+        view = st.view
+        uids = self._uids(view, cmd.seqset, cmd.uid)
+        atts = list(cmd.atts)
+        names = {a.name for a in atts}
+        if cmd.uid and "UID" not in names:
+            atts.insert(0, p.FetchAtt("UID"))
+        if cmd.changedsince is not None:
+            self.condstore = True
+            uids = [u for u in uids if view.modseq.get(u, 0) > cmd.changedsince]
+            if "MODSEQ" not in names:
+                atts.append(p.FetchAtt("MODSEQ"))
+        if "MODSEQ" in names:
+            self.condstore = True
+        bodies = [a for a in atts if a.name in ("BODY[]", "RFC822", "RFC822.HEADER",
+                                                "RFC822.TEXT")]
+        need_meta = any(a.name not in ("FLAGS", "UID", "MODSEQ") for a in atts)
+        need_summary = any(a.name in ("ENVELOPE", "BODY", "BODYSTRUCTURE") for a in atts) or any(
+            a.name == "BODY[]" and a.section is not None and a.section[0] for a in bodies)
+        set_seen = not view.readonly and any(
+            (a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT")
+            for a in bodies)
+        batch = max(1, self.cfg.fetch_batch)
+        for i in range(0, len(uids), batch):
+            chunk = uids[i:i + batch]
+            seen_changed: set[int] = set()
+            if set_seen:
+                unseen = [u for u in chunk if "\\Seen" not in view.flags.get(u, ())]
+                if unseen:
+                    r = await self.store.flags(StoreFlagsRequest(
+                        account_id=st.account_id, mailbox_id=view.mailbox_id,
+                        uids=to_ranges(unseen), op="add", flags=["\\Seen"],
+                        origin=self.info.id))
+                    for m in r.updated:
+                        if view.set_flags(m.uid, m.flags, m.modseq):
+                            seen_changed.add(m.uid)
+            metas: dict[int, MessageMeta] = {}
+            if need_meta:
+                reply = await self.store.fetch(FetchRequest(
+                    account_id=st.account_id, mailbox_id=view.mailbox_id,
+                    uids=to_ranges(chunk), with_summary=need_summary))
+                metas = {m.uid: m for m in reply.messages}
+            blobs: dict[str, bytes] = {}
+            if bodies and metas:
+                blobs = await self.blobs.get_many([m.blob_key for m in metas.values()])
+            sent = 0
+            for uid in chunk:
+                seq = view.seq_of(uid)
+                if seq is None:
+                    continue
+                meta = metas.get(uid)
+                if need_meta and meta is None:
+                    continue  # expunged meanwhile: send nothing (RFC 3501 §7.4.1 leeway)
+                items: list[bytes] = []
+                flags_sent = False
+                for a in atts:
+                    item = self._fetch_item(view, uid, a, meta, blobs)
+                    if item is None:
+                        continue
+                    if a.name == "FLAGS":
+                        flags_sent = True
+                    items.append(item)
+                if uid in seen_changed and not flags_sent:
+                    items.append(b"FLAGS " + flag_list(view.flags[uid]))
+                data = b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
+                sent += len(data)
+                self.out.write(data)
+            FETCH_BYTES.inc(sent)
+            await self.out.drain()
+        return Tagged("OK", "FETCH completed")
+
+    def _fetch_item(self, view: MailboxView, uid: int, a: p.FetchAtt, meta: MessageMeta | None,
+                    blobs: dict[str, bytes]) -> bytes | None:
+        match a.name:
+            case "FLAGS":
+                return b"FLAGS " + flag_list(view.flags.get(uid, []))
+            case "UID":
+                return b"UID %d" % uid
+            case "MODSEQ":
+                return b"MODSEQ (%d)" % view.modseq.get(uid, 0)
+        assert meta is not None
+        match a.name:
+            case "INTERNALDATE":
+                return b"INTERNALDATE " + imap_datetime(meta.internaldate)
+            case "RFC822.SIZE":
+                return b"RFC822.SIZE %d" % meta.size
+            case "ENVELOPE":
+                return b"ENVELOPE " + self._summary(meta, blobs).envelope.encode("utf-8")
+            case "BODY":
+                return b"BODY " + self._summary(meta, blobs).body.encode("utf-8")
+            case "BODYSTRUCTURE":
+                return b"BODYSTRUCTURE " + self._summary(meta, blobs).bodystructure.encode("utf-8")
+        blob = blobs.get(meta.blob_key)
+        if blob is None:
+            return None
+        match a.name:
+            case "RFC822":
+                return b"RFC822 " + literal(meta.prefix + blob)
+            case "RFC822.HEADER":
+                data = _section_data(meta, blob, ("", "HEADER", ()), None)
+                return b"RFC822.HEADER " + literal(data or b"")
+            case "RFC822.TEXT":
+                data = _section_data(meta, blob, ("", "TEXT", ()), None)
+                return b"RFC822.TEXT " + literal(data or b"")
+        sec = a.section or ("", "", ())
+        data = _section_data(meta, blob, sec, meta.summary)
+        name = b"BODY[" + a.section_text.encode() + b"]"
+        if data is None:
+            data = b""
+        if a.partial is not None:
+            start, count = a.partial
+            name += b"<%d>" % start
+            data = data[start:start + count]
+        return name + b" " + literal(data)
+
+    def _summary(self, meta: MessageMeta, blobs: dict[str, bytes]) -> MessageSummary:
+        if meta.summary is not None:
+            return meta.summary
+        blob = blobs.get(meta.blob_key)
+        if blob is None:
+            raise No("Message structure unavailable", "UNAVAILABLE")
+        meta.summary = mime.summarize(blob)
+        return meta.summary
+
+
+def _section_data(meta: MessageMeta, blob: bytes, sec: tuple[str, str, tuple[str, ...]],
+                  summary: MessageSummary | None) -> bytes | None:
+    """BODY[section] of ``prefix + blob``: sections of the whole message include the prefix
+    (trace headers); numbered parts use the summary's offsets into the blob."""
+    part, text, fields = sec
+    section = mime.Section(part, text, fields)
+    if part == "":
+        return mime.section_bytes(meta.prefix + blob, [], section)
+    if summary is None:
+        summary = mime.summarize(blob)
+    return mime.section_bytes(blob, summary, section)
+
+
+def _uid_list(uids: list[int]) -> str:
+    """COPYUID target set in source order (RFC 4315 §3: the orders correspond)."""
+    out: list[str] = []
+    i = 0
+    while i < len(uids):
+        j = i
+        while j + 1 < len(uids) and uids[j + 1] == uids[j] + 1:
+            j += 1
+        out.append(str(uids[i]) if i == j else f"{uids[i]}:{uids[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _has_op(node: p.SearchNode, op: str) -> bool:
+    return node.op == op or any(_has_op(c, op) for c in node.children)
+
+
+def _expunge_allowed(cmd: p.Command) -> bool:
+    """RFC 3501 §7.4.1: no untagged EXPUNGE while answering FETCH, STORE or SEARCH
+    (the UID forms may have them, §6.4.8)."""
+    if isinstance(cmd, p.Fetch | p.StoreCmd | p.Search):
+        return cmd.uid
+    return True
+
+
+def _store_error_text(exc: StoreError) -> str:
+    return {
+        "not_found": "[NONEXISTENT] No such mailbox or message",
+        "exists": "[ALREADYEXISTS] Already exists",
+        "over_quota": "[OVERQUOTA] Quota exceeded",
+        "invalid": "[CANNOT] " + (exc.message[:200] or "Invalid request"),
+        "unavailable": "[UNAVAILABLE] Store unavailable, try again",
+        "conflict": "[INUSE] Conflict, try again",
+    }.get(exc.code, "[SERVERBUG] Store error")
+

@@ -1,0 +1,36 @@
+"""imap-access settings: environment variables POSTBUS_IMAP_ACCESS_<NAME>."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from postbus.kit.settings import CommonSettings
+from postbus.kit.topology import BY_NAME
+
+_SPEC = BY_NAME["imap-access"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTBUS_IMAP_ACCESS_", extra="ignore")
+
+    common: CommonSettings = Field(default_factory=CommonSettings)
+    mgmt_port: int = _SPEC.mgmt_port
+    imap_port: int = _SPEC.listeners["imap_port"]
+    imaps_port: int = _SPEC.listeners["imaps_port"]
+
+    # RFC 7162 §4: at least 8192 octets per line; Dovecot's default is 64 KiB
+    max_line: int = 64 * 1024
+    # largest APPEND literal (message size limit)
+    max_literal: int = 50 * 1024 * 1024
+    # RFC 3501 §5.4: the autologout timer is at least 30 minutes (also for IDLE, RFC 2177)
+    idle_timeout_s: float = 30 * 60
+    # before login a client gets less patience (Dovecot: 60 s for the greeting phase)
+    preauth_timeout_s: float = 60
+    auth_fail_delay_s: float = 2.0
+    max_auth_failures: int = 3
+    max_commands: int = 1_000_000  # per session
+    max_sessions: int = 10_000
+    # loopback connections count as secure (no LOGINDISABLED), as Dovecot does
+    loopback_is_secure: bool = True
+    fetch_batch: int = 250  # messages per STORE_FETCH request

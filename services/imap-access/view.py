@@ -1,0 +1,135 @@
+"""The selected mailbox as one session sees it: message sequence numbers <-> UIDs, flags and
+modseqs (RFC 3501 §2.3.1). Pure: no I/O. Sequence numbers change only when the session
+reports an EXPUNGE (§7.4.1), so the view changes only through ``add`` and ``expunge``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field
+
+from postbus.protocols.imap_parser import SeqSet
+
+
+class BadSequence(Exception):
+    """A message sequence number outside 1..EXISTS (RFC 3501 §9 seq-number)."""
+
+
+@dataclass
+class MailboxView:
+    mailbox_id: int
+    name: str
+    readonly: bool
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    uids: list[int] = field(default_factory=list)  # ascending; index + 1 = sequence number
+    flags: dict[int, list[str]] = field(default_factory=dict)
+    modseq: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+    @property
+    def max_uid(self) -> int:
+        return self.uids[-1] if self.uids else 0
+
+    def seq_of(self, uid: int) -> int | None:
+        i = bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else None
+
+    def add(self, uid: int, flags: list[str], modseq: int) -> bool:
+        """Append a new message (UIDs only grow); False when it is already known or would
+        break the ascending order."""
+        if uid <= self.max_uid:
+            if uid in self.flags:
+                self.flags[uid] = list(flags)
+                self.modseq[uid] = modseq
+            return False
+        self.uids.append(uid)
+        self.flags[uid] = list(flags)
+        self.modseq[uid] = modseq
+        self.uidnext = max(self.uidnext, uid + 1)
+        self.highestmodseq = max(self.highestmodseq, modseq)
+        return True
+
+    def expunge(self, uid: int) -> int | None:
+        """Remove a message; returns the sequence number it had (for ``* n EXPUNGE``)."""
+        seq = self.seq_of(uid)
+        if seq is None:
+            return None
+        del self.uids[seq - 1]
+        self.flags.pop(uid, None)
+        self.modseq.pop(uid, None)
+        return seq
+
+    def set_flags(self, uid: int, flags: list[str], modseq: int) -> bool:
+        """Record new flags; True when they differ from what the client was told."""
+        if uid not in self.flags:
+            return False
+        changed = sorted(self.flags[uid]) != sorted(flags)
+        self.flags[uid] = list(flags)
+        if modseq:
+            self.modseq[uid] = modseq
+            self.highestmodseq = max(self.highestmodseq, modseq)
+        return changed
+
+    def resolve(self, seqset: SeqSet, uid: bool) -> list[int]:
+        """The UIDs a sequence set names, ascending and unique.
+
+        UID sets (§6.4.8) name only existing messages and never fail; ``*`` is the largest
+        UID. Message sequence sets must lie in 1..EXISTS, else BadSequence."""
+        if uid:
+            top = self.max_uid
+            out: set[int] = set()
+            for a, b in seqset:
+                lo, hi = (top if a is None else a), (top if b is None else b)
+                if lo > hi:
+                    lo, hi = hi, lo
+                i, j = bisect_left(self.uids, lo), bisect_right(self.uids, hi)
+                out.update(self.uids[i:j])
+            return sorted(out)
+        n = len(self.uids)
+        seqs: set[int] = set()
+        for a, b in seqset:
+            lo, hi = (n if a is None else a), (n if b is None else b)
+            if lo > hi:
+                lo, hi = hi, lo
+            if lo < 1 or hi > n:
+                raise BadSequence(f"invalid message sequence number (EXISTS is {n})")
+            if hi - lo > 10_000_000:
+                raise BadSequence("sequence range too large")
+            seqs.update(range(lo, hi + 1))
+        return [self.uids[s - 1] for s in sorted(seqs)]
+
+    def resolve_lenient(self, seqset: SeqSet) -> list[int]:
+        """Sequence numbers for SEARCH: out-of-range numbers simply match nothing."""
+        n = len(self.uids)
+        out: set[int] = set()
+        for a, b in seqset:
+            lo, hi = (n if a is None else a), (n if b is None else b)
+            if lo > hi:
+                lo, hi = hi, lo
+            lo, hi = max(lo, 1), min(hi, n)
+            out.update(self.uids[lo - 1:hi])
+        return sorted(out)
+
+    def keywords(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for fl in self.flags.values():
+            for f in fl:
+                if not f.startswith("\\"):
+                    seen.setdefault(f, None)
+        return list(seen)
+
+
+def to_ranges(uids: list[int]) -> list[tuple[int, int]]:
+    """Ascending UIDs as inclusive [first, last] ranges (proto.store.UidRanges)."""
+    out: list[tuple[int, int]] = []
+    for u in uids:
+        if out and u == out[-1][1] + 1:
+            out[-1] = (out[-1][0], u)
+        else:
+            out.append((u, u))
+    return out
