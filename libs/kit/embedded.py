@@ -121,6 +121,9 @@ class S3Spec:
             f"-volume.port={self.volume_port}", f"-volume.port.grpc={free_port()}",
             "-filer", f"-filer.port={self.filer_port}", f"-filer.port.grpc={free_port()}",
             "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
+            # the Iceberg and Lance listeners default to fixed ports (8181, 9101): a second
+            # SeaweedFS on the machine (parallel tests, `make run`) would die on them
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={cfg}",
             "-master.volumeSizeLimitMB=256", "-volume.max=0", "-metricsPort=0",
         ]
