@@ -49,14 +49,14 @@ class Dns:
     BREAKER_AFTER = 5  # consecutive timeouts
     BREAKER_OPEN_S = 30.0
 
-    def __init__(self, nameservers: list[str], timeout_s: float) -> None:
+    def __init__(self, nameservers: list[str], timeout_s: float, port: int = 53) -> None:
         try:
             self.resolver = dns.resolver.Resolver(configure=not nameservers)
         except Exception:  # no /etc/resolv.conf
             self.resolver = dns.resolver.Resolver(configure=False)
             nameservers = nameservers or ["127.0.0.1"]
-        if nameservers:
-            self.resolver.nameservers = list(nameservers)
+        self.resolver.port = port  # before the nameservers: dnspython binds it to them
+        self.resolver.nameservers = list(nameservers or self.resolver.nameservers)
         self.resolver.cache = dns.resolver.LRUCache(10000)
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
@@ -183,8 +183,9 @@ def check_dkim(resolver: Dns, raw: bytes, deadline: float) -> list[DkimResult]:
         except DnsTempError:
             result, comment = "temperror", "key lookup did not complete"
         except dkim.DKIMException as exc:
-            result = "temperror" if temp["hit"] else "permerror"
-            comment = str(exc)[:80]
+            comment = str(exc).split(" (")[0][:80]
+            # a signature that does not match is "fail"; a broken one "permerror" (RFC 8601)
+            result = "fail" if "mismatch" in comment else "permerror"
         except Exception as exc:  # dkimpy on malformed input
             result = "temperror" if temp["hit"] else "permerror"
             comment = type(exc).__name__
@@ -228,8 +229,8 @@ class DnsAuthenticator:
     """Runs SPF and DKIM at once, then DMARC, all inside one time budget."""
 
     def __init__(self, nameservers: list[str], timeout_s: float, budget_s: float,
-                 threads: int = 16) -> None:
-        self.dns = Dns(nameservers, timeout_s)
+                 threads: int = 16, port: int = 53) -> None:
+        self.dns = Dns(nameservers, timeout_s, port)
         self.budget_s = budget_s
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="auth")
 

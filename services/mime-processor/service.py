@@ -32,7 +32,8 @@ def build_worker(settings: Settings, bus: Bus, blobs: BlobStore) -> Running:
     auth = None
     if settings.auth_checks:
         auth = DnsAuthenticator(settings.dns_nameservers, settings.dns_timeout_s,
-                                settings.auth_budget_s, settings.auth_threads)
+                                settings.auth_budget_s, settings.auth_threads,
+                                settings.dns_port)
     worker = MimeWorker(settings, directory=BusDirectory(bus), blobs=blobs, publisher=bus,
                         authenticator=auth, memo=KvMemo(bus) if auth else None)
     return Running(worker, auth)

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     auth_checks: bool = True
     authserv_id: str | None = None  # the Authentication-Results id; default: common.hostname
     dns_nameservers: list[str] = Field(default_factory=list)  # empty: /etc/resolv.conf
+    dns_port: int = 53
     dns_timeout_s: float = 1.0  # one lookup
     auth_budget_s: float = 3.0  # all lookups of one message together
     auth_threads: int = 16
