@@ -1,0 +1,361 @@
+"""pop3-access on a real listener (port 0, in-memory ports) driven by real clients: poplib,
+curl, fetchmail (delete and keep mode), getmail6, and raw sockets for the edge cases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import poplib
+import shutil
+import socket
+import ssl
+import stat
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from postbus.kit.tls import self_signed, server_context
+from postbus.pop3_access.memory import (
+    MemoryDirectory,
+    MemoryLocks,
+    MemoryMaildrops,
+    MemoryThrottle,
+)
+from postbus.pop3_access.server import Pop3Server
+from postbus.pop3_access.session import Limits
+
+USER, PASSWORD = "alice@example.test", "s3cret pass"
+
+MESSAGES = [
+    b"From: a@example.net\r\nTo: alice@example.test\r\nSubject: first\r\nMessage-ID: <1@x>\r\n\r\n"
+    b"hello\r\n.dotted line\r\n.\r\nbye\r\n",
+    b"From: b@example.net\nTo: alice@example.test\nSubject: second, bare LF\nMessage-ID: <2@x>\n\n"
+    b"line one\nline two\n",
+    b"From: c@example.net\r\nTo: alice@example.test\r\nSubject: third\r\nMessage-ID: <3@x>\r\n\r\n"
+    + b"x" * 70 + b"\r\n" * 1 + (b"y" * 998 + b"\r\n") * 200,
+]
+PREFIX = b"Return-Path: <a@example.net>\r\nDelivered-To: alice@example.test\r\n"
+
+
+def crlf(b: bytes) -> bytes:
+    return b.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@dataclass
+class Rig:
+    server: Pop3Server
+    store: MemoryMaildrops
+    directory: MemoryDirectory
+    locks: MemoryLocks
+    port: int
+    tls_port: int
+    account_id: int
+    tmp: Path
+
+    def visible(self) -> int:
+        return len(self.store.visible(self.account_id))
+
+    async def wait_unlocked(self) -> None:
+        for _ in range(200):
+            if not self.locks.held:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("lock still held")
+
+
+@pytest_asyncio.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    self_signed(cert, key)
+    directory, store, locks = MemoryDirectory(), MemoryMaildrops(), MemoryLocks()
+    acc = directory.add(USER, PASSWORD)
+    for m in MESSAGES:
+        store.deliver(acc.account_id, m, PREFIX)
+    server = Pop3Server(directory=directory, maildrops=store, locks=locks,
+                        throttle=MemoryThrottle(),
+                        limits=Limits(auth_failure_delay_s=0.01, auth_failure_delay_max_s=0.05),
+                        ssl_context=server_context(cert, key), hostname="pop.test",
+                        idle_timeout_s=30)
+    port = await server.listen("127.0.0.1", 0)
+    tls_port = await server.listen("127.0.0.1", 0, implicit_tls=True)
+    yield Rig(server, store, directory, locks, port, tls_port, acc.account_id, tmp_path)
+    await server.close()
+
+
+def client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def run(*cmd: str, cwd: Path | None = None, timeout: float = 30) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*cmd, cwd=cwd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def need(binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} not installed")
+
+
+# ---------------------------------------------------------------- poplib
+async def test_poplib_full_session_and_delete_mode(rig: Rig) -> None:
+    def client() -> tuple[object, ...]:
+        p = poplib.POP3("127.0.0.1", rig.port, timeout=10)
+        caps = p.capa()
+        p.user(USER)
+        p.pass_(PASSWORD)
+        stat_ = p.stat()
+        listing = p.list()[1]
+        uidl = p.uidl()[1]
+        _, lines, octets = p.retr(1)
+        _, lines2, octets2 = p.retr(2)
+        top = p.top(3, 0)[1]
+        p.dele(1)
+        p.dele(3)
+        p.quit()
+        return caps, stat_, listing, uidl, lines, octets, lines2, octets2, top
+
+    caps, stat_, listing, uidl, lines, octets, lines2, octets2, top = await asyncio.to_thread(client)
+    assert {"TOP", "UIDL", "USER", "SASL", "STLS", "PIPELINING", "RESP-CODES"} <= set(caps)  # type: ignore[operator]
+    sizes = [len(crlf(PREFIX + m)) for m in MESSAGES]
+    assert stat_ == (3, sum(sizes))
+    assert listing == [f"{i} {s}".encode() for i, s in enumerate(sizes, 1)]
+    assert [x.split()[1] for x in uidl] == [b"3e9.1", b"3e9.2", b"3e9.3"]  # type: ignore[union-attr]
+    # poplib un-stuffs and counts what it received; LIST sizes are what RETR sends
+    assert b"\r\n".join(lines) + b"\r\n" == crlf(PREFIX + MESSAGES[0])  # type: ignore[arg-type]
+    assert b"\r\n".join(lines2) + b"\r\n" == crlf(PREFIX + MESSAGES[1])  # type: ignore[arg-type]
+    assert top[-1] == b"" and top[2] == b"From: c@example.net"  # type: ignore[index]
+    assert octets >= sizes[0] and octets2 >= sizes[1]  # poplib counts stuffed octets + CRLFs
+    await rig.wait_unlocked()
+    assert [m.uid for m in rig.store.visible(rig.account_id)] == [2]
+    assert rig.store.commits[-1].seen_uids == [2]
+
+
+async def test_poplib_stls_and_implicit_tls(rig: Rig) -> None:
+    def client() -> tuple[bytes, bytes]:
+        p = poplib.POP3("127.0.0.1", rig.port, timeout=10)
+        p.stls(client_tls())
+        assert "STLS" not in p.capa()
+        p.user(USER)
+        p.pass_(PASSWORD)
+        a = p.stat()
+        p.quit()
+        s = poplib.POP3_SSL("127.0.0.1", rig.tls_port, context=client_tls(), timeout=10)
+        s.user(USER)
+        s.pass_(PASSWORD)
+        b = s.stat()
+        s.quit()
+        return str(a).encode(), str(b).encode()
+
+    a, b = await asyncio.to_thread(client)
+    assert a == b and a.startswith(b"(3, ")
+    assert rig.visible() == 3
+
+
+async def test_wrong_password_and_second_client_gets_in_use(rig: Rig) -> None:
+    def client() -> tuple[str, str]:
+        bad = poplib.POP3("127.0.0.1", rig.port, timeout=10)
+        bad.user(USER)
+        with pytest.raises(poplib.error_proto) as e1:
+            bad.pass_("wrong")
+        bad.quit()
+        first = poplib.POP3("127.0.0.1", rig.port, timeout=10)
+        first.user(USER)
+        first.pass_(PASSWORD)
+        second = poplib.POP3("127.0.0.1", rig.port, timeout=10)
+        second.user(USER)
+        with pytest.raises(poplib.error_proto) as e2:
+            second.pass_(PASSWORD)
+        first.dele(1)
+        first.quit()
+        second.user(USER)
+        second.pass_(PASSWORD)  # free again after the first QUIT
+        assert second.stat()[0] == 2
+        second.quit()
+        return str(e1.value), str(e2.value)
+
+    e1, e2 = await asyncio.to_thread(client)
+    assert e1 == "b'-ERR [AUTH] authentication failed'"
+    assert e2 == "b'-ERR [IN-USE] maildrop already locked by another session'"
+
+
+# ---------------------------------------------------------------- curl
+async def test_curl_list_retr_uidl_top_dele_and_tls(rig: Rig) -> None:
+    need("curl")
+    base = f"pop3://127.0.0.1:{rig.port}"
+    auth = ["-u", f"{USER}:{PASSWORD}"]
+    rc, out = await run("curl", "-sS", base + "/", *auth)
+    sizes = [len(crlf(PREFIX + m)) for m in MESSAGES]
+    assert rc == 0 and out.splitlines() == [f"{i} {s}" for i, s in enumerate(sizes, 1)]
+    rc, out = await run("curl", "-sS", base + "/1", *auth)
+    assert rc == 0 and out.encode() == crlf(PREFIX + MESSAGES[0])
+    rc, out = await run("curl", "-sS", base + "/", "-X", "UIDL", *auth)
+    assert rc == 0 and out.splitlines() == ["1 3e9.1", "2 3e9.2", "3 3e9.3"]
+    rc, out = await run("curl", "-sS", base + "/", "-X", "TOP 2 0", *auth)
+    assert rc == 0 and "Subject: second, bare LF" in out and "line one" not in out
+    rc, out = await run("curl", "-sS", "-k", f"pop3s://127.0.0.1:{rig.tls_port}/2", *auth)
+    assert rc == 0 and out.encode() == crlf(PREFIX + MESSAGES[1])
+    rc, out = await run("curl", "-sS", "-k", "--ssl-reqd", base + "/3", *auth)  # STLS
+    assert rc == 0 and out.encode() == crlf(PREFIX + MESSAGES[2])
+    rc, out = await run("curl", "-sS", base + "/", "-X", "DELE 2", "-I", *auth)
+    assert rc == 0
+    await rig.wait_unlocked()
+    assert [m.uid for m in rig.store.visible(rig.account_id)] == [1, 3]
+    rc, out = await run("curl", "-sS", base + "/", "-u", f"{USER}:nope")
+    assert rc == 67  # login denied
+
+
+# ---------------------------------------------------------------- fetchmail
+def fetchmailrc(rig: Rig, out: Path, keep: bool) -> Path:
+    rc = rig.tmp / ("keep.rc" if keep else "delete.rc")
+    rc.write_text(
+        "set no syslog\n"
+        f'poll 127.0.0.1 protocol POP3 port {rig.port} auth password user "{USER}" there '
+        f'with password "{PASSWORD}" is "local" here {"keep" if keep else ""} '
+        f"sslproto '' mda \"/bin/sh -c 'cat >> {out}'\"\n")
+    rc.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    return rc
+
+
+async def test_fetchmail_keep_then_delete_mode(rig: Rig) -> None:
+    need("fetchmail")
+    out = rig.tmp / "out.mbox"
+    ids = rig.tmp / "ids"
+    env_home = ["env", f"HOME={rig.tmp}", "fetchmail"]
+    rc, log = await run(*env_home, "-f", str(fetchmailrc(rig, out, keep=True)), "--nodetach",
+                        "-v", "--idfile", str(ids))
+    assert rc == 0, log
+    assert "3 messages" in log and out.read_bytes().count(b"Message-ID: <") == 3
+    await rig.wait_unlocked()
+    assert rig.visible() == 3  # keep mode: nothing deleted
+    # a second keep run fetches nothing new: the UIDLs are stable
+    rc, log = await run(*env_home, "-f", str(fetchmailrc(rig, out, keep=True)), "--nodetach",
+                        "-v", "--idfile", str(ids))
+    assert rc == 1, log  # fetchmail: 1 = no new mail
+    assert out.read_bytes().count(b"Message-ID: <") == 3
+    await rig.wait_unlocked()
+    # default (delete) mode: fetchmail RETRs, DELEs and QUITs
+    out2 = rig.tmp / "out2.mbox"
+    rc, log = await run(*env_home, "-f", str(fetchmailrc(rig, out2, keep=False)), "--nodetach",
+                        "-v", "--all", "--idfile", str(rig.tmp / "ids2"))
+    assert rc == 0, log
+    body = out2.read_bytes()
+    assert body.count(b"Message-ID: <") == 3
+    assert b"\n.dotted line\n" in body and b"line two\n" in body  # un-stuffed, LF locally
+    await rig.wait_unlocked()
+    assert rig.visible() == 0
+
+
+# ---------------------------------------------------------------- getmail6
+async def test_getmail_keep_then_delete(rig: Rig) -> None:
+    need("getmail")
+    # getmail refuses to deliver as root: the Maildir belongs to nobody, in a directory that
+    # nobody can reach (pytest's tmp_path parents are private to root)
+    top = Path(tempfile.mkdtemp(prefix="pop3-getmail-"))
+    top.chmod(0o755)
+    maildir = top / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    if os.getuid() == 0:
+        for p in [maildir, *maildir.iterdir()]:
+            shutil.chown(p, "nobody", "nogroup")
+    gdir = rig.tmp / "getmail"
+    gdir.mkdir()
+    try:
+        await _getmail_runs(rig, maildir, gdir)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+async def _getmail_runs(rig: Rig, maildir: Path, gdir: Path) -> None:
+
+    def rc_file(delete: bool) -> Path:
+        p = rig.tmp / f"getmailrc-{delete}"
+        p.write_text(
+            "[retriever]\ntype = SimplePOP3Retriever\nserver = 127.0.0.1\n"
+            f"port = {rig.port}\nusername = {USER}\npassword = {PASSWORD}\n"
+            f"[destination]\ntype = Maildir\npath = {maildir}/\nuser = nobody\n"
+            f"[options]\nread_all = false\ndelete = {str(delete).lower()}\n")
+        return p
+
+    rc, log = await run("getmail", "--rcfile", str(rc_file(False)), "--getmaildir", str(gdir))
+    assert rc == 0 and "delivery error" not in log and "3 messages" in log, log
+    assert len(list((maildir / "new").iterdir())) == 3
+    await rig.wait_unlocked()
+    assert rig.visible() == 3
+    # read_all = false: the second run sees the same UIDLs and retrieves nothing, and with
+    # delete = true it DELEs the messages it has seen before (getmail's delete mode)
+    rc, log = await run("getmail", "--rcfile", str(rc_file(True)), "--getmaildir", str(gdir))
+    assert rc == 0 and "0 messages" in log, log
+    await rig.wait_unlocked()
+    assert rig.visible() == 0
+    assert rig.store.commits[-1].delete_uids == [1, 2, 3]
+    assert len(list((maildir / "new").iterdir())) == 3
+
+
+# ---------------------------------------------------------------- raw sockets
+def _recv_until(sock: socket.socket | ssl.SSLSocket, end: bytes, limit: float = 10) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + limit
+    while not buf.endswith(end):
+        assert time.monotonic() < deadline, buf
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+async def test_pipelining_overlong_line_and_dropped_connection(rig: Rig) -> None:
+    def client() -> bytes:
+        s = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
+        _recv_until(s, b"\r\n")
+        s.sendall(f"USER {USER}\r\nPASS {PASSWORD}\r\nSTAT\r\n".encode() + b"X" * 10000
+                  + b"\r\nDELE 1\r\nDELE 2\r\nLIST\r\n")
+        out = _recv_until(s, b"\r\n.\r\n")
+        s.close()  # no QUIT
+        return out
+
+    out = await asyncio.to_thread(client)
+    lines = out.split(b"\r\n")
+    assert lines[0] == b"+OK send PASS" and lines[1].startswith(b"+OK maildrop has 3")
+    assert lines[2].startswith(b"+OK 3 ") and lines[3] == b"-ERR line too long"
+    assert lines[4:7] == [b"+OK message 1 deleted", b"+OK message 2 deleted", b"+OK 1 messages ("
+                          + lines[6][len(b"+OK 1 messages ("):]]
+    await rig.wait_unlocked()
+    assert rig.visible() == 3 and rig.store.commits == []  # dropped: nothing deleted
+
+
+async def test_data_pipelined_after_stls_is_discarded(rig: Rig) -> None:
+    def client() -> bytes:
+        s = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
+        _recv_until(s, b"\r\n")
+        s.sendall(b"STLS\r\nCAPA\r\n")  # CVE-2011-0411 style injection
+        assert _recv_until(s, b"\r\n") == b"+OK Begin TLS negotiation\r\n"
+        t = client_tls().wrap_socket(s)
+        t.sendall(b"NOOP\r\n")
+        return _recv_until(t, b"\r\n")
+
+    assert await asyncio.to_thread(client) == b"-ERR not allowed before login\r\n"
+
+
+async def test_idle_autologout(rig: Rig) -> None:
+    rig.server.idle_timeout_s = 0.3
+
+    def client() -> bytes:
+        s = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
+        _recv_until(s, b"\r\n")
+        out = _recv_until(s, b"\r\n")
+        assert s.recv(10) == b""  # closed
+        return out
+
+    assert await asyncio.to_thread(client) == b"-ERR autologout; idle for too long\r\n"
