@@ -1,0 +1,273 @@
+"""The mime-processor worker with in-memory ports: routing, events, idempotent retries,
+authentication only for MX mail, failures retried and never acked."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from postbus.kit.blob import BlobNotFound, BlobUnavailable, blob_key
+from postbus.kit.bus import Ack, BusUnavailable, Reject, Retry
+from postbus.mime_processor.policy import AuthResults, DmarcResult, SpfResult
+from postbus.mime_processor.settings import Settings
+from postbus.mime_processor.worker import MimeWorker
+from postbus.proto.base import Subject
+from postbus.proto.directory import AccountRef, ResolveReply
+from postbus.proto.mail import (
+    BodyRef,
+    ClientInfo,
+    DeliverLocal,
+    DeliveryEvent,
+    MailReceived,
+    OutboundQueued,
+    Recipient,
+)
+
+ALICE = AccountRef(account_id=1, address="alice@example.test")
+BOB = AccountRef(account_id=2, address="bob@example.test")
+TABLE = {
+    "alice@example.test": ResolveReply(status="local", accounts=[ALICE]),
+    "team@example.test": ResolveReply(status="local", accounts=[ALICE, BOB]),
+    "off@example.test": ResolveReply(status="disabled"),
+}
+BODY = (b"Received: from client by mx.example.test\r\nFrom: Carol <carol@sender.example>\r\n"
+        b"To: team@example.test\r\nSubject: hello\r\nMessage-ID: <c1@sender.example>\r\n\r\n"
+        b"Hi all.\r\n")
+
+
+class TableDirectory:
+    def __init__(self) -> None:
+        self.fail = False
+
+    async def resolve(self, address: str) -> ResolveReply:
+        if self.fail:
+            raise BusUnavailable("no responders")
+        if address in TABLE:
+            return TABLE[address]
+        dom = address.rsplit("@", 1)[-1]
+        return ResolveReply(status="unknown" if dom == "example.test" else "remote", domain=dom)
+
+
+class MemBlobs:
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.puts = 0
+        self.down = False
+
+    async def get(self, key: str) -> bytes:
+        if key not in self.data:
+            raise BlobNotFound(key)
+        return self.data[key]
+
+    async def put(self, data: bytes, *, verify: bool = False) -> str:
+        if self.down:
+            raise BlobUnavailable("s3 down")
+        self.puts += 1
+        self.data[blob_key(data)] = data
+        return blob_key(data)
+
+
+class DedupPublisher:
+    """Like JetStream with a duplicate window: a repeated msg id is stored once."""
+
+    def __init__(self) -> None:
+        self.msgs: dict[str, tuple[str, BaseModel]] = {}
+        self.fail_on: str | None = None
+
+    async def publish(self, subject: Subject[Any], data: Any, *, msg_id: str | None = None,
+                      timeout: float = 5.0, **parts: str) -> int:
+        name = subject.format(**parts) if parts else subject.name
+        if self.fail_on and self.fail_on in name:
+            raise BusUnavailable("no ack")
+        assert msg_id
+        self.msgs.setdefault(msg_id, (name, data))
+        return len(self.msgs)
+
+    def of(self, model: type[Any]) -> list[Any]:
+        return [d for _, d in self.msgs.values() if isinstance(d, model)]
+
+
+class FixedAuth:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def check(self, raw: bytes, client: ClientInfo, mail_from: str) -> AuthResults:
+        self.calls += 1
+        return AuthResults(SpfResult("pass", mail_from), [],
+                           DmarcResult("none", "sender.example"))
+
+
+class MemMemo:
+    def __init__(self) -> None:
+        self.d: dict[str, str] = {}
+
+    async def get(self, key: str) -> str | None:
+        return self.d.get(key)
+
+    async def put(self, key: str, value: str) -> None:
+        self.d[key] = value
+
+
+def mail(qid: str = "Q1", rcpts: list[str] | None = None, *, listener: str = "mx",
+         auth_user: str | None = None, body: bytes = BODY, claim: str | None = None,
+         ip: str = "198.51.100.7") -> MailReceived:
+    return MailReceived(
+        queue_id=qid, received_at=datetime.now(UTC),
+        client=ClientInfo(ip=ip, helo="mx.sender.example", listener=listener,  # type: ignore[arg-type]
+                          auth_user=auth_user),
+        mail_from="carol@sender.example",
+        rcpt_to=[Recipient(address=a, notify=["FAILURE", "DELAY"], orcpt=f"rfc822;{a}")
+                 for a in (rcpts or ["team@example.test"])],
+        body=BodyRef(size=len(body), inline=None if claim else body, blob_key=claim),
+        dsn_envid="ENV1", dsn_ret="HDRS")
+
+
+@pytest.fixture
+def parts() -> tuple[MimeWorker, TableDirectory, MemBlobs, DedupPublisher, FixedAuth, MemMemo]:
+    d, b, p, a, m = TableDirectory(), MemBlobs(), DedupPublisher(), FixedAuth(), MemMemo()
+    w = MimeWorker(Settings(authserv_id="mx.example.test", missing_blob_attempts=3),
+                   directory=d, blobs=b, publisher=p, authenticator=a, memo=m)
+    return w, d, b, p, a, m
+
+
+Parts = tuple[MimeWorker, TableDirectory, MemBlobs, DedupPublisher, FixedAuth, MemMemo]
+
+
+async def test_mx_mail_fans_out_dedupes_and_reports(parts: Parts) -> None:
+    w, _, blobs, pub, auth, _ = parts
+    m = mail(rcpts=["team@example.test", "alice@example.test", "nobody@example.test",
+                    "off@example.test", "x@remote.example"])
+    assert await w.handle_message(m) == Ack()
+    [key] = blobs.data
+    stored = blobs.data[key]
+    assert stored.startswith(b"Authentication-Results: mx.example.test;\r\n\tspf=pass")
+    assert stored.endswith(BODY)
+
+    deliveries = pub.of(DeliverLocal)
+    assert sorted((d.account_id, d.recipient) for d in deliveries) == [
+        (1, "team@example.test"), (2, "team@example.test")]
+    d1 = deliveries[0]
+    assert d1.blob_key == key and d1.blob_size == len(stored)
+    assert d1.prefix == b"Return-Path: <carol@sender.example>\r\nDelivered-To: alice@example.test\r\n"
+    assert d1.summary.subject == "hello" and d1.summary.header_bytes > len(BODY) // 2
+    assert d1.auth_results and "\r\n" not in d1.auth_results and "spf=pass" in d1.auth_results
+    assert d1.notify == ["FAILURE", "DELAY"] and d1.dsn_envid == "ENV1"
+    assert set(pub.msgs) >= {"Q1:1", "Q1:2", "Q1:received"}
+
+    assert pub.of(OutboundQueued) == []  # unauthenticated MX client: never relayed
+    events = {(e.kind, e.recipient): e for e in pub.of(DeliveryEvent)}
+    assert events[("failed", "x@remote.example")].status == "5.7.1"
+    assert events[("failed", "off@example.test")].status == "5.2.1"
+    nobody = events[("failed", "nobody@example.test")]
+    assert (nobody.status, nobody.mail_from, nobody.blob_key, nobody.orcpt, nobody.notify,
+            nobody.dsn_envid, nobody.dsn_ret) == (
+        "5.1.1", "carol@sender.example", key, "rfc822;nobody@example.test",
+        ["FAILURE", "DELAY"], "ENV1", "HDRS")
+    assert ("received", None) in events and ("expanded", "team@example.test") in events
+    name, _ = pub.msgs["Q1:failed:nobody@example.test"]
+    assert name == "mail.events.v1.Q1.failed"
+    assert w.stats.routes == {"local": 2, "failed": 3} and w.stats.auth["spf"]["pass"] == 1
+
+
+async def test_authenticated_submission_goes_outbound_without_auth_header(parts: Parts) -> None:
+    w, _, blobs, pub, auth, _ = parts
+    m = mail("Q2", ["x@remote.example", "y@remote.example", "X@remote.example", "alice@example.test"],
+             listener="submission", auth_user="alice@example.test")
+    assert await w.handle_message(m) == Ack()
+    assert auth.calls == 0
+    [key] = blobs.data
+    assert blobs.data[key] == BODY  # unchanged
+    [out] = pub.of(OutboundQueued)
+    assert [r.address for r in out.recipients] == ["x@remote.example", "y@remote.example"]
+    assert (out.blob_key, out.size, out.dsn_ret, out.dsn_envid) == (key, len(BODY), "HDRS", "ENV1")
+    assert "Q2:out" in pub.msgs
+    assert [d.account_id for d in pub.of(DeliverLocal)] == [1]
+
+
+async def test_trusted_network_may_relay_and_mx_auth_user_too(parts: Parts) -> None:
+    _, d, b, _, a, mm = parts
+    pub = DedupPublisher()
+    w = MimeWorker(Settings(trusted_networks=["10.0.0.0/8"]), directory=d, blobs=b,
+                   publisher=pub, authenticator=a, memo=mm)
+    assert await w.handle_message(mail("Q3", ["x@remote.example"], ip="10.1.1.1")) == Ack()
+    assert len(pub.of(OutboundQueued)) == 1
+
+
+async def test_retry_is_idempotent_same_blob_same_ids(parts: Parts) -> None:
+    w, dirs, blobs, pub, auth, memo = parts
+    pub.fail_on = "mail.deliver"
+    m = mail("Q4", ["team@example.test", "nobody@example.test"])
+    out = await w.handle_message(m, attempt=1)
+    assert isinstance(out, Retry) and out.delay_s > 0
+    assert w.stats.failures[0].queue_id == "Q4"
+    pub.fail_on = None
+    assert await w.handle_message(m, attempt=2) == Ack()
+    assert auth.calls == 1  # the second attempt reused the remembered header
+    assert len(blobs.data) == 1  # same bytes, same key
+    assert len(pub.of(DeliverLocal)) == 2
+    assert await w.handle_message(m, attempt=3) == Ack()  # a redelivery after the ack
+    assert len(pub.of(DeliverLocal)) == 2 and len(blobs.data) == 1
+    assert len([e for e in pub.of(DeliveryEvent) if e.kind == "failed"]) == 1
+
+
+async def test_directory_or_s3_down_is_retry(parts: Parts) -> None:
+    w, dirs, blobs, pub, _, _ = parts
+    dirs.fail = True
+    assert isinstance(await w.handle_message(mail("Q5")), Retry)
+    dirs.fail = False
+    blobs.down = True
+    assert isinstance(await w.handle_message(mail("Q5")), Retry)
+    assert pub.of(DeliverLocal) == []  # nothing published before the blob is durable
+
+
+async def test_claim_check_body_and_missing_blob(parts: Parts) -> None:
+    w, _, blobs, pub, _, _ = parts
+    key = await blobs.put(BODY)
+    m = mail("Q6", ["alice@example.test"], listener="submission", auth_user="alice@example.test",
+             claim=key)
+    assert await w.handle_message(m) == Ack()
+    assert blobs.puts == 1  # unchanged body: the claim-check blob is the final blob
+    assert pub.of(DeliverLocal)[0].blob_key == key
+
+    lost = mail("Q7", ["alice@example.test", "x@remote.example"], claim="blobs/" + "0" * 64)
+    assert isinstance(await w.handle_message(lost, attempt=1), Retry)
+    assert isinstance(await w.handle_message(lost, attempt=3), Reject)
+    failed = [e for e in pub.of(DeliveryEvent) if e.queue_id == "Q7"]
+    assert sorted((e.recipient, e.status) for e in failed) == [
+        ("alice@example.test", "5.3.0"), ("x@remote.example", "5.3.0")]
+
+
+async def test_auth_checks_off_and_bare_lf_normalised(parts: Parts) -> None:
+    _, d, b, _, a, mm = parts
+    pub = DedupPublisher()
+    w = MimeWorker(Settings(auth_checks=False), directory=d, blobs=b, publisher=pub,
+                   authenticator=a, memo=mm)
+    lf = b"Subject: lf\n\nline\n"
+    assert await w.handle_message(mail("Q8", ["alice@example.test"], body=lf)) == Ack()
+    assert a.calls == 0
+    [dl] = pub.of(DeliverLocal)
+    assert b.data[dl.blob_key] == b"Subject: lf\r\n\r\nline\r\n"
+    assert dl.summary.body == '("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 6 1)'
+    assert dl.auth_results is None
+
+
+async def test_forged_results_with_our_id_are_removed(parts: Parts) -> None:
+    w, _, blobs, pub, _, _ = parts
+    forged = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.example\r\n" + BODY
+    assert await w.handle_message(mail("Q9", ["alice@example.test"], body=forged)) == Ack()
+    stored = blobs.data[pub.of(DeliverLocal)[0].blob_key]
+    assert stored.count(b"Authentication-Results:") == 1 and b"bank.example" not in stored
+
+
+async def test_handler_bug_is_retried_not_acked(parts: Parts) -> None:
+    w, _, _, _, _, _ = parts
+
+    async def boom(address: str) -> ResolveReply:
+        raise ZeroDivisionError
+
+    w.directory.resolve = boom  # type: ignore[method-assign]
+    out = await w.handle_message(mail("Q10"))
+    assert isinstance(out, Retry) and "internal" in out.reason
