@@ -48,6 +48,7 @@ _DOMAIN = re.compile(
     r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
 _ADDR_LITERAL = re.compile(r"^\[(?:IPv6:[0-9A-Fa-f:.]+|\d{1,3}(?:\.\d{1,3}){3})\]$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ROUTE = re.compile(r"^@[^,:<>]+(?:,@[^,:<>]+)*:")
 
 
@@ -81,7 +82,7 @@ def _valid_domain(d: str, utf8: bool) -> bool:
         return True
     if not d or len(d) > 255:
         return False
-    if utf8 and any(ord(c) > 127 for c in d):
+    if utf8 and not d.isascii():
         try:
             d = d.encode("idna").decode("ascii")
         except UnicodeError:
@@ -108,9 +109,10 @@ def parse_path(text: str, *, allow_null: bool, utf8: bool = False) -> tuple[Path
         if allow_null:
             return Path(""), rest
         raise PathError("empty path")
-    if any(ord(c) < 32 or ord(c) == 127 for c in inner):
+    if _CONTROL.search(inner):
         raise PathError("control character in path")
-    if any(ord(c) > 127 for c in inner) and not utf8:
+    ascii_only = inner.isascii()
+    if not ascii_only and not utf8:
         raise PathError("8-bit address without SMTPUTF8")
     had_route = False
     m = _ROUTE.match(inner)
@@ -142,8 +144,7 @@ def parse_path(text: str, *, allow_null: bool, utf8: bool = False) -> tuple[Path
         raise PathError("local part too long or empty")
     if not _valid_domain(domain, utf8):
         raise PathError("bad domain")
-    is_utf8 = any(ord(c) > 127 for c in inner)
-    return Path(f"{local}@{domain}", plain, domain.lower(), had_route, quoted, is_utf8), rest
+    return Path(f"{local}@{domain}", plain, domain.lower(), had_route, quoted, not ascii_only), rest
 
 
 def _closing_bracket(text: str) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -198,6 +199,9 @@ def received_header(*, helo: str | None, ip: str, rdns: str | None, hostname: st
     return text.encode("utf-8", "replace")
 
 
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f()\\]")
+
+
 def _clean(s: str) -> str:
     """No CR/LF, parentheses or control characters from the client into our header."""
-    return "".join(c if 32 <= ord(c) != 127 and c not in "()\\" else "?" for c in s)[:200]
+    return _UNSAFE.sub("?", s[:200])
