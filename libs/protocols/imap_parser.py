@@ -1065,6 +1065,8 @@ _FLAG_KEYS = {
 }
 _STRING_KEYS = ("BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO")
 _DATE_KEYS = ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE")
+_ARG_KEYS = frozenset(_STRING_KEYS + _DATE_KEYS + (
+    "KEYWORD", "UNKEYWORD", "LARGER", "SMALLER", "HEADER", "UID", "NOT", "OR", "MODSEQ"))
 
 
 def _search_key(c: _Cursor, charset: str) -> SearchNode:
@@ -1096,6 +1098,8 @@ def _search_key(c: _Cursor, charset: str) -> SearchNode:
         if word in _FLAG_KEYS:
             op, flag = _FLAG_KEYS[word]
             return SearchNode(op, (flag,))
+        if word not in _ARG_KEYS:
+            raise c.fail(f"unknown search key {word[:40]}")
         c.sp()
         if word in ("KEYWORD", "UNKEYWORD"):
             return SearchNode("flag" if word == "KEYWORD" else "unflag", (c.atom(),))

@@ -191,6 +191,7 @@ class Session:
         self._events: list[MailboxChanged] = []
         self.wakeup = asyncio.Event()
         self._unsubscribe: Unsubscribe | None = None
+        self._bye_after: str | None = None  # say BYE after the tagged response
 
     # ------------------------------------------------------------ helpers
     @property
@@ -253,8 +254,10 @@ class Session:
                 await self._raw_line(line)
                 return
             case p.Bad(tag=tag, reason=reason, code=code):
-                COMMANDS.labels("invalid", "BAD").inc()
-                self.w(f"{tag} BAD {'[' + code + '] ' if code else ''}{reason}")
+                # RFC 3501 §6.4.4: an unknown charset is NO [BADCHARSET], not BAD
+                status = "NO" if code and code.startswith("BADCHARSET") else "BAD"
+                COMMANDS.labels("invalid", status).inc()
+                self.w(f"{tag} {status} {'[' + code + '] ' if code else ''}{reason}")
                 return
         cmd = item
         name = type(cmd).__name__.upper().replace("CMD", "")
@@ -277,6 +280,12 @@ class Session:
                 log.exception("applying mailbox changes failed", session=self.info.id)
         COMMANDS.labels(name, result.status).inc()
         self.w(f"{cmd.tag} {result.status} {result.text}")
+        self._maybe_bye()
+
+    def _maybe_bye(self) -> None:
+        if self._bye_after is not None:
+            self.bye(self._bye_after)
+            self._bye_after = None
 
     async def _dispatch(self, cmd: p.Command) -> Tagged | None:
         st = self.state
@@ -415,8 +424,7 @@ class Session:
             log.info("login failed", user=user[:100], ip=self.client_ip, reason=reply.reason)
             await asyncio.sleep(self.cfg.auth_fail_delay_s)
             if failures >= self.cfg.max_auth_failures:
-                self.w("* BYE Too many authentication failures")
-                self.state = LoggedOut()
+                self._bye_after = "Too many authentication failures"
             return Tagged("NO", "[AUTHENTICATIONFAILED] Authentication failed")
         self.state = Authenticated(reply.account_id, reply.address or user)
         self.info.user = reply.address or user
@@ -462,6 +470,7 @@ class Session:
                 result = Tagged("BAD", "Already authenticated")
             COMMANDS.labels("AUTHENTICATE", result.status).inc()
             self.w(f"{tag} {result.status} {result.text}")
+            self._maybe_bye()
         elif self._idle_tag is not None:
             tag, self._idle_tag = self._idle_tag, None
             if line.strip().upper() == b"DONE":

@@ -1,0 +1,210 @@
+"""IMAP session transcripts (tests/transcripts/imap/*.txt) against the in-memory ports.
+
+Format, one item a line:
+  ``C: text``  the client sends text + CRLF (consecutive C: lines go out together)
+  ``S: text``  the next line the server writes, exactly
+  ``S~ regex`` the next line the server writes, matching the regex in full
+  ``!insecure`` (first lines only) the connection is neither TLS nor loopback
+  ``!deliver MAILBOX SUBJECT``  another party delivers a message (a change notification)
+  ``!flags UID FLAG...``  another session sets flags on INBOX UID
+  ``!expunge UID``  another session expunges INBOX UID
+  ``!pause``  send the C: lines before and after separately
+  ``# ...`` comments and blank lines are ignored
+After each group of C: lines the server's output must match the S lines up to the next C:.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from postbus.imap_access.memory import MemoryPlatform
+from postbus.imap_access.session import Session, SessionConfig
+from postbus.protocols.imap_parser import Receiver
+
+TRANSCRIPTS = Path(__file__).parent.parent / "transcripts" / "imap"
+
+PREFIX = b"Return-Path: <bob@example.net>\r\nDelivered-To: alice@example.test\r\n"
+MSG1 = (b"From: Bob <bob@example.net>\r\n"
+        b"To: Alice <alice@example.test>\r\n"
+        b"Subject: hello\r\n"
+        b"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n"
+        b"Message-ID: <m1@example.net>\r\n"
+        b"\r\n"
+        b"Hi Alice,\r\n"
+        b"see you.\r\n")
+MSG2 = (b"From: Carol <carol@example.org>\r\n"
+        b"To: alice@example.test\r\n"
+        b"Subject: report\r\n"
+        b"Date: Fri, 20 Nov 2026 09:30:00 +0100\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: multipart/mixed; boundary=\"XX\"\r\n"
+        b"\r\n"
+        b"preamble\r\n"
+        b"--XX\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"\r\n"
+        b"The report is attached.\r\n"
+        b"--XX\r\n"
+        b"Content-Type: application/octet-stream; name=\"r.bin\"\r\n"
+        b"Content-Transfer-Encoding: base64\r\n"
+        b"\r\n"
+        b"AAECAw==\r\n"
+        b"--XX--\r\n")
+MSG3 = (b"From: Dave <dave@example.com>\r\n"
+        b"To: alice@example.test\r\n"
+        b"Subject: third\r\n"
+        b"\r\n"
+        b"Third message, larger body text here.\r\n" * 1)
+
+
+class Out:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.buf += data
+
+    async def drain(self) -> None:
+        return None
+
+    def take_lines(self) -> list[str]:
+        text = self.buf.decode("utf-8", "replace")
+        self.buf.clear()
+        lines = text.split("\r\n")
+        assert lines[-1] == "", f"output does not end with CRLF: {text!r}"
+        return lines[:-1]
+
+
+def world() -> tuple[MemoryPlatform, int]:
+    mp = MemoryPlatform()
+    acc = mp.add_user("alice@example.test", "secret")
+    mp.add_user("bob@example.net", "hunter2")
+    mp.deliver(acc, MSG1, prefix=PREFIX,
+               internaldate=datetime(2026, 11, 26, 10, 0, 5, tzinfo=UTC))
+    mp.deliver(acc, MSG2, flags=["\\Seen"],
+               internaldate=datetime(2026, 11, 20, 8, 31, 0, tzinfo=UTC))
+    mp.deliver(acc, MSG3, flags=["\\Flagged"],
+               internaldate=datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC))
+    return mp, acc
+
+
+class Runner:
+    def __init__(self, secure: bool) -> None:
+        self.mp, self.acc = world()
+        self.out = Out()
+        self.session = Session(directory=self.mp, store=self.mp, blobs=self.mp,
+                               changes=self.mp, out=self.out,
+                               config=SessionConfig(auth_fail_delay_s=0, fetch_batch=2,
+                                                    starttls_available=True),
+                               client_ip="127.0.0.1" if secure else "192.0.2.7",
+                               secure=secure)
+        self.rx = Receiver(max_line=2000, max_literal=10_000)
+        self.session.greeting()
+
+    async def send(self, data: bytes) -> None:
+        self.rx.push(data)
+        while (item := self.rx.next()) is not None:
+            await self.session.handle(item)
+            if self.session.expect_line:
+                self.rx.expect_line()
+            if self.session.start_tls:
+                self.session.start_tls = False
+                self.rx.reset()
+                self.session.tls = self.session.secure = True
+            if self.session.closed:
+                break
+
+    async def directive(self, line: str) -> None:
+        word, *args = line[1:].split()
+        inbox = self.mp.boxes[self.acc]["INBOX"]
+        if word == "pause":  # only splits the client's lines into two sends
+            return
+        if word == "deliver":
+            self.mp.deliver(self.acc, b"Subject: " + " ".join(args[1:]).encode()
+                            + b"\r\n\r\nnew\r\n", mailbox=args[0])
+        elif word == "flags":
+            await self.mp.flags(_flags_req(self.acc, inbox.id, int(args[0]), args[1:]))
+        elif word == "expunge":
+            await self.mp.flags(_flags_req(self.acc, inbox.id, int(args[0]), ["\\Deleted"]))
+            from postbus.proto.store import ExpungeRequest
+            await self.mp.expunge(ExpungeRequest(account_id=self.acc, mailbox_id=inbox.id,
+                                                 uids=[(int(args[0]), int(args[0]))]))
+        else:
+            raise AssertionError(f"unknown directive {line}")
+        if self.session.idling and self.session.wakeup.is_set():
+            await self.session.idle_updates()
+
+
+def _flags_req(acc: int, box: int, uid: int, flags: list[str]) -> object:
+    from postbus.proto.store import StoreFlagsRequest
+    return StoreFlagsRequest(account_id=acc, mailbox_id=box, uids=[(uid, uid)], op="set",
+                             flags=flags, origin="other")
+
+
+def parse_transcript(text: str) -> list[tuple[str, str]]:
+    steps = []
+    for raw in text.splitlines():
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        if raw.startswith("!"):
+            steps.append(("!", raw))
+        elif raw[:2] in ("C:", "S:", "S~"):
+            steps.append((raw[:2], raw[3:] if len(raw) > 2 else ""))
+        else:
+            raise AssertionError(f"bad transcript line: {raw!r}")
+    return steps
+
+
+async def run_transcript(path: Path) -> None:
+    steps = parse_transcript(path.read_text())
+    secure = not any(k == "!" and v.strip() == "!insecure" for k, v in steps)
+    steps = [(k, v) for k, v in steps if not (k == "!" and v.strip() == "!insecure")]
+    r = Runner(secure)
+    got: list[str] = r.out.take_lines()
+    i = 0
+    lineno = 0
+
+    def expect_output() -> None:
+        nonlocal i, lineno
+        while i < len(steps) and steps[i][0] in ("S:", "S~"):
+            kind, want = steps[i]
+            lineno += 1
+            assert got, f"{path.name}: server said nothing more; expected {want!r}"
+            line = got.pop(0)
+            if kind == "S:":
+                assert line == want, f"{path.name}: expected {want!r}\n got {line!r}"
+            else:
+                assert re.fullmatch(want, line), f"{path.name}: /{want}/ vs {line!r}"
+            i += 1
+        assert not got, f"{path.name}: unexpected output {got!r} (before step {i})"
+
+    expect_output()
+    while i < len(steps):
+        kind, val = steps[i]
+        if kind == "!":
+            if val.strip() != "!insecure":
+                await r.directive(val.strip())
+            i += 1
+        else:
+            assert kind == "C:", f"{path.name}: expected a C: line at step {i}: {steps[i]}"
+            data = b""
+            while i < len(steps) and steps[i][0] == "C:":
+                data += steps[i][1].encode("utf-8") + b"\r\n"
+                i += 1
+            await r.send(data)
+        got.extend(r.out.take_lines())
+        expect_output()
+    await r.session.close()
+
+
+@pytest.mark.parametrize("path", sorted(TRANSCRIPTS.glob("*.txt")), ids=lambda p: p.stem)
+async def test_imap_transcript(path: Path) -> None:
+    await run_transcript(path)
+
+
+def test_there_are_transcripts() -> None:
+    assert len(list(TRANSCRIPTS.glob("*.txt"))) >= 8
