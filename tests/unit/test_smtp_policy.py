@@ -1,0 +1,142 @@
+"""smtp-ingress policy: relay decisions, sender rights, limits, queue ids, Received header."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from postbus.protocols.smtp import parse_path
+from postbus.proto.directory import AccountRef, ResolveReply
+from postbus.smtp_ingress import policy as pol
+
+
+def _reply(status: str, accounts: int = 1) -> ResolveReply:
+    return ResolveReply(status=status,  # type: ignore[arg-type]
+                        accounts=[AccountRef(account_id=i, address=f"u{i}@example.test")
+                                  for i in range(accounts)] if status == "local" else [])
+
+
+@pytest.mark.parametrize("status,may_relay,expected", [
+    ("local", False, "250 2.1.5"),
+    ("local", True, "250 2.1.5"),
+    ("unknown", False, "550 5.1.1"),
+    ("unknown", True, "550 5.1.1"),
+    ("disabled", False, "550 5.2.1"),
+    ("remote", False, "554 5.7.1"),
+    ("remote", True, "250 2.1.5"),
+])
+def test_recipient_decision(status: str, may_relay: bool, expected: str) -> None:
+    d = pol.recipient_decision(_reply(status), may_relay=may_relay)
+    assert d.reply.startswith(expected)
+
+
+def test_local_without_accounts_is_unknown() -> None:
+    assert pol.recipient_decision(_reply("local", 0), may_relay=False).reply.startswith("550 5.1.1")
+
+
+@pytest.mark.parametrize("addr", [
+    "<bob%remote.example@example.test>", "<@example.test:bob@remote.example>",
+    '<"bob@remote.example"@example.test>', "<bob@remote.example@example.test>",
+    "<remote.example!bob@example.test>",
+])
+def test_relay_tricks_refused_unless_relay_allowed(addr: str) -> None:
+    path, _ = parse_path(addr, allow_null=False)
+    refusal = pol.recipient_needs_lookup(path, may_relay=False)
+    assert refusal is not None and refusal.reply.startswith("554 5.7.1")
+    assert pol.recipient_needs_lookup(path, may_relay=True) is None
+    plain, _ = parse_path("<bob@example.test>", allow_null=False)
+    assert pol.recipient_needs_lookup(plain, may_relay=False) is None
+
+
+def test_may_relay_and_trusted_networks() -> None:
+    nets = pol.parse_networks(["192.0.2.0/24", "2001:db8::/32"])
+    assert pol.ip_in("192.0.2.9", nets) and pol.ip_in("2001:db8::1", nets)
+    assert pol.ip_in("::ffff:192.0.2.9", nets)
+    assert not pol.ip_in("127.0.0.1", nets) and not pol.ip_in("junk", nets)
+    assert not pol.ip_in("127.0.0.1", pol.parse_networks([]))  # loopback is not trusted
+    assert pol.may_relay(authenticated=False, trusted=True)
+    assert pol.may_relay(authenticated=True, trusted=False)
+    assert not pol.may_relay(authenticated=False, trusted=False)
+
+
+def test_sender_allowed() -> None:
+    send_as = ["alice@example.test", "sales@example.test"]
+    assert pol.sender_allowed("alice@example.test", send_as)
+    assert pol.sender_allowed("Sales@Example.TEST", send_as)
+    assert pol.sender_allowed("", send_as)
+    assert not pol.sender_allowed("bob@example.test", send_as)
+    assert not pol.sender_allowed("alice@example.test.evil", send_as)
+
+
+def test_connection_decision() -> None:
+    lim = pol.ConnLimits(max_connections=10, per_ip=2, rate_per_minute=5)
+    assert pol.connection_decision(total=0, from_ip=0, recent=0, limits=lim) is None
+    assert pol.connection_decision(total=10, from_ip=0, recent=0, limits=lim) == pol.R421_BUSY
+    assert pol.connection_decision(total=1, from_ip=2, recent=0, limits=lim) == pol.R421_TOO_MANY_CONN
+    assert pol.connection_decision(total=1, from_ip=1, recent=5, limits=lim) == pol.R421_RATE
+    off = pol.ConnLimits(0, 0, 0)
+    assert pol.connection_decision(total=10**6, from_ip=10**6, recent=10**6, limits=off) is None
+
+
+def test_rate_window_slides() -> None:
+    now = [0.0]
+    w = pol.RateWindow(60, clock=lambda: now[0])
+    assert [w.hit("a") for _ in range(3)] == [0, 1, 2]
+    assert w.hit("b") == 0
+    now[0] = 61.0
+    assert w.hit("a") == 0
+
+
+def test_auth_throttled() -> None:
+    assert not pol.auth_throttled(9, 4, ip_limit=10, account_limit=5)
+    assert pol.auth_throttled(10, 0, ip_limit=10, account_limit=5)
+    assert pol.auth_throttled(0, 5, ip_limit=10, account_limit=5)
+    assert not pol.auth_throttled(100, 100, ip_limit=0, account_limit=0)
+
+
+def test_queue_ids_sortable_unique_short() -> None:
+    a = pol.new_queue_id(1_700_000_000_000, b"\x00" * 5)
+    b = pol.new_queue_id(1_700_000_000_001, b"\xff" * 5)
+    assert len(a) == 17 and a < b and a.isalnum() and a.isupper()
+    ids = {pol.new_queue_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    seq = [pol.new_queue_id(1_700_000_000_000 + i) for i in range(100)]
+    assert seq == sorted(seq)
+
+
+def test_received_header() -> None:
+    when = datetime(2026, 11, 26, 17, 0, tzinfo=UTC)
+    h = pol.received_header(helo="client.example.net\r\nX-Evil: 1", ip="192.0.2.1", rdns=None,
+                            hostname="mx.example.test", esmtp=True,
+                            tls="TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)",
+                            auth_user="alice@example.test", utf8=False, queue_id="Q1",
+                            rcpt="alice@example.test", when=when)
+    text = h.decode()
+    assert text.startswith("Received: from client.example.net??X-Evil: 1 ([192.0.2.1])\r\n")
+    assert "\tby mx.example.test (Postbus) with ESMTPSA id Q1\r\n" in text
+    assert "(using TLSv1.3 with cipher" in text and "(Authenticated sender: alice@example.test)" in text
+    assert text.endswith("\tfor <alice@example.test>;\r\n\tThu, 26 Nov 2026 17:00:00 +0000\r\n")
+    assert text.count("\n") == text.count("\r\n")
+    plain = pol.received_header(helo=None, ip="2001:db8::1", rdns=None, hostname="h", esmtp=False,
+                                tls=None, auth_user=None, utf8=False, queue_id="Q", rcpt=None,
+                                when=when).decode()
+    assert "from unknown ([IPv6:2001:db8::1])" in plain and "with SMTP id Q;\r\n" in plain
+
+
+def test_fast_init_sets_what_aiosmtpd_sets() -> None:
+    """IngressSMTP skips SMTP.__init__ for speed: it must still set every attribute it does."""
+    from aiosmtpd.smtp import SMTP
+
+    from postbus.kit.settings import CommonSettings
+    from postbus.smtp_ingress.server import Ingress, IngressSMTP
+    from postbus.smtp_ingress.settings import Settings
+
+    async def build() -> tuple[set[str], set[str]]:
+        ing = Ingress(Settings(common=CommonSettings()), directory=None, queue=None,  # type: ignore[arg-type]
+                      bodies=None, auth_failures=None, blocklist=None, tls_context=None)  # type: ignore[arg-type]
+        return set(vars(SMTP(object()))), set(vars(IngressSMTP(ing, "mx")))
+
+    base, ours = asyncio.run(build())
+    assert base - ours == set()
