@@ -11,6 +11,7 @@ from postbus.kit.runtime import ServiceContext, main
 from postbus.mailbox_store import db
 from postbus.mailbox_store.blobgc import run_forever
 from postbus.mailbox_store.delivery import Deliverer
+from postbus.mailbox_store.directory import serve_directory
 from postbus.mailbox_store.repository import Repository
 from postbus.mailbox_store.settings import Settings
 from postbus.mailbox_store.storeapi import StoreApi
@@ -29,8 +30,7 @@ async def setup(settings: Settings, ctx: ServiceContext) -> None:
     sessions = db.sessionmaker(engine)
 
     # the directory (domains, accounts, aliases; directory.* RPCs) and its management API
-    directory_mod = importlib.import_module("postbus.mailbox_store.directory")
-    directory = await directory_mod.serve_directory(ctx.bus, sessions)
+    directory = await serve_directory(ctx.bus, sessions, repo=repo)
     try:
         mgmt_mod = importlib.import_module("postbus.mailbox_store.mgmt")
     except ModuleNotFoundError:

@@ -47,7 +47,7 @@ def is_sqlite(engine: AsyncEngine | AsyncConnection | Connection) -> bool:
 
 
 def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FULL",
-                  echo: bool = False) -> AsyncEngine:
+                  echo: bool = False, connect_args: dict[str, Any] | None = None) -> AsyncEngine:
     """An engine with the right connection set-up for the dialect.
 
     SQLite: WAL (readers never block the writer), a busy timeout so several processes can
@@ -65,6 +65,8 @@ def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "F
         kw["pool_pre_ping"] = False
     else:
         kw.update(pool_size=pool_size, max_overflow=pool_size)
+    if connect_args:
+        kw["connect_args"] = {**kw.get("connect_args", {}), **connect_args}
     engine = create_async_engine(url, **kw)
     if engine.dialect.name == "sqlite":
         sync = sqlite_synchronous.upper()
@@ -96,8 +98,14 @@ def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 # ---------------------------------------------------------------- migrations
-# Alembic keeps its context in module globals: one migration at a time per process
-_MIGRATE_LOCK = asyncio.Lock()
+# Alembic keeps its context in module globals: one migration at a time per process (a lock
+# per event loop, as tests run one loop per test)
+_MIGRATE_LOCKS: dict[int, asyncio.Lock] = {}
+
+
+def _migrate_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    return _MIGRATE_LOCKS.setdefault(id(loop), asyncio.Lock())
 
 
 def _alembic_config(connection: Connection | None = None) -> Any:
@@ -122,7 +130,7 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
     On PostgreSQL an advisory lock makes replicas that start together take turns: the
     first applies the migrations, the others then find nothing left to do.
     """
-    async with _MIGRATE_LOCK, engine.connect() as conn:
+    async with _migrate_lock(), engine.connect() as conn:
         if conn.dialect.name == "postgresql":
             await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
             await conn.commit()

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from sqlalchemy import (
     ColumnElement,
     and_,
+    bindparam,
     case,
     delete,
     false,
@@ -133,6 +134,7 @@ class Change:
     added: list[MessageState] = field(default_factory=list)
     flags: list[MessageState] = field(default_factory=list)
     expunged: list[int] = field(default_factory=list)
+    message_ids: list[int] = field(default_factory=list)  # row ids of added (single insert)
 
 
 @dataclass
@@ -268,13 +270,69 @@ def _retryable(exc: DBAPIError) -> bool:
     return "database is locked" in text or "deadlock detected" in text
 
 
+# ---------------------------------------------------------------- group commit
+@dataclass
+class _DeliverJob:
+    queue_id: str
+    account_id: int
+    mailbox: str
+    msg: NewMessage
+
+
+class _Batcher:
+    """Collects concurrent deliveries and commits them together (one transaction, one
+    fsync). A batch that fails is retried one delivery at a time, so one bad message
+    only fails itself."""
+
+    def __init__(self, run: Callable[[list[_DeliverJob]], Awaitable[list[DeliverOutcome]]],
+                 max_batch: int = 64) -> None:
+        self.run = run
+        self.max_batch = max_batch
+        self.pending: list[tuple[_DeliverJob, asyncio.Future[DeliverOutcome]]] = []
+        self.worker: asyncio.Task[None] | None = None
+
+    async def submit(self, job: _DeliverJob) -> DeliverOutcome:
+        fut: asyncio.Future[DeliverOutcome] = asyncio.get_running_loop().create_future()
+        self.pending.append((job, fut))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain(), name="store-group-commit")
+        return await fut
+
+    async def _drain(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+            live = [(j, f) for j, f in batch if not f.done()]
+            if not live:
+                continue
+            try:
+                outcomes = await self.run([j for j, _ in live])
+            except Exception as exc:
+                if len(live) == 1:
+                    live[0][1].set_exception(exc)
+                    continue
+                for job, fut in live:  # isolate the failure
+                    try:
+                        out = (await self.run([job]))[0]
+                    except Exception as one_exc:
+                        if not fut.done():
+                            fut.set_exception(one_exc)
+                    else:
+                        if not fut.done():
+                            fut.set_result(out)
+                continue
+            for (_, fut), out in zip(live, outcomes, strict=True):
+                if not fut.done():
+                    fut.set_result(out)
+
+
 # ---------------------------------------------------------------- the repository
 class Repository:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, delivery_batch: int = 64) -> None:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
         self._sqlite_writer = asyncio.Lock()
         self._insert = sqlite_dialect.insert if self.sqlite else pg_dialect.insert
+        self._batcher = _Batcher(self._deliver_batch, delivery_batch)
 
     # ------------------------------------------------------------ transactions
     @contextlib.asynccontextmanager
@@ -594,6 +652,7 @@ class Repository:
 
         async def tx(conn: AsyncConnection) -> None:
             await self._lock_account(conn, account_id)
+            await self._ensure_defaults(conn, account_id)
             if subscribed:
                 await conn.execute(self._insert(S).values(account_id=account_id, name=name)
                                    .on_conflict_do_nothing())
@@ -620,12 +679,15 @@ class Repository:
                 refcount=case((B.c.refcount > n, B.c.refcount - n), else_=0),
                 unreferenced_since=case((B.c.refcount > n, None), else_=now)))
 
-    async def _allocate(self, conn: AsyncConnection, mailbox_id: int, n: int) -> tuple[int, int, Any]:
-        """Reserve ``n`` UIDs and one MODSEQ; returns (first uid, modseq, the new row).
-        The row lock taken here is held until commit, so UIDs are visible in order."""
+    async def _allocate(self, conn: AsyncConnection, mailbox_id: int, n: int, nbytes: int
+                        ) -> tuple[int, int, Any]:
+        """Reserve ``n`` UIDs and one MODSEQ for ``n`` new messages of ``nbytes``; returns
+        (first uid, modseq, the new row). The row lock taken here is held until commit, so
+        UIDs become visible in order."""
         row = (await conn.execute(
             update(MB).where(MB.c.id == mailbox_id)
-            .values(uidnext=MB.c.uidnext + n, highestmodseq=MB.c.highestmodseq + 1)
+            .values(uidnext=MB.c.uidnext + n, highestmodseq=MB.c.highestmodseq + 1,
+                    message_count=MB.c.message_count + n, total_size=MB.c.total_size + nbytes)
             .returning(MB.c.uidnext, MB.c.highestmodseq, MB.c.uidvalidity, MB.c.name,
                        MB.c.message_count, MB.c.total_size))).first()
         if row is None:
@@ -652,21 +714,24 @@ class Repository:
             raise NotFound(f"{mbox.name} is \\Noselect")
         total = sum(len(m.prefix) + m.blob_size for m in msgs)
         await self._charge(conn, acct, total, len(msgs), enforce=enforce_quota)
-        first, modseq, row = await self._allocate(conn, mbox.id, len(msgs))
+        first, modseq, row = await self._allocate(conn, mbox.id, len(msgs), total)
         refs: dict[str, tuple[int, int]] = {}
         for m in msgs:
             n, _ = refs.get(m.blob_key, (0, m.blob_size))
             refs[m.blob_key] = (n + 1, m.blob_size)
         await self._ref_blobs(conn, refs)
         values = [self._message_values(mbox.id, first + i, modseq, m) for i, m in enumerate(msgs)]
-        await conn.execute(insert(M), values)
-        await conn.execute(update(MB).where(MB.c.id == mbox.id).values(
-            message_count=MB.c.message_count + len(msgs), total_size=MB.c.total_size + total))
+        if len(values) == 1:
+            ids = [(await conn.execute(insert(M).values(values[0]).returning(M.c.id))).scalar_one()]
+        else:
+            await conn.execute(insert(M), values)
+            ids = []
         uids = [first + i for i in range(len(msgs))]
         added = [MessageState(uid=v["uid"], flags=flags_from_db(v["flags"], v["keywords"]),
                               modseq=modseq) for v in values]
         change = Change(acct.id, mbox.id, row.name, row.uidvalidity, row.uidnext, modseq,
-                        row.message_count + len(msgs), added=added)
+                        row.message_count, added=added)
+        change.message_ids = ids
         return uids, change
 
     async def _target_mailbox(self, conn: AsyncConnection, account_id: int, name: str) -> Any:
@@ -689,31 +754,153 @@ class Repository:
     async def deliver(self, queue_id: str, account_id: int, mailbox: str, msg: NewMessage
                       ) -> DeliverOutcome:
         """Store one delivered message, idempotent on (queue_id, account_id): the
-        deliveries row is written in the same transaction as the message."""
+        deliveries row is written in the same transaction as the message.
 
-        async def tx(conn: AsyncConnection) -> DeliverOutcome:
-            try:
-                acct = await self._lock_account(conn, account_id)
-            except NotFound:
-                return DeliverOutcome("no_account")
-            done = (await conn.execute(select(D.c.message_id).where(
-                D.c.queue_id == queue_id, D.c.account_id == account_id))).first()
-            if done is not None:
-                return DeliverOutcome("duplicate")
-            if not acct.enabled:
-                return DeliverOutcome("disabled")
-            mbox = await self._target_mailbox(conn, account_id, mailbox)
-            try:
-                uids, change = await self._insert_messages(conn, acct, mbox, [msg])
-            except OverQuota:
-                return DeliverOutcome("over_quota")
-            mid = (await conn.execute(select(M.c.id).where(
-                M.c.mailbox_id == mbox.id, M.c.uid == uids[0]))).scalar()
-            await conn.execute(insert(D).values(queue_id=queue_id, account_id=account_id,
-                                                message_id=mid, delivered_at=datetime.now(UTC)))
-            return DeliverOutcome("delivered", uids[0], mbox.id, change)
+        Concurrent calls are grouped into one transaction (group commit: one fsync for
+        many deliveries); the result is the same as one transaction each."""
+        return await self._batcher.submit(_DeliverJob(queue_id, account_id, mailbox, msg))
+
+    async def _deliver_batch(self, jobs: list[_DeliverJob]) -> list[DeliverOutcome]:
+        """Deliver a batch in one transaction with a fixed number of statements (not a
+        number per message): that, not the fsync, is what bounds deliveries per second."""
+
+        async def tx(conn: AsyncConnection) -> list[DeliverOutcome]:
+            aids = sorted({j.account_id for j in jobs})
+            # lock every account of the batch in one order: no deadlock between replicas
+            accts = {r.id: r for r in (await conn.execute(
+                select(A.c.id, A.c.enabled, A.c.quota_bytes, A.c.used_bytes)
+                .where(A.c.id.in_(aids)).order_by(A.c.id).with_for_update())).all()}
+            done = {(q, a) for q, a in (await conn.execute(
+                select(D.c.queue_id, D.c.account_id).where(
+                    D.c.queue_id.in_(sorted({j.queue_id for j in jobs})),
+                    D.c.account_id.in_(aids)))).all()}
+            boxes = await self._delivery_mailboxes(conn, jobs, set(accts))
+            used = {a: r.used_bytes for a, r in accts.items()}
+            outcomes: list[DeliverOutcome] = []
+            placed: list[tuple[int, _DeliverJob, Any]] = []  # (index, job, mailbox row)
+            for i, j in enumerate(jobs):
+                acct = accts.get(j.account_id)
+                if acct is None:
+                    outcomes.append(DeliverOutcome("no_account"))
+                    continue
+                if (j.queue_id, j.account_id) in done:
+                    outcomes.append(DeliverOutcome("duplicate"))
+                    continue
+                if not acct.enabled:
+                    outcomes.append(DeliverOutcome("disabled"))
+                    continue
+                size = len(j.msg.prefix) + j.msg.blob_size
+                if acct.quota_bytes is not None and used[j.account_id] + size > acct.quota_bytes:
+                    outcomes.append(DeliverOutcome("over_quota"))
+                    continue
+                used[j.account_id] += size
+                done.add((j.queue_id, j.account_id))
+                outcomes.append(DeliverOutcome("delivered"))
+                placed.append((i, j, self._pick_mailbox(boxes, j)))
+            if not placed:
+                return outcomes
+            # usage, exact, in this transaction
+            per_acct: dict[int, tuple[int, int]] = {}
+            per_box: dict[int, tuple[int, int]] = {}
+            refs: dict[str, tuple[int, int]] = {}
+            for _, j, box in placed:
+                size = len(j.msg.prefix) + j.msg.blob_size
+                n, b = per_acct.get(j.account_id, (0, 0))
+                per_acct[j.account_id] = (n + 1, b + size)
+                n, b = per_box.get(box.id, (0, 0))
+                per_box[box.id] = (n + 1, b + size)
+                n, _ = refs.get(j.msg.blob_key, (0, 0))
+                refs[j.msg.blob_key] = (n + 1, j.msg.blob_size)
+            await conn.execute(
+                update(A).where(A.c.id == bindparam("aid")).values(
+                    used_bytes=A.c.used_bytes + bindparam("nb"),
+                    message_count=A.c.message_count + bindparam("nm")),
+                [{"aid": a, "nb": b, "nm": n} for a, (n, b) in sorted(per_acct.items())])
+            # UIDs: one UPDATE ... RETURNING per mailbox, in id order
+            alloc: dict[int, tuple[int, int, Any]] = {}
+            for box_id in sorted(per_box):
+                n, b = per_box[box_id]
+                alloc[box_id] = await self._allocate(conn, box_id, n, b)
+            await self._ref_blobs_many(conn, refs)
+            next_uid = {bid: first for bid, (first, _, _) in alloc.items()}
+            values = []
+            for _, j, box in placed:
+                uid = next_uid[box.id]
+                next_uid[box.id] = uid + 1
+                values.append(self._message_values(box.id, uid, alloc[box.id][1], j.msg))
+            ids = (await conn.execute(
+                insert(M).returning(M.c.id, sort_by_parameter_order=True), values)).scalars().all()
+            now = datetime.now(UTC)
+            await conn.execute(insert(D), [
+                {"queue_id": j.queue_id, "account_id": j.account_id, "message_id": mid,
+                 "delivered_at": now} for (_, j, _), mid in zip(placed, ids, strict=True)])
+            # one change per delivered message (IMAP sessions see each arrival)
+            seen_count: dict[int, int] = {}
+            for (i, j, box), v in zip(placed, values, strict=True):
+                _, modseq, row = alloc[box.id]
+                k = seen_count.get(box.id, 0) + 1
+                seen_count[box.id] = k
+                n = per_box[box.id][0]
+                exists = row.message_count - n + k
+                change = Change(j.account_id, box.id, row.name, row.uidvalidity, v["uid"] + 1,
+                                modseq, exists, added=[MessageState(
+                                    uid=v["uid"], flags=flags_from_db(v["flags"], v["keywords"]),
+                                    modseq=modseq)])
+                outcomes[i] = DeliverOutcome("delivered", v["uid"], box.id, change)
+            return outcomes
 
         return await self.write(tx)
+
+    async def _delivery_mailboxes(self, conn: AsyncConnection, jobs: list[_DeliverJob],
+                                  accounts: set[int]) -> dict[tuple[int, str], Any]:
+        """The mailboxes the batch may deliver into, keyed by (account, name); INBOX and
+        the default folders are created for accounts that do not have them yet."""
+        wanted: dict[int, set[str]] = {}
+        for j in jobs:
+            if j.account_id in accounts:
+                try:
+                    name = normalize_name(j.mailbox or INBOX)
+                except Invalid:
+                    name = INBOX
+                wanted.setdefault(j.account_id, {INBOX}).add(name)
+        if not wanted:
+            return {}
+        names = set().union(*wanted.values())
+
+        async def load() -> dict[tuple[int, str], Any]:
+            rows = (await conn.execute(select(MB).where(
+                MB.c.account_id.in_(sorted(wanted)), MB.c.name.in_(sorted(names))))).all()
+            return {(r.account_id, r.name): r for r in rows}
+
+        boxes = await load()
+        defaults = {n for n, _ in DEFAULT_MAILBOXES}
+        missing = [a for a, ns in wanted.items()
+                   if any((a, n) not in boxes for n in ns & defaults)]
+        for a in missing:
+            await self._ensure_defaults(conn, a)
+        return await load() if missing else boxes
+
+    @staticmethod
+    def _pick_mailbox(boxes: dict[tuple[int, str], Any], j: _DeliverJob) -> Any:
+        try:
+            name = normalize_name(j.mailbox or INBOX)
+        except Invalid:
+            name = INBOX
+        box = boxes.get((j.account_id, name))
+        if box is None or box.noselect:
+            box = boxes[(j.account_id, INBOX)]
+        return box
+
+    async def _ref_blobs_many(self, conn: AsyncConnection, refs: dict[str, tuple[int, int]]) -> None:
+        """Add references to many blobs in one statement (sorted: a stable lock order)."""
+        rows = [{"key": k, "size": refs[k][1], "refcount": refs[k][0], "unreferenced_since": None}
+                for k in sorted(refs)]
+        for i in range(0, len(rows), 200):
+            stmt = self._insert(B).values(rows[i:i + 200])
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=["key"],
+                set_={"refcount": B.c.refcount + stmt.excluded.refcount,
+                      "unreferenced_since": None}))
 
     async def append(self, account_id: int, mailbox: str, msg: NewMessage) -> tuple[int, int, Change]:
         """APPEND: returns (uidvalidity, uid, change); not_found (TRYCREATE) / over_quota."""
@@ -923,7 +1110,7 @@ class Repository:
             total = sum(r.size for r in rows)
             # a move within the account does not change its usage
             await self._charge(conn, acct, 0 if move else total, 0 if move else n)
-            first, modseq, drow = await self._allocate(conn, dst.id, n)
+            first, modseq, drow = await self._allocate(conn, dst.id, n, total)
             values = []
             for i, r in enumerate(rows):
                 v = {c: getattr(r, c) for c in r._fields if c != "id"}
@@ -936,10 +1123,8 @@ class Repository:
                     refs[r.blob_key] = (k + 1, r.size - len(r.prefix or b""))
                 await self._ref_blobs(conn, refs)
             await conn.execute(insert(M), values)
-            await conn.execute(update(MB).where(MB.c.id == dst.id).values(
-                message_count=MB.c.message_count + n, total_size=MB.c.total_size + total))
             target_uids = [first + i for i in range(n)]
-            dst_count = drow.message_count + n
+            dst_count = drow.message_count
             changes = [Change(account_id, dst.id, drow.name, drow.uidvalidity, drow.uidnext,
                               modseq, dst_count,
                               added=[MessageState(uid=v["uid"],
