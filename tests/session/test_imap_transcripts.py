@@ -159,8 +159,8 @@ def parse_transcript(text: str) -> list[tuple[str, str]]:
     return steps
 
 
-async def run_transcript(path: Path) -> None:
-    steps = parse_transcript(path.read_text())
+async def run_transcript(path: Path, text: str) -> None:
+    steps = parse_transcript(text)
     secure = not any(k == "!" and v.strip() == "!insecure" for k, v in steps)
     steps = [(k, v) for k, v in steps if not (k == "!" and v.strip() == "!insecure")]
     r = Runner(secure)
@@ -203,7 +203,7 @@ async def run_transcript(path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted(TRANSCRIPTS.glob("*.txt")), ids=lambda p: p.stem)
 async def test_imap_transcript(path: Path) -> None:
-    await run_transcript(path)
+    await run_transcript(path, path.read_text())
 
 
 def test_there_are_transcripts() -> None:

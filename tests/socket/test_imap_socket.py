@@ -1,0 +1,320 @@
+"""A real imap-access listener on port 0 (in-memory ports behind it) driven by real clients:
+imaplib, imapclient, curl and raw sockets; STARTTLS, implicit TLS, bounds, timeouts, mgmt."""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from imapclient import IMAPClient
+
+from postbus.imap_access.memory import MemoryPlatform
+from postbus.imap_access.mgmt import router
+from postbus.imap_access.server import ImapServer
+from postbus.imap_access.settings import Settings
+from postbus.kit.settings import CommonSettings
+from postbus.kit.tls import self_signed, server_context
+
+pytestmark = pytest.mark.timeout(60)
+
+USER, PASSWORD = "alice@example.test", "secret"
+MSG = (b"From: Bob <bob@example.net>\r\nTo: Alice <alice@example.test>\r\nSubject: hello\r\n"
+       b"Message-ID: <m1@example.net>\r\n\r\nHi Alice,\r\nsee you.\r\n")
+PREFIX = b"Return-Path: <bob@example.net>\r\n"
+
+
+@dataclass
+class Running:
+    server: ImapServer
+    mp: MemoryPlatform
+    account: int
+    loop: asyncio.AbstractEventLoop
+    port: int
+    tls_port: int | None
+
+    def call(self, fn: object, *args: object) -> object:
+        """Run a plain function on the server's loop (the platform is not thread-safe)."""
+        async def run() -> object:
+            return fn(*args)  # type: ignore[operator]
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+    def deliver(self, raw: bytes, mailbox: str = "INBOX") -> int:
+        return self.call(self.mp.deliver, self.account, raw, mailbox)  # type: ignore[return-value]
+
+
+def _start(tmp_path: Path, **overrides: object) -> Iterator[Running]:
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    self_signed(cert, key)
+    settings = Settings(common=CommonSettings(tls_cert=cert, tls_key=key,
+                                              admin_token_file=tmp_path / "tok"),
+                        auth_fail_delay_s=0, **overrides)  # type: ignore[arg-type]
+    mp = MemoryPlatform()
+    account = mp.add_user(USER, PASSWORD)
+    mp.deliver(account, MSG, prefix=PREFIX)
+    loop = asyncio.new_event_loop()
+    server = ImapServer(settings, mp, mp, mp, mp, tls=server_context(cert, key))
+    ports = loop.run_until_complete(server.start("127.0.0.1", 0, 0))
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        yield Running(server, mp, account, loop, ports[0], ports[1])
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()
+
+
+@pytest.fixture
+def imap(tmp_path: Path) -> Iterator[Running]:
+    yield from _start(tmp_path)
+
+
+def _insecure_ctx() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# ---------------------------------------------------------------- imaplib
+def test_imaplib_walkthrough(imap: Running) -> None:
+    with imaplib.IMAP4("127.0.0.1", imap.port) as m:
+        assert "LOGINDISABLED" not in m.capabilities  # loopback counts as secure
+        m.login(USER, PASSWORD)
+        typ, data = m.select("INBOX")
+        assert typ == "OK" and data == [b"1"]
+        typ, data = m.uid("FETCH", "1", "(BODY.PEEK[])")
+        assert typ == "OK"
+        assert data[0][1] == PREFIX + MSG  # type: ignore[index]
+        typ, data = m.search(None, "FROM", '"bob"')
+        assert data == [b"1"]
+        typ, data = m.fetch("1", "(FLAGS)")
+        assert b"\\Seen" not in data[0]  # PEEK left it unseen
+        m.fetch("1", "(BODY[TEXT])")
+        typ, data = m.fetch("1", "(FLAGS)")
+        assert b"\\Seen" in data[0]
+        typ, data = m.append("INBOX", "(\\Flagged)", None, b"Subject: new\r\n\r\nbody\r\n")
+        assert typ == "OK" and b"APPENDUID" in data[0]
+        typ, data = m.noop()
+        typ, data = m.search(None, "FLAGGED")
+        assert data == [b"2"]
+        m.store("1", "+FLAGS", "(\\Deleted)")
+        typ, data = m.expunge()
+        assert data == [b"1"]
+        typ, data = m.list()
+        assert any(b"INBOX" in d for d in data) and any(b"\\Sent" in d for d in data)
+        typ, data = m.status("INBOX", "(MESSAGES UIDNEXT)")
+        assert data == [b"INBOX (MESSAGES 1 UIDNEXT 3)"]
+        m.logout()
+
+
+def test_imaplib_starttls_when_loopback_is_not_trusted(tmp_path: Path) -> None:
+    for imap in _start(tmp_path, loopback_is_secure=False):
+        with imaplib.IMAP4("127.0.0.1", imap.port) as m:
+            assert "LOGINDISABLED" in m.capabilities and "STARTTLS" in m.capabilities
+            with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+                m.login(USER, PASSWORD)
+            m.starttls(_insecure_ctx())
+            assert "LOGINDISABLED" not in m.capabilities and "AUTH=PLAIN" in m.capabilities
+            m.login(USER, PASSWORD)
+            assert m.select("INBOX")[1] == [b"1"]
+
+
+def test_implicit_tls(imap: Running) -> None:
+    assert imap.tls_port
+    with imaplib.IMAP4_SSL("127.0.0.1", imap.tls_port, ssl_context=_insecure_ctx()) as m:
+        assert "STARTTLS" not in m.capabilities
+        m.login(USER, PASSWORD)
+        m.select("INBOX", readonly=True)
+        typ, data = m.uid("FETCH", "1", "(RFC822.SIZE)")
+        assert f"RFC822.SIZE {len(PREFIX + MSG)}".encode() in data[0]
+
+
+def test_failed_login(imap: Running) -> None:
+    with imaplib.IMAP4("127.0.0.1", imap.port) as m:
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            m.login(USER, "wrong")
+        m.login(USER, PASSWORD)
+
+
+# ---------------------------------------------------------------- imapclient
+def test_imapclient_fetch_structures_and_idle(imap: Running) -> None:
+    with IMAPClient("127.0.0.1", port=imap.port, ssl=False, timeout=10) as c:
+        c.login(USER, PASSWORD)
+        info = c.select_folder("INBOX")
+        assert info[b"EXISTS"] == 1 and info[b"UIDNEXT"] == 2
+        res = c.fetch([1], ["ENVELOPE", "BODYSTRUCTURE", "INTERNALDATE", "RFC822.SIZE",
+                            "BODY.PEEK[HEADER.FIELDS (SUBJECT)]", "FLAGS"])
+        r = res[1]
+        assert r[b"ENVELOPE"].subject == b"hello"
+        assert r[b"ENVELOPE"].from_[0].mailbox == b"bob"
+        assert r[b"BODYSTRUCTURE"][0].lower() == b"text"
+        assert r[b"BODY[HEADER.FIELDS (SUBJECT)]"] == b"Subject: hello\r\n\r\n"
+        assert r[b"RFC822.SIZE"] == len(PREFIX + MSG)
+        assert c.search(["SUBJECT", "hello"]) == [1]
+        folders = [f[2] for f in c.list_folders()]
+        assert "INBOX" in folders and "Trash" in folders
+        assert c.find_special_folder(b"\\Sent") == "Sent"
+        c.create_folder("Work")
+        c.copy([1], "Work")
+        assert c.folder_status("Work", ["MESSAGES"])[b"MESSAGES"] == 1
+        c.move([1], "Trash")
+        assert c.search() == []
+        c.idle()
+        imap.deliver(b"Subject: during idle\r\n\r\nx\r\n")
+        responses = c.idle_check(timeout=5)
+        c.idle_done()
+        assert (1, b"EXISTS") in responses, responses
+        assert c.fetch([2], ["BODY[]"])[2][b"BODY[]"].startswith(b"Subject: during idle")
+
+
+def test_imapclient_condstore(imap: Running) -> None:
+    with IMAPClient("127.0.0.1", port=imap.port, ssl=False, timeout=10) as c:
+        c.login(USER, PASSWORD)
+        c.enable("CONDSTORE")
+        info = c.select_folder("INBOX")
+        hms = info[b"HIGHESTMODSEQ"]
+        c.add_flags([1], [b"$Label"])
+        res = c.fetch([1], ["FLAGS"], modifiers=[f"CHANGEDSINCE {hms}"])
+        assert b"$Label" in res[1][b"FLAGS"] and res[1][b"MODSEQ"][0] > hms
+
+
+# ---------------------------------------------------------------- curl (CLIENTS.md)
+CURL = shutil.which("curl")
+
+
+@pytest.mark.clients
+@pytest.mark.skipif(CURL is None, reason="curl not installed")
+def test_curl(imap: Running, tmp_path: Path) -> None:
+    base = f"imap://127.0.0.1:{imap.port}"
+
+    def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([CURL, "-sS", "-u", f"{USER}:{PASSWORD}", *args],  # type: ignore[list-item]
+                              capture_output=True, timeout=20)
+
+    r = curl(f"{base}/INBOX;UID=1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == PREFIX + MSG
+    r = curl(f"{base}/")
+    assert b'* LIST (\\HasNoChildren) "/" INBOX' in r.stdout
+    r = curl(f"{base}/INBOX?ALL")
+    assert r.stdout.strip() == b"* SEARCH 1"
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From: curl@example.test\r\nSubject: via curl\r\n\r\nappended\r\n")
+    r = curl("-T", str(eml), f"{base}/INBOX")
+    assert r.returncode == 0, r.stderr
+    r = curl(f"{base}/INBOX;UID=2;SECTION=HEADER.FIELDS%20(SUBJECT)")
+    assert r.stdout == b"Subject: via curl\r\n\r\n"
+    r = curl("-X", "STATUS INBOX (MESSAGES UIDNEXT UNSEEN)", f"{base}/")
+    assert b"MESSAGES 2 UIDNEXT 3" in r.stdout
+    r = subprocess.run([CURL, "-sS", "-u", f"{USER}:bad", f"{base}/INBOX;UID=1"],  # type: ignore[list-item]
+                       capture_output=True, timeout=20)
+    assert r.returncode == 67
+
+
+# ---------------------------------------------------------------- raw socket: bounds
+class Raw:
+    def __init__(self, port: int) -> None:
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.f = self.s.makefile("rb")
+        self.greeting = self.f.readline()
+
+    def cmd(self, data: bytes, until: bytes) -> list[bytes]:
+        self.s.sendall(data)
+        lines = []
+        while True:
+            line = self.f.readline()
+            assert line, f"connection closed; got {lines}"
+            lines.append(line)
+            if line.startswith(until):
+                return lines
+
+    def close(self) -> None:
+        self.f.close()
+        self.s.close()
+
+
+def test_long_line_and_big_literal_get_bad_and_the_session_goes_on(tmp_path: Path) -> None:
+    for imap in _start(tmp_path, max_line=1000, max_literal=5000):
+        r = Raw(imap.port)
+        assert r.greeting.startswith(b"* OK")
+        out = r.cmd(b"a1 LOGIN " + b"x" * 5000 + b"\r\n", b"a1 ")
+        assert out[-1].startswith(b"a1 BAD [TOOBIG]")
+        out = r.cmd(b"a2 APPEND INBOX {6000}\r\n", b"a2 ")
+        assert out[-1].startswith(b"a2 BAD [TOOBIG]")
+        out = r.cmd(b"a3 APPEND INBOX {6000+}\r\n" + b"y" * 6000 + b"\r\n", b"a3 ")
+        assert out[-1].startswith(b"a3 BAD [TOOBIG]")
+        out = r.cmd(b"a4 LOGIN {5}\r\n", b"+")
+        out = r.cmd(b"alice secret\r\n", b"a4 ")
+        assert out[-1].startswith(b"a4 NO")  # "alice" is not a known user
+        out = r.cmd(b"a5 LOGIN alice@example.test secret\r\n\x00\xff junk\r\na6 NOOP\r\n", b"a6 ")
+        assert out[0].startswith(b"a5 OK") and out[1].startswith(b"* BAD")
+        r.close()
+
+
+def test_pipelined_commands_answer_in_order(imap: Running) -> None:
+    r = Raw(imap.port)
+    out = r.cmd(b"a1 LOGIN alice@example.test secret\r\na2 SELECT INBOX\r\n"
+                b"a3 UID FETCH 1 (UID FLAGS)\r\na4 LOGOUT\r\n", b"a4 ")
+    tags = [x.split(b" ")[0] for x in out if not x.startswith(b"*")]
+    assert tags == [b"a1", b"a2", b"a3", b"a4"]
+    r.close()
+
+
+def test_preauth_timeout_says_bye(tmp_path: Path) -> None:
+    for imap in _start(tmp_path, preauth_timeout_s=0.3):
+        r = Raw(imap.port)
+        assert r.f.readline().startswith(b"* BYE Autologout")
+        assert r.f.readline() == b""
+        r.close()
+
+
+def test_starttls_discards_pipelined_plaintext(tmp_path: Path) -> None:
+    for imap in _start(tmp_path, loopback_is_secure=False):
+        s = socket.create_connection(("127.0.0.1", imap.port), timeout=10)
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"a1 STARTTLS\r\na2 LOGIN alice@example.test secret\r\n")
+        assert f.readline().startswith(b"a1 OK")
+        tls = _insecure_ctx().wrap_socket(s, server_hostname="localhost")
+        tls.sendall(b"a3 NOOP\r\n")
+        data = b""
+        while b"a3 " not in data:
+            data += tls.recv(4096)
+        assert b"a2" not in data  # the injected LOGIN was never executed
+        tls.close()
+
+
+# ---------------------------------------------------------------- management API
+def test_mgmt_lists_live_sessions_and_counters(imap: Running) -> None:
+    app = FastAPI()
+    app.include_router(router(imap.server), prefix="/api/v1")
+    with imaplib.IMAP4("127.0.0.1", imap.port) as m:
+        m.login(USER, PASSWORD)
+        m.select("INBOX")
+        m.fetch("1", "(BODY.PEEK[])")
+        with TestClient(app) as http:
+            deadline = time.monotonic() + 5
+            while True:
+                sessions = http.get("/api/v1/imap/sessions").json()
+                if sessions and sessions[0]["mailbox"] == "INBOX" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert sessions[0]["user"] == USER and sessions[0]["ip"] == "127.0.0.1"
+            stats = http.get("/api/v1/imap/stats").json()
+            assert stats["sessions"] == 1
+            assert stats["commands"]["FETCH"]["OK"] >= 1 and stats["fetch_bytes"] > 0
+            assert http.delete("/api/v1/imap/sessions/nope").status_code == 404
