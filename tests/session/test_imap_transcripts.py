@@ -201,9 +201,12 @@ async def run_transcript(path: Path, text: str) -> None:
     await r.session.close()
 
 
-@pytest.mark.parametrize("path", sorted(TRANSCRIPTS.glob("*.txt")), ids=lambda p: p.stem)
-async def test_imap_transcript(path: Path) -> None:
-    await run_transcript(path, path.read_text())
+CASES = [(p, p.read_text()) for p in sorted(TRANSCRIPTS.glob("*.txt"))]
+
+
+@pytest.mark.parametrize("path,text", CASES, ids=[c[0].stem for c in CASES])
+async def test_imap_transcript(path: Path, text: str) -> None:
+    await run_transcript(path, text)
 
 
 def test_there_are_transcripts() -> None:
