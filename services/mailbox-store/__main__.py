@@ -4,11 +4,10 @@ APIs, blob GC and the management routers."""
 
 from __future__ import annotations
 
-import importlib
 from functools import partial
 
 from postbus.kit.runtime import ServiceContext, main
-from postbus.mailbox_store import db
+from postbus.mailbox_store import db, mgmt
 from postbus.mailbox_store.blobgc import run_forever
 from postbus.mailbox_store.delivery import Deliverer
 from postbus.mailbox_store.directory import serve_directory
@@ -31,12 +30,7 @@ async def setup(settings: Settings, ctx: ServiceContext) -> None:
 
     # the directory (domains, accounts, aliases; directory.* RPCs) and its management API
     directory = await serve_directory(ctx.bus, sessions, repo=repo)
-    try:
-        mgmt_mod = importlib.import_module("postbus.mailbox_store.mgmt")
-    except ModuleNotFoundError:
-        mgmt_mod = None
-    if mgmt_mod is not None:
-        ctx.routers.append(mgmt_mod.router(directory))
+    ctx.routers.append(mgmt.router(sessions, ctx.blobs, ctx.bus, repo, directory=directory))
 
     await StoreApi(ctx.bus, ctx.blobs, repo, settings).serve()
     Deliverer(ctx.bus, ctx.blobs, repo, settings).start()
