@@ -264,15 +264,15 @@ class Directory:
     async def _fold_domain_addresses(self, s: AsyncSession, d: Domain) -> None:
         """Going case-insensitive: lower-case every stored local part, refusing collisions."""
         for model in (Account, Alias):
-            rows = (await s.execute(select(model.id, model.address)  # type: ignore[attr-defined]
-                                    .where(model.domain_id == d.id))).all()  # type: ignore[attr-defined]
+            rows = (await s.execute(select(model.id, model.address)
+                                    .where(model.domain_id == d.id))).all()
             folded = [(i, a.lower()) for i, a in rows]
             if len({a for _, a in folded}) != len(folded):
                 raise Conflict("addresses that differ only in case exist; "
                                "the domain cannot become case-insensitive")
             for (i, new), (_, old) in zip(folded, rows, strict=True):
                 if new != old:
-                    await s.execute(update(model).where(model.id == i)  # type: ignore[attr-defined]
+                    await s.execute(update(model).where(model.id == i)
                                     .values(address=new))
 
     async def delete_domain(self, name: str, *, force: bool = False) -> list[str]:
