@@ -121,10 +121,10 @@ def _alembic_config(connection: Connection | None = None) -> Any:
 def _upgrade(connection: Connection, revision: str = "head") -> None:
     import logging
 
+    # alembic logs every plugin it loads (at import) at INFO; keep WARNING and up
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
 
-    # alembic logs every plugin it loads at INFO; keep what it applies (WARNING and up)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     command.upgrade(_alembic_config(connection), revision)
 
 
