@@ -326,6 +326,9 @@ class DataScanner:
             rest = bytes(self.buf[idx + 5:])
             del self.buf[idx + 2:]  # keep the body's last CRLF
             self.done = True
+            if len(self.buf) > self.limit + 2:
+                self.overflow = True
+                del self.buf[2:]
             return rest
         self._scan_from = max(0, len(self.buf) - 4)
         if len(self.buf) > self.limit + 2:

@@ -73,7 +73,7 @@ def router(ingress: Ingress) -> APIRouter:
         try:
             net = str(ipaddress.ip_network(req.network.strip(), strict=False))
         except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
         entry = BlockEntry(net, req.reason, datetime.now(UTC).isoformat())
         try:
             await ingress.blocklist.add(entry)
@@ -86,7 +86,7 @@ def router(ingress: Ingress) -> APIRouter:
         try:
             ipaddress.ip_network(network, strict=False)
         except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
         try:
             existed = await ingress.blocklist.remove(network)
         except Unavailable as exc:

@@ -1,0 +1,589 @@
+"""smtp-ingress against real clients (raw sockets, smtplib, aiosmtplib), a real nats-server
+(messages pulled back from JetStream) and real SeaweedFS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import smtplib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiosmtplib
+import httpx
+import pytest
+import pytest_asyncio
+from prometheus_client import generate_latest
+
+from postbus.kit.blob import BlobStore, blob_key
+from postbus.kit.bus import Bus
+from postbus.kit.mgmt import create_app
+from postbus.kit.settings import CommonSettings
+from postbus.kit.testing import ADMIN_TOKEN, RunningNats
+from postbus.smtp_ingress import mgmt
+from postbus.smtp_ingress.settings import Settings
+from postbus.smtp_ingress.testing import DirectoryTable, Inbox, RunningIngress, User, start_ingress
+
+pytestmark = pytest.mark.timeout(60)
+
+BODY = b"From: bob@example.net\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def table() -> DirectoryTable:
+    return DirectoryTable(
+        domains={"example.test"},
+        users={"alice@example.test": User("secret", send_as=["alice@example.test",
+                                                             "sales@example.test"]),
+               "bob@example.test": User("hunter2"),
+               "gone@example.test": User("x", status="disabled")})
+
+
+Start = Callable[..., Awaitable[RunningIngress]]
+
+
+@pytest_asyncio.fixture
+async def start(bus: Bus, blobs: BlobStore, common_settings: CommonSettings,
+                tmp_path: Path) -> AsyncIterator[Start]:
+    started: list[RunningIngress] = []
+    n = 0
+
+    async def _start(**kw: object) -> RunningIngress:
+        nonlocal n
+        n += 1
+        s = Settings(common=common_settings, smtp_port=0, submission_port=0, smtps_port=0,
+                     **kw)  # type: ignore[arg-type]
+        d = tmp_path / f"ing{n}"
+        d.mkdir()
+        r = await start_ingress(bus, blobs, s, d, table() if n == 1 else DirectoryTable())
+        started.append(r)
+        return r
+
+    yield _start
+    for r in started:
+        await r.ingress.stop()
+
+
+@pytest_asyncio.fixture
+async def ing(start: Start) -> RunningIngress:
+    return await start()
+
+
+@pytest_asyncio.fixture
+async def inbox(bus: Bus) -> Inbox:
+    return Inbox(bus)
+
+
+class Raw:
+    """A raw SMTP client on asyncio streams: send bytes, read whole replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.r, self.w = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, tls: ssl.SSLContext | None = None) -> Raw:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+        return cls(r, w)
+
+    async def send(self, data: bytes) -> None:
+        self.w.write(data)
+        await self.w.drain()
+
+    async def reply(self, timeout: float = 10) -> tuple[int, list[str]]:
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.r.readline(), timeout)
+            if not line:
+                raise ConnectionError("closed")
+            lines.append(line.decode().rstrip("\r\n"))
+            if line[3:4] != b"-":
+                return int(lines[0][:3]), [x[4:] for x in lines]
+
+    async def cmd(self, line: str) -> tuple[int, str]:
+        await self.send(line.encode() + b"\r\n")
+        code, lines = await self.reply()
+        return code, lines[-1]
+
+    async def starttls(self, ctx: ssl.SSLContext) -> None:
+        assert (await self.cmd("STARTTLS"))[0] == 220
+        await self.w.start_tls(ctx)
+
+    async def closed(self) -> bool:
+        try:
+            return await asyncio.wait_for(self.r.read(), 5) == b""
+        except ConnectionError:
+            return True
+
+    def close(self) -> None:
+        self.w.close()
+
+
+async def greeted(port: int, tls: ssl.SSLContext | None = None, helo: str = "EHLO c.example.net") -> Raw:
+    c = await Raw.open(port, tls)
+    code, _ = await c.reply()
+    assert code == 220
+    code, _ = await c.cmd(helo)
+    assert code == 250
+    return c
+
+
+async def ehlo_lines(c: Raw) -> list[str]:
+    await c.send(b"EHLO c.example.net\r\n")
+    code, lines = await c.reply()
+    assert code == 250
+    return lines
+
+
+# ---------------------------------------------------------------- EHLO and TLS
+async def test_ehlo_advertises_and_auth_only_after_tls(ing: RunningIngress) -> None:
+    c = await Raw.open(ing.port("mx"))
+    code, lines = await c.reply()
+    assert code == 220 and "ESMTP" in lines[0]
+    ext = await ehlo_lines(c)
+    for e in ("PIPELINING", "SIZE 26214400", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+              "CHUNKING", "DSN", "STARTTLS"):
+        assert e in ext, ext
+    assert not any(x.startswith("AUTH") for x in ext)  # loopback included
+    code, text = await c.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret").decode())
+    assert (code, text[:6]) == (538, "5.7.11")
+    await c.starttls(ing.client_tls())
+    ext = await ehlo_lines(c)
+    assert "AUTH PLAIN LOGIN" in ext and "STARTTLS" not in ext
+    code, text = await c.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret").decode())
+    assert (code, text[:5]) == (235, "2.7.0")
+    c.close()
+
+
+# ---------------------------------------------------------------- relay policy (MX)
+@pytest.mark.parametrize("rcpt,expected", [
+    ("<alice@example.test>", "250 2.1.5"),
+    ("<ALICE@Example.Test>", "250 2.1.5"),
+    ("<nobody@example.test>", "550 5.1.1"),
+    ("<gone@example.test>", "550 5.2.1"),
+    ("<someone@remote.example>", "554 5.7.1"),
+    ("<someone%remote.example@example.test>", "554 5.7.1"),
+    ("<@example.test:someone@remote.example>", "554 5.7.1"),
+    ('<"someone@remote.example"@example.test>', "554 5.7.1"),
+    ("<someone@remote.example@example.test>", "554 5.7.1"),
+    ("<remote.example!someone@example.test>", "554 5.7.1"),
+    ("<not an address>", "501 5.1.3"),
+])
+async def test_mx_recipient_policy(ing: RunningIngress, rcpt: str, expected: str) -> None:
+    c = await greeted(ing.port("mx"))
+    assert (await c.cmd("MAIL FROM:<bob@example.net>"))[0] == 250
+    code, text = await c.cmd(f"RCPT TO:{rcpt}")
+    assert f"{code} {text[:5]}" == expected, text
+    c.close()
+
+
+async def test_trusted_network_may_relay(start: Start, inbox: Inbox) -> None:
+    ing = await start(trusted_networks=["127.0.0.0/8"])
+    c = await greeted(ing.port("mx"))
+    assert (await c.cmd("MAIL FROM:<app@example.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<someone@remote.example>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(BODY + b".\r\n")
+    assert (await c.reply())[0] == 250
+    assert (await inbox.get()).rcpt_to[0].address == "someone@remote.example"
+
+
+# ---------------------------------------------------------------- submission
+async def test_submission_requires_starttls_and_auth_and_send_as(ing: RunningIngress, inbox: Inbox) -> None:
+    port = ing.port("submission")
+    c = await greeted(port)
+    code, text = await c.cmd("MAIL FROM:<alice@example.test>")
+    assert (code, text[:5]) == (530, "5.7.0")  # STARTTLS first
+    await c.starttls(ing.client_tls())
+    await ehlo_lines(c)
+    code, text = await c.cmd("MAIL FROM:<alice@example.test>")
+    assert (code, text[:5]) == (530, "5.7.0")  # AUTH required
+    code, _ = await c.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0wrong").decode())
+    assert code == 535
+    # AUTH LOGIN with challenges
+    assert (await c.cmd("AUTH LOGIN"))[0] == 334
+    assert (await c.cmd(base64.b64encode(b"alice@example.test").decode()))[0] == 334
+    code, text = await c.cmd(base64.b64encode(b"secret").decode())
+    assert (code, text[:5]) == (235, "2.7.0")
+    code, text = await c.cmd("MAIL FROM:<bob@example.test>")
+    assert (code, text[:5]) == (553, "5.7.1")
+    assert (await c.cmd("MAIL FROM:<sales@example.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<friend@remote.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;friend+2Bx@remote.example"))[0] == 250
+    code, text = await c.cmd("RCPT TO:<nobody@example.test>")
+    assert code == 550  # local users are checked on submission too
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(BODY + b".\r\n")
+    code, lines = await c.reply()
+    assert code == 250
+    msg = await inbox.get()
+    assert msg.client.listener == "submission" and msg.client.auth_user == "alice@example.test"
+    assert msg.client.tls and msg.client.tls.startswith("TLS")
+    assert msg.rcpt_to[0].notify == ["SUCCESS", "FAILURE"]
+    assert msg.rcpt_to[0].orcpt == "rfc822;friend+x@remote.example"
+    head = msg.body.inline.split(b"\r\n\r\n")[0].decode()  # type: ignore[union-attr]
+    assert "with ESMTPSA id " + msg.queue_id in head and "Authenticated sender: alice@example.test" in head
+    c.close()
+
+
+async def test_smtps_implicit_tls_with_aiosmtplib(ing: RunningIngress, inbox: Inbox) -> None:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=ing.port("smtps"), use_tls=True,
+                             tls_context=ing.client_tls(), timeout=10)
+    await client.connect()
+    await client.login("bob@example.test", "hunter2")
+    errors, resp = await client.sendmail("bob@example.test", ["alice@example.test", "x@remote.example"],
+                                         BODY)
+    assert errors == {} and "queued as" in resp
+    await client.quit()
+    msg = await inbox.get()
+    assert msg.client.listener == "smtps" and msg.client.auth_user == "bob@example.test"
+    assert [r.address for r in msg.rcpt_to] == ["alice@example.test", "x@remote.example"]
+
+
+async def test_smtplib_dsn_8bit_and_smtputf8(ing: RunningIngress, inbox: Inbox) -> None:
+    ing.table.users["jörg@example.test"] = User("x")
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", ing.port("mx"), timeout=10) as s:
+            return s.sendmail("bob@example.net", ["jörg@example.test"],
+                              "Subject: ü\r\n\r\nGrüße\r\n".encode(),
+                              mail_options=["SMTPUTF8", "BODY=8BITMIME", "RET=HDRS", "ENVID=e+2Bnv"],
+                              rcpt_options=["NOTIFY=NEVER"])
+
+    assert await asyncio.to_thread(send) == {}
+    msg = await inbox.get()
+    assert (msg.smtputf8, msg.body_type, msg.dsn_ret, msg.dsn_envid) == (True, "8BITMIME", "HDRS", "e+nv")
+    assert msg.rcpt_to[0].address == "jörg@example.test" and msg.rcpt_to[0].notify == ["NEVER"]
+    assert msg.body.inline.endswith("Grüße\r\n".encode())  # type: ignore[union-attr]
+    assert b"with UTF8SMTP id" in msg.body.inline  # type: ignore[operator]
+
+
+# ---------------------------------------------------------------- pipelining, BDAT
+async def test_pipelining_answers_in_order_with_enhanced_codes(ing: RunningIngress, inbox: Inbox) -> None:
+    c = await Raw.open(ing.port("mx"))
+    await c.reply()
+    await c.send(b"EHLO c.example.net\r\nMAIL FROM:<bob@example.net>\r\n"
+                 b"RCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\n"
+                 b"RCPT TO:<bob@example.test>\r\nDATA\r\n")
+    replies = [await c.reply() for _ in range(6)]
+    assert [r[0] for r in replies] == [250, 250, 250, 550, 250, 354]
+    for code, lines in replies[1:5]:
+        assert lines[-1][1:2] == "." and lines[-1][0] == str(code)[0]
+    await c.send(BODY + b".\r\nNOOP\r\nRSET\r\nQUIT\r\n")
+    codes = [(await c.reply()) for _ in range(4)]
+    assert [x[0] for x in codes] == [250, 250, 250, 221]
+    assert codes[0][1][-1].startswith("2.0.0 Ok: queued as ")
+    msg = await inbox.get()
+    assert [r.address for r in msg.rcpt_to] == ["alice@example.test", "bob@example.test"]
+    assert msg.rcpt_to and msg.body.inline.endswith(BODY)  # type: ignore[union-attr]
+
+
+async def test_bdat_chunking(ing: RunningIngress, inbox: Inbox) -> None:
+    c = await greeted(ing.port("mx"))
+    part1, part2 = BODY[:20], BODY[20:] + b"\n.\nbare LF is fine in BDAT\r\n"
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\n"
+                 + f"BDAT {len(part1)}\r\n".encode() + part1
+                 + f"BDAT {len(part2)} LAST\r\n".encode() + part2)
+    codes = [await c.reply() for _ in range(4)]
+    assert [x[0] for x in codes] == [250, 250, 250, 250], codes
+    assert codes[2][1][-1] == f"2.0.0 {len(part1)} octets received"
+    assert "queued as" in codes[3][1][-1]
+    msg = await inbox.get()
+    assert msg.body.inline.endswith(part1 + part2)  # type: ignore[union-attr]
+    # BDAT without a transaction still consumes its chunk; DATA after BDAT is refused
+    await c.send(b"BDAT 13\r\nRCPT TO:<x>\r\nNOOP\r\n")
+    assert (await c.reply())[0] == 503
+    assert (await c.reply())[0] == 250
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nBDAT 3\r\nabcDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(4)] == [250, 250, 250, 503]
+    await c.send(b"BDAT 0 LAST\r\n")
+    assert (await c.reply())[0] == 250
+    assert (await inbox.get()).body.inline.endswith(b"+0000\r\nabc")  # type: ignore[union-attr]
+    # bad BDAT syntax: the size is unknown, so the connection is closed
+    await c.send(b"BDAT lots\r\n")
+    code, lines = await c.reply()
+    assert (code, lines[-1][:5]) == (501, "5.5.4") and await c.closed()
+
+
+# ---------------------------------------------------------------- smuggling and bad input
+@pytest.mark.parametrize("sep", [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r",
+                                 b"\r\n.\n", b"\n.\r"])
+async def test_smtp_smuggling_is_refused(ing: RunningIngress, inbox: Inbox, sep: bytes) -> None:
+    c = await greeted(ing.port("mx"))
+    smuggled = (b"MAIL FROM:<admin@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+                b"From: admin@example.test\r\n\r\nsmuggled\r\n")
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await c.send(b"Subject: x\r\n\r\nhello" + sep + smuggled + b"\r\n.\r\nNOOP\r\n")
+    code, lines = await c.reply()
+    assert (code, lines[-1][:5]) == (550, "5.5.2"), lines
+    assert (await c.reply())[0] == 250  # the session goes on, nothing else was executed
+    assert await inbox.empty_for(0.5)
+    c.close()
+
+
+async def test_garbage_and_out_of_sequence(ing: RunningIngress, inbox: Inbox) -> None:
+    c = await Raw.open(ing.port("mx"))
+    await c.reply()
+    cases: list[tuple[bytes, int, str]] = [
+        (b"\x00\x01\xff\xfebinary junk\r\n", 500, "5.5.2"),
+        (b"FOO bar\r\n", 500, "5.5.2"),
+        (b"\r\n", 500, "5.5.2"),
+        (b"MAIL FROM:<bob@example.net>\r\n", 503, "5.5.1"),  # before EHLO
+        (b"EHLO c.example.net\r\n", 250, ""),
+        (b"RCPT TO:<alice@example.test>\r\n", 503, "5.5.1"),  # before MAIL
+        (b"DATA\r\n", 503, "5.5.1"),
+        (b"MAIL FROM:<bob@example.net>\r\n", 250, "2.1.0"),
+        (b"MAIL FROM:<bob@example.net>\r\n", 503, "5.5.1"),  # nested
+        (b"DATA\r\n", 503, "5.5.1"),  # before RCPT
+        (b"MAIL FROM bob\r\n", 503, "5.5.1"),
+        (b"RCPT alice\r\n", 501, "5.5.4"),
+        (b"X" * 5000 + b"\r\n", 500, "5.5.6"),
+        (b"RCPT TO:<alice@example.test> FOO=1\r\n", 555, "5.5.4"),
+        (b"VRFY alice\r\n", 252, "2.5.0"),
+        (b"EXPN list\r\n", 502, "5.5.1"),
+        (b"HELP\r\n", 214, "2.0.0"),
+        (b"NOOP\r\n", 250, "2.0.0"),
+    ]
+    for data, code, enh in cases:
+        await c.send(data)
+        got, lines = await c.reply()
+        assert got == code, (data[:30], lines)
+        if enh:
+            assert lines[-1].startswith(enh), (data[:30], lines)
+    assert await inbox.empty_for(0.2)
+    c.close()
+
+
+async def test_unknown_command_limit_closes(start: Start) -> None:
+    ing = await start(max_unknown_commands=3)
+    c = await Raw.open(ing.port("mx"))
+    await c.reply()
+    for _ in range(3):
+        assert (await c.cmd("JUNK"))[0] == 500
+    code, text = await c.cmd("JUNK")
+    assert (code, text[:5]) == (421, "4.7.0") and await c.closed()
+
+
+# ---------------------------------------------------------------- limits
+async def test_message_limits(start: Start, inbox: Inbox) -> None:
+    ing = await start(max_message_size=1000, max_recipients=2, max_commands=20)
+    c = await greeted(ing.port("mx"))
+    code, text = await c.cmd("MAIL FROM:<bob@example.net> SIZE=5000")
+    assert (code, text[:5]) == (552, "5.3.4")
+    assert (await c.cmd("MAIL FROM:<bob@example.net> SIZE=500"))[0] == 250
+    assert (await c.cmd("RCPT TO:<alice@example.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<bob@example.test>"))[0] == 250
+    code, text = await c.cmd("RCPT TO:<alice2@example.test>")
+    assert (code, text[:5]) == (452, "4.5.3")
+    assert (await c.cmd("DATA"))[0] == 354
+    await c.send(b"x" * 3000 + b"\r\n" + b"y\r\n" * 500 + b".\r\n")
+    code, lines = await c.reply()
+    assert (code, lines[-1][:5]) == (552, "5.3.4")
+    # a long line in DATA
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await c.send(b"z" * 999 + b"\r\n.\r\n")
+    code, lines = await c.reply()
+    assert (code, lines[-1][:5]) == (500, "5.5.6")
+    assert await inbox.empty_for(0.2)
+    for _ in range(20):
+        code, text = await c.cmd("NOOP")
+        if code != 250:
+            break
+    assert (code, text[:5]) == (421, "4.7.0") and await c.closed()
+
+
+async def test_connection_limits_per_ip_and_rate(start: Start) -> None:
+    ing = await start(max_connections_per_ip=2)
+    a, b = await greeted(ing.port("mx")), await greeted(ing.port("mx"))
+    c = await Raw.open(ing.port("mx"))
+    code, lines = await c.reply()
+    assert (code, lines[-1][:5]) == (421, "4.7.0") and await c.closed()
+    a.close()
+    await asyncio.sleep(0.2)
+    d = await greeted(ing.port("submission"))
+    d.close()
+    b.close()
+    ing2 = await start(connection_rate_per_ip=3)
+    for _ in range(3):
+        (await greeted(ing2.port("mx"))).close()
+    c = await Raw.open(ing2.port("mx"))
+    code, lines = await c.reply()
+    assert (code, lines[-1][:5]) == (421, "4.7.0")
+
+
+async def test_idle_and_session_timeouts(start: Start) -> None:
+    ing = await start(idle_timeout_s=0.5)
+    c = await greeted(ing.port("mx"))
+    code, lines = await c.reply(timeout=5)
+    assert (code, lines[-1][:5]) == (421, "4.4.2") and await c.closed()
+    ing2 = await start(session_timeout_s=0.8, idle_timeout_s=30)
+    c = await greeted(ing2.port("mx"))
+    for _ in range(3):
+        assert (await c.cmd("NOOP"))[0] == 250
+        await asyncio.sleep(0.1)
+    code, lines = await c.reply(timeout=5)
+    assert (code, lines[-1][:5]) == (421, "4.4.2")
+
+
+async def test_auth_failures_throttled_across_replicas(start: Start) -> None:
+    ing = await start(auth_fail_limit_account=2, auth_fail_limit_ip=100)
+    ing2 = await start(auth_fail_limit_account=2, auth_fail_limit_ip=100)
+    ing2.table.users.update(ing.table.users)
+    bad = "AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0nope").decode()
+    good = "AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret").decode()
+    for _ in range(2):
+        c = await greeted(ing.port("smtps"), ing.client_tls())
+        assert (await c.cmd(bad))[0] == 535
+        c.close()
+    # the other replica sees the same count (NATS KV), even with the right password
+    c = await greeted(ing2.port("smtps"), ing2.client_tls())
+    code, text = await c.cmd(good)
+    assert (code, text[:5]) == (454, "4.7.0")
+    c.close()
+
+
+# ---------------------------------------------------------------- durability
+async def test_large_body_goes_to_s3_first(start: Start, inbox: Inbox, blobs: BlobStore) -> None:
+    ing = await start()
+    ing.ingress.inline_threshold = 1024
+    body = BODY + b"line of text for a large message\r\n" * 200
+    c = await greeted(ing.port("mx"))
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await c.send(body + b".\r\n")
+    assert (await c.reply())[0] == 250
+    msg = await inbox.get()
+    assert msg.body.inline is None and msg.body.blob_key
+    stored = await blobs.get(msg.body.blob_key)
+    blobs.cache.discard(msg.body.blob_key)
+    assert await blobs.get(msg.body.blob_key) == stored
+    assert stored.endswith(body) and stored.startswith(b"Received: ")
+    assert msg.body.blob_key == blob_key(stored) and msg.body.size == len(stored)
+
+
+async def test_s3_unavailable_gives_451(bus: Bus, common_settings: CommonSettings,
+                                        tmp_path: Path, inbox: Inbox) -> None:
+    from postbus.kit.embedded import free_port
+
+    dead = common_settings.model_copy(update={"s3_endpoint": f"http://127.0.0.1:{free_port()}"})
+    dead_blobs = BlobStore(dead)
+    s = Settings(common=common_settings, smtp_port=0, submission_port=-1, smtps_port=-1)
+    ing = await start_ingress(bus, dead_blobs, s, tmp_path, table())
+    ing.ingress.inline_threshold = 100
+    try:
+        c = await greeted(ing.port("mx"))
+        await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+        await c.send(BODY * 5 + b".\r\n")
+        code, lines = await c.reply(timeout=30)
+        assert (code, lines[-1][:5]) == (451, "4.3.0")
+        assert await inbox.empty_for(0.5)
+    finally:
+        await ing.ingress.stop()
+        await dead_blobs.close()
+
+
+async def test_nats_down_gives_451_and_nothing_queued(start: Start, bus: Bus,
+                                                      nats_server: RunningNats) -> None:
+    ing = await start(resolve_cache_ttl_s=300, publish_timeout_s=1)
+    c = await greeted(ing.port("mx"))
+    assert (await c.cmd("MAIL FROM:<bob@example.net>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<alice@example.test>"))[0] == 250  # now cached
+    assert (await c.cmd("DATA"))[0] == 354
+    await asyncio.to_thread(nats_server.stop)
+    await c.send(BODY + b".\r\n")
+    code, lines = await c.reply(timeout=15)
+    assert (code, lines[-1][:5]) == (451, "4.3.0")
+    # and RCPT for an uncached address is deferred too
+    assert (await c.cmd("MAIL FROM:<bob@example.net>"))[0] == 250
+    code, text = await c.cmd("RCPT TO:<bob@example.test>")
+    assert (code, text[:5]) == (451, "4.3.0")
+    c.close()
+    await asyncio.to_thread(nats_server.restart)
+    for _ in range(100):
+        if bus.nc.is_connected:
+            break
+        await asyncio.sleep(0.1)
+    info = await bus.js.stream_info("POSTBUS_INBOUND")
+    assert info.state.messages == 0
+
+
+# ---------------------------------------------------------------- PROXY protocol
+async def test_proxy_protocol_v1_and_v2(start: Start, inbox: Inbox) -> None:
+    import struct
+
+    ing = await start(proxy_protocol=True)
+    c = await Raw.open(ing.port("mx"))
+    await c.send(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 25\r\n")
+    assert (await c.reply())[0] == 220
+    assert (await c.cmd("EHLO c.example.net"))[0] == 250
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await c.send(BODY + b".\r\n")
+    assert (await c.reply())[0] == 250
+    msg = await inbox.get()
+    assert (msg.client.ip, msg.client.port) == ("203.0.113.7", 40000)
+    assert b"[203.0.113.7]" in msg.body.inline  # type: ignore[operator]
+    v2 = (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12)
+          + bytes([198, 51, 100, 9, 192, 0, 2, 1]) + struct.pack("!HH", 40001, 25))
+    c2 = await Raw.open(ing.port("mx"))
+    await c2.send(v2)
+    assert (await c2.reply())[0] == 220
+    assert any(s.ip == "198.51.100.9" for s in ing.ingress.sessions.values())
+    bad = await Raw.open(ing.port("mx"))
+    await bad.send(b"EHLO not-a-proxy-header\r\n")
+    assert await bad.closed()
+
+
+# ---------------------------------------------------------------- management API, metrics
+async def test_mgmt_api_blocklist_shared_sessions_counters(start: Start) -> None:
+    ing = await start()
+    ing2 = await start()
+    app = create_app("smtp-ingress", checks={}, routers=[mgmt.router(ing.ingress)],
+                     token_source=lambda: ADMIN_TOKEN)
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://t", headers=auth) as api:
+        c = await greeted(ing.port("mx"))
+        sessions = (await api.get("/api/v1/sessions")).json()
+        assert len(sessions) == 1 and sessions[0]["ip"] == "127.0.0.1"
+        assert sessions[0]["helo"] == "c.example.net" and sessions[0]["listener"] == "mx"
+        assert (await c.cmd("MAIL FROM:<bob@example.net>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<nobody@example.test>"))[0] == 550
+        c.close()
+        counters = (await api.get("/api/v1/counters")).json()["counters"]
+        assert counters["rcpt_rejected"]["unknown_user"] == 1
+        limits = (await api.get("/api/v1/limits")).json()
+        assert limits["max_recipients"] == 100 and limits["listeners"]["mx"] == ing.port("mx")
+        assert (await api.post("/api/v1/blocklist", json={"network": "nonsense"})).status_code == 422
+        r = await api.post("/api/v1/blocklist", json={"network": "127.0.0.1", "reason": "test"})
+        assert r.status_code == 201 and r.json()["network"] == "127.0.0.1/32"
+        assert [e["network"] for e in (await api.get("/api/v1/blocklist")).json()] == ["127.0.0.1/32"]
+        c = await Raw.open(ing.port("mx"))
+        code, lines = await c.reply()
+        assert (code, lines[-1][:5]) == (554, "5.7.1") and await c.closed()
+        # the other replica picks it up from NATS KV
+        await ing2.blocklist.refresh()
+        c = await Raw.open(ing2.port("mx"))
+        assert (await c.reply())[0] == 554
+        assert (await api.delete("/api/v1/blocklist/127.0.0.1/32")).status_code == 204
+        assert (await api.delete("/api/v1/blocklist/127.0.0.1/32")).status_code == 404
+        (await greeted(ing.port("mx"))).close()
+        await ing2.blocklist.refresh()
+        (await greeted(ing2.port("mx"))).close()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as anon:
+        assert (await anon.get("/api/v1/sessions")).status_code == 401
+
+
+async def test_metrics_count_outcomes(ing: RunningIngress, inbox: Inbox) -> None:
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", ing.port("mx"), timeout=10) as s:
+            s.sendmail("bob@example.net", ["alice@example.test"], BODY)
+
+    await asyncio.to_thread(send)
+    await inbox.get()
+    text = generate_latest().decode()
+    assert 'postbus_smtp_messages_total{listener="mx",outcome="accepted",reason="ok"}' in text
+    assert "postbus_smtp_accept_seconds_bucket" in text
+    assert 'postbus_smtp_connections_total{listener="mx",outcome="accepted"}' in text
+    assert "postbus_smtp_received_bytes_total" in text
