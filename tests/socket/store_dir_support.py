@@ -1,6 +1,6 @@
 """Shared by the test_store_dir_* / test_store_api_* / test_cli_* tests: a real SQL database
 (SQLite in a temp dir; PostgreSQL too when POSTBUS_TEST_POSTGRES_URL is set), schema from
-the models (or the store's own migrations once db.py provides them)."""
+the store's own Alembic migrations, engine set-up as in production (db.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from postbus.mailbox_store import db
-from postbus.mailbox_store.models import Base
 
 PG_URL = os.environ.get("POSTBUS_TEST_POSTGRES_URL", "")
 
@@ -35,10 +34,9 @@ async def open_db(backend: str, tmp: Path) -> AsyncIterator[async_sessionmaker[A
     if backend == "sqlite":
         # the store's own engine set-up: WAL, foreign keys, BEGIN IMMEDIATE for writes
         engine = db.create_engine(f"sqlite+aiosqlite:///{tmp / 'dir.db'}")
-        async with engine.begin() as c:
-            await c.run_sync(Base.metadata.create_all)
+        await db.migrate(engine)
         try:
-            yield async_sessionmaker(engine, expire_on_commit=False)
+            yield db.sessionmaker(engine)
         finally:
             await engine.dispose()
         return
@@ -48,11 +46,10 @@ async def open_db(backend: str, tmp: Path) -> AsyncIterator[async_sessionmaker[A
     async with admin.connect() as c:
         await c.execute(text(f'CREATE DATABASE "{name}"'))
     url = base.rsplit("/", 1)[0] + "/" + name
-    engine = create_async_engine(url)
+    engine = db.create_engine(url)
     try:
-        async with engine.begin() as c:
-            await c.run_sync(Base.metadata.create_all)
-        yield async_sessionmaker(engine, expire_on_commit=False)
+        await db.migrate(engine)
+        yield db.sessionmaker(engine)
     finally:
         await engine.dispose()
         async with admin.connect() as c:
