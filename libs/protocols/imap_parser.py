@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -716,8 +717,11 @@ def parse_command(data: bytes, tag: str | None = None) -> Command | Bad:
         return Bad(t, "nested too deeply")
 
 
-def _simple(cls: type) -> object:
-    def parse(c: _Cursor, tag: str, uid: bool) -> object:
+_Parse = Callable[["_Cursor", str, bool], Command]
+
+
+def _simple(cls: Callable[[str], Command]) -> _Parse:
+    def parse(c: _Cursor, tag: str, uid: bool) -> Command:
         return cls(tag)
     return parse
 
@@ -743,14 +747,14 @@ def _authenticate(c: _Cursor, tag: str, uid: bool) -> Authenticate:
     return Authenticate(tag, mech, initial)
 
 
-def _mailbox_cmd(cls: type) -> object:
-    def parse(c: _Cursor, tag: str, uid: bool) -> object:
+def _mailbox_cmd(cls: Callable[[str, bytes], Command]) -> _Parse:
+    def parse(c: _Cursor, tag: str, uid: bool) -> Command:
         c.sp()
         return cls(tag, c.astring())
     return parse
 
 
-def _select(readonly: bool) -> object:
+def _select(readonly: bool) -> _Parse:
     def parse(c: _Cursor, tag: str, uid: bool) -> Select:
         c.sp()
         mbox = c.astring()
@@ -787,7 +791,7 @@ def _rename(c: _Cursor, tag: str, uid: bool) -> Rename:
     return Rename(tag, old, c.astring())
 
 
-def _list(lsub: bool) -> object:
+def _list(lsub: bool) -> _Parse:
     def parse(c: _Cursor, tag: str, uid: bool) -> ListCmd:
         c.sp()
         select_opts: tuple[str, ...] = ()
@@ -903,7 +907,7 @@ def _expunge(c: _Cursor, tag: str, uid: bool) -> Expunge:
     return Expunge(tag)
 
 
-def _copy(move: bool) -> object:
+def _copy(move: bool) -> _Parse:
     def parse(c: _Cursor, tag: str, uid: bool) -> Copy:
         c.sp()
         s = c.seqset()
@@ -1153,7 +1157,7 @@ def _search(c: _Cursor, tag: str, uid: bool) -> Search:
     return Search(tag, uid, charset, SearchNode("and", children=tuple(keys)), ret)
 
 
-_COMMANDS = {
+_COMMANDS: dict[str, _Parse] = {
     "CAPABILITY": _simple(Capability), "NOOP": _simple(Noop), "LOGOUT": _simple(Logout),
     "STARTTLS": _simple(StartTLS), "LOGIN": _login, "AUTHENTICATE": _authenticate,
     "SELECT": _select(False), "EXAMINE": _select(True), "CREATE": _create,

@@ -85,6 +85,7 @@ class MemoryPlatform:
         self._uidvalidity = 1000
         self.limit_bytes: int | None = None
         self.auth_calls = 0
+        self.puts = 0  # bodies uploaded through the Blobs port (large APPENDs)
 
     # ------------------------------------------------------------ provisioning
     def add_user(self, address: str, password: str) -> int:
@@ -169,6 +170,7 @@ class MemoryPlatform:
     async def put(self, data: bytes) -> str:
         key = "blobs/" + hashlib.sha256(data).hexdigest()
         self.blobs[key] = data
+        self.puts += 1
         return key
 
     # ------------------------------------------------------------ Changes
@@ -253,7 +255,7 @@ class MemoryPlatform:
 
     async def fetch(self, req: FetchRequest) -> FetchReply:
         b = self._box_by_id(req.account_id, req.mailbox_id)
-        out = []
+        out: list[MessageMeta] = []
         for lo, hi in req.uids:
             if hi - lo < len(b.msgs):
                 out.extend(self._meta(b.msgs[u], req.with_summary)

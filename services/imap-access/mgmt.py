@@ -57,12 +57,8 @@ def router(server: ImapServer, hit_rate: Any = None) -> APIRouter:
     @r.delete("/sessions/{session_id}", status_code=204)
     async def kick(session_id: str) -> None:
         """Disconnect one session (it gets a BYE)."""
-        s = server.sessions.get(session_id)
-        if s is None:
+        if not server.kick(session_id):
             raise HTTPException(404, "no such session")
-        s.bye("Disconnected by an administrator")
-        s.wakeup.set()
-        await s.out.drain()
 
     @r.get("/stats", response_model=StatsOut)
     async def stats() -> StatsOut:

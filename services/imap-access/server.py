@@ -12,6 +12,7 @@ import ipaddress
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from postbus.imap_access.ports import Blobs, Changes, Directory, Store
 from postbus.imap_access.session import Session, SessionConfig
@@ -60,6 +61,17 @@ class ImapServer:
     started: float = field(default_factory=time.time)
     _servers: list[asyncio.Server] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _writers: dict[str, asyncio.StreamWriter] = field(default_factory=dict)
+
+    def kick(self, session_id: str, reason: str = "Disconnected by an administrator") -> bool:
+        """Say BYE to one session and close its connection; False when there is none."""
+        session, writer = self.sessions.get(session_id), self._writers.get(session_id)
+        if session is None or writer is None:
+            return False
+        with contextlib.suppress(Exception):
+            session.bye(reason)
+            writer.close()
+        return True
 
     def session_config(self) -> SessionConfig:
         s = self.settings
@@ -136,6 +148,7 @@ class ImapServer:
             await out.drain()
             return
         self.sessions[session.info.id] = session
+        self._writers[session.info.id] = writer
         rx = Receiver(max_line=s.max_line, max_literal=s.max_literal)
         read_task: asyncio.Task[bytes] | None = None
         try:
@@ -148,7 +161,7 @@ class ImapServer:
                     if read_task is None:
                         read_task = asyncio.ensure_future(reader.read(READ_SIZE))
                     timeout = s.idle_timeout_s if session.authenticated else s.preauth_timeout_s
-                    waits: set[asyncio.Future[object]] = {read_task}  # type: ignore[arg-type]
+                    waits: set[asyncio.Future[Any]] = {read_task}
                     wake = None
                     if session.idling:
                         wake = asyncio.ensure_future(session.wakeup.wait())
@@ -196,4 +209,5 @@ class ImapServer:
             if read_task is not None:
                 read_task.cancel()
             self.sessions.pop(session.info.id, None)
+            self._writers.pop(session.info.id, None)
             await session.close()

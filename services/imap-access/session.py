@@ -260,7 +260,7 @@ class Session:
                 self.w(f"{tag} {status} {'[' + code + '] ' if code else ''}{reason}")
                 return
         cmd = item
-        name = type(cmd).__name__.upper().replace("CMD", "")
+        name = _metric_name(cmd)
         self.info.commands += 1
         try:
             result = await self._dispatch(cmd)
@@ -372,7 +372,8 @@ class Session:
                 self._quota_line(q.used_bytes, q.limit_bytes)
                 return Tagged("OK", "GETQUOTA completed")
             case p.Idle():
-                return await self._idle_start(st, cmd.tag)
+                await self._idle_start(st, cmd.tag)
+                return None
         if not isinstance(st, Selected):
             return Tagged("BAD", "No mailbox selected")
         match cmd:
@@ -773,6 +774,14 @@ class Session:
         reply = await self.store.flags(StoreFlagsRequest(
             account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(uids),
             op=cmd.mode, flags=flags, unchanged_since=cmd.unchangedsince, origin=self.info.id))  # type: ignore[arg-type]
+        known = view.keywords() if cmd.mode != "remove" else []
+        new_keywords = [f for f in dict.fromkeys(flags)
+                        if cmd.mode != "remove" and not f.startswith("\\") and f not in known]
+        if new_keywords:
+            # RFC 3501 §7.2.6: a new keyword changes the mailbox's FLAGS
+            all_flags = " ".join(list(SYSTEM_FLAGS) + known + new_keywords)
+            self.w(f"* FLAGS ({all_flags})")
+            self.w(f"* OK [PERMANENTFLAGS ({all_flags} \\*)] Flags permitted")
         for m in reply.updated:
             view.set_flags(m.uid, m.flags, m.modseq)
             if not cmd.silent or (self.condstore and cmd.unchangedsince is not None):
@@ -990,6 +999,22 @@ def _uid_list(uids: list[int]) -> str:
         out.append(str(uids[i]) if i == j else f"{uids[i]}:{uids[j]}")
         i = j + 1
     return ",".join(out)
+
+
+def _metric_name(cmd: p.Command) -> str:
+    """The command's name for metrics: LIST/LSUB, SELECT/EXAMINE, COPY/MOVE, UID forms."""
+    match cmd:
+        case p.ListCmd(lsub=True):
+            name = "LSUB"
+        case p.Select(readonly=True):
+            name = "EXAMINE"
+        case p.Copy(move=True):
+            name = "MOVE"
+        case p.Expunge(uids=tuple()):
+            return "UID EXPUNGE"
+        case _:
+            name = type(cmd).__name__.upper().removesuffix("CMD")
+    return "UID " + name if getattr(cmd, "uid", False) else name
 
 
 def _has_op(node: p.SearchNode, op: str) -> bool:

@@ -318,3 +318,22 @@ def test_mgmt_lists_live_sessions_and_counters(imap: Running) -> None:
             assert stats["sessions"] == 1
             assert stats["commands"]["FETCH"]["OK"] >= 1 and stats["fetch_bytes"] > 0
             assert http.delete("/api/v1/imap/sessions/nope").status_code == 404
+            assert http.delete(f"/api/v1/imap/sessions/{sessions[0]['id']}").status_code == 204
+        with pytest.raises((imaplib.IMAP4.abort, OSError)):
+            m.noop()
+            m.noop()
+
+
+def test_large_append_goes_to_the_blob_store_first(tmp_path: Path) -> None:
+    for imap in _start(tmp_path):
+        imap.server.settings.common.inline_threshold = 1000
+        big = b"Subject: big\r\n\r\n" + b"x" * 5000 + b"\r\n"
+        with imaplib.IMAP4("127.0.0.1", imap.port) as m:
+            m.login(USER, PASSWORD)
+            typ, _ = m.append("INBOX", None, None, big)
+            assert typ == "OK"
+            m.select("INBOX")
+            typ, data = m.fetch("2", "(BODY.PEEK[])")
+            assert data[0][1] == big  # type: ignore[index]
+            m.append("INBOX", None, None, b"Subject: small\r\n\r\nx\r\n")
+        assert imap.mp.puts == 1  # only the large one went by reference
