@@ -30,6 +30,7 @@ __all__ = [
 MAX_DEPTH = 40
 MAX_PARTS = 5000
 MAX_HEADER_FIELDS = 2000
+MAX_PARAMS = 100  # per Content-Type / Content-Disposition
 
 _FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
 _WSP = b" \t"
@@ -222,6 +223,8 @@ def _parse_params(s: str, i: int) -> list[tuple[str, str]]:
             j = k
         if name:
             raw.append((name, value))
+            if len(raw) >= MAX_PARAMS:
+                break
         i = j
     return _merge_rfc2231(raw)
 
@@ -421,7 +424,8 @@ class _AddrParser:
         if self.peek() == "@":
             save = self.i
             cur = ""
-            while self.i < len(self.t) and self.peek() not in (":", ">"):
+            # a route is a few tokens; bounded so "<@<@<@..." cannot go quadratic
+            while self.i < len(self.t) and self.i - save < 64 and self.peek() not in (":", ">"):
                 kind, text = self.t[self.i]
                 if kind == "@":
                     cur += "@"

@@ -239,7 +239,8 @@ class MimeWorker:
             out = OutboundQueued(
                 queue_id=qid, mail_from=m.mail_from, recipients=plan.remote, blob_key=key,
                 size=size, queued_at=now, dsn_envid=m.dsn_envid, dsn_ret=m.dsn_ret,
-                smtputf8=m.smtputf8, body_type=m.body_type)
+                smtputf8=m.smtputf8, body_type=m.body_type,
+                is_bounce=not m.mail_from)  # null reverse-path: never bounce it (RFC 5321 §4.5.5)
             jobs.append(self.publisher.publish(OUTBOUND_QUEUED, out, msg_id=f"{qid}:out"))
         for f in plan.failed:
             jobs.append(self._event(m, "failed", now, f.recipient, status=f.status,
