@@ -864,16 +864,15 @@ def section_bytes(raw: bytes, summary_or_parts: MessageSummary | Sequence[PartSp
     sec = parse_section(section_spec) if isinstance(section_spec, str) else section_spec
     if sec is None:
         return None
-    by = {p.section: p for p in parts}
     if sec.part == "":
-        top = by.get("")
+        top = next((p for p in parts if p.section == ""), None)
         if top is None:
             hb = header_block_end(raw, 0, len(raw))
             msg_start, msg_body, msg_end = 0, hb, len(raw)
         else:
             msg_start, msg_body, msg_end = top.header_start, top.body_start, top.end
     else:
-        p = by.get(sec.part)
+        p = next((x for x in parts if x.section == sec.part), None)
         if p is None:
             return None
         if sec.text == "":
