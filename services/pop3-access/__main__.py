@@ -8,7 +8,7 @@ from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
 from postbus.pop3_access import adapters, mgmt
 from postbus.pop3_access.server import Pop3Server
-from postbus.pop3_access.session import Limits
+from postbus.pop3_access.session import Limits, PreparedBodies
 from postbus.pop3_access.settings import Settings
 
 NAME = "pop3-access"
@@ -43,6 +43,7 @@ async def setup_with(settings: Settings, ctx: ServiceContext) -> Pop3Server:
         session_timeout_s=settings.session_timeout_s,
         insecure_auth=settings.allow_insecure_auth,
         replica=replica,
+        prepared=PreparedBodies(settings.prepared_cache_mb << 20),
     )
     host = settings.listen_host or ctx.common.bind_host
     await server.listen(host, settings.pop3_port)

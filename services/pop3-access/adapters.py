@@ -76,27 +76,34 @@ class StoreMaildrops:
                 async with self._sem:
                     return await self.blobs.get(key)
 
+            def forget(_: asyncio.Task[bytes]) -> None:
+                self._inflight.pop(key, None)
+
             task = asyncio.create_task(get(), name=f"blob:{key[-12:]}")
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+            task.add_done_callback(forget)
         return task
 
-    async def body(self, message: Pop3Message) -> bytes:
+    async def blob(self, message: Pop3Message) -> bytes:
         cached = self.blobs.cache.get(message.blob_key)
-        if cached is None:
-            try:
-                cached = await asyncio.shield(self._fetch(message.blob_key))
-            except (BlobNotFound, BlobUnavailable) as exc:
-                raise Unavailable(f"{message.blob_key}: {exc}") from exc
-        return message.prefix + cached if message.prefix else cached
+        if cached is not None:
+            return cached
+        try:
+            return await asyncio.shield(self._fetch(message.blob_key))
+        except (BlobNotFound, BlobUnavailable) as exc:
+            raise Unavailable(f"{message.blob_key}: {exc}") from exc
 
     def prefetch(self, messages: Sequence[Pop3Message]) -> None:
         for m in messages:
             if m.blob_key in self._inflight or self.blobs.cache.get(m.blob_key) is not None:
                 continue
-            t = self._fetch(m.blob_key)
-            # a failed prefetch is retried by body(); only mark the exception retrieved here
-            t.add_done_callback(lambda t: t.cancelled() or t.exception())
+            # a failed prefetch is retried by blob(); only mark its exception as retrieved
+            self._fetch(m.blob_key).add_done_callback(_retrieve_exception)
+
+
+def _retrieve_exception(t: asyncio.Task[bytes]) -> None:
+    if not t.cancelled():
+        t.exception()
 
 
 def _account_key(account_id: int) -> str:

@@ -59,6 +59,8 @@ class StoredMessage:
     prefix: bytes = b""
     hidden: bool = False  # hidden from POP3 ("keep" mode), still there for IMAP
     seen: bool = False
+    size: int = 0  # RETR octets, computed once at delivery as a store would
+    blob_key: str = ""
 
 
 @dataclass
@@ -89,8 +91,10 @@ class MemoryMaildrops:
         box = self.mailbox(account_id)
         uid = box.uidnext
         box.uidnext += 1
-        self.blobs["blobs/" + hashlib.sha256(blob).hexdigest()] = blob
-        box.messages.append(StoredMessage(uid, blob, prefix))
+        key = "blobs/" + hashlib.sha256(blob).hexdigest()
+        self.blobs[key] = blob
+        box.messages.append(StoredMessage(uid, blob, prefix, size=retr_octets(prefix, blob),
+                                          blob_key=key))
         return uid
 
     def visible(self, account_id: int) -> list[StoredMessage]:
@@ -101,9 +105,8 @@ class MemoryMaildrops:
             raise Unavailable("store down")
         box = self.mailbox(account_id)
         return Pop3MaildropReply(mailbox_id=box.mailbox_id, uidvalidity=box.uidvalidity, messages=[
-            Pop3Message(uid=m.uid, uidl=f"{box.uidvalidity:x}.{m.uid:x}",
-                        size=retr_octets(m.prefix, m.blob),
-                        blob_key="blobs/" + hashlib.sha256(m.blob).hexdigest(), prefix=m.prefix)
+            Pop3Message(uid=m.uid, uidl=f"{box.uidvalidity:x}.{m.uid:x}", size=m.size,
+                        blob_key=m.blob_key, prefix=m.prefix)
             for m in box.messages if not m.hidden])
 
     async def commit(self, request: Pop3CommitRequest) -> None:
@@ -121,14 +124,14 @@ class MemoryMaildrops:
         if request.mode == "delete":
             box.messages = [m for m in box.messages if m.uid not in doomed]
 
-    async def body(self, message: Pop3Message) -> bytes:
+    async def blob(self, message: Pop3Message) -> bytes:
         self.body_calls += 1
         if self.down:
             raise Unavailable("blob store down")
         blob = self.blobs.get(message.blob_key)
         if blob is None:
             raise Unavailable(f"no blob {message.blob_key}")
-        return message.prefix + blob
+        return blob
 
     def prefetch(self, messages: Sequence[Pop3Message]) -> None:
         self.prefetched.extend(m.blob_key for m in messages)

@@ -31,8 +31,8 @@ class Maildrops(Protocol):
         """Apply the UPDATE state (RFC 1939 §6)."""
         ...
 
-    async def body(self, message: Pop3Message) -> bytes:
-        """``prefix + blob`` exactly as stored (line ends untouched)."""
+    async def blob(self, message: Pop3Message) -> bytes:
+        """The stored blob of ``message`` (without its prefix), line ends untouched."""
         ...
 
     def prefetch(self, messages: Sequence[Pop3Message]) -> None:

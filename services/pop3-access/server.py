@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
 from postbus.pop3_access.ports import Directory, Locks, Maildrops, Throttle
-from postbus.pop3_access.session import Limits, Peer, Session, Stats
+from postbus.pop3_access.session import Limits, Peer, PreparedBodies, Session, Stats
 from postbus.protocols.pop3 import Receiver, err
 
 log = get_logger("postbus.pop3.server")
@@ -40,6 +40,7 @@ class Pop3Server:
     insecure_auth: bool = False
     replica: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     stats: Stats = field(default_factory=Stats)
+    prepared: PreparedBodies = field(default_factory=PreparedBodies)
     sessions: dict[str, Session] = field(default_factory=dict)
     _servers: list[asyncio.Server] = field(default_factory=list)
     _conns: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -89,7 +90,7 @@ class Pop3Server:
         session = Session(
             directory=self.directory, maildrops=self.maildrops, locks=self.locks,
             throttle=self.throttle, limits=self.limits, session_id=sid, stats=self.stats,
-            hostname=self.hostname,
+            hostname=self.hostname, prepared=self.prepared,
             peer=Peer(str(peer[0]), implicit_tls, self.ssl_context is not None, self.insecure_auth))
         self.sessions[sid] = session
         task = asyncio.current_task()
@@ -116,10 +117,11 @@ class Pop3Server:
             ACTIVE.dec()
             self.sessions.pop(sid, None)
             self._conns.pop(sid, None)
-            with contextlib.suppress(Exception):
+            # cancelled again while closing (shutdown): the abort still runs to its end
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(session.abort())
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
     async def _run(self, session: Session, reader: asyncio.StreamReader,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -42,7 +42,7 @@ from postbus.protocols.pop3 import (
     err,
     multiline,
     ok,
-    retr_payload,
+    stuff,
     to_crlf,
     top_payload,
 )
@@ -106,6 +106,32 @@ class Stats:
     commands: Counter[str] = field(default_factory=Counter)
 
 
+class PreparedBodies:
+    """Blobs as RETR sends them (CRLF line ends, byte-stuffed) with their unstuffed length,
+    by blob key. Blobs are immutable, so entries are never invalidated; shared by the
+    sessions of one replica so a warm maildrop costs one copy per RETR."""
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._d: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+
+    def get(self, key: str, blob: bytes) -> tuple[int, bytes]:
+        hit = self._d.get(key)
+        if hit is not None:
+            self._d.move_to_end(key)
+            return hit
+        crlf = to_crlf(blob)
+        entry = (len(crlf), stuff(crlf))
+        if len(entry[1]) <= self.max_bytes // 8:
+            self._d[key] = entry
+            self.used += len(entry[1])
+            while self.used > self.max_bytes and self._d:
+                _, (_, old) = self._d.popitem(last=False)
+                self.used -= len(old)
+        return entry
+
+
 # ---------------------------------------------------------------- states
 @dataclass
 class Authorization:
@@ -145,6 +171,17 @@ class Transaction:
             return err(f"message {n} already deleted")
         return self.maildrop.messages[n - 1]
 
+    def following(self, n: int, count: int) -> list[Pop3Message]:
+        """Up to ``count`` messages after number ``n`` that are not marked deleted."""
+        out: list[Pop3Message] = []
+        msgs = self.maildrop.messages
+        i = n + 1
+        while i <= len(msgs) and len(out) < count:
+            if i not in self.deleted:
+                out.append(msgs[i - 1])
+            i += 1
+        return out
+
     def live(self) -> list[tuple[int, Pop3Message]]:
         return [(i, m) for i, m in enumerate(self.maildrop.messages, 1) if i not in self.deleted]
 
@@ -163,7 +200,8 @@ class Session:
     def __init__(self, *, directory: Directory, maildrops: Maildrops, locks: Locks,
                  throttle: Throttle, peer: Peer, limits: Limits | None = None,
                  session_id: str = "", stats: Stats | None = None,
-                 sleep: Sleep = asyncio.sleep, hostname: str = "localhost") -> None:
+                 sleep: Sleep = asyncio.sleep, hostname: str = "localhost",
+                 prepared: PreparedBodies | None = None) -> None:
         self.directory = directory
         self.maildrops = maildrops
         self.locks = locks
@@ -174,6 +212,7 @@ class Session:
         self.stats = stats or Stats()
         self.sleep = sleep
         self.hostname = hostname
+        self.prepared = prepared if prepared is not None else PreparedBodies(8 << 20)
         self.state: State = Authorization()
         self.started = time.time()
         self.bad_commands = 0
@@ -456,26 +495,33 @@ class Session:
         if isinstance(m, bytes):
             return self._refuse(m.decode()[5:-2])
         # fetch ahead: clients read in order, so the next bodies are on their way meanwhile
-        ahead = [x for i, x in t.live() if i > n][: self.limits.prefetch]
-        self.maildrops.prefetch(ahead)
+        self.maildrops.prefetch(t.following(n, self.limits.prefetch))
         try:
-            data = to_crlf(await self.maildrops.body(m))
+            blob = await self.maildrops.blob(m)
         except Unavailable as exc:
             log.warning("message body unavailable", error=str(exc), uid=m.uid, key=m.blob_key)
             return Reply(err("message body unavailable; try again later", SYS_TEMP))
         if top_lines is not None:
-            payload = top_payload(data, top_lines)
+            payload = top_payload(to_crlf(m.prefix + blob), top_lines)
             RETR_OCTETS.inc(len(payload))
             return Reply(ok("top of message follows") + payload)
-        if len(data) != m.size:
+        prefix = m.prefix
+        if prefix and not prefix.endswith(b"\n"):  # not whole lines: convert it all at once
+            data = to_crlf(prefix + blob)
+            size, parts = len(data), [stuff(data)]
+        else:
+            crlf_len, stuffed = self.prepared.get(m.blob_key, blob)
+            head = to_crlf(prefix)
+            size, parts = len(head) + crlf_len, [stuff(head), stuffed]
+        if size != m.size:
             SIZE_MISMATCH.inc()
             log.warning("stored size differs from RETR octets", uid=m.uid, stored=m.size,
-                        sent=len(data))
+                        sent=size)
         t.retrieved.add(n)
         self.stats.retrieved += 1
-        self.stats.retrieved_octets += len(data)
-        RETR_OCTETS.inc(len(data))
-        return Reply(ok(f"{m.size} octets") + retr_payload(data))
+        self.stats.retrieved_octets += size
+        RETR_OCTETS.inc(size)
+        return Reply(b"".join([ok(f"{m.size} octets"), *parts, b".\r\n"]))
 
     # ------------------------------------------------------------ UPDATE (§6)
     async def _update(self, t: Transaction) -> Reply:

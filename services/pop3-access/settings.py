@@ -49,4 +49,6 @@ class Settings(BaseSettings):
 
     # message bodies fetched ahead of the client's RETR, and the store RPC timeout
     prefetch: int = 16
+    # blobs kept ready to send (CRLF, byte-stuffed) on top of the kit's raw blob LRU
+    prepared_cache_mb: int = 128
     store_timeout_s: float = 15.0

@@ -145,10 +145,14 @@ class Runner:
             self.fail(lineno, f"unknown directive {cmd}")
 
 
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 async def test_transcript(path: Path) -> None:
     r = Runner(path.name)
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_lines(path), 1):
         if not line.strip() or line.startswith("#"):
             continue
         if line.startswith("@"):

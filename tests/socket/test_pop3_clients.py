@@ -260,6 +260,14 @@ async def test_getmail_keep_then_delete(rig: Rig) -> None:
     need("getmail")
     # getmail refuses to deliver as root: the Maildir belongs to nobody, in a directory that
     # nobody can reach (pytest's tmp_path parents are private to root)
+    top, maildir, gdir = _getmail_dirs(rig.tmp)
+    try:
+        await _getmail_runs(rig, maildir, gdir)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _getmail_dirs(tmp: Path) -> tuple[Path, Path, Path]:
     top = Path(tempfile.mkdtemp(prefix="pop3-getmail-"))
     top.chmod(0o755)
     maildir = top / "Maildir"
@@ -268,12 +276,9 @@ async def test_getmail_keep_then_delete(rig: Rig) -> None:
     if os.getuid() == 0:
         for p in [maildir, *maildir.iterdir()]:
             shutil.chown(p, "nobody", "nogroup")
-    gdir = rig.tmp / "getmail"
+    gdir = tmp / "getmail"
     gdir.mkdir()
-    try:
-        await _getmail_runs(rig, maildir, gdir)
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    return top, maildir, gdir
 
 
 async def _getmail_runs(rig: Rig, maildir: Path, gdir: Path) -> None:

@@ -27,6 +27,11 @@ from postbus.proto.store import (
 )
 
 
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return bytes(r.read())
+
+
 async def test_service_process_serves_pop3_and_pop3s(
         bus: Bus, blobs: BlobStore, common_settings: CommonSettings,
         nats_server: RunningNats, s3_server: RunningS3, tmp_path: Path) -> None:
@@ -87,7 +92,7 @@ async def test_service_process_serves_pop3_and_pop3s(
         assert after == []  # policy keep: hidden from POP3 ...
         assert [m.hidden for m in store.mailbox(3).messages] == [True]  # ... kept for IMAP
         assert stats["logins_ok"] == 2 and stats["retrieved"] == 1
-        with urllib.request.urlopen(plat.api("pop3-access") + "/metrics", timeout=5) as r:
-            assert b"postbus_pop3_logins_total" in r.read()
+        metrics = await asyncio.to_thread(_get, plat.api("pop3-access") + "/metrics")
+        assert b"postbus_pop3_logins_total" in metrics
     finally:
         await asyncio.to_thread(plat.stop)

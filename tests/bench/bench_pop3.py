@@ -1,0 +1,227 @@
+"""POP3 benchmark: login latency and RETR throughput for a 1,000-message maildrop.
+
+    python tests/bench/bench_pop3.py [--messages 1000] [--clients 20] [--logins 50] [--runs 3]
+
+Starts a real nats-server and SeaweedFS, puts the message bodies in S3, serves the directory
+and the POP3 maildrop RPCs from this process over the bus (in-memory, like a fast
+mailbox-store), and runs pop3-access as its own process (``python -m postbus.pop3_access``),
+so bodies travel S3 -> pop3-access (LRU cache, fetch-ahead) -> socket. Clients are raw asyncio
+sockets that pipeline RETRs; each concurrent client has its own account (the maildrop lock).
+Prints medians and writes bench-results/pop3.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from postbus.kit.blob import BlobStore
+from postbus.kit.bus import Bus
+from postbus.kit.settings import CommonSettings
+from postbus.kit.testing import RunningNats, RunningS3, start_platform
+from postbus.kit.topology import BY_NAME
+from postbus.pop3_access.memory import MemoryDirectory, MemoryMaildrops
+from postbus.proto import ALL_STREAMS
+from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
+from postbus.proto.store import (
+    STORE_POP3_COMMIT,
+    STORE_POP3_MAILDROP,
+    Ok,
+    Pop3CommitRequest,
+    Pop3MaildropReply,
+    Pop3MaildropRequest,
+)
+
+PREFIX = b"Return-Path: <bench@example.net>\r\nDelivered-To: user@example.test\r\n"
+
+
+def make_messages(n: int, seed: int = 7) -> list[bytes]:
+    """Sizes spread from 1 KiB to 64 KiB (mean about 32 KiB), text lines of 76 octets."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        size = rnd.randint(1024, 64 * 1024)
+        head = (f"From: bench@example.net\r\nTo: user@example.test\r\nSubject: bench {i}\r\n"
+                f"Message-ID: <pop3-bench-{i}@example.net>\r\n\r\n").encode()
+        line = (f"{i:08d} " + "x" * 67).encode() + b"\r\n"
+        body = (line * (size // len(line) + 1))[: max(size - len(head), 0)]
+        out.append(head + body + b".starts with a dot\r\n")
+    return out
+
+
+class Client:
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def connect(self) -> None:
+        self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 24)
+        await self.line()
+
+    async def line(self) -> bytes:
+        return await self.r.readline()
+
+    async def cmd(self, text: str) -> bytes:
+        self.w.write(text.encode() + b"\r\n")
+        await self.w.drain()
+        return await self.line()
+
+    async def login(self, user: str, password: str) -> None:
+        self.w.write(f"USER {user}\r\nPASS {password}\r\n".encode())
+        await self.w.drain()
+        await self.line()
+        reply = await self.line()
+        assert reply.startswith(b"+OK"), reply
+
+    async def retr_all(self, n: int, window: int = 32) -> int:
+        """RETR 1..n, pipelined ``window`` deep; returns the octets received."""
+        total = 0
+        sent = 0
+        got = 0
+        while got < n:
+            while sent < n and sent - got < window:
+                sent += 1
+                self.w.write(f"RETR {sent}\r\n".encode())
+            await self.w.drain()
+            data = await self.r.readuntil(b"\r\n.\r\n")
+            assert data.startswith(b"+OK"), data[:100]
+            total += len(data)
+            got += 1
+        return total
+
+    async def quit(self) -> None:
+        await self.cmd("QUIT")
+        self.w.close()
+
+
+async def bench(args: argparse.Namespace) -> dict[str, object]:
+    root = Path(tempfile.mkdtemp(prefix="postbus-bench-pop3-"))
+    nats, s3 = RunningNats(root), RunningS3(root)
+    common = CommonSettings(nats_url=nats.url, s3_endpoint=s3.endpoint, s3_bucket="bench-pop3",
+                            admin_token="bench")
+    bus = await Bus.connect(common, "bench")
+    await bus.ensure_streams(ALL_STREAMS)
+    blobs = BlobStore(common, threads=32)
+    await blobs.ensure_bucket()
+    plat = None
+    try:
+        messages = make_messages(args.messages)
+        t0 = time.perf_counter()
+        sem = asyncio.Semaphore(32)
+
+        async def put(m: bytes) -> None:
+            async with sem:
+                await blobs.put(m)
+
+        await asyncio.gather(*(put(m) for m in messages))
+        print(f"put {len(messages)} bodies in S3 in {time.perf_counter() - t0:.1f}s")
+
+        directory, store = MemoryDirectory(), MemoryMaildrops()
+        accounts = []
+        for a in range(args.clients + 1):
+            acc = directory.add(f"user{a}@example.test", "pw", a + 1)
+            for m in messages:  # the same bodies: content-addressed, stored once
+                store.deliver(acc.account_id, m, PREFIX)
+            accounts.append(acc.address)
+
+        async def authenticate(req: AuthRequest) -> AuthReply:
+            return await directory.authenticate(req.username, req.password, "")
+
+        async def maildrop(req: Pop3MaildropRequest) -> Pop3MaildropReply:
+            return await store.open(req.account_id)
+
+        async def commit(req: Pop3CommitRequest) -> Ok:
+            await store.commit(req)
+            return Ok()
+
+        await bus.serve(DIRECTORY_AUTHENTICATE, authenticate, queue="directory")
+        await bus.serve(STORE_POP3_MAILDROP, maildrop, queue="store")
+        await bus.serve(STORE_POP3_COMMIT, commit, queue="store")
+
+        plat = await asyncio.to_thread(
+            start_platform, root / "plat", nats.url, s3.endpoint,
+            extra_env={"POSTBUS_S3_BUCKET": common.s3_bucket, "POSTBUS_LOG_LEVEL": "WARNING"},
+            services=(BY_NAME["pop3-access"],))
+        port = plat.port("pop3-access", "pop3_port")
+        drop_octets = sum(len(PREFIX) + len(m) for m in messages)
+        results: dict[str, object] = {"messages": args.messages,
+                                      "maildrop_mb": round(drop_octets / 1e6, 2)}
+
+        # login latency: connect, USER/PASS (directory RPC, KV lock, 1,000-message maildrop)
+        lat = []
+        for _ in range(args.logins):
+            c = Client(port)
+            await c.connect()
+            t = time.perf_counter()
+            await c.login(accounts[0], "pw")
+            lat.append(time.perf_counter() - t)
+            await c.quit()
+            await asyncio.sleep(0.01)  # the lock is released after +OK of QUIT
+        lat.sort()
+        results["login_ms_median"] = round(statistics.median(lat) * 1000, 2)
+        results["login_ms_p95"] = round(lat[int(len(lat) * 0.95) - 1] * 1000, 2)
+        print(f"login: median {results['login_ms_median']} ms, p95 {results['login_ms_p95']} ms")
+
+        async def one_client(user: str) -> tuple[int, float]:
+            c = Client(port)
+            await c.connect()
+            await c.login(user, "pw")
+            t = time.perf_counter()
+            n = await c.retr_all(args.messages)
+            dt = time.perf_counter() - t
+            await c.quit()
+            return n, dt
+
+        # 1 client, cold cache (the first pass reads every body from S3)
+        n, dt = await one_client(accounts[0])
+        results["retr_1_cold"] = {"msgs_per_s": round(args.messages / dt, 1),
+                                  "mb_per_s": round(n / dt / 1e6, 1)}
+        print(f"RETR 1 client, cold cache: {results['retr_1_cold']}")
+
+        for clients in (1, args.clients):
+            runs = []
+            for _ in range(args.runs):
+                await asyncio.sleep(0.05)
+                t = time.perf_counter()
+                done = await asyncio.gather(*(one_client(accounts[i]) for i in range(clients)))
+                wall = time.perf_counter() - t
+                octets = sum(x[0] for x in done)
+                runs.append((clients * args.messages / wall, octets / wall / 1e6))
+            key = f"retr_{clients}_warm"
+            results[key] = {
+                "msgs_per_s": round(statistics.median(r[0] for r in runs), 1),
+                "mb_per_s": round(statistics.median(r[1] for r in runs), 1),
+                "runs": args.runs,
+            }
+            print(f"RETR {clients} concurrent client(s), warm cache: {results[key]}")
+        return results
+    finally:
+        if plat is not None:
+            await asyncio.to_thread(plat.stop)
+        await bus.close()
+        await blobs.close()
+        s3.stop()
+        nats.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--logins", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    results = asyncio.run(bench(args))
+    out = Path("bench-results")
+    out.mkdir(exist_ok=True)
+    (out / "pop3.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
