@@ -138,6 +138,8 @@ spf.DNSLookup = _spf_lookup
 def check_spf(resolver: Dns, ip: str, mail_from: str, helo: str, deadline: float) -> SpfResult:
     # RFC 7208 §2.4: with the null reverse-path, check postmaster@<helo>
     sender = mail_from or (f"postmaster@{helo}" if helo else "")
+    if not sender:
+        return SpfResult("none", mail_from, helo, "no identity to check")
     budget = max(0.1, deadline - time.monotonic())
     _tls.ctx = (resolver, deadline)
     try:
