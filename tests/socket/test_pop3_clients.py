@@ -134,7 +134,7 @@ async def test_poplib_full_session_and_delete_mode(rig: Rig) -> None:
     assert b"\r\n".join(lines) + b"\r\n" == crlf(PREFIX + MESSAGES[0])  # type: ignore[arg-type]
     assert b"\r\n".join(lines2) + b"\r\n" == crlf(PREFIX + MESSAGES[1])  # type: ignore[arg-type]
     assert top[-1] == b"" and top[2] == b"From: c@example.net"  # type: ignore[index]
-    assert octets >= sizes[0] and octets2 >= sizes[1]  # poplib counts stuffed octets + CRLFs
+    assert (octets, octets2) == (sizes[0], sizes[1])  # poplib counts un-stuffed octets
     await rig.wait_unlocked()
     assert [m.uid for m in rig.store.visible(rig.account_id)] == [2]
     assert rig.store.commits[-1].seen_uids == [2]
@@ -186,6 +186,50 @@ async def test_wrong_password_and_second_client_gets_in_use(rig: Rig) -> None:
     e1, e2 = await asyncio.to_thread(client)
     assert e1 == "b'-ERR [AUTH] authentication failed'"
     assert e2 == "b'-ERR [IN-USE] maildrop already locked by another session'"
+
+
+def non_loopback_ip() -> str | None:
+    """An address of this machine that is not loopback (the route to a TEST-NET address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+            ip = str(s.getsockname()[0])
+        except OSError:
+            return None
+    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
+
+
+async def test_plaintext_login_refused_before_tls_from_a_non_loopback_peer(rig: Rig) -> None:
+    ip = non_loopback_ip()
+    if ip is None:
+        pytest.skip("no non-loopback address")
+    port = await rig.server.listen(ip, 0)
+
+    def client() -> tuple[dict[str, list[str]], str, dict[str, list[str]]]:
+        p = poplib.POP3(ip, port, timeout=10)
+        before = p.capa()
+        try:
+            p.user(USER)
+            refused = "no error"
+        except poplib.error_proto as exc:
+            refused = str(exc)
+        p.stls(client_tls())
+        after = p.capa()
+        p.user(USER)
+        p.pass_(PASSWORD)
+        p.quit()
+        return before, refused, after
+
+    before, refused, after = await asyncio.to_thread(client)
+    assert "USER" not in before and "SASL" not in before and "STLS" in before
+    assert refused.startswith("b'-ERR [AUTH] Plaintext authentication disallowed")
+    assert "USER" in after and after["SASL"] == ["PLAIN"] and "STLS" not in after
+    need("curl")
+    rc, out = await run("curl", "-sS", f"pop3://{ip}:{port}/", "-u", f"{USER}:{PASSWORD}")
+    assert rc != 0  # curl gives up: no plaintext login offered
+    rc, out = await run("curl", "-sS", "-k", "--ssl-reqd", f"pop3://{ip}:{port}/1",
+                        "-u", f"{USER}:{PASSWORD}")
+    assert rc == 0 and out.encode() == crlf(PREFIX + MESSAGES[0])
 
 
 # ---------------------------------------------------------------- curl
