@@ -4,6 +4,7 @@ BlobStore (with its LRU), mailbox changes from core NATS."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -154,11 +155,16 @@ class S3Blobs:
             BLOB_CACHE.labels("hit").inc(len(out))
         if missing:
             BLOB_CACHE.labels("miss").inc(len(missing))
-            try:
-                out.update(await self.blobs.get_many(missing))
-            except (BlobNotFound, BlobUnavailable) as exc:
-                log.warning("blob fetch failed", error=str(exc))
-                raise StoreError("unavailable", f"message body: {exc}") from exc
+            got = await asyncio.gather(*(self.blobs.get(k) for k in missing),
+                                       return_exceptions=True)
+            for k, v in zip(missing, got, strict=True):
+                if isinstance(v, bytes):
+                    out[k] = v
+                elif isinstance(v, BlobNotFound | BlobUnavailable):
+                    # the session answers NO [UNAVAILABLE] for these, the rest is served
+                    log.warning("blob fetch failed", key=k, error=str(v))
+                else:
+                    raise v
         return out
 
     async def put(self, data: bytes) -> str:

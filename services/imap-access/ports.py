@@ -73,7 +73,11 @@ class Store(Protocol):
 class Blobs(Protocol):
     """Immutable message bodies by key (``blobs/<sha256>``)."""
 
-    async def get_many(self, keys: list[str]) -> dict[str, bytes]: ...
+    async def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The bodies found; keys that cannot be read now are left out (the session says
+        NO [UNAVAILABLE] for those messages)."""
+        ...
+
     async def put(self, data: bytes) -> str: ...
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import re
 import time
 import uuid
@@ -67,7 +68,7 @@ SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 DELIM = "/"
 BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
-             "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA")
+             "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE")
 
 
 # ---------------------------------------------------------------- states (RFC 3501 §3)
@@ -872,9 +873,11 @@ class Session:
         set_seen = not view.readonly and any(
             (a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT")
             for a in bodies)
-        batch = max(1, self.cfg.fetch_batch)
-        for i in range(0, len(uids), batch):
-            chunk = uids[i:i + batch]
+        # summaries make metadata replies large: keep them well under the NATS payload limit
+        batch = max(1, self.cfg.fetch_batch if not need_summary else min(self.cfg.fetch_batch, 100))
+
+        async def load(chunk: list[int]) -> tuple[set[int], dict[int, MessageMeta],
+                                                  dict[str, bytes]]:
             seen_changed: set[int] = set()
             if set_seen:
                 unseen = [u for u in chunk if "\\Seen" not in view.flags.get(u, ())]
@@ -895,34 +898,56 @@ class Session:
             blobs: dict[str, bytes] = {}
             if bodies and metas:
                 blobs = await self.blobs.get_many([m.blob_key for m in metas.values()])
-            sent = 0
-            for uid in chunk:
-                seq = view.seq_of(uid)
-                if seq is None:
-                    continue
-                meta = metas.get(uid)
-                if need_meta and meta is None:
-                    continue  # expunged meanwhile: send nothing (RFC 3501 §7.4.1 leeway)
-                items: list[bytes] = []
-                flags_sent = False
-                for a in atts:
-                    item = self._fetch_item(view, uid, a, meta, blobs)
-                    if item is None:
+            return seen_changed, metas, blobs
+
+        chunks = [uids[i:i + batch] for i in range(0, len(uids), batch)]
+        missing = 0
+        nxt: asyncio.Task[tuple[set[int], dict[int, MessageMeta], dict[str, bytes]]] | None = None
+        try:
+            for n, chunk in enumerate(chunks):
+                if nxt is None:
+                    seen_changed, metas, blobs = await load(chunk)
+                else:
+                    seen_changed, metas, blobs = await nxt
+                    nxt = None
+                if n + 1 < len(chunks) and need_meta:
+                    # fetch the next batch's metadata and bodies while this one is written
+                    nxt = asyncio.ensure_future(load(chunks[n + 1]))
+                sent = 0
+                for uid in chunk:
+                    seq = view.seq_of(uid)
+                    if seq is None:
                         continue
-                    if a.name == "FLAGS":
-                        flags_sent = True
-                    items.append(item)
-                if uid in seen_changed and not flags_sent:
-                    items.append(b"FLAGS " + flag_list(view.flags[uid]))
-                data = b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
-                sent += len(data)
-                self.out.write(data)
-            FETCH_BYTES.inc(sent)
-            await self.out.drain()
+                    meta = metas.get(uid)
+                    if need_meta and meta is None:
+                        continue  # expunged meanwhile: send nothing (RFC 3501 §7.4.1 leeway)
+                    if bodies and meta is not None and meta.blob_key not in blobs:
+                        missing += 1
+                        continue
+                    items: list[bytes] = []
+                    flags_sent = False
+                    for a in atts:
+                        items.append(self._fetch_item(view, uid, a, meta, blobs))
+                        flags_sent = flags_sent or a.name == "FLAGS"
+                    if uid in seen_changed and not flags_sent:
+                        items.append(b"FLAGS " + flag_list(view.flags[uid]))
+                    data = b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
+                    sent += len(data)
+                    self.out.write(data)
+                FETCH_BYTES.inc(sent)
+                await self.out.drain()
+        finally:
+            if nxt is not None:
+                nxt.cancel()
+                with contextlib.suppress(BaseException):
+                    await nxt
+        if missing:
+            return Tagged("NO", f"[UNAVAILABLE] {missing} message(s) could not be read; "
+                                "try again")
         return Tagged("OK", "FETCH completed")
 
     def _fetch_item(self, view: MailboxView, uid: int, a: p.FetchAtt, meta: MessageMeta | None,
-                    blobs: dict[str, bytes]) -> bytes | None:
+                    blobs: dict[str, bytes]) -> bytes:
         match a.name:
             case "FLAGS":
                 return b"FLAGS " + flag_list(view.flags.get(uid, []))
@@ -942,9 +967,7 @@ class Session:
                 return b"BODY " + self._summary(meta, blobs).body.encode("utf-8")
             case "BODYSTRUCTURE":
                 return b"BODYSTRUCTURE " + self._summary(meta, blobs).bodystructure.encode("utf-8")
-        blob = blobs.get(meta.blob_key)
-        if blob is None:
-            return None
+        blob = blobs[meta.blob_key]
         match a.name:
             case "RFC822":
                 return b"RFC822 " + literal(meta.prefix + blob)

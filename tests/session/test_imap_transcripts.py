@@ -8,6 +8,7 @@ Format, one item a line:
   ``!deliver MAILBOX SUBJECT``  another party delivers a message (a change notification)
   ``!flags UID FLAG...``  another session sets flags on INBOX UID
   ``!expunge UID``  another session expunges INBOX UID
+  ``!lose-body UID``  the blob of INBOX UID cannot be read any more
   ``!pause``  send the C: lines before and after separately
   ``# ...`` comments and blank lines are ignored
 After each group of C: lines the server's output must match the S lines up to the next C:.
@@ -128,6 +129,8 @@ class Runner:
                             + b"\r\n\r\nnew\r\n", mailbox=args[0])
         elif word == "flags":
             await self.mp.flags(_flags_req(self.acc, inbox.id, int(args[0]), args[1:]))
+        elif word == "lose-body":  # the blob store cannot deliver this message's body
+            del self.mp.blobs[inbox.msgs[int(args[0])].blob_key]
         elif word == "expunge":
             await self.mp.flags(_flags_req(self.acc, inbox.id, int(args[0]), ["\\Deleted"]))
             from postbus.proto.store import ExpungeRequest
