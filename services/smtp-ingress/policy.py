@@ -35,6 +35,7 @@ R554_BLOCKED = "554 5.7.1 Client host blocked"
 R421_TOO_MANY_CONN = "421 4.7.0 Too many connections from your host, try again later"
 R421_RATE = "421 4.7.0 Connection rate limit exceeded, try again later"
 R421_BUSY = "421 4.3.2 Service busy, try again later"
+R421_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 
 
 # ---------------------------------------------------------------- recipients

@@ -132,6 +132,8 @@ class Ingress:
         self.rate = policy.RateWindow()
         self.per_ip: Counter[str] = Counter()
         self.sessions: dict[int, SessionInfo] = {}
+        self.conns: set[IngressSMTP] = set()
+        self.stopping = False
         self.stats = Stats()
         self.servers: list[asyncio.Server] = []
         self.ports: dict[str, int] = {}
@@ -155,14 +157,20 @@ class Ingress:
             log.info("listening", listener=name, port=self.ports[name])
         return self.ports
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 8.0) -> None:
+        """Stop listening; idle sessions get 421 at once, a session in the middle of a
+        message finishes it (up to ``grace_s``) and is then closed with 421."""
+        self.stopping = True
         for s in self.servers:
             s.close()
-        for s in self.servers:
-            try:
-                await asyncio.wait_for(s.wait_closed(), 5)
-            except (TimeoutError, asyncio.TimeoutError):
-                pass
+        for conn in list(self.conns):
+            if not conn.busy:
+                conn._close_with(policy.R421_SHUTDOWN)
+        deadline = time.monotonic() + grace_s
+        while self.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.conns):
+            conn._close_with(policy.R421_SHUTDOWN)
 
     # ------------------------------------------------------------ admission
     def admit(self, ip: str) -> str | None:
@@ -235,6 +243,7 @@ class IngressSMTP(SMTP):
         self._smtp_methods = _Methods(self)
         self._enforce_call_limit = False
         self._pending: list[bytes] = []
+        self.busy = False  # reading or queueing a message: finish it before shutdown
         self.info: SessionInfo | None = None
         self.client_ip = ""
         self.client_port = 0
@@ -330,6 +339,7 @@ class IngressSMTP(SMTP):
             self._release()
 
     def _release(self) -> None:
+        self.ingress.conns.discard(self)
         if self.info is not None and self.ingress.sessions.pop(self.info.id, None) is not None:
             ip = self.info.ip
             self.ingress.per_ip[ip] -= 1
@@ -359,6 +369,7 @@ class IngressSMTP(SMTP):
             _m(CONNECTIONS, self.listener, "refused").inc()
             await self._close_after(refusal)
             return
+        self.ingress.conns.add(self)
         self.info = SessionInfo(next(_ids), self.listener, self.client_ip, self.client_port,
                                 datetime.now(UTC), tls=_tls_info(self._ssl_object()))
         self.ingress.sessions[self.info.id] = self.info
@@ -412,7 +423,14 @@ class IngressSMTP(SMTP):
                 await self.push(f"500 5.5.2 Command {command[:20]} unrecognized")
                 continue
             self._reset_timeout()
-            await method(arg)
+            self.busy = command in ("DATA", "BDAT")
+            try:
+                await method(arg)
+            finally:
+                self.busy = False
+            if self.ingress.stopping:
+                await self._close_after(policy.R421_SHUTDOWN)
+                return
 
     async def _discard_line(self, consumed: int) -> None:
         await self._reader.readexactly(consumed)
@@ -722,8 +740,12 @@ class IngressSMTP(SMTP):
         if not arg or arg[:3].upper() != "TO:":
             await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
             return
+        target = arg[3:].strip()
+        if target[:12].lower() == "<postmaster>":
+            # RFC 5321 §4.5.1: <Postmaster> without a domain must be accepted
+            target = f"<postmaster@{self.ingress.hostname}>" + target[12:]
         try:
-            path, rest = proto.parse_path(arg[3:], allow_null=False, utf8=env.params.smtputf8)
+            path, rest = proto.parse_path(target, allow_null=False, utf8=env.params.smtputf8)
             params = proto.parse_params(rest)
             if params and not self.session.extended_smtp:  # type: ignore[union-attr]
                 raise proto.ParamError("501 5.5.4 Parameters need EHLO")

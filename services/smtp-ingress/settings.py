@@ -5,8 +5,11 @@ Built once in ``__main__``; tests build ``Settings(...)`` directly.
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import json
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from postbus.kit.settings import CommonSettings
 
@@ -50,13 +53,24 @@ class Settings(BaseSettings):
 
     # relay policy: networks that may relay without AUTH (CIDR); empty by default,
     # loopback is NOT trusted (ARCHITECTURE.md "Security baseline")
-    trusted_networks: list[str] = Field(default_factory=list)
+    # env: comma-separated ("10.0.0.0/8,192.0.2.7") or a JSON list
+    trusted_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # directory answers cached in this process for a short time (the RCPT hot path)
     resolve_cache_ttl_s: float = 5.0
     resolve_cache_size: int = 10000
 
     publish_timeout_s: float = 5.0
+
+    @field_validator("trusted_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
 
     @property
     def host(self) -> str:

@@ -587,3 +587,32 @@ async def test_metrics_count_outcomes(ing: RunningIngress, inbox: Inbox) -> None
     assert "postbus_smtp_accept_seconds_bucket" in text
     assert 'postbus_smtp_connections_total{listener="mx",outcome="accepted"}' in text
     assert "postbus_smtp_received_bytes_total" in text
+
+
+async def test_postmaster_without_domain_and_graceful_stop(start: Start, inbox: Inbox) -> None:
+    ing = await start()
+    ing.table.domains.add("localhost")
+    ing.table.users["postmaster@localhost"] = User("x")
+    c = await greeted(ing.port("mx"))
+    assert (await c.cmd("MAIL FROM:<>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<Postmaster>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    idle = await greeted(ing.port("mx"))
+    stopping = asyncio.create_task(ing.ingress.stop(grace_s=5))
+    code, lines = await idle.reply()
+    assert (code, lines[-1][:5]) == (421, "4.3.2")  # idle sessions are told at once
+    await c.send(BODY + b".\r\n")  # the message in flight is still taken
+    code, lines = await c.reply()
+    assert code == 250
+    code, lines = await c.reply()
+    assert (code, lines[-1][:5]) == (421, "4.3.2")
+    await stopping
+    msg = await inbox.get()
+    assert msg.mail_from == "" and msg.rcpt_to[0].address == "postmaster@localhost"
+
+
+def test_trusted_networks_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSTBUS_SMTP_INGRESS_TRUSTED_NETWORKS", "10.0.0.0/8, 192.0.2.7")
+    assert Settings().trusted_networks == ["10.0.0.0/8", "192.0.2.7"]
+    monkeypatch.setenv("POSTBUS_SMTP_INGRESS_TRUSTED_NETWORKS", '["2001:db8::/32"]')
+    assert Settings().trusted_networks == ["2001:db8::/32"]
