@@ -215,10 +215,14 @@ class Bus:
         batch: int = 32,
         ack_wait_s: float = 60.0,
         max_deliver: int = -1,
+        max_ack_pending: int | None = None,
     ) -> None:
         """Run a durable pull consumer; each message's handler returns an Outcome.
 
         An exception in the handler is logged and the message retried (never acked).
+        ``max_ack_pending`` (default ``max(concurrency * 4, batch)``) bounds the messages
+        delivered but not yet acked, including those waiting out a ``Retry`` delay: a queue
+        that holds deferred work for hours (the relay) needs it large.
         """
         assert subject.stream is not None, f"{subject.name} is not on a stream"
         stream = subject.stream.name
@@ -231,7 +235,7 @@ class Bus:
                 deliver_policy=DeliverPolicy.ALL,
                 ack_wait=ack_wait_s,
                 max_deliver=max_deliver,
-                max_ack_pending=max(concurrency * 4, batch),
+                max_ack_pending=max_ack_pending or max(concurrency * 4, batch),
                 filter_subject=subject.pattern,
             )
             psub = None
@@ -290,6 +294,33 @@ class Bus:
             log.exception("ack failed", subject=m.subject)
         finally:
             sem.release()
+
+    async def read_stream(self, subject: Subject[M], *, limit: int = 1000,
+                          **parts: str) -> list[tuple[int, M]]:
+        """The messages stored on a stream under ``subject`` (``parts`` fill placeholders,
+        missing ones are wildcards), oldest first, with their stream sequences; for
+        management listings, not hot paths. Undecodable messages are skipped."""
+        assert subject.stream is not None, f"{subject.name} is not on a stream"
+        import re
+
+        filt = re.sub(r"\{([^}]+)\}", lambda m: parts.get(m.group(1), "*"), subject.name)
+        out: list[tuple[int, M]] = []
+        seq = 1
+        while len(out) < limit:
+            try:
+                raw = await self.js.get_msg(subject.stream.name, seq, subject=filt, next=True)
+            except nats.js.errors.NotFoundError:
+                break
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise BusUnavailable(f"read {filt}: {exc or type(exc).__name__}") from exc
+            if raw.seq is None:
+                break
+            seq = int(raw.seq) + 1
+            try:
+                out.append((int(raw.seq), subject.model.model_validate_json(raw.data or b"")))
+            except ValidationError:
+                log.warning("undecodable stream message skipped", subject=filt, seq=raw.seq)
+        return out
 
     # ------------------------------------------------------------ request / reply
     async def request(self, rpc: Rpc[Req, Rep], data: Req, *, timeout: float | None = None) -> Rep:
