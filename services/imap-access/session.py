@@ -900,6 +900,9 @@ class Session:
                 blobs = await self.blobs.get_many([m.blob_key for m in metas.values()])
             return seen_changed, metas, blobs
 
+        # literals last, as Dovecot does: some clients read the small items before the body
+        small = [a for a in atts if a not in bodies]
+        flags_asked = any(a.name == "FLAGS" for a in atts)
         chunks = [uids[i:i + batch] for i in range(0, len(uids), batch)]
         missing = 0
         nxt: asyncio.Task[tuple[set[int], dict[int, MessageMeta], dict[str, bytes]]] | None = None
@@ -925,12 +928,12 @@ class Session:
                         missing += 1
                         continue
                     items: list[bytes] = []
-                    flags_sent = False
-                    for a in atts:
+                    for a in small:
                         items.append(self._fetch_item(view, uid, a, meta, blobs))
-                        flags_sent = flags_sent or a.name == "FLAGS"
-                    if uid in seen_changed and not flags_sent:
+                    if uid in seen_changed and not flags_asked:
                         items.append(b"FLAGS " + flag_list(view.flags[uid]))
+                    for a in bodies:
+                        items.append(self._fetch_item(view, uid, a, meta, blobs))
                     data = b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
                     sent += len(data)
                     self.out.write(data)
