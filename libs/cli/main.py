@@ -1,0 +1,28 @@
+"""The `postbus` command: `postbus run` starts the platform on this machine; the other
+commands manage domains, users, aliases and mail through mailbox-store's API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from postbus.cli import admin
+
+app = typer.Typer(help="Postbus: a mail platform on NATS.", no_args_is_help=True,
+                  add_completion=False)
+
+
+@app.command()
+def run(run_dir: Path = typer.Option(Path(".run"), envvar="POSTBUS_RUN_DIR",
+                                     help="Where data, logs and the admin token live.")) -> None:
+    """Start NATS, S3 and every service on this machine (what `make run` does)."""
+    from postbus.cli.devrun import run as run_platform
+
+    raise typer.Exit(run_platform(run_dir))
+
+
+admin.register(app)
+
+if __name__ == "__main__":
+    app()
