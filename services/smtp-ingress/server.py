@@ -402,6 +402,7 @@ class IngressSMTP(SMTP):
             except UnicodeDecodeError:
                 command = ""
             if not command.isalpha() or b"\x00" in line:
+                log.info("bad command line", ip=self.client_ip, line=repr(line[:60]))
                 unknown += 1
                 if unknown > s.max_unknown_commands:
                     await self._close_after("421 4.7.0 Too many bad commands, closing connection")
@@ -416,6 +417,7 @@ class IngressSMTP(SMTP):
                 continue
             method = self._smtp_methods.get(command)
             if method is None:
+                log.info("unknown command", ip=self.client_ip, command=command[:20])
                 unknown += 1
                 if unknown > s.max_unknown_commands:
                     await self._close_after("421 4.7.0 Too many bad commands, closing connection")
@@ -650,6 +652,10 @@ class IngressSMTP(SMTP):
         parts = raw.split(b"\x00")
         if len(parts) != 3 or not parts[1]:
             await self.push("501 5.5.2 Cannot parse PLAIN credentials")
+            return None
+        if parts[0] and parts[0] != parts[1]:
+            # RFC 4616 §2: acting as another identity (authzid) is not offered
+            await self.push("535 5.7.8 Authorization identity not permitted")
             return None
         return parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace")
 
