@@ -437,6 +437,9 @@ def import_cmd(
     out.print(f"imported [bold]{rep['imported']}[/bold] messages ({human(rep['bytes'])}) "
               f"into {rep['mailbox']}"
               + (f", UIDs {rep['first_uid']}-{rep['last_uid']}" if rep["first_uid"] else ""))
+    if len(rep.get("mailboxes", {})) > 1:
+        for name, n in sorted(rep["mailboxes"].items()):
+            out.print(f"  {name}: {n}")
     for e in rep["errors"]:
         err.print(f"[yellow]skipped:[/yellow] {e}")
     if rep["stopped"]:

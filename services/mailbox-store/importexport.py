@@ -38,6 +38,8 @@ class ImportedMessage:
     flags: list[str] = field(default_factory=list)
     internaldate: datetime | None = None
     source: str = ""  # where it came from, for error reports: "mbox #3", "cur/123:2,S"
+    # Maildir++ sub-folder ("Sent", "Work/Projects") or None for the top level / INBOX
+    folder: str | None = None
 
 
 # ---------------------------------------------------------------- flags
@@ -225,6 +227,19 @@ def _maildir_kind(path: str) -> str | None:
     return p.parts[-2]
 
 
+def maildir_folder(path: str) -> str | None:
+    """The Maildir++ folder of a message path (Dovecot/Courier layout): ``.Sent/cur/x`` ->
+    ``Sent``, ``.Work.Projects/new/x`` -> ``Work/Projects``; top-level ``cur/x`` -> None."""
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    if len(parts) >= 3:
+        d = parts[-3]
+        if d.startswith(".") and d not in (".", "..") and len(d) > 1:
+            levels = [lv for lv in d[1:].split(".") if lv]
+            if levels:
+                return "/".join(levels)
+    return None
+
+
 def _check_size(size: int, name: str, max_message: int) -> None:
     if size > max_message:
         raise FormatError(f"{name} is larger than {max_message} bytes")
@@ -233,6 +248,7 @@ def _check_size(size: int, name: str, max_message: int) -> None:
 def read_maildir_archive(path: str, *, max_message: int = DEFAULT_MAX_MESSAGE
                          ) -> Iterator[ImportedMessage]:
     """Messages of a Maildir packed as tar (any compression) or zip, oldest first.
+    Maildir++ sub-folders (``.Sent/``, ``.Work.Projects/``) come with their ``folder``.
 
     Messages in ``new/`` are unseen; those in ``cur/`` carry the ``:2,`` flags of their
     name. Only the member list is held in memory, one message body at a time.
@@ -250,7 +266,8 @@ def read_maildir_archive(path: str, *, max_message: int = DEFAULT_MAX_MESSAGE
                 raw = z.read(info)
                 flags = maildir_flags(PurePosixPath(info.filename).name) if kind == "cur" else []
                 yield ImportedMessage(normalize_crlf(raw), flags,
-                                      datetime(*info.date_time, tzinfo=UTC), info.filename)
+                                      datetime(*info.date_time, tzinfo=UTC), info.filename,
+                                      maildir_folder(info.filename))
         return
     try:
         tf = tarfile.open(path, mode="r:*")
@@ -269,7 +286,8 @@ def read_maildir_archive(path: str, *, max_message: int = DEFAULT_MAX_MESSAGE
             raw = f.read()
             flags = maildir_flags(PurePosixPath(member.name).name) if kind == "cur" else []
             yield ImportedMessage(normalize_crlf(raw), flags,
-                                  datetime.fromtimestamp(member.mtime, UTC), member.name)
+                                  datetime.fromtimestamp(member.mtime, UTC), member.name,
+                                  maildir_folder(member.name))
 
 
 # ---------------------------------------------------------------- .eml

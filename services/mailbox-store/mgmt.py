@@ -204,8 +204,10 @@ class ImportReport(BaseModel):
     imported: int
     failed: int
     bytes: int
-    first_uid: int | None
+    first_uid: int | None = Field(description="in ``mailbox``")
     last_uid: int | None
+    mailboxes: dict[str, int] = Field(default_factory=dict,
+                                      description="messages per mailbox (Maildir++ folders)")
     errors: list[str] = Field(default_factory=list, description="the first 50 problems")
     stopped: str | None = Field(default=None, description="why the import ended early")
 
@@ -245,12 +247,20 @@ class MailAdmin:
     async def import_file(self, account: AccountInfo, mailbox: str, fmt: str, path: str,
                           *, max_message: int) -> ImportReport:
         """Store every message of the spooled upload in ``mailbox`` (created if missing),
-        in file order: blobs content-addressed in S3, rows through the repository."""
-        try:
-            _, name = await self.mailbox_id(account.id, mailbox)
-        except store.NotFound:
-            info = await self.repo.create_mailbox(account.id, mailbox)
-            name = info.name
+        in file order: blobs content-addressed in S3, rows through the repository.
+        Maildir++ sub-folders go to mailboxes of the same name (below ``mailbox`` unless
+        that is INBOX), created when missing."""
+        names: dict[str, str] = {}
+
+        async def ensure(wanted: str) -> str:
+            if wanted not in names:
+                try:
+                    _, names[wanted] = await self.mailbox_id(account.id, wanted)
+                except store.NotFound:
+                    names[wanted] = (await self.repo.create_mailbox(account.id, wanted)).name
+            return names[wanted]
+
+        name = await ensure(mailbox)
         rep = ImportReport(mailbox=name, format=fmt, imported=0, failed=0, bytes=0,
                            first_uid=None, last_uid=None)
         it = read_archive(fmt, path, max_message=max_message)
@@ -276,7 +286,11 @@ class MailAdmin:
                     _note(rep, f"{m.source}: {type(p).__name__}: {p}")
                     continue
                 try:
-                    _, uid, change = await self.repo.append(account.id, name, p)
+                    target = name
+                    if m.folder:  # a Maildir++ sub-folder, below the target unless INBOX
+                        target = await ensure(m.folder if name == "INBOX"
+                                              else f"{name}/{m.folder}")
+                    _, uid, change = await self.repo.append(account.id, target, p)
                 except store.OverQuota as exc:
                     rep.failed += 1
                     rep.stopped = f"{m.source}: {exc.message}"
@@ -288,8 +302,10 @@ class MailAdmin:
                     continue
                 rep.imported += 1
                 rep.bytes += p.blob_size
-                rep.first_uid = rep.first_uid or uid
-                rep.last_uid = uid
+                rep.mailboxes[target] = rep.mailboxes.get(target, 0) + 1
+                if target == name:
+                    rep.first_uid = rep.first_uid or uid
+                    rep.last_uid = uid
                 await self.notify(change)
         log.info("import", account=account.address, mailbox=name, format=fmt,
                  imported=rep.imported, failed=rep.failed, stopped=rep.stopped)

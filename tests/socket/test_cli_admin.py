@@ -169,9 +169,10 @@ async def test_import_export(cli: Cli, tmp_path: Path) -> None:
         mm.set_subdir("cur")
         mm.set_flags("S")
         md.add(mm)
+    md.add_folder("Sent").add(mailbox.MaildirMessage("Subject: sent\n\nout\n"))
     out = await cli.run("import", "alice@example.test", str(tmp_path / "Maildir"),
                         "--mailbox", "Old")
-    assert "imported 3 messages" in out and "into Old" in out
+    assert "imported 4 messages" in out and "into Old" in out and "Old/Sent: 1" in out
     eml = tmp_path / "one.eml"
     eml.write_bytes(b"Subject: single\r\n\r\nhi\r\n")
     assert "imported 1 messages" in await cli.run("import", "alice@example.test", str(eml))

@@ -272,6 +272,22 @@ async def test_import_maildir_eml_and_bad_input(api: Api, tmp_path: Path) -> Non
     msgs = (await api.ok("GET", "/api/v1/users/alice@example.test/mailboxes/Old/messages"))["messages"]
     assert sorted(tuple(sorted(m["flags"])) for m in msgs) == [(), ("\\Answered", "\\Seen"), ("\\Seen",)]
 
+    # Maildir++ folders land in mailboxes of their name (below the target unless INBOX)
+    md.add_folder("Sent").add(mailbox.MaildirMessage("Subject: sent\n\nout\n"))
+    md.add_folder("Work.Projects").add(mailbox.MaildirMessage("Subject: w\n\nwork\n"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        t.add(tmp_path / "Maildir", arcname="Maildir")
+    rep = await api.ok("POST", "/api/v1/users/alice@example.test/import?format=maildir",
+                       content=buf.getvalue())
+    assert rep["mailboxes"] == {"INBOX": 3, "Sent": 1, "Work/Projects": 1}
+    rep = await api.ok("POST", "/api/v1/users/alice@example.test/import?format=maildir"
+                              "&mailbox=Restored", content=buf.getvalue())
+    assert rep["mailboxes"] == {"Restored": 3, "Restored/Sent": 1, "Restored/Work/Projects": 1}
+    boxes = {b["name"]: b["messages"]
+             for b in await api.ok("GET", "/api/v1/users/alice@example.test/mailboxes")}
+    assert boxes["Sent"] == 1 and boxes["Work/Projects"] == 1 and boxes["Restored/Sent"] == 1
+
     rep = await api.ok("POST", "/api/v1/users/alice@example.test/import?format=eml",
                        content=b"Subject: single\r\nFrom: x@y.test\r\n\r\nhi\r\n")
     assert rep["imported"] == 1

@@ -21,6 +21,7 @@ from postbus.mailbox_store.importexport import (
     MboxReader,
     flags_from_status,
     maildir_flags,
+    maildir_folder,
     mbox_entry,
     read_archive,
     read_mbox,
@@ -187,6 +188,28 @@ def test_maildir_archives(tmp_path: Path, packer: str) -> None:
     assert [_body(g.raw) for g in got] == [f"maildir body {i}\r\n".encode() for i in range(3)]
     if packer != "zip":
         assert got[0].internaldate == datetime.fromtimestamp(1_700_000_000, UTC)
+
+
+def test_maildir_plus_plus_folders(tmp_path: Path) -> None:
+    assert maildir_folder("Maildir/cur/1:2,S") is None
+    assert maildir_folder("cur/1") is None
+    assert maildir_folder("Maildir/.Sent/cur/1:2,S") == "Sent"
+    assert maildir_folder(".Work.Projects/new/1") == "Work/Projects"
+    assert maildir_folder("Maildir/./cur/1") is None
+    md = mailbox.Maildir(str(tmp_path / "Maildir"))
+    md.add(mailbox.MaildirMessage(_msg(0, "inbox\n")))
+    sent = md.add_folder("Sent")
+    m = mailbox.MaildirMessage(_msg(1, "sent\n"))
+    m.set_subdir("cur")
+    m.set_flags("S")
+    sent.add(m)
+    md.add_folder("Work.Projects").add(mailbox.MaildirMessage(_msg(2, "work\n")))
+    arc = tmp_path / "md.tar"
+    with tarfile.open(arc, "w") as t:
+        t.add(tmp_path / "Maildir", arcname="Maildir")
+    got = {g.folder: (_body(g.raw), g.flags) for g in read_archive("maildir", str(arc))}
+    assert got == {None: (b"inbox\r\n", []), "Sent": (b"sent\r\n", ["\\Seen"]),
+                   "Work/Projects": (b"work\r\n", [])}
 
 
 def test_maildir_rejects_other_archives(tmp_path: Path) -> None:
