@@ -7,6 +7,7 @@ over quota / disabled -> "deferred" while attempts remain, then "failed" so rela
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from postbus.kit.blob import BlobStore, BlobUnavailable
@@ -41,9 +42,24 @@ def mailbox_changed(change: Change, origin: str | None = None) -> MailboxChanged
         expunged=change.expunged, origin=origin)
 
 
+CHANGE_CHUNK = 2000  # entries per MAILBOX_CHANGED message: stays far below the payload limit
+
+
 async def publish_change(bus: Bus, change: Change | None, origin: str | None = None) -> None:
-    if change is not None:
-        await bus.publish_core(MAILBOX_CHANGED, mailbox_changed(change, origin),
+    """Publish after the commit; a big change (STORE 1:*) goes out in several messages."""
+    if change is None:
+        return
+    parts = [change]
+    if max(len(change.added), len(change.flags), len(change.expunged)) > CHANGE_CHUNK:
+        parts = []
+        for field_name in ("added", "flags", "expunged"):
+            items = getattr(change, field_name)
+            for i in range(0, len(items), CHANGE_CHUNK):
+                part = dataclasses.replace(change, added=[], flags=[], expunged=[])
+                setattr(part, field_name, items[i:i + CHANGE_CHUNK])
+                parts.append(part)
+    for part in parts:
+        await bus.publish_core(MAILBOX_CHANGED, mailbox_changed(part, origin),
                                account_id=str(change.account_id))
 
 

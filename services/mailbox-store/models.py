@@ -102,6 +102,8 @@ class Mailbox(Base):
     # kept exact in the transaction that adds or removes messages (EXISTS without a COUNT)
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     total_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    unseen_count: Mapped[int] = mapped_column(Integer, default=0)  # without \Seen
+    deleted_count: Mapped[int] = mapped_column(Integer, default=0)  # with \Deleted
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -180,11 +181,21 @@ def flags_to_db(flags: Iterable[str]) -> tuple[int, str]:
     return bits, " ".join(sorted(kws))
 
 
+def unseen_deleted(bits: int) -> tuple[int, int]:
+    """This message's contribution to the mailbox's unseen and deleted counters."""
+    return (0 if bits & SEEN else 1), (1 if bits & DELETED else 0)
+
+
 def flags_from_db(bits: int, keywords: str) -> list[str]:
+    return list(_flags_tuple(bits, keywords))
+
+
+@functools.lru_cache(maxsize=4096)
+def _flags_tuple(bits: int, keywords: str) -> tuple[str, ...]:
     out = [name for name, b in FLAG_BITS.items() if bits & b]
     if keywords:
         out.extend(keywords.split(" "))
-    return out
+    return tuple(out)
 
 
 def normalize_name(name: str) -> str:
@@ -428,7 +439,8 @@ class Repository:
         uv = await self._next_uidvalidity(conn)
         await conn.execute(insert(MB).values(
             account_id=account_id, name=name, special_use=special_use, uidvalidity=uv,
-            uidnext=1, highestmodseq=1, noselect=False, message_count=0, total_size=0))
+            uidnext=1, highestmodseq=1, noselect=False, message_count=0, total_size=0,
+            unseen_count=0, deleted_count=0))
         if subscribe:
             await conn.execute(self._insert(S).values(account_id=account_id, name=name)
                                .on_conflict_do_nothing())
@@ -484,7 +496,7 @@ class Repository:
         attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
         if row.noselect:
             attrs.append("\\Noselect")
-        unseen, deleted = counts.get(row.id, (0, 0))
+        unseen, deleted = counts.get(row.id, (row.unseen_count, row.deleted_count))
         return MailboxInfo(
             mailbox_id=row.id, name=row.name, special_use=row.special_use, attributes=attrs,
             subscribed=row.name in subscribed, uidvalidity=row.uidvalidity, uidnext=row.uidnext,
@@ -502,17 +514,15 @@ class Repository:
             .limit(1))).all()}
         sub = (await conn.execute(select(S.c.name).where(
             S.c.account_id == account_id, S.c.name == row.name))).first()
-        counts = await self._unseen_deleted(conn, [row.id])
-        return self._info(row, names, {row.name} if sub else set(), counts)
+        return self._info(row, names, {row.name} if sub else set(), {})
 
     async def list_mailboxes(self, account_id: int, subscribed_only: bool = False) -> list[MailboxInfo]:
         await self._ensure_inbox(account_id)
         async with self._read() as conn:
             rows = await self._mailbox_rows(conn, account_id)
             subs = await self._subscribed(conn, account_id)
-            counts = await self._unseen_deleted(conn, [r.id for r in rows])
         names = {r.name for r in rows}
-        out = [self._info(r, names, subs, counts) for r in rows]
+        out = [self._info(r, names, subs, {}) for r in rows]
         if subscribed_only:
             out = [i for i in out if i.subscribed]
             # a subscription may name a mailbox that does not exist (RFC 3501 §6.3.6)
@@ -637,12 +647,13 @@ class Repository:
         await conn.execute(update(M).where(M.c.mailbox_id == inbox.id).values(mailbox_id=target.id))
         await conn.execute(update(MB).where(MB.c.id == target.id).values(
             uidnext=inbox.uidnext, highestmodseq=inbox.highestmodseq,
-            message_count=inbox.message_count, total_size=inbox.total_size))
+            message_count=inbox.message_count, total_size=inbox.total_size,
+            unseen_count=inbox.unseen_count, deleted_count=inbox.deleted_count))
         moved = [r[0] for r in (await conn.execute(
             select(M.c.uid).where(M.c.mailbox_id == target.id))).all()]
         modseq = inbox.highestmodseq + 1
         await conn.execute(update(MB).where(MB.c.id == inbox.id).values(
-            highestmodseq=modseq, message_count=0, total_size=0))
+            highestmodseq=modseq, message_count=0, total_size=0, unseen_count=0, deleted_count=0))
         await self._log_expunged(conn, inbox.id, moved, modseq)
         return Change(account_id, inbox.id, INBOX, inbox.uidvalidity, inbox.uidnext, modseq, 0,
                       expunged=moved)
@@ -679,15 +690,17 @@ class Repository:
                 refcount=case((B.c.refcount > n, B.c.refcount - n), else_=0),
                 unreferenced_since=case((B.c.refcount > n, None), else_=now)))
 
-    async def _allocate(self, conn: AsyncConnection, mailbox_id: int, n: int, nbytes: int
-                        ) -> tuple[int, int, Any]:
+    async def _allocate(self, conn: AsyncConnection, mailbox_id: int, n: int, nbytes: int,
+                        unseen: int = 0, deleted: int = 0) -> tuple[int, int, Any]:
         """Reserve ``n`` UIDs and one MODSEQ for ``n`` new messages of ``nbytes``; returns
         (first uid, modseq, the new row). The row lock taken here is held until commit, so
         UIDs become visible in order."""
         row = (await conn.execute(
             update(MB).where(MB.c.id == mailbox_id)
             .values(uidnext=MB.c.uidnext + n, highestmodseq=MB.c.highestmodseq + 1,
-                    message_count=MB.c.message_count + n, total_size=MB.c.total_size + nbytes)
+                    message_count=MB.c.message_count + n, total_size=MB.c.total_size + nbytes,
+                    unseen_count=MB.c.unseen_count + unseen,
+                    deleted_count=MB.c.deleted_count + deleted)
             .returning(MB.c.uidnext, MB.c.highestmodseq, MB.c.uidvalidity, MB.c.name,
                        MB.c.message_count, MB.c.total_size))).first()
         if row is None:
@@ -714,7 +727,10 @@ class Repository:
             raise NotFound(f"{mbox.name} is \\Noselect")
         total = sum(len(m.prefix) + m.blob_size for m in msgs)
         await self._charge(conn, acct, total, len(msgs), enforce=enforce_quota)
-        first, modseq, row = await self._allocate(conn, mbox.id, len(msgs), total)
+        values_flags = [flags_to_db(m.flags)[0] for m in msgs]
+        unseen = sum(unseen_deleted(b)[0] for b in values_flags)
+        deleted = sum(unseen_deleted(b)[1] for b in values_flags)
+        first, modseq, row = await self._allocate(conn, mbox.id, len(msgs), total, unseen, deleted)
         refs: dict[str, tuple[int, int]] = {}
         for m in msgs:
             n, _ = refs.get(m.blob_key, (0, m.blob_size))
@@ -802,6 +818,7 @@ class Repository:
             # usage, exact, in this transaction
             per_acct: dict[int, tuple[int, int]] = {}
             per_box: dict[int, tuple[int, int]] = {}
+            per_box_flags: dict[int, tuple[int, int]] = {}
             refs: dict[str, tuple[int, int]] = {}
             for _, j, box in placed:
                 size = len(j.msg.prefix) + j.msg.blob_size
@@ -809,6 +826,9 @@ class Repository:
                 per_acct[j.account_id] = (n + 1, b + size)
                 n, b = per_box.get(box.id, (0, 0))
                 per_box[box.id] = (n + 1, b + size)
+                un, de = unseen_deleted(flags_to_db(j.msg.flags)[0])
+                u0, d0 = per_box_flags.get(box.id, (0, 0))
+                per_box_flags[box.id] = (u0 + un, d0 + de)
                 n, _ = refs.get(j.msg.blob_key, (0, 0))
                 refs[j.msg.blob_key] = (n + 1, j.msg.blob_size)
             await conn.execute(
@@ -820,7 +840,7 @@ class Repository:
             alloc: dict[int, tuple[int, int, Any]] = {}
             for box_id in sorted(per_box):
                 n, b = per_box[box_id]
-                alloc[box_id] = await self._allocate(conn, box_id, n, b)
+                alloc[box_id] = await self._allocate(conn, box_id, n, b, *per_box_flags[box_id])
             await self._ref_blobs_many(conn, refs)
             next_uid = {bid: first for bid, (first, _, _) in alloc.items()}
             values = []
@@ -940,7 +960,8 @@ class Repository:
                     X.c.mailbox_id == mailbox_id, X.c.modseq > changed_since))).scalars().all()
                 vanished = ranges_to_list(gone)
         more = len(rows) > limit
-        msgs = [MessageState(uid=r[0], flags=flags_from_db(r[1], r[2]), modseq=r[3])
+        # rows straight from SQL: no validation needed (model_construct is ~10x faster)
+        msgs = [MessageState.model_construct(uid=r[0], flags=flags_from_db(r[1], r[2]), modseq=r[3])
                 for r in rows[:limit]]
         return info, msgs, more, vanished
 
@@ -960,7 +981,7 @@ class Repository:
             if not inside(r.uid):
                 continue
             prefix = bytes(r.prefix or b"")
-            out.append(MessageMeta(
+            out.append(MessageMeta.model_construct(
                 uid=r.uid, flags=flags_from_db(r.flags, r.keywords), modseq=r.modseq,
                 internaldate=utc(r.internaldate), size=r.size, blob_key=r.blob_key,
                 blob_size=r.size - len(prefix), prefix=prefix,
@@ -977,6 +998,9 @@ class Repository:
         bits, kws = flags_to_db(flags)
         kwset = set(kws.split()) if kws else set()
         cond, inside = uid_filter(uids)
+        # one UPDATE for the whole set when SQL can express the change exactly
+        one_statement = (len(_clean_ranges(uids)) <= MAX_RANGES_IN_SQL
+                         and (op == "set" or not kwset))
 
         async def tx(conn: AsyncConnection) -> tuple[list[MessageState], list[int], Change | None]:
             await self._lock_account(conn, account_id)
@@ -986,6 +1010,7 @@ class Repository:
                                        .order_by(M.c.uid))).all()
             modified: list[int] = []
             todo: list[tuple[int, int, int, str]] = []  # id, uid, new bits, new keywords
+            old = {r.id: r.flags for r in rows}
             for r in rows:
                 if not inside(r.uid):
                     continue
@@ -1004,9 +1029,32 @@ class Repository:
             if not todo:
                 return [], modified, None
             modseq = mbox.highestmodseq + 1
-            await conn.execute(update(MB).where(MB.c.id == mailbox_id).values(highestmodseq=modseq))
-            await self._bulk_update_flags(conn, todo, modseq)
-            updated = [MessageState(uid=u, flags=flags_from_db(b, k), modseq=modseq)
+            du = sum(unseen_deleted(b)[0] for _, _, b, _ in todo) - sum(
+                unseen_deleted(old[mid])[0] for mid, _, _, _ in todo)
+            dd = sum(unseen_deleted(b)[1] for _, _, b, _ in todo) - sum(
+                unseen_deleted(old[mid])[1] for mid, _, _, _ in todo)
+            await conn.execute(update(MB).where(MB.c.id == mailbox_id).values(
+                highestmodseq=modseq, unseen_count=MB.c.unseen_count + du,
+                deleted_count=MB.c.deleted_count + dd))
+            if one_statement and len(todo) > 50:
+                stmt = update(M).where(M.c.mailbox_id == mailbox_id, cond)
+                if unchanged_since is not None:
+                    stmt = stmt.where(M.c.modseq <= unchanged_since)
+                if op == "add":
+                    stmt = stmt.where(M.c.flags.op("&")(bits) != bits).values(
+                        flags=M.c.flags.op("|")(bits), modseq=modseq)
+                elif op == "remove":
+                    stmt = stmt.where(M.c.flags.op("&")(bits) != 0).values(
+                        flags=M.c.flags.op("&")(~bits), modseq=modseq)
+                else:
+                    stmt = stmt.where(or_(M.c.flags != bits, M.c.keywords != kws)).values(
+                        flags=bits, keywords=kws, modseq=modseq)
+                res = await conn.execute(stmt)
+                if res.rowcount != len(todo):  # cannot happen under the account lock
+                    raise Conflict("concurrent flag change; retry")
+            else:
+                await self._bulk_update_flags(conn, todo, modseq)
+            updated = [MessageState.model_construct(uid=u, flags=flags_from_db(b, k), modseq=modseq)
                        for _, u, b, k in todo]
             change = Change(account_id, mailbox_id, mbox.name, mbox.uidvalidity, mbox.uidnext,
                             modseq, mbox.message_count, flags=updated)
@@ -1037,7 +1085,8 @@ class Repository:
                                keep: Callable[[int], bool] = lambda _u: True) -> Change | None:
         """Delete messages of one mailbox matching ``where`` (all when None) and ``keep``;
         log them for VANISHED, release blob references, credit the quota."""
-        q = select(M.c.id, M.c.uid, M.c.blob_key, M.c.size).where(M.c.mailbox_id == mbox.id)
+        q = select(M.c.id, M.c.uid, M.c.blob_key, M.c.size, M.c.flags).where(
+            M.c.mailbox_id == mbox.id)
         if where is not None:
             q = q.where(where)
         rows = [r for r in (await conn.execute(q.order_by(M.c.uid))).all() if keep(r.uid)]
@@ -1053,9 +1102,12 @@ class Repository:
         total = sum(r.size for r in rows)
         await self._charge(conn, acct, -total, -len(rows), enforce=False)
         modseq = mbox.highestmodseq + 1
+        unseen = sum(unseen_deleted(r.flags)[0] for r in rows)
+        deleted = sum(unseen_deleted(r.flags)[1] for r in rows)
         await conn.execute(update(MB).where(MB.c.id == mbox.id).values(
             highestmodseq=modseq, message_count=MB.c.message_count - len(rows),
-            total_size=MB.c.total_size - total))
+            total_size=MB.c.total_size - total, unseen_count=MB.c.unseen_count - unseen,
+            deleted_count=MB.c.deleted_count - deleted))
         uids = [r.uid for r in rows]
         await self._log_expunged(conn, mbox.id, uids, modseq)
         return Change(acct.id, mbox.id, mbox.name, mbox.uidvalidity, mbox.uidnext, modseq,
@@ -1110,7 +1162,9 @@ class Repository:
             total = sum(r.size for r in rows)
             # a move within the account does not change its usage
             await self._charge(conn, acct, 0 if move else total, 0 if move else n)
-            first, modseq, drow = await self._allocate(conn, dst.id, n, total)
+            unseen = sum(unseen_deleted(r.flags)[0] for r in rows)
+            deleted = sum(unseen_deleted(r.flags)[1] for r in rows)
+            first, modseq, drow = await self._allocate(conn, dst.id, n, total, unseen, deleted)
             values = []
             for i, r in enumerate(rows):
                 v = {c: getattr(r, c) for c in r._fields if c != "id"}
@@ -1138,7 +1192,8 @@ class Repository:
                 smodseq = src.highestmodseq + 1
                 await conn.execute(update(MB).where(MB.c.id == src.id).values(
                     highestmodseq=smodseq, message_count=MB.c.message_count - n,
-                    total_size=MB.c.total_size - total))
+                    total_size=MB.c.total_size - total, unseen_count=MB.c.unseen_count - unseen,
+                    deleted_count=MB.c.deleted_count - deleted))
                 source = [r.uid for r in rows]
                 await self._log_expunged(conn, src.id, source, smodseq)
                 changes.append(Change(account_id, src.id, src.name, src.uidvalidity, src.uidnext,
@@ -1226,8 +1281,8 @@ class Repository:
                 if todo:
                     modseq += 1
                     await self._bulk_update_flags(conn, todo, modseq)
-                    await conn.execute(update(MB).where(MB.c.id == mailbox_id)
-                                       .values(highestmodseq=modseq))
+                    await conn.execute(update(MB).where(MB.c.id == mailbox_id).values(
+                        highestmodseq=modseq, unseen_count=MB.c.unseen_count - len(todo)))
                     flagged = [MessageState(uid=u, flags=flags_from_db(b, k), modseq=modseq)
                                for _, u, b, k in todo]
             if dels and mode == "keep":

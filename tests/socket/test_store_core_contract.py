@@ -124,7 +124,31 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     engine, target, args = await make_engine(request.param, tmp_path)
     account = await add_account(engine, "alice@example.test")
     yield Store(request.param, engine, Repository(engine), account, target, args)
+    await assert_counters_exact(engine)
     await drop(request.param, engine, target)
+
+
+async def assert_counters_exact(engine: AsyncEngine) -> None:
+    """The kept counters (mailbox EXISTS/size/unseen/deleted, account usage) equal what the
+    message rows say, whatever the test did."""
+    async with engine.connect() as conn:
+        boxes = (await conn.execute(text(
+            "SELECT b.id, b.message_count, b.total_size, b.unseen_count, b.deleted_count, "
+            "count(m.id), coalesce(sum(m.size), 0), "
+            "coalesce(sum(CASE WHEN m.flags & 1 = 0 THEN 1 ELSE 0 END), 0), "
+            "coalesce(sum(CASE WHEN m.flags & 8 != 0 THEN 1 ELSE 0 END), 0) "
+            "FROM mailboxes b LEFT JOIN messages m ON m.mailbox_id = b.id "
+            "GROUP BY b.id, b.message_count, b.total_size, b.unseen_count, b.deleted_count"))).all()
+        for row in boxes:
+            assert tuple(row[1:5]) == tuple(row[5:9]), row
+        accts = (await conn.execute(text(
+            "SELECT a.id, a.used_bytes, a.message_count, "
+            "(SELECT coalesce(sum(m.size), 0) FROM messages m JOIN mailboxes b ON b.id = m.mailbox_id "
+            " WHERE b.account_id = a.id), "
+            "(SELECT count(*) FROM messages m JOIN mailboxes b ON b.id = m.mailbox_id "
+            " WHERE b.account_id = a.id) FROM accounts a"))).all()
+        for row in accts:
+            assert (row[1], row[2]) == (row[3], row[4]), row
 
 
 # ---------------------------------------------------------------- mailboxes
@@ -574,3 +598,28 @@ def test_normalize_url() -> None:
 
 
 
+
+
+async def test_bulk_flag_changes_one_statement_path(store: Store) -> None:
+    r, a = store.repo, store.account
+    await asyncio.gather(*(r.deliver(f"B{i}", a, "INBOX", new_message(raw_message(i)))
+                           for i in range(120)))
+    inbox = await store.inbox()
+    await r.store_flags(a, inbox, [(1, 10)], "add", ["\\Seen", "$Old"])
+    hms = (await r.status(a, "INBOX")).highestmodseq
+    await r.store_flags(a, inbox, [(5, 5)], "add", ["\\Flagged"])
+    updated, modified, change = await r.store_flags(a, inbox, [(1, 120)], "add", ["\\Seen"],
+                                                    unchanged_since=hms)
+    assert modified == [5] and [u.uid for u in updated] == list(range(11, 121))
+    assert change is not None and len(change.flags) == 110
+    info = await r.status(a, "INBOX")
+    assert info.unseen == 0 and info.messages == 120
+    updated, _, _ = await r.store_flags(a, inbox, [(1, 200)], "remove", ["\\Seen", "\\Flagged"])
+    assert len(updated) == 120
+    assert (await r.status(a, "INBOX")).unseen == 120
+    updated, _, _ = await r.store_flags(a, inbox, [(1, 120)], "set", ["\\Deleted"])
+    assert len(updated) == 120 and all(u.flags == ["\\Deleted"] for u in updated)
+    metas = await r.fetch(a, inbox, [(1, 120)], with_summary=False)
+    assert all(m.flags == ["\\Deleted"] and m.modseq == updated[0].modseq for m in metas)
+    assert (await r.status(a, "INBOX")).deleted == 120
+    assert len((await r.expunge(a, inbox))[0]) == 120

@@ -108,6 +108,8 @@ def upgrade() -> None:
     sa.Column('noselect', sa.Boolean(), nullable=False),
     sa.Column('message_count', sa.Integer(), nullable=False),
     sa.Column('total_size', sa.BigInteger(), nullable=False),
+    sa.Column('unseen_count', sa.Integer(), nullable=False),
+    sa.Column('deleted_count', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
