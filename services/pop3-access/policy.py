@@ -17,9 +17,12 @@ IMPLEMENTATION = "Postbus"
 def is_loopback(ip: str) -> bool:
     """Loopback peers count as secure, as Dovecot treats them (ARCHITECTURE.md)."""
     try:
-        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback  # a dual-stack listener's view of 127.0.0.1
+    return addr.is_loopback
 
 
 @dataclass(frozen=True)

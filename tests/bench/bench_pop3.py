@@ -145,11 +145,12 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
 
         plat = await asyncio.to_thread(
             start_platform, root / "plat", nats.url, s3.endpoint,
-            extra_env={"POSTBUS_S3_BUCKET": common.s3_bucket, "POSTBUS_LOG_LEVEL": "WARNING"},
+            extra_env={"POSTBUS_S3_BUCKET": common.s3_bucket, "POSTBUS_LOG_LEVEL": "WARNING",
+                       "POSTBUS_POP3_ACCESS_PREFETCH": str(args.prefetch)},
             services=(BY_NAME["pop3-access"],))
         port = plat.port("pop3-access", "pop3_port")
         drop_octets = sum(len(PREFIX) + len(m) for m in messages)
-        results: dict[str, object] = {"messages": args.messages,
+        results: dict[str, object] = {"messages": args.messages, "prefetch": args.prefetch,
                                       "maildrop_mb": round(drop_octets / 1e6, 2)}
 
         # login latency: connect, USER/PASS (directory RPC, KV lock, 1,000-message maildrop)
@@ -215,6 +216,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--logins", type=int, default=50)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prefetch", type=int, default=16, help="POSTBUS_POP3_ACCESS_PREFETCH")
     args = ap.parse_args()
     results = asyncio.run(bench(args))
     out = Path("bench-results")
