@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -312,11 +313,15 @@ def multiline(first: bytes, lines: list[bytes]) -> bytes:
 
 
 # ---------------------------------------------------------------- message bodies
+_LINE_END = re.compile(rb"\r?\n|\r")
+
+
 def to_crlf(data: bytes) -> bytes:
-    """Every line end as CRLF (a bare LF becomes CRLF), ending with CRLF when not empty."""
-    if b"\n" in data:
-        if data.count(b"\n") != data.count(b"\r\n"):
-            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    """Every line end as CRLF (a bare LF or bare CR becomes CRLF, as mailbox-store normalizes
+    with protocols.mime.normalize_crlf), ending with CRLF when not empty."""
+    crlf = data.count(b"\r\n")
+    if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
+        data = _LINE_END.sub(b"\r\n", data)
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data
@@ -324,7 +329,10 @@ def to_crlf(data: bytes) -> bytes:
 
 def retr_octets(prefix: bytes, blob: bytes) -> int:
     """The size LIST and STAT report: octets RETR sends for ``prefix + blob`` with CRLF line
-    ends, before byte-stuffing and without the terminating ``.`` line (RFC 1939 §11)."""
+    ends, before byte-stuffing and without the terminating ``.`` line (RFC 1939 §11).
+
+    For a blob already normalized with ``normalize_crlf`` this is ``len(prefix) + len(blob)``,
+    plus 2 when the blob does not end with CRLF (POP3 must end the last line)."""
     return len(to_crlf(prefix + blob))
 
 
