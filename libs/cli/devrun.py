@@ -180,6 +180,12 @@ def run(run_dir: Path = Path(".run")) -> int:
             deadline = time.monotonic() + 3.0
         console.print("stopped.")
 
+    busy = [c for c in infra if embedded.port_open(int(c.extra["url"].rsplit(":", 1)[1]))]
+    if busy:
+        for c in busy:
+            console.print(f"[red]the embedded {c.name} port is in use ({c.extra['url']}): another "
+                          f"`postbus run`? Stop it, or set POSTBUS_EMBEDDED_{c.name.upper()}_PORT.[/red]")
+        return 1
     for c in infra:
         c.start()
     if infra:
@@ -191,8 +197,7 @@ def run(run_dir: Path = Path(".run")) -> int:
                 port = int(url.rsplit(":", 1)[1])
                 embedded.wait_until(lambda p=port: embedded.port_open(p), 30, "nats", c.proc)
             else:
-                spec_ok = lambda u=url: _http_up(u)  # noqa: E731
-                embedded.wait_until(spec_ok, 90, "seaweedfs", c.proc)
+                embedded.wait_until(lambda u=url: _http_up(u), 90, "seaweedfs", c.proc)
         except Exception as exc:
             console.print(f"[red]{c.name} did not start: {exc}; see {c.log}[/red]")
             stop_all()
@@ -210,10 +215,7 @@ def run(run_dir: Path = Path(".run")) -> int:
             console.print(f"[red]not ready after 120 s: {', '.join(late)}; logs in {run_dir / 'logs'}[/red]")
             stop_all()
             return 1
-        for c in services:
-            if not c.alive():
-                console.print(f"[yellow]{c.name} exited during start-up; restarting (log: {c.log})[/yellow]")
-                c.start()
+        supervise(children)
         time.sleep(0.3)
 
     console.print(_endpoints(env, common))
@@ -223,26 +225,31 @@ def run(run_dir: Path = Path(".run")) -> int:
     console.print(f"logs: {run_dir / 'logs'}/<service>.log    Ctrl-C stops everything")
 
     while not stopping:
-        now = time.monotonic()
-        for c in children:
-            if c.alive():
-                if now - c.started_at > 60:
-                    c.backoff_s = 1.0  # healthy for a minute: forget earlier crashes
-                continue
-            if c.next_start == 0.0:
-                code = c.proc.returncode if c.proc else None
-                c.next_start = now + c.backoff_s
-                console.print(f"[yellow]{c.name} exited (code {code}); restarting in "
-                              f"{c.backoff_s:.0f} s (log: {c.log})[/yellow]")
-                c.backoff_s = min(c.backoff_s * 2, 30.0)
-            elif now >= c.next_start:
-                c.restarts += 1
-                c.next_start = 0.0
-                c.start()
-                console.print(f"{c.name} restarted (restart #{c.restarts})")
+        supervise(children)
         time.sleep(0.2)
     stop_all()
     return 0
+
+
+def supervise(children: list[Child]) -> None:
+    """Restart every child that exited, with exponential backoff (1 s, 2 s, ... 30 s)."""
+    now = time.monotonic()
+    for c in children:
+        if c.alive():
+            if now - c.started_at > 60:
+                c.backoff_s = 1.0  # healthy for a minute: forget earlier crashes
+            continue
+        if c.next_start == 0.0:
+            code = c.proc.returncode if c.proc else None
+            c.next_start = now + c.backoff_s
+            console.print(f"[yellow]{c.name} exited (code {code}); restarting in "
+                          f"{c.backoff_s:.0f} s (log: {c.log})[/yellow]")
+            c.backoff_s = min(c.backoff_s * 2, 30.0)
+        elif now >= c.next_start:
+            c.restarts += 1
+            c.next_start = 0.0
+            c.start()
+            console.print(f"{c.name} restarted (restart #{c.restarts})")
 
 
 def _http_up(url: str) -> bool:
