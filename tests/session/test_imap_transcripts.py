@@ -16,11 +16,14 @@ After each group of C: lines the server's output must match the S lines up to th
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.session import Session, SessionConfig
@@ -214,3 +217,61 @@ async def test_imap_transcript(path: Path, text: str) -> None:
 
 def test_there_are_transcripts() -> None:
     assert len(list(TRANSCRIPTS.glob("*.txt"))) >= 8
+
+
+# ---------------------------------------------------------------- fuzzing the session
+_WORDS = st.sampled_from([
+    "FETCH", "UID FETCH", "STORE", "UID STORE", "SEARCH", "UID SEARCH", "COPY", "MOVE",
+    "UID MOVE", "EXPUNGE", "UID EXPUNGE", "SELECT", "EXAMINE", "LIST", "STATUS", "APPEND",
+    "CREATE", "RENAME", "DELETE", "NOOP", "CLOSE", "UNSELECT", "IDLE", "ENABLE", "ID", "LSUB",
+    "GETQUOTAROOT", "CHECK", "SUBSCRIBE", "NAMESPACE",
+])
+_ARGS = st.sampled_from([
+    "1", "2:*", "*", "1:3,5", "0", "4294967295", "INBOX", "Trash", '""', '"*"', "%", "()",
+    "(FLAGS)", "FLAGS", "+FLAGS", "-FLAGS.SILENT", "(\\Seen)", "(\\Deleted $X)", "BODY[]",
+    "BODY.PEEK[1.MIME]", "(BODY[HEADER.FIELDS (SUBJECT)]<0.3> ENVELOPE BODYSTRUCTURE)",
+    "ALL", "FULL", "(UNCHANGEDSINCE 1)", "(CHANGEDSINCE 2)", "OR SEEN UNSEEN", "NOT UID 1:*",
+    "SINCE 1-Jan-2020", "(MESSAGES UIDNEXT)", "{3+}\r\nabc", "(CONDSTORE)", "RETURN (ALL)",
+    "CONDSTORE", "NIL", "Work/x", "&-", "\\", "\"unterminated",
+])
+
+
+@st.composite
+def _commands(draw: st.DrawFn) -> list[str]:
+    lines = []
+    for i in range(draw(st.integers(1, 8))):
+        words = [draw(_WORDS)] + draw(st.lists(_ARGS, max_size=4))
+        lines.append(f"f{i} " + " ".join(words))
+    return lines
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_commands())
+def test_selected_session_survives_junk(lines: list[str]) -> None:
+    async def run() -> list[str]:
+        r = Runner(secure=True)
+        await r.send(b"a LOGIN alice@example.test secret\r\nb SELECT INBOX\r\n")
+        r.out.take_lines()
+        for line in lines:
+            await r.send(line.encode() + b"\r\n")
+            if r.session.idling:
+                await r.send(b"DONE\r\n")
+            if r.session.closed:
+                break
+        return r.out.take_lines() if r.out.buf.endswith(b"\r\n") or not r.out.buf else []
+
+    out = asyncio.run(run())
+    assert not any("SERVERBUG" in x for x in out), out
+    tagged = {x.split(" ", 1)[0] for x in out if re.match(r"f\d+ (OK|NO|BAD) ", x)}
+    assert tagged == {f"f{i}" for i in range(len(lines))}, (lines, out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_session_takes_any_bytes(data: bytes) -> None:
+    async def run() -> None:
+        r = Runner(secure=True)
+        await r.send(b"a LOGIN alice@example.test secret\r\nb SELECT INBOX\r\n" + data + b"\r\n")
+        assert b"SERVERBUG" not in r.out.buf
+
+    asyncio.run(run())
