@@ -148,6 +148,7 @@ class RelayWorker:
         self.schedule = settings.schedule
         self._busy: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._last: dict[str, tuple[bytes, int]] = {}  # key -> (value, revision) we wrote
 
     # ------------------------------------------------------------ KV helpers
     async def load(self, queue_id: str) -> tuple[QueueEntry, int] | None:
@@ -159,36 +160,43 @@ class RelayWorker:
     async def mutate(self, queue_id: str, fn: Callable[[QueueEntry], None],
                      tries: int = 20) -> QueueEntry:
         """Read, apply ``fn``, compare-and-set; again on a conflict. ``fn`` must be safe to
-        apply to a fresher entry (it sets values, it does not count on the old ones)."""
+        apply to a fresher entry (it sets values, it does not count on the old ones).
+
+        The revision this worker wrote last is tried first, without a read; a conflict
+        (someone else wrote since) costs one read."""
         key = policy.kv_key(queue_id)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             for _ in range(tries):
-                got = await self.load(queue_id)
-                if got is None:
-                    raise KeyError(queue_id)
-                entry, rev = got
+                hint = self._last.pop(key, None)
+                if hint is not None:
+                    entry, rev = QueueEntry.model_validate_json(hint[0]), hint[1]
+                else:
+                    got = await self.load(queue_id)
+                    if got is None:
+                        raise KeyError(queue_id)
+                    entry, rev = got
                 fn(entry)
-                if await self.queue.update(key, entry.model_dump_json().encode(), rev) is not None:
+                data = entry.model_dump_json().encode()
+                new_rev = await self.queue.update(key, data, rev)
+                if new_rev is not None:
+                    self._remember(key, data, new_rev, entry)
                     return entry
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.005)
         raise Conflict(queue_id)
 
-    async def _load_or_create(self, job: OutboundQueued) -> tuple[QueueEntry, int]:
-        got = await self.load(job.queue_id)
-        if got is not None:
-            return got
-        entry = QueueEntry(
+    def _remember(self, key: str, data: bytes, rev: int, entry: QueueEntry) -> None:
+        if (entry.done or entry.cancelled) and not entry.outbox:
+            self._last.pop(key, None)  # finished: nothing more to write soon
+            self._locks.pop(key, None)
+        else:
+            self._last[key] = (data, rev)
+
+    def _new_entry(self, job: OutboundQueued) -> QueueEntry:
+        return QueueEntry(
             queue_id=job.queue_id, job=job, created_at=self.clock(),
             recipients=[RcptState(address=r.address, orcpt=r.orcpt, notify=list(r.notify))
                         for r in _unique(job.recipients)])
-        rev = await self.queue.create(policy.kv_key(job.queue_id), entry.model_dump_json().encode())
-        if rev is None:  # another replica created it first
-            got = await self.load(job.queue_id)
-            if got is None:
-                raise Conflict(job.queue_id)
-            return got
-        return entry, rev
 
     # ------------------------------------------------------------ the work queue handler
     async def handle(self, d: Delivery[OutboundQueued]) -> Outcome:
@@ -197,33 +205,20 @@ class RelayWorker:
         seq = int(d.msg.metadata.sequence.stream)
         if qid in self._busy:  # our own attempt is still running (a "retry now" copy)
             return Retry(1.0, "attempt in progress")
-        entry, rev = await self._load_or_create(job)
-        if entry.outbox:  # a worker died between recording and publishing
-            await self.flush(qid)
-            got = await self.load(qid)
-            if got is None:
-                return Ack()
-            entry, rev = got
-        if entry.done or entry.cancelled:
-            return Ack()
-        if seq < entry.active_seq:
-            return Ack()  # superseded by a newer copy ("retry now")
+        key = policy.kv_key(qid)
         now = self.clock()
-        if entry.lease_until and entry.lease_until > now:
-            return Retry(max(0.2, (entry.lease_until - now).total_seconds() + 0.1), "leased")
-        if entry.next_attempt_at and entry.next_attempt_at > now + timedelta(seconds=0.2):
-            if seq > entry.active_seq:
-                with contextlib.suppress(Conflict):
-                    await self.mutate(qid, lambda e: setattr(e, "active_seq", max(e.active_seq, seq)))
-            return Retry((entry.next_attempt_at - now).total_seconds(), "not yet due")
-
-        # take the lease (compare-and-set on the revision we just read)
-        entry.active_seq = max(entry.active_seq, seq)
-        entry.lease_owner = self.id
-        entry.lease_until = now + timedelta(seconds=self.s.lease_s)
-        entry.attempts += 1
-        if await self.queue.update(policy.kv_key(qid), entry.model_dump_json().encode(), rev) is None:
-            return Retry(0.2, "lost the race for the lease")
+        # the common case, a message seen for the first time: create it already leased
+        entry = self._new_entry(job)
+        self._take_lease(entry, seq, now)
+        data = entry.model_dump_json().encode()
+        rev = await self.queue.create(key, data)
+        if rev is None:  # seen before: a retry, a redelivery, another replica, a duplicate
+            leased = await self._lease_existing(qid, seq, now)
+            if not isinstance(leased, QueueEntry):
+                return leased
+            entry = leased
+        else:
+            self._remember(key, data, rev, entry)
 
         self._busy.add(qid)
         beat = asyncio.create_task(self._heartbeat(d, qid))
@@ -239,6 +234,44 @@ class RelayWorker:
             return Ack()
         wait = ((entry.next_attempt_at or self.clock()) - self.clock()).total_seconds()
         return Retry(max(0.05, wait), "deferred")
+
+    def _take_lease(self, entry: QueueEntry, seq: int, now: datetime) -> None:
+        entry.active_seq = max(entry.active_seq, seq)
+        entry.lease_owner = self.id
+        entry.lease_until = now + timedelta(seconds=self.s.lease_s)
+        entry.attempts += 1
+
+    async def _lease_existing(self, qid: str, seq: int, now: datetime) -> Outcome | QueueEntry:
+        """Decide about a message that already has state: the entry when this worker now
+        holds the lease and should attempt delivery, else the outcome to return."""
+        got = await self.load(qid)
+        if got is None:
+            return Retry(0.2, "entry vanished")
+        entry, rev = got
+        if entry.outbox:  # a worker died between recording and publishing
+            await self.flush(qid)
+            got = await self.load(qid)
+            if got is None:
+                return Ack()
+            entry, rev = got
+        if entry.done or entry.cancelled:
+            return Ack()
+        if seq < entry.active_seq:
+            return Ack()  # superseded by a newer copy ("retry now")
+        if entry.lease_until and entry.lease_until > now:
+            return Retry(max(0.2, (entry.lease_until - now).total_seconds() + 0.1), "leased")
+        if entry.next_attempt_at and entry.next_attempt_at > now + timedelta(seconds=0.2):
+            if seq > entry.active_seq:
+                with contextlib.suppress(Conflict):
+                    await self.mutate(qid, lambda e: setattr(e, "active_seq", max(e.active_seq, seq)))
+            return Retry((entry.next_attempt_at - now).total_seconds(), "not yet due")
+        self._take_lease(entry, seq, now)
+        data = entry.model_dump_json().encode()
+        new_rev = await self.queue.update(policy.kv_key(qid), data, rev)
+        if new_rev is None:
+            return Retry(0.2, "lost the race for the lease")
+        self._remember(policy.kv_key(qid), data, new_rev, entry)
+        return entry
 
     async def _heartbeat(self, d: Delivery[OutboundQueued], qid: str) -> None:
         """Keep the JetStream ack deadline and the KV lease ahead of a long attempt."""
@@ -258,26 +291,45 @@ class RelayWorker:
 
     # ------------------------------------------------------------ one attempt
     async def _attempt(self, entry: QueueEntry) -> QueueEntry:
+        """Deliver to every domain at once. Each domain's outcomes are written to KV as soon
+        as they are known (a crash later must not deliver them again); the last domain's
+        share the final write with the schedule."""
         job = entry.job
         attempt = entry.attempts
         pending = entry.pending
+        last: dict[str, RcptResult] = {}
         try:
             body = await self.blobs.get(job.blob_key)
         except (BlobNotFound, BlobUnavailable) as exc:
             log.warning("body not available", queue_id=job.queue_id, error=str(exc))
-            results = {r.address: RcptResult("deferred", "4.3.0", f"message body unavailable: {exc}")
-                       for r in pending}
-            await self._record(job.queue_id, attempt, results)
+            last = {r.address: RcptResult("deferred", "4.3.0", f"message body unavailable: {exc}")
+                    for r in pending}
         else:
             by_addr = {r.address: r for r in pending}
             groups = policy.group_by_domain(r.address for r in pending)
-            await asyncio.gather(*(
-                self._deliver_domain(job, attempt, domain, [by_addr[a] for a in addrs], body)
-                for domain, addrs in groups.items()))
-        return await self.mutate(job.queue_id, lambda e: self._after_attempt(e, attempt))
+            tasks = [asyncio.ensure_future(
+                self._deliver_domain(job, domain, [by_addr[a] for a in addrs], body))
+                for domain, addrs in groups.items()]
+            try:
+                for i, fut in enumerate(asyncio.as_completed(tasks)):
+                    results = await fut
+                    if i < len(tasks) - 1:
+                        await self._record(job.queue_id, attempt, results)
+                    else:
+                        last = results
+            finally:
+                for t in tasks:
+                    t.cancel()
+        now = self.clock()
 
-    async def _deliver_domain(self, job: OutboundQueued, attempt: int, domain: str,
-                              rcpts: list[RcptState], body: bytes) -> None:
+        def final(e: QueueEntry) -> None:
+            self._apply_results(e, attempt, last, now)
+            self._after_attempt(e, attempt)
+
+        return await self.mutate(job.queue_id, final)
+
+    async def _deliver_domain(self, job: OutboundQueued, domain: str, rcpts: list[RcptState],
+                              body: bytes) -> dict[str, RcptResult]:
         started = time.perf_counter()
         route = await self.destinations.route(domain)
         if isinstance(route, NoRoute):
@@ -300,44 +352,44 @@ class RelayWorker:
             for r in rcpts:
                 results.setdefault(r.address, RcptResult("deferred", "4.3.0", detail))
         ATTEMPT_SECONDS.observe(time.perf_counter() - started)
-        await self._record(job.queue_id, attempt, results)
+        return results
 
     async def _record(self, qid: str, attempt: int, results: dict[str, RcptResult]) -> None:
         """Write final outcomes (relayed/failed) to KV at once, with their events and DSNs in
         the outbox; deferrals are settled in ``_after_attempt``."""
         now = self.clock()
+        await self.mutate(qid, lambda e: self._apply_results(e, attempt, results, now))
 
-        def apply(e: QueueEntry) -> None:
-            job = e.job
-            failed_dsn: list[DsnRcpt] = []
-            relayed_dsn: list[DsnRcpt] = []
-            for addr, res in results.items():
-                r = e.rcpt(addr)
-                if r is None or r.state != "pending":
-                    continue
-                r.attempts = attempt
-                r.status, r.reply, r.remote_mta = res.status, res.reply, res.remote_mta
-                r.last_attempt_at = now
-                if res.outcome == "deferred":
-                    continue
-                DELIVERIES.labels(res.outcome).inc()
-                ATTEMPTS.observe(attempt)
-                if res.outcome == "relayed":
-                    r.state, r.remote_dsn = "relayed", res.remote_dsn
-                    DELIVERY_LATENCY.observe(max(0.0, (now - job.queued_at).total_seconds()))
-                    e.outbox.append(self._event_notice(e, r, "relayed", now))
-                    if not res.remote_dsn and policy.wants_success_dsn(
-                            job.mail_from, job.is_bounce, r.notify):
-                        relayed_dsn.append(_dsn_rcpt(r))
-                else:
-                    r.state = "failed"
-                    e.outbox.append(self._event_notice(e, r, "failed", now))
-                    if policy.wants_failure_dsn(job.mail_from, job.is_bounce, r.notify):
-                        failed_dsn.append(_dsn_rcpt(r))
-            self._queue_dsn(e, "failed", failed_dsn, f"{attempt}")
-            self._queue_dsn(e, "relayed", relayed_dsn, f"{attempt}")
-
-        await self.mutate(qid, apply)
+    def _apply_results(self, e: QueueEntry, attempt: int, results: dict[str, RcptResult],
+                       now: datetime) -> None:
+        job = e.job
+        failed_dsn: list[DsnRcpt] = []
+        relayed_dsn: list[DsnRcpt] = []
+        for addr, res in results.items():
+            r = e.rcpt(addr)
+            if r is None or r.state != "pending":
+                continue
+            r.attempts = attempt
+            r.status, r.reply, r.remote_mta = res.status, res.reply, res.remote_mta
+            r.last_attempt_at = now
+            if res.outcome == "deferred":
+                continue
+            DELIVERIES.labels(res.outcome).inc()
+            ATTEMPTS.observe(attempt)
+            if res.outcome == "relayed":
+                r.state, r.remote_dsn = "relayed", res.remote_dsn
+                DELIVERY_LATENCY.observe(max(0.0, (now - job.queued_at).total_seconds()))
+                e.outbox.append(self._event_notice(e, r, "relayed", now))
+                if not res.remote_dsn and policy.wants_success_dsn(
+                        job.mail_from, job.is_bounce, r.notify):
+                    relayed_dsn.append(_dsn_rcpt(r))
+            else:
+                r.state = "failed"
+                e.outbox.append(self._event_notice(e, r, "failed", now))
+                if policy.wants_failure_dsn(job.mail_from, job.is_bounce, r.notify):
+                    failed_dsn.append(_dsn_rcpt(r))
+        self._queue_dsn(e, "failed", failed_dsn, f"{attempt}")
+        self._queue_dsn(e, "relayed", relayed_dsn, f"{attempt}")
 
     def _after_attempt(self, e: QueueEntry, attempt: int) -> None:
         """Release the lease; schedule the next attempt or expire what is still pending."""
@@ -412,10 +464,14 @@ class RelayWorker:
     # ------------------------------------------------------------ the outbox
     async def flush(self, qid: str) -> QueueEntry:
         """Publish what the entry's outbox holds, then drop it from the outbox."""
-        got = await self.load(qid)
-        if got is None:
-            raise KeyError(qid)
-        entry = got[0]
+        hint = self._last.get(policy.kv_key(qid))
+        if hint is not None:
+            entry = QueueEntry.model_validate_json(hint[0])
+        else:
+            got = await self.load(qid)
+            if got is None:
+                raise KeyError(qid)
+            entry = got[0]
         done: set[str] = set()
         for n in entry.outbox:
             if n.event is not None:
