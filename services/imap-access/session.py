@@ -64,6 +64,7 @@ COMMANDS = counter("postbus_imap_commands_total", "IMAP commands by name and res
                    ["command", "result"])
 FETCH_BYTES = counter("postbus_imap_fetch_bytes_total", "Octets of message data sent by FETCH")
 
+MAX_PENDING_EVENTS = 1000  # notifications kept for a session between two commands
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 DELIM = "/"
 BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
@@ -193,6 +194,7 @@ class Session:
         self.wakeup = asyncio.Event()
         self._unsubscribe: Unsubscribe | None = None
         self._bye_after: str | None = None  # say BYE after the tagged response
+        self._resync = False  # compare the whole view with the store at the next safe point
 
     # ------------------------------------------------------------ helpers
     @property
@@ -230,7 +232,12 @@ class Session:
     def notify(self, event: MailboxChanged) -> None:
         """Called by the Changes port (any time): remember, apply at the next safe point."""
         if isinstance(self.state, Selected) and event.mailbox_id == self.state.view.mailbox_id:
-            self._events.append(event)
+            if len(self._events) >= MAX_PENDING_EVENTS:
+                # a quiet client on a busy mailbox: forget the details, compare snapshots later
+                self._events.clear()
+                self._resync = True
+            else:
+                self._events.append(event)
             self.wakeup.set()
 
     async def close(self) -> None:
@@ -297,7 +304,10 @@ class Session:
                 return Tagged("OK", "CAPABILITY completed")
             case p.Noop() | p.Check():
                 if isinstance(st, Selected):
-                    await self._sync_new(st)
+                    if isinstance(cmd, p.Check):
+                        self._resync = True  # CHECK: a full checkpoint against the store
+                    else:
+                        await self._sync_new(st)
                 return Tagged("OK", f"{type(cmd).__name__.upper()} completed")
             case p.Logout():
                 self.w("* BYE Logging out")
@@ -628,6 +638,7 @@ class Session:
         self.state = Authenticated(st.account_id, st.user)
         self.info.mailbox = None
         self._events.clear()
+        self._resync = False
 
     # ------------------------------------------------------------ changes from elsewhere
     async def _sync_new(self, st: Selected) -> None:
@@ -645,9 +656,54 @@ class Session:
         if view.exists != before:
             self.w(f"* {view.exists} EXISTS")
 
+    async def _resync_view(self, st: Selected, allow_expunge: bool) -> None:
+        """Compare the view with a fresh snapshot (paged STORE_SELECT) and report the
+        differences: used when notifications were dropped, and for CHECK."""
+        view = st.view
+        current: dict[int, tuple[list[str], int]] = {}
+        after = 0
+        while True:
+            page = await self.store.select(SelectRequest(
+                account_id=st.account_id, mailbox_id=view.mailbox_id, after_uid=after))
+            if page.mailbox.uidvalidity != view.uidvalidity:
+                self.bye("Mailbox UIDVALIDITY changed")
+                return
+            for m in page.messages:
+                current[m.uid] = (m.flags, m.modseq)
+            view.uidnext = max(view.uidnext, page.mailbox.uidnext)
+            view.highestmodseq = max(view.highestmodseq, page.mailbox.highestmodseq)
+            if not page.more or not page.messages:
+                break
+            after = page.messages[-1].uid
+        gone = [u for u in view.uids if u not in current]
+        if gone and not allow_expunge:
+            self._resync = True  # report the expunges when they are allowed
+        for uid in list(view.uids):
+            if uid in current:
+                flags, modseq = current[uid]
+                if view.set_flags(uid, flags, modseq):
+                    self._flags_response(view, uid, with_uid=True)
+        if allow_expunge:
+            for uid in gone:
+                seq = view.expunge(uid)
+                if seq is not None:
+                    self.w(f"* {seq} EXPUNGE")
+        before = view.exists
+        for uid in sorted(u for u in current if u > view.max_uid):
+            view.add(uid, *current[uid])
+        if view.exists != before:
+            self.w(f"* {view.exists} EXISTS")
+
     async def _apply_events(self, allow_expunge: bool) -> None:
         st = self.state
-        if not isinstance(st, Selected) or not self._events:
+        if not isinstance(st, Selected):
+            return
+        if self._resync:
+            self._resync = False
+            self._events.clear()
+            await self._resync_view(st, allow_expunge)
+            return
+        if not self._events:
             return
         view = st.view
         kept: list[MailboxChanged] = []

@@ -9,6 +9,7 @@ Format, one item a line:
   ``!flags UID FLAG...``  another session sets flags on INBOX UID
   ``!expunge UID``  another session expunges INBOX UID
   ``!lose-body UID``  the blob of INBOX UID cannot be read any more
+  ``!quiet DIRECTIVE``  the same, but no change notification reaches the session
   ``!pause``  send the C: lines before and after separately
   ``# ...`` comments and blank lines are ignored
 After each group of C: lines the server's output must match the S lines up to the next C:.
@@ -124,6 +125,14 @@ class Runner:
 
     async def directive(self, line: str) -> None:
         word, *args = line[1:].split()
+        if word == "quiet":  # the change happens, but no notification reaches the session
+            saved = dict(self.mp.listeners)
+            self.mp.listeners.clear()
+            try:
+                await self.directive("!" + " ".join(args))
+            finally:
+                self.mp.listeners.update(saved)
+            return
         inbox = self.mp.boxes[self.acc]["INBOX"]
         if word == "pause":  # only splits the client's lines into two sends
             return
