@@ -255,17 +255,22 @@ class Session:
     # ------------------------------------------------------------ dispatch
     async def handle(self, item: Item) -> Reply:
         self.commands += 1
-        name = type(item).__name__.upper()
+        st = self.state
+        # the line after "AUTH PLAIN" is a SASL response, whatever it parsed as
+        sasl = isinstance(st, Authorization) and st.sasl
+        name = "SASL" if sasl else type(item).__name__.upper()
         self._wrong = False
         reply = await self._dispatch(item)
         outcome = "ok" if reply.data.startswith(b"+") else "err"
         COMMANDS.labels(name, outcome).inc()
         self.stats.commands[name] += 1
         self.octets_sent += len(reply.data)
-        if isinstance(item, Bad | Unknown):
-            log.info("bad command", session=self.id, client_ip=self.peer.ip,
-                     reason=item.reason if isinstance(item, Bad) else f"unknown {item.verb}")
-        if (self._wrong or isinstance(item, Bad | Unknown)) and not reply.close:
+        bad = not sasl and isinstance(item, Bad | Unknown)
+        if not sasl and isinstance(item, Bad):
+            log.info("bad command", session=self.id, client_ip=self.peer.ip, reason=item.reason)
+        elif not sasl and isinstance(item, Unknown):
+            log.info("unknown command", session=self.id, client_ip=self.peer.ip, verb=item.verb)
+        if (self._wrong or bad) and not reply.close:
             self.bad_commands += 1
             if self.bad_commands >= self.limits.max_bad_commands:
                 await self.abort()
