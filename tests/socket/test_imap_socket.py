@@ -337,3 +337,17 @@ def test_large_append_goes_to_the_blob_store_first(tmp_path: Path) -> None:
             assert data[0][1] == big  # type: ignore[index]
             m.append("INBOX", None, None, b"Subject: small\r\n\r\nx\r\n")
         assert imap.mp.puts == 1  # only the large one went by reference
+
+
+def test_command_budget_and_idle_autologout(tmp_path: Path) -> None:
+    for imap in _start(tmp_path, max_commands=3, idle_timeout_s=0.3):
+        r = Raw(imap.port)
+        out = r.cmd(b"a1 NOOP\r\na2 NOOP\r\na3 NOOP\r\na4 NOOP\r\n", b"* BYE")
+        assert out[-1].startswith(b"* BYE Too many commands") and len(out) == 4
+        assert r.f.readline() == b""
+        r.close()
+        r = Raw(imap.port)
+        r.cmd(b"a1 LOGIN alice@example.test secret\r\na2 SELECT INBOX\r\n", b"a2 OK")
+        out = r.cmd(b"a3 IDLE\r\n", b"+ idling")
+        assert r.f.readline().startswith(b"* BYE Autologout")  # RFC 2177: idle too long
+        r.close()
