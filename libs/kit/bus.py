@@ -140,7 +140,11 @@ class Bus:
         return cls(nc, settings)
 
     async def close(self) -> None:
-        """Stop consumers and responders, then drain the connection."""
+        """Stop consumers and responders, finish in-flight handlers briefly, flush, close.
+
+        Not ``drain()``: it waits on every subscription's queue (request inboxes, KV
+        watchers) and can hang; our handlers are already stopped, so flush + close suffices.
+        """
         self._closing.set()
         for sub in self._subs:
             with contextlib.suppress(Exception):
@@ -150,8 +154,10 @@ class Bus:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=5)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), 5)
+            await self.nc.flush(timeout=2)
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
