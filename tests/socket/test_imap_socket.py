@@ -351,3 +351,58 @@ def test_command_budget_and_idle_autologout(tmp_path: Path) -> None:
         out = r.cmd(b"a3 IDLE\r\n", b"+ idling")
         assert r.f.readline().startswith(b"* BYE Autologout")  # RFC 2177: idle too long
         r.close()
+
+
+# ---------------------------------------------------------------- fetchmail, mbsync (CLIENTS.md)
+@pytest.mark.clients
+@pytest.mark.skipif(shutil.which("fetchmail") is None, reason="fetchmail not installed")
+def test_fetchmail_keep_mode(imap: Running, tmp_path: Path) -> None:
+    out = tmp_path / "out.mbox"
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(
+        "set no syslog\n"
+        f'poll 127.0.0.1 protocol IMAP port {imap.port} auth password user "{USER}" there '
+        f'with password "{PASSWORD}" is "local" here keep fetchall sslproto \'\' '
+        f"mda \"/bin/sh -c 'cat >> {out}'\"\n")
+    rc.chmod(0o600)
+    r = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach", "-v",
+                        "--idfile", str(tmp_path / "ids")],
+                       capture_output=True, timeout=30, env={"HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+    assert b"Subject: hello" in out.read_bytes() and b"see you." in out.read_bytes()
+    flags = imap.mp.boxes[imap.account]["INBOX"].msgs[1].flags
+    assert "\\Seen" in flags  # fetchmail marks what it fetched
+
+
+@pytest.mark.clients
+@pytest.mark.skipif(shutil.which("mbsync") is None, reason="mbsync not installed")
+def test_mbsync_incremental_pull(imap: Running, tmp_path: Path) -> None:
+    maildir = tmp_path / "mail"
+    maildir.mkdir()
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(
+        f"IMAPAccount a\nHost 127.0.0.1\nPort {imap.port}\nUser {USER}\nPass {PASSWORD}\n"
+        "SSLType None\nAuthMechs LOGIN\n\n"
+        "IMAPStore a-remote\nAccount a\n\n"
+        f"MaildirStore a-local\nPath {maildir}/\nInbox {maildir}/INBOX\nSubFolders Verbatim\n\n"
+        "Channel a\nFar :a-remote:\nNear :a-local:\nPatterns *\nCreate Near\nSync Pull\n"
+        "SyncState *\n")
+
+    def sync() -> None:
+        r = subprocess.run(["mbsync", "-c", str(rc), "-a", "-V"], capture_output=True,
+                           timeout=30, env={"HOME": str(tmp_path)})
+        assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+    def inbox_files() -> list[bytes]:
+        # mbsync stores LF line ends and adds its own X-TUID header
+        return sorted(b"".join(line for line in p.read_bytes().splitlines(keepends=True)
+                               if not line.startswith(b"X-TUID:"))
+                      for p in (maildir / "INBOX").glob("*/*") if p.is_file())
+
+    sync()
+    assert inbox_files() == [(PREFIX + MSG).replace(b"\r\n", b"\n")]
+    assert (maildir / "Trash").is_dir() and (maildir / "Sent").is_dir()
+    imap.deliver(b"Subject: second\r\n\r\nmore\r\n")
+    sync()
+    files = inbox_files()
+    assert len(files) == 2 and any(f.startswith(b"Subject: second") for f in files)
