@@ -65,7 +65,7 @@ class RunningS3:
         return self.spec.endpoint
 
     def stop(self) -> None:
-        embedded.stop(self.proc)
+        embedded.stop(self.proc, timeout=2.0)  # test data is disposable; weed takes ~10 s otherwise
 
 
 @pytest.fixture(scope="session")
