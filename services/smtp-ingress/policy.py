@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-from postbus.protocols.smtp import Path
 from postbus.proto.directory import ResolveReply
+from postbus.protocols.smtp import Path
 
 # ---------------------------------------------------------------- replies
 R250_OK = "250 2.1.0 Ok"

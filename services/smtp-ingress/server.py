@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import itertools
 import ssl
 import time
+from asyncio import sslproto
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,13 +24,12 @@ from typing import Any
 
 from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
-from asyncio import sslproto
 
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge, histogram
-from postbus.protocols import smtp as proto
 from postbus.proto.directory import AuthReply
 from postbus.proto.mail import BodyRef, ClientInfo, MailReceived, Recipient
+from postbus.protocols import smtp as proto
 from postbus.smtp_ingress import policy
 from postbus.smtp_ingress.ports import BlockList, Bodies, Counters, Directory, Queue, Unavailable
 from postbus.smtp_ingress.settings import Settings
@@ -134,6 +135,7 @@ class Ingress:
         self.sessions: dict[int, SessionInfo] = {}
         self.conns: set[IngressSMTP] = set()
         self.stopping = False
+        self._drained = asyncio.Event()
         self.stats = Stats()
         self.servers: list[asyncio.Server] = []
         self.ports: dict[str, int] = {}
@@ -166,9 +168,10 @@ class Ingress:
         for conn in list(self.conns):
             if not conn.busy:
                 conn._close_with(policy.R421_SHUTDOWN)
-        deadline = time.monotonic() + grace_s
-        while self.conns and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if self.conns:
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), grace_s)
         for conn in list(self.conns):
             conn._close_with(policy.R421_SHUTDOWN)
 
@@ -240,7 +243,7 @@ class IngressSMTP(SMTP):
         self._auth_methods = {}
         self._handle_hooks = {}
         self._ehlo_hook_ver = None
-        self._smtp_methods = _Methods(self)
+        self._smtp_methods = _Methods(self)  # type: ignore[assignment]
         self._enforce_call_limit = False
         self._pending: list[bytes] = []
         self.busy = False  # reading or queueing a message: finish it before shutdown
@@ -253,6 +256,11 @@ class IngressSMTP(SMTP):
         self._closing = False
 
     # ------------------------------------------------------------ plumbing
+    def _reset_transaction(self) -> None:
+        """Forget the envelope (RSET, HELO/EHLO, after a message) - aiosmtpd's
+        ``_set_rset_state``, typed."""
+        self.envelope = self._create_envelope()
+
     @property
     def encrypted(self) -> bool:
         return self._tls_protocol is not None
@@ -340,6 +348,8 @@ class IngressSMTP(SMTP):
 
     def _release(self) -> None:
         self.ingress.conns.discard(self)
+        if self.ingress.stopping and not self.ingress.conns:
+            self.ingress._drained.set()
         if self.info is not None and self.ingress.sessions.pop(self.info.id, None) is not None:
             ip = self.info.ip
             self.ingress.per_ip[ip] -= 1
@@ -454,7 +464,7 @@ class IngressSMTP(SMTP):
                                                   server_side=True)
         self._original_transport = self.transport
         assert self._original_transport is not None
-        self._original_transport.set_protocol(self._tls_protocol)  # type: ignore[attr-defined]
+        self._original_transport.set_protocol(self._tls_protocol)
         self.transport = self._tls_protocol._app_transport
         self._tls_protocol.connection_made(self._original_transport)
         try:
@@ -469,7 +479,7 @@ class IngressSMTP(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: HELO hostname")
             return
-        self._set_rset_state()
+        self._reset_transaction()
         assert self.session is not None
         self.session.extended_smtp = False
         self.session.host_name = hostname
@@ -481,7 +491,7 @@ class IngressSMTP(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._set_rset_state()
+        self._reset_transaction()
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
@@ -517,7 +527,7 @@ class IngressSMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: RSET")
             return
-        self._set_rset_state()
+        self._reset_transaction()
         await self.push("250 2.0.0 Ok")
 
     async def smtp_QUIT(self, arg: str | None) -> None:
@@ -887,7 +897,7 @@ class IngressSMTP(SMTP):
         _m(MESSAGES, self.listener, "rejected", reason).inc()
         self.ingress.stats.add("message_rejected", reason)
         log.info("message refused", ip=self.client_ip, reason=reason)
-        self._set_rset_state()
+        self._reset_transaction()
         await self.push(reply)
 
     async def _accept_message(self, body: bytes) -> None:
@@ -931,7 +941,7 @@ class IngressSMTP(SMTP):
         ing.stats.add("message_accepted", "ok")
         if self.info:
             self.info.messages += 1
-        self._set_rset_state()
+        self._reset_transaction()
         await self.push(f"250 2.0.0 Ok: queued as {qid}")
 
 

@@ -133,5 +133,5 @@ class Inbox:
         try:
             await asyncio.wait_for(self.queue.get(), seconds)
             return False
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return True

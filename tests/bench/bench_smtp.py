@@ -55,7 +55,7 @@ async def serve_postbus(nats_url: str, s3: str, port_file: Path, tmp: Path) -> N
                         max_connections_per_ip=10000, connection_rate_per_ip=0)
     table = DirectoryTable(users={RCPT: User("x")})
     running = await start_ingress(bus, blobs, settings, tmp, table)
-    port_file.write_text(str(running.port("mx")))
+    port_file.write_text(str(running.port("mx")))  # noqa: ASYNC240
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
@@ -73,7 +73,7 @@ async def serve_bare(port_file: Path) -> None:
     handler = Discard()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(handler, hostname="bare"), "127.0.0.1", 0)
-    port_file.write_text(str(server.sockets[0].getsockname()[1]))
+    port_file.write_text(str(server.sockets[0].getsockname()[1]))  # noqa: ASYNC240
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
@@ -155,6 +155,13 @@ async def run_load(port: int, size: int, concurrency: int, seconds: float) -> di
 
 
 # ---------------------------------------------------------------- orchestration
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (Linux /proc), to report CPU per message:
+    a figure that does not depend on what else the machine is running."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _spawn(args: list[str], port_file: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, cwd=ROOT)
@@ -208,9 +215,14 @@ def main() -> None:
         for size in (2 * 1024, 100 * 1024):
             for conc in (1, 20):
                 row: dict[str, object] = {"size": size, "concurrency": conc}
-                for name, port in (("postbus", pb_port), ("bare", bare_port)):
+                for name, port, pid in (("postbus", pb_port, pb.pid), ("bare", bare_port, bare.pid)):
+                    cpu0, ncpu0 = cpu_seconds(pid), cpu_seconds(nats.proc.pid)
                     r = asyncio.run(run_load(port, size, conc, args.seconds))
+                    n = max(1, int(r["messages"]))
+                    r["server_cpu_us_per_msg"] = round((cpu_seconds(pid) - cpu0) / n * 1e6, 1)
                     if name == "postbus":
+                        r["nats_cpu_us_per_msg"] = round(
+                            (cpu_seconds(nats.proc.pid) - ncpu0) / n * 1e6, 1)
                         stored = asyncio.run(purge_inbound(nats.url))
                         r["in_stream"] = stored
                     row[name] = r
@@ -219,8 +231,10 @@ def main() -> None:
                 runs.append(row)
                 print(f"{size // 1024:>4} KB  conc {conc:>2}  postbus {pbr['msgs_per_s']:>8} msg/s "  # type: ignore[index]
                       f"p50 {pbr['p50_ms']:>6} ms p99 {pbr['p99_ms']:>7} ms "  # type: ignore[index]
-                      f"(stored {pbr['in_stream']}, errors {pbr['errors']})  |  bare "  # type: ignore[index]
-                      f"{bar['msgs_per_s']:>8} msg/s  |  ratio {row['ratio']}", flush=True)  # type: ignore[index]
+                      f"cpu {pbr['server_cpu_us_per_msg']} us/msg (+nats {pbr['nats_cpu_us_per_msg']}) "  # type: ignore[index]
+                      f"stored {pbr['in_stream']} errors {pbr['errors']}  |  bare "  # type: ignore[index]
+                      f"{bar['msgs_per_s']:>8} msg/s cpu {bar['server_cpu_us_per_msg']} us/msg  |  "  # type: ignore[index]
+                      f"ratio {row['ratio']}", flush=True)  # type: ignore[index]
         results["runs"] = runs
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

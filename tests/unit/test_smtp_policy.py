@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from postbus.protocols.smtp import parse_path
 from postbus.proto.directory import AccountRef, ResolveReply
+from postbus.protocols.smtp import parse_path
 from postbus.smtp_ingress import policy as pol
 
 
