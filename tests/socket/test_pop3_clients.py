@@ -299,6 +299,28 @@ async def test_fetchmail_keep_then_delete_mode(rig: Rig) -> None:
     assert rig.visible() == 0
 
 
+async def test_fetchmail_over_implicit_tls_and_stls(rig: Rig) -> None:
+    need("fetchmail")
+    out = rig.tmp / "tls.mbox"
+    for name, port, tls in (("pop3s", rig.tls_port, "ssl"), ("stls", rig.port, "sslproto TLS1.2+")):
+        rc_path = rig.tmp / f"{name}.rc"
+        rc_path.write_text(
+            "set no syslog\n"
+            f'poll 127.0.0.1 protocol POP3 port {port} auth password user "{USER}" there '
+            f'with password "{PASSWORD}" is "local" here keep fetchall {tls} no sslcertck '
+            f"mda \"/bin/sh -c 'cat >> {out}'\"\n")
+        rc_path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+        rc, log = await run("env", f"HOME={rig.tmp}", "fetchmail", "-f", str(rc_path),
+                            "--nodetach", "-v", "--idfile", str(rig.tmp / f"{name}.ids"))
+        assert rc == 0, log
+        assert "3 messages" in log, log
+        if name == "stls":
+            assert "STLS" in log, log
+        await rig.wait_unlocked()
+    assert out.read_bytes().count(b"Message-ID: <") == 6
+    assert rig.visible() == 3
+
+
 # ---------------------------------------------------------------- getmail6
 async def test_getmail_keep_then_delete(rig: Rig) -> None:
     need("getmail")
