@@ -37,6 +37,12 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
         tls_context=server_context(ctx.common.tls_cert, ctx.common.tls_key),
     )
     await ingress.start()
+
+    async def listening() -> None:
+        if not ingress.servers or not all(s.is_serving() for s in ingress.servers):
+            raise RuntimeError("SMTP listeners not serving")
+
+    ctx.checks["smtp"] = listening
     ctx.add_task(blocklist.run(), "smtp-blocklist-refresh")
     ctx.routers.append(mgmt.router(ingress))
     ctx.on_stop(ingress.stop)

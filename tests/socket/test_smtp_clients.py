@@ -146,5 +146,7 @@ async def test_swaks_submission_starttls_smtps_and_mgmt(service: Proc, bus: Bus)
         assert limits["listeners"]["mx"] == service.ports["smtp_port"]
         counters = (await api.get("/api/v1/counters")).json()["counters"]
         assert counters["message_accepted"]["ok"] == 2
+        ready = (await api.get("/readyz")).json()
+        assert ready["checks"]["smtp"] == "ok", ready
         metrics = (await api.get("/metrics")).text
         assert 'postbus_smtp_messages_total{listener="submission",outcome="accepted",reason="ok"} 1.0' in metrics
