@@ -26,6 +26,7 @@ def run() -> None:
                                    settings.imaps_port)
         log.info("imap listening", ports=ports, tls=server.tls is not None)
         ctx.on_stop(server.stop)
+        ctx.checks["imap"] = server.check
         ctx.routers.append(router(server, lambda: blobs.hit_rate))
 
     main("imap-access", settings.common, settings.mgmt_port, setup)

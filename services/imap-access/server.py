@@ -97,6 +97,11 @@ class ImapServer:
             ports.append(srv.sockets[0].getsockname()[1])
         return ports
 
+    async def check(self) -> None:
+        """Readiness: every listener is accepting connections."""
+        if not self._servers or not all(srv.is_serving() for srv in self._servers):
+            raise RuntimeError("IMAP listeners are not serving")
+
     async def stop(self) -> None:
         for srv in self._servers:
             srv.close()

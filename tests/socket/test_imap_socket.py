@@ -300,6 +300,7 @@ def test_starttls_discards_pipelined_plaintext(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- management API
 def test_mgmt_lists_live_sessions_and_counters(imap: Running) -> None:
+    asyncio.run_coroutine_threadsafe(imap.server.check(), imap.loop).result(5)  # readiness
     app = FastAPI()
     app.include_router(router(imap.server), prefix="/api/v1")
     with imaplib.IMAP4("127.0.0.1", imap.port) as m:
