@@ -478,12 +478,20 @@ class Repository:
                                .on_conflict_do_nothing())
         return await self._mailbox_by_name(conn, account_id, name)
 
-    async def _ensure_defaults(self, conn: AsyncConnection, account_id: int) -> None:
-        """Create whichever of INBOX and the special-use folders are missing (in a write tx)."""
+    async def _ensure_defaults(self, conn: AsyncConnection, account_id: int,
+                               only: set[str] | None = None) -> None:
+        """In a write transaction. Without ``only``: on first use (no INBOX yet) create INBOX
+        and the special-use folders. With ``only``: create those of the named default
+        folders that are missing (mail filed into "Junk" after the user deleted it); a
+        folder the user deleted is not brought back otherwise."""
         rows = await self._mailbox_rows(conn, account_id)
         have = {r.name for r in rows}
         have_special = {r.special_use for r in rows}
+        if only is None and INBOX in have:
+            return
         for name, special in DEFAULT_MAILBOXES:
+            if only is not None and name not in only and name != INBOX:
+                continue
             if name in have or (special and special in have_special):
                 continue
             await self._create_mailbox_row(conn, account_id, name, special, subscribe=True)
@@ -782,23 +790,6 @@ class Repository:
         change.message_ids = ids
         return uids, change
 
-    async def _target_mailbox(self, conn: AsyncConnection, account_id: int, name: str) -> Any:
-        """Mailbox for a delivery: the named one, else INBOX (creating defaults lazily)."""
-        try:
-            name = normalize_name(name or INBOX)
-        except Invalid:
-            name = INBOX
-        row = await self._mailbox_by_name(conn, account_id, name)
-        if row is None and name in {n for n, _ in DEFAULT_MAILBOXES}:
-            await self._ensure_defaults(conn, account_id)
-            row = await self._mailbox_by_name(conn, account_id, name)
-        if row is None or row.noselect:
-            row = await self._mailbox_by_name(conn, account_id, INBOX)
-            if row is None:
-                await self._ensure_defaults(conn, account_id)
-                row = await self._mailbox_by_name(conn, account_id, INBOX)
-        return row
-
     async def deliver(self, queue_id: str, account_id: int, mailbox: str, msg: NewMessage
                       ) -> DeliverOutcome:
         """Store one delivered message, idempotent on (queue_id, account_id): the
@@ -929,7 +920,7 @@ class Repository:
         missing = [a for a, ns in wanted.items()
                    if any((a, n) not in boxes for n in ns & defaults)]
         for a in missing:
-            await self._ensure_defaults(conn, a)
+            await self._ensure_defaults(conn, a, wanted[a] & defaults)
         return await load() if missing else boxes
 
     @staticmethod
@@ -962,7 +953,7 @@ class Repository:
             acct = await self._lock_account(conn, account_id)
             mbox = await self._mailbox_by_name(conn, account_id, name)
             if mbox is None and name in {n for n, _ in DEFAULT_MAILBOXES}:
-                await self._ensure_defaults(conn, account_id)
+                await self._ensure_defaults(conn, account_id, {name})
                 mbox = await self._mailbox_by_name(conn, account_id, name)
             if mbox is None:
                 raise NotFound(f"no mailbox {name}")
@@ -1179,7 +1170,7 @@ class Repository:
             src = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
             dst = await self._mailbox_by_name(conn, account_id, target)
             if dst is None and target in {n for n, _ in DEFAULT_MAILBOXES}:
-                await self._ensure_defaults(conn, account_id)
+                await self._ensure_defaults(conn, account_id, {target})
                 dst = await self._mailbox_by_name(conn, account_id, target)
             if dst is None or dst.noselect:
                 raise NotFound(f"no mailbox {target}")

@@ -162,6 +162,18 @@ async def test_default_mailboxes_created_lazily(store: Store) -> None:
     await store.repo.ensure_defaults(store.account)
     assert len(await store.repo.list_mailboxes(store.account)) == 6
     assert (await store.repo.status(store.account, "inbox")).name == "INBOX"
+    # a deleted default folder stays deleted...
+    await store.repo.delete_mailbox(store.account, "Junk")
+    await store.repo.create_mailbox(store.account, "Other")
+    await store.repo.subscribe(store.account, "Other", True)
+    assert "Junk" not in {m.name for m in await store.repo.list_mailboxes(store.account)}
+    # ...until mail is filed into it
+    res = await store.repo.deliver("QJ", store.account, "Junk", new_message(raw_message(1)))
+    junk = await store.repo.status(store.account, "Junk")
+    assert res.mailbox_id == junk.mailbox_id and junk.special_use == "\\Junk" and junk.messages == 1
+    await store.repo.delete_mailbox(store.account, "Trash")
+    uv, uid, _ = await store.repo.append(store.account, "Trash", new_message(raw_message(2)))
+    assert uid == 1 and (await store.repo.status(store.account, "Trash")).uidvalidity == uv
 
 
 async def test_create_with_parents_rename_with_children_and_delete(store: Store) -> None:
