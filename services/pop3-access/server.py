@@ -79,7 +79,7 @@ class Pop3Server:
         t = self._conns.get(session_id)
         if t is None:
             return False
-        t.cancel()
+        t.cancel("kicked")
         return True
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -106,9 +106,11 @@ class Pop3Server:
                 await writer.drain()
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError) as exc:
             log.debug("connection lost", session=sid, error=str(exc))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            why = ("session closed by the administrator" if exc.args == ("kicked",)
+                   else "server shutting down")
             with contextlib.suppress(Exception):
-                writer.write(err("server shutting down", "SYS/TEMP"))
+                writer.write(err(why, "SYS/TEMP"))
         except Exception:
             log.exception("session failed", session=sid)
             with contextlib.suppress(Exception):

@@ -195,5 +195,7 @@ async def test_management_router(cluster: Cluster) -> None:
             break
         await asyncio.sleep(0.02)
     assert cluster.a.sessions == {}
+    kicked = await asyncio.to_thread(p.file.readline)  # type: ignore[attr-defined]
+    assert kicked == b"-ERR [SYS/TEMP] session closed by the administrator\r\n"
     await asyncio.to_thread(p.close)
     assert await cluster.locks.holders() == []  # the kicked session gave its lock back
