@@ -280,11 +280,11 @@ class MemoryPlatform:
                 new = m.flags + [f for f in req.flags if f not in m.flags]
             else:
                 new = [f for f in m.flags if f not in req.flags]
-            if new != m.flags or req.unchanged_since is not None:
+            if set(new) != set(m.flags):  # like mailbox-store: only what changed
                 b.highestmodseq += 1
                 m.flags, m.modseq = new, b.highestmodseq
                 changes.append(MessageChange(uid=u, modseq=m.modseq, flags=list(new)))
-            updated.append(MessageState(uid=u, flags=list(m.flags), modseq=m.modseq))
+                updated.append(MessageState(uid=u, flags=list(m.flags), modseq=m.modseq))
         if changes:
             self._publish(req.account_id, b, flags=changes, origin=req.origin)
         return StoreFlagsReply(updated=updated, modified=modified)

@@ -839,9 +839,16 @@ class Session:
             all_flags = " ".join(list(SYSTEM_FLAGS) + known + new_keywords)
             self.w(f"* FLAGS ({all_flags})")
             self.w(f"* OK [PERMANENTFLAGS ({all_flags} \\*)] Flags permitted")
-        for m in reply.updated:
+        for m in reply.updated:  # the store reports the messages it changed
             view.set_flags(m.uid, m.flags, m.modseq)
-            if not cmd.silent or (self.condstore and cmd.unchangedsince is not None):
+        if not cmd.silent:
+            # RFC 3501 §6.4.6: a FETCH for every message of the set, changed or not
+            failed = set(reply.modified)
+            for uid in uids:
+                if uid not in failed:
+                    self._flags_response(view, uid, with_uid=cmd.uid)
+        elif self.condstore and cmd.unchangedsince is not None:
+            for m in reply.updated:  # RFC 7162 §3.2: MODSEQ of what changed, even .SILENT
                 self._flags_response(view, m.uid, with_uid=cmd.uid)
         if reply.modified:
             mod = reply.modified if cmd.uid else [view.seq_of(u) or 0 for u in reply.modified]
