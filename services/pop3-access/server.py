@@ -21,6 +21,8 @@ from postbus.protocols.pop3 import Receiver, err
 log = get_logger("postbus.pop3.server")
 
 CONNECTIONS = counter("postbus_pop3_connections_total", "POP3 connections accepted", ["listener"])
+REFUSED = counter("postbus_pop3_connections_refused_total",
+                  "Connections refused over the per-address limit")
 ACTIVE = gauge("postbus_pop3_sessions", "POP3 sessions open now")
 
 WRITE_HIGH_WATER = 1 << 20  # drain when this much is buffered (big RETR replies)
@@ -38,12 +40,14 @@ class Pop3Server:
     idle_timeout_s: float = 600.0
     session_timeout_s: float = 4 * 3600.0
     insecure_auth: bool = False
+    max_connections_per_ip: int = 50
     replica: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     stats: Stats = field(default_factory=Stats)
     prepared: PreparedBodies = field(default_factory=PreparedBodies)
     sessions: dict[str, Session] = field(default_factory=dict)
     _servers: list[asyncio.Server] = field(default_factory=list)
     _conns: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _per_ip: dict[str, int] = field(default_factory=dict)
     _seq: int = 0
 
     async def listen(self, host: str, port: int, *, implicit_tls: bool = False) -> int:
@@ -87,11 +91,21 @@ class Pop3Server:
         self._seq += 1
         sid = f"{self.replica}-{self._seq}"
         peer = writer.get_extra_info("peername") or ("?", 0)
+        ip = str(peer[0])
+        if self._per_ip.get(ip, 0) >= self.max_connections_per_ip:
+            REFUSED.inc()
+            log.warning("too many connections", client_ip=ip)
+            with contextlib.suppress(Exception):
+                writer.write(err("too many connections from your address", "SYS/TEMP"))
+                await writer.drain()
+            writer.close()
+            return
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         session = Session(
             directory=self.directory, maildrops=self.maildrops, locks=self.locks,
             throttle=self.throttle, limits=self.limits, session_id=sid, stats=self.stats,
             hostname=self.hostname, prepared=self.prepared,
-            peer=Peer(str(peer[0]), implicit_tls, self.ssl_context is not None, self.insecure_auth))
+            peer=Peer(ip, implicit_tls, self.ssl_context is not None, self.insecure_auth))
         self.sessions[sid] = session
         task = asyncio.current_task()
         assert task is not None
@@ -117,6 +131,11 @@ class Pop3Server:
                 writer.write(err("internal error", "SYS/TEMP"))
         finally:
             ACTIVE.dec()
+            left = self._per_ip.get(ip, 1) - 1
+            if left > 0:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
             self.sessions.pop(sid, None)
             self._conns.pop(sid, None)
             # cancelled again while closing (shutdown): the abort still runs to its end

@@ -89,6 +89,7 @@ class Limits:
     max_auth_failures_account: int = 10
     max_auth_failures_session: int = 3
     max_bad_commands: int = 20
+    max_commands: int = 200_000
     prefetch: int = 16
 
 
@@ -255,6 +256,9 @@ class Session:
     # ------------------------------------------------------------ dispatch
     async def handle(self, item: Item) -> Reply:
         self.commands += 1
+        if self.commands > self.limits.max_commands:
+            await self.abort()
+            return Reply(err("too many commands in one session, closing"), close=True)
         st = self.state
         # the line after "AUTH PLAIN" is a SASL response, whatever it parsed as
         sasl = isinstance(st, Authorization) and st.sasl

@@ -23,8 +23,11 @@ class Settings(BaseSettings):
     idle_timeout_s: float = 600.0
     # hard bound on one connection, however busy
     session_timeout_s: float = 4 * 3600.0
-    # a connection is closed after this many bad or refused commands
+    # a connection is closed after this many bad or refused commands, or commands in all
     max_bad_commands: int = 20
+    max_commands: int = 200_000
+    # concurrent connections from one client address on this replica
+    max_connections_per_ip: int = 50
 
     # maildrop lock (one session per maildrop across replicas), JetStream KV with expiry
     lock_bucket: str = "pop3-locks"

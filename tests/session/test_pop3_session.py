@@ -155,3 +155,14 @@ async def test_commit_carries_uids_mode_and_seen() -> None:
     await s.handle(Quit())
     [c] = w.store.commits
     assert (c.delete_uids, c.mode, c.seen_uids) == ([2, 5], "delete", [1])
+
+
+async def test_command_count_is_bounded() -> None:
+    w = World(max_commands=4)
+    s = w.session()
+    await login(s)
+    await s.handle(Dele(1))
+    assert not (await s.handle(Stat())).close
+    reply = await s.handle(Stat())
+    assert reply.close and reply.data == b"-ERR too many commands in one session, closing\r\n"
+    assert w.store.commits == [] and w.locks.held == {}

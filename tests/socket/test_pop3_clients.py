@@ -430,3 +430,22 @@ async def test_idle_autologout(rig: Rig) -> None:
         return out
 
     assert await asyncio.to_thread(client) == b"-ERR autologout; idle for too long\r\n"
+
+
+async def test_connections_per_address_are_bounded(rig: Rig) -> None:
+    rig.server.max_connections_per_ip = 2
+
+    def client() -> list[bytes]:
+        socks = [socket.create_connection(("127.0.0.1", rig.port), timeout=10) for _ in range(3)]
+        greetings = [_recv_until(s, b"\r\n") for s in socks]
+        socks[0].close()
+        time.sleep(0.2)
+        again = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
+        greetings.append(_recv_until(again, b"\r\n"))
+        for s in [*socks[1:], again]:
+            s.close()
+        return greetings
+
+    g = await asyncio.to_thread(client)
+    assert [x[:3] for x in g] == [b"+OK", b"+OK", b"-ER", b"+OK"]
+    assert g[2] == b"-ERR [SYS/TEMP] too many connections from your address\r\n"
