@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from postbus.kit.blob import BlobNotFound, BlobStore
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
+from postbus.mailbox_store.db import leader
 from postbus.mailbox_store.repository import Repository
 
 log = get_logger("postbus.mailbox_store.blobgc")
@@ -83,10 +84,15 @@ async def _delete_if_old(blobs: BlobStore, key: str, cutoff: datetime) -> bool:
     return True
 
 
+GC_LOCK_KEY = 0x706F_7374_6763  # one replica collects at a time
+
+
 async def run_forever(repo: Repository, blobs: BlobStore, grace_s: float, interval_s: float) -> None:
     while True:
         try:
-            await collect(repo, blobs, grace_s)
+            async with leader(repo.engine, GC_LOCK_KEY) as lead:
+                if lead:
+                    await collect(repo, blobs, grace_s)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -151,6 +151,24 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
             await conn.commit()
 
 
+@contextlib.asynccontextmanager
+async def leader(engine: AsyncEngine, key: int) -> AsyncIterator[bool]:
+    """True when this replica may run a job only one replica should run at a time (blob
+    GC): a PostgreSQL session advisory lock, held for the block. SQLite: always True."""
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    async with engine.connect() as conn:
+        got = bool((await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})).scalar())
+        await conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                await conn.commit()
+
+
 async def check(engine: AsyncEngine) -> None:
     """Readiness: the database answers ``SELECT 1``."""
     async with engine.connect() as conn:

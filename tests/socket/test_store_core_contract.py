@@ -635,3 +635,15 @@ async def test_bulk_flag_changes_one_statement_path(store: Store) -> None:
     assert all(m.flags == ["\\Deleted"] and m.modseq == updated[0].modseq for m in metas)
     assert (await r.status(a, "INBOX")).deleted == 120
     assert len((await r.expunge(a, inbox))[0]) == 120
+
+
+async def test_leader_lock_one_holder(store: Store) -> None:
+    async with db.leader(store.engine, 4242) as first:
+        assert first
+        if store.backend == "postgresql":
+            other = db.create_engine(PG_URL or "", connect_args=store.connect_args)
+            async with db.leader(other, 4242) as second:
+                assert not second
+            await other.dispose()
+    async with db.leader(store.engine, 4242) as again:
+        assert again
