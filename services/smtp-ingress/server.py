@@ -328,9 +328,6 @@ class IngressSMTP(SMTP):
         assert self.transport is not None
         self.transport.close()
 
-    def _reason(self, reply: str) -> str:
-        return reply[:9].replace(" ", "_")
-
     # ------------------------------------------------------------ the command loop
     async def _handle_client(self) -> None:
         try:

@@ -616,3 +616,26 @@ def test_trusted_networks_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert Settings().trusted_networks == ["10.0.0.0/8", "192.0.2.7"]
     monkeypatch.setenv("POSTBUS_SMTP_INGRESS_TRUSTED_NETWORKS", '["2001:db8::/32"]')
     assert Settings().trusted_networks == ["2001:db8::/32"]
+
+
+async def test_random_junk_never_breaks_the_server(ing: RunningIngress, inbox: Inbox) -> None:
+    import random
+
+    rnd = random.Random(5321)
+    prefixes = [b"", b"EHLO x\r\n", b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n",
+                b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<alice@example.test>\r\nBDAT 50\r\n"]
+    for i in range(24):
+        junk = bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 3000)))
+        if i % 3 == 0:
+            junk = junk.replace(b"\r\n.\r\n", b"")
+        c = await Raw.open(ing.port("mx"))
+        await c.reply()
+        await c.send(rnd.choice(prefixes) + junk + b"\r\nQUIT\r\n")
+        try:
+            await asyncio.wait_for(c.r.read(), 0.4)  # whatever it answers, it answers and lives
+        except (ConnectionError, TimeoutError, asyncio.TimeoutError):
+            pass
+        c.close()
+    c = await greeted(ing.port("mx"))
+    assert (await c.cmd("NOOP"))[0] == 250
+    assert await inbox.empty_for(0.3)
