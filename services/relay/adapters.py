@@ -4,10 +4,13 @@ client (aiosmtplib). No nats here; the bus and blob store come from postbus.kit.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 import ssl
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import aiosmtplib
 import dns.asyncresolver
@@ -143,13 +146,34 @@ def _needs_utf8(env: Envelope, body: bytes) -> bool:
     return any(b > 127 for b in head)
 
 
+@dataclass
+class _Conn:
+    """An open SMTP session after EHLO (and STARTTLS), ready for MAIL FROM."""
+
+    smtp: aiosmtplib.SMTP
+    ext: dict[str, str]
+    tls: str | None
+    uses: int = 0
+    idle_since: float = 0.0
+
+
+class _Stale(Exception):
+    """A cached connection turned out to be closed before MAIL FROM was accepted."""
+
+
 class SmtpTransport:
-    """One delivery attempt of one message to one domain's hosts, in order."""
+    """One delivery attempt of one message to one domain's hosts, in order.
+
+    Sessions are cached per host for a few seconds after a transaction and reused for the
+    next message to that host (as Postfix's connection cache does): connect, greeting, EHLO
+    and the TLS handshake are paid once per burst, not once per message.
+    """
 
     def __init__(self, *, ehlo_name: str, connect_timeout_s: float = 30.0,
                  command_timeout_s: float = 60.0, data_timeout_s: float = 600.0,
                  starttls: bool = True, tls_required: bool = False,
-                 tls_verify: bool = False) -> None:
+                 tls_verify: bool = False, cache_idle_s: float = 2.0,
+                 cache_max_uses: int = 100) -> None:
         self.ehlo_name = ehlo_name
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
@@ -157,6 +181,10 @@ class SmtpTransport:
         self.starttls = starttls
         self.tls_required = tls_required
         self.tls_verify = tls_verify
+        self.cache_idle_s = cache_idle_s
+        self.cache_max_uses = cache_max_uses
+        self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
+        self._reapers: set[asyncio.Task[None]] = set()
 
     def _tls_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -183,34 +211,109 @@ class SmtpTransport:
         return AttemptResult({r.address: RcptResult("deferred", last_status, last)
                               for r in env.recipients})
 
+    # ------------------------------------------------------------ connection cache
+    def _checkout(self, key: tuple[str, int, bool]) -> _Conn | None:
+        pool = self._idle.get(key)
+        while pool:
+            conn = pool.pop()
+            if conn.smtp.is_connected:
+                return conn
+        return None
+
+    def _checkin(self, key: tuple[str, int, bool], conn: _Conn) -> None:
+        conn.uses += 1
+        if (self.cache_idle_s <= 0 or conn.uses >= self.cache_max_uses
+                or not conn.smtp.is_connected):
+            self._quit_later(conn)
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(key, []).append(conn)
+        t = asyncio.ensure_future(self._expire(key, conn, conn.idle_since))
+        self._reapers.add(t)
+        t.add_done_callback(self._reapers.discard)
+
+    async def _expire(self, key: tuple[str, int, bool], conn: _Conn, since: float) -> None:
+        await asyncio.sleep(self.cache_idle_s)
+        pool = self._idle.get(key, [])
+        if conn in pool and conn.idle_since == since:
+            pool.remove(conn)
+            await self._quit(conn.smtp)
+
+    def _quit_later(self, conn: _Conn) -> None:
+        t = asyncio.ensure_future(self._quit(conn.smtp))
+        self._reapers.add(t)
+        t.add_done_callback(self._reapers.discard)
+
+    @staticmethod
+    async def _quit(smtp: aiosmtplib.SMTP) -> None:
+        if smtp.is_connected:
+            try:
+                await smtp.quit(timeout=5)
+            except Exception:  # the answer to QUIT does not matter
+                smtp.close()
+
+    async def close(self) -> None:
+        """QUIT every cached session (service stop)."""
+        conns = [c for pool in self._idle.values() for c in pool]
+        self._idle.clear()
+        for t in list(self._reapers):
+            t.cancel()
+        await asyncio.gather(*(self._quit(c.smtp) for c in conns), return_exceptions=True)
+
+    # ------------------------------------------------------------ one session
     async def _session(self, hop: Hop, env: Envelope, body: bytes, use_tls: bool) -> AttemptResult:
+        key = (hop.host, hop.port, use_tls)
+        where = f"{hop.label}[{hop.host}]:{hop.port}"
+        conn = self._checkout(key)
+        if conn is not None:
+            try:
+                result = await self._transaction(conn, hop, env, body, where, reused=True)
+            except _Stale:
+                conn.smtp.close()
+            except _NextHop:
+                conn.smtp.close()
+                raise
+            else:
+                self._keep_or_close(key, conn, result)
+                return result
+        conn = await self._open(hop, use_tls, where)
+        try:
+            result = await self._transaction(conn, hop, env, body, where, reused=False)
+        except BaseException:
+            await self._quit(conn.smtp)
+            raise
+        self._keep_or_close(key, conn, result)
+        return result
+
+    def _keep_or_close(self, key: tuple[str, int, bool], conn: _Conn, result: AttemptResult) -> None:
+        if result.reusable:
+            self._checkin(key, conn)
+        else:
+            self._quit_later(conn)
+
+    async def _open(self, hop: Hop, use_tls: bool, where: str) -> _Conn:
         smtp = aiosmtplib.SMTP(hostname=hop.host, port=hop.port, local_hostname=self.ehlo_name,
                                timeout=self.command_timeout_s, start_tls=False,
                                validate_certs=self.tls_verify)
-        where = f"{hop.label}[{hop.host}]:{hop.port}"
         try:
-            try:
-                await smtp.connect(timeout=self.connect_timeout_s)
-            except aiosmtplib.SMTPConnectResponseError as exc:
-                raise _NextHop(f"{where} greeted with {exc.code} {exc.message}",
-                               enhanced_status(exc.code, exc.message)) from exc
-            except (aiosmtplib.SMTPException, OSError) as exc:
-                raise _NextHop(f"connect to {where}: {exc}", "4.4.1") from exc
-            try:
-                return await self._transaction(smtp, hop, env, body, use_tls, where)
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError,
-                    OSError) as exc:
-                raise _NextHop(f"lost connection with {where}: {exc}", "4.4.2") from exc
-        finally:
-            if smtp.is_connected:
-                try:
-                    await smtp.quit(timeout=5)
-                except Exception:  # the answer to QUIT does not matter
-                    smtp.close()
+            await smtp.connect(timeout=self.connect_timeout_s)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            smtp.close()
+            raise _NextHop(f"{where} greeted with {exc.code} {exc.message}",
+                           enhanced_status(exc.code, exc.message)) from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            raise _NextHop(f"connect to {where}: {exc}", "4.4.1") from exc
+        try:
+            return await self._hello(smtp, hop, use_tls, where)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            smtp.close()
+            raise _NextHop(f"lost connection with {where}: {exc}", "4.4.2") from exc
+        except _NextHop:
+            await self._quit(smtp)
+            raise
 
-    async def _transaction(self, smtp: aiosmtplib.SMTP, hop: Hop, env: Envelope, body: bytes,
-                           use_tls: bool, where: str) -> AttemptResult:
-        result = AttemptResult()
+    async def _hello(self, smtp: aiosmtplib.SMTP, hop: Hop, use_tls: bool, where: str) -> _Conn:
         ehlo = await smtp.execute_command(b"EHLO", self.ehlo_name.encode())
         esmtp = ehlo.code == 250
         if esmtp:
@@ -221,6 +324,7 @@ class SmtpTransport:
                 raise _NextHop(f"{where} refused HELO: {_reply(helo)}",
                                enhanced_status(helo.code, helo.message))
             smtp.last_helo_response = helo
+        tls: str | None = None
         if use_tls and esmtp and smtp.supports_extension("starttls"):
             try:
                 await smtp.starttls(server_hostname=hop.label, tls_context=self._tls_context(),
@@ -233,10 +337,26 @@ class SmtpTransport:
                 raise _NextHop(f"{where} refused EHLO after TLS: {_reply(ehlo)}")
             smtp.last_ehlo_response = ehlo
             cipher = smtp.get_transport_info("cipher")
-            result.tls = f"{cipher[1]} {cipher[0]}" if cipher else "TLS"
+            tls = f"{cipher[1]} {cipher[0]}" if cipher else "TLS"
         elif self.tls_required:
             raise _NextHop(f"{where} does not offer STARTTLS (TLS required)", "4.7.5")
         ext, _ = parse_esmtp_extensions(ehlo.message) if esmtp else ({}, [])
+        return _Conn(smtp, ext, tls)
+
+    async def _transaction(self, conn: _Conn, hop: Hop, env: Envelope, body: bytes, where: str,
+                           *, reused: bool) -> AttemptResult:
+        try:
+            return await self._mail(conn, hop, env, body, where, reused=reused)
+        except _Stale:
+            raise
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            raise _NextHop(f"lost connection with {where}: {exc}", "4.4.2") from exc
+
+    async def _mail(self, conn: _Conn, hop: Hop, env: Envelope, body: bytes, where: str,
+                    *, reused: bool) -> AttemptResult:
+        smtp, ext = conn.smtp, conn.ext
+        # no transaction open yet: a session that stops here can carry the next message
+        result = AttemptResult(tls=conn.tls, reusable=True)
 
         def has(name: str) -> bool:
             return name in ext
@@ -272,7 +392,14 @@ class SmtpTransport:
             mail = await smtp.execute_command(b"MAIL", sender, *opts)
         except ValueError:
             return self._all(result, env, "failed", "5.1.7", "bad sender address", hop)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError) as exc:
+            if reused:  # the server dropped the idle session: open a new one
+                raise _Stale() from exc
+            raise
+        if reused and mail.code == 421:
+            raise _Stale()
         if mail.code != 250:
+            result.reusable = mail.code != 421 and smtp.is_connected
             if mail.code >= 500:
                 return self._all(result, env, "failed", enhanced_status(mail.code, mail.message),
                                  _reply(mail), hop)
@@ -301,7 +428,7 @@ class SmtpTransport:
                 result.results[r.address] = RcptResult(
                     outcome, enhanced_status(resp.code, resp.message), _reply(resp), hop.label)
         if not accepted:
-            await self._rset(smtp)
+            result.reusable = await self._rset(smtp)
             return result
 
         # ---- DATA (RFC 5321 §4.1.1.4); a reply we never see leaves the outcome unknown,
@@ -312,6 +439,7 @@ class SmtpTransport:
         except aiosmtplib.SMTPDataError as exc:
             code, text = exc.code, exc.message
         outcome = policy.classify(code)
+        result.reusable = code != 421 and smtp.is_connected
         reply = f"{code} {' '.join(text.splitlines())}"
         for a in accepted:
             result.results[a] = RcptResult(outcome, enhanced_status(code, text), reply,
@@ -319,11 +447,12 @@ class SmtpTransport:
         return result
 
     @staticmethod
-    async def _rset(smtp: aiosmtplib.SMTP) -> None:
+    async def _rset(smtp: aiosmtplib.SMTP) -> bool:
+        """RSET after a transaction with no recipient; True when the session is reusable."""
         try:
-            await smtp.execute_command(b"RSET")
-        except Exception:  # best effort before QUIT
-            pass
+            return (await smtp.execute_command(b"RSET")).code == 250
+        except Exception:  # the session is not worth keeping
+            return False
 
     @staticmethod
     def _all(result: AttemptResult, env: Envelope, outcome: str, status: str, reply: str,

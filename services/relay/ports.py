@@ -64,6 +64,7 @@ class RcptResult:
 class AttemptResult:
     results: dict[str, RcptResult] = field(default_factory=dict)  # by address as given
     tls: str | None = None  # the cipher used with the host that answered, if any
+    reusable: bool = False  # the session may carry another transaction (connection cache)
 
 
 class Transport(Protocol):

@@ -32,7 +32,8 @@ async def build_worker(settings: Settings, bus: Bus, blobs: BlobStore) -> RelayW
         ehlo_name=settings.ehlo_name, connect_timeout_s=settings.connect_timeout_s,
         command_timeout_s=settings.command_timeout_s, data_timeout_s=settings.data_timeout_s,
         starttls=settings.starttls, tls_required=settings.tls_required,
-        tls_verify=settings.tls_verify)
+        tls_verify=settings.tls_verify, cache_idle_s=settings.connection_cache_s,
+        cache_max_uses=settings.connection_reuse_max)
     return RelayWorker(settings, bus=bus, blobs=blobs, queue=queue, bounces=bounces,
                        destinations=dests, transport=transport)
 
@@ -63,6 +64,8 @@ def make_setup(settings: Settings) -> Setup:
     async def setup(ctx: ServiceContext) -> None:
         worker = await start(settings, ctx.bus, ctx.blobs)
         ctx.routers.append(router(worker))
+        if isinstance(worker.transport, SmtpTransport):
+            ctx.on_stop(worker.transport.close)
         ctx.add_task(gauge_loop(worker, settings.queue_gauge_interval_s), "relay-queue-gauge")
 
     return setup

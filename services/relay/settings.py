@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     starttls: bool = True  # opportunistic STARTTLS when offered
     tls_required: bool = False  # refuse to send in clear text (defer instead)
     tls_verify: bool = False  # verify the server certificate and name
+    # connection cache: a session is kept this long after a transaction for the next
+    # message to the same host (0 = off), and reused at most this many times
+    connection_cache_s: float = 2.0
+    connection_reuse_max: int = 100
 
     # queue
     concurrency: int = 20  # messages delivered at once by this replica

@@ -77,6 +77,9 @@ class Remote:
     rcpt_options: dict[str, list[str]] = field(default_factory=dict)
     dsn_seen: list[tuple[str, str]] = field(default_factory=list)
     rcpt_waiting: asyncio.Event = field(default_factory=asyncio.Event)
+    drop_after_data: bool = False  # close the session after each message
+    busy_421: bool = False  # a second MAIL in one session gets 421 (idle timeout)
+    ehlos: int = 0
     port: int = 0
     server: asyncio.base_events.Server | None = None
 
@@ -87,9 +90,19 @@ class Remote:
             async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                                   responses: list[str]) -> list[str]:
                 session.host_name = hostname
+                remote.ehlos += 1
                 if remote.dsn:
                     responses.insert(-1, "250-DSN")
                 return responses
+
+            async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
+                                  mail_options: list[str]) -> str:
+                if remote.busy_421 and getattr(session, "had_mail", False):
+                    return "421 4.4.2 mx.example.net idle too long, closing"
+                session.had_mail = True
+                envelope.mail_from = address
+                envelope.mail_options.extend(mail_options)
+                return "250 2.1.0 OK"
 
             async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                                   rcpt_options: list[str]) -> str:
@@ -111,6 +124,8 @@ class Remote:
                 remote.messages.append(Got(envelope.mail_from, list(envelope.rcpt_tos),
                                            envelope.original_content, list(envelope.mail_options),
                                            session.ssl is not None))
+                if remote.drop_after_data:
+                    asyncio.get_running_loop().call_later(0.02, server.transport.close)
                 return "250 2.0.0 Ok: queued as X1"
 
         class DsnSMTP(SMTP):
@@ -399,6 +414,43 @@ async def test_starttls_is_used_when_offered(bus: Bus, blobs: BlobStore,
     await enqueue(bus, blobs, ["carol@example.net"])
     await until(lambda: len(r.messages) == 1)
     assert r.messages[0].tls  # self-signed: not verified by default (opportunistic)
+
+
+async def test_sessions_are_reused_and_a_dropped_one_is_replaced(
+        bus: Bus, blobs: BlobStore, common_settings: CommonSettings,
+        remotes: list[Remote]) -> None:
+    keep = await new_remote(remotes)
+    drop = await new_remote(remotes, drop_after_data=True)
+    s = relay_settings(common_settings,
+                       f"keep.test=127.0.0.1:{keep.port},drop.test=127.0.0.1:{drop.port}",
+                       concurrency=1, connection_cache_s=5)
+    await service.start(s, bus, blobs)
+    for i in range(3):
+        await enqueue(bus, blobs, [f"k{i}@keep.test"])
+        await until(lambda i=i: len(keep.messages) == i + 1)
+    assert keep.ehlos == 1  # one session carried all three
+    for i in range(3):
+        await enqueue(bus, blobs, [f"d{i}@drop.test"])
+        await until(lambda i=i: len(drop.messages) == i + 1)
+        await asyncio.sleep(0.1)  # the server hangs up after each message
+    assert drop.ehlos == 3 and len(drop.messages) == 3
+
+
+async def test_a_cached_session_refused_with_421_is_replaced_without_deferral(
+        bus: Bus, blobs: BlobStore, common_settings: CommonSettings,
+        remotes: list[Remote]) -> None:
+    r = await new_remote(remotes, busy_421=True)
+    s = relay_settings(common_settings, f"*=127.0.0.1:{r.port}", concurrency=1,
+                       connection_cache_s=5)
+    worker = await service.start(s, bus, blobs)
+    j1 = await enqueue(bus, blobs, ["a@example.net"])
+    await until(lambda: len(r.messages) == 1)
+    j2 = await enqueue(bus, blobs, ["b@example.net"])
+    await until(lambda: len(r.messages) == 2)
+    assert r.ehlos == 2
+    for j in (j1, j2):
+        kinds = [e.kind for e in await events(worker, j.queue_id)]
+        assert "deferred" not in kinds
 
 
 async def test_tls_required_defers_when_not_offered(bus: Bus, blobs: BlobStore,
