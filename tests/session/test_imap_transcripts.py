@@ -284,3 +284,97 @@ def test_session_takes_any_bytes(data: bytes) -> None:
         assert b"SERVERBUG" not in r.out.buf
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------- sequence-number consistency
+_OPS = st.lists(st.sampled_from([
+    "deliver", "other-expunge", "other-flag", "store-delete", "expunge", "uid-expunge",
+    "move", "copy-self", "append", "fetch", "uid-fetch", "search", "noop", "idle", "check",
+]), min_size=1, max_size=25)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_OPS, st.randoms(use_true_random=False))
+def test_client_view_of_sequence_numbers_stays_consistent(ops: list[str], rnd: object) -> None:
+    """A client that only follows EXISTS and EXPUNGE keeps the same message count as the
+    session, every EXPUNGE names an existing message, and after CHECK the mapping of sequence
+    numbers to UIDs is the store's."""
+    import random
+    assert isinstance(rnd, random.Random)
+
+    async def run() -> None:
+        r = Runner(secure=True)
+        inbox = r.mp.boxes[r.acc]["INBOX"]
+        count = 0
+        tagn = 0
+
+        def track(lines: list[str]) -> None:
+            nonlocal count
+            for line in lines:
+                m = re.match(r"\* (\d+) (EXISTS|EXPUNGE)$", line)
+                if m and m.group(2) == "EXISTS":
+                    assert int(m.group(1)) >= count, (line, count)
+                    count = int(m.group(1))
+                elif m:
+                    assert 1 <= int(m.group(1)) <= count, (line, count)
+                    count -= 1
+                assert "SERVERBUG" not in line and not re.match(r"f\d+ BAD", line), line
+
+        async def cmd(text: str) -> None:
+            nonlocal tagn
+            tagn += 1
+            await r.send(f"f{tagn} {text}\r\n".encode())
+            if r.session.idling:
+                await r.send(b"DONE\r\n")
+            track(r.out.take_lines())
+
+        await r.send(b"a LOGIN alice@example.test secret\r\n")
+        r.out.take_lines()
+        await cmd("SELECT INBOX")
+        for op in ops:
+            uids = list(inbox.msgs)
+            pick = rnd.choice(uids) if uids else None
+            seq = rnd.randint(1, count) if count else None
+            if op == "deliver":
+                r.mp.deliver(r.acc, b"Subject: x\r\n\r\ny\r\n")
+            elif op == "other-expunge" and pick:
+                await r.directive(f"!expunge {pick}")
+            elif op == "other-flag" and pick:
+                await r.directive(f"!flags {pick} \\Flagged")
+            elif op == "store-delete" and seq:
+                await cmd(f"STORE {seq} +FLAGS.SILENT (\\Deleted)")
+            elif op == "expunge":
+                await cmd("EXPUNGE")
+            elif op == "uid-expunge" and pick:
+                await cmd(f"UID STORE {pick} +FLAGS (\\Deleted)")
+                await cmd(f"UID EXPUNGE {pick}")
+            elif op == "move" and seq:
+                await cmd(f"MOVE {seq} Trash")
+            elif op == "copy-self" and seq:
+                await cmd(f"COPY {seq} INBOX")
+            elif op == "append":
+                await cmd("APPEND INBOX {3+}\r\nabc")
+            elif op == "fetch" and count:
+                await cmd("FETCH 1:* (FLAGS)")
+            elif op == "uid-fetch":
+                await cmd("UID FETCH 1:* (FLAGS)")
+            elif op == "search":
+                await cmd("SEARCH ALL")
+            elif op == "noop":
+                await cmd("NOOP")
+            elif op == "idle":
+                await cmd("IDLE")
+            elif op == "check":
+                await cmd("CHECK")
+            view = r.session.state.view  # type: ignore[union-attr]
+            assert count == view.exists
+        await cmd("CHECK")
+        tagn += 1
+        await r.send(f"f{tagn} FETCH 1:* (UID)\r\n".encode() if count else b"z NOOP\r\n")
+        lines = r.out.take_lines()
+        got = [int(m.group(2)) for line in lines
+               if (m := re.match(r"\* (\d+) FETCH \(UID (\d+)\)", line))]
+        assert got == list(inbox.msgs), (lines, list(inbox.msgs))
+        assert count == len(inbox.msgs)
+
+    asyncio.run(run())
