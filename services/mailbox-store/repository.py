@@ -18,11 +18,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel
 from sqlalchemy import (
     ColumnElement,
+    Table,
     and_,
     bindparam,
     case,
@@ -63,14 +64,14 @@ log = get_logger("postbus.mailbox_store.repository")
 T = TypeVar("T")
 PM = TypeVar("PM", bound=BaseModel)
 
-A = Account.__table__
-MB = Mailbox.__table__
-M = Message.__table__
-X = Expunged.__table__
-B = Blob.__table__
-D = Delivery.__table__
-S = Subscription.__table__
-C = Counter.__table__
+A = cast(Table, Account.__table__)
+MB = cast(Table, Mailbox.__table__)
+M = cast(Table, Message.__table__)
+X = cast(Table, Expunged.__table__)
+B = cast(Table, Blob.__table__)
+D = cast(Table, Delivery.__table__)
+S = cast(Table, Subscription.__table__)
+C = cast(Table, Counter.__table__)
 
 DELIMITER = "/"
 INBOX = "INBOX"
@@ -202,9 +203,10 @@ def _fast_model(cls: type[PM], values: dict[str, Any]) -> PM:
 
 def _fast_model_works() -> bool:
     try:
-        probe = {"uid": 1, "flags": ["\\Seen"], "modseq": 2}
+        probe: dict[str, Any] = {"uid": 1, "flags": ["\\Seen"], "modseq": 2}
         fast = _fast_model(MessageState, dict(probe))
-        return fast.model_dump_json() == MessageState(**probe).model_dump_json() and fast.uid == 1
+        slow = MessageState.model_validate(probe)
+        return fast.model_dump_json() == slow.model_dump_json() and fast.uid == 1
     except Exception:
         return False
 
