@@ -4,6 +4,7 @@ over a real nats-server."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -323,3 +324,24 @@ async def test_directory_rpcs_over_nats(bus: Bus, tmp_path: Path) -> None:
         with pytest.raises(RemoteError) as ei:
             await bus.request(DIRECTORY_SEND_AS, SendAsRequest(account_id=999999))
         assert ei.value.code == "not_found"
+
+
+async def test_optional_resolve_cache(sm: Sm) -> None:
+    pw = Passwords(fast_hasher())
+    cached = Directory(sm, passwords=pw, resolve_cache_ttl_s=60)
+    other_replica = Directory(sm, passwords=pw)
+    await cached.create_domain("example.test")
+    await cached.create_account("alice@example.test", "pw")
+    assert (await cached.resolve("alice@example.test")).status == "local"
+    await other_replica.update_account("alice@example.test", enabled=False)
+    # another replica's change shows after the TTL; the uncached directory sees it at once
+    assert (await cached.resolve("alice@example.test")).status == "local"
+    assert (await other_replica.resolve("alice@example.test")).status == "disabled"
+    # this replica's own writes drop its cache
+    await cached.create_account("bob@example.test", "pw")
+    assert (await cached.resolve("alice@example.test")).status == "disabled"
+    short = Directory(sm, passwords=pw, resolve_cache_ttl_s=0.05)
+    assert (await short.resolve("carol@example.test")).status == "unknown"
+    await other_replica.create_account("carol@example.test", "pw")
+    await asyncio.sleep(0.06)
+    assert (await short.resolve("carol@example.test")).status == "local"
