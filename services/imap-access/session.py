@@ -265,7 +265,7 @@ class Session:
                 # RFC 3501 §6.4.4: an unknown charset is NO [BADCHARSET], not BAD
                 status = "NO" if code and code.startswith("BADCHARSET") else "BAD"
                 COMMANDS.labels("invalid", status).inc()
-                self.w(f"{tag} {status} {'[' + code + '] ' if code else ''}{reason}")
+                self.w(f"{tag} {status} [{code or 'CLIENTBUG'}] {reason}")
                 return
         cmd = item
         name = _metric_name(cmd)
@@ -327,9 +327,9 @@ class Session:
                 case p.Authenticate():
                     return await self._authenticate(st, cmd)
                 case _:
-                    return Tagged("BAD", "Command not valid before login")
+                    return Tagged("BAD", "[CLIENTBUG] Command not valid before login")
         if isinstance(cmd, p.StartTLS | p.Login | p.Authenticate):
-            return Tagged("BAD", "Already authenticated")
+            return Tagged("BAD", "[CLIENTBUG] Already authenticated")
         assert isinstance(st, Authenticated | Selected)
         match cmd:
             case p.Select():
@@ -386,7 +386,7 @@ class Session:
                 await self._idle_start(st, cmd.tag)
                 return None
         if not isinstance(st, Selected):
-            return Tagged("BAD", "No mailbox selected")
+            return Tagged("BAD", "[CLIENTBUG] No mailbox selected")
         match cmd:
             case p.Close():
                 if not st.view.readonly:
@@ -408,12 +408,12 @@ class Session:
                 return await self._store_flags(st, cmd)
             case p.Copy():
                 return await self._copy(st, cmd)
-        return Tagged("BAD", "Command not supported")
+        return Tagged("BAD", "[CLIENTBUG] Command not supported")
 
     # ------------------------------------------------------------ authentication
     def _starttls(self) -> Tagged:
         if self.tls:
-            return Tagged("BAD", "TLS is already active")
+            return Tagged("BAD", "[CLIENTBUG] TLS is already active")
         if not self.cfg.starttls_available:
             return Tagged("NO", "TLS is not configured")
         self.start_tls = True
@@ -462,10 +462,10 @@ class Session:
         try:
             raw = b"" if response == b"=" else base64.b64decode(response, validate=True)
         except (binascii.Error, ValueError):
-            return Tagged("BAD", "Invalid base64")
+            return Tagged("BAD", "[CLIENTBUG] Invalid base64")
         parts = raw.split(b"\x00")
         if len(parts) != 3:
-            return Tagged("BAD", "Invalid PLAIN response")
+            return Tagged("BAD", "[CLIENTBUG] Invalid PLAIN response")
         authz, user, password = (x.decode("utf-8", "replace") for x in parts)
         if authz and authz != user:
             return Tagged("NO", "[AUTHORIZATIONFAILED] Proxy authorization is not supported")
@@ -479,7 +479,7 @@ class Session:
             elif isinstance(self.state, NotAuthenticated):
                 result = await self._plain(self.state, line.strip())
             else:
-                result = Tagged("BAD", "Already authenticated")
+                result = Tagged("BAD", "[CLIENTBUG] Already authenticated")
             COMMANDS.labels("AUTHENTICATE", result.status).inc()
             self.w(f"{tag} {result.status} {result.text}")
             self._maybe_bye()
@@ -492,7 +492,7 @@ class Session:
                 self.w(f"{tag} OK IDLE terminated")
             else:
                 COMMANDS.labels("IDLE", "BAD").inc()
-                self.w(f"{tag} BAD Expected DONE")
+                self.w(f"{tag} BAD [CLIENTBUG] Expected DONE")
 
     # ------------------------------------------------------------ IDLE (RFC 2177)
     async def _idle_start(self, st: Authenticated | Selected, tag: str) -> None:
@@ -750,7 +750,7 @@ class Session:
         try:
             return view.resolve(s, uid)
         except BadSequence as exc:
-            raise No(str(exc), status="BAD") from None
+            raise No(str(exc), "CLIENTBUG", status="BAD") from None
 
     # ------------------------------------------------------------ EXPUNGE
     async def _expunge(self, st: Selected, cmd: p.Expunge) -> Tagged:
