@@ -50,6 +50,8 @@ ACCEPT_LATENCY = histogram("postbus_smtp_accept_seconds",
                            ["listener"])
 
 LISTENERS = ("mx", "submission", "smtps")
+_REFUSAL_REASONS = {policy.R421_BUSY: "max_connections", policy.R421_TOO_MANY_CONN: "per_ip_limit",
+                    policy.R421_RATE: "rate_limit"}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -185,7 +187,7 @@ class Ingress:
         refusal = policy.connection_decision(total=len(self.sessions), from_ip=self.per_ip[ip],
                                              recent=recent, limits=self.limits)
         if refusal:
-            self.stats.add("connection_refused", refusal.split(" ", 3)[3][:40])
+            self.stats.add("connection_refused", _REFUSAL_REASONS.get(refusal, "limit"))
         return refusal
 
     def may_relay(self, ip: str, authenticated: bool) -> bool:

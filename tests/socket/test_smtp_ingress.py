@@ -409,6 +409,8 @@ async def test_connection_limits_per_ip_and_rate(start: Start) -> None:
     c = await Raw.open(ing2.port("mx"))
     code, lines = await c.reply()
     assert (code, lines[-1][:5]) == (421, "4.7.0")
+    assert ing.ingress.stats.as_dict()["connection_refused"] == {"per_ip_limit": 1}
+    assert ing2.ingress.stats.as_dict()["connection_refused"] == {"rate_limit": 1}
 
 
 async def test_idle_and_session_timeouts(start: Start) -> None:
