@@ -304,6 +304,11 @@ ASTRING_CHARS = ATOM_CHARS | {ord("]")}
 TAG_CHARS = ASTRING_CHARS - {ord("+")}
 LIST_CHARS = ATOM_CHARS | {ord("%"), ord("*"), ord("]")}
 _LITERAL_AT_END = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n\Z")
+_LITERAL = re.compile(rb"~?\{([0-9]{1,20})\+?\}\r?\n")
+_DATE = re.compile(rb"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})")
+_DATE_TIME = re.compile(rb'"([ 0-9][0-9])-([A-Za-z]{3})-([0-9]{4}) ([0-9]{2}):([0-9]{2}):'
+                        rb'([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})"')
+_SECTION_PART = re.compile(rb"([1-9][0-9]{0,8}(?:\.[1-9][0-9]{0,8}){0,49})?")
 _MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 
 
@@ -556,7 +561,7 @@ class _Cursor:
         raise self.fail("unterminated quoted string")
 
     def literal(self) -> bytes:
-        m = re.compile(rb"~?\{([0-9]{1,20})\+?\}\r?\n").match(self.d, self.i)
+        m = _LITERAL.match(self.d, self.i)
         if m is None:
             raise self.fail("bad literal")
         n = int(m.group(1))
@@ -652,7 +657,7 @@ class _Cursor:
         q = self.peek() == 0x22
         if q:
             self.i += 1
-        m = re.compile(rb"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})").match(self.d, self.i)
+        m = _DATE.match(self.d, self.i)
         if m is None:
             raise self.fail("bad date")
         self.i = m.end()
@@ -668,8 +673,7 @@ class _Cursor:
 
     def date_time(self) -> datetime:
         """date-time: "dd-Mon-yyyy hh:mm:ss +zzzz" (RFC 3501 §9)."""
-        m = re.compile(rb'"([ 0-9][0-9])-([A-Za-z]{3})-([0-9]{4}) ([0-9]{2}):([0-9]{2}):'
-                       rb'([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})"').match(self.d, self.i)
+        m = _DATE_TIME.match(self.d, self.i)
         if m is None:
             raise self.fail("bad date-time")
         self.i = m.end()
@@ -958,7 +962,7 @@ _MACROS = {
 
 def _section(c: _Cursor) -> tuple[str, str, tuple[str, ...]]:
     """section-spec inside [...] (RFC 3501 §9); the cursor is after '['."""
-    m = re.compile(rb"([1-9][0-9]{0,8}(?:\.[1-9][0-9]{0,8}){0,49})?").match(c.d, c.i)
+    m = _SECTION_PART.match(c.d, c.i)
     assert m is not None
     part = m.group(1).decode() if m.group(1) else ""
     c.i = m.end()
