@@ -157,14 +157,14 @@ class S3Blobs:
             BLOB_CACHE.labels("miss").inc(len(missing))
             got = await asyncio.gather(*(self.blobs.get(k) for k in missing),
                                        return_exceptions=True)
-            for k, v in zip(missing, got, strict=True):
-                if isinstance(v, bytes):
-                    out[k] = v
-                elif isinstance(v, BlobNotFound | BlobUnavailable):
+            for k, res in zip(missing, got, strict=True):
+                if isinstance(res, bytes):
+                    out[k] = res
+                elif isinstance(res, BlobNotFound | BlobUnavailable):
                     # the session answers NO [UNAVAILABLE] for these, the rest is served
-                    log.warning("blob fetch failed", key=k, error=str(v))
+                    log.warning("blob fetch failed", key=k, error=str(res))
                 else:
-                    raise v
+                    raise res
         return out
 
     async def put(self, data: bytes) -> str:
