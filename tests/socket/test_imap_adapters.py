@@ -87,6 +87,9 @@ async def test_imap_over_nats_and_s3(bus: Bus, blobs: BlobStore,
         await blobs.put(raw)
         mp.deliver(account, raw)
 
+    async def lost() -> None:
+        mp.deliver(account, b"Subject: lost\r\n\r\nnot in S3\r\n")
+
     def client() -> list[Any]:
         with imaplib.IMAP4("127.0.0.1", port) as m:
             with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
@@ -105,6 +108,12 @@ async def test_imap_over_nats_and_s3(bus: Bus, blobs: BlobStore,
             pushed = c.fetch([2], ["BODY[]"])[2][b"BODY[]"]
             with pytest.raises(Exception, match="TRYCREATE"):
                 c.copy([1], "Missing")
+            # a message whose body never reached S3: NO [UNAVAILABLE], the session goes on
+            asyncio.run_coroutine_threadsafe(lost(), loop).result(10)
+            c.noop()
+            with pytest.raises(Exception, match="UNAVAILABLE"):
+                c.fetch([3], ["BODY[]"])
+            assert c.fetch([1], ["BODY[]"])[1][b"BODY[]"] == MSG
             return [body, again, responses, pushed]
 
     try:
