@@ -161,6 +161,15 @@ class _Stale(Exception):
     """A cached connection turned out to be closed before MAIL FROM was accepted."""
 
 
+def _data_safe(body: bytes) -> bool:
+    """Whether ``body`` survives DATA: no NUL, no bare CR or LF, no line over 998 octets
+    (RFC 5321 §4.5.3.1.6)."""
+    if b"\0" in body:
+        return False
+    lines = body.split(b"\r\n")
+    return all(b"\r" not in ln and b"\n" not in ln and len(ln) <= 998 for ln in lines)
+
+
 class SmtpTransport:
     """One delivery attempt of one message to one domain's hosts, in order.
 
@@ -369,7 +378,11 @@ class SmtpTransport:
                 reply = f"message size {env.size} exceeds fixed limit {limit} of {where}"
                 return self._all(result, env, "failed", "5.3.4", reply, hop)  # RFC 1870 §6
             opts.append(f"SIZE={env.size}".encode())
-        if env.body_type == "8BITMIME" and has("8bitmime"):
+        if env.body_type == "BINARYMIME" and not _data_safe(body):
+            # BDAT is not implemented here: binary content cannot go through DATA
+            return self._all(result, env, "failed", "5.6.3",
+                             "binary content cannot be relayed without CHUNKING (RFC 3030 §3)", hop)
+        if env.body_type in ("8BITMIME", "BINARYMIME") and has("8bitmime"):
             opts.append(b"BODY=8BITMIME")
         utf8 = _needs_utf8(env, body)
         if utf8:

@@ -539,6 +539,10 @@ class RelayWorker:
             return Ack()
         if not ev.mail_from or not policy.wants_failure_dsn(ev.mail_from, False, ev.notify):
             return Ack()
+        age = (self.clock() - ev.at).total_seconds()
+        if age > self.s.max_age_s:  # e.g. a new consumer reading an old events stream
+            log.warning("failure too old to bounce", queue_id=ev.queue_id, age_s=int(age))
+            return Ack()
         dedup = f"dsn:{ev.queue_id}:failed:{ev.recipient.lower()}"
         rc = DsnRcpt(address=ev.recipient, orcpt=ev.orcpt, status=ev.status or "5.0.0",
                      reply=ev.detail, remote_mta=ev.remote_mta, last_attempt_at=ev.at)

@@ -36,6 +36,12 @@ from postbus.relay import service
 from postbus.relay.settings import Settings
 
 
+def attempt_seconds() -> tuple[float, float]:
+    total = REGISTRY.get_sample_value("postbus_relay_attempt_seconds_sum") or 0.0
+    count = REGISTRY.get_sample_value("postbus_relay_attempt_seconds_count") or 0.0
+    return total, count
+
+
 def relayed_count() -> float:
     return REGISTRY.get_sample_value("postbus_relay_deliveries_total", {"outcome": "relayed"}) or 0.0
 
@@ -66,13 +72,18 @@ async def one_run(common: CommonSettings, sink_port: int, n: int, size: int,
                             hostname="relay.bench", concurrency=concurrency,
                             bounce_foreign_failures=False)
         before = relayed_count()
+        a_sum, a_count = attempt_seconds()
         started = time.perf_counter()
         await service.start(settings, bus, blobs)
         while relayed_count() - before < n:
             await asyncio.sleep(0.01)
             if time.perf_counter() - started > 600:
                 raise RuntimeError("bench did not finish in 10 minutes")
-        return n / (time.perf_counter() - started)
+        rate = n / (time.perf_counter() - started)
+        b_sum, b_count = attempt_seconds()
+        smtp_ms = 1000 * (b_sum - a_sum) / max(1.0, b_count - a_count)
+        print(f"  c={concurrency}: {rate:.1f} msg/s, mean SMTP attempt {smtp_ms:.1f} ms")
+        return rate
     finally:
         await bus.close()
         await blobs.close()

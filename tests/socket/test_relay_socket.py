@@ -484,6 +484,17 @@ async def test_size_limit_and_smtputf8_are_permanent(bus: Bus, blobs: BlobStore,
     await until(failed)
     assert (await failed())[0].status == "5.3.4"
 
+    r.size_limit = 10_000_000
+    binary = await enqueue(bus, blobs, ["carol@example.net"], body=b"Subject: b\r\n\r\n\0\r\n",
+                           body_type="BINARYMIME")
+
+    async def failed_binary() -> list[DeliveryEvent]:
+        return [e for e in await events(worker, binary.queue_id) if e.kind == "failed"]
+
+    await until(failed_binary)
+    assert (await failed_binary())[0].status == "5.6.3"
+    assert r.messages == []
+
 
 async def test_failures_of_other_services_are_bounced_once(bus: Bus, blobs: BlobStore,
                                                            common_settings: CommonSettings) -> None:
@@ -500,6 +511,11 @@ async def test_failures_of_other_services_are_bounced_once(bus: Bus, blobs: Blob
     await bus.publish(DELIVERY_EVENT, own, msg_id="c", queue_id="QSTORE1", kind="failed")
     never = ev.model_copy(update={"recipient": "n@example.test", "notify": ["NEVER"]})
     await bus.publish(DELIVERY_EVENT, never, msg_id="d", queue_id="QSTORE1", kind="failed")
+    from datetime import timedelta
+
+    stale = ev.model_copy(update={"recipient": "old@example.test",
+                                  "at": datetime.now(UTC) - timedelta(hours=2)})
+    await bus.publish(DELIVERY_EVENT, stale, msg_id="e", queue_id="QSTORE1", kind="failed")
     await until(lambda: len(inbox.mails) == 1)
     msg = dsn_of(inbox.mails[0])
     rcpt = list(msg.iter_parts())[1].get_payload()[1]
