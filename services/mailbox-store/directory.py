@@ -435,6 +435,9 @@ class Directory:
         return freed
 
     async def _delete_account_rows(self, s: AsyncSession, aid: int) -> list[str]:
+        # lock the account row first, as every repository write does, so a delivery in
+        # flight either commits before (its message is counted here) or finds no account
+        await s.execute(select(_A.c.id).where(_A.c.id == aid).with_for_update())
         mbox_ids = select(Mailbox.id).where(Mailbox.account_id == aid).scalar_subquery()
         refs = (await s.execute(
             select(Message.blob_key, func.count()).where(Message.mailbox_id.in_(mbox_ids))
@@ -671,7 +674,7 @@ async def release_blobs(s: AsyncSession, refs: dict[str, int]) -> list[str]:
     ``unreferenced_since`` is set so blob GC collects them after the grace period)."""
     freed: list[str] = []
     now = datetime.now(UTC)
-    for key, n in refs.items():
+    for key, n in sorted(refs.items()):  # the repository's lock order: blobs by key
         await s.execute(update(Blob).where(Blob.key == key)
                         .values(refcount=case((Blob.refcount > n, Blob.refcount - n), else_=0)))
         rc = await s.scalar(select(Blob.refcount).where(Blob.key == key))

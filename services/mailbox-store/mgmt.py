@@ -42,6 +42,7 @@ from postbus.mailbox_store.importexport import (
 )
 from postbus.mailbox_store.repository import Change, NewMessage, Repository, StoreError
 from postbus.proto.mail import MAILBOX_CHANGED, MailboxChanged, MessageChange
+from postbus.proto.store import MessageMeta
 from postbus.protocols.mime import summarize
 
 log = get_logger("postbus.mailbox_store.mgmt")
@@ -50,7 +51,8 @@ _STATUS = {"not_found": 404, "exists": 409, "conflict": 409, "invalid": 422,
            "over_quota": 507}
 # an upload is spooled to a temporary file, so memory stays bounded by one message
 DEFAULT_MAX_UPLOAD = 8 * 1024 * 1024 * 1024
-IMPORT_BATCH = 16  # messages parsed, summarized and uploaded to S3 concurrently
+IMPORT_BATCH = 16  # messages parsed, summarized and uploaded to S3 concurrently...
+IO_BATCH_BYTES = 32 * 1024 * 1024  # ...or fewer when they are large (export: read at once)
 EXPORT_PAGE = 200
 
 
@@ -268,12 +270,14 @@ class MailAdmin:
         while not done:
             batch: list[ImportedMessage] = []
             try:
-                while len(batch) < IMPORT_BATCH:
+                size = 0
+                while len(batch) < IMPORT_BATCH and size < IO_BATCH_BYTES:
                     m = await asyncio.to_thread(next, it, None)
                     if m is None:
                         done = True
                         break
                     batch.append(m)
+                    size += len(m.raw)
             except FormatError as exc:
                 if rep.imported == 0 and not batch:
                     raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
@@ -320,12 +324,28 @@ class MailAdmin:
                 return
             metas = await self.repo.fetch(account_id, mailbox_id,
                                           [(states[0].uid, states[-1].uid)], with_summary=False)
-            bodies = await self.blobs.get_many([m.blob_key for m in metas])
-            for m in metas:
-                yield mbox_entry(m.prefix + bodies[m.blob_key], m.internaldate, m.flags)
+            for group in _by_bytes(metas, IO_BATCH_BYTES):
+                bodies = await self.blobs.get_many([m.blob_key for m in group])
+                for m in group:
+                    yield mbox_entry(m.prefix + bodies[m.blob_key], m.internaldate, m.flags)
             after = states[-1].uid
             if not more:
                 return
+
+
+def _by_bytes(metas: list[MessageMeta], budget: int) -> Iterator[list[MessageMeta]]:
+    """Consecutive groups of messages whose sizes add up to at most ``budget`` (at least
+    one message each), so a page of large messages is not all in memory at once."""
+    group: list[MessageMeta] = []
+    used = 0
+    for m in metas:
+        if group and used + m.size > budget:
+            yield group
+            group, used = [], 0
+        group.append(m)
+        used += m.size
+    if group:
+        yield group
 
 
 def _note(rep: ImportReport, err: str) -> None:

@@ -321,3 +321,15 @@ async def test_delete_user_with_mail_releases_blobs(api: Api, tmp_path: Path) ->
     assert b"Subject: imported 0" in raw
     freed = await api.dir.delete_account("bob@example.test")
     assert len(freed) == 3  # now nothing references them: blob GC collects after the grace
+
+
+def test_export_reads_blobs_in_bounded_groups() -> None:
+    from datetime import UTC, datetime
+
+    from postbus.mailbox_store.mgmt import _by_bytes
+    from postbus.proto.store import MessageMeta
+
+    metas = [MessageMeta(uid=i, flags=[], modseq=1, internaldate=datetime.now(UTC), size=s,
+                         blob_key=f"blobs/{i}", blob_size=s) for i, s in enumerate([5, 5, 20, 1, 1])]
+    assert [[m.uid for m in g] for g in _by_bytes(metas, 10)] == [[0, 1], [2], [3, 4]]
+    assert list(_by_bytes([], 10)) == []
