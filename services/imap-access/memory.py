@@ -86,6 +86,7 @@ class MemoryPlatform:
         self.limit_bytes: int | None = None
         self.auth_calls = 0
         self.puts = 0  # bodies uploaded through the Blobs port (large APPENDs)
+        self.serve_summaries = True  # False: like a store row without a summary
 
     # ------------------------------------------------------------ provisioning
     def add_user(self, address: str, password: str) -> int:
@@ -243,7 +244,7 @@ class MemoryPlatform:
 
     def _meta(self, m: _Msg, with_summary: bool) -> MessageMeta:
         summary = None
-        if with_summary:
+        if with_summary and self.serve_summaries:
             summary = self.summaries.get(m.blob_key)
             if summary is None:
                 summary = mime.summarize(self.blobs[m.blob_key])

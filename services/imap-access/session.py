@@ -959,8 +959,11 @@ class Session:
                     uids=to_ranges(chunk), with_summary=need_summary))
                 metas = {m.uid: m for m in reply.messages}
             blobs: dict[str, bytes] = {}
-            if bodies and metas:
-                blobs = await self.blobs.get_many([m.blob_key for m in metas.values()])
+            # bodies, and messages the store has no summary for (computed here from the blob)
+            keys = [m.blob_key for m in metas.values()
+                    if bodies or (need_summary and m.summary is None)]
+            if keys:
+                blobs = await self.blobs.get_many(keys)
             return seen_changed, metas, blobs
 
         # literals last, as Dovecot does: some clients read the small items before the body
@@ -987,7 +990,8 @@ class Session:
                     meta = metas.get(uid)
                     if need_meta and meta is None:
                         continue  # expunged meanwhile: send nothing (RFC 3501 §7.4.1 leeway)
-                    if bodies and meta is not None and meta.blob_key not in blobs:
+                    if meta is not None and meta.blob_key not in blobs and (
+                            bodies or (need_summary and meta.summary is None)):
                         missing += 1
                         continue
                     items: list[bytes] = []

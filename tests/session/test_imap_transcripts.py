@@ -8,6 +8,7 @@ Format, one item a line:
   ``!deliver MAILBOX SUBJECT``  another party delivers a message (a change notification)
   ``!flags UID FLAG...``  another session sets flags on INBOX UID
   ``!expunge UID``  another session expunges INBOX UID
+  ``!no-summaries``  the store answers FETCH without summaries (computed from the blob)
   ``!lose-body UID``  the blob of INBOX UID cannot be read any more
   ``!quiet DIRECTIVE``  the same, but no change notification reaches the session
   ``!pause``  send the C: lines before and after separately
@@ -141,6 +142,8 @@ class Runner:
                             + b"\r\n\r\nnew\r\n", mailbox=args[0])
         elif word == "flags":
             await self.mp.flags(_flags_req(self.acc, inbox.id, int(args[0]), args[1:]))
+        elif word == "no-summaries":  # the store has no precomputed summaries
+            self.mp.serve_summaries = False
         elif word == "lose-body":  # the blob store cannot deliver this message's body
             del self.mp.blobs[inbox.msgs[int(args[0])].blob_key]
         elif word == "expunge":
