@@ -822,6 +822,12 @@ def _list(lsub: bool) -> _Parse:
             c.expect(b"RETURN")
             c.sp()
             ret = _return_opts(c)
+        for opt in select_opts:  # RFC 5258 §3.1, RFC 6154 §3
+            if opt not in ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"):
+                raise c.fail(f"unsupported LIST selection option {opt[:20]}")
+        for opt in ret:
+            if opt.split(".")[0] not in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "STATUS"):
+                raise c.fail(f"unsupported LIST return option {opt[:20]}")
         return ListCmd(tag, ref, tuple(pats), lsub, select_opts, ret)
     return parse
 
@@ -1146,6 +1152,9 @@ def _search(c: _Cursor, tag: str, uid: bool) -> Search:
     ret: tuple[str, ...] | None = None
     if c.maybe(b"RETURN "):
         ret = c.paren_atoms()
+        for opt in ret:
+            if opt not in ("MIN", "MAX", "ALL", "COUNT"):  # RFC 4731 §3.1
+                raise c.fail(f"unsupported search return option {opt[:20]}")
         c.sp()
     charset = None
     if c.maybe(b"CHARSET "):

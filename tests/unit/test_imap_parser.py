@@ -155,6 +155,9 @@ BAD = [
     (b"a NOOP extra\r\n", "a", "at end"),
     (b"a APPEND INBOX hello\r\n", "a", "literal"),
     (b'a APPEND INBOX "1-Jan-2024 00:00:00 +0000" {1+}\r\nx\r\n', "a", "date-time"),
+    (b"a SEARCH RETURN (SAVE) ALL\r\n", "a", "return option"),
+    (b'a LIST (BOGUS) "" *\r\n', "a", "selection option"),
+    (b'a LIST "" * RETURN (BOGUS)\r\n', "a", "return option"),
     (b"a LOGIN {3+}\r\nab", None, None),  # incomplete: nothing yet
 ]
 
