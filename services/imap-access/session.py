@@ -611,7 +611,7 @@ class Session:
                 view.add(m.uid, m.flags, m.modseq)
             view.uidnext = max(view.uidnext, page.mailbox.uidnext)
             view.highestmodseq = max(view.highestmodseq, page.mailbox.highestmodseq)
-            if not page.more or not page.messages:
+            if not page.more or not page.messages or page.messages[-1].uid <= after:
                 break
             after = page.messages[-1].uid
         self.state = Selected(st2.account_id, st2.user, view)
@@ -648,10 +648,9 @@ class Session:
         while True:
             page = await self.store.select(SelectRequest(
                 account_id=st.account_id, mailbox_id=view.mailbox_id, after_uid=view.max_uid))
-            for m in page.messages:
-                view.add(m.uid, m.flags, m.modseq)
+            added = [view.add(m.uid, m.flags, m.modseq) for m in page.messages]
             view.uidnext = max(view.uidnext, page.mailbox.uidnext)
-            if not page.more or not page.messages:
+            if not page.more or not any(added):  # (a store ignoring after_uid cannot loop us)
                 break
         if view.exists != before:
             self.w(f"* {view.exists} EXISTS")
@@ -672,7 +671,7 @@ class Session:
                 current[m.uid] = (m.flags, m.modseq)
             view.uidnext = max(view.uidnext, page.mailbox.uidnext)
             view.highestmodseq = max(view.highestmodseq, page.mailbox.highestmodseq)
-            if not page.more or not page.messages:
+            if not page.more or not page.messages or page.messages[-1].uid <= after:
                 break
             after = page.messages[-1].uid
         gone = [u for u in view.uids if u not in current]
