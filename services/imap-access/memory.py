@@ -87,6 +87,7 @@ class MemoryPlatform:
         self.auth_calls = 0
         self.puts = 0  # bodies uploaded through the Blobs port (large APPENDs)
         self.serve_summaries = True  # False: like a store row without a summary
+        self.page_limit: int | None = None  # smaller STORE_SELECT pages than asked for
 
     # ------------------------------------------------------------ provisioning
     def add_user(self, address: str, password: str) -> int:
@@ -237,8 +238,9 @@ class MemoryPlatform:
         b = self._box_by_id(req.account_id, req.mailbox_id)
         msgs = [m for u, m in b.msgs.items() if u > req.after_uid
                 and (req.changed_since is None or m.modseq > req.changed_since)]
-        page = msgs[:req.limit]
-        return SelectReply(mailbox=self._info(b), more=len(msgs) > req.limit,
+        limit = min(req.limit, self.page_limit or req.limit)
+        page = msgs[:limit]
+        return SelectReply(mailbox=self._info(b), more=len(msgs) > limit,
                            messages=[MessageState(uid=m.uid, flags=list(m.flags),
                                                   modseq=m.modseq) for m in page])
 

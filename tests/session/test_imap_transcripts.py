@@ -307,6 +307,7 @@ def test_client_view_of_sequence_numbers_stays_consistent(ops: list[str], rnd: o
 
     async def run() -> None:
         r = Runner(secure=True)
+        r.mp.page_limit = 2  # SELECT and the resyncs read the snapshot in pages
         inbox = r.mp.boxes[r.acc]["INBOX"]
         count = 0
         tagn = 0
