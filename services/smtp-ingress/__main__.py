@@ -18,6 +18,7 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
         BusQueue,
         KvBlockList,
         KvCounters,
+        KvLoadShare,
         S3Bodies,
     )
     from postbus.smtp_ingress.server import Ingress
@@ -26,6 +27,8 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     blocklist = KvBlockList(ctx.bus)
     await blocklist.refresh()
+    share = (KvLoadShare(ctx.bus, interval_s=settings.limits_share_interval_s)
+             if settings.limits_share_interval_s > 0 else None)
     ingress = Ingress(
         settings,
         directory=BusDirectory(ctx.bus, ttl_s=settings.resolve_cache_ttl_s,
@@ -35,6 +38,7 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
         auth_failures=KvCounters(ctx.bus, AUTHFAIL_BUCKET, settings.auth_fail_window_s),
         blocklist=blocklist,
         tls_context=server_context(ctx.common.tls_cert, ctx.common.tls_key),
+        load_share=share,
     )
     await ingress.start()
 
@@ -44,6 +48,9 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
 
     ctx.checks["smtp"] = listening
     ctx.add_task(blocklist.run(), "smtp-blocklist-refresh")
+    if share is not None:
+        ctx.add_task(share.run(ingress.load_snapshot), "smtp-limits-share")
+        ctx.on_stop(share.withdraw)
     ctx.routers.append(mgmt.router(ingress))
     ctx.on_stop(ingress.stop)
     return ingress

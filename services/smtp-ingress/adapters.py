@@ -31,6 +31,7 @@ from postbus.smtp_ingress.ports import BlockEntry, Unavailable
 log = get_logger("postbus.smtp_ingress")
 
 BLOCKLIST_BUCKET = "smtp_ingress_blocklist"
+LOAD_BUCKET = "smtp_ingress_load"
 AUTHFAIL_BUCKET = "smtp_ingress_authfail"
 
 
@@ -174,6 +175,80 @@ class KvCounters:
             await kv.delete(kv_key(key))
         except Exception as exc:
             raise Unavailable(str(exc)) from exc
+
+
+class KvLoadShare:
+    """Every replica writes its per-IP snapshot (policy.load_snapshot) under its own key
+    every ``interval_s`` and reads the others'; a snapshot older than ``max_age_s`` (a
+    replica that died) is ignored. One KV write per replica per interval, none per
+    connection."""
+
+    def __init__(self, bus: Bus, *, interval_s: float = 1.0, max_age_s: float = 10.0) -> None:
+        import os
+
+        self.bus = bus
+        self.interval_s = interval_s
+        self.max_age_s = max_age_s
+        self.replica = os.urandom(6).hex()
+        self._kv: Any = None
+        self._remote: dict[str, tuple[int, int]] = {}
+
+    def remote(self, ip: str) -> tuple[int, int]:
+        return self._remote.get(ip, (0, 0))
+
+    async def _open(self) -> Any:
+        if self._kv is None:
+            try:
+                self._kv = await self.bus.kv(LOAD_BUCKET, ttl_s=max(60.0, self.max_age_s * 6))
+            except Exception as exc:
+                raise Unavailable(f"KV {LOAD_BUCKET}: {exc}") from exc
+        return self._kv
+
+    async def exchange(self, snapshot: dict[str, list[int]]) -> None:
+        """Publish ours, then read everybody else's."""
+        from postbus.smtp_ingress.policy import merge_snapshots
+
+        kv = await self._open()
+        now = time.time()
+        try:
+            await kv.put(self.replica, json.dumps({"at": now, "ips": snapshot}).encode())
+            try:
+                keys = await kv.keys()
+            except Exception as exc:
+                if not _kv_error(exc, "NoKeysError"):
+                    raise
+                keys = []
+            others = []
+            for k in keys:
+                if k == self.replica:
+                    continue
+                try:
+                    data = json.loads((await kv.get(k)).value or b"{}")
+                except Exception as exc:
+                    if _kv_error(exc, "KeyNotFoundError"):
+                        continue
+                    raise
+                if now - float(data.get("at", 0)) <= self.max_age_s:
+                    others.append(data.get("ips", {}))
+        except Unavailable:
+            raise
+        except Exception as exc:
+            raise Unavailable(str(exc)) from exc
+        self._remote = merge_snapshots(others)
+
+    async def withdraw(self) -> None:
+        with contextlib.suppress(Exception):
+            kv = await self._open()
+            await kv.delete(self.replica)
+
+    async def run(self, snapshot: Any) -> None:
+        """Exchange forever; ``snapshot()`` gives this replica's current counts."""
+        while True:
+            try:
+                await self.exchange(snapshot())
+            except Unavailable as exc:
+                log.warning("load share failed", error=str(exc)[:200])
+            await asyncio.sleep(self.interval_s)
 
 
 class KvBlockList:

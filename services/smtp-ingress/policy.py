@@ -144,9 +144,36 @@ class RateWindow:
             self._gc(now)
         return n
 
+    def counts(self) -> dict[str, int]:
+        """Events per key inside the window now (drops keys that fell out of it)."""
+        now: float = self.clock()  # type: ignore[operator]
+        self._gc(now)
+        cut = now - self.window_s
+        return {k: sum(1 for t in q if t > cut) for k, q in self._events.items()}
+
     def _gc(self, now: float) -> None:
         for k in [k for k, q in self._events.items() if not q or q[-1] <= now - self.window_s]:
             del self._events[k]
+
+
+def load_snapshot(open_per_ip: dict[str, int], recent_per_ip: dict[str, int],
+                  top: int = 2000) -> dict[str, list[int]]:
+    """What one replica tells the others: ``ip -> [open connections, connections in the
+    last minute]`` for its busiest ``top`` clients (bounded under a wide attack)."""
+    keys = set(open_per_ip) | set(recent_per_ip)
+    rows = {k: [open_per_ip.get(k, 0), recent_per_ip.get(k, 0)] for k in keys}
+    busiest = sorted(rows, key=lambda k: rows[k][0] + rows[k][1], reverse=True)[:top]
+    return {k: rows[k] for k in busiest if rows[k][0] or rows[k][1]}
+
+
+def merge_snapshots(snapshots: list[dict[str, list[int]]]) -> dict[str, tuple[int, int]]:
+    """Sum the other replicas' snapshots per client IP."""
+    out: dict[str, tuple[int, int]] = {}
+    for snap in snapshots:
+        for ip, (conns, recent) in snap.items():
+            c, r = out.get(ip, (0, 0))
+            out[ip] = (c + int(conns), r + int(recent))
+    return out
 
 
 def auth_throttled(ip_failures: int, account_failures: int, *, ip_limit: int,

@@ -44,6 +44,13 @@ class Counters(Protocol):
     async def reset(self, key: str) -> None: ...
 
 
+class LoadShare(Protocol):
+    """Per-IP connection counts of the other replicas (open, and opened in the last
+    minute), so per-IP limits hold across replicas without a KV write per connection."""
+
+    def remote(self, ip: str) -> tuple[int, int]: ...
+
+
 @dataclass(frozen=True)
 class BlockEntry:
     network: str

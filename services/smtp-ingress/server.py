@@ -31,7 +31,15 @@ from postbus.proto.directory import AuthReply
 from postbus.proto.mail import BodyRef, ClientInfo, MailReceived, Recipient
 from postbus.protocols import smtp as proto
 from postbus.smtp_ingress import policy
-from postbus.smtp_ingress.ports import BlockList, Bodies, Counters, Directory, Queue, Unavailable
+from postbus.smtp_ingress.ports import (
+    BlockList,
+    Bodies,
+    Counters,
+    Directory,
+    LoadShare,
+    Queue,
+    Unavailable,
+)
 from postbus.smtp_ingress.settings import Settings
 
 log = get_logger("postbus.smtp_ingress")
@@ -121,7 +129,8 @@ class Ingress:
 
     def __init__(self, settings: Settings, *, directory: Directory, queue: Queue, bodies: Bodies,
                  auth_failures: Counters, blocklist: BlockList,
-                 tls_context: ssl.SSLContext | None) -> None:
+                 tls_context: ssl.SSLContext | None, load_share: LoadShare | None = None) -> None:
+        self.load_share = load_share
         self.settings = settings
         self.directory = directory
         self.queue = queue
@@ -184,11 +193,20 @@ class Ingress:
             self.stats.add("connection_refused", "blocked")
             return policy.R554_BLOCKED
         recent = self.rate.hit(ip) if self.limits.rate_per_minute else 0
-        refusal = policy.connection_decision(total=len(self.sessions), from_ip=self.per_ip[ip],
+        from_ip = self.per_ip[ip]
+        if self.load_share is not None:
+            other_open, other_recent = self.load_share.remote(ip)
+            from_ip, recent = from_ip + other_open, recent + other_recent
+        refusal = policy.connection_decision(total=len(self.sessions), from_ip=from_ip,
                                              recent=recent, limits=self.limits)
         if refusal:
             self.stats.add("connection_refused", _REFUSAL_REASONS.get(refusal, "limit"))
         return refusal
+
+    def load_snapshot(self) -> dict[str, list[int]]:
+        """This replica's per-IP counts for the other replicas (see adapters.KvLoadShare)."""
+        recent = self.rate.counts() if self.limits.rate_per_minute else {}
+        return policy.load_snapshot(dict(self.per_ip), recent)
 
     def may_relay(self, ip: str, authenticated: bool) -> bool:
         return policy.may_relay(authenticated=authenticated, trusted=policy.ip_in(ip, self.trusted))

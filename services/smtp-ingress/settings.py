@@ -41,10 +41,12 @@ class Settings(BaseSettings):
     idle_timeout_s: float = 300.0
     session_timeout_s: float = 1800.0
 
-    # connection limits (this replica; the block list is shared through NATS KV)
+    # connection limits, summed over replicas through NATS KV (see adapters.KvLoadShare)
     max_connections: int = 2000
     max_connections_per_ip: int = 50
     connection_rate_per_ip: int = 0  # new connections per minute; 0 = no limit (as Postfix)
+    # replicas exchange their per-IP counts through NATS KV this often (0 = do not share)
+    limits_share_interval_s: float = 1.0
 
     # AUTH throttling, counted in NATS KV so every replica sees the same numbers
     auth_fail_limit_ip: int = 10

@@ -27,6 +27,7 @@ from postbus.smtp_ingress.adapters import (
     BusQueue,
     KvBlockList,
     KvCounters,
+    KvLoadShare,
     S3Bodies,
 )
 from postbus.smtp_ingress.server import Ingress
@@ -81,6 +82,7 @@ class RunningIngress:
     table: DirectoryTable
     blocklist: KvBlockList
     cert: Path
+    share: KvLoadShare | None = None
 
     def port(self, listener: str = "mx") -> int:
         return self.ingress.ports[listener]
@@ -99,6 +101,8 @@ async def start_ingress(bus: Bus, blobs: BlobStore, settings: Settings, tmp: Pat
     self_signed(cert, key)
     blocklist = KvBlockList(bus, refresh_s=0.5)
     await blocklist.refresh()
+    share = (KvLoadShare(bus, interval_s=settings.limits_share_interval_s)
+             if settings.limits_share_interval_s > 0 else None)
     ingress = Ingress(
         settings,
         directory=BusDirectory(bus, ttl_s=settings.resolve_cache_ttl_s),
@@ -107,9 +111,10 @@ async def start_ingress(bus: Bus, blobs: BlobStore, settings: Settings, tmp: Pat
         auth_failures=KvCounters(bus, AUTHFAIL_BUCKET, settings.auth_fail_window_s),
         blocklist=blocklist,
         tls_context=server_context(cert, key),
+        load_share=share,
     )
     await ingress.start()
-    return RunningIngress(ingress, settings, table, blocklist, cert)
+    return RunningIngress(ingress, settings, table, blocklist, cert, share)
 
 
 class Inbox:

@@ -140,3 +140,18 @@ def test_fast_init_sets_what_aiosmtpd_sets() -> None:
 
     base, ours = asyncio.run(build())
     assert base - ours == set()
+
+
+def test_load_snapshot_and_merge() -> None:
+    snap = pol.load_snapshot({"a": 2, "b": 0}, {"a": 5, "c": 1}, top=2)
+    assert snap == {"a": [2, 5], "c": [0, 1]}
+    merged = pol.merge_snapshots([snap, {"a": [1, 1], "d": [3, 0]}])
+    assert merged == {"a": (3, 6), "c": (0, 1), "d": (3, 0)}
+    now = [0.0]
+    w = pol.RateWindow(60, clock=lambda: now[0])
+    w.hit("x")
+    now[0] = 30.0
+    w.hit("x")
+    assert w.counts() == {"x": 2}
+    now[0] = 70.0
+    assert w.counts() == {"x": 1}
