@@ -335,6 +335,7 @@ def test_client_view_of_sequence_numbers_stays_consistent(ops: list[str], rnd: o
         await r.send(b"a LOGIN alice@example.test secret\r\n")
         r.out.take_lines()
         await cmd("SELECT INBOX")
+        assert count == len(inbox.msgs)
         for op in ops:
             uids = list(inbox.msgs)
             pick = rnd.choice(uids) if uids else None
