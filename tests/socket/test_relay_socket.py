@@ -334,6 +334,26 @@ async def test_5xx_bounces_as_multipart_report(bus: Bus, blobs: BlobStore,
     assert len(inbox.mails) == 1  # the server took DSN duty for SUCCESS: no relayed DSN
 
 
+async def test_notify_success_to_a_server_without_dsn_gets_a_relayed_dsn(
+        bus: Bus, blobs: BlobStore, common_settings: CommonSettings,
+        remotes: list[Remote]) -> None:
+    r = await new_remote(remotes)  # no DSN extension: we report "relayed" ourselves
+    await service.start(relay_settings(common_settings, f"*=127.0.0.1:{r.port}"), bus, blobs)
+    inbox = Inbox(bus)
+    await enqueue(bus, blobs, [Recipient(address="carol@example.net", notify=["SUCCESS"]),
+                               Recipient(address="dave@example.net")])
+    await until(lambda: len(inbox.mails) == 1 and len(r.messages) == 1)
+    msg = dsn_of(inbox.mails[0])
+    assert msg["Subject"].startswith("Successful Mail Delivery Report")
+    blocks = list(msg.iter_parts())[1].get_payload()
+    assert len(blocks) == 2  # only the recipient that asked
+    assert blocks[1]["Action"] == "relayed" and blocks[1]["Status"] == "2.0.0"
+    assert blocks[1]["Final-Recipient"] == "rfc822; carol@example.net"
+    assert r.rcpt_options["carol@example.net"] == []  # no NOTIFY to a server without DSN
+    await asyncio.sleep(0.5)
+    assert len(inbox.mails) == 1
+
+
 async def test_no_bounce_for_a_bounce_or_notify_never(bus: Bus, blobs: BlobStore,
                                                       common_settings: CommonSettings,
                                                       remotes: list[Remote]) -> None:

@@ -7,6 +7,8 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from postbus.relay import policy
 from postbus.relay.policy import Expired, Hop, MxRecord, NextAttempt, NullMx
@@ -115,3 +117,26 @@ def test_names_on_the_bus() -> None:
     assert policy.kv_key("Q1.a b*") == "Q1_a_b_"
     assert policy.subject_token("a.b>c") == "a_b_c"
     assert policy.kv_key("") == "_"
+
+
+@given(st.text(max_size=200))
+def test_parsers_raise_only_value_error(text: str) -> None:
+    for parse in (policy.parse_transport_map, policy.parse_schedule):
+        try:
+            parse(text)
+        except ValueError:
+            pass
+
+
+@given(st.lists(st.tuples(st.integers(0, 65535), st.sampled_from(["a", "b", "c", "", "."])),
+                max_size=8), st.integers(0, 1000))
+def test_mx_order_is_sorted_and_unique(recs: list[tuple[int, str]], seed: int) -> None:
+    out = policy.order_mx([MxRecord(p, x) for p, x in recs], random.Random(seed))
+    if isinstance(out, NullMx):
+        assert len(recs) == 1 and recs[0][0] == 0
+        return
+    prefs = [r.preference for r in out]
+    names = [r.exchange for r in out]
+    assert len(set(names)) == len(names) and "" not in names and "." not in names
+    assert prefs == sorted(prefs)  # a host listed twice keeps its best preference
+    assert set(names) == {x for _, x in recs if x not in ("", ".")}
