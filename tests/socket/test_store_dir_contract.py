@@ -345,3 +345,34 @@ async def test_optional_resolve_cache(sm: Sm) -> None:
     await other_replica.create_account("carol@example.test", "pw")
     await asyncio.sleep(0.06)
     assert (await short.resolve("carol@example.test")).status == "local"
+
+
+async def test_login_throttle_shared_over_nats_kv(bus: Bus, tmp_path: Path) -> None:
+    async for sm in open_db("sqlite", tmp_path):
+        d = await serve_directory(bus, sm, passwords=Passwords(fast_hasher()),
+                                  login_max_failures=3, login_window_s=60)
+        await d.create_domain("example.test")
+        await d.create_account("alice@example.test", "pw")
+
+        async def login(pw: str, ip: str = "192.0.2.1", user: str = "alice@example.test") -> str:
+            r = await bus.request(DIRECTORY_AUTHENTICATE,
+                                  AuthRequest(username=user, password=pw, client_ip=ip))
+            return "ok" if r.ok else str(r.reason)
+
+        assert await login("bad") == "invalid"
+        assert await login("pw") == "ok"  # a success clears the count
+        assert [await login("bad") for _ in range(3)] == ["invalid"] * 3
+        assert await login("pw") == "throttled"  # even the right password, from this IP
+        assert await login("pw", ip="192.0.2.2") == "ok"
+        assert await login("bad", user="ALICE@example.test") == "throttled"  # same user
+        # a second replica (same bucket) sees the same count
+        other = await serve_directory(bus, sm, passwords=Passwords(fast_hasher()),
+                                      login_max_failures=3)
+        assert other.throttle is not None
+        key = other.throttle.key("alice@example.test", "192.0.2.1")
+        assert await other.throttle.failures(key) == 3
+        await other.throttle.reset(key)
+        assert await login("pw") == "ok"
+        # unknown users are counted too (guessing addresses costs the same)
+        assert [await login("x", user="ghost@example.test") for _ in range(4)] == [
+            "invalid", "invalid", "invalid", "throttled"]
