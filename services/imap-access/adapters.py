@@ -14,7 +14,7 @@ from postbus.imap_access.ports import StoreError, Unsubscribe
 from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, BusUnavailable, RemoteError
 from postbus.kit.logging import get_logger
-from postbus.kit.metrics import counter
+from postbus.kit.metrics import counter, gauge
 from postbus.proto.base import Rpc
 from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
 from postbus.proto.mail import MAILBOX_CHANGED, MailboxChanged
@@ -61,6 +61,8 @@ from postbus.proto.store import (
 log = get_logger("postbus.imap.adapters")
 BLOB_CACHE = counter("postbus_imap_blob_cache_total", "Message body lookups by imap-access",
                      ["result"])
+BLOB_HIT_RATIO = gauge("postbus_imap_blob_cache_hit_ratio",
+                       "Share of message body lookups served from the in-memory cache")
 
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
@@ -139,6 +141,7 @@ class S3Blobs:
         self.blobs = blobs
         self.hits = 0
         self.misses = 0
+        BLOB_HIT_RATIO.set_function(lambda: self.hit_rate or 0.0)
 
     async def get_many(self, keys: list[str]) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
