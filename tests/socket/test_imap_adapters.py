@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from imapclient import IMAPClient
+from prometheus_client import REGISTRY
 
 from postbus.imap_access.adapters import BusChanges, BusDirectory, BusStore, S3Blobs
 from postbus.imap_access.memory import MemoryPlatform
@@ -125,3 +126,5 @@ async def test_imap_over_nats_and_s3(bus: Bus, blobs: BlobStore,
     assert (2, b"EXISTS") in responses
     assert pushed.startswith(b"Subject: pushed")
     assert s3blobs.misses >= 1 and s3blobs.hits >= 1
+    ratio = REGISTRY.get_sample_value("postbus_imap_blob_cache_hit_ratio")
+    assert ratio is not None and 0 < ratio < 1
