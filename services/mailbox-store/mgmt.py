@@ -262,7 +262,7 @@ class MailAdmin:
                     names[wanted] = (await self.repo.create_mailbox(account.id, wanted)).name
             return names[wanted]
 
-        name = await ensure(mailbox)
+        name = store.normalize_name(mailbox)  # created with its first message, not before
         rep = ImportReport(mailbox=name, format=fmt, imported=0, failed=0, bytes=0,
                            first_uid=None, last_uid=None)
         it = read_archive(fmt, path, max_message=max_message)
@@ -290,7 +290,7 @@ class MailAdmin:
                     _note(rep, f"{m.source}: {type(p).__name__}: {p}")
                     continue
                 try:
-                    target = name
+                    target = await ensure(name)
                     if m.folder:  # a Maildir++ sub-folder, below the target unless INBOX
                         target = await ensure(m.folder if name == "INBOX"
                                               else f"{name}/{m.folder}")
@@ -307,7 +307,7 @@ class MailAdmin:
                 rep.imported += 1
                 rep.bytes += p.blob_size
                 rep.mailboxes[target] = rep.mailboxes.get(target, 0) + 1
-                if target == name:
+                if target == names.get(name):
                     rep.first_uid = rep.first_uid or uid
                     rep.last_uid = uid
                 await self.notify(change)

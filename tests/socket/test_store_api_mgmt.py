@@ -293,8 +293,11 @@ async def test_import_maildir_eml_and_bad_input(api: Api, tmp_path: Path) -> Non
     assert rep["imported"] == 1
     await api.ok("POST", "/api/v1/users/alice@example.test/import?format=mbox", 422,
                  content=b"Subject: not an mbox\n\nbody\n")
-    await api.ok("POST", "/api/v1/users/alice@example.test/import?format=maildir", 422,
-                 content=b"not a tar")
+    await api.ok("POST", "/api/v1/users/alice@example.test/import?format=maildir&mailbox=Fail",
+                 422, content=b"not a tar")
+    await api.ok("GET", "/api/v1/users/alice@example.test/mailboxes/Fail/messages", 404)
+    await api.ok("POST", "/api/v1/users/alice@example.test/import?format=eml&mailbox=a%2A",
+                 422, content=b"Subject: x\r\n\r\nx\r\n")
     await api.ok("POST", "/api/v1/users/alice@example.test/import?format=pst", 422, content=b"x")
     await api.ok("POST", "/api/v1/users/alice@example.test/import", 422, content=b"")
     await api.ok("POST", "/api/v1/users/ghost@example.test/import", 404, content=b"x")
