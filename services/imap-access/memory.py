@@ -87,6 +87,7 @@ class MemoryPlatform:
         self.auth_calls = 0
         self.puts = 0  # bodies uploaded through the Blobs port (large APPENDs)
         self.serve_summaries = True  # False: like a store row without a summary
+        self.dangling: dict[int, set[str]] = {}  # subscribed names with no mailbox
         self.page_limit: int | None = None  # smaller STORE_SELECT pages than asked for
 
     # ------------------------------------------------------------ provisioning
@@ -189,9 +190,14 @@ class MemoryPlatform:
 
     # ------------------------------------------------------------ Store: mailboxes
     async def mailbox_list(self, req: MailboxListRequest) -> MailboxListReply:
-        boxes = self.boxes.get(req.account_id, {}).values()
-        return MailboxListReply(mailboxes=[self._info(b) for b in boxes
-                                           if b.subscribed or not req.subscribed_only])
+        boxes = self.boxes.get(req.account_id, {})
+        out = [self._info(b) for b in boxes.values() if b.subscribed or not req.subscribed_only]
+        if req.subscribed_only:  # like mailbox-store: subscriptions to names that do not exist
+            out += [MailboxInfo(mailbox_id=0, name=n, attributes=["\\NonExistent"],
+                                subscribed=True, uidvalidity=0, uidnext=0, highestmodseq=0,
+                                messages=0, unseen=0)
+                    for n in sorted(self.dangling.get(req.account_id, set()) - set(boxes))]
+        return MailboxListReply(mailboxes=out)
 
     async def mailbox_status(self, req: MailboxRef) -> MailboxInfo:
         return self._info(self._box(req.account_id, req.name))
@@ -232,6 +238,9 @@ class MemoryPlatform:
         b = self.boxes.get(req.account_id, {}).get(req.name)
         if b is not None:
             b.subscribed = req.subscribed
+        else:  # the name need not exist (RFC 3501 §6.3.6)
+            names = self.dangling.setdefault(req.account_id, set())
+            (names.add if req.subscribed else names.discard)(req.name)
 
     # ------------------------------------------------------------ Store: messages
     async def select(self, req: SelectRequest) -> SelectReply:

@@ -533,8 +533,11 @@ class Session:
                 continue
             attrs = [a for a in b.attributes if a.lower() not in ("\\haschildren",
                                                                   "\\hasnochildren")]
+            missing = "\\NonExistent" in attrs
+            if cmd.lsub and missing:
+                attrs = [a for a in attrs if a != "\\NonExistent"] + ["\\Noselect"]
             has_children = any(n.startswith(b.name + DELIM) for n in names)
-            if not cmd.lsub:
+            if not cmd.lsub and not missing:
                 attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
             if b.special_use and b.special_use not in attrs:
                 attrs.append(b.special_use)
@@ -542,7 +545,7 @@ class Session:
                 attrs.append("\\Subscribed")
             self.out.write(f"* {verb} ({' '.join(attrs)}) \"{DELIM}\" ".encode()
                            + wire_name(b.name) + b"\r\n")
-            if want_status and "\\Noselect" not in attrs:
+            if want_status and "\\Noselect" not in attrs and not missing:
                 self._status_line(b, tuple(want_status))
         return Tagged("OK", f"{verb} completed")
 
