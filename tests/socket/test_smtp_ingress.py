@@ -669,3 +669,17 @@ async def test_per_ip_limits_hold_across_replicas(start: Start) -> None:
     code, lines = await c5.reply()
     assert (code, lines[-1][:5]) == (421, "4.7.0")  # rate: 3 here + 1 there
     assert a.ingress.stats.as_dict()["connection_refused"] == {"per_ip_limit": 1, "rate_limit": 1}
+
+
+async def test_starttls_command_injection_is_discarded(ing: RunningIngress) -> None:
+    """CVE-2011-0411 style: plaintext pipelined after STARTTLS must not run inside TLS."""
+    c = await greeted(ing.port("submission"))
+    await c.send(b"STARTTLS\r\nRSET\r\nNOOP\r\n")
+    code, _ = await c.reply()
+    assert code == 220
+    await c.w.start_tls(ing.client_tls())
+    await c.send(b"EHLO c.example.net\r\n")
+    code, lines = await c.reply()
+    assert code == 250 and "AUTH PLAIN LOGIN" in lines  # the first reply inside TLS is EHLO's
+    assert (await c.cmd("NOOP")) == (250, "2.0.0 Ok")
+    c.close()
