@@ -372,7 +372,7 @@ _FAST = _fast_model_works()
 
 # ---------------------------------------------------------------- the repository
 class Repository:
-    def __init__(self, engine: AsyncEngine, *, delivery_batch: int = 64) -> None:
+    def __init__(self, engine: AsyncEngine, *, delivery_batch: int = 128) -> None:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
         self._sqlite_writer = asyncio.Lock()
@@ -1465,8 +1465,9 @@ class _SearchCompiler:
                 elif low in _FLAG_BY_LOWER:
                     hit = M.c.flags.op("&")(_FLAG_BY_LOWER[low][1]) != 0
                 else:
-                    hit = (literal(" ") + M.c.keywords + literal(" ")).contains(
-                        f" {name} ", autoescape=True)
+                    # keywords compare case-insensitively on both databases
+                    hit = func.lower(literal(" ") + M.c.keywords + literal(" ")).contains(
+                        f" {name.lower()} ", autoescape=True)
                 return hit if op == "flag" else not_(hit)
             case "header":
                 return self._contains(getattr(M.c, _HEADER_COLUMNS[self._arg(k).lower()]),

@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     sqlite_synchronous: str = "FULL"
 
     # local delivery (mail.deliver.local)
-    delivery_concurrency: int = 16
+    # concurrent deliveries in flight: they are group-committed, so more is faster
+    delivery_concurrency: int = 128
     # over quota / disabled: "deferred" events and retries, then "failed" (a bounce)
     delivery_max_attempts: int = 12
     delivery_retry_base_s: float = 60.0

@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ async def bench(backend: str, n_messages: int, n_deliveries: int, rounds: int) -
         for r in range(rounds):
             sem = asyncio.Semaphore(64)
 
-            async def one(i: int, r: int = r) -> None:
+            async def one(i: int, r: int = r, sem: asyncio.Semaphore = sem) -> None:
                 async with sem:
                     out = await repo.deliver(f"R{r}-{i}", aid, "INBOX", msgs[i % len(msgs)])
                     assert out.status == "delivered"
@@ -171,12 +172,60 @@ async def bench(backend: str, n_messages: int, n_deliveries: int, rounds: int) -
     return res
 
 
+async def bench_consumer(n: int, concurrency: int) -> float:
+    """Deliveries per second through the real delivery consumer: DeliverLocal messages
+    queued on a real nats-server (JetStream, fsync before ack), consumed, stored in SQLite,
+    a delivery event published for each."""
+    from postbus.kit.blob import BlobStore
+    from postbus.kit.bus import Bus
+    from postbus.kit.settings import CommonSettings
+    from postbus.kit.testing import RunningNats
+    from postbus.mailbox_store.delivery import Deliverer
+    from postbus.mailbox_store.settings import Settings
+    from postbus.proto import ALL_STREAMS
+    from postbus.proto.mail import DELIVER_LOCAL, DeliverLocal
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-store-bus-"))
+    nats = RunningNats(tmp)
+    engine, repo, aid, teardown = await setup("sqlite", tmp)
+    common = CommonSettings(nats_url=nats.url, database_url=f"sqlite+aiosqlite:///{tmp / 'bench.db'}")
+    bus = await Bus.connect(common, "bench")
+    blobs = BlobStore(common)  # not contacted: verify_blob_on_delivery is off
+    try:
+        await bus.ensure_streams(ALL_STREAMS)
+        await repo.ensure_defaults(aid)
+        m = message(1)
+        now = datetime.now(UTC)
+        for i in range(n):
+            await bus.publish(DELIVER_LOCAL, DeliverLocal(
+                queue_id=f"B{i}", recipient="alice@example.test", account_id=aid,
+                account="alice@example.test", received_at=now, blob_key=m.blob_key,
+                blob_size=m.blob_size, prefix=m.prefix, summary=m.summary))
+        t = time.perf_counter()
+        Deliverer(bus, blobs, repo, Settings(common=common, delivery_concurrency=concurrency)).start()
+        while (await repo.quota(aid))[2] < n:
+            await asyncio.sleep(0.05)
+            if time.perf_counter() - t > 300:
+                raise TimeoutError("consumer did not finish")
+        return n / (time.perf_counter() - t)
+    finally:
+        await bus.close()
+        await blobs.close()
+        await teardown()
+        nats.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--deliveries", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--consumer", type=int, default=3000, help="messages through the consumer (0: skip)")
+    ap.add_argument("--concurrency", type=int, default=128)
     args = ap.parse_args()
+    from postbus.kit import logging as klog
+
+    klog.configure("WARNING", "console", service="bench-store")
     backends = ["sqlite"] + (["postgresql"] if PG_URL else [])
     results = {"messages": args.messages, "deliveries": args.deliveries, "rounds": args.rounds,
                "backends": []}
@@ -187,6 +236,11 @@ def main() -> None:
         for k, v in r.items():
             if k.endswith("_s") and k != "deliveries_per_s":
                 print(f"[{b}] {k}: {v:.3f}")
+    if args.consumer:
+        rates = [asyncio.run(bench_consumer(args.consumer, args.concurrency)) for _ in range(args.rounds)]
+        results["consumer_deliveries_per_s"] = statistics.median(rates)
+        print(f"[sqlite] consumer deliveries/s via NATS (median of {args.rounds}, "
+              f"concurrency {args.concurrency}): {results['consumer_deliveries_per_s']:.0f}")
     out = ROOT / "bench-results" / "store.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

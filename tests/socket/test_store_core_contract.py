@@ -412,6 +412,8 @@ async def test_search(store: Store) -> None:
     assert await q(K(op="flag", args=["\\Seen"])) == [2]
     assert await q(K(op="unflag", args=["\\Seen"])) == [1, 3]
     assert await q(K(op="flag", args=["$Food"])) == [2]
+    assert await q(K(op="flag", args=["$food"])) == [2]
+    assert await q(K(op="unflag", args=["$FOOD"])) == [1, 3]
     assert await q(K(op="uid", uids=[(2, 3)])) == [2, 3]
     assert await q(K(op="since", args=["10-Nov-2026"])) == [2, 3]
     assert await q(K(op="before", args=["2026-11-10"])) == [1]
