@@ -160,12 +160,18 @@ class ImapServer:
             session.greeting()
             await out.drain()
             commands = 0
+            deadline = time.monotonic() + s.max_session_s
             while not session.closed:
                 item = rx.next()
                 if item is None:
                     if read_task is None:
                         read_task = asyncio.ensure_future(reader.read(READ_SIZE))
                     timeout = s.idle_timeout_s if session.authenticated else s.preauth_timeout_s
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        session.bye("Session time limit reached")
+                        break
+                    timeout = min(timeout, left)
                     waits: set[asyncio.Future[Any]] = {read_task}
                     wake = None
                     if session.idling:
@@ -176,7 +182,8 @@ class ImapServer:
                     if wake is not None and not wake.done():
                         wake.cancel()
                     if not done:
-                        session.bye("Autologout; idle for too long")
+                        session.bye("Autologout; idle for too long" if timeout < left
+                                    else "Session time limit reached")
                         break
                     if wake is not None and wake in done:
                         await session.idle_updates()

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     idle_timeout_s: float = 30 * 60
     # before login a client gets less patience (Dovecot: 60 s for the greeting phase)
     preauth_timeout_s: float = 60
+    # an upper bound on one connection's life (ARCHITECTURE.md: parsers bound session time)
+    max_session_s: float = 24 * 3600
     auth_fail_delay_s: float = 2.0
     max_auth_failures: int = 3
     max_commands: int = 1_000_000  # per session

@@ -340,6 +340,14 @@ def test_large_append_goes_to_the_blob_store_first(tmp_path: Path) -> None:
         assert imap.mp.puts == 1  # only the large one went by reference
 
 
+def test_session_time_limit(tmp_path: Path) -> None:
+    for imap in _start(tmp_path, max_session_s=0.5):
+        r = Raw(imap.port)
+        r.cmd(b"a1 LOGIN alice@example.test secret\r\n", b"a1 OK")
+        assert r.f.readline().startswith(b"* BYE Session time limit")
+        r.close()
+
+
 def test_command_budget_and_idle_autologout(tmp_path: Path) -> None:
     for imap in _start(tmp_path, max_commands=3, idle_timeout_s=0.3):
         r = Raw(imap.port)
