@@ -39,6 +39,7 @@ from postbus.proto.store import (
     MailboxRef,
     MailboxRenameRequest,
     MessageMeta,
+    MessageState,
     QuotaRequest,
     SearchKey,
     SearchRequest,
@@ -119,6 +120,9 @@ class SessionConfig:
     auth_fail_delay_s: float = 2.0
     max_auth_failures: int = 3
     fetch_batch: int = 250
+    # UIDs per STORE/COPY request: replies list every message, and a NATS message is at most
+    # 1 MiB by default
+    uids_per_request: int = 5000
     inline_append_max: int = 128 * 1024  # larger APPENDs go to S3 first, then a reference
     hostname: str = "localhost"
     starttls_available: bool = False
@@ -830,9 +834,15 @@ class Session:
             self.condstore = True
         if not uids:
             return Tagged("OK", "STORE completed")
-        reply = await self.store.flags(StoreFlagsRequest(
-            account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(uids),
-            op=cmd.mode, flags=flags, unchanged_since=cmd.unchangedsince, origin=self.info.id))  # type: ignore[arg-type]
+        updated: list[MessageState] = []
+        modified: list[int] = []
+        for part in _chunks(uids, self.cfg.uids_per_request):  # replies list messages: keep them small
+            r = await self.store.flags(StoreFlagsRequest(
+                account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(part),
+                op=cmd.mode, flags=flags, unchanged_since=cmd.unchangedsince,  # type: ignore[arg-type]
+                origin=self.info.id))
+            updated += r.updated
+            modified += r.modified
         known = view.keywords() if cmd.mode != "remove" else []
         new_keywords = [f for f in dict.fromkeys(flags)
                         if cmd.mode != "remove" and not f.startswith("\\") and f not in known]
@@ -841,19 +851,19 @@ class Session:
             all_flags = " ".join(list(SYSTEM_FLAGS) + known + new_keywords)
             self.w(f"* FLAGS ({all_flags})")
             self.w(f"* OK [PERMANENTFLAGS ({all_flags} \\*)] Flags permitted")
-        for m in reply.updated:  # the store reports the messages it changed
+        for m in updated:  # the store reports the messages it changed
             view.set_flags(m.uid, m.flags, m.modseq)
         if not cmd.silent:
             # RFC 3501 §6.4.6: a FETCH for every message of the set, changed or not
-            failed = set(reply.modified)
+            failed = set(modified)
             for uid in uids:
                 if uid not in failed:
                     self._flags_response(view, uid, with_uid=cmd.uid)
         elif self.condstore and cmd.unchangedsince is not None:
-            for m in reply.updated:  # RFC 7162 §3.2: MODSEQ of what changed, even .SILENT
+            for m in updated:  # RFC 7162 §3.2: MODSEQ of what changed, even .SILENT
                 self._flags_response(view, m.uid, with_uid=cmd.uid)
-        if reply.modified:
-            mod = reply.modified if cmd.uid else [view.seq_of(u) or 0 for u in reply.modified]
+        if modified:
+            mod = modified if cmd.uid else [view.seq_of(u) or 0 for u in modified]
             return Tagged("OK", f"[MODIFIED {seqset(mod)}] Conditional STORE failed")
         return Tagged("OK", "STORE completed")
 
@@ -868,9 +878,17 @@ class Session:
             return Tagged("OK", f"{verb} completed (no messages)")
         target = to_store_name(cmd.mailbox)
         try:
-            reply = await self.store.copy(CopyRequest(
-                account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(uids),
-                target=target, move=cmd.move, origin=self.info.id))
+            reply = None
+            for part in _chunks(uids, self.cfg.uids_per_request):
+                r = await self.store.copy(CopyRequest(
+                    account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(part),
+                    target=target, move=cmd.move, origin=self.info.id))
+                if reply is None:
+                    reply = r
+                else:
+                    reply.source_uids += r.source_uids
+                    reply.target_uids += r.target_uids
+            assert reply is not None
         except StoreError as exc:
             if exc.code == "not_found":
                 raise No("Mailbox does not exist", "TRYCREATE") from None
@@ -1081,6 +1099,10 @@ def _section_data(meta: MessageMeta, blob: bytes, sec: tuple[str, str, tuple[str
     if summary is None:
         summary = mime.summarize(blob)
     return mime.section_bytes(blob, summary, section)
+
+
+def _chunks(uids: list[int], n: int) -> list[list[int]]:
+    return [uids[i:i + n] for i in range(0, len(uids), n)]
 
 
 def _uid_list(uids: list[int]) -> str:

@@ -292,7 +292,7 @@ def test_session_takes_any_bytes(data: bytes) -> None:
 # ---------------------------------------------------------------- sequence-number consistency
 _OPS = st.lists(st.sampled_from([
     "deliver", "other-expunge", "other-flag", "store-delete", "expunge", "uid-expunge",
-    "move", "copy-self", "append", "fetch", "uid-fetch", "search", "noop", "idle", "check",
+    "move", "copy-self", "flag-all", "append", "fetch", "uid-fetch", "search", "noop", "idle", "check",
 ]), min_size=1, max_size=25)
 
 
@@ -308,6 +308,7 @@ def test_client_view_of_sequence_numbers_stays_consistent(ops: list[str], rnd: o
     async def run() -> None:
         r = Runner(secure=True)
         r.mp.page_limit = 2  # SELECT and the resyncs read the snapshot in pages
+        r.session.cfg.uids_per_request = 2  # STORE and COPY/MOVE go in several requests
         inbox = r.mp.boxes[r.acc]["INBOX"]
         count = 0
         tagn = 0
@@ -324,13 +325,15 @@ def test_client_view_of_sequence_numbers_stays_consistent(ops: list[str], rnd: o
                     count -= 1
                 assert "SERVERBUG" not in line and not re.match(r"f\d+ BAD", line), line
 
-        async def cmd(text: str) -> None:
+        async def cmd(text: str) -> list[str]:
             nonlocal tagn
             tagn += 1
             await r.send(f"f{tagn} {text}\r\n".encode())
             if r.session.idling:
                 await r.send(b"DONE\r\n")
-            track(r.out.take_lines())
+            lines = r.out.take_lines()
+            track(lines)
+            return lines
 
         await r.send(b"a LOGIN alice@example.test secret\r\n")
         r.out.take_lines()
@@ -354,9 +357,14 @@ def test_client_view_of_sequence_numbers_stays_consistent(ops: list[str], rnd: o
                 await cmd(f"UID STORE {pick} +FLAGS (\\Deleted)")
                 await cmd(f"UID EXPUNGE {pick}")
             elif op == "move" and seq:
-                await cmd(f"MOVE {seq} Trash")
+                await cmd(f"MOVE {seq}:* Trash")
             elif op == "copy-self" and seq:
-                await cmd(f"COPY {seq} INBOX")
+                await cmd(f"COPY {seq}:* INBOX")
+            elif op == "flag-all" and count:
+                before = count
+                lines = await cmd("STORE 1:* +FLAGS (\\Answered)")
+                fetched = {m.group(1) for x in lines if (m := re.match(r"\* (\d+) FETCH \(FLAGS", x))}
+                assert len(fetched) == before, lines  # one per message, over every chunk
             elif op == "append":
                 await cmd("APPEND INBOX {3+}\r\nabc")
             elif op == "fetch" and count:
