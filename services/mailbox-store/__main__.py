@@ -35,7 +35,7 @@ async def setup(settings: Settings, ctx: ServiceContext) -> None:
     await StoreApi(ctx.bus, ctx.blobs, repo, settings).serve()
     Deliverer(ctx.bus, ctx.blobs, repo, settings).start()
     ctx.add_task(run_forever(repo, ctx.blobs, settings.blob_gc_grace_s,
-                             settings.blob_gc_interval_s), "blob-gc")
+                             settings.blob_gc_interval_s, settings.deliveries_keep_s), "blob-gc")
 
 
 def run() -> None:

@@ -87,12 +87,18 @@ async def _delete_if_old(blobs: BlobStore, key: str, cutoff: datetime) -> bool:
 GC_LOCK_KEY = 0x706F_7374_6763  # one replica collects at a time
 
 
-async def run_forever(repo: Repository, blobs: BlobStore, grace_s: float, interval_s: float) -> None:
+async def run_forever(repo: Repository, blobs: BlobStore, grace_s: float, interval_s: float,
+                      deliveries_keep_s: float = 30 * 86400.0) -> None:
+    """Blob GC and pruning of old delivery idempotency rows, every ``interval_s``."""
     while True:
         try:
             async with leader(repo.engine, GC_LOCK_KEY) as lead:
                 if lead:
                     await collect(repo, blobs, grace_s)
+                    pruned = await repo.prune_deliveries(
+                        datetime.now(UTC) - timedelta(seconds=deliveries_keep_s))
+                    if pruned:
+                        log.info("delivery records pruned", count=pruned)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -489,10 +489,11 @@ class Repository:
         rows = await self._mailbox_rows(conn, account_id)
         have = {r.name for r in rows}
         have_special = {r.special_use for r in rows}
-        if only is None and INBOX in have:
+        first_use = INBOX not in have
+        if only is None and not first_use:
             return
         for name, special in DEFAULT_MAILBOXES:
-            if only is not None and name not in only and name != INBOX:
+            if only is not None and not first_use and name not in only:
                 continue
             if name in have or (special and special in have_special):
                 continue
@@ -1342,6 +1343,16 @@ class Repository:
             res = await conn.execute(delete(B).where(
                 B.c.key == key, B.c.refcount <= 0, B.c.unreferenced_since < utc(older_than)))
             return bool(res.rowcount)
+
+        return await self.write(tx)
+
+    async def prune_deliveries(self, older_than: datetime) -> int:
+        """Forget idempotency rows older than any redelivery can be (they only guard
+        against a DeliverLocal coming twice)."""
+
+        async def tx(conn: AsyncConnection) -> int:
+            res = await conn.execute(delete(D).where(D.c.delivered_at < utc(older_than)))
+            return int(res.rowcount or 0)
 
         return await self.write(tx)
 

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     # (relay retries for days), hence a week.
     blob_gc_interval_s: float = 3600.0
     blob_gc_grace_s: float = 7 * 86400.0
+    # idempotency rows of local deliveries: kept longer than any redelivery can take
+    deliveries_keep_s: float = 30 * 86400.0
 
     # STORE_SEARCH: blobs read at once for BODY/TEXT keys
     search_blob_concurrency: int = 16

@@ -12,7 +12,7 @@ import textwrap
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -514,6 +514,9 @@ async def test_idempotent_delivery(store: Store) -> None:
     assert res.mailbox_id == (await r.status(a, "Junk")).mailbox_id
     async with store.engine.connect() as conn:
         assert (await conn.execute(select(Blob.__table__.c.refcount))).scalar() == 4
+    # old idempotency rows can be pruned; recent ones stay
+    assert await r.prune_deliveries(datetime.now(UTC) - timedelta(days=1)) == 0
+    assert await r.prune_deliveries(datetime.now(UTC) + timedelta(seconds=5)) == 4
 
 
 async def test_1000_concurrent_deliveries_with_redeliveries(store: Store) -> None:
@@ -649,3 +652,11 @@ async def test_leader_lock_one_holder(store: Store) -> None:
             await other.dispose()
     async with db.leader(store.engine, 4242) as again:
         assert again
+
+
+async def test_first_delivery_creates_every_default_folder(store: Store) -> None:
+    bob = await add_account(store.engine, "bob@example.test")
+    res = await store.repo.deliver("F1", bob, "Junk", new_message(raw_message(1)))
+    boxes = {m.name: m for m in await store.repo.list_mailboxes(bob)}
+    assert set(boxes) == {"INBOX", "Drafts", "Sent", "Trash", "Junk", "Archive"}
+    assert res.mailbox_id == boxes["Junk"].mailbox_id and boxes["Junk"].messages == 1
