@@ -123,6 +123,8 @@ class SessionConfig:
     # UIDs per STORE/COPY request: replies list every message, and a NATS message is at most
     # 1 MiB by default
     uids_per_request: int = 5000
+    # message bytes read from S3 and held at once by one FETCH (larger batches go piecewise)
+    fetch_bytes_in_flight: int = 32 * 1024 * 1024
     inline_append_max: int = 128 * 1024  # larger APPENDs go to S3 first, then a reference
     hostname: str = "localhost"
     starttls_available: bool = False
@@ -979,12 +981,15 @@ class Session:
                     uids=to_ranges(chunk), with_summary=need_summary))
                 metas = {m.uid: m for m in reply.messages}
             blobs: dict[str, bytes] = {}
-            # bodies, and messages the store has no summary for (computed here from the blob)
-            keys = [m.blob_key for m in metas.values()
-                    if bodies or (need_summary and m.summary is None)]
-            if keys:
-                blobs = await self.blobs.get_many(keys)
+            # bodies, and messages the store has no summary for (computed here from the blob);
+            # a batch of large messages is read later, a few at a time (see below)
+            wanted = [m for m in metas.values() if needs_blob(m)]
+            if wanted and sum(m.blob_size for m in wanted) <= self.cfg.fetch_bytes_in_flight:
+                blobs = await self.blobs.get_many([m.blob_key for m in wanted])
             return seen_changed, metas, blobs
+
+        def needs_blob(m: MessageMeta) -> bool:
+            return bool(bodies) or (need_summary and m.summary is None)
 
         # literals last, as Dovecot does: some clients read the small items before the body
         small = [a for a in atts if a not in bodies]
@@ -1003,17 +1008,32 @@ class Session:
                     # fetch the next batch's metadata and bodies while this one is written
                     nxt = asyncio.ensure_future(load(chunks[n + 1]))
                 sent = 0
-                for uid in chunk:
+                budget = self.cfg.fetch_bytes_in_flight
+                for i, uid in enumerate(chunk):
                     seq = view.seq_of(uid)
                     if seq is None:
                         continue
                     meta = metas.get(uid)
                     if need_meta and meta is None:
                         continue  # expunged meanwhile: send nothing (RFC 3501 §7.4.1 leeway)
-                    if meta is not None and meta.blob_key not in blobs and (
-                            bodies or (need_summary and meta.summary is None)):
-                        missing += 1
-                        continue
+                    if meta is not None and needs_blob(meta) and meta.blob_key not in blobs:
+                        # large messages: read the next ones up to the byte budget, then
+                        # forget what was written (memory stays bounded)
+                        group: list[str] = []
+                        size = 0
+                        for u in chunk[i:]:
+                            m = metas.get(u)
+                            if m is None or not needs_blob(m):
+                                continue
+                            if group and size + m.blob_size > budget:
+                                break
+                            group.append(m.blob_key)
+                            size += m.blob_size
+                        await self.out.drain()
+                        blobs = await self.blobs.get_many(group)
+                        if meta.blob_key not in blobs:
+                            missing += 1
+                            continue
                     items: list[bytes] = []
                     for a in small:
                         items.append(self._fetch_item(view, uid, a, meta, blobs))

@@ -36,3 +36,4 @@ class Settings(BaseSettings):
     # loopback connections count as secure (no LOGINDISABLED), as Dovecot does
     loopback_is_secure: bool = True
     fetch_batch: int = 250  # messages per STORE_FETCH request
+    fetch_bytes_in_flight: int = 32 * 1024 * 1024  # bodies one FETCH holds in memory at once

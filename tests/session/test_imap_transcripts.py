@@ -8,6 +8,7 @@ Format, one item a line:
   ``!deliver MAILBOX SUBJECT``  another party delivers a message (a change notification)
   ``!flags UID FLAG...``  another session sets flags on INBOX UID
   ``!expunge UID``  another session expunges INBOX UID
+  ``!budget N``  a FETCH holds at most N octets of bodies at once
   ``!no-summaries``  the store answers FETCH without summaries (computed from the blob)
   ``!lose-body UID``  the blob of INBOX UID cannot be read any more
   ``!quiet DIRECTIVE``  the same, but no change notification reaches the session
@@ -142,6 +143,8 @@ class Runner:
                             + b"\r\n\r\nnew\r\n", mailbox=args[0])
         elif word == "flags":
             await self.mp.flags(_flags_req(self.acc, inbox.id, int(args[0]), args[1:]))
+        elif word == "budget":  # FETCH may hold only this many body octets at once
+            self.session.cfg.fetch_bytes_in_flight = int(args[0])
         elif word == "no-summaries":  # the store has no precomputed summaries
             self.mp.serve_summaries = False
         elif word == "lose-body":  # the blob store cannot deliver this message's body
