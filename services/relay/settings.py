@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     # message to the same host (0 = off), and reused at most this many times
     connection_cache_s: float = 2.0
     connection_reuse_max: int = 100
+    pipelining: bool = True  # MAIL and RCPTs in one write when offered (RFC 2920)
 
     # queue
     concurrency: int = 20  # messages delivered at once by this replica

@@ -79,6 +79,8 @@ class Remote:
     rcpt_waiting: asyncio.Event = field(default_factory=asyncio.Event)
     drop_after_data: bool = False  # close the session after each message
     busy_421: bool = False  # a second MAIL in one session gets 421 (idle timeout)
+    pipelining: bool = True  # advertise PIPELINING (aiosmtpd reads commands in order anyway)
+    writes: list[int] = field(default_factory=list)  # commands per TCP read, envelope phase
     ehlos: int = 0
     port: int = 0
     server: asyncio.base_events.Server | None = None
@@ -93,6 +95,8 @@ class Remote:
                 remote.ehlos += 1
                 if remote.dsn:
                     responses.insert(-1, "250-DSN")
+                if remote.pipelining:
+                    responses.insert(-1, "250-PIPELINING")
                 return responses
 
             async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
@@ -471,6 +475,86 @@ async def test_a_cached_session_refused_with_421_is_replaced_without_deferral(
     for j in (j1, j2):
         kinds = [e.kind for e in await events(worker, j.queue_id)]
         assert "deferred" not in kinds
+
+
+class RawSmtp(asyncio.Protocol):
+    """A scripted SMTP server that records how the bytes arrive and answers each command
+    in its own TCP write, a millisecond apart (replies to a pipelined group trickle in)."""
+
+    def __init__(self, log: dict[str, Any], pipelining: bool) -> None:
+        self.log, self.pipelining = log, pipelining
+        self.buf = b""
+        self.in_data = False
+        self.replies = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: asyncio.WriteTransport = transport  # type: ignore[assignment]
+        self.t.write(b"220 raw.example ESMTP\r\n")
+
+    def reply(self, text: bytes) -> None:
+        self.replies += 1
+        asyncio.get_running_loop().call_later(0.001 * self.replies, self.t.write, text)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_data:
+            self.log["chunks"].append(data)
+        self.buf += data
+        while b"\r\n" in self.buf:
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            if self.in_data:
+                if line == b".":
+                    self.in_data = False
+                    self.log["messages"] += 1
+                    self.reply(b"250 2.0.0 ok\r\n")
+                continue
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                caps = b"250-PIPELINING\r\n" if self.pipelining else b""
+                self.reply(b"250-raw.example\r\n" + caps + b"250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                self.reply(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                self.reply(b"550 5.1.1 no such user\r\n" if b"bad" in line
+                           else b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                self.reply(b"354 go ahead\r\n")
+            elif verb == b"QUIT":
+                self.t.write(b"221 bye\r\n")
+                self.t.close()
+            else:
+                self.reply(b"250 ok\r\n")
+
+
+@pytest.mark.parametrize("offered", [True, False])
+async def test_pipelining_when_offered_lockstep_otherwise(
+        offered: bool, bus: Bus, blobs: BlobStore, common_settings: CommonSettings) -> None:
+    log: dict[str, Any] = {"chunks": [], "messages": 0}
+    server = await asyncio.get_running_loop().create_server(
+        lambda: RawSmtp(log, offered), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        worker = await service.start(relay_settings(common_settings, f"*=127.0.0.1:{port}"),
+                                     bus, blobs)
+        job = await enqueue(bus, blobs, ["a@example.net", "bad@example.net", "c@example.net"])
+
+        async def outcomes() -> dict[str | None, str]:
+            return {e.recipient: e.kind for e in await events(worker, job.queue_id)
+                    if e.kind in ("relayed", "failed")}
+
+        await until(lambda: _eq(outcomes(), {"a@example.net": "relayed",
+                                             "bad@example.net": "failed",
+                                             "c@example.net": "relayed"}))
+        assert log["messages"] == 1
+        envelope_chunks = [c for c in log["chunks"] if b"MAIL FROM" in c or b"RCPT TO" in c]
+        if offered:  # RFC 2920: MAIL and every RCPT in one write
+            assert len(envelope_chunks) == 1
+            assert envelope_chunks[0].count(b"RCPT TO") == 3
+        else:
+            assert len(envelope_chunks) == 4
+            assert all(c.count(b"\r\n") == 1 for c in envelope_chunks)
+    finally:
+        server.close()
 
 
 async def test_tls_required_defers_when_not_offered(bus: Bus, blobs: BlobStore,
