@@ -27,8 +27,9 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
-    TimeRemainingColumn,
+    TimeElapsedColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
@@ -400,6 +401,8 @@ def _upload(path: Path, progress: Progress, task: Any) -> Iterator[bytes]:
         while chunk := f.read(CHUNK):
             progress.advance(task, len(chunk))
             yield chunk
+    # the server stores the messages once it has the whole file: say so while we wait
+    progress.update(task, description="storing messages on the server")
 
 
 def import_cmd(
@@ -422,8 +425,8 @@ def import_cmd(
     try:
         size = upload.stat().st_size
         with client(timeout=3600.0) as c, Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                TransferSpeedColumn(), TimeRemainingColumn(), console=err,
+                SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                DownloadColumn(), TransferSpeedColumn(), TimeElapsedColumn(), console=err,
                 transient=True) as progress:
             task = progress.add_task(f"uploading {file.name}", total=size)
             rep = call(c, "POST", f"/users/{q(user)}/import",
