@@ -556,6 +556,9 @@ class Directory:
         (``alice+tag`` -> ``alice``), then the domain's catch-all. Two indexed queries on
         one connection (SQLAlchemy Core: the ORM cost four times as much per lookup).
         """
+        lit = address.strip().strip("<>").rpartition("@")[2]
+        if lit.startswith("[") and lit.endswith("]"):  # an address literal is never ours
+            return ResolveReply(status="remote", domain=lit)  # (RFC 5321 §4.1.3)
         local, dn = split_address(address)
         async with self.engine.connect() as conn:
             d = (await conn.execute(select(_D.c.local_part_case_sensitive,

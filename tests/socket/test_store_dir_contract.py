@@ -191,6 +191,8 @@ async def test_resolve_statuses(d: Directory) -> None:
     assert r.status == "disabled" and r.accounts[0].account_id == bob.id
     with pytest.raises(Invalid):
         await d.resolve("not-an-address")
+    r = await d.resolve("user@[192.0.2.1]")
+    assert r.status == "remote" and r.domain == "[192.0.2.1]"
 
 
 async def test_resolve_subaddress_alias_catch_all(d: Directory) -> None:
