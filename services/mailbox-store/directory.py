@@ -638,10 +638,13 @@ class Directory:
 
     # ============================================================ bus handlers
     async def handle_resolve(self, req: ResolveRequest) -> ResolveReply:
+        """A malformed address is ``unknown`` (a permanent 550 5.1.1 or a bounce), never an
+        error: callers treat errors as transient and would retry it forever."""
         try:
             return await self.resolve(req.address)
         except Invalid as exc:
-            raise RemoteError("invalid", exc.message) from exc
+            log.info("unresolvable address", address=req.address[:320], error=exc.message)
+            return ResolveReply(status="unknown")
 
     async def handle_authenticate(self, req: AuthRequest) -> AuthReply:
         key, failures = "", 0
