@@ -38,6 +38,7 @@ from postbus.kit.settings import CommonSettings
 
 DEFAULT_API_URL = "http://127.0.0.1:8103"
 CHUNK = 256 * 1024
+PAGE = 1000  # users per request
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -233,11 +234,17 @@ def user_add(address: str, password: PasswordOpt = None,
 def user_list(domain: Annotated[str | None, typer.Option(help="Only this domain.")] = None,
               as_json: JsonOpt = False) -> None:
     """List accounts with their usage."""
-    params: dict[str, Any] = {"limit": 10000}
+    params: dict[str, Any] = {"limit": PAGE, "offset": 0}
     if domain:
         params["domain"] = domain
+    us: list[dict[str, Any]] = []
     with client() as c:
-        us = call(c, "GET", "/users", params=params)
+        while True:  # every page
+            page = call(c, "GET", "/users", params=params)
+            us += page
+            if len(page) < PAGE:
+                break
+            params["offset"] += PAGE
     if as_json:
         return emit_json(us)
     t = Table("address", "enabled", "messages", "used", "quota", "pop3")
