@@ -230,6 +230,9 @@ class RelayWorker:
                 await beat
             self._busy.discard(qid)
         entry = await self.flush(qid)
+        # the next attempt may be hours away or on another replica: keep nothing in memory
+        self._last.pop(key, None)
+        self._locks.pop(key, None)
         if entry.done or entry.cancelled:
             return Ack()
         wait = ((entry.next_attempt_at or self.clock()) - self.clock()).total_seconds()
