@@ -846,3 +846,42 @@ async def test_killed_worker_mid_attempt_no_duplicate_nothing_lost(
 
 async def _eq(coro: Any, value: Any) -> bool:
     return bool(await coro == value)
+
+
+async def test_an_outbox_left_by_a_dead_worker_is_published_once(
+        bus: Bus, blobs: BlobStore, common_settings: CommonSettings) -> None:
+    """State as a worker leaves it when it dies after recording outcomes but before
+    publishing them: the next worker publishes the events and the DSN, once."""
+    from postbus.relay.worker import DsnRcpt, Notice, QueueEntry, RcptState
+
+    worker = await service.start(relay_settings(common_settings, "*=127.0.0.1:1"), bus, blobs)
+    inbox = Inbox(bus)
+    key = await blobs.put(BODY)
+    now = datetime.now(UTC)
+    job = OutboundQueued(queue_id="QDEAD1", mail_from="bob@example.test",
+                         recipients=[Recipient(address="x@example.net")], blob_key=key,
+                         size=len(BODY), queued_at=now)
+    ev = DeliveryEvent(queue_id="QDEAD1", kind="failed", recipient="x@example.net", at=now,
+                       service="relay", status="5.1.1", detail="550 5.1.1 no")
+    entry = QueueEntry(
+        queue_id="QDEAD1", job=job, created_at=now, attempts=1, lease_owner="dead",
+        recipients=[RcptState(address="x@example.net", state="failed", attempts=1,
+                              status="5.1.1", reply="550 5.1.1 no")],
+        outbox=[Notice(msg_id="relay:QDEAD1:x@example.net:failed", event=ev),
+                Notice(msg_id="dsn:QDEAD1:failed:abc", dsn_action="failed",
+                       dsn_rcpts=[DsnRcpt(address="x@example.net", status="5.1.1",
+                                          reply="550 5.1.1 no")])])
+    assert await worker.queue.create("QDEAD1", entry.model_dump_json().encode())
+    await bus.publish(OUTBOUND_QUEUED, job)
+    await until(lambda: len(inbox.mails) == 1)
+
+    async def flushed() -> bool:
+        got = await worker.load("QDEAD1")
+        return got is not None and not got[0].outbox
+
+    await until(flushed)
+    kinds = [e.kind for e in await events(worker, "QDEAD1")]
+    assert kinds == ["failed"]
+    await bus.publish(OUTBOUND_QUEUED, job)  # a late duplicate changes nothing
+    await asyncio.sleep(1.0)
+    assert len(inbox.mails) == 1 and [e.kind for e in await events(worker, "QDEAD1")] == ["failed"]
