@@ -950,9 +950,18 @@ class Repository:
 
     async def append(self, account_id: int, mailbox: str, msg: NewMessage) -> tuple[int, int, Change]:
         """APPEND: returns (uidvalidity, uid, change); not_found (TRYCREATE) / over_quota."""
-        name = normalize_name(mailbox)
+        uv, uids, change = await self.append_many(account_id, mailbox, [msg])
+        return uv, uids[0], change
 
-        async def tx(conn: AsyncConnection) -> tuple[int, int, Change]:
+    async def append_many(self, account_id: int, mailbox: str, msgs: Sequence[NewMessage]
+                          ) -> tuple[int, list[int], Change]:
+        """Several messages in one transaction (MULTIAPPEND, RFC 3502; imports): all or
+        none, consecutive UIDs. Returns (uidvalidity, uids, change)."""
+        name = normalize_name(mailbox)
+        if not msgs:
+            raise Invalid("nothing to append")
+
+        async def tx(conn: AsyncConnection) -> tuple[int, list[int], Change]:
             acct = await self._lock_account(conn, account_id)
             mbox = await self._mailbox_by_name(conn, account_id, name)
             if mbox is None and name in {n for n, _ in DEFAULT_MAILBOXES}:
@@ -960,8 +969,8 @@ class Repository:
                 mbox = await self._mailbox_by_name(conn, account_id, name)
             if mbox is None:
                 raise NotFound(f"no mailbox {name}")
-            uids, change = await self._insert_messages(conn, acct, mbox, [msg])
-            return mbox.uidvalidity, uids[0], change
+            uids, change = await self._insert_messages(conn, acct, mbox, msgs)
+            return mbox.uidvalidity, uids, change
 
         return await self.write(tx)
 

@@ -660,3 +660,17 @@ async def test_first_delivery_creates_every_default_folder(store: Store) -> None
     boxes = {m.name: m for m in await store.repo.list_mailboxes(bob)}
     assert set(boxes) == {"INBOX", "Drafts", "Sent", "Trash", "Junk", "Archive"}
     assert res.mailbox_id == boxes["Junk"].mailbox_id and boxes["Junk"].messages == 1
+
+
+async def test_append_many_is_all_or_nothing(store: Store) -> None:
+    r = store.repo
+    raw = raw_message(1)
+    a = await add_account(store.engine, "imp@example.test", quota=3 * len(raw))
+    uv, uids, change = await r.append_many(a, "Archive", [new_message(raw, flags=("\\Seen",))] * 2)
+    assert uids == [1, 2] and change.exists == 2 and uv == (await r.status(a, "Archive")).uidvalidity
+    with pytest.raises(OverQuota):  # two more do not fit: none is stored
+        await r.append_many(a, "Archive", [new_message(raw)] * 2)
+    info = await r.status(a, "Archive")
+    assert info.messages == 2 and info.unseen == 0 and info.uidnext == 3
+    with pytest.raises(Invalid):
+        await r.append_many(a, "Archive", [])
