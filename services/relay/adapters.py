@@ -50,7 +50,12 @@ class DnsDestinations:
         self.smtp_port = smtp_port
         self.max_hosts = max_hosts
         self.rng = rng or random.Random()
-        self.resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+        try:
+            self.resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+        except dns.resolver.NoResolverConfiguration:
+            log.warning("no /etc/resolv.conf; using 127.0.0.1 for DNS")
+            self.resolver = dns.asyncresolver.Resolver(configure=False)
+            self.resolver.nameservers = ["127.0.0.1"]
         if nameservers:
             self.resolver.nameservers = list(nameservers)
             self.resolver.port = port
@@ -320,7 +325,7 @@ class SmtpTransport:
                     return await self._session(hop, env, body, use_tls)
                 except _NextHop as exc:
                     last, last_status = exc.reply, exc.status
-                    if exc.tls_failed and use_tls and not self.tls_required:
+                    if exc.tls_failed and use_tls and not (self.tls_required or self.tls_verify):
                         use_tls = False  # handshake failed: same host in clear (RFC 7435 §6.2)
                         continue
                     break

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     data_timeout_s: float = 600.0  # for the body and its final reply
     starttls: bool = True  # opportunistic STARTTLS when offered
     tls_required: bool = False  # refuse to send in clear text (defer instead)
-    tls_verify: bool = False  # verify the server certificate and name
+    tls_verify: bool = False  # verify the server certificate and name; a failure defers
     # connection cache: a session is kept this long after a transaction for the next
     # message to the same host (0 = off), and reused at most this many times
     connection_cache_s: float = 2.0

@@ -557,6 +557,25 @@ async def test_pipelining_when_offered_lockstep_otherwise(
         server.close()
 
 
+async def test_tls_verify_refuses_a_self_signed_certificate(
+        bus: Bus, blobs: BlobStore, common_settings: CommonSettings, remotes: list[Remote],
+        tmp_path: Path) -> None:
+    self_signed(tmp_path / "c.pem", tmp_path / "k.pem", "mx.example.net")
+    r = await new_remote(remotes, tls=server_context(tmp_path / "c.pem", tmp_path / "k.pem"))
+    s = relay_settings(common_settings, f"*=127.0.0.1:{r.port}", tls_verify=True,
+                       retry_schedule="30")
+    worker = await service.start(s, bus, blobs)
+    job = await enqueue(bus, blobs, ["carol@example.net"])
+
+    async def deferred() -> list[DeliveryEvent]:
+        return [e for e in await events(worker, job.queue_id) if e.kind == "deferred"]
+
+    await until(deferred)
+    ev = (await deferred())[0]
+    assert ev.status == "4.7.0" and "STARTTLS" in ev.detail
+    assert r.messages == []  # no fallback to clear text when verification is asked for
+
+
 async def test_tls_required_defers_when_not_offered(bus: Bus, blobs: BlobStore,
                                                     common_settings: CommonSettings,
                                                     remotes: list[Remote]) -> None:
