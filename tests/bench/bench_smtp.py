@@ -237,7 +237,7 @@ def main() -> None:
                             r["lost"] = max(0, n - stored) if r["messages"] else 0
                         samples[name].append(r)
                 for name, rs in samples.items():
-                    row[name] = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+                    row[name] = {k: round(statistics.median(x[k] for x in rs), 2) for k in rs[0]}
                     row[name + "_samples"] = rs
                 pbr, bar = row["postbus"], row["bare"]
                 row["ratio"] = round(pbr["msgs_per_s"] / bar["msgs_per_s"], 3)  # type: ignore[index]
