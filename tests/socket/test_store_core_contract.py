@@ -4,6 +4,7 @@ PostgreSQL (when POSTBUS_TEST_POSTGRES_URL is set; each test gets a fresh schema
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -583,7 +584,22 @@ async def test_two_store_processes_deliver_to_one_mailbox(store: Store, tmp_path
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, "-c", WORKER, url or "", schema, str(store.account), p, str(n),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in ("A", "B")]
+    # an observer meanwhile: every snapshot is exactly 1..k (a UID never shows up before a
+    # smaller one that commits later, so a client never misses one)
+    inbox = await store.inbox()
+    snapshots = 0
+    while any(p.returncode is None for p in procs):
+        _, msgs, _, _ = await store.repo.select(store.account, inbox, limit=5000)
+        uids = [m.uid for m in msgs]
+        assert uids == list(range(1, len(uids) + 1)), uids
+        snapshots += 1
+        await asyncio.sleep(0.01)
+        for p in procs:
+            if p.returncode is None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(p.wait()), 0.001)
     outs = [await p.communicate() for p in procs]
+    assert snapshots > 0
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err.decode()[-2000:]
     orders = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outs]
