@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postbus.kit.logging import get_logger
+from postbus.kit.metrics import histogram
 from postbus.mailbox_store.db import IMMEDIATE
 from postbus.mailbox_store.models import (
     FLAG_BITS,
@@ -60,6 +61,10 @@ from postbus.proto.mail import MessageSummary
 from postbus.proto.store import MailboxInfo, MessageMeta, MessageState, Pop3Message, SearchKey
 
 log = get_logger("postbus.mailbox_store.repository")
+COMMIT_BATCH = histogram("postbus_store_delivery_batch_size", "Deliveries per group commit",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+COMMIT_SECONDS = histogram("postbus_store_delivery_commit_seconds",
+                           "Time to store one group of deliveries")
 
 T = TypeVar("T")
 PM = TypeVar("PM", bound=BaseModel)
@@ -346,8 +351,10 @@ class _Batcher:
             live = [(j, f) for j, f in batch if not f.done()]
             if not live:
                 continue
+            COMMIT_BATCH.observe(len(live))
             try:
-                outcomes = await self.run([j for j, _ in live])
+                with COMMIT_SECONDS.time():
+                    outcomes = await self.run([j for j, _ in live])
             except Exception as exc:
                 if len(live) == 1:
                     live[0][1].set_exception(exc)
