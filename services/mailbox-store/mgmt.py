@@ -12,6 +12,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -51,7 +52,7 @@ _STATUS = {"not_found": 404, "exists": 409, "conflict": 409, "invalid": 422,
            "over_quota": 507}
 # an upload is spooled to a temporary file, so memory stays bounded by one message
 DEFAULT_MAX_UPLOAD = 8 * 1024 * 1024 * 1024
-IMPORT_BATCH = 16  # messages parsed, summarized and uploaded to S3 concurrently...
+IMPORT_BATCH = 32  # messages parsed, summarized and uploaded to S3 concurrently...
 IO_BATCH_BYTES = 32 * 1024 * 1024  # ...or fewer when they are large (export: read at once)
 EXPORT_PAGE = 200
 
@@ -266,51 +267,73 @@ class MailAdmin:
         rep = ImportReport(mailbox=name, format=fmt, imported=0, failed=0, bytes=0,
                            first_uid=None, last_uid=None)
         it = read_archive(fmt, path, max_message=max_message)
-        done = False
-        while not done:
+
+        async def load() -> _Batch:
+            """The next messages of the file, summarized and in S3 (blob puts in parallel)."""
             batch: list[ImportedMessage] = []
+            error, end, size = None, False, 0
             try:
-                size = 0
                 while len(batch) < IMPORT_BATCH and size < IO_BATCH_BYTES:
                     m = await asyncio.to_thread(next, it, None)
                     if m is None:
-                        done = True
+                        end = True
                         break
                     batch.append(m)
                     size += len(m.raw)
             except FormatError as exc:
-                if rep.imported == 0 and not batch:
-                    raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
-                rep.stopped, done = str(exc), True
+                error, end = str(exc), True
             prepared = await asyncio.gather(*(self._prepare(m) for m in batch),
                                             return_exceptions=True)
-            for m, p in zip(batch, prepared, strict=True):
-                if isinstance(p, BaseException):
-                    rep.failed += 1
-                    _note(rep, f"{m.source}: {type(p).__name__}: {p}")
-                    continue
-                try:
-                    target = await ensure(name)
-                    if m.folder:  # a Maildir++ sub-folder, below the target unless INBOX
-                        target = await ensure(m.folder if name == "INBOX"
-                                              else f"{name}/{m.folder}")
-                    _, uid, change = await self.repo.append(account.id, target, p)
-                except store.OverQuota as exc:
-                    rep.failed += 1
-                    rep.stopped = f"{m.source}: {exc.message}"
-                    done = True
+            return _Batch(batch, list(prepared), error, end)
+
+        current = await load()
+        if current.error and not current.messages:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, current.error)
+        nxt: asyncio.Task[_Batch] | None = None
+        try:
+            while True:
+                # pipeline: the next batch is read and uploaded while this one is committed
+                nxt = None if current.end else asyncio.create_task(load())
+                stop = False
+                for m, p in zip(current.messages, current.prepared, strict=True):
+                    if isinstance(p, BaseException):
+                        rep.failed += 1
+                        _note(rep, f"{m.source}: {type(p).__name__}: {p}")
+                        continue
+                    try:
+                        target = await ensure(name)
+                        if m.folder:  # a Maildir++ sub-folder, below the target unless INBOX
+                            target = await ensure(m.folder if name == "INBOX"
+                                                  else f"{name}/{m.folder}")
+                        _, uid, change = await self.repo.append(account.id, target, p)
+                    except store.OverQuota as exc:
+                        rep.failed += 1
+                        rep.stopped = f"{m.source}: {exc.message}"
+                        stop = True
+                        break
+                    except StoreError as exc:
+                        rep.failed += 1
+                        _note(rep, f"{m.source}: {exc.message}")
+                        continue
+                    rep.imported += 1
+                    rep.bytes += p.blob_size
+                    rep.mailboxes[target] = rep.mailboxes.get(target, 0) + 1
+                    if target == names.get(name):
+                        rep.first_uid = rep.first_uid or uid
+                        rep.last_uid = uid
+                    await self.notify(change)
+                if current.error:
+                    rep.stopped = current.error
+                if stop or nxt is None:
+                    if nxt is not None:
+                        nxt.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await nxt
                     break
-                except StoreError as exc:
-                    rep.failed += 1
-                    _note(rep, f"{m.source}: {exc.message}")
-                    continue
-                rep.imported += 1
-                rep.bytes += p.blob_size
-                rep.mailboxes[target] = rep.mailboxes.get(target, 0) + 1
-                if target == names.get(name):
-                    rep.first_uid = rep.first_uid or uid
-                    rep.last_uid = uid
-                await self.notify(change)
+                current = await nxt
+        finally:  # the client went away, or an error: stop reading ahead
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
         log.info("import", account=account.address, mailbox=name, format=fmt,
                  imported=rep.imported, failed=rep.failed, stopped=rep.stopped)
         return rep
@@ -331,6 +354,14 @@ class MailAdmin:
             after = states[-1].uid
             if not more:
                 return
+
+
+@dataclass
+class _Batch:
+    messages: list[ImportedMessage]
+    prepared: list[NewMessage | BaseException]
+    error: str | None  # the file went bad after these messages
+    end: bool
 
 
 def _by_bytes(metas: list[MessageMeta], budget: int) -> Iterator[list[MessageMeta]]:
