@@ -1,9 +1,11 @@
 """The directory: domains, accounts and aliases in SQL, and the ``directory.*`` RPCs that
 smtp-ingress, imap-access and pop3-access ask (proto/directory.py).
 
-Nothing is cached: every replica reads the database on each request, so a password change,
-a disabled account or a new alias takes effect at once on every replica. A lookup is one
-or two indexed queries. HTTPException never appears here (see mgmt.py).
+Nothing is cached by default: every replica reads the database on each request, so a
+password change, a disabled account or a new alias takes effect at once on every replica
+(an optional resolve TTL cache trades that for speed). A resolve is two indexed queries.
+Failed logins are counted per (user, client IP) in a NATS KV bucket all replicas share.
+HTTPException never appears here (see mgmt.py).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ MAX_DOMAIN = 253
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # a dot-atom local part (RFC 5322 §3.2.3) or a quoted string; no controls, no spaces unquoted
 _ATOM_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]+$")
+
 
 # ---------------------------------------------------------------- errors (values for mgmt)
 class DirectoryError(Exception):
