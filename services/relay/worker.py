@@ -525,7 +525,10 @@ class RelayWorker:
             body = BodyRef(size=len(data), inline=data)
         mail = MailReceived(
             queue_id=new_qid, received_at=now,
-            client=ClientInfo(ip="127.0.0.1", helo=self.s.ehlo_name, listener="api"),
+            # the mail system itself is the author: authenticated as MAILER-DAEMON so that
+            # mime-processor may route a DSN to a remote sender (no open relay otherwise)
+            client=ClientInfo(ip="127.0.0.1", helo=self.s.ehlo_name, listener="api",
+                              auth_user=f"MAILER-DAEMON@{self.s.ehlo_name}"),
             mail_from="", rcpt_to=[Recipient(address=sender, notify=["NEVER"])], body=body,
             body_type="8BITMIME" if any(b > 127 for b in data) else "7BIT",
             smtputf8=not sender.isascii())

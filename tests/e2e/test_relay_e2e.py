@@ -129,3 +129,15 @@ def test_relay_and_bounce_through_the_platform(outbound_platform: Platform,
         assert c.get("/api/v1/queue").json() == []
         metrics = httpx.get(plat.api("relay") + "/metrics").text
         assert 'postbus_relay_deliveries_total{outcome="relayed"} 1.0' in metrics
+
+    # a bounce for a remote sender goes out through the relay again, from the null sender
+    with smtplib.SMTP("127.0.0.1", plat.port("smtp-ingress", "smtp_port"), timeout=10) as s:
+        s.ehlo("client.example.test")
+        assert s.docmd("MAIL FROM:<bob@example.net>")[0] == 250
+        assert s.docmd("RCPT TO:<nobody@example.net>")[0] == 250
+        assert s.data(BODY.replace(b"alice@example.test", b"bob@example.net"))[0] == 250
+    wait_for(lambda: len(handler.got) == 2, timeout=60)
+    mail_from, rcpts, data = handler.got[1]
+    assert mail_from in ("", "<>") and rcpts == ["bob@example.net"]  # aiosmtpd keeps "<>"
+    dsn = email.message_from_bytes(data, policy=email.policy.default)
+    assert dsn.get_content_type() == "multipart/report"

@@ -311,6 +311,7 @@ async def test_5xx_bounces_as_multipart_report(bus: Bus, blobs: BlobStore,
     mail = inbox.mails[0]
     assert mail.mail_from == "" and [x.address for x in mail.rcpt_to] == ["bob@example.test"]
     assert mail.client.listener == "api" and mail.queue_id.startswith("DSN")
+    assert mail.client.auth_user == "MAILER-DAEMON@relay.example.test"  # may go to remote senders
     msg = dsn_of(mail)
     assert msg.get_content_type() == "multipart/report"
     parts = list(msg.iter_parts())
