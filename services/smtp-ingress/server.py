@@ -266,6 +266,8 @@ class IngressSMTP(SMTP):
         self._smtp_methods = _Methods(self)  # type: ignore[assignment]
         self._enforce_call_limit = False
         self._pending: list[bytes] = []
+        self._last_activity = 0.0
+        self._timer_exact = False
         self.busy = False  # reading or queueing a message: finish it before shutdown
         self.info: SessionInfo | None = None
         self.client_ip = ""
@@ -325,7 +327,27 @@ class IngressSMTP(SMTP):
             self._session_timer.cancel()
         super().connection_lost(error)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Called for every command: only note the time; the one idle timer re-arms itself
+        when it fires early (a call_later per command costs more than the command)."""
+        self._last_activity = self.loop.time()
+        if duration is not None:  # PROXY header wait: a real, shorter deadline
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timeout_handle = self.loop.call_later(duration, self._timeout_cb)
+            self._timer_exact = True
+        elif self._timeout_handle is None or self._timer_exact:
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timeout_handle = self.loop.call_later(self._timeout_duration, self._timeout_cb)
+            self._timer_exact = False
+
     def _timeout_cb(self) -> None:
+        idle = self.loop.time() - self._last_activity
+        if not self._timer_exact and idle < self._timeout_duration:
+            self._timeout_handle = self.loop.call_later(self._timeout_duration - idle,
+                                                        self._timeout_cb)
+            return
         self._close_with("421 4.4.2 Idle timeout, closing connection")
 
     def _session_expired(self) -> None:
