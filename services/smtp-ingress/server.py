@@ -57,7 +57,6 @@ ACCEPT_LATENCY = histogram("postbus_smtp_accept_seconds",
                            "End of data to the 250 reply (S3 put if any + JetStream ack)",
                            ["listener"])
 
-LISTENERS = ("mx", "submission", "smtps")
 _REFUSAL_REASONS = {policy.R421_BUSY: "max_connections", policy.R421_TOO_MANY_CONN: "per_ip_limit",
                     policy.R421_RATE: "rate_limit"}
 
@@ -778,7 +777,6 @@ class IngressSMTP(SMTP):
         env.seen = set()  # type: ignore[attr-defined]
         env.mode = None  # type: ignore[attr-defined]  # "DATA" or "BDAT" once started
         env.chunks = bytearray()  # type: ignore[attr-defined]
-        env.failed = False  # type: ignore[attr-defined]
         await self.push(policy.R250_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -901,7 +899,7 @@ class IngressSMTP(SMTP):
         size, last = parsed
         env: Any = self.envelope
         limit = self.data_size_limit or 2**31
-        keep = (self._in_transaction() and env.mode != "DATA" and not env.failed
+        keep = (self._in_transaction() and env.mode != "DATA"
                 and len(env.chunks) + size <= limit)
         remaining = size
         while remaining:
