@@ -1210,7 +1210,7 @@ class Repository:
             values = []
             for i, r in enumerate(rows):
                 v = {c: getattr(r, c) for c in r._fields if c != "id"}
-                v.update(mailbox_id=dst.id, uid=first + i, modseq=modseq)
+                v.update(mailbox_id=dst.id, uid=first + i, modseq=modseq, pop3_hidden=False)
                 values.append(v)
             if not move:
                 refs: dict[str, tuple[int, int]] = {}
