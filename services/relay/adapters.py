@@ -293,7 +293,8 @@ class SmtpTransport:
                  command_timeout_s: float = 60.0, data_timeout_s: float = 600.0,
                  starttls: bool = True, tls_required: bool = False,
                  tls_verify: bool = False, cache_idle_s: float = 2.0,
-                 cache_max_uses: int = 100, pipelining: bool = True) -> None:
+                 cache_max_uses: int = 100, pipelining: bool = True,
+                 destination_concurrency: int = 0) -> None:
         self.ehlo_name = ehlo_name
         self.connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s
@@ -304,6 +305,8 @@ class SmtpTransport:
         self.cache_idle_s = cache_idle_s
         self.cache_max_uses = cache_max_uses
         self.pipelining = pipelining
+        self.destination_concurrency = destination_concurrency
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
         self._reapers: set[asyncio.Task[None]] = set()
 
@@ -315,6 +318,16 @@ class SmtpTransport:
         return ctx
 
     async def send(self, hops: list[Hop], env: Envelope, body: bytes) -> AttemptResult:
+        if self.destination_concurrency <= 0 or not hops:
+            return await self._send(hops, env, body)
+        # at most N sessions at once to one destination (its first host), as Postfix's
+        # default_destination_concurrency_limit: a smart host or a big MX is not flooded
+        dest = f"{hops[0].label}:{hops[0].port}"
+        slot = self._slots.setdefault(dest, asyncio.Semaphore(self.destination_concurrency))
+        async with slot:
+            return await self._send(hops, env, body)
+
+    async def _send(self, hops: list[Hop], env: Envelope, body: bytes) -> AttemptResult:
         last = "no host to try"
         last_status = "4.4.1"
         want_tls = self.starttls or self.tls_required

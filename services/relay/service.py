@@ -33,7 +33,8 @@ async def build_worker(settings: Settings, bus: Bus, blobs: BlobStore) -> RelayW
         command_timeout_s=settings.command_timeout_s, data_timeout_s=settings.data_timeout_s,
         starttls=settings.starttls, tls_required=settings.tls_required,
         tls_verify=settings.tls_verify, cache_idle_s=settings.connection_cache_s,
-        cache_max_uses=settings.connection_reuse_max, pipelining=settings.pipelining)
+        cache_max_uses=settings.connection_reuse_max, pipelining=settings.pipelining,
+        destination_concurrency=settings.destination_concurrency)
     return RelayWorker(settings, bus=bus, blobs=blobs, queue=queue, bounces=bounces,
                        destinations=dests, transport=transport)
 

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     connection_cache_s: float = 2.0
     connection_reuse_max: int = 100
     pipelining: bool = True  # MAIL and RCPTs in one write when offered (RFC 2920)
+    destination_concurrency: int = 10  # sessions at once to one destination; 0 = no limit
 
     # queue
     concurrency: int = 20  # messages delivered at once by this replica

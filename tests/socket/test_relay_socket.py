@@ -80,7 +80,9 @@ class Remote:
     drop_after_data: bool = False  # close the session after each message
     busy_421: bool = False  # a second MAIL in one session gets 421 (idle timeout)
     pipelining: bool = True  # advertise PIPELINING (aiosmtpd reads commands in order anyway)
-    writes: list[int] = field(default_factory=list)  # commands per TCP read, envelope phase
+    data_delay_s: float = 0.0  # handle_DATA takes this long
+    active: int = 0  # DATA handlers running now
+    max_active: int = 0
     ehlos: int = 0
     port: int = 0
     server: asyncio.base_events.Server | None = None
@@ -125,6 +127,12 @@ class Remote:
                 return "250 2.1.5 OK"
 
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                remote.active += 1
+                remote.max_active = max(remote.max_active, remote.active)
+                try:
+                    await asyncio.sleep(remote.data_delay_s)
+                finally:
+                    remote.active -= 1
                 remote.messages.append(Got(envelope.mail_from, list(envelope.rcpt_tos),
                                            envelope.original_content, list(envelope.mail_options),
                                            session.ssl is not None))
@@ -556,6 +564,19 @@ async def test_pipelining_when_offered_lockstep_otherwise(
             assert all(c.count(b"\r\n") == 1 for c in envelope_chunks)
     finally:
         server.close()
+
+
+async def test_destination_concurrency_limit(bus: Bus, blobs: BlobStore,
+                                             common_settings: CommonSettings,
+                                             remotes: list[Remote]) -> None:
+    r = await new_remote(remotes, data_delay_s=0.2)
+    s = relay_settings(common_settings, f"*=127.0.0.1:{r.port}", concurrency=8,
+                       destination_concurrency=2)
+    await service.start(s, bus, blobs)
+    for i in range(6):
+        await enqueue(bus, blobs, [f"u{i}@example.net"])
+    await until(lambda: len(r.messages) == 6)
+    assert r.max_active == 2
 
 
 async def test_tls_verify_refuses_a_self_signed_certificate(
