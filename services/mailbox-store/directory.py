@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from postbus.kit.bus import Bus, RemoteError
 from postbus.kit.logging import get_logger
+from postbus.kit.metrics import counter
 from postbus.mailbox_store.db import IMMEDIATE
 from postbus.mailbox_store.models import (
     Account,
@@ -60,6 +61,12 @@ _A = Account.__table__
 _AL = Alias.__table__
 _T = AliasTarget.__table__
 _D = Domain.__table__
+
+RESOLVES = counter("postbus_directory_resolve_total", "Recipient lookups by outcome", ["status"])
+LOGINS = counter("postbus_directory_logins_total", "Logins by service and outcome",
+                 ["service", "outcome"])
+RESOLVE_CACHE = counter("postbus_directory_resolve_cache_total", "Resolve cache lookups",
+                        ["result"])
 
 QUEUE_GROUP = "mailbox-store"
 RESOLVE_CACHE_MAX = 50_000  # entries; the whole cache is dropped when full
@@ -545,7 +552,9 @@ class Directory:
         now = time.monotonic()
         hit = self._cache.get(address)
         if hit is not None and hit[0] > now:
+            RESOLVE_CACHE.labels("hit").inc()
             return hit[1]
+        RESOLVE_CACHE.labels("miss").inc()
         reply = await self._resolve(address)
         if len(self._cache) >= RESOLVE_CACHE_MAX:
             self._cache.clear()
@@ -644,10 +653,12 @@ class Directory:
         """A malformed address is ``unknown`` (a permanent 550 5.1.1 or a bounce), never an
         error: callers treat errors as transient and would retry it forever."""
         try:
-            return await self.resolve(req.address)
+            reply = await self.resolve(req.address)
         except Invalid as exc:
             log.info("unresolvable address", address=req.address[:320], error=exc.message)
-            return ResolveReply(status="unknown")
+            reply = ResolveReply(status="unknown")
+        RESOLVES.labels(reply.status).inc()
+        return reply
 
     async def handle_authenticate(self, req: AuthRequest) -> AuthReply:
         key, failures = "", 0
@@ -663,6 +674,7 @@ class Directory:
                     await self.throttle.failed(key, failures)
                 elif reply.ok and failures:
                     await self.throttle.reset(key)
+        LOGINS.labels(req.service, "ok" if reply.ok else (reply.reason or "invalid")).inc()
         log.info("login", service=req.service, client_ip=req.client_ip, ok=reply.ok,
                  reason=reply.reason, account=reply.address or req.username[:320])
         return reply

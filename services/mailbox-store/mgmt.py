@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus
 from postbus.kit.logging import get_logger
+from postbus.kit.metrics import counter
 from postbus.mailbox_store import repository as store
 from postbus.mailbox_store.directory import (
     AccountInfo,
@@ -47,6 +48,8 @@ from postbus.proto.store import MessageMeta
 from postbus.protocols.mime import summarize
 
 log = get_logger("postbus.mailbox_store.mgmt")
+
+IMPORTED = counter("postbus_store_imported_messages_total", "Messages imported", ["outcome"])
 
 _STATUS = {"not_found": 404, "exists": 409, "conflict": 409, "invalid": 422,
            "over_quota": 507}
@@ -334,6 +337,8 @@ class MailAdmin:
         finally:  # the client went away, or an error: stop reading ahead
             if nxt is not None and not nxt.done():
                 nxt.cancel()
+        IMPORTED.labels("ok").inc(rep.imported)
+        IMPORTED.labels("failed").inc(rep.failed)
         log.info("import", account=account.address, mailbox=name, format=fmt,
                  imported=rep.imported, failed=rep.failed, stopped=rep.stopped)
         return rep

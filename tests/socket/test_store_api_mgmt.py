@@ -171,6 +171,9 @@ async def test_aliases_catch_all_subaddress(api: Api) -> None:
     await api.ok("PATCH", "/api/v1/domains/example.test",
                  json={"local_part_case_sensitive": True})
     assert await resolve("ALICE@example.test") == ("unknown", [])
+    metrics = (await api.c.get("/metrics")).text
+    assert 'postbus_directory_resolve_total{status="local"}' in metrics
+    assert 'postbus_directory_resolve_total{status="unknown"}' in metrics
 
 
 def _mbox_bytes(tmp: Path, n: int) -> bytes:
