@@ -211,6 +211,20 @@ class Ingress:
         return policy.may_relay(authenticated=authenticated, trusted=policy.ip_in(ip, self.trusted))
 
 
+async def reverse_dns(ip: str) -> str | None:
+    """Forward-confirmed reverse DNS (the PTR name, if that name resolves back to ``ip``),
+    through the system resolver (so /etc/hosts counts too); None otherwise."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    try:
+        name, _ = await loop.getnameinfo((ip, 0), socket.NI_NAMEREQD)
+        infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    return name if any(i[4][0] == ip for i in infos) else None
+
+
 def _tls_info(obj: Any) -> str | None:
     if obj is None:
         return None
@@ -265,6 +279,7 @@ class IngressSMTP(SMTP):
         self._smtp_methods = _Methods(self)  # type: ignore[assignment]
         self._enforce_call_limit = False
         self._pending: list[bytes] = []
+        self._rdns: asyncio.Future[str | None] | None = None
         self._last_activity = 0.0
         self._timer_exact = False
         self.busy = False  # reading or queueing a message: finish it before shutdown
@@ -324,6 +339,8 @@ class IngressSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._session_timer is not None:
             self._session_timer.cancel()
+        if self._rdns is not None and not self._rdns.done():
+            self._rdns.cancel()
         super().connection_lost(error)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -418,6 +435,10 @@ class IngressSMTP(SMTP):
             await self._close_after(refusal)
             return
         self.ingress.conns.add(self)
+        if s.reverse_dns:
+            self._rdns = asyncio.ensure_future(asyncio.wait_for(reverse_dns(self.client_ip),
+                                                                s.reverse_dns_timeout_s))
+            self._rdns.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.info = SessionInfo(next(_ids), self.listener, self.client_ip, self.client_port,
                                 datetime.now(UTC), tls=_tls_info(self._ssl_object()))
         self.ingress.sessions[self.info.id] = self.info
@@ -930,6 +951,14 @@ class IngressSMTP(SMTP):
         env.chunks = bytearray()
         await self._accept_message(body)
 
+    async def _reverse_name(self) -> str | None:
+        if self._rdns is None:
+            return None
+        try:
+            return await asyncio.shield(self._rdns)
+        except (TimeoutError, asyncio.TimeoutError, OSError):
+            return None
+
     async def _refuse_message(self, reply: str, reason: str) -> None:
         _m(MESSAGES, self.listener, "rejected", reason).inc()
         self.ingress.stats.add("message_rejected", reason)
@@ -945,10 +974,11 @@ class IngressSMTP(SMTP):
         now = datetime.now(UTC)
         ssl_obj = self._ssl_object()
         tls = _tls_info(ssl_obj)
+        rdns = await self._reverse_name()
         auth_user = self._auth.address if self._auth else None
         assert self.session is not None
         header = policy.received_header(
-            helo=self.session.host_name, ip=self.client_ip, rdns=None, hostname=ing.hostname,
+            helo=self.session.host_name, ip=self.client_ip, rdns=rdns, hostname=ing.hostname,
             esmtp=bool(self.session.extended_smtp), tls=tls, auth_user=auth_user,
             utf8=bool(env.params.smtputf8), queue_id=qid,
             rcpt=env.recipients[0].address if len(env.recipients) == 1 else None, when=now)
@@ -960,7 +990,7 @@ class IngressSMTP(SMTP):
                 ref = BodyRef(size=len(full), inline=full)
             msg = MailReceived(
                 queue_id=qid, received_at=now,
-                client=ClientInfo(ip=self.client_ip, port=self.client_port,
+                client=ClientInfo(ip=self.client_ip, port=self.client_port, reverse_dns=rdns,
                                   helo=self.session.host_name, listener=self.listener,  # type: ignore[arg-type]
                                   tls=tls, auth_user=auth_user),
                 mail_from=env.mail_from, rcpt_to=env.recipients, body=ref,

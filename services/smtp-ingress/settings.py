@@ -64,6 +64,11 @@ class Settings(BaseSettings):
 
     publish_timeout_s: float = 5.0
 
+    # forward-confirmed reverse DNS of the client for the Received header and ClientInfo
+    # (system resolver, off the command path; off by default: one PTR + A lookup per connection)
+    reverse_dns: bool = False
+    reverse_dns_timeout_s: float = 3.0
+
     @field_validator("trusted_networks", mode="before")
     @classmethod
     def _split_networks(cls, v: object) -> object:

@@ -695,3 +695,16 @@ async def test_starttls_command_injection_is_discarded(ing: RunningIngress) -> N
     assert code == 250 and "AUTH PLAIN LOGIN" in lines  # the first reply inside TLS is EHLO's
     assert (await c.cmd("NOOP")) == (250, "2.0.0 Ok")
     c.close()
+
+
+async def test_reverse_dns_in_client_info_and_received(start: Start, inbox: Inbox) -> None:
+    ing = await start(reverse_dns=True)
+    c = await greeted(ing.port("mx"))
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await c.send(BODY + b".\r\n")
+    assert (await c.reply())[0] == 250
+    msg = await inbox.get()
+    assert msg.client.reverse_dns == "localhost"  # 127.0.0.1 -> localhost -> 127.0.0.1
+    assert b"from c.example.net (localhost [127.0.0.1])" in msg.body.inline  # type: ignore[operator]
+    c.close()
