@@ -956,7 +956,7 @@ class IngressSMTP(SMTP):
             return None
         try:
             return await asyncio.shield(self._rdns)
-        except (TimeoutError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, OSError):
             return None
 
     async def _refuse_message(self, reply: str, reason: str) -> None:
