@@ -70,6 +70,7 @@ async def one_run(common: CommonSettings, sink_port: int, n: int, size: int,
             await bus.publish(OUTBOUND_QUEUED, job)
         settings = Settings(common=common, transport_map=f"*=127.0.0.1:{sink_port}",
                             hostname="relay.bench", concurrency=concurrency,
+                            destination_concurrency=concurrency,
                             bounce_foreign_failures=False)
         before = relayed_count()
         a_sum, a_count = attempt_seconds()
