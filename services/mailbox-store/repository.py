@@ -524,34 +524,17 @@ class Repository:
         await self.ensure_defaults(account_id)
 
     # ------------------------------------------------------------ mailbox info
-    async def _unseen_deleted(self, conn: AsyncConnection, mailbox_ids: Sequence[int]
-                              ) -> dict[int, tuple[int, int]]:
-        if not mailbox_ids:
-            return {}
-        seen = M.c.flags.op("&")(SEEN)
-        deleted = M.c.flags.op("&")(DELETED)
-        rows = (await conn.execute(
-            select(M.c.mailbox_id,
-                   func.sum(case((seen == 0, 1), else_=0)),
-                   func.sum(case((deleted != 0, 1), else_=0)))
-            .where(M.c.mailbox_id.in_(list(mailbox_ids)))
-            .where(or_(seen == 0, deleted != 0))
-            .group_by(M.c.mailbox_id))).all()
-        return {int(r[0]): (int(r[1] or 0), int(r[2] or 0)) for r in rows}
-
-    def _info(self, row: Any, names: set[str], subscribed: set[str],
-              counts: dict[int, tuple[int, int]]) -> MailboxInfo:
+    def _info(self, row: Any, names: set[str], subscribed: set[str]) -> MailboxInfo:
         prefix = row.name + DELIMITER
         has_children = any(n.startswith(prefix) for n in names)
         attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
         if row.noselect:
             attrs.append("\\Noselect")
-        unseen, deleted = counts.get(row.id, (row.unseen_count, row.deleted_count))
         return MailboxInfo(
             mailbox_id=row.id, name=row.name, special_use=row.special_use, attributes=attrs,
             subscribed=row.name in subscribed, uidvalidity=row.uidvalidity, uidnext=row.uidnext,
-            highestmodseq=row.highestmodseq, messages=row.message_count, unseen=unseen,
-            size=row.total_size, deleted=deleted)
+            highestmodseq=row.highestmodseq, messages=row.message_count, unseen=row.unseen_count,
+            size=row.total_size, deleted=row.deleted_count)
 
     async def _subscribed(self, conn: AsyncConnection, account_id: int) -> set[str]:
         return {r[0] for r in (await conn.execute(
@@ -564,7 +547,7 @@ class Repository:
             .limit(1))).all()}
         sub = (await conn.execute(select(S.c.name).where(
             S.c.account_id == account_id, S.c.name == row.name))).first()
-        return self._info(row, names, {row.name} if sub else set(), {})
+        return self._info(row, names, {row.name} if sub else set())
 
     async def list_mailboxes(self, account_id: int, subscribed_only: bool = False) -> list[MailboxInfo]:
         await self._ensure_inbox(account_id)
@@ -572,7 +555,7 @@ class Repository:
             rows = await self._mailbox_rows(conn, account_id)
             subs = await self._subscribed(conn, account_id)
         names = {r.name for r in rows}
-        out = [self._info(r, names, subs, {}) for r in rows]
+        out = [self._info(r, names, subs) for r in rows]
         if subscribed_only:
             out = [i for i in out if i.subscribed]
             # a subscription may name a mailbox that does not exist (RFC 3501 §6.3.6)
