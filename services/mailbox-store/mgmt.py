@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -297,35 +298,8 @@ class MailAdmin:
             while True:
                 # pipeline: the next batch is read and uploaded while this one is committed
                 nxt = None if current.end else asyncio.create_task(load())
-                stop = False
-                for m, p in zip(current.messages, current.prepared, strict=True):
-                    if isinstance(p, BaseException):
-                        rep.failed += 1
-                        _note(rep, f"{m.source}: {type(p).__name__}: {p}")
-                        continue
-                    try:
-                        target = await ensure(name)
-                        if m.folder:  # a Maildir++ sub-folder, below the target unless INBOX
-                            target = await ensure(m.folder if name == "INBOX"
-                                                  else f"{name}/{m.folder}")
-                        _, uid, change = await self.repo.append(account.id, target, p)
-                    except store.OverQuota as exc:
-                        rep.failed += 1
-                        rep.stopped = f"{m.source}: {exc.message}"
-                        stop = True
-                        break
-                    except StoreError as exc:
-                        rep.failed += 1
-                        _note(rep, f"{m.source}: {exc.message}")
-                        continue
-                    rep.imported += 1
-                    rep.bytes += p.blob_size
-                    rep.mailboxes[target] = rep.mailboxes.get(target, 0) + 1
-                    if target == names.get(name):
-                        rep.first_uid = rep.first_uid or uid
-                        rep.last_uid = uid
-                    await self.notify(change)
-                if current.error:
+                stop = await self._commit(account, current, ensure, name, rep)
+                if current.error and not rep.stopped:
                     rep.stopped = current.error
                 if stop or nxt is None:
                     if nxt is not None:
@@ -342,6 +316,64 @@ class MailAdmin:
         log.info("import", account=account.address, mailbox=name, format=fmt,
                  imported=rep.imported, failed=rep.failed, stopped=rep.stopped)
         return rep
+
+    async def _commit(self, account: AccountInfo, current: _Batch,
+                      ensure: Callable[[str], Awaitable[str]], name: str,
+                      rep: ImportReport) -> bool:
+        """Append one batch, consecutive messages of one mailbox in one transaction; on a
+        refusal, one at a time so only the bad message fails (and over quota, as many as
+        fit). Returns True when the import must stop (over quota)."""
+        items: list[tuple[ImportedMessage, NewMessage, str]] = []
+        for m, p in zip(current.messages, current.prepared, strict=True):
+            if isinstance(p, BaseException):
+                rep.failed += 1
+                _note(rep, f"{m.source}: {type(p).__name__}: {p}")
+                continue
+            try:
+                target = await ensure(name)
+                if m.folder:  # a Maildir++ sub-folder, below the target unless INBOX
+                    target = await ensure(m.folder if name == "INBOX" else f"{name}/{m.folder}")
+            except StoreError as exc:
+                rep.failed += 1
+                _note(rep, f"{m.source}: {exc.message}")
+                continue
+            items.append((m, p, target))
+
+        def record(p: NewMessage, target: str, uid: int) -> None:
+            rep.imported += 1
+            rep.bytes += p.blob_size
+            rep.mailboxes[target] = rep.mailboxes.get(target, 0) + 1
+            if target == names_main:
+                rep.first_uid = rep.first_uid or uid
+                rep.last_uid = uid
+
+        names_main = await ensure(name) if items else name
+        for target, grouped in itertools.groupby(items, key=lambda it: it[2]):
+            group = list(grouped)
+            try:
+                _, uids, change = await self.repo.append_many(account.id, target,
+                                                              [p for _, p, _ in group])
+            except StoreError:
+                pass  # retried one by one below
+            else:
+                for (_, p, _), uid in zip(group, uids, strict=True):
+                    record(p, target, uid)
+                await self.notify(change)
+                continue
+            for m, p, _ in group:
+                try:
+                    _, uid, change = await self.repo.append(account.id, target, p)
+                except store.OverQuota as exc:
+                    rep.failed += 1
+                    rep.stopped = f"{m.source}: {exc.message}"
+                    return True
+                except StoreError as exc:
+                    rep.failed += 1
+                    _note(rep, f"{m.source}: {exc.message}")
+                    continue
+                record(p, target, uid)
+                await self.notify(change)
+        return False
 
     async def export_mbox(self, account_id: int, mailbox_id: int) -> AsyncIterator[bytes]:
         after = 0
