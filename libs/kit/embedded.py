@@ -95,6 +95,9 @@ class S3Spec:
     master_port: int = 0
     volume_port: int = 0
     filer_port: int = 0
+    # volumes the server may create; 0 = free disk / 256 MB. Every bucket is a SeaweedFS
+    # collection that takes up to 7 volumes of its own (files are sparse until written).
+    max_volumes: int = 0
 
     def __post_init__(self) -> None:
         # SeaweedFS also opens gRPC ports (+10000 by default); pick all of them explicitly
@@ -125,7 +128,7 @@ class S3Spec:
             # SeaweedFS on the machine (parallel tests, `make run`) would die on them
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={cfg}",
-            "-master.volumeSizeLimitMB=256", "-volume.max=0", "-metricsPort=0",
+            "-master.volumeSizeLimitMB=256", f"-volume.max={self.max_volumes}", "-metricsPort=0",
         ]
 
     def ready(self) -> bool:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -56,9 +57,27 @@ class RunningNats:
 
 class RunningS3:
     def __init__(self, root: Path) -> None:
-        self.spec = embedded.S3Spec(embedded.free_port(), root / "s3")
+        # every test has its own bucket: do not let the volume count depend on free disk
+        self.spec = embedded.S3Spec(embedded.free_port(), root / "s3", max_volumes=2000)
         self.proc = embedded.start(self.spec.command(), root / "s3.log")
         embedded.wait_until(self.spec.ready, 60, "seaweedfs", self.proc)
+        self._client: Any = None
+
+    def drop_bucket(self, name: str) -> None:
+        """Delete a test's bucket with its objects (SeaweedFS drops the whole collection
+        and frees its volumes; without this a long session runs out of volumes)."""
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self._client is None:
+            self._client = boto3.client(
+                "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                aws_access_key_id=self.spec.access_key,
+                aws_secret_access_key=self.spec.secret_key)
+        try:
+            self._client.delete_bucket(Bucket=name)
+        except (BotoCoreError, ClientError):
+            pass  # never created by the test, or already gone
 
     @property
     def endpoint(self) -> str:
@@ -92,8 +111,9 @@ def nats_server(tmp_path: Path) -> Iterator[RunningNats]:
 
 
 @pytest.fixture
-def common_settings(nats_server: RunningNats, s3_server: RunningS3, tmp_path: Path) -> CommonSettings:
-    return CommonSettings(
+def common_settings(nats_server: RunningNats, s3_server: RunningS3,
+                    tmp_path: Path) -> Iterator[CommonSettings]:
+    settings = CommonSettings(
         nats_url=nats_server.url,
         s3_endpoint=s3_server.endpoint,
         s3_bucket="t-" + uuid.uuid4().hex[:12],
@@ -102,6 +122,8 @@ def common_settings(nats_server: RunningNats, s3_server: RunningS3, tmp_path: Pa
         admin_token_file=tmp_path / "admin-token",
         blob_cache_mb=64,
     )
+    yield settings
+    s3_server.drop_bucket(settings.s3_bucket)
 
 
 @pytest_asyncio.fixture
@@ -213,6 +235,7 @@ def platform(nats_server: RunningNats, s3_server: RunningS3, tmp_path: Path) -> 
     plat = start_platform(tmp_path / "platform", nats_server.url, s3_server.endpoint)
     yield plat
     plat.stop()
+    s3_server.drop_bucket(plat.common_env["POSTBUS_S3_BUCKET"])
 
 
 def wait_for(pred: object, timeout: float = 10.0, interval: float = 0.05) -> None:
