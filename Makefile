@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # Debian packages of the real mail clients the tests drive (CLIENTS.md)
-CLIENT_TOOLS := swaks fetchmail getmail6 isync curl
+# (swaks needs the two Perl TLS modules for STARTTLS and --tls-on-connect)
+CLIENT_TOOLS := swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail getmail6 isync curl
 CLIENT_BINS := swaks fetchmail getmail mbsync curl
 
 .PHONY: run test test-fast venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e schemas lint typecheck clean
@@ -28,6 +29,7 @@ run: $(STAMP)
 ## Real mail clients for the tests (installed with apt-get when missing and we are root)
 clients:
 	@missing=""; for b in $(CLIENT_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	perl -MIO::Socket::SSL -e1 2>/dev/null || missing="$$missing IO::Socket::SSL"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing mail clients:$$missing"; \
