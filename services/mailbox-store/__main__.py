@@ -29,7 +29,12 @@ async def setup(settings: Settings, ctx: ServiceContext) -> None:
     sessions = db.sessionmaker(engine)
 
     # the directory (domains, accounts, aliases; directory.* RPCs) and its management API
-    directory = await serve_directory(ctx.bus, sessions, repo=repo)
+    directory = await serve_directory(
+        ctx.bus, sessions, repo=repo,
+        subaddress_separator=settings.subaddress_separator,
+        resolve_cache_ttl_s=settings.resolve_cache_ttl_s,
+        login_max_failures=settings.login_max_failures,
+        login_window_s=settings.login_window_s)
     ctx.routers.append(mgmt.router(sessions, ctx.blobs, ctx.bus, repo, directory=directory))
 
     await StoreApi(ctx.bus, ctx.blobs, repo, settings).serve()

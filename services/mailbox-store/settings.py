@@ -41,3 +41,14 @@ class Settings(BaseSettings):
 
     # STORE_SEARCH: blobs read at once for BODY/TEXT keys
     search_blob_concurrency: int = 16
+
+    # directory (directory.* on NATS)
+    # alice+tag@example.test delivers to alice; empty turns sub-addressing off
+    subaddress_separator: str = "+"
+    # resolve answers kept per replica; 0 = always ask the database. A change made through
+    # another replica is seen after at most this long (the local replica drops it at once).
+    resolve_cache_ttl_s: float = 0.0
+    # failed logins per account within the window before further attempts are refused
+    # (shared by every replica through JetStream KV); 0 turns the throttle off
+    login_max_failures: int = 10
+    login_window_s: float = 900.0
