@@ -111,6 +111,9 @@ class MessageSummary(Model):
     message_id: str = ""
     date: datetime | None = None  # the Date header, if parseable
     header_bytes: int = 0  # size of the header block incl. the blank line
+    # the message is empty or its last line ends with CRLF; when not, POP3's RETR adds one
+    # (RFC 1939 §3), so LIST and STAT count 2 octets more than IMAP's RFC822.SIZE
+    ends_crlf: bool = True
 
     model_config = Model.model_config | {"populate_by_name": True}
 

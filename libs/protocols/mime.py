@@ -768,12 +768,15 @@ def summarize(raw: bytes) -> MessageSummary:
 
     Never raises: a message we cannot parse at all is shown as one text/plain body.
     """
+    raw = bytes(raw)
+    ends_crlf = not raw or raw.endswith(b"\r\n")
     try:
-        return _summary(bytes(raw))
+        return _summary(raw).model_copy(update={"ends_crlf": ends_crlf})
     except Exception:  # a last resort; the parser is written not to get here
-        n, lines = len(raw), bytes(raw).count(b"\n")
+        n, lines = len(raw), raw.count(b"\n")
         basic = f'"text" "plain" ("charset" "us-ascii") NIL NIL "7bit" {n} {lines}'
         return MessageSummary(
+            ends_crlf=ends_crlf,
             envelope="(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)",
             bodystructure=f"({basic} NIL NIL NIL NIL)",
             body=f"({basic})",

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -165,6 +166,8 @@ class Message(Base):
     message_id_hdr: Mapped[str] = mapped_column(Text, default="")
     sent_date: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     pop3_hidden: Mapped[bool] = mapped_column(Boolean, default=False)
+    # octets POP3 adds to end an unterminated last line: its sizes are size + pop3_pad
+    pop3_pad: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0")
 
 
 class Expunged(Base):

@@ -751,6 +751,7 @@ class Repository:
             "from_addr": s.from_[:2000], "to_addr": s.to[:4000], "cc_addr": s.cc[:4000],
             "bcc_addr": s.bcc[:4000], "message_id_hdr": s.message_id[:1000],
             "sent_date": utc(s.date) if s.date else None, "pop3_hidden": False,
+            "pop3_pad": 0 if s.ends_crlf else 2,
         }
 
     async def _insert_messages(self, conn: AsyncConnection, acct: Any, mbox: Any,
@@ -1279,10 +1280,11 @@ class Repository:
         async with self._read() as conn:
             inbox = await self._mailbox_by_name(conn, account_id, INBOX)
             rows = (await conn.execute(
-                select(M.c.uid, M.c.size, M.c.blob_key, M.c.prefix)
+                select(M.c.uid, M.c.size, M.c.pop3_pad, M.c.blob_key, M.c.prefix)
                 .where(M.c.mailbox_id == inbox.id, M.c.pop3_hidden == false())
                 .order_by(M.c.uid))).all()
-        msgs = [Pop3Message(uid=r.uid, uidl=f"{inbox.uidvalidity}.{r.uid}", size=r.size,
+        msgs = [Pop3Message(uid=r.uid, uidl=f"{inbox.uidvalidity}.{r.uid}",
+                            size=r.size + r.pop3_pad,
                             blob_key=r.blob_key, prefix=bytes(r.prefix or b"")) for r in rows]
         return inbox.id, inbox.uidvalidity, msgs
 

@@ -35,6 +35,7 @@ from postbus.mailbox_store.repository import (
 from postbus.mailbox_store.storeapi import _eval_leaves
 from postbus.proto.store import SearchKey
 from postbus.protocols.mime import summarize
+from postbus.protocols.pop3 import retr_octets
 
 PG_URL = os.environ.get("POSTBUS_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
@@ -499,6 +500,22 @@ async def test_pop3_maildrop_and_commit(store: Store) -> None:
     assert (await r.quota(a))[2] == 2
 
 
+async def test_pop3_size_counts_the_crlf_retr_adds(store: Store) -> None:
+    """An IMAP APPEND may end without CRLF; IMAP serves it as is, POP3 ends the line, and
+    LIST must say what RETR sends (RFC 1939 §11)."""
+    r, a = store.repo, store.account
+    prefix = b"Delivered-To: alice@example.test\r\n"
+    unterminated = b"Subject: no final CRLF\r\n\r\nlast line"
+    await r.deliver("U1", a, "INBOX", new_message(unterminated, prefix=prefix))
+    await r.deliver("U2", a, "INBOX", new_message(raw_message(1), prefix=prefix))
+    _, _, msgs = await r.pop3_maildrop(a)
+    assert [m.size for m in msgs] == [retr_octets(prefix, unterminated),
+                                      retr_octets(prefix, raw_message(1))]
+    assert msgs[0].size == len(prefix) + len(unterminated) + 2
+    metas = await r.fetch(a, await store.inbox(), [(1, 1)])
+    assert metas[0].size == len(prefix) + len(unterminated)  # RFC822.SIZE: the bytes IMAP serves
+
+
 # ---------------------------------------------------------------- delivery
 async def test_idempotent_delivery(store: Store) -> None:
     r, a = store.repo, store.account
@@ -617,10 +634,27 @@ async def test_two_store_processes_deliver_to_one_mailbox(store: Store, tmp_path
 
 
 async def test_migrations_are_idempotent_and_concurrent(store: Store) -> None:
+    from alembic.script import ScriptDirectory
+
     await asyncio.gather(db.migrate(store.engine), db.migrate(store.engine))
+    head = ScriptDirectory.from_config(db._alembic_config()).get_current_head()
     async with store.engine.connect() as conn:
-        assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar() == "0001"
+        assert (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar() == head
     await db.check(store.engine)
+
+
+async def test_migrations_build_the_models_schema(store: Store) -> None:
+    """A column added to models.py without a migration (or the reverse) fails here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from postbus.mailbox_store.models import Base
+
+    def diff(sync_conn: Any) -> list[Any]:
+        return list(compare_metadata(MigrationContext.configure(sync_conn), Base.metadata))
+
+    async with store.engine.connect() as conn:
+        assert await conn.run_sync(diff) == []
 
 
 def test_normalize_url() -> None:
