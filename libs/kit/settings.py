@@ -7,11 +7,13 @@ settings class nests ``CommonSettings`` as ``common`` and reads
 
 from __future__ import annotations
 
+import json
 import secrets
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class CommonSettings(BaseSettings):
@@ -53,6 +55,22 @@ class CommonSettings(BaseSettings):
 
     # Host name used in greetings, Received headers and DSNs
     hostname: str = "localhost"
+
+    # Networks (CIDR) whose mail may be relayed to remote recipients without AUTH. Empty by
+    # default; loopback is not trusted (ARCHITECTURE.md "Security baseline"). smtp-ingress
+    # decides at RCPT and mime-processor checks again, so both read this one variable.
+    # Environment: comma-separated ("10.0.0.0/8,192.0.2.7") or a JSON list.
+    trusted_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("trusted_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
 
     def resolved_admin_token(self) -> str | None:
         """The admin token from the environment, else from the token file, else None."""

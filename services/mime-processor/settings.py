@@ -34,10 +34,6 @@ class Settings(BaseSettings):
     auth_budget_s: float = 3.0  # all lookups of one message together
     auth_threads: int = 16
 
-    # networks whose unauthenticated mail may go to remote recipients: must equal
-    # smtp-ingress's trusted_networks (defence in depth; empty by default)
-    trusted_networks: list[str] = Field(default_factory=list)
-
     # summaries of bodies larger than this are computed in a thread, off the event loop
     summarize_inline_max: int = 512 * 1024
 

@@ -164,7 +164,7 @@ class MimeWorker:
 
         replies = await asyncio.gather(*(self.directory.resolve(r.address) for r in m.rcpt_to))
         plan = policy.plan_routes(m.rcpt_to, replies,
-                                  policy.may_relay(m.client, self.settings.trusted_networks))
+                                  policy.may_relay(m.client, self.settings.common.trusted_networks))
         await self._publish(m, key, len(final), summary, plan, auth_value)
 
         self.stats.processed += 1

@@ -59,7 +59,7 @@ def router(ingress: Ingress) -> APIRouter:
             "auth_fail_limit_ip": s.auth_fail_limit_ip,
             "auth_fail_limit_account": s.auth_fail_limit_account,
             "auth_fail_window_s": s.auth_fail_window_s,
-            "trusted_networks": s.trusted_networks,
+            "trusted_networks": s.common.trusted_networks,
             "inline_threshold": ingress.inline_threshold,
             "listeners": ingress.ports,
         }

@@ -137,7 +137,7 @@ class Ingress:
         self.auth_failures = auth_failures
         self.blocklist = blocklist
         self.tls_context = tls_context
-        self.trusted = policy.parse_networks(settings.trusted_networks)
+        self.trusted = policy.parse_networks(settings.common.trusted_networks)
         self.limits = policy.ConnLimits(settings.max_connections, settings.max_connections_per_ip,
                                         settings.connection_rate_per_ip)
         self.rate = policy.RateWindow()

@@ -5,11 +5,8 @@ Built once in ``__main__``; tests build ``Settings(...)`` directly.
 
 from __future__ import annotations
 
-import json
-from typing import Annotated
-
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from postbus.kit.settings import CommonSettings
 
@@ -53,11 +50,6 @@ class Settings(BaseSettings):
     auth_fail_limit_account: int = 5
     auth_fail_window_s: float = 900.0
 
-    # relay policy: networks that may relay without AUTH (CIDR); empty by default,
-    # loopback is NOT trusted (ARCHITECTURE.md "Security baseline")
-    # env: comma-separated ("10.0.0.0/8,192.0.2.7") or a JSON list
-    trusted_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
     # directory answers cached in this process for a short time (the RCPT hot path)
     resolve_cache_ttl_s: float = 5.0
     resolve_cache_size: int = 10000
@@ -68,16 +60,6 @@ class Settings(BaseSettings):
     # (system resolver, off the command path; off by default: one PTR + A lookup per connection)
     reverse_dns: bool = False
     reverse_dns_timeout_s: float = 3.0
-
-    @field_validator("trusted_networks", mode="before")
-    @classmethod
-    def _split_networks(cls, v: object) -> object:
-        if isinstance(v, str):
-            v = v.strip()
-            if v.startswith("["):
-                return json.loads(v)
-            return [x.strip() for x in v.split(",") if x.strip()]
-        return v
 
     @property
     def host(self) -> str:

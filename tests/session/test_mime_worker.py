@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from postbus.kit.blob import BlobNotFound, BlobUnavailable, blob_key
 from postbus.kit.bus import Ack, BusUnavailable, Reject, Retry
+from postbus.kit.settings import CommonSettings
 from postbus.mime_processor.policy import AuthResults, DmarcResult, SpfResult
 from postbus.mime_processor.settings import Settings
 from postbus.mime_processor.worker import MimeWorker
@@ -190,7 +191,7 @@ async def test_authenticated_submission_goes_outbound_without_auth_header(parts:
 async def test_trusted_network_may_relay_and_mx_auth_user_too(parts: Parts) -> None:
     _, d, b, _, a, mm = parts
     pub = DedupPublisher()
-    w = MimeWorker(Settings(trusted_networks=["10.0.0.0/8"]), directory=d, blobs=b,
+    w = MimeWorker(Settings(common=CommonSettings(trusted_networks=["10.0.0.0/8"])), directory=d, blobs=b,
                    publisher=pub, authenticator=a, memo=mm)
     assert await w.handle_message(mail("Q3", ["x@remote.example"], ip="10.1.1.1")) == Ack()
     assert len(pub.of(OutboundQueued)) == 1

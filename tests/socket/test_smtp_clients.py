@@ -51,7 +51,7 @@ async def service(bus: Bus, common_settings: CommonSettings, tmp_path: Path) -> 
            "POSTBUS_ADMIN_TOKEN": ADMIN_TOKEN,
            "POSTBUS_TLS_CERT": str(cert), "POSTBUS_TLS_KEY": str(key),
            "POSTBUS_HOSTNAME": "mx.example.test",
-           "POSTBUS_SMTP_INGRESS_TRUSTED_NETWORKS": '["192.0.2.0/24"]',
+           "POSTBUS_TRUSTED_NETWORKS": '["192.0.2.0/24"]',
            **{"POSTBUS_SMTP_INGRESS_" + k.upper(): str(v) for k, v in ports.items()}}
     log = tmp_path / "smtp-ingress.log"
     proc = await asyncio.create_subprocess_exec(

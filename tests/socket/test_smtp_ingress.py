@@ -52,7 +52,10 @@ async def start(bus: Bus, blobs: BlobStore, common_settings: CommonSettings,
     async def _start(**kw: object) -> RunningIngress:
         nonlocal n
         n += 1
-        s = Settings(common=common_settings, smtp_port=0, submission_port=0, smtps_port=0,
+        common = common_settings
+        if "trusted_networks" in kw:
+            common = common.model_copy(update={"trusted_networks": kw.pop("trusted_networks")})
+        s = Settings(common=common, smtp_port=0, submission_port=0, smtps_port=0,
                      **kw)  # type: ignore[arg-type]
         d = tmp_path / f"ing{n}"
         d.mkdir()
@@ -626,10 +629,14 @@ async def test_postmaster_without_domain_and_graceful_stop(start: Start, inbox: 
 
 
 def test_trusted_networks_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POSTBUS_SMTP_INGRESS_TRUSTED_NETWORKS", "10.0.0.0/8, 192.0.2.7")
-    assert Settings().trusted_networks == ["10.0.0.0/8", "192.0.2.7"]
-    monkeypatch.setenv("POSTBUS_SMTP_INGRESS_TRUSTED_NETWORKS", '["2001:db8::/32"]')
-    assert Settings().trusted_networks == ["2001:db8::/32"]
+    monkeypatch.setenv("POSTBUS_TRUSTED_NETWORKS", "10.0.0.0/8, 192.0.2.7")
+    assert Settings().common.trusted_networks == ["10.0.0.0/8", "192.0.2.7"]
+    monkeypatch.setenv("POSTBUS_TRUSTED_NETWORKS", '["2001:db8::/32"]')
+    assert Settings().common.trusted_networks == ["2001:db8::/32"]
+    # mime-processor reads the same variable, so the two decisions cannot disagree
+    from postbus.mime_processor.settings import Settings as MimeSettings
+
+    assert MimeSettings().common.trusted_networks == ["2001:db8::/32"]
 
 
 async def test_random_junk_never_breaks_the_server(ing: RunningIngress, inbox: Inbox) -> None:
