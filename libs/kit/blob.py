@@ -97,6 +97,7 @@ class BlobStore:
             ),
         )
         self.cache = LRU(settings.blob_cache_mb * 1024 * 1024)
+        self.verify_after_write = settings.blob_verify_after_write
 
     async def _call(self, op: str, fn: Any, **kw: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -128,11 +129,12 @@ class BlobStore:
         """Readiness: the bucket answers."""
         await self._call("head_bucket", self._s3.head_bucket, Bucket=self.bucket)
 
-    async def put(self, data: bytes, *, verify: bool = False) -> str:
-        """Store ``data`` under its content hash (idempotent) and return the key."""
+    async def put(self, data: bytes, *, verify: bool | None = None) -> str:
+        """Store ``data`` under its content hash (idempotent) and return the key.
+        ``verify`` (default: the ``blob_verify_after_write`` setting) reads it back first."""
         key = blob_key(data)
         await self._call("put", self._s3.put_object, Bucket=self.bucket, Key=key, Body=data)
-        if verify:
+        if self.verify_after_write if verify is None else verify:
             got = await self._call("get", self._s3.get_object, Bucket=self.bucket, Key=key)
             body = await asyncio.get_running_loop().run_in_executor(self._pool, got["Body"].read)
             if blob_key(body) != key:

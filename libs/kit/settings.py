@@ -32,6 +32,9 @@ class CommonSettings(BaseSettings):
     s3_bucket: str = "postbus"
     s3_region: str = "us-east-1"
     blob_cache_mb: int = 256
+    # read every blob back after writing it and compare its hash before answering (an
+    # S3 that acknowledges writes it has not made durable is caught; costs one GET per PUT)
+    blob_verify_after_write: bool = False
 
     # SQL (only mailbox-store uses it)
     database_url: str = "sqlite+aiosqlite:///.run/postbus.db"

@@ -4,9 +4,11 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import REGISTRY
 
 from postbus.kit.blob import BlobNotFound, BlobStore, blob_key
 from postbus.kit.bus import Ack, Bus, Delivery, RemoteError, Retry
+from postbus.kit.settings import CommonSettings
 from postbus.proto.directory import DIRECTORY_RESOLVE, ResolveReply, ResolveRequest
 from postbus.proto.mail import MAIL_RECEIVED, BodyRef, ClientInfo, MailReceived, Recipient
 
@@ -65,3 +67,16 @@ async def test_blob_roundtrip_content_addressed(blobs: BlobStore) -> None:
     await blobs.delete(key)
     with pytest.raises(BlobNotFound):
         await blobs.get(key)
+
+
+async def test_verify_after_write_follows_the_setting(common_settings: CommonSettings) -> None:
+    def gets() -> float:
+        return REGISTRY.get_sample_value("postbus_s3_seconds_count", {"op": "get"}) or 0.0
+
+    for verify, extra_gets in ((False, 0), (True, 1)):
+        store = BlobStore(common_settings.model_copy(update={"blob_verify_after_write": verify}))
+        await store.ensure_bucket()
+        before = gets()
+        await store.put(f"verify={verify}".encode())
+        assert gets() - before == extra_gets
+        await store.close()
