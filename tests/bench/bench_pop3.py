@@ -1,13 +1,18 @@
 """POP3 benchmark: login latency and RETR throughput for a 1,000-message maildrop.
 
-    python tests/bench/bench_pop3.py [--messages 1000] [--clients 20] [--logins 50] [--runs 3]
+    python tests/bench/bench_pop3.py [--store platform|memory] [--messages 1000] [--clients 20]
+                                     [--logins 50] [--runs 3]
 
-Starts a real nats-server and SeaweedFS, puts the message bodies in S3, serves the directory
-and the POP3 maildrop RPCs from this process over the bus (in-memory, like a fast
-mailbox-store), and runs pop3-access as its own process (``python -m postbus.pop3_access``),
-so bodies travel S3 -> pop3-access (LRU cache, fetch-ahead) -> socket. Clients are raw asyncio
-sockets that pipeline RETRs; each concurrent client has its own account (the maildrop lock).
-Prints medians and writes bench-results/pop3.json.
+Starts a real nats-server and SeaweedFS and runs pop3-access as its own process
+(``python -m postbus.pop3_access``), so bodies travel S3 -> pop3-access (LRU cache,
+fetch-ahead) -> socket. Who answers login and the maildrop RPCs:
+
+* ``platform`` (default): the real mailbox-store (SQLite, its own process); every account is
+  provisioned over the REST API and gets the maildrop by an mbox import.
+* ``memory``: this process, from memory (the ceiling of pop3-access itself).
+
+Clients are raw asyncio sockets that pipeline RETRs; each concurrent client has its own
+account (the maildrop lock). Prints medians and writes bench-results/pop3[-memory].json.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import httpx
 
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus
@@ -99,60 +107,111 @@ class Client:
         self.w.close()
 
 
-async def bench(args: argparse.Namespace) -> dict[str, object]:
-    root = Path(tempfile.mkdtemp(prefix="postbus-bench-pop3-"))
-    nats, s3 = RunningNats(root), RunningS3(root)
+Setup = tuple[int, list[str], Callable[[], Awaitable[None]]]
+
+
+async def setup_memory(args: argparse.Namespace, root: Path, nats: RunningNats,
+                       s3: RunningS3, messages: list[bytes]) -> Setup:
+    """Directory and maildrops answered from this process, bodies in S3."""
     common = CommonSettings(nats_url=nats.url, s3_endpoint=s3.endpoint, s3_bucket="bench-pop3",
                             admin_token="bench")
     bus = await Bus.connect(common, "bench")
     await bus.ensure_streams(ALL_STREAMS)
     blobs = BlobStore(common, threads=32)
     await blobs.ensure_bucket()
-    plat = None
+    t0 = time.perf_counter()
+    sem = asyncio.Semaphore(32)
+
+    async def put(m: bytes) -> None:
+        async with sem:
+            await blobs.put(m)
+
+    await asyncio.gather(*(put(m) for m in messages))
+    print(f"put {len(messages)} bodies in S3 in {time.perf_counter() - t0:.1f}s")
+
+    directory, store = MemoryDirectory(), MemoryMaildrops()
+    accounts = []
+    for a in range(args.clients + 1):
+        acc = directory.add(f"user{a}@example.test", "pw", a + 1)
+        for m in messages:  # the same bodies: content-addressed, stored once
+            store.deliver(acc.account_id, m, PREFIX)
+        accounts.append(acc.address)
+
+    async def authenticate(req: AuthRequest) -> AuthReply:
+        return await directory.authenticate(req.username, req.password, "")
+
+    async def maildrop(req: Pop3MaildropRequest) -> Pop3MaildropReply:
+        return await store.open(req.account_id)
+
+    async def commit(req: Pop3CommitRequest) -> Ok:
+        await store.commit(req)
+        return Ok()
+
+    await bus.serve(DIRECTORY_AUTHENTICATE, authenticate, queue="directory")
+    await bus.serve(STORE_POP3_MAILDROP, maildrop, queue="store")
+    await bus.serve(STORE_POP3_COMMIT, commit, queue="store")
+    plat = await asyncio.to_thread(
+        start_platform, root / "plat", nats.url, s3.endpoint,
+        extra_env={"POSTBUS_S3_BUCKET": common.s3_bucket, "POSTBUS_LOG_LEVEL": "WARNING",
+                   "POSTBUS_POP3_ACCESS_PREFETCH": str(args.prefetch)},
+        services=(BY_NAME["pop3-access"],))
+
+    async def stop() -> None:
+        await asyncio.to_thread(plat.stop)
+        await bus.close()
+        await blobs.close()
+
+    return plat.port("pop3-access", "pop3_port"), accounts, stop
+
+
+async def setup_platform(args: argparse.Namespace, root: Path, nats: RunningNats,
+                         s3: RunningS3, messages: list[bytes]) -> Setup:
+    """The real mailbox-store and pop3-access; maildrops filled by mbox imports."""
+    from postbus.mailbox_store.importexport import mbox_entry
+
+    plat = await asyncio.to_thread(
+        start_platform, root / "plat", nats.url, s3.endpoint,
+        extra_env={"POSTBUS_LOG_LEVEL": "WARNING",
+                   "POSTBUS_POP3_ACCESS_PREFETCH": str(args.prefetch)},
+        services=(BY_NAME["mailbox-store"], BY_NAME["pop3-access"]))
+    mbox = b"".join(mbox_entry(m) for m in messages)
+    accounts = [f"user{a}@example.test" for a in range(args.clients + 1)]
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=plat.api("mailbox-store") + "/api/v1", timeout=600,
+                                 headers={"Authorization": f"Bearer {plat.token}"}) as api:
+        (await api.post("/domains", json={"name": "example.test"})).raise_for_status()
+        sem = asyncio.Semaphore(4)
+
+        async def provision(address: str) -> None:
+            async with sem:
+                (await api.post("/users", json={"address": address, "password": "pw"})
+                 ).raise_for_status()
+                r = await api.post(f"/users/{address}/import", params={"format": "mbox"},
+                                   content=mbox, headers={"Content-Type": "application/mbox"})
+                r.raise_for_status()
+                assert r.json()["imported"] == len(messages), r.text
+
+        await asyncio.gather(*(provision(a) for a in accounts))
+    print(f"imported {len(messages)} messages into each of {len(accounts)} accounts "
+          f"in {time.perf_counter() - t0:.1f}s")
+
+    async def stop() -> None:
+        await asyncio.to_thread(plat.stop)
+
+    return plat.port("pop3-access", "pop3_port"), accounts, stop
+
+
+async def bench(args: argparse.Namespace) -> dict[str, object]:
+    root = Path(tempfile.mkdtemp(prefix="postbus-bench-pop3-"))
+    nats, s3 = RunningNats(root), RunningS3(root)
+    stop: Callable[[], Awaitable[None]] | None = None
     try:
         messages = make_messages(args.messages)
-        t0 = time.perf_counter()
-        sem = asyncio.Semaphore(32)
-
-        async def put(m: bytes) -> None:
-            async with sem:
-                await blobs.put(m)
-
-        await asyncio.gather(*(put(m) for m in messages))
-        print(f"put {len(messages)} bodies in S3 in {time.perf_counter() - t0:.1f}s")
-
-        directory, store = MemoryDirectory(), MemoryMaildrops()
-        accounts = []
-        for a in range(args.clients + 1):
-            acc = directory.add(f"user{a}@example.test", "pw", a + 1)
-            for m in messages:  # the same bodies: content-addressed, stored once
-                store.deliver(acc.account_id, m, PREFIX)
-            accounts.append(acc.address)
-
-        async def authenticate(req: AuthRequest) -> AuthReply:
-            return await directory.authenticate(req.username, req.password, "")
-
-        async def maildrop(req: Pop3MaildropRequest) -> Pop3MaildropReply:
-            return await store.open(req.account_id)
-
-        async def commit(req: Pop3CommitRequest) -> Ok:
-            await store.commit(req)
-            return Ok()
-
-        await bus.serve(DIRECTORY_AUTHENTICATE, authenticate, queue="directory")
-        await bus.serve(STORE_POP3_MAILDROP, maildrop, queue="store")
-        await bus.serve(STORE_POP3_COMMIT, commit, queue="store")
-
-        plat = await asyncio.to_thread(
-            start_platform, root / "plat", nats.url, s3.endpoint,
-            extra_env={"POSTBUS_S3_BUCKET": common.s3_bucket, "POSTBUS_LOG_LEVEL": "WARNING",
-                       "POSTBUS_POP3_ACCESS_PREFETCH": str(args.prefetch)},
-            services=(BY_NAME["pop3-access"],))
-        port = plat.port("pop3-access", "pop3_port")
-        drop_octets = sum(len(PREFIX) + len(m) for m in messages)
-        results: dict[str, object] = {"messages": args.messages, "prefetch": args.prefetch,
-                                      "maildrop_mb": round(drop_octets / 1e6, 2)}
-
+        setup = setup_platform if args.store == "platform" else setup_memory
+        port, accounts, stop = await setup(args, root, nats, s3, messages)
+        results: dict[str, object] = {"store": args.store, "messages": args.messages,
+                                      "prefetch": args.prefetch,
+                                      "maildrop_mb": round(sum(map(len, messages)) / 1e6, 2)}
         # login latency: connect, USER/PASS (directory RPC, KV lock, 1,000-message maildrop)
         lat = []
         for _ in range(args.logins):
@@ -202,16 +261,15 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
             print(f"RETR {clients} concurrent client(s), warm cache: {results[key]}")
         return results
     finally:
-        if plat is not None:
-            await asyncio.to_thread(plat.stop)
-        await bus.close()
-        await blobs.close()
+        if stop is not None:
+            await stop()
         s3.stop()
         nats.stop()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", choices=("platform", "memory"), default="platform")
     ap.add_argument("--messages", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--logins", type=int, default=50)
@@ -221,7 +279,7 @@ def main() -> None:
     results = asyncio.run(bench(args))
     out = Path("bench-results")
     out.mkdir(exist_ok=True)
-    (out / "pop3.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / ("pop3.json" if args.store == "platform" else "pop3-memory.json")).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 
