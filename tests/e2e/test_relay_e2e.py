@@ -8,7 +8,6 @@ from __future__ import annotations
 import email
 import email.policy
 import imaplib
-import json
 import re
 import smtplib
 from collections.abc import Iterator
@@ -58,12 +57,10 @@ def remote() -> Iterator[tuple[int, RemoteHandler]]:
 @pytest.fixture
 def outbound_platform(nats_server: RunningNats, s3_server: RunningS3, tmp_path: Path,
                       remote: tuple[int, RemoteHandler]) -> Iterator[Platform]:
-    trusted = json.dumps(["127.0.0.1/32"])
     plat = start_platform(tmp_path / "platform", nats_server.url, s3_server.endpoint, extra_env={
         "POSTBUS_RELAY_TRANSPORT_MAP": f"example.net=127.0.0.1:{remote[0]}",
         "POSTBUS_RELAY_RETRY_SCHEDULE": "1",
-        "POSTBUS_SMTP_INGRESS_TRUSTED_NETWORKS": trusted,
-        "POSTBUS_MIME_PROCESSOR_TRUSTED_NETWORKS": trusted,
+        "POSTBUS_TRUSTED_NETWORKS": "127.0.0.1/32",
     })
     yield plat
     plat.stop()
