@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CLIENT_TOOLS := swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail getmail6 isync curl
 CLIENT_BINS := swaks fetchmail getmail mbsync curl
 
-.PHONY: run test test-fast venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e schemas lint typecheck clean
+.PHONY: run test test-fast fuzz venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e schemas lint typecheck clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ test: $(STAMP) clients
 ## Only the pure tests (no sockets)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+## A longer property/fuzz campaign over the pure parsers and sessions (IMAP, POP3, SMTP,
+## MIME, DSN, relay wire, addresses, import): FUZZ_FACTOR times the examples of `make test`
+FUZZ_FACTOR ?= 50
+fuzz: $(STAMP)
+	POSTBUS_FUZZ_FACTOR=$(FUZZ_FACTOR) $(PY) -m pytest -q -p no:cacheprovider \
+	  $$(grep -rl "@given" tests/unit tests/session)
 
 ## Benchmarks (medians printed; JSON in bench-results/)
 bench: bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e

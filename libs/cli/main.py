@@ -4,6 +4,7 @@ commands manage domains, users, aliases and mail through mailbox-store's API."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -14,8 +15,9 @@ app = typer.Typer(help="Postbus: a mail platform on NATS.", no_args_is_help=True
 
 
 @app.command()
-def run(run_dir: Path = typer.Option(Path(".run"), envvar="POSTBUS_RUN_DIR",
-                                     help="Where data, logs and the admin token live.")) -> None:
+def run(run_dir: Annotated[Path, typer.Option(
+        envvar="POSTBUS_RUN_DIR", help="Where data, logs and the admin token live.")] = Path(".run"),
+        ) -> None:
     """Start NATS, S3 and every service on this machine (what `make run` does)."""
     from postbus.cli.devrun import run as run_platform
 

@@ -30,6 +30,12 @@ from postbus.proto import ALL_STREAMS
 ADMIN_TOKEN = "test-admin-token"
 
 
+def examples(n: int) -> int:
+    """Hypothesis ``max_examples``: ``n`` in ``make test``, ``n`` times POSTBUS_FUZZ_FACTOR
+    in ``make fuzz`` (a longer campaign over the same properties)."""
+    return n * max(1, int(os.environ.get("POSTBUS_FUZZ_FACTOR", "1")))
+
+
 @dataclass
 class Infra:
     nats_url: str

@@ -71,36 +71,42 @@ async def main() -> None:
     plat = start_platform(root / "platform", nats.url, s3.endpoint,
                           extra_env={"POSTBUS_LOG_LEVEL": "WARNING"})
     try:
-        api = plat.api("mailbox-store")
-        h = {"Authorization": f"Bearer {plat.token}"}
-        httpx.post(api + "/api/v1/domains", json={"name": "example.test"}, headers=h).raise_for_status()
-        httpx.post(api + "/api/v1/users", json={"address": "alice@example.test", "password": "secret"},
-                   headers=h).raise_for_status()
+        async with httpx.AsyncClient(base_url=plat.api("mailbox-store") + "/api/v1",
+                                     headers={"Authorization": f"Bearer {plat.token}"}) as api:
+            (await api.post("/domains", json={"name": "example.test"})).raise_for_status()
+            (await api.post("/users", json={"address": "alice@example.test",
+                                            "password": "secret"})).raise_for_status()
         smtp, imap = plat.port("smtp-ingress", "smtp_port"), plat.port("imap-access", "imap_port")
+
+        async def wait_until_count(n: int, interval: float) -> None:
+            """Poll IMAP STATUS until the mailbox holds ``n`` messages (at most 10 minutes)."""
+            deadline = time.monotonic() + 600
+            while await asyncio.to_thread(imap_count, imap) < n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"fewer than {n} messages delivered")
+                await asyncio.sleep(interval)
 
         latencies = []
         for i in range(20):
             before = imap_count(imap)
             t0 = time.perf_counter()
             await smtp_send(smtp, "alice@example.test", message(args.size, i))
-            while imap_count(imap) <= before:
-                await asyncio.sleep(0.005)
+            await wait_until_count(before + 1, 0.005)
             latencies.append(time.perf_counter() - t0)
 
         rates = []
         for run in range(args.runs):
             before = imap_count(imap)
-            sem = asyncio.Semaphore(args.concurrency)
 
-            async def one(i: int) -> None:
+            async def one(i: int, sem: asyncio.Semaphore) -> None:
                 async with sem:
                     await smtp_send(smtp, "alice@example.test", message(args.size, i))
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(args.messages)))
+            sem = asyncio.Semaphore(args.concurrency)
+            await asyncio.gather(*(one(i, sem) for i in range(args.messages)))
             accepted = time.perf_counter() - t0
-            while imap_count(imap) < before + args.messages:
-                await asyncio.sleep(0.05)
+            await wait_until_count(before + args.messages, 0.05)
             total = time.perf_counter() - t0
             rates.append(args.messages / total)
             print(f"run {run + 1}: accepted {args.messages / accepted:.0f} msg/s, "
@@ -113,8 +119,9 @@ async def main() -> None:
             "delivery_latency_ms_p90": round(sorted(latencies)[int(len(latencies) * 0.9) - 1] * 1000, 1),
         }
         print(json.dumps(result, indent=2))
-        Path("bench-results").mkdir(exist_ok=True)
-        Path("bench-results/e2e.json").write_text(json.dumps(result, indent=2))
+        out = Path("bench-results")
+        await asyncio.to_thread(out.mkdir, exist_ok=True)
+        await asyncio.to_thread((out / "e2e.json").write_text, json.dumps(result, indent=2))
     finally:
         plat.stop()
         nats.stop()

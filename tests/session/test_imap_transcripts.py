@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.session import Session, SessionConfig
+from postbus.kit.testing import examples
 from postbus.protocols.imap_parser import Receiver
 
 TRANSCRIPTS = Path(__file__).parent.parent / "transcripts" / "imap"
@@ -260,7 +261,7 @@ def _commands(draw: st.DrawFn) -> list[str]:
     return lines
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_commands())
 def test_selected_session_survives_junk(lines: list[str]) -> None:
     async def run() -> list[str]:
@@ -281,7 +282,7 @@ def test_selected_session_survives_junk(lines: list[str]) -> None:
     assert tagged == {f"f{i}" for i in range(len(lines))}, (lines, out)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=300))
 def test_session_takes_any_bytes(data: bytes) -> None:
     async def run() -> None:
@@ -299,7 +300,7 @@ _OPS = st.lists(st.sampled_from([
 ]), min_size=1, max_size=25)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_OPS, st.randoms(use_true_random=False))
 def test_client_view_of_sequence_numbers_stays_consistent(ops: list[str], rnd: object) -> None:
     """A client that only follows EXISTS and EXPUNGE keeps the same message count as the

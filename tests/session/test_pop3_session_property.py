@@ -9,6 +9,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from postbus.kit.testing import examples
 from postbus.pop3_access.memory import (
     MemoryDirectory,
     MemoryLocks,
@@ -78,13 +79,13 @@ async def run(lines: list[str]) -> None:
         assert left == {1, 2, 3}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(LINES, max_size=40))
 def test_any_command_sequence_keeps_the_model(lines: list[str]) -> None:
     asyncio.run(run(lines))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(st.lists(st.sampled_from(["DELE 1", "DELE 2", "DELE 3", "RSET", "RETR 2", "STAT"]),
                 max_size=15))
 def test_logged_in_sequences_then_quit(cmds: list[str]) -> None:

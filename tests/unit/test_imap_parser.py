@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postbus.kit.testing import examples
 from postbus.protocols import imap_parser as p
 from postbus.protocols.imap_wire import (
     astring,
@@ -261,7 +262,7 @@ def test_chunking_invariance(size: int) -> None:
 
 
 # ---------------------------------------------------------------- fuzzing
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.binary(max_size=64), max_size=20))
 def test_arbitrary_bytes_never_raise(chunks: list[bytes]) -> None:
     r = p.Receiver(max_line=200, max_literal=100)
@@ -278,7 +279,7 @@ _TOKENS = st.sampled_from([
 ])
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.lists(_TOKENS, max_size=40))
 def test_grammar_shaped_junk_never_raises(tokens: list[bytes]) -> None:
     data = b"".join(tokens) + b"\r\n"

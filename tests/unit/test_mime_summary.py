@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from postbus.kit.testing import examples
 from postbus.proto.mail import MessageSummary
 from postbus.protocols.mime import (
     Section,
@@ -478,7 +479,7 @@ def test_section_bytes_top_level() -> None:
 
 
 # ---------------------------------------------------------------- never raises
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2000))
 def test_arbitrary_bytes_never_raise(data: bytes) -> None:
     s = summarize(data)
@@ -498,7 +499,7 @@ FRAGMENTS = [
 ]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(FRAGMENTS), max_size=60))
 def test_mime_shaped_junk_never_raises(frags: list[bytes]) -> None:
     data = b"".join(frags)

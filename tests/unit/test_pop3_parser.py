@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from postbus.kit.testing import examples
 from postbus.protocols.pop3 import (
     MAX_COMMAND_LINE,
     MAX_LINE,
@@ -150,7 +151,7 @@ def test_pending_counts_partial_line() -> None:
     assert r.pending() == 0 and r.feed(b"\r\n") == [Bad("empty command")]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=2000), st.lists(st.integers(1, 64), min_size=1, max_size=20))
 def test_any_bytes_never_raise_and_chunking_does_not_matter(data: bytes, cuts: list[int]) -> None:
     whole = Receiver().feed(data)

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from postbus.kit.testing import examples
 from postbus.protocols import smtp as p
 
 
@@ -148,7 +149,7 @@ def test_line_length_and_overflow() -> None:
     assert sc.overflow and rest == b"NOOP\r\n" and len(sc.buf) < 2000
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=2000), st.integers(min_value=1, max_value=64))
 def test_arbitrary_bytes_never_raise(data: bytes, step: int) -> None:
     sc, _ = scan(data, step, limit=500)
@@ -159,7 +160,7 @@ def test_arbitrary_bytes_never_raise(data: bytes, step: int) -> None:
         assert result.count(b"\n") == result.count(b"\r\n") == result.count(b"\r")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(max_size=80))
 def test_parse_path_never_raises_anything_else(text: str) -> None:
     try:

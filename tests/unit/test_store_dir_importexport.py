@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from postbus.kit.testing import examples
 from postbus.mailbox_store.importexport import (
     FormatError,
     MboxReader,
@@ -137,7 +138,7 @@ def test_mbox_rejects_non_mbox() -> None:
                        max_message=50))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.binary(max_size=2000), st.integers(min_value=1, max_value=64))
 def test_mbox_reader_never_raises_anything_but_format_error(data: bytes, chunk: int) -> None:
     r = MboxReader(max_message=1000)
