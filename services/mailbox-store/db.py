@@ -63,8 +63,9 @@ def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "F
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         kw["connect_args"] = {"timeout": 30}
         kw["pool_pre_ping"] = False
-    else:
-        kw.update(pool_size=pool_size, max_overflow=pool_size)
+    # connections beyond pool_size are closed when returned: for aiosqlite each one is a
+    # thread, a file open and four PRAGMAs, so under load a small pool reconnects all the time
+    kw.update(pool_size=pool_size, max_overflow=pool_size)
     if connect_args:
         kw["connect_args"] = {**kw.get("connect_args", {}), **connect_args}
     engine = create_async_engine(url, **kw)

@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     mgmt_port: int = BY_NAME["mailbox-store"].mgmt_port
 
     # SQL
-    db_pool_size: int = 10
+    db_pool_size: int = 20
     # SQLite PRAGMA synchronous: FULL fsyncs every commit (a delivery is acked only after it)
     sqlite_synchronous: str = "FULL"
 
@@ -46,8 +46,9 @@ class Settings(BaseSettings):
     # alice+tag@example.test delivers to alice; empty turns sub-addressing off
     subaddress_separator: str = "+"
     # resolve answers kept per replica; 0 = always ask the database. A change made through
-    # another replica is seen after at most this long (the local replica drops it at once).
-    resolve_cache_ttl_s: float = 0.0
+    # another replica is seen after at most this long (the local replica drops it at once);
+    # smtp-ingress keeps its answers as long (POSTBUS_SMTP_INGRESS_RESOLVE_CACHE_TTL_S).
+    resolve_cache_ttl_s: float = 5.0
     # failed logins per account within the window before further attempts are refused
     # (shared by every replica through JetStream KV); 0 turns the throttle off
     login_max_failures: int = 10
