@@ -2,8 +2,13 @@
 
 Everything addresses a mailbox by ``mailbox_id`` once it has been looked up by name, so a
 rename never confuses a session. UID sets travel as inclusive ``[first, last]`` ranges;
-``*`` is resolved by the caller against its snapshot. Replies that can grow with mailbox
-size are paged (``after_uid`` / ``limit``) so no NATS message exceeds the payload limit.
+``*`` is resolved by the caller against its snapshot.
+
+No NATS message may exceed the server's max_payload (1 MB by default in nats-server). Replies
+that grow with the mailbox are paged by the store: SELECT, SEARCH and the POP3 maildrop by
+``after_uid`` / ``limit`` (ask again after the last UID while ``more``), EXPUNGE by ``limit``
+(ask again while ``more``). Replies that grow with the request's UID set (FETCH, STORE,
+COPY) are bounded by the caller, which sends sets of a few thousand UIDs at most.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from postbus.proto.base import B64Bytes, Model, Rpc
 from postbus.proto.mail import MessageSummary
 
 UidRanges = list[tuple[int, int]]
+
+# the most a paged reply carries, well under nats-server's default max_payload of 1 MiB
+PAGE_BYTES = 512 * 1024
 
 
 # ---------------------------------------------------------------- mailboxes
@@ -216,15 +224,17 @@ class ExpungeRequest(Model):
     mailbox_id: int
     uids: UidRanges | None = None  # None: every \Deleted message; else only these (UID EXPUNGE)
     origin: str | None = None
+    limit: int = 20_000  # at most this many messages per call (one transaction), lowest UIDs first
 
 
 class ExpungeReply(Model):
     expunged: list[int]
     highestmodseq: int
+    more: bool = False  # the limit was reached: call again for the rest
 
 
 STORE_EXPUNGE = Rpc("store.expunge.v1", ExpungeRequest, ExpungeReply,
-                    "Remove \\Deleted messages (all, or within a UID set)")
+                    "Remove \\Deleted messages (all, or within a UID set; at most limit a call)")
 
 
 # ---------------------------------------------------------------- search
@@ -248,15 +258,18 @@ class SearchRequest(Model):
     mailbox_id: int
     key: SearchKey
     charset: str = "UTF-8"
+    after_uid: int = 0  # page: matches with UIDs greater than this
+    limit: int = 20_000
 
 
 class SearchReply(Model):
-    uids: list[int]
-    highestmodseq: int = 0  # of the matched messages (RFC 7162 SEARCH MODSEQ)
+    uids: list[int]  # ascending
+    highestmodseq: int = 0  # of the matched messages of this page (RFC 7162 SEARCH MODSEQ)
+    more: bool = False  # more matches after uids[-1]
 
 
 STORE_SEARCH = Rpc("store.search.v1", SearchRequest, SearchReply,
-                   "Evaluate a search program in the store (SQL first, body text last)",
+                   "Evaluate a search program in the store (SQL first, body text last; paged)",
                    timeout_s=30.0)
 
 
@@ -285,19 +298,25 @@ class Pop3Message(Model):
 
 class Pop3MaildropRequest(Model):
     account_id: int
+    after_uid: int = 0  # page: UIDs greater than this
+    limit: int = 1000
 
 
 class Pop3MaildropReply(Model):
     mailbox_id: int
     uidvalidity: int
-    messages: list[Pop3Message]  # the INBOX minus messages hidden from POP3
+    messages: list[Pop3Message]  # the INBOX minus messages hidden from POP3, ascending UID
+    more: bool = False  # more messages after messages[-1].uid
 
 
 STORE_POP3_MAILDROP = Rpc("store.pop3.maildrop.v1", Pop3MaildropRequest, Pop3MaildropReply,
-                          "INBOX as a POP3 maildrop, fixed for the session")
+                          "INBOX as a POP3 maildrop, fixed for the session (paged)")
 
 
 class Pop3CommitRequest(Model):
+    """A commit naming very many UIDs is sent as several, each one transaction (a failure
+    halfway is RFC 1939 §6's "some deleted messages not removed")."""
+
     account_id: int
     mailbox_id: int
     delete_uids: list[int]
