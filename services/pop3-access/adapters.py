@@ -48,24 +48,46 @@ class StoreMaildrops:
     """
 
     def __init__(self, bus: Bus, blobs: BlobStore, *, timeout_s: float = 15.0,
-                 max_inflight: int = 64) -> None:
+                 max_inflight: int = 64, page: int = 1000, commit_uids: int = 20_000) -> None:
         self.bus = bus
         self.blobs = blobs
         self.timeout_s = timeout_s
+        self.page = page  # maildrop messages asked per request (the store may send fewer)
+        self.commit_uids = commit_uids  # UIDs per list in one commit request
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
         self._sem = asyncio.Semaphore(max_inflight)
 
     async def open(self, account_id: int) -> Pop3MaildropReply:
-        try:
-            return await self.bus.request(STORE_POP3_MAILDROP,
-                                          Pop3MaildropRequest(account_id=account_id),
-                                          timeout=self.timeout_s)
-        except (BusUnavailable, RemoteError) as exc:
-            raise Unavailable(str(exc)) from exc
+        """The maildrop read page by page in UID order; UIDs only grow, so the pages make
+        one list that stays fixed for the session (RFC 1939 §5)."""
+        for _attempt in range(3):
+            first: Pop3MaildropReply | None = None
+            after = 0
+            while True:
+                try:
+                    page = await self.bus.request(STORE_POP3_MAILDROP, Pop3MaildropRequest(
+                        account_id=account_id, after_uid=after, limit=self.page),
+                        timeout=self.timeout_s)
+                except (BusUnavailable, RemoteError) as exc:
+                    raise Unavailable(str(exc)) from exc
+                if first is None:
+                    first = page
+                elif (page.mailbox_id, page.uidvalidity) != (first.mailbox_id, first.uidvalidity):
+                    break  # the INBOX was replaced meanwhile: read it again
+                else:
+                    first.messages += page.messages
+                if not page.more or not page.messages or page.messages[-1].uid <= after:
+                    first.more = False
+                    return first
+                after = page.messages[-1].uid
+        raise Unavailable("the maildrop kept changing while it was read")
 
     async def commit(self, request: Pop3CommitRequest) -> None:
+        """One request, or several when it names too many UIDs for one NATS message (a
+        failure halfway leaves the rest for a later session, RFC 1939 §6)."""
         try:
-            await self.bus.request(STORE_POP3_COMMIT, request, timeout=self.timeout_s)
+            for part in commit_parts(request, self.commit_uids):
+                await self.bus.request(STORE_POP3_COMMIT, part, timeout=self.timeout_s)
         except (BusUnavailable, RemoteError) as exc:
             raise Unavailable(str(exc)) from exc
 
@@ -99,6 +121,17 @@ class StoreMaildrops:
                 continue
             # a failed prefetch is retried by blob(); only mark its exception as retrieved
             self._fetch(m.blob_key).add_done_callback(_retrieve_exception)
+
+
+def commit_parts(request: Pop3CommitRequest, max_uids: int) -> list[Pop3CommitRequest]:
+    """``request`` split by UID into parts of at most ``max_uids`` UIDs per list."""
+    if len(request.delete_uids) <= max_uids and len(request.seen_uids) <= max_uids:
+        return [request]
+    dels, seen = set(request.delete_uids), set(request.seen_uids)
+    uids = sorted(dels | seen)
+    return [request.model_copy(update={"delete_uids": [u for u in part if u in dels],
+                                       "seen_uids": [u for u in part if u in seen]})
+            for part in (uids[i:i + max_uids] for i in range(0, len(uids), max_uids))]
 
 
 def _retrieve_exception(t: asyncio.Task[bytes]) -> None:
