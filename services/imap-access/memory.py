@@ -88,7 +88,8 @@ class MemoryPlatform:
         self.puts = 0  # bodies uploaded through the Blobs port (large APPENDs)
         self.serve_summaries = True  # False: like a store row without a summary
         self.dangling: dict[int, set[str]] = {}  # subscribed names with no mailbox
-        self.page_limit: int | None = None  # smaller STORE_SELECT pages than asked for
+        # smaller STORE_SELECT / STORE_SEARCH / STORE_EXPUNGE pages than asked for
+        self.page_limit: int | None = None
 
     # ------------------------------------------------------------ provisioning
     def add_user(self, address: str, password: str) -> int:
@@ -341,20 +342,26 @@ class MemoryPlatform:
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
         b = self._box_by_id(req.account_id, req.mailbox_id)
-        gone = [u for u, m in b.msgs.items() if "\\Deleted" in m.flags
-                and (req.uids is None or _in(u, req.uids))]
+        gone = sorted(u for u, m in b.msgs.items() if "\\Deleted" in m.flags
+                      and (req.uids is None or _in(u, req.uids)))
+        limit = max(1, min(req.limit, self.page_limit or req.limit))
+        more = len(gone) > limit
+        gone = gone[:limit]
         if gone:
             b.highestmodseq += 1
             for u in gone:
                 del b.msgs[u]
             self._publish(req.account_id, b, expunged=gone, origin=req.origin)
-        return ExpungeReply(expunged=gone, highestmodseq=b.highestmodseq)
+        return ExpungeReply(expunged=gone, highestmodseq=b.highestmodseq, more=more)
 
     async def search(self, req: SearchRequest) -> SearchReply:
         b = self._box_by_id(req.account_id, req.mailbox_id)
-        hits = [m for m in b.msgs.values() if self._match(m, req.key)]
-        return SearchReply(uids=[m.uid for m in hits],
-                           highestmodseq=max((m.modseq for m in hits), default=0))
+        hits = sorted((m for m in b.msgs.values() if m.uid > req.after_uid
+                       and self._match(m, req.key)), key=lambda m: m.uid)
+        limit = max(1, min(req.limit, self.page_limit or req.limit))
+        page = hits[:limit]
+        return SearchReply(uids=[m.uid for m in page], more=len(hits) > limit,
+                           highestmodseq=max((m.modseq for m in page), default=0))
 
     def _match(self, m: _Msg, k: SearchKey) -> bool:
         a = k.args

@@ -396,9 +396,7 @@ class Session:
         match cmd:
             case p.Close():
                 if not st.view.readonly:
-                    await self.store.expunge(ExpungeRequest(
-                        account_id=st.account_id, mailbox_id=st.view.mailbox_id,
-                        origin=self.info.id))
+                    await self._expunge_pages(st, None)
                 self._deselect(st)
                 return Tagged("OK", "CLOSE completed")
             case p.Unselect():
@@ -771,17 +769,27 @@ class Session:
             if not uids:
                 return Tagged("OK", "EXPUNGE completed")
             ranges = to_ranges(uids)
-        reply = await self.store.expunge(ExpungeRequest(
-            account_id=st.account_id, mailbox_id=view.mailbox_id, uids=ranges,
-            origin=self.info.id))
-        for uid in sorted(reply.expunged):
+        for uid in await self._expunge_pages(st, ranges):
             seq = view.expunge(uid)
             if seq is not None:
                 self.w(f"* {seq} EXPUNGE")
-        view.highestmodseq = max(view.highestmodseq, reply.highestmodseq)
         if self.condstore:
             return Tagged("OK", f"[HIGHESTMODSEQ {view.highestmodseq}] EXPUNGE completed")
         return Tagged("OK", "EXPUNGE completed")
+
+    async def _expunge_pages(self, st: Selected, ranges: list[tuple[int, int]] | None
+                             ) -> list[int]:
+        """Expunge in as many calls as the store needs (each removes a page of messages);
+        returns the expunged UIDs, ascending."""
+        expunged: list[int] = []
+        while True:
+            reply = await self.store.expunge(ExpungeRequest(
+                account_id=st.account_id, mailbox_id=st.view.mailbox_id, uids=ranges,
+                origin=self.info.id))
+            expunged += reply.expunged
+            st.view.highestmodseq = max(st.view.highestmodseq, reply.highestmodseq)
+            if not reply.more or not reply.expunged:
+                return sorted(expunged)
 
     # ------------------------------------------------------------ SEARCH
     def _search_key(self, view: MailboxView, node: p.SearchNode) -> SearchKey:
@@ -797,10 +805,18 @@ class Session:
         key = self._search_key(view, cmd.program)
         if len(key.children) == 1:
             key = key.children[0]
-        reply = await self.store.search(SearchRequest(
-            account_id=st.account_id, mailbox_id=view.mailbox_id, key=key,
-            charset=cmd.charset or "UTF-8"))
-        uids = sorted(u for u in set(reply.uids) if u in view.flags)
+        found: set[int] = set()
+        highestmodseq = after = 0
+        while True:  # the store answers a page of matches at a time
+            reply = await self.store.search(SearchRequest(
+                account_id=st.account_id, mailbox_id=view.mailbox_id, key=key,
+                charset=cmd.charset or "UTF-8", after_uid=after))
+            found.update(reply.uids)
+            highestmodseq = max(highestmodseq, reply.highestmodseq)
+            if not reply.more or not reply.uids or reply.uids[-1] <= after:
+                break
+            after = reply.uids[-1]
+        uids = sorted(u for u in found if u in view.flags)
         nums = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
         uses_modseq = _has_op(cmd.program, "modseq")
         if cmd.return_opts is not None:
@@ -816,12 +832,12 @@ class Session:
             if "COUNT" in opts:
                 parts.append(f"COUNT {len(nums)}")
             if uses_modseq and nums:
-                parts.append(f"MODSEQ {reply.highestmodseq}")
+                parts.append(f"MODSEQ {highestmodseq}")
             self.w(" ".join(parts))
         else:
             line = "* SEARCH" + "".join(f" {n}" for n in nums)
             if uses_modseq and nums:
-                line += f" (MODSEQ {reply.highestmodseq})"
+                line += f" (MODSEQ {highestmodseq})"
             self.w(line)
         return Tagged("OK", "SEARCH completed")
 
