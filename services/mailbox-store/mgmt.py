@@ -662,7 +662,7 @@ def router(sessionmaker: async_sessionmaker[AsyncSession], blobs: BlobStore, bus
             a, mid, _ = await _meta(address, name, uid)
             _, _, ch = await repo.store_flags(a.id, mid, [(uid, uid)], "add", ["\\Deleted"])
             await admin.notify(ch)
-            _, _, ch = await repo.expunge(a.id, mid, [(uid, uid)])
+            _, _, ch, _ = await repo.expunge(a.id, mid, [(uid, uid)])
             await admin.notify(ch)
         return Response(status_code=204)
 

@@ -95,6 +95,8 @@ _FLAG_BY_LOWER = {k.lower(): (k, v) for k, v in FLAG_BITS.items()}
 _KEYWORD_RE = re.compile(r'^[^\x00-\x20\x7f(){%*"\\\]]+$')
 # OR clauses per statement before falling back to a bounding range + filter in Python
 MAX_RANGES_IN_SQL = 100
+# candidates of a paged body search whose blobs are read before the page is checked
+BLOB_SEARCH_BATCH = 500
 
 
 # ---------------------------------------------------------------- errors
@@ -264,6 +266,15 @@ def ranges_to_list(uids: Iterable[int]) -> list[tuple[int, int]]:
         else:
             out.append((u, u))
     return out
+
+
+def _search_page(found: list[tuple[int, int]], limit: int | None
+                 ) -> tuple[list[int], int, bool]:
+    """(uids, highest modseq, more) of the first ``limit`` of (uid, modseq) matches."""
+    more = limit is not None and len(found) > limit
+    if more:
+        found = found[:limit]
+    return [u for u, _ in found], max((m for _, m in found), default=0), more
 
 
 def _clean_ranges(ranges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -1111,11 +1122,27 @@ class Repository:
                                keep: Callable[[int], bool] = lambda _u: True) -> Change | None:
         """Delete messages of one mailbox matching ``where`` (all when None) and ``keep``;
         log them for VANISHED, release blob references, credit the quota."""
+        return await self._remove_rows(conn, acct, mbox,
+                                       await self._rows_to_remove(conn, mbox, where, keep))
+
+    async def _rows_to_remove(self, conn: AsyncConnection, mbox: Any,
+                              where: ColumnElement[bool] | None,
+                              keep: Callable[[int], bool] = lambda _u: True,
+                              limit: int | None = None, exact: bool = True) -> list[Any]:
+        """The rows ``_remove_rows`` needs, ascending UID; at most ``limit`` + 1. ``exact``:
+        ``where`` alone selects the rows (``keep`` filters nothing), so SQL can LIMIT."""
         q = select(M.c.id, M.c.uid, M.c.blob_key, M.c.size, M.c.flags).where(
             M.c.mailbox_id == mbox.id)
         if where is not None:
             q = q.where(where)
-        rows = [r for r in (await conn.execute(q.order_by(M.c.uid))).all() if keep(r.uid)]
+        q = q.order_by(M.c.uid)
+        if limit is not None and exact:
+            q = q.limit(limit + 1)
+        rows = [r for r in (await conn.execute(q)).all() if keep(r.uid)]
+        return rows if limit is None else rows[:limit + 1]
+
+    async def _remove_rows(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                           rows: Sequence[Any]) -> Change | None:
         if not rows:
             return None
         ids = [r.id for r in rows]
@@ -1140,22 +1167,29 @@ class Repository:
                       mbox.message_count - len(rows), expunged=uids)
 
     async def expunge(self, account_id: int, mailbox_id: int,
-                      uids: Sequence[Sequence[int]] | None = None) -> tuple[list[int], int, Change | None]:
-        """Remove \\Deleted messages (all, or only within ``uids``: UID EXPUNGE, RFC 4315)."""
+                      uids: Sequence[Sequence[int]] | None = None, *, limit: int | None = None
+                      ) -> tuple[list[int], int, Change | None, bool]:
+        """Remove \\Deleted messages (all, or only within ``uids``: UID EXPUNGE, RFC 4315),
+        at most ``limit`` of them, lowest UIDs first. Returns (expunged UIDs, HIGHESTMODSEQ,
+        change, more): with ``more``, other \\Deleted messages of the set remain."""
         deleted = M.c.flags.op("&")(DELETED) != 0
         if uids is None:
-            where, keep = deleted, (lambda _u: True)
+            where, keep, exact = deleted, (lambda _u: True), True
         else:
             cond, keep = uid_filter(uids)
-            where = and_(deleted, cond)
+            where, exact = and_(deleted, cond), len(_clean_ranges(uids)) <= MAX_RANGES_IN_SQL
+        if limit is not None:
+            limit = max(1, limit)
 
-        async def tx(conn: AsyncConnection) -> tuple[list[int], int, Change | None]:
+        async def tx(conn: AsyncConnection) -> tuple[list[int], int, Change | None, bool]:
             acct = await self._lock_account(conn, account_id)
             mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
-            change = await self._remove_messages(conn, acct, mbox, where, keep)
+            rows = await self._rows_to_remove(conn, mbox, where, keep, limit, exact)
+            more = limit is not None and len(rows) > limit
+            change = await self._remove_rows(conn, acct, mbox, rows[:limit] if more else rows)
             if change is None:
-                return [], mbox.highestmodseq, None
-            return change.expunged, change.highestmodseq, change
+                return [], mbox.highestmodseq, None, False
+            return change.expunged, change.highestmodseq, change, more
 
         return await self.write(tx)
 
@@ -1231,20 +1265,26 @@ class Repository:
     # ------------------------------------------------------------ search
     async def search(self, account_id: int, mailbox_id: int, key: SearchKey,
                      body_matcher: Callable[[list[Any], list[tuple[str, SearchKey]]],
-                                            Awaitable[dict[int, dict[int, bool]]]] | None = None
-                     ) -> tuple[list[int], int]:
+                                            Awaitable[dict[int, dict[int, bool]]]] | None = None,
+                     *, after_uid: int = 0, limit: int | None = None
+                     ) -> tuple[list[int], int, bool]:
         """Evaluate a search program: SQL for everything but body/text/unknown-header keys,
         which ``body_matcher`` checks on the SQL candidates only (reading their blobs last).
-        Returns matching UIDs (ascending) and the highest MODSEQ among them."""
+        Returns matching UIDs after ``after_uid`` (ascending, at most ``limit``), the highest
+        MODSEQ among them, and whether more matches follow (a page)."""
         compiler = _SearchCompiler()
         full = compiler.compile(key)
+        if limit is not None:
+            limit = max(1, limit)
         async with self._read() as conn:
             await self._mailbox_by_id(conn, account_id, mailbox_id)
-            base = M.c.mailbox_id == mailbox_id
+            base = and_(M.c.mailbox_id == mailbox_id, M.c.uid > after_uid)
             if not compiler.blob_leaves:
-                rows = (await conn.execute(select(M.c.uid, M.c.modseq).where(base, full)
-                                           .order_by(M.c.uid))).all()
-                return [r[0] for r in rows], max((r[1] for r in rows), default=0)
+                q = select(M.c.uid, M.c.modseq).where(base, full).order_by(M.c.uid)
+                if limit is not None:
+                    q = q.limit(limit + 1)
+                found = [(r[0], r[1]) for r in (await conn.execute(q)).all()]
+                return _search_page(found, limit)
             superset = compiler.bound(key, positive=True)
             leaf_cols = [case((expr, 1), else_=0).label(f"l{i}")
                          for i, expr in enumerate(compiler.sql_leaves)]
@@ -1252,18 +1292,22 @@ class Repository:
                 select(M.c.uid, M.c.modseq, M.c.blob_key, M.c.prefix, *leaf_cols)
                 .where(base, superset).order_by(M.c.uid))).all()
         if not rows:
-            return [], 0
+            return [], 0, False
         if body_matcher is None:
             raise Invalid("body search is not available")
-        blob_results = await body_matcher(list(rows), compiler.blob_leaves)
-        out: list[int] = []
-        top = 0
-        for r in rows:
-            sql_vals = [bool(getattr(r, f"l{i}")) for i in range(len(compiler.sql_leaves))]
-            if compiler.evaluate(key, sql_vals, blob_results.get(r.uid, {})):
-                out.append(r.uid)
-                top = max(top, r.modseq)
-        return out, top
+        # blobs are read a batch at a time, and no further than the page needs
+        step = len(rows) if limit is None else BLOB_SEARCH_BATCH
+        found = []
+        for i in range(0, len(rows), step):
+            batch = rows[i:i + step]
+            blob_results = await body_matcher(list(batch), compiler.blob_leaves)
+            for r in batch:
+                sql_vals = [bool(getattr(r, f"l{j}")) for j in range(len(compiler.sql_leaves))]
+                if compiler.evaluate(key, sql_vals, blob_results.get(r.uid, {})):
+                    found.append((r.uid, r.modseq))
+            if limit is not None and len(found) > limit:
+                break
+        return _search_page(found, limit)
 
     # ------------------------------------------------------------ quota
     async def quota(self, account_id: int) -> tuple[int, int | None, int]:
@@ -1275,18 +1319,39 @@ class Repository:
         return int(row[0]), (int(row[1]) if row[1] is not None else None), int(row[2])
 
     # ------------------------------------------------------------ POP3
-    async def pop3_maildrop(self, account_id: int) -> tuple[int, int, list[Pop3Message]]:
+    async def pop3_maildrop(self, account_id: int, *, after_uid: int = 0,
+                            limit: int | None = None, max_bytes: int | None = None
+                            ) -> tuple[int, int, list[Pop3Message], bool]:
+        """The INBOX as a POP3 maildrop, paged by UID: messages after ``after_uid``, at most
+        ``limit`` of them and about ``max_bytes`` as JSON. Returns (mailbox id, UIDVALIDITY,
+        messages, more). UIDs only grow, so pages read in order make one consistent list."""
         await self._ensure_inbox(account_id)
         async with self._read() as conn:
             inbox = await self._mailbox_by_name(conn, account_id, INBOX)
-            rows = (await conn.execute(
-                select(M.c.uid, M.c.size, M.c.pop3_pad, M.c.blob_key, M.c.prefix)
-                .where(M.c.mailbox_id == inbox.id, M.c.pop3_hidden == false())
-                .order_by(M.c.uid))).all()
-        msgs = [Pop3Message(uid=r.uid, uidl=f"{inbox.uidvalidity}.{r.uid}",
-                            size=r.size + r.pop3_pad,
-                            blob_key=r.blob_key, prefix=bytes(r.prefix or b"")) for r in rows]
-        return inbox.id, inbox.uidvalidity, msgs
+            q = (select(M.c.uid, M.c.size, M.c.pop3_pad, M.c.blob_key, M.c.prefix)
+                 .where(M.c.mailbox_id == inbox.id, M.c.pop3_hidden == false(),
+                        M.c.uid > after_uid)
+                 .order_by(M.c.uid))
+            if limit is not None:
+                limit = max(1, limit)
+                q = q.limit(limit + 1)
+            rows = (await conn.execute(q)).all()
+        more = limit is not None and len(rows) > limit
+        if more:
+            rows = rows[:limit]
+        msgs: list[Pop3Message] = []
+        used = 0
+        for r in rows:
+            prefix = bytes(r.prefix or b"")
+            # one Pop3Message as JSON: names, numbers and uidl, the blob key, base64 prefix
+            used += 120 + len(r.blob_key) + 4 * ((len(prefix) + 2) // 3)
+            if max_bytes is not None and msgs and used > max_bytes:
+                more = True
+                break
+            msgs.append(Pop3Message(uid=r.uid, uidl=f"{inbox.uidvalidity}.{r.uid}",
+                                    size=r.size + r.pop3_pad, blob_key=r.blob_key,
+                                    prefix=prefix))
+        return inbox.id, inbox.uidvalidity, msgs, more
 
     async def pop3_commit(self, account_id: int, mailbox_id: int, delete_uids: Sequence[int],
                           mode: Literal["delete", "keep"], seen_uids: Sequence[int]) -> list[Change]:

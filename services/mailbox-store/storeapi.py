@@ -21,6 +21,7 @@ from postbus.mailbox_store.repository import NewMessage, Repository, StoreError
 from postbus.mailbox_store.settings import Settings
 from postbus.proto.base import Rpc
 from postbus.proto.store import (
+    PAGE_BYTES,
     STORE_APPEND,
     STORE_COPY,
     STORE_EXPUNGE,
@@ -70,6 +71,10 @@ from postbus.protocols.mime import normalize_crlf, summarize
 
 log = get_logger("postbus.mailbox_store.storeapi")
 QUEUE = "mailbox-store"
+# the most a page may hold, whatever the request asks: 40,000 UIDs of up to 10 digits stay
+# under PAGE_BYTES; POP3 messages are also cut at PAGE_BYTES (their prefixes vary)
+MAX_UID_PAGE = 40_000
+MAX_POP3_PAGE = 5_000
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
@@ -101,11 +106,14 @@ def header_values(raw: bytes, name: str) -> list[str]:
 
 
 class StoreApi:
-    def __init__(self, bus: Bus, blobs: BlobStore, repo: Repository, settings: Settings) -> None:
+    def __init__(self, bus: Bus, blobs: BlobStore, repo: Repository, settings: Settings, *,
+                 max_uid_page: int = MAX_UID_PAGE, max_pop3_page: int = MAX_POP3_PAGE) -> None:
         self.bus = bus
         self.blobs = blobs
         self.repo = repo
         self.settings = settings
+        self.max_uid_page = max_uid_page  # tests make pages small to see them followed
+        self.max_pop3_page = max_pop3_page
 
     async def serve(self) -> None:
         routes: list[tuple[Rpc[Any, Any], Callable[[Any], Awaitable[Any]]]] = [
@@ -202,14 +210,16 @@ class StoreApi:
         return AppendReply(uidvalidity=uv, uid=uid)
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
-        expunged, hms, change = await self.repo.expunge(req.account_id, req.mailbox_id, req.uids)
+        expunged, hms, change, more = await self.repo.expunge(
+            req.account_id, req.mailbox_id, req.uids, limit=min(req.limit, self.max_uid_page))
         await publish_change(self.bus, change, req.origin)
-        return ExpungeReply(expunged=expunged, highestmodseq=hms)
+        return ExpungeReply(expunged=expunged, highestmodseq=hms, more=more)
 
     async def search(self, req: SearchRequest) -> SearchReply:
-        uids, top = await self.repo.search(req.account_id, req.mailbox_id, req.key,
-                                           self._match_blobs)
-        return SearchReply(uids=uids, highestmodseq=top)
+        uids, top, more = await self.repo.search(
+            req.account_id, req.mailbox_id, req.key, self._match_blobs,
+            after_uid=req.after_uid, limit=min(req.limit, self.max_uid_page))
+        return SearchReply(uids=uids, highestmodseq=top, more=more)
 
     async def _match_blobs(self, rows: list[Any], leaves: list[tuple[str, SearchKey]]
                            ) -> dict[int, dict[int, bool]]:
@@ -236,8 +246,10 @@ class StoreApi:
         return QuotaReply(used_bytes=used, limit_bytes=limit, messages=messages)
 
     async def pop3_maildrop(self, req: Pop3MaildropRequest) -> Pop3MaildropReply:
-        mid, uv, msgs = await self.repo.pop3_maildrop(req.account_id)
-        return Pop3MaildropReply(mailbox_id=mid, uidvalidity=uv, messages=msgs)
+        mid, uv, msgs, more = await self.repo.pop3_maildrop(
+            req.account_id, after_uid=req.after_uid, limit=min(req.limit, self.max_pop3_page),
+            max_bytes=PAGE_BYTES)
+        return Pop3MaildropReply(mailbox_id=mid, uidvalidity=uv, messages=msgs, more=more)
 
     async def pop3_commit(self, req: Pop3CommitRequest) -> Ok:
         changes = await self.repo.pop3_commit(req.account_id, req.mailbox_id, req.delete_uids,

@@ -156,7 +156,7 @@ async def bench(backend: str, n_messages: int, n_deliveries: int, rounds: int) -
             await repo.store_flags(aid, big, [(1, 10**9)], "remove", ["\\Seen"])
 
         async def search_subject() -> None:
-            uids, _ = await repo.search(aid, big, SearchKey(op="and", children=[
+            uids, _, _ = await repo.search(aid, big, SearchKey(op="and", children=[
                 SearchKey(op="from", args=["s42@"]), SearchKey(op="unflag", args=["\\Seen"])]))
             assert uids
 

@@ -268,7 +268,7 @@ async def test_uids_strictly_ascending_never_reused(store: Store) -> None:
     assert await store.deliver(5) == [1, 2, 3, 4, 5]
     inbox = await store.inbox()
     await r.store_flags(a, inbox, [(4, 5)], "add", ["\\Deleted"])
-    expunged, _, _ = await r.expunge(a, inbox)
+    expunged, _, _, _ = await r.expunge(a, inbox)
     assert expunged == [4, 5]
     assert await store.deliver(2, start=5) == [6, 7]
     info, msgs, more, _ = await r.select(a, inbox)
@@ -364,9 +364,9 @@ async def test_expunge_and_vanished(store: Store) -> None:
     hms = (await r.status(a, "INBOX")).highestmodseq
     await r.store_flags(a, inbox, [(2, 3), (5, 5)], "add", ["\\Deleted"])
     # UID EXPUNGE (RFC 4315): only within the set
-    expunged, hms2, change = await r.expunge(a, inbox, [(1, 2)])
+    expunged, hms2, change, _ = await r.expunge(a, inbox, [(1, 2)])
     assert expunged == [2] and change is not None and change.exists == 5
-    expunged, hms3, _ = await r.expunge(a, inbox)
+    expunged, hms3, _, _ = await r.expunge(a, inbox)
     assert expunged == [3, 5] and hms3 > hms2 > hms
     assert (await r.expunge(a, inbox))[0] == []
     _, msgs, _, vanished = await r.select(a, inbox, changed_since=hms)
@@ -435,7 +435,7 @@ async def test_search(store: Store) -> None:
     assert await q(K(op="body", args=["dave@example.net"])) == []
     assert await q(K(op="header", args=["X-Missing", ""])) == []
     assert await q(K(op="header", args=["Date", "18 Nov"])) == [3]
-    uids, top = await r.search(a, inbox, K(op="modseq", args=["1"]), matcher)
+    uids, top, _ = await r.search(a, inbox, K(op="modseq", args=["1"]), matcher)
     assert uids == [1, 2, 3] and top == (await r.status(a, "INBOX")).highestmodseq
     with pytest.raises(Invalid):
         await q(K(op="since", args=["yesterday"]))
@@ -481,13 +481,13 @@ async def test_pop3_maildrop_and_commit(store: Store) -> None:
     prefix = b"Return-Path: <bob@example.net>\r\nDelivered-To: alice@example.test\r\n"
     for i in range(4):
         await r.deliver(f"P{i}", a, "INBOX", new_message(raw_message(i), prefix=prefix))
-    mid, uv, msgs = await r.pop3_maildrop(a)
+    mid, uv, msgs, _ = await r.pop3_maildrop(a)
     assert [m.uid for m in msgs] == [1, 2, 3, 4]
     assert msgs[0].uidl == f"{uv}.1" and msgs[0].prefix == prefix
     assert msgs[0].size == len(prefix) + len(raw_message(0))
     # keep mode: hidden from POP3, still there for IMAP, \Seen where RETR'd
     await r.pop3_commit(a, mid, [1], "keep", seen_uids=[1, 2])
-    _, _, msgs2 = await r.pop3_maildrop(a)
+    _, _, msgs2, _ = await r.pop3_maildrop(a)
     assert [m.uid for m in msgs2] == [2, 3, 4]
     assert [m.uidl for m in msgs2] == [m.uidl for m in msgs[1:]]  # stable
     metas = {m.uid: m for m in await r.fetch(a, mid, [(1, 4)])}
@@ -495,7 +495,7 @@ async def test_pop3_maildrop_and_commit(store: Store) -> None:
     # delete mode: expunged
     changes = await r.pop3_commit(a, mid, [2, 3], "delete", seen_uids=[2])
     assert any(c.expunged == [2, 3] for c in changes)
-    _, _, msgs3 = await r.pop3_maildrop(a)
+    _, _, msgs3, _ = await r.pop3_maildrop(a)
     assert [m.uid for m in msgs3] == [4]
     assert (await r.quota(a))[2] == 2
 
@@ -508,12 +508,62 @@ async def test_pop3_size_counts_the_crlf_retr_adds(store: Store) -> None:
     unterminated = b"Subject: no final CRLF\r\n\r\nlast line"
     await r.deliver("U1", a, "INBOX", new_message(unterminated, prefix=prefix))
     await r.deliver("U2", a, "INBOX", new_message(raw_message(1), prefix=prefix))
-    _, _, msgs = await r.pop3_maildrop(a)
+    _, _, msgs, _ = await r.pop3_maildrop(a)
     assert [m.size for m in msgs] == [retr_octets(prefix, unterminated),
                                       retr_octets(prefix, raw_message(1))]
     assert msgs[0].size == len(prefix) + len(unterminated) + 2
     metas = await r.fetch(a, await store.inbox(), [(1, 1)])
     assert metas[0].size == len(prefix) + len(unterminated)  # RFC822.SIZE: the bytes IMAP serves
+
+
+async def test_pages_of_maildrop_search_and_expunge(store: Store) -> None:
+    """The replies that grow with the mailbox, read in pages (proto/store.py): after_uid and
+    limit (and a byte budget for the maildrop) give the same list as one unpaged call."""
+    r, a = store.repo, store.account
+    prefix = b"Delivered-To: alice@example.test\r\n"
+    raws = [raw_message(i, body="needle" if i % 3 == 0 else "hay") for i in range(10)]
+    await r.append_many(a, "INBOX", [new_message(raw, prefix=prefix) for raw in raws])
+    inbox = await store.inbox()
+    blobs = {new_message(raw).blob_key: raw for raw in raws}
+
+    async def matcher(rows: list[Any], leaves: list[tuple[str, SearchKey]]) -> dict[int, dict[int, bool]]:
+        return {row.uid: _eval_leaves(bytes(row.prefix or b"") + blobs[row.blob_key], leaves)
+                for row in rows}
+
+    _, _, whole, more = await r.pop3_maildrop(a)
+    assert not more and [m.uid for m in whole] == list(range(1, 11))
+    for limit, max_bytes in ((3, None), (100, 400), (1, 1)):
+        pages, after = [], 0
+        while True:
+            _, _, page, more = await r.pop3_maildrop(a, after_uid=after, limit=limit,
+                                                     max_bytes=max_bytes)
+            assert page and len(page) <= limit
+            pages += page
+            if not more:
+                break
+            after = page[-1].uid
+        assert pages == whole
+
+    for key, want in ((SearchKey(op="all"), list(range(1, 11))),
+                      (SearchKey(op="body", args=["needle"]), [1, 4, 7, 10])):
+        got, after, top = [], 0, 0
+        while True:
+            uids, hms, more = await r.search(a, inbox, key, matcher, after_uid=after, limit=2)
+            assert len(uids) <= 2
+            got, top = got + uids, max(top, hms)
+            if not more:
+                break
+            after = uids[-1]
+        assert (got, top) == (want, (await r.status(a, "INBOX")).highestmodseq)
+
+    await r.store_flags(a, inbox, [(2, 9)], "add", ["\\Deleted"])
+    first, _, change, more = await r.expunge(a, inbox, limit=3)
+    assert (first, more) == ([2, 3, 4], True) and change is not None and change.expunged == first
+    rest, _, _, more = await r.expunge(a, inbox, [(1, 8)], limit=10)
+    assert (rest, more) == ([5, 6, 7, 8], False)
+    assert (await r.expunge(a, inbox, limit=1))[::3] == ([9], False)
+    assert (await r.expunge(a, inbox, limit=1))[::3] == ([], False)
+    assert (await r.status(a, "INBOX")).messages == 2
 
 
 # ---------------------------------------------------------------- delivery
