@@ -91,7 +91,8 @@ class RpcError(Model):
     """What a responder sends back instead of its reply model when it fails.
 
     Carried with the header ``Postbus-Error: 1``; ``code`` is machine-readable
-    (``not_found``, ``exists``, ``invalid``, ``over_quota``, ``conflict``, ``internal``...).
+    (``not_found``, ``exists``, ``invalid``, ``over_quota``, ``conflict``, ``internal``,
+    ``too_large`` when the reply would exceed the NATS max_payload...).
     """
 
     code: str

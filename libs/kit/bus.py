@@ -345,7 +345,8 @@ class Bus:
     async def serve(self, rpc: Rpc[Req, Rep], handler: Callable[[Req], Awaitable[Rep]],
                     *, queue: str) -> None:
         """Answer requests in a queue group; RemoteError raised by the handler is sent back
-        as an RpcError, any other exception as ``internal`` (and logged)."""
+        as an RpcError, any other exception as ``internal`` (and logged), a reply larger
+        than the server's max_payload as ``too_large`` (and logged)."""
 
         async def on_msg(msg: Msg) -> None:
             started = time.perf_counter()
@@ -361,11 +362,19 @@ class Bus:
             except Exception as exc:
                 log.exception("request handler failed", subject=rpc.name)
                 reply, headers, outcome = RpcError(code="internal", message=type(exc).__name__), {ERROR_HEADER: "1"}, "internal"
+            data = encode(reply)
+            if len(data) > self.nc.max_payload:
+                # NATS would refuse it and the caller would only see a timeout
+                log.error("reply exceeds the NATS max_payload", subject=rpc.name,
+                          size=len(data), max_payload=self.nc.max_payload)
+                data, headers, outcome = encode(RpcError(
+                    code="too_large", message=f"reply of {len(data)} bytes exceeds the NATS "
+                    f"max_payload of {self.nc.max_payload}")), {ERROR_HEADER: "1"}, "too_large"
             RPC_HANDLED.labels(rpc.name, outcome).inc()
             RPC_LATENCY.labels(rpc.name).observe(time.perf_counter() - started)
             if msg.reply:
                 with contextlib.suppress(nats.errors.Error):
-                    await self.nc.publish(msg.reply, encode(reply), headers=headers)
+                    await self.nc.publish(msg.reply, data, headers=headers)
 
         # each request runs in its own task so one slow request does not block the rest
         async def spawn(msg: Msg) -> None:
