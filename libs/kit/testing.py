@@ -43,8 +43,12 @@ class Infra:
 
 
 class RunningNats:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_payload: int | None = None) -> None:
+        """``max_payload``: the server's limit (default: NatsSpec's); nats-server's own
+        default, 1 MiB, is what a production cluster may run with."""
         self.spec = embedded.NatsSpec(embedded.free_port(), root / "nats")
+        if max_payload is not None:
+            self.spec.max_payload = max_payload
         self.proc = embedded.start(self.spec.command(), root / "nats.log")
         embedded.wait_until(self.spec.ready, 20, "nats-server", self.proc)
 
