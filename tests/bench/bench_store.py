@@ -5,6 +5,11 @@ SELECT / FETCH FLAGS / STATUS / STORE / SEARCH on a 100,000-message mailbox.
 
 SQLite always; PostgreSQL too when POSTBUS_TEST_POSTGRES_URL is set (a fresh schema,
 dropped afterwards). Prints medians, writes bench-results/store.json.
+
+``--rpc-messages`` (100,000; 0 skips): the store RPCs of a mailbox that size over a
+nats-server with its default max_payload (1 MiB), through pop3-access's store adapter and
+the imap-access server (the checks of tests/socket/test_store_large_mailbox.py, with the
+store's real page sizes): every reply complete, none over the limit, and how long each took.
 """
 
 from __future__ import annotations
@@ -215,6 +220,39 @@ async def bench_consumer(n: int, concurrency: int) -> float:
         nats.stop()
 
 
+async def bench_rpc_pages(n: int) -> dict[str, float]:
+    """The large-mailbox checks of the socket tests on ``n`` messages (SQLite)."""
+    sys.path.insert(0, str(ROOT / "tests" / "socket"))
+    import test_store_large_mailbox as large
+
+    from postbus.kit.blob import BlobStore
+    from postbus.kit.bus import Bus
+    from postbus.kit.settings import CommonSettings
+    from postbus.kit.testing import RunningNats, RunningS3
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-store-rpc-"))
+    nats = RunningNats(tmp, max_payload=large.MIB)
+    s3 = RunningS3(tmp)
+    common = CommonSettings(nats_url=nats.url, s3_endpoint=s3.endpoint, s3_bucket="bench",
+                            database_url=f"sqlite+aiosqlite:///{tmp / 'dir.db'}")
+    bus = await Bus.connect(common, "bench")
+    blobs = BlobStore(common)
+    try:
+        await blobs.ensure_bucket()
+        res: dict[str, float] = {}
+        t = time.perf_counter()
+        async with large.large_mailbox(tmp, bus, blobs, common, n) as (repo, aid):
+            res["fill_s"] = time.perf_counter() - t
+            res |= await large.check_pop3(bus, blobs, repo, aid, n)
+            res |= await large.check_imap(bus, blobs, common, repo, aid, n)
+        return res
+    finally:
+        await bus.close()
+        await blobs.close()
+        s3.stop()
+        nats.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=100_000)
@@ -222,6 +260,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--consumer", type=int, default=3000, help="messages through the consumer (0: skip)")
     ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--rpc-messages", type=int, default=100_000,
+                    help="mailbox size for the store RPCs over a 1 MiB NATS (0: skip)")
     args = ap.parse_args()
     from postbus.kit import logging as klog
 
@@ -241,6 +281,11 @@ def main() -> None:
         results["consumer_deliveries_per_s"] = statistics.median(rates)
         print(f"[sqlite] consumer deliveries/s via NATS (median of {args.rounds}, "
               f"concurrency {args.concurrency}): {results['consumer_deliveries_per_s']:.0f}")
+    if args.rpc_messages:
+        rpc = asyncio.run(bench_rpc_pages(args.rpc_messages))
+        results["rpc_1mib_nats"] = {"messages": args.rpc_messages, **rpc}
+        for k, v in rpc.items():
+            print(f"[sqlite] {args.rpc_messages} messages over 1 MiB NATS, {k}: {v:.2f}")
     out = ROOT / "bench-results" / "store.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
