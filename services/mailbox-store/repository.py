@@ -1279,7 +1279,7 @@ class Repository:
         async with self._read() as conn:
             await self._mailbox_by_id(conn, account_id, mailbox_id)
             base = and_(M.c.mailbox_id == mailbox_id, M.c.uid > after_uid)
-            if not compiler.blob_leaves:
+            if not compiler.blob_leaves and not compiler.uid_leaves:
                 q = select(M.c.uid, M.c.modseq).where(base, full).order_by(M.c.uid)
                 if limit is not None:
                     q = q.limit(limit + 1)
@@ -1293,17 +1293,18 @@ class Repository:
                 .where(base, superset).order_by(M.c.uid))).all()
         if not rows:
             return [], 0, False
-        if body_matcher is None:
+        if compiler.blob_leaves and body_matcher is None:
             raise Invalid("body search is not available")
         # blobs are read a batch at a time, and no further than the page needs
-        step = len(rows) if limit is None else BLOB_SEARCH_BATCH
+        step = len(rows) if limit is None or not compiler.blob_leaves else BLOB_SEARCH_BATCH
         found = []
         for i in range(0, len(rows), step):
             batch = rows[i:i + step]
-            blob_results = await body_matcher(list(batch), compiler.blob_leaves)
+            blob_results = (await body_matcher(list(batch), compiler.blob_leaves)
+                            if compiler.blob_leaves and body_matcher else {})
             for r in batch:
                 sql_vals = [bool(getattr(r, f"l{j}")) for j in range(len(compiler.sql_leaves))]
-                if compiler.evaluate(key, sql_vals, blob_results.get(r.uid, {})):
+                if compiler.evaluate(key, sql_vals, blob_results.get(r.uid, {}), r.uid):
                     found.append((r.uid, r.modseq))
             if limit is not None and len(found) > limit:
                 break
@@ -1458,6 +1459,9 @@ class _SearchCompiler:
     def __init__(self) -> None:
         self.sql_leaves: list[ColumnElement[bool]] = []
         self.blob_leaves: list[tuple[str, SearchKey]] = []
+        # UID sets too fragmented for one statement: SQL tests the bounding range, these
+        # exact tests run on the candidate rows
+        self.uid_leaves: list[tuple[ColumnElement[bool], Callable[[int], bool]]] = []
         self._leaf_index: dict[int, tuple[str, int]] = {}
 
     def _is_blob(self, k: SearchKey) -> bool:
@@ -1481,14 +1485,20 @@ class _SearchCompiler:
             self._leaf_index[id(k)] = ("blob", len(self.blob_leaves))
             self.blob_leaves.append((f"b{len(self.blob_leaves)}", k))
             return true()
+        if op == "uid" and len(_clean_ranges(k.uids)) > MAX_RANGES_IN_SQL:
+            bounding, inside = uid_filter(k.uids)
+            self._leaf_index[id(k)] = ("uid", len(self.uid_leaves))
+            self.uid_leaves.append((bounding, inside))
+            return true()
         expr = self._leaf(k)
         self._leaf_index[id(k)] = ("sql", len(self.sql_leaves))
         self.sql_leaves.append(expr)
         return expr
 
     def bound(self, k: SearchKey, *, positive: bool) -> ColumnElement[bool]:
-        """SQL that keeps every message that could match (positive) or could fail (not
-        positive) once blob leaves are known: a superset for the candidates query."""
+        """SQL for the candidates query. positive: a superset of the messages that may match
+        once blob and exact-UID leaves are known; not positive (under a NOT): a subset of the
+        messages that surely match, so that its negation is again a superset."""
         op = k.op.lower()
         if op == "and":
             return and_(true(), *(self.bound(c, positive=positive) for c in k.children))
@@ -1501,17 +1511,22 @@ class _SearchCompiler:
         kind, i = self._leaf_index[id(k)]
         if kind == "blob":
             return true() if positive else false()
+        if kind == "uid":  # may hold only inside the bounding range; holds for sure nowhere
+            return self.uid_leaves[i][0] if positive else false()
         return self.sql_leaves[i]
 
-    def evaluate(self, k: SearchKey, sql_vals: list[bool], blob_vals: dict[int, bool]) -> bool:
+    def evaluate(self, k: SearchKey, sql_vals: list[bool], blob_vals: dict[int, bool],
+                 uid: int) -> bool:
         op = k.op.lower()
         if op == "and":
-            return all(self.evaluate(c, sql_vals, blob_vals) for c in k.children)
+            return all(self.evaluate(c, sql_vals, blob_vals, uid) for c in k.children)
         if op == "or":
-            return any(self.evaluate(c, sql_vals, blob_vals) for c in k.children)
+            return any(self.evaluate(c, sql_vals, blob_vals, uid) for c in k.children)
         if op == "not":
-            return not self.evaluate(k.children[0], sql_vals, blob_vals)
+            return not self.evaluate(k.children[0], sql_vals, blob_vals, uid)
         kind, i = self._leaf_index[id(k)]
+        if kind == "uid":
+            return self.uid_leaves[i][1](uid)
         return sql_vals[i] if kind == "sql" else blob_vals.get(i, False)
 
     @staticmethod

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from postbus.mailbox_store import db
 from postbus.mailbox_store.models import Account, Blob, Domain, Message
 from postbus.mailbox_store.repository import (
+    MAX_RANGES_IN_SQL,
     Exists,
     Invalid,
     NewMessage,
@@ -441,6 +442,33 @@ async def test_search(store: Store) -> None:
         await q(K(op="since", args=["yesterday"]))
     with pytest.raises(Invalid):
         await q(K(op="frobnicate"))
+
+
+async def test_search_on_a_fragmented_uid_set_is_exact(store: Store) -> None:
+    """More ranges than one statement takes: SQL narrows to the bounding range, the exact
+    set decides (a UID set of 150 odd UIDs must not return the even ones)."""
+    r, a = store.repo, store.account
+    await asyncio.gather(*(r.deliver(f"F{i}", a, "INBOX", new_message(raw_message(i)))
+                           for i in range(320)))
+    inbox = await store.inbox()
+    odd = [(u, u) for u in range(1, 301, 2)]
+    assert len(odd) > MAX_RANGES_IN_SQL
+    K = SearchKey
+
+    async def q(key: SearchKey, **kw: Any) -> list[int]:
+        return (await r.search(a, inbox, key, **kw))[0]
+
+    assert await q(K(op="uid", uids=odd)) == list(range(1, 301, 2))
+    assert await q(K(op="not", children=[K(op="uid", uids=odd)])) == (
+        list(range(2, 301, 2)) + list(range(301, 321)))
+    await r.store_flags(a, inbox, [(1, 10)], "add", ["\\Seen"])
+    assert await q(K(op="and", children=[K(op="uid", uids=odd),
+                                         K(op="flag", args=["\\Seen"])])) == [1, 3, 5, 7, 9]
+    # paged like any search
+    first, _, more = await r.search(a, inbox, K(op="uid", uids=odd), limit=100)
+    assert first == list(range(1, 201, 2)) and more
+    rest, _, more = await r.search(a, inbox, K(op="uid", uids=odd), after_uid=first[-1], limit=100)
+    assert rest == list(range(201, 301, 2)) and not more
 
 
 # ---------------------------------------------------------------- quota
