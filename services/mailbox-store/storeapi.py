@@ -75,6 +75,8 @@ QUEUE = "mailbox-store"
 # under PAGE_BYTES; POP3 messages are also cut at PAGE_BYTES (their prefixes vary)
 MAX_UID_PAGE = 40_000
 MAX_POP3_PAGE = 5_000
+# SELECT snapshots: about 45 octets a message (UID, flags, MODSEQ), so 10,000 is ~450 KB
+MAX_SELECT_PAGE = 10_000
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
@@ -165,8 +167,8 @@ class StoreApi:
     # ------------------------------------------------------------ messages
     async def select(self, req: SelectRequest) -> SelectReply:
         info, msgs, more, vanished = await self.repo.select(
-            req.account_id, req.mailbox_id, after_uid=req.after_uid, limit=req.limit,
-            changed_since=req.changed_since)
+            req.account_id, req.mailbox_id, after_uid=req.after_uid,
+            limit=max(1, min(req.limit, MAX_SELECT_PAGE)), changed_since=req.changed_since)
         return SelectReply(mailbox=info, messages=msgs, more=more, vanished=vanished)
 
     async def fetch(self, req: FetchRequest) -> FetchReply:
