@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 import pytest_asyncio
 
@@ -34,6 +35,11 @@ def examples(n: int) -> int:
     """Hypothesis ``max_examples``: ``n`` in ``make test``, ``n`` times POSTBUS_FUZZ_FACTOR
     in ``make fuzz`` (a longer campaign over the same properties)."""
     return n * max(1, int(os.environ.get("POSTBUS_FUZZ_FACTOR", "1")))
+
+
+# property tests without their own settings: 100 examples, more under `make fuzz`
+hypothesis.settings.register_profile("postbus", max_examples=examples(100))
+hypothesis.settings.load_profile("postbus")
 
 
 @dataclass
