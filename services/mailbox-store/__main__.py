@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 from postbus.kit.runtime import ServiceContext, main
-from postbus.mailbox_store import db, mgmt
+from postbus.mailbox_store import db, mgmt, retention
 from postbus.mailbox_store.blobgc import run_forever
 from postbus.mailbox_store.delivery import Deliverer
 from postbus.mailbox_store.directory import serve_directory
@@ -41,6 +41,8 @@ async def setup(settings: Settings, ctx: ServiceContext) -> None:
     Deliverer(ctx.bus, ctx.blobs, repo, settings).start()
     ctx.add_task(run_forever(repo, ctx.blobs, settings.blob_gc_grace_s,
                              settings.blob_gc_interval_s, settings.deliveries_keep_s), "blob-gc")
+    ctx.add_task(retention.run_forever(repo, ctx.bus, settings.pop3_expire_interval_s),
+                 "pop3-retention")
 
 
 def run() -> None:

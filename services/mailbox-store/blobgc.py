@@ -8,14 +8,13 @@ same content) is left alone: its LastModified is inside the grace period.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from postbus.kit.blob import BlobNotFound, BlobStore
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
-from postbus.mailbox_store.db import leader
+from postbus.mailbox_store.db import run_periodically
 from postbus.mailbox_store.repository import Repository
 
 log = get_logger("postbus.mailbox_store.blobgc")
@@ -90,17 +89,12 @@ GC_LOCK_KEY = 0x706F_7374_6763  # one replica collects at a time
 async def run_forever(repo: Repository, blobs: BlobStore, grace_s: float, interval_s: float,
                       deliveries_keep_s: float = 30 * 86400.0) -> None:
     """Blob GC and pruning of old delivery idempotency rows, every ``interval_s``."""
-    while True:
-        try:
-            async with leader(repo.engine, GC_LOCK_KEY) as lead:
-                if lead:
-                    await collect(repo, blobs, grace_s)
-                    pruned = await repo.prune_deliveries(
-                        datetime.now(UTC) - timedelta(seconds=deliveries_keep_s))
-                    if pruned:
-                        log.info("delivery records pruned", count=pruned)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("blob gc failed; next pass later")
-        await asyncio.sleep(interval_s)
+
+    async def one_pass() -> None:
+        await collect(repo, blobs, grace_s)
+        pruned = await repo.prune_deliveries(
+            datetime.now(UTC) - timedelta(seconds=deliveries_keep_s))
+        if pruned:
+            log.info("delivery records pruned", count=pruned)
+
+    await run_periodically(repo.engine, GC_LOCK_KEY, interval_s, one_pass, "blob gc")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +168,25 @@ async def leader(engine: AsyncEngine, key: int) -> AsyncIterator[bool]:
             if got:
                 await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 await conn.commit()
+
+
+async def run_periodically(engine: AsyncEngine, lock_key: int, interval_s: float,
+                           job: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run ``job`` every ``interval_s`` on the one replica that holds ``lock_key``; a failed
+    pass is logged and retried at the next interval."""
+    from postbus.kit.logging import get_logger
+
+    log = get_logger("postbus.mailbox_store.jobs")
+    while True:
+        try:
+            async with leader(engine, lock_key) as lead:
+                if lead:
+                    await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(f"{what} failed; next pass later")
+        await asyncio.sleep(interval_s)
 
 
 async def check(engine: AsyncEngine) -> None:

@@ -168,6 +168,10 @@ class Message(Base):
     pop3_hidden: Mapped[bool] = mapped_column(Boolean, default=False)
     # octets POP3 adds to end an unterminated last line: its sizes are size + pop3_pad
     pop3_pad: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0")
+    # first retrieval in full over POP3 (RETR, then QUIT): the account's pop3_expire_days
+    # (announced as EXPIRE, RFC 2449 §6.7) counts from here
+    pop3_retrieved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                               nullable=True)
 
 
 class Expunged(Base):

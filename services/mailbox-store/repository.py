@@ -1228,7 +1228,8 @@ class Repository:
             values = []
             for i, r in enumerate(rows):
                 v = {c: getattr(r, c) for c in r._fields if c != "id"}
-                v.update(mailbox_id=dst.id, uid=first + i, modseq=modseq, pop3_hidden=False)
+                v.update(mailbox_id=dst.id, uid=first + i, modseq=modseq, pop3_hidden=False,
+                         pop3_retrieved_at=None)
                 values.append(v)
             if not move:
                 refs: dict[str, tuple[int, int]] = {}
@@ -1359,6 +1360,7 @@ class Repository:
         """The UPDATE state of RFC 1939 §6 in one transaction."""
         dels = sorted(set(delete_uids))
         seen = sorted(set(seen_uids) - (set(dels) if mode == "delete" else set()))
+        now = datetime.now(UTC)
 
         async def tx(conn: AsyncConnection) -> list[Change]:
             acct = await self._lock_account(conn, account_id)
@@ -1378,6 +1380,10 @@ class Repository:
                         highestmodseq=modseq, unseen_count=MB.c.unseen_count - len(todo)))
                     flagged = [MessageState(uid=u, flags=flags_from_db(b, k), modseq=modseq)
                                for _, u, b, k in todo]
+            for i in range(0, len(seen), 900):
+                await conn.execute(update(M).where(
+                    M.c.mailbox_id == mailbox_id, M.c.uid.in_(seen[i:i + 900]),
+                    M.c.pop3_retrieved_at.is_(None)).values(pop3_retrieved_at=now))
             if dels and mode == "keep":
                 for i in range(0, len(dels), 900):
                     await conn.execute(update(M).where(
@@ -1394,6 +1400,36 @@ class Repository:
             return changes
 
         return await self.write(tx)
+
+    async def expire_pop3(self, now: datetime, batch: int = 2000) -> list[Change]:
+        """Expunge INBOX messages retrieved over POP3 longer ago than their account's
+        ``pop3_expire_days`` (what CAPA announces as EXPIRE), ``batch`` per transaction."""
+        async with self._read() as conn:
+            accounts = (await conn.execute(select(A.c.id, A.c.pop3_expire_days).where(
+                A.c.pop3_expire_days.is_not(None)))).all()
+        changes: list[Change] = []
+        for account_id, days in accounts:
+            cutoff = utc(now) - timedelta(days=days)
+            where = and_(M.c.pop3_retrieved_at.is_not(None), M.c.pop3_retrieved_at <= cutoff)
+
+            async def tx(conn: AsyncConnection, account_id: int = account_id,
+                         where: ColumnElement[bool] = where) -> tuple[Change | None, bool]:
+                acct = await self._lock_account(conn, account_id)
+                inbox = await self._mailbox_by_name(conn, account_id, INBOX, lock=True)
+                if inbox is None:
+                    return None, False
+                rows = await self._rows_to_remove(conn, inbox, where, limit=batch)
+                return await self._remove_rows(conn, acct, inbox, rows[:batch]), len(rows) > batch
+
+            more = True
+            while more:
+                try:
+                    change, more = await self.write(tx)
+                except NotFound:  # the account or its INBOX went away meanwhile
+                    break
+                if change is not None:
+                    changes.append(change)
+        return changes
 
     # ------------------------------------------------------------ blob GC support
     async def collectable_blobs(self, older_than: datetime, limit: int = 500) -> list[str]:

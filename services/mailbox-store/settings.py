@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     blob_gc_grace_s: float = 7 * 86400.0
     # idempotency rows of local deliveries: kept longer than any redelivery can take
     deliveries_keep_s: float = 30 * 86400.0
+    # how often messages past an account's POP3 retention (pop3_expire_days) are expunged
+    pop3_expire_interval_s: float = 3600.0
 
     # STORE_SEARCH: blobs read at once for BODY/TEXT keys
     search_blob_concurrency: int = 16

@@ -66,16 +66,19 @@ def capabilities(c: CapaContext) -> list[str]:
 
 
 def commit_request(*, account_id: int, mailbox_id: int, policy: Pop3Policy,
-                   deleted: set[int], retrieved: set[int]) -> Pop3CommitRequest | None:
+                   deleted: set[int], retrieved: set[int], expire_days: int | None = None
+                   ) -> Pop3CommitRequest | None:
     """What the UPDATE state applies (RFC 1939 §6), by the account's POP3 policy:
 
     - ``client``: messages the client marked with DELE are expunged;
     - ``keep``: they are hidden from later POP3 sessions and stay in the mailbox for IMAP;
     - ``delete``: every message the client DELEd or retrieved in full is expunged.
 
-    Retrieved messages are flagged \\Seen. None when there is nothing to apply.
+    A retention of 0 days (``EXPIRE 0``: retrieved mail is not kept) acts as ``delete``;
+    longer ones are the store's to enforce. Retrieved messages are flagged \\Seen. None
+    when there is nothing to apply.
     """
-    if policy == "delete":
+    if policy == "delete" or expire_days == 0:
         uids, mode = deleted | retrieved, "delete"
     elif policy == "keep":
         uids, mode = set(deleted), "keep"

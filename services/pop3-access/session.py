@@ -539,7 +539,7 @@ class Session:
         req = policy.commit_request(
             account_id=t.account_id, mailbox_id=t.maildrop.mailbox_id, policy=t.policy,
             deleted={msgs[n - 1].uid for n in t.deleted},
-            retrieved={msgs[n - 1].uid for n in t.retrieved})
+            retrieved={msgs[n - 1].uid for n in t.retrieved}, expire_days=t.expire_days)
         if t.lease.lost:
             await self._release(t.lease)
             log.warning("maildrop lock lost before QUIT; nothing applied", account=t.account_id)

@@ -279,3 +279,32 @@ async def test_blob_gc(env: Env) -> None:
     async with env.engine.connect() as conn:
         keys = set((await conn.execute(select(Blob.__table__.c.key))).scalars().all())
     assert keys == {kept}
+
+
+async def test_pop3_retention_pass_expunges_and_tells_imap(env: Env) -> None:
+    """retention.expire_once: retrieved mail past the account's EXPIRE days is expunged and
+    mailbox.changed carries the EXPUNGE to IMAP sessions, like any other removal."""
+    from datetime import timedelta
+
+    from sqlalchemy import text
+
+    from postbus.mailbox_store import retention
+
+    key = await env.blobs.put(RAW)
+    for i in range(2):
+        await env.bus.publish(DELIVER_LOCAL, _deliver(f"R{i}", env.alice, key))
+        await _next(env.changes)
+    async with env.engine.begin() as conn:
+        await conn.execute(text("UPDATE accounts SET pop3_expire_days = 1 WHERE id = :a"),
+                           {"a": env.alice})
+    mid, _, msgs, _ = await env.repo.pop3_maildrop(env.alice)
+    await env.repo.pop3_commit(env.alice, mid, [], "keep", seen_uids=[msgs[0].uid])
+    assert await retention.expire_once(env.repo, env.bus) == 0  # not a day old yet
+    later = datetime.now(UTC) + timedelta(days=1, seconds=1)
+    assert await retention.expire_once(env.repo, env.bus, later) == 1
+    change = await _next(env.changes)
+    while not change.expunged:  # the \Seen flag of the retrieval comes first
+        change = await _next(env.changes)
+    assert change.account_id == env.alice and change.expunged == [msgs[0].uid]
+    _, _, left, _ = await env.repo.pop3_maildrop(env.alice)
+    assert [m.uid for m in left] == [msgs[1].uid]

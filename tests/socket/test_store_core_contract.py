@@ -594,6 +594,36 @@ async def test_pages_of_maildrop_search_and_expunge(store: Store) -> None:
     assert (await r.status(a, "INBOX")).messages == 2
 
 
+async def test_pop3_retention_expunges_retrieved_mail_after_its_days(store: Store) -> None:
+    """pop3_expire_days (CAPA EXPIRE n): what POP3 retrieved goes n days after its first
+    retrieval; what was never retrieved stays, and accounts without a retention are left."""
+    r, a = store.repo, store.account
+    bob = await add_account(store.engine, "bob@example.test")
+    for acct, tag in ((a, "A"), (bob, "B")):
+        for i in range(4):
+            await r.deliver(f"{tag}{i}", acct, "INBOX", new_message(raw_message(i)))
+    async with store.engine.begin() as conn:
+        await conn.execute(text("UPDATE accounts SET pop3_expire_days = 3 WHERE id = :a"),
+                           {"a": a})
+    mid, _, _, _ = await r.pop3_maildrop(a)
+    bob_mid, _, _, _ = await r.pop3_maildrop(bob)
+    await r.pop3_commit(a, mid, [], "keep", seen_uids=[1, 2])
+    await r.pop3_commit(bob, bob_mid, [], "keep", seen_uids=[1, 2])
+    # a second retrieval does not restart the clock
+    t0 = datetime.now(UTC)
+    await r.pop3_commit(a, mid, [], "keep", seen_uids=[2, 3])
+    assert await r.expire_pop3(t0 + timedelta(days=2)) == []
+    changes = await r.expire_pop3(t0 + timedelta(days=3, minutes=1))
+    assert [c.expunged for c in changes] == [[1, 2, 3]] and changes[0].account_id == a
+    _, _, left, _ = await r.pop3_maildrop(a)
+    assert [m.uid for m in left] == [4]
+    assert (await r.quota(a))[2] == 1
+    _, _, bobs, _ = await r.pop3_maildrop(bob)
+    assert [m.uid for m in bobs] == [1, 2, 3, 4]  # no retention on bob's account
+    # nothing retrieved is left to expire
+    assert await r.expire_pop3(t0 + timedelta(days=30)) == []
+
+
 # ---------------------------------------------------------------- delivery
 async def test_idempotent_delivery(store: Store) -> None:
     r, a = store.repo, store.account

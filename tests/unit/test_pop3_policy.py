@@ -46,6 +46,12 @@ def test_commit_by_policy() -> None:
     only_seen = commit_request(account_id=1, mailbox_id=2, policy="client", deleted=set(),
                                retrieved={4})
     assert only_seen is not None and only_seen.delete_uids == [] and only_seen.seen_uids == [4]
+    # EXPIRE 0 promises that retrieved mail is not kept: it goes at QUIT, whatever the policy
+    for p in ("client", "keep"):
+        z = commit_request(policy=p, expire_days=0, **kw)  # type: ignore[arg-type]
+        assert z is not None and (z.mode, z.delete_uids, z.seen_uids) == ("delete", [1, 2, 3], [])
+    longer = commit_request(policy="client", expire_days=7, **kw)  # type: ignore[arg-type]
+    assert longer is not None and longer.delete_uids == [1, 3]  # the store expires it later
 
 
 def test_failure_delay_grows_and_is_capped() -> None:
