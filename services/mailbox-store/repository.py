@@ -1350,9 +1350,10 @@ class Repository:
             if max_bytes is not None and msgs and used > max_bytes:
                 more = True
                 break
-            msgs.append(Pop3Message(uid=r.uid, uidl=f"{inbox.uidvalidity}.{r.uid}",
-                                    size=r.size + r.pop3_pad, blob_key=r.blob_key,
-                                    prefix=prefix))
+            values = {"uid": r.uid, "uidl": f"{inbox.uidvalidity}.{r.uid}",
+                      "size": r.size + r.pop3_pad, "blob_key": r.blob_key, "prefix": prefix}
+            msgs.append(_fast_model(Pop3Message, values) if _FAST
+                        else Pop3Message.model_construct(**values))
         return inbox.id, inbox.uidvalidity, msgs, more
 
     async def pop3_commit(self, account_id: int, mailbox_id: int, delete_uids: Sequence[int],
