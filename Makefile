@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CLIENT_TOOLS := swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail getmail6 isync curl
 CLIENT_BINS := swaks fetchmail getmail mbsync curl
 
-.PHONY: run test test-fast fuzz venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e schemas lint typecheck clean
+.PHONY: run test test-fast fuzz soak venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e schemas lint typecheck clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ FUZZ_FACTOR ?= 50
 fuzz: $(STAMP)
 	POSTBUS_FUZZ_FACTOR=$(FUZZ_FACTOR) $(PY) -m pytest -q -p no:cacheprovider \
 	  $$(grep -rl "@given" tests/unit tests/session)
+
+## Crash soak: SMTP load while ingress, mime-processor and mailbox-store are SIGKILLed again
+## and again; fails on a lost 250 or a doubled message
+soak: $(STAMP)
+	$(PY) tests/soak/soak_crash.py
 
 ## Benchmarks (medians printed; JSON in bench-results/)
 bench: bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e

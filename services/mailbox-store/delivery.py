@@ -73,7 +73,8 @@ class Deliverer:
     def start(self) -> None:
         self.bus.consume(DELIVER_LOCAL, self.handle, durable=DURABLE,
                          concurrency=self.settings.delivery_concurrency,
-                         batch=min(256, max(32, self.settings.delivery_concurrency * 2)))
+                         batch=min(256, max(32, self.settings.delivery_concurrency * 2)),
+                         ack_wait_s=self.settings.delivery_ack_wait_s)
 
     def _delay(self, attempt: int) -> float:
         s = self.settings

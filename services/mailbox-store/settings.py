@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # local delivery (mail.deliver.local)
     # concurrent deliveries in flight: they are group-committed, so more is faster
     delivery_concurrency: int = 128
+    # a delivery taken by a replica that died is handed to another after this long
+    delivery_ack_wait_s: float = 60.0
     # over quota / disabled: "deferred" events and retries, then "failed" (a bounce)
     delivery_max_attempts: int = 12
     delivery_retry_base_s: float = 60.0
