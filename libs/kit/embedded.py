@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -17,9 +18,34 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port to listen on later, below the kernel's ephemeral range: a port the kernel
+    handed out (bind to 0) can meanwhile become the source port of some outgoing connection,
+    and the listener then fails with EADDRINUSE. Never the same port twice per process."""
+    top = min(_ephemeral_start(), 65536)
+    low = 20000 if top > 25000 else 1024
+    for _ in range(200):
+        port = random.randrange(low, top)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
