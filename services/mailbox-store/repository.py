@@ -1050,22 +1050,31 @@ class Repository:
                                        .order_by(M.c.uid))).all()
             modified: list[int] = []
             todo: list[tuple[int, int, int, str]] = []  # id, uid, new bits, new keywords
-            old = {r.id: r.flags for r in rows}
-            for r in rows:
-                if not inside(r.uid):
+            old: dict[int, int] = {}
+            empty: set[str] = set()
+            # rows as plain tuples: attribute access on a Row costs more than the rest per row
+            for mid, uid, cur_bits, cur_kws, cur_modseq in map(tuple, rows):
+                if not inside(uid):
                     continue
-                if unchanged_since is not None and r.modseq > unchanged_since:
-                    modified.append(r.uid)
+                if unchanged_since is not None and cur_modseq > unchanged_since:
+                    modified.append(uid)
                     continue
-                cur_kw = set(r.keywords.split()) if r.keywords else set()
+                old[mid] = cur_bits
+                if not cur_kws and not kwset:  # the common case: system flags only
+                    nb = bits if op == "set" else (
+                        cur_bits | bits if op == "add" else cur_bits & ~bits)
+                    if nb != cur_bits:
+                        todo.append((mid, uid, nb, ""))
+                    continue
+                cur_kw = set(cur_kws.split()) if cur_kws else empty
                 if op == "set":
                     nb, nk = bits, kwset
                 elif op == "add":
-                    nb, nk = r.flags | bits, cur_kw | kwset
+                    nb, nk = cur_bits | bits, cur_kw | kwset
                 else:
-                    nb, nk = r.flags & ~bits, cur_kw - kwset
-                if nb != r.flags or nk != cur_kw:
-                    todo.append((r.id, r.uid, nb, " ".join(sorted(nk))))
+                    nb, nk = cur_bits & ~bits, cur_kw - kwset
+                if nb != cur_bits or nk != cur_kw:
+                    todo.append((mid, uid, nb, " ".join(sorted(nk))))
             if not todo:
                 return [], modified, None
             modseq = mbox.highestmodseq + 1
