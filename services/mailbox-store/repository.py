@@ -319,6 +319,13 @@ def uid_filter(ranges: Sequence[Sequence[int]]) -> tuple[ColumnElement[bool], Ca
     return M.c.uid.between(lo, hi), inside
 
 
+def _check_count(rows: Sequence[Any], max_messages: int | None) -> None:
+    """Refuse, before changing anything, a request whose answer would be too large to send
+    (the caller sends its UID set in smaller parts)."""
+    if max_messages is not None and len(rows) > max_messages:
+        raise Invalid(f"{len(rows)} messages in one request; send at most {max_messages}")
+
+
 def _retryable(exc: DBAPIError) -> bool:
     orig = exc.orig
     code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
@@ -1031,7 +1038,8 @@ class Repository:
     # ------------------------------------------------------------ flags
     async def store_flags(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
                           op: Literal["set", "add", "remove"], flags: Sequence[str],
-                          unchanged_since: int | None = None
+                          unchanged_since: int | None = None, *,
+                          max_messages: int | None = None
                           ) -> tuple[list[MessageState], list[int], Change | None]:
         """STORE: every changed message gets the new MODSEQ (RFC 7162 §3.1.3); messages whose
         MODSEQ is above UNCHANGEDSINCE are left alone and reported as modified."""
@@ -1048,6 +1056,7 @@ class Repository:
             rows = (await conn.execute(select(M.c.id, M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
                                        .where(M.c.mailbox_id == mailbox_id, cond)
                                        .order_by(M.c.uid))).all()
+            _check_count(rows, max_messages)
             modified: list[int] = []
             todo: list[tuple[int, int, int, str]] = []  # id, uid, new bits, new keywords
             old: dict[int, int] = {}
@@ -1206,7 +1215,7 @@ class Repository:
 
     # ------------------------------------------------------------ copy / move
     async def copy(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
-                   target: str, move: bool = False
+                   target: str, move: bool = False, *, max_messages: int | None = None
                    ) -> tuple[int, list[int], list[int], list[Change]]:
         """COPY / MOVE (RFC 6851: copy and expunge in one transaction). Returns the target's
         UIDVALIDITY, source and target UIDs (COPYUID, RFC 4315) and the changes."""
@@ -1225,6 +1234,7 @@ class Repository:
             rows = [r for r in (await conn.execute(
                 select(M).where(M.c.mailbox_id == mailbox_id, cond).order_by(M.c.uid))).all()
                 if inside(r.uid)]
+            _check_count(rows, max_messages)
             if not rows:
                 return dst.uidvalidity, [], [], []
             if move and dst.id == src.id:

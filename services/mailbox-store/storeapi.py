@@ -77,6 +77,10 @@ MAX_UID_PAGE = 40_000
 MAX_POP3_PAGE = 5_000
 # SELECT snapshots: about 45 octets a message (UID, flags, MODSEQ), so 10,000 is ~450 KB
 MAX_SELECT_PAGE = 10_000
+# STORE answers every changed message (~45 octets), COPY two UID lists (up to ~22 octets):
+# larger sets are refused before anything changes, so a reply is never lost as too large
+MAX_STORE_SET = 10_000
+MAX_COPY_SET = 25_000
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
@@ -177,13 +181,15 @@ class StoreApi:
 
     async def flags(self, req: StoreFlagsRequest) -> StoreFlagsReply:
         updated, modified, change = await self.repo.store_flags(
-            req.account_id, req.mailbox_id, req.uids, req.op, req.flags, req.unchanged_since)
+            req.account_id, req.mailbox_id, req.uids, req.op, req.flags, req.unchanged_since,
+            max_messages=MAX_STORE_SET)
         await publish_change(self.bus, change, req.origin)
         return StoreFlagsReply(updated=updated, modified=modified)
 
     async def copy(self, req: CopyRequest) -> CopyReply:
         uv, src, dst, changes = await self.repo.copy(
-            req.account_id, req.mailbox_id, req.uids, req.target, req.move)
+            req.account_id, req.mailbox_id, req.uids, req.target, req.move,
+            max_messages=MAX_COPY_SET)
         for c in changes:
             await publish_change(self.bus, c, req.origin)
         return CopyReply(uidvalidity=uv, source_uids=src, target_uids=dst)

@@ -471,6 +471,24 @@ async def test_search_on_a_fragmented_uid_set_is_exact(store: Store) -> None:
     assert rest == list(range(201, 301, 2)) and not more
 
 
+async def test_oversized_store_and_copy_are_refused_before_any_change(store: Store) -> None:
+    """A reply too large for NATS would be lost after the change was made: the store refuses
+    such a set up front (store API limits), and the caller sends it in parts."""
+    r, a = store.repo, store.account
+    await store.deliver(12)
+    inbox = await store.inbox()
+    before = (await r.status(a, "INBOX")).highestmodseq
+    with pytest.raises(Invalid):
+        await r.store_flags(a, inbox, [(1, 12)], "add", ["\\Seen"], max_messages=10)
+    with pytest.raises(Invalid):
+        await r.copy(a, inbox, [(1, 12)], "Archive", max_messages=10)
+    after = await r.status(a, "INBOX")
+    assert after.highestmodseq == before and after.unseen == 12
+    assert (await r.status(a, "Archive")).messages == 0
+    updated, _, _ = await r.store_flags(a, inbox, [(1, 10)], "add", ["\\Seen"], max_messages=10)
+    assert len(updated) == 10
+
+
 # ---------------------------------------------------------------- quota
 async def test_quota_accounting(store: Store) -> None:
     r = store.repo
