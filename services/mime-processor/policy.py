@@ -6,11 +6,11 @@ Values in, values out: no I/O, no nats, no boto3, no DNS.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from postbus.kit.settings import ip_in, parse_networks
 from postbus.proto.directory import AccountRef, ResolveReply
 from postbus.proto.mail import ClientInfo, Recipient
 from postbus.protocols.mime import header_block_end, parse_headers
@@ -41,19 +41,7 @@ class Plan:
 def may_relay(client: ClientInfo, trusted_networks: Sequence[str]) -> bool:
     """Remote recipients only for authenticated clients or configured networks
     (ARCHITECTURE.md "Security baseline": no open relay; loopback is not trusted)."""
-    if client.auth_user:
-        return True
-    try:
-        ip = ipaddress.ip_address(client.ip)
-    except ValueError:
-        return False
-    for net in trusted_networks:
-        try:
-            if ip in ipaddress.ip_network(net, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
+    return bool(client.auth_user) or ip_in(client.ip, parse_networks(trusted_networks))
 
 
 def plan_routes(rcpts: Sequence[Recipient], replies: Sequence[ResolveReply],

@@ -4,7 +4,6 @@ the Received header. Values in, values out; no I/O, no asyncio.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
+from postbus.kit.settings import ip_in, parse_networks  # noqa: F401 - the relay-trust test
 from postbus.proto.directory import ResolveReply
 from postbus.protocols.smtp import Path
 
@@ -89,22 +89,6 @@ def sender_allowed(mail_from: str, send_as: list[str]) -> bool:
 
 
 # ---------------------------------------------------------------- networks
-def parse_networks(items: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(i.strip(), strict=False) for i in items if i.strip()]
-
-
-def ip_in(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    if not networks:
-        return False
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(addr.version == n.version and addr in n for n in networks)
-
-
 # ---------------------------------------------------------------- connection limits
 @dataclass(frozen=True)
 class ConnLimits:
