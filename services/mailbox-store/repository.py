@@ -218,10 +218,14 @@ def _fast_model_works() -> bool:
         return False
 
 
+def trusted_model(cls: type[PM], values: dict[str, Any]) -> PM:
+    """A reply model from values we just read from SQL: the fast path when it was found to
+    work at import, else pydantic's model_construct (also without validation)."""
+    return _fast_model(cls, values) if _FAST else cls.model_construct(**values)
+
+
 def make_state(uid: int, flags: list[str], modseq: int) -> MessageState:
-    if _FAST:
-        return _fast_model(MessageState, {"uid": uid, "flags": flags, "modseq": modseq})
-    return MessageState.model_construct(uid=uid, flags=flags, modseq=modseq)
+    return trusted_model(MessageState, {"uid": uid, "flags": flags, "modseq": modseq})
 
 
 def flags_from_db(bits: int, keywords: str) -> list[str]:
@@ -299,6 +303,11 @@ def _clean_ranges(ranges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def ANY_UID(_uid: int) -> bool:
+    """The Python test ``uid_filter`` gives when its SQL is exact (nothing left to check)."""
+    return True
+
+
 def uid_filter(ranges: Sequence[Sequence[int]]) -> tuple[ColumnElement[bool], Callable[[int], bool]]:
     """SQL for "uid in these ranges", plus an exact Python test when the SQL is only a
     bounding range (too many ranges for one statement)."""
@@ -307,7 +316,7 @@ def uid_filter(ranges: Sequence[Sequence[int]]) -> tuple[ColumnElement[bool], Ca
         return false(), lambda _u: False
     if len(rs) <= MAX_RANGES_IN_SQL:
         conds = [M.c.uid == a if a == b else M.c.uid.between(a, b) for a, b in rs]
-        return or_(*conds), lambda _u: True
+        return or_(*conds), ANY_UID
     lo, hi = rs[0][0], rs[-1][1]
 
     def inside(u: int) -> bool:
@@ -1031,8 +1040,7 @@ class Repository:
                 "internaldate": utc(idate), "size": size, "blob_key": blob_key,
                 "blob_size": size - len(prefix), "prefix": prefix,
                 "summary": MessageSummary.model_validate_json(summary[0]) if with_summary else None}
-            out.append(_fast_model(MessageMeta, values) if _FAST
-                       else MessageMeta.model_construct(**values))
+            out.append(trusted_model(MessageMeta, values))
         return out
 
     # ------------------------------------------------------------ flags
@@ -1047,24 +1055,22 @@ class Repository:
         kwset = set(kws.split()) if kws else set()
         cond, inside = uid_filter(uids)
         # one UPDATE for the whole set when SQL can express the change exactly
-        one_statement = (len(_clean_ranges(uids)) <= MAX_RANGES_IN_SQL
-                         and (op == "set" or not kwset))
+        one_statement = inside is ANY_UID and (op == "set" or not kwset)
 
         async def tx(conn: AsyncConnection) -> tuple[list[MessageState], list[int], Change | None]:
             await self._lock_account(conn, account_id)
             mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
-            rows = (await conn.execute(select(M.c.id, M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
-                                       .where(M.c.mailbox_id == mailbox_id, cond)
-                                       .order_by(M.c.uid))).all()
+            # rows as plain tuples: attribute access on a Row costs more than the rest per row
+            rows = [r for r in map(tuple, (await conn.execute(
+                select(M.c.id, M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
+                .where(M.c.mailbox_id == mailbox_id, cond).order_by(M.c.uid))).all())
+                if inside(r[1])]
             _check_count(rows, max_messages)
             modified: list[int] = []
             todo: list[tuple[int, int, int, str]] = []  # id, uid, new bits, new keywords
             old: dict[int, int] = {}
             empty: set[str] = set()
-            # rows as plain tuples: attribute access on a Row costs more than the rest per row
-            for mid, uid, cur_bits, cur_kws, cur_modseq in map(tuple, rows):
-                if not inside(uid):
-                    continue
+            for mid, uid, cur_bits, cur_kws, cur_modseq in rows:
                 if unchanged_since is not None and cur_modseq > unchanged_since:
                     modified.append(uid)
                     continue
@@ -1139,27 +1145,27 @@ class Repository:
 
     async def _remove_messages(self, conn: AsyncConnection, acct: Any, mbox: Any,
                                where: ColumnElement[bool] | None,
-                               keep: Callable[[int], bool] = lambda _u: True) -> Change | None:
+                               keep: Callable[[int], bool] = ANY_UID) -> Change | None:
         """Delete messages of one mailbox matching ``where`` (all when None) and ``keep``;
         log them for VANISHED, release blob references, credit the quota."""
-        return await self._remove_rows(conn, acct, mbox,
-                                       await self._rows_to_remove(conn, mbox, where, keep))
+        return (await self._remove_page(conn, acct, mbox, where, keep))[0]
 
-    async def _rows_to_remove(self, conn: AsyncConnection, mbox: Any,
-                              where: ColumnElement[bool] | None,
-                              keep: Callable[[int], bool] = lambda _u: True,
-                              limit: int | None = None, exact: bool = True) -> list[Any]:
-        """The rows ``_remove_rows`` needs, ascending UID; at most ``limit`` + 1. ``exact``:
-        ``where`` alone selects the rows (``keep`` filters nothing), so SQL can LIMIT."""
+    async def _remove_page(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                           where: ColumnElement[bool] | None,
+                           keep: Callable[[int], bool] = ANY_UID, limit: int | None = None
+                           ) -> tuple[Change | None, bool]:
+        """``_remove_messages`` for at most ``limit`` of them, lowest UIDs first; also says
+        whether more remain (SQL does the LIMIT when ``where`` alone selects the rows)."""
         q = select(M.c.id, M.c.uid, M.c.blob_key, M.c.size, M.c.flags).where(
             M.c.mailbox_id == mbox.id)
         if where is not None:
             q = q.where(where)
         q = q.order_by(M.c.uid)
-        if limit is not None and exact:
+        if limit is not None and keep is ANY_UID:
             q = q.limit(limit + 1)
         rows = [r for r in (await conn.execute(q)).all() if keep(r.uid)]
-        return rows if limit is None else rows[:limit + 1]
+        more = limit is not None and len(rows) > limit
+        return await self._remove_rows(conn, acct, mbox, rows[:limit] if more else rows), more
 
     async def _remove_rows(self, conn: AsyncConnection, acct: Any, mbox: Any,
                            rows: Sequence[Any]) -> Change | None:
@@ -1194,19 +1200,17 @@ class Repository:
         change, more): with ``more``, other \\Deleted messages of the set remain."""
         deleted = M.c.flags.op("&")(DELETED) != 0
         if uids is None:
-            where, keep, exact = deleted, (lambda _u: True), True
+            where, keep = deleted, ANY_UID
         else:
             cond, keep = uid_filter(uids)
-            where, exact = and_(deleted, cond), len(_clean_ranges(uids)) <= MAX_RANGES_IN_SQL
+            where = and_(deleted, cond)
         if limit is not None:
             limit = max(1, limit)
 
         async def tx(conn: AsyncConnection) -> tuple[list[int], int, Change | None, bool]:
             acct = await self._lock_account(conn, account_id)
             mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
-            rows = await self._rows_to_remove(conn, mbox, where, keep, limit, exact)
-            more = limit is not None and len(rows) > limit
-            change = await self._remove_rows(conn, acct, mbox, rows[:limit] if more else rows)
+            change, more = await self._remove_page(conn, acct, mbox, where, keep, limit)
             if change is None:
                 return [], mbox.highestmodseq, None, False
             return change.expunged, change.highestmodseq, change, more
@@ -1373,8 +1377,7 @@ class Repository:
                 break
             values = {"uid": r.uid, "uidl": f"{inbox.uidvalidity}.{r.uid}",
                       "size": r.size + r.pop3_pad, "blob_key": r.blob_key, "prefix": prefix}
-            msgs.append(_fast_model(Pop3Message, values) if _FAST
-                        else Pop3Message.model_construct(**values))
+            msgs.append(trusted_model(Pop3Message, values))
         return inbox.id, inbox.uidvalidity, msgs, more
 
     async def pop3_commit(self, account_id: int, mailbox_id: int, delete_uids: Sequence[int],
@@ -1440,8 +1443,7 @@ class Repository:
                 inbox = await self._mailbox_by_name(conn, account_id, INBOX, lock=True)
                 if inbox is None:
                     return None, False
-                rows = await self._rows_to_remove(conn, inbox, where, limit=batch)
-                return await self._remove_rows(conn, acct, inbox, rows[:batch]), len(rows) > batch
+                return await self._remove_page(conn, acct, inbox, where, limit=batch)
 
             more = True
             while more:
@@ -1543,12 +1545,14 @@ class _SearchCompiler:
             self._leaf_index[id(k)] = ("blob", len(self.blob_leaves))
             self.blob_leaves.append((f"b{len(self.blob_leaves)}", k))
             return true()
-        if op == "uid" and len(_clean_ranges(k.uids)) > MAX_RANGES_IN_SQL:
-            bounding, inside = uid_filter(k.uids)
-            self._leaf_index[id(k)] = ("uid", len(self.uid_leaves))
-            self.uid_leaves.append((bounding, inside))
-            return true()
-        expr = self._leaf(k)
+        if op == "uid" and k.uids:
+            expr, inside = uid_filter(k.uids)
+            if inside is not ANY_UID:  # SQL only bounds the set: the exact test comes later
+                self._leaf_index[id(k)] = ("uid", len(self.uid_leaves))
+                self.uid_leaves.append((expr, inside))
+                return true()
+        else:
+            expr = self._leaf(k)
         self._leaf_index[id(k)] = ("sql", len(self.sql_leaves))
         self.sql_leaves.append(expr)
         return expr
@@ -1605,8 +1609,8 @@ class _SearchCompiler:
         match op:
             case "all":
                 return true()
-            case "uid":
-                return uid_filter(k.uids)[0] if k.uids else false()
+            case "uid":  # an empty set; compile() handles the others
+                return false()
             case "flag" | "unflag":
                 name = self._arg(k)
                 low = name.lower()
