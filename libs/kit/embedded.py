@@ -6,6 +6,7 @@ Used by ``postbus run`` and by the test fixtures. The binaries come from the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from pathlib import Path
 _HANDED_OUT: set[int] = set()
 
 
+@functools.cache
 def _ephemeral_start() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

@@ -743,6 +743,10 @@ def _date(value: str | None) -> datetime | None:
     return d
 
 
+def _ends_crlf(raw: bytes) -> bool:
+    return not raw or raw.endswith(b"\r\n")
+
+
 def _summary(raw: bytes) -> MessageSummary:
     root = _parse_entity(raw, 0, len(raw), False, 0, _Budget())
     bodystructure, body = _struct(raw, root)
@@ -760,6 +764,7 @@ def _summary(raw: bytes) -> MessageSummary:
         message_id=mid.strip() if mid else "",
         date=_date(root.header("date")),
         header_bytes=root.body_start,
+        ends_crlf=_ends_crlf(raw),
     )
 
 
@@ -769,14 +774,13 @@ def summarize(raw: bytes) -> MessageSummary:
     Never raises: a message we cannot parse at all is shown as one text/plain body.
     """
     raw = bytes(raw)
-    ends_crlf = not raw or raw.endswith(b"\r\n")
     try:
-        return _summary(raw).model_copy(update={"ends_crlf": ends_crlf})
+        return _summary(raw)
     except Exception:  # a last resort; the parser is written not to get here
         n, lines = len(raw), raw.count(b"\n")
         basic = f'"text" "plain" ("charset" "us-ascii") NIL NIL "7bit" {n} {lines}'
         return MessageSummary(
-            ends_crlf=ends_crlf,
+            ends_crlf=_ends_crlf(raw),
             envelope="(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)",
             bodystructure=f"({basic} NIL NIL NIL NIL)",
             body=f"({basic})",

@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from postbus.kit.logging import get_logger
+
 HERE = Path(__file__).resolve().parent
 ALEMBIC_INI = HERE / "alembic.ini"
 MIGRATIONS = HERE / "migrations"
@@ -30,6 +32,7 @@ MIGRATIONS = HERE / "migrations"
 MIGRATION_LOCK_KEY = 0x706F_7374_6275_73  # "postbus"
 # execution option asking for BEGIN IMMEDIATE on SQLite (a write transaction)
 IMMEDIATE = "postbus_sqlite_immediate"
+_jobs_log = get_logger("postbus.mailbox_store.jobs")
 
 
 def normalize_url(url: str) -> str:
@@ -174,9 +177,6 @@ async def run_periodically(engine: AsyncEngine, lock_key: int, interval_s: float
                            job: Callable[[], Awaitable[object]], what: str) -> None:
     """Run ``job`` every ``interval_s`` on the one replica that holds ``lock_key``; a failed
     pass is logged and retried at the next interval."""
-    from postbus.kit.logging import get_logger
-
-    log = get_logger("postbus.mailbox_store.jobs")
     while True:
         try:
             async with leader(engine, lock_key) as lead:
@@ -185,7 +185,7 @@ async def run_periodically(engine: AsyncEngine, lock_key: int, interval_s: float
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception(f"{what} failed; next pass later")
+            _jobs_log.exception(f"{what} failed; next pass later")
         await asyncio.sleep(interval_s)
 
 
