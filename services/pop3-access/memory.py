@@ -9,9 +9,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from postbus.kit.bus import Bus
 from postbus.pop3_access.ports import Unavailable
-from postbus.proto.directory import AuthReply
-from postbus.proto.store import Pop3CommitRequest, Pop3MaildropReply, Pop3Message
+from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
+from postbus.proto.store import (
+    STORE_POP3_COMMIT,
+    STORE_POP3_MAILDROP,
+    Ok,
+    Pop3CommitRequest,
+    Pop3MaildropReply,
+    Pop3MaildropRequest,
+    Pop3Message,
+)
 from postbus.protocols.pop3 import retr_octets
 
 
@@ -196,3 +205,22 @@ class MemoryThrottle:
             return False
         self.last_login[account_id] = now
         return True
+
+
+async def serve_on_bus(bus: Bus, directory: MemoryDirectory, maildrops: MemoryMaildrops) -> None:
+    """Answer the directory login and the POP3 maildrop RPCs from memory, so a real
+    pop3-access process can run without mailbox-store (socket tests, the benchmark)."""
+
+    async def authenticate(req: AuthRequest) -> AuthReply:
+        return await directory.authenticate(req.username, req.password, req.client_ip or "")
+
+    async def maildrop(req: Pop3MaildropRequest) -> Pop3MaildropReply:
+        return await maildrops.open(req.account_id)
+
+    async def commit(req: Pop3CommitRequest) -> Ok:
+        await maildrops.commit(req)
+        return Ok()
+
+    await bus.serve(DIRECTORY_AUTHENTICATE, authenticate, queue="directory")
+    await bus.serve(STORE_POP3_MAILDROP, maildrop, queue="store")
+    await bus.serve(STORE_POP3_COMMIT, commit, queue="store")

@@ -34,17 +34,8 @@ from postbus.kit.bus import Bus
 from postbus.kit.settings import CommonSettings
 from postbus.kit.testing import RunningNats, RunningS3, start_platform
 from postbus.kit.topology import BY_NAME
-from postbus.pop3_access.memory import MemoryDirectory, MemoryMaildrops
+from postbus.pop3_access.memory import MemoryDirectory, MemoryMaildrops, serve_on_bus
 from postbus.proto import ALL_STREAMS
-from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
-from postbus.proto.store import (
-    STORE_POP3_COMMIT,
-    STORE_POP3_MAILDROP,
-    Ok,
-    Pop3CommitRequest,
-    Pop3MaildropReply,
-    Pop3MaildropRequest,
-)
 
 PREFIX = b"Return-Path: <bench@example.net>\r\nDelivered-To: user@example.test\r\n"
 
@@ -137,19 +128,7 @@ async def setup_memory(args: argparse.Namespace, root: Path, nats: RunningNats,
             store.deliver(acc.account_id, m, PREFIX)
         accounts.append(acc.address)
 
-    async def authenticate(req: AuthRequest) -> AuthReply:
-        return await directory.authenticate(req.username, req.password, "")
-
-    async def maildrop(req: Pop3MaildropRequest) -> Pop3MaildropReply:
-        return await store.open(req.account_id)
-
-    async def commit(req: Pop3CommitRequest) -> Ok:
-        await store.commit(req)
-        return Ok()
-
-    await bus.serve(DIRECTORY_AUTHENTICATE, authenticate, queue="directory")
-    await bus.serve(STORE_POP3_MAILDROP, maildrop, queue="store")
-    await bus.serve(STORE_POP3_COMMIT, commit, queue="store")
+    await serve_on_bus(bus, directory, store)
     plat = await asyncio.to_thread(
         start_platform, root / "plat", nats.url, s3.endpoint,
         extra_env={"POSTBUS_S3_BUCKET": common.s3_bucket, "POSTBUS_LOG_LEVEL": "WARNING",

@@ -15,16 +15,7 @@ from postbus.kit.bus import Bus
 from postbus.kit.settings import CommonSettings
 from postbus.kit.testing import ADMIN_TOKEN, RunningNats, RunningS3, start_platform
 from postbus.kit.topology import BY_NAME
-from postbus.pop3_access.memory import MemoryDirectory, MemoryMaildrops
-from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
-from postbus.proto.store import (
-    STORE_POP3_COMMIT,
-    STORE_POP3_MAILDROP,
-    Ok,
-    Pop3CommitRequest,
-    Pop3MaildropReply,
-    Pop3MaildropRequest,
-)
+from postbus.pop3_access.memory import MemoryDirectory, MemoryMaildrops, serve_on_bus
 
 
 def _get(url: str) -> bytes:
@@ -41,19 +32,7 @@ async def test_service_process_serves_pop3_and_pop3s(
     await blobs.put(body)
     store.deliver(acc.account_id, body)
 
-    async def authenticate(req: AuthRequest) -> AuthReply:
-        return await directory.authenticate(req.username, req.password, req.client_ip or "")
-
-    async def maildrop(req: Pop3MaildropRequest) -> Pop3MaildropReply:
-        return await store.open(req.account_id)
-
-    async def commit(req: Pop3CommitRequest) -> Ok:
-        await store.commit(req)
-        return Ok()
-
-    await bus.serve(DIRECTORY_AUTHENTICATE, authenticate, queue="directory")
-    await bus.serve(STORE_POP3_MAILDROP, maildrop, queue="store")
-    await bus.serve(STORE_POP3_COMMIT, commit, queue="store")
+    await serve_on_bus(bus, directory, store)
 
     plat = await asyncio.to_thread(
         start_platform, tmp_path / "plat", nats_server.url, s3_server.endpoint,
