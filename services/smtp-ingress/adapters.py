@@ -17,6 +17,7 @@ from typing import Any
 from postbus.kit.blob import BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, BusUnavailable, RemoteError
 from postbus.kit.logging import get_logger
+from postbus.kit.settings import Network, ip_in
 from postbus.proto.directory import (
     DIRECTORY_AUTHENTICATE,
     DIRECTORY_RESOLVE,
@@ -261,7 +262,7 @@ class KvBlockList:
         self.refresh_s = refresh_s
         self._kv: Any = None
         self._entries: dict[str, BlockEntry] = {}
-        self._nets: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]] = []
+        self._nets: list[Network] = []
 
     async def _open(self) -> Any:
         if self._kv is None:
@@ -272,19 +273,11 @@ class KvBlockList:
         return self._kv
 
     def _rebuild(self) -> None:
-        self._nets = [(ipaddress.ip_network(e.network, strict=False), e.network)
+        self._nets = [ipaddress.ip_network(e.network, strict=False)
                       for e in self._entries.values()]
 
     def blocked(self, ip: str) -> bool:
-        if not self._nets:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr.version == n.version and addr in n for n, _ in self._nets)
+        return ip_in(ip, self._nets)
 
     def entries(self) -> list[BlockEntry]:
         return sorted(self._entries.values(), key=lambda e: e.network)
