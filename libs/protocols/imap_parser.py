@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 
 __all__ = [
     "Receiver", "Continue", "RawLine", "Bad", "Command", "SeqSet", "FetchAtt", "SearchNode",
-    "parse_command", "MAX_LINE", "MAX_LITERAL",
+    "parse_command", "MAX_LINE", "MAX_LITERAL", "MAX_COMMAND", "Limits", "PREAUTH",
     "Capability", "Noop", "Logout", "StartTLS", "Login", "Authenticate", "Select", "Create",
     "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "IdCmd",
     "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Fetch",
@@ -26,6 +26,9 @@ __all__ = [
 # 8192 octets; we take 64 KiB (Dovecot: imap_max_line_length = 64k).
 MAX_LINE = 64 * 1024
 MAX_LITERAL = 64 * 1024 * 1024
+# every line and literal of one command together (RFC 3501 sets none; without it 1,000
+# literals of MAX_LITERAL each would be one "command")
+MAX_COMMAND = MAX_LITERAL + 1024 * 1024
 MAX_LITERALS_PER_COMMAND = 1000
 MAX_DEPTH = 50  # nesting of search keys / parentheses
 
@@ -51,11 +54,32 @@ class RawLine:
 
 @dataclass(frozen=True)
 class Bad:
-    """An unparseable or over-sized command: answer ``<tag> BAD [code] reason``."""
+    """An unparseable or over-sized command: answer ``<tag> BAD [code] reason``.
+    ``fatal``: the receiver stopped reading (input it will not skip): say BYE and close."""
 
     tag: str
     reason: str
     code: str | None = None
+    fatal: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one command may hold. ``max_command`` counts every line and literal of it.
+    ``skip_oversized``: read past a refused LITERAL+ or over-long line (and go on); when
+    False the refusal is a fatal ``Bad`` and nothing more is read (before login: nobody
+    may make the server read megabytes it will throw away, RFC 7888 §4)."""
+
+    max_line: int = MAX_LINE
+    max_literal: int = MAX_LITERAL
+    max_command: int = MAX_COMMAND
+    skip_oversized: bool = True
+
+
+# Before authentication a client can say little: LOGIN, AUTHENTICATE (SASL-IR tokens of a
+# few KiB), ID, STARTTLS. Dovecot's imap-login disconnects past 8 KiB lines as well.
+PREAUTH = Limits(max_line=8 * 1024, max_literal=4 * 1024, max_command=16 * 1024,
+                 skip_oversized=False)
 
 
 # ---------------------------------------------------------------- commands
@@ -335,9 +359,12 @@ class Receiver:
     to raw-line mode (``expect_line``) for IDLE/AUTHENTICATE, or ``reset`` it (STARTTLS).
     """
 
-    def __init__(self, max_line: int = MAX_LINE, max_literal: int = MAX_LITERAL) -> None:
-        self.max_line = max_line
-        self.max_literal = max_literal
+    def __init__(self, max_line: int = MAX_LINE, max_literal: int = MAX_LITERAL,
+                 max_command: int | None = None, *, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits(
+            max_line, max_literal,
+            max_command if max_command is not None else max_literal + MAX_COMMAND - MAX_LITERAL)
+        self._dead = False  # a fatal Bad was returned: read nothing more
         self._buf = bytearray()
         self._out: deque[Continue | Bad | RawLine | Command] = deque()
         self._reset_command()
@@ -362,6 +389,10 @@ class Receiver:
         self._discard = 0
         self._discard_bad = None
 
+    def set_limits(self, limits: Limits) -> None:
+        """New bounds from the next command on (after login: the authenticated ones)."""
+        self.limits = limits
+
     def expect_line(self) -> None:
         """The next line (outside a command) is returned as ``RawLine``."""
         self._raw = True
@@ -379,7 +410,8 @@ class Receiver:
         return out
 
     def push(self, data: bytes) -> None:
-        self._buf += data
+        if not self._dead:
+            self._buf += data
 
     def next(self) -> Continue | Bad | RawLine | Command | None:
         while not self._out:
@@ -416,19 +448,17 @@ class Receiver:
                 self._out.append(self._discard_bad)
                 self._discard_bad = None
             return True
+        lim = self.limits
         if nl < 0:
-            if len(buf) > self.max_line:
-                self._out.append(Bad(self._tag_of(bytes(buf[:200])),
-                                     "line too long", "TOOBIG"))
+            if len(buf) > lim.max_line:
+                self._refuse(Bad(self._tag_of(bytes(buf[:200])), "line too long", "TOOBIG"))
                 buf.clear()
-                self._reset_command()
-                self._skip_line = True
+                self._skip_line = not self._dead
             return False
         line = bytes(buf[:nl + 1])
         del buf[:nl + 1]
-        if len(line) > self.max_line:
-            self._out.append(Bad(self._tag_of(line[:200]), "line too long", "TOOBIG"))
-            self._reset_command()
+        if len(line) > lim.max_line:
+            self._refuse(Bad(self._tag_of(line[:200]), "line too long", "TOOBIG"))
             return True
         if self._raw and not self._parts:
             self._raw = False
@@ -436,36 +466,52 @@ class Receiver:
             return True
         if not self._parts:
             self._tag = self._tag_of(line)
-        self._parts.append(line)
-        self._size += len(line)
         m = _LITERAL_AT_END.search(line)
-        if m is None:
-            data = b"".join(self._parts)
-            tag = self._tag
+        size, plus = (int(m.group(1)), bool(m.group(2))) if m else (0, False)
+        if size > lim.max_literal:
+            reason = "literal too large"
+        elif m is not None and self._nliterals >= MAX_LITERALS_PER_COMMAND:
+            reason = "too many literals"
+        elif self._size + len(line) + size > lim.max_command:
+            reason = "command too large"
+        else:
+            self._parts.append(line)
+            self._size += len(line) + size
+            if m is None:
+                data = b"".join(self._parts)
+                tag = self._tag
+                self._reset_command()
+                self._out.append(parse_command(data, tag))
+                return True
+            self._nliterals += 1
+            self._literal = size
+            if not plus:
+                self._out.append(Continue(size))
+            return True
+        bad = Bad(self._tag, reason, "TOOBIG")
+        if plus:
+            # the client sends the data anyway: skip it and the rest of the command line,
+            # or (before login) stop reading
+            self._refuse(bad, discard=size)
+        else:
+            # a synchronising literal is refused before the data (RFC 3501 §7.5)
             self._reset_command()
-            self._out.append(parse_command(data, tag))
-            return True
-        size, plus = int(m.group(1)), bool(m.group(2))
-        self._nliterals += 1
-        if size > self.max_literal or self._nliterals > MAX_LITERALS_PER_COMMAND:
-            bad = Bad(self._tag, "literal too large" if size > self.max_literal
-                      else "too many literals", "TOOBIG")
-            self._reset_command()
-            if plus:
-                # the client sends the data anyway: skip it and the rest of the command line
-                self._discard = size
-                self._discard_bad = bad
-            else:
-                # a synchronising literal is refused before the data (RFC 3501 §7.5)
-                self._out.append(bad)
-            return True
-        self._size += size
-        self._literal = size
-        if not plus:
-            self._out.append(Continue(size))
-        if size == 0:
-            return True
+            self._out.append(bad)
         return True
+
+    def _refuse(self, bad: Bad, discard: int = 0) -> None:
+        """Refuse the command under way: skip ``discard`` octets and the rest of its line
+        when the limits allow, else answer a fatal Bad and read nothing more."""
+        self._reset_command()
+        if not self.limits.skip_oversized:
+            self._dead = True
+            self._buf.clear()
+            self._out.append(Bad(bad.tag, bad.reason, bad.code, fatal=True))
+        elif discard:
+            self._discard = discard
+            self._discard_bad = bad
+        else:
+            self._out.append(bad)
 
     @staticmethod
     def _tag_of(line: bytes) -> str:

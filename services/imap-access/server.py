@@ -19,6 +19,7 @@ from postbus.imap_access.session import Session, SessionConfig
 from postbus.imap_access.settings import Settings
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
+from postbus.kit.net import linger_close
 from postbus.protocols.imap_parser import Continue, RawLine, Receiver
 
 log = get_logger("postbus.imap.server")
@@ -155,20 +156,25 @@ class ImapServer:
             return
         self.sessions[session.info.id] = session
         self._writers[session.info.id] = writer
-        rx = Receiver(max_line=s.max_line, max_literal=s.max_literal)
+        rx = Receiver(limits=s.limits(authenticated=False))
+        authenticated = False
         read_task: asyncio.Task[bytes] | None = None
         try:
             session.greeting()
             await out.drain()
             commands = 0
-            deadline = time.monotonic() + s.max_session_s
+            started = time.monotonic()
+            deadline = started + s.max_session_s
+            preauth_deadline = started + min(s.preauth_deadline_s, s.max_session_s)
             while not session.closed:
                 item = rx.next()
                 if item is None:
                     if read_task is None:
                         read_task = asyncio.ensure_future(reader.read(READ_SIZE))
-                    timeout = s.idle_timeout_s if session.authenticated else s.preauth_timeout_s
-                    left = deadline - time.monotonic()
+                    if authenticated:
+                        timeout, left = s.idle_timeout_s, deadline - time.monotonic()
+                    else:
+                        timeout, left = s.preauth_timeout_s, preauth_deadline - time.monotonic()
                     if left <= 0:
                         session.bye("Session time limit reached")
                         break
@@ -201,6 +207,9 @@ class ImapServer:
                         session.bye("Too many commands in one session")
                         break
                 await session.handle(item)
+                if session.authenticated != authenticated:
+                    authenticated = session.authenticated
+                    rx.set_limits(s.limits(authenticated))
                 if session.expect_line:
                     rx.expect_line()
                 if session.start_tls:
@@ -218,6 +227,12 @@ class ImapServer:
                     out.bytes = 0
                     await out.drain()
             await out.drain()
+            if session.closed:
+                # we end it (BYE): the client may be mid-command, let it read why
+                if read_task is not None:
+                    read_task.cancel()
+                    read_task = None
+                await linger_close(reader, writer)
         finally:
             if read_task is not None:
                 read_task.cancel()

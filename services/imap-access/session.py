@@ -267,11 +267,15 @@ class Session:
             case p.RawLine(line=line):
                 await self._raw_line(line)
                 return
-            case p.Bad(tag=tag, reason=reason, code=code):
+            case p.Bad(tag=tag, reason=reason, code=code, fatal=fatal):
                 # RFC 3501 §6.4.4: an unknown charset is NO [BADCHARSET], not BAD
                 status = "NO" if code and code.startswith("BADCHARSET") else "BAD"
                 COMMANDS.labels("invalid", status).inc()
                 self.w(f"{tag} {status} [{code or 'CLIENTBUG'}] {reason}")
+                if fatal:
+                    log.info("input past the limits, closing", session=self.info.id,
+                             ip=self.client_ip, reason=reason)
+                    self.bye("Too much input, closing")
                 return
         cmd = item
         name = _metric_name(cmd)

@@ -7,6 +7,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from postbus.kit.settings import CommonSettings
 from postbus.kit.topology import BY_NAME
+from postbus.protocols.imap_parser import PREAUTH, Limits
 
 _SPEC = BY_NAME["imap-access"]
 
@@ -23,10 +24,20 @@ class Settings(BaseSettings):
     max_line: int = 64 * 1024
     # largest APPEND literal (message size limit)
     max_literal: int = 50 * 1024 * 1024
+    # every line and literal of one command together, once logged in
+    max_command: int = 51 * 1024 * 1024
+    # before login (LOGIN, AUTHENTICATE, ID, STARTTLS): far less, and input past these
+    # bounds closes the connection instead of being read and skipped
+    preauth_max_line: int = PREAUTH.max_line
+    preauth_max_literal: int = PREAUTH.max_literal
+    preauth_max_command: int = PREAUTH.max_command
     # RFC 3501 §5.4: the autologout timer is at least 30 minutes (also for IDLE, RFC 2177)
     idle_timeout_s: float = 30 * 60
-    # before login a client gets less patience (Dovecot: 60 s for the greeting phase)
+    # before login a client gets less patience (Dovecot: 60 s for the greeting phase) ...
     preauth_timeout_s: float = 60
+    # ... and the whole unauthenticated phase ends at this deadline, however chatty the
+    # client (Dovecot's imap-login gives 3 minutes)
+    preauth_deadline_s: float = 180
     # an upper bound on one connection's life (ARCHITECTURE.md: parsers bound session time)
     max_session_s: float = 24 * 3600
     auth_fail_delay_s: float = 2.0
@@ -37,3 +48,10 @@ class Settings(BaseSettings):
     loopback_is_secure: bool = True
     fetch_batch: int = 250  # messages per STORE_FETCH request
     fetch_bytes_in_flight: int = 32 * 1024 * 1024  # bodies one FETCH holds in memory at once
+
+    def limits(self, authenticated: bool) -> Limits:
+        """What the receiver accepts in one command, before or after login."""
+        if authenticated:
+            return Limits(self.max_line, self.max_literal, self.max_command)
+        return Limits(self.preauth_max_line, self.preauth_max_literal,
+                      self.preauth_max_command, skip_oversized=False)

@@ -4,6 +4,7 @@ imaplib, imapclient, curl and raw sockets; STARTTLS, implicit TLS, bounds, timeo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import imaplib
 import shutil
 import socket
@@ -248,20 +249,59 @@ class Raw:
 
 
 def test_long_line_and_big_literal_get_bad_and_the_session_goes_on(tmp_path: Path) -> None:
-    for imap in _start(tmp_path, max_line=1000, max_literal=5000):
+    for imap in _start(tmp_path, max_line=1000, max_literal=5000, max_command=8000):
         r = Raw(imap.port)
         assert r.greeting.startswith(b"* OK")
-        out = r.cmd(b"a1 LOGIN " + b"x" * 5000 + b"\r\n", b"a1 ")
-        assert out[-1].startswith(b"a1 BAD [TOOBIG]")
-        out = r.cmd(b"a2 APPEND INBOX {6000}\r\n", b"a2 ")
+        out = r.cmd(b"a0 LOGIN {5}\r\n", b"+")
+        out = r.cmd(b"alice secret\r\n", b"a0 ")
+        assert out[-1].startswith(b"a0 NO")  # "alice" is not a known user
+        r.cmd(b"a1 LOGIN alice@example.test secret\r\n", b"a1 OK")
+        out = r.cmd(b"a2 NOOP " + b"x" * 5000 + b"\r\n", b"a2 ")
         assert out[-1].startswith(b"a2 BAD [TOOBIG]")
-        out = r.cmd(b"a3 APPEND INBOX {6000+}\r\n" + b"y" * 6000 + b"\r\n", b"a3 ")
+        out = r.cmd(b"a3 APPEND INBOX {6000}\r\n", b"a3 ")
         assert out[-1].startswith(b"a3 BAD [TOOBIG]")
-        out = r.cmd(b"a4 LOGIN {5}\r\n", b"+")
-        out = r.cmd(b"alice secret\r\n", b"a4 ")
-        assert out[-1].startswith(b"a4 NO")  # "alice" is not a known user
-        out = r.cmd(b"a5 LOGIN alice@example.test secret\r\n\x00\xff junk\r\na6 NOOP\r\n", b"a6 ")
-        assert out[0].startswith(b"a5 OK") and out[1].startswith(b"* BAD")
+        out = r.cmd(b"a4 APPEND INBOX {6000+}\r\n" + b"y" * 6000 + b"\r\n", b"a4 ")
+        assert out[-1].startswith(b"a4 BAD [TOOBIG]")
+        # two literals under max_literal, together over max_command
+        out = r.cmd(b"a5 APPEND INBOX {4500+}\r\n" + b"y" * 4500 + b" {4500}\r\n", b"a5 ")
+        assert out[-1].startswith(b"a5 BAD [TOOBIG] command too large")
+        out = r.cmd(b"a6 NOOP\r\n\x00\xff junk\r\na7 NOOP\r\n", b"a7 ")
+        assert out[0].startswith(b"a6 OK") and out[1].startswith(b"* BAD")
+        r.close()
+
+
+def test_preauth_big_literal_or_line_gets_bad_and_bye(imap: Running) -> None:
+    # issue 8.1: one pre-auth LOGIN {41943040+} used to buffer 40 MB per literal
+    for opening in (b"a LOGIN {41943040+}\r\n", b"a LOGIN " + b"u" * 20_000):
+        r = Raw(imap.port)
+        r.s.sendall(opening)
+        with contextlib.suppress(OSError):
+            r.s.sendall(b"x" * 1_000_000)  # the server stops reading: this may fail
+        assert r.f.readline().startswith(b"a BAD [TOOBIG]")
+        assert r.f.readline().startswith(b"* BYE")
+        assert r.f.readline() == b""
+        r.close()
+    r = Raw(imap.port)  # a synchronising one is refused before the data, the session goes on
+    assert r.cmd(b"a LOGIN {5000}\r\n", b"a ")[-1].startswith(b"a BAD [TOOBIG]")
+    r.cmd(b"b LOGIN alice@example.test {6}\r\n", b"+")
+    assert r.cmd(b"secret\r\n", b"b ")[-1].startswith(b"b OK")
+    r.close()
+
+
+def test_preauth_phase_has_an_absolute_deadline(tmp_path: Path) -> None:
+    # issue 8.5: a byte every few seconds used to hold an unauthenticated connection for 24 h
+    for imap in _start(tmp_path, preauth_timeout_s=5, preauth_deadline_s=0.6):
+        r = Raw(imap.port)
+        t0 = time.monotonic()
+        for _ in range(20):
+            try:
+                r.s.sendall(b"a NOOP\r\n")
+            except OSError:
+                break
+            time.sleep(0.1)
+        lines = r.f.read().split(b"\r\n")
+        assert any(x.startswith(b"* BYE Session time limit") for x in lines), lines
+        assert time.monotonic() - t0 < 4
         r.close()
 
 

@@ -212,6 +212,52 @@ def test_oversized_literal_plus_is_skipped() -> None:
     assert out == [p.Bad("a", "literal too large", "TOOBIG"), p.Noop("b")]
 
 
+def test_whole_command_is_bounded_not_only_each_literal() -> None:
+    # each literal is under max_literal, but together they pass max_command
+    r = p.Receiver(max_line=100, max_literal=60, max_command=130)
+    assert r.feed(b"a LOGIN {60+}\r\n" + b"u" * 60 + b" {60}\r\n") == [
+        p.Bad("a", "command too large", "TOOBIG")]
+    assert r.feed(b"b NOOP\r\n") == [p.Noop("b")]
+
+
+def test_many_small_literals_cannot_add_up() -> None:
+    r = p.Receiver(max_line=100, max_literal=10, max_command=200)
+    data = b"a ID (" + b"".join(b'"k%d" {5+}\r\nvvvvv ' % i for i in range(60)) + b")\r\n"
+    out = r.feed(data + b"b NOOP\r\n")
+    assert out[0] == p.Bad("a", "command too large", "TOOBIG")
+    assert out[-1] == p.Noop("b")
+
+
+def test_preauth_literal_plus_past_the_bound_stops_reading() -> None:
+    # RFC 7888 §4: the server may close instead of reading data it will not use
+    r = p.Receiver(limits=p.PREAUTH)
+    out = r.feed(b"a LOGIN {41943040+}\r\n" + b"x" * 100_000)
+    assert out == [p.Bad("a", "literal too large", "TOOBIG", fatal=True)]
+    assert r.pending == 0
+    assert r.feed(b"b NOOP\r\n") == []  # nothing more is read
+
+
+def test_preauth_synchronising_literal_is_refused_without_continuation() -> None:
+    r = p.Receiver(limits=p.PREAUTH)
+    assert r.feed(b"a LOGIN {5000}\r\n") == [p.Bad("a", "literal too large", "TOOBIG")]
+    assert r.feed(b"b LOGIN {5}\r\n") == [p.Continue(5)]
+
+
+def test_preauth_over_long_line_stops_reading() -> None:
+    r = p.Receiver(limits=p.PREAUTH)
+    out = r.feed(b"a LOGIN " + b"x" * (p.PREAUTH.max_line + 10))
+    assert out == [p.Bad("a", "line too long", "TOOBIG", fatal=True)]
+    assert r.feed(b"\r\nb NOOP\r\n") == []
+
+
+def test_limits_change_between_commands() -> None:
+    r = p.Receiver(limits=p.PREAUTH)
+    r.push(b"a LOGIN alice secret\r\nb APPEND INBOX {6000+}\r\n" + b"m" * 6000 + b"\r\n")
+    assert r.next() == p.Login("a", b"alice", b"secret")
+    r.set_limits(p.Limits())  # logged in
+    assert r.next() == p.Append("b", b"INBOX", (), None, b"m" * 6000)
+
+
 def test_over_long_line_is_bad_and_skipped() -> None:
     r = p.Receiver(max_line=100)
     out = r.feed(b"a1 LOGIN " + b"x" * 200)
