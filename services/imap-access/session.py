@@ -1194,5 +1194,6 @@ def _store_error_text(exc: StoreError) -> str:
         "invalid": "[CANNOT] " + (exc.message[:200] or "Invalid request"),
         "unavailable": "[UNAVAILABLE] Store unavailable, try again",
         "conflict": "[INUSE] Conflict, try again",
+        "limit": "[LIMIT] " + (exc.message[:200] or "Over a server limit"),
     }.get(exc.code, "[SERVERBUG] Store error")
 

@@ -130,6 +130,12 @@ class Conflict(StoreError):
     code = "conflict"
 
 
+class Limit(StoreError):
+    """Refused because it would cost more than a bound allows (IMAP: NO [LIMIT], RFC 5530)."""
+
+    code = "limit"
+
+
 # ---------------------------------------------------------------- results
 @dataclass
 class Change:
@@ -1315,7 +1321,7 @@ class Repository:
             leaf_cols = [case((expr, 1), else_=0).label(f"l{i}")
                          for i, expr in enumerate(compiler.sql_leaves)]
             rows = (await conn.execute(
-                select(M.c.uid, M.c.modseq, M.c.blob_key, M.c.prefix, *leaf_cols)
+                select(M.c.uid, M.c.modseq, M.c.blob_key, M.c.prefix, M.c.size, *leaf_cols)
                 .where(base, superset).order_by(M.c.uid))).all()
         if not rows:
             return [], 0, False

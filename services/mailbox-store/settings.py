@@ -43,8 +43,16 @@ class Settings(BaseSettings):
     # how often messages past an account's POP3 retention (pop3_expire_days) are expunged
     pop3_expire_interval_s: float = 3600.0
 
-    # STORE_SEARCH: blobs read at once for BODY/TEXT keys
+    # STORE_SEARCH: blobs read at once for BODY/TEXT keys ...
     search_blob_concurrency: int = 16
+    # ... and the message bytes every search together holds in memory
+    search_bytes_in_flight: int = 64 * 1024 * 1024
+    # characters of one message's text a search looks at (the rest of a huge text is not)
+    search_text_per_message: int = 4 * 1024 * 1024
+    # one search request (a page) may decode this much text and take this long, else it
+    # is refused with NO [LIMIT] (the RPC itself times out at 30 s)
+    search_text_budget: int = 256 * 1024 * 1024
+    search_time_s: float = 20.0
 
     # directory (directory.* on NATS)
     # alice+tag@example.test delivers to alice; empty turns sub-addressing off

@@ -6,18 +6,19 @@ queue group, for imap-access and pop3-access. Errors travel as RemoteError codes
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, RemoteError
+from postbus.kit.flow import ByteGate
 from postbus.kit.logging import get_logger
 from postbus.mailbox_store.delivery import publish_change
-from postbus.mailbox_store.repository import NewMessage, Repository, StoreError
+from postbus.mailbox_store.repository import Limit, NewMessage, Repository, StoreError
 from postbus.mailbox_store.settings import Settings
 from postbus.proto.base import Rpc
 from postbus.proto.store import (
@@ -68,6 +69,7 @@ from postbus.proto.store import (
     SubscribeRequest,
 )
 from postbus.protocols.mime import normalize_crlf, summarize
+from postbus.protocols.searchtext import MAX_TEXT, header_values, message_text
 
 log = get_logger("postbus.mailbox_store.storeapi")
 QUEUE = "mailbox-store"
@@ -85,32 +87,6 @@ Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
 
-def message_text(raw: bytes, *, headers: bool) -> str:
-    """Decoded text for BODY/TEXT search (RFC 3501 §6.4.4): transfer encodings and
-    charsets undone, text parts only; with ``headers`` the decoded header block too."""
-    msg = email.message_from_bytes(raw, policy=email.policy.default)
-    out: list[str] = []
-    if headers:
-        for k, v in msg.items():
-            out.append(f"{k}: {v}")
-    for part in msg.walk():
-        if part.is_multipart():
-            continue
-        if part.get_content_maintype() == "text" or part.get_content_type() == "message/rfc822":
-            try:
-                content = part.get_content()
-            except Exception:
-                payload = part.get_payload(decode=True) or b""
-                content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else str(payload)
-            out.append(content if isinstance(content, str) else str(content))
-    return "\n".join(out)
-
-
-def header_values(raw: bytes, name: str) -> list[str]:
-    msg = email.message_from_bytes(raw, policy=email.policy.default)
-    return [str(v) for v in msg.get_all(name, [])]
-
-
 class StoreApi:
     def __init__(self, bus: Bus, blobs: BlobStore, repo: Repository, settings: Settings, *,
                  max_uid_page: int = MAX_UID_PAGE, max_pop3_page: int = MAX_POP3_PAGE) -> None:
@@ -120,6 +96,8 @@ class StoreApi:
         self.settings = settings
         self.max_uid_page = max_uid_page  # tests make pages small to see them followed
         self.max_pop3_page = max_pop3_page
+        # message bodies that searches hold in memory at once, all searches together
+        self.search_gate = ByteGate(settings.search_bytes_in_flight)
 
     async def serve(self) -> None:
         routes: list[tuple[Rpc[Any, Any], Callable[[Any], Awaitable[Any]]]] = [
@@ -224,30 +202,52 @@ class StoreApi:
         return ExpungeReply(expunged=expunged, highestmodseq=hms, more=more)
 
     async def search(self, req: SearchRequest) -> SearchReply:
+        budget = SearchBudget(text_left=self.settings.search_text_budget,
+                              deadline=time.monotonic() + self.settings.search_time_s)
+
+        async def match(rows: list[Any], leaves: list[tuple[str, SearchKey]]
+                        ) -> dict[int, dict[int, bool]]:
+            return await self._match_blobs(rows, leaves, budget)
+
         uids, top, more = await self.repo.search(
-            req.account_id, req.mailbox_id, req.key, self._match_blobs,
+            req.account_id, req.mailbox_id, req.key, match,
             after_uid=req.after_uid, limit=min(req.limit, self.max_uid_page))
         return SearchReply(uids=uids, highestmodseq=top, more=more)
 
-    async def _match_blobs(self, rows: list[Any], leaves: list[tuple[str, SearchKey]]
-                           ) -> dict[int, dict[int, bool]]:
-        """Evaluate body/text/header leaves on the candidate messages, reading blobs with
-        bounded concurrency."""
+    async def _match_blobs(self, rows: list[Any], leaves: list[tuple[str, SearchKey]],
+                           budget: SearchBudget) -> dict[int, dict[int, bool]]:
+        """Evaluate body/text/header leaves on the candidate messages: blobs read with
+        bounded concurrency and bytes in memory, text decoded in worker threads with a
+        bound per message, the whole search within its time and text budget (else Limit;
+        the TaskGroup cancels what is still waiting)."""
         sem = asyncio.Semaphore(self.settings.search_blob_concurrency)
         loop = asyncio.get_running_loop()
+        per_message = self.settings.search_text_per_message
+        results: dict[int, dict[int, bool]] = {}
 
-        async def one(row: Any) -> tuple[int, dict[int, bool]]:
-            async with sem:
+        async def one(row: Any) -> None:
+            async with sem, self.search_gate.hold(int(row.size or 0)):
+                budget.check()
                 try:
                     blob = await self.blobs.get(row.blob_key)
                 except (BlobNotFound, BlobUnavailable) as exc:
                     log.warning("search could not read a blob", key=row.blob_key, error=str(exc))
-                    return row.uid, {}
-            raw = bytes(row.prefix or b"") + blob
-            return row.uid, await loop.run_in_executor(None, _eval_leaves, raw, leaves)
+                    results[row.uid] = {}
+                    return
+                raw = bytes(row.prefix or b"") + blob
+                del blob
+                found, used = await loop.run_in_executor(None, eval_leaves, raw, leaves,
+                                                         per_message)
+            budget.spend(used)
+            results[row.uid] = found
 
-        results = await asyncio.gather(*(one(r) for r in rows))
-        return dict(results)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for r in rows:
+                    tg.create_task(one(r))
+        except* Limit as eg:
+            raise eg.exceptions[0] from None
+        return results
 
     async def quota(self, req: QuotaRequest) -> QuotaReply:
         used, limit, messages = await self.repo.quota(req.account_id)
@@ -267,25 +267,50 @@ class StoreApi:
         return Ok()
 
 
-def _eval_leaves(raw: bytes, leaves: list[tuple[str, SearchKey]]) -> dict[int, bool]:
+@dataclass
+class SearchBudget:
+    """What one STORE_SEARCH request may spend on message text: characters decoded and
+    wall time. Past either the search is refused with Limit, not left running."""
+
+    text_left: int
+    deadline: float
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise Limit("search took too long; narrow it (fewer messages or no BODY/TEXT)")
+        if self.text_left <= 0:
+            raise Limit("search would read too much text; narrow it")
+
+    def spend(self, chars: int) -> None:
+        self.text_left -= chars
+        self.check()
+
+
+def eval_leaves(raw: bytes, leaves: list[tuple[str, SearchKey]],
+                per_message: int = MAX_TEXT) -> tuple[dict[int, bool], int]:
+    """Body/text/header leaves on one message: which match, and the characters decoded.
+    A message the parser gives up on matches nothing; it never fails the search."""
     out: dict[int, bool] = {}
-    cache: dict[str, str] = {}
+    texts: dict[str, str] = {}
+    used = 0
     for i, (_name, k) in enumerate(leaves):
         op = k.op.lower()
+        out[i] = False
         try:
             if op in ("body", "text"):
-                needle = (k.args[0] if k.args else "").casefold()
-                if op not in cache:
-                    cache[op] = message_text(raw, headers=op == "text").casefold()
-                out[i] = needle in cache[op]
+                if op not in texts:
+                    texts[op] = message_text(raw, headers=op == "text",
+                                             limit=per_message).casefold()
+                    used += len(texts[op])
+                out[i] = (k.args[0] if k.args else "").casefold() in texts[op]
             else:  # header with a field that has no column
-                field_name = k.args[0] if k.args else ""
+                values = header_values(raw, k.args[0] if k.args else "", per_message)
+                used += sum(len(v) for v in values)
                 needle = (k.args[1] if len(k.args) > 1 else "").casefold()
-                values = header_values(raw, field_name)
                 out[i] = any(needle in v.casefold() for v in values) if needle else bool(values)
-        except Exception:  # an unparseable message matches nothing, never fails the search
-            out[i] = False
-    return out
+        except Exception:
+            log.exception("search could not read a message")
+    return out, used
 
 
 def _errors(handler: Callable[[Req], Awaitable[Rep]]) -> Callable[[Req], Awaitable[Rep]]:

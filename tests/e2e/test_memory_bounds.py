@@ -70,3 +70,74 @@ def test_imap_preauth_input_does_not_grow_the_process(imap_process: Platform,
     peak = max(peak, rss(pid))
     # was: +245 MB for one such client, +630 MB for four
     assert peak - before < 24 * MB, (before // MB, peak // MB)
+
+
+# ---------------------------------------------------------------- mailbox-store SEARCH
+HOSTILE = {
+    # RFC-valid: a Subject of 20,000 encoded-words (340 KB); took the store to 3.4 GB
+    "encoded-words": b"From: a@example.net\r\nSubject: "
+    + b" ".join(b"=?utf-8?q?w%d?=" % i for i in range(20_000)) + b"\r\n\r\nbody\r\n",
+    # a Content-Type of 100,000 parameters: never finished
+    "parameters": b"From: a@example.net\r\nContent-Type: text/plain; "
+    + b"; ".join(b"p%d=v" % i for i in range(100_000)) + b"\r\n\r\nbody\r\n",
+    # 2,000 nested multiparts with encoded-word headers in each
+    "nesting": b"From: a@example.net\r\n" + b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\nSubject: =?utf-8?q?x?=\r\n\r\n--b%d\r\n"
+        % (i, i) for i in range(2_000)) + b"\r\nbody\r\n",
+}
+
+
+async def test_store_search_on_hostile_messages_is_bounded(
+        nats_server: RunningNats, s3_server: RunningS3, tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from postbus.kit.bus import Bus
+    from postbus.kit.settings import CommonSettings
+    from postbus.kit.testing import ADMIN_TOKEN
+    from postbus.proto.store import (
+        STORE_APPEND,
+        STORE_MAILBOX_STATUS,
+        STORE_SEARCH,
+        AppendRequest,
+        MailboxRef,
+        SearchKey,
+        SearchRequest,
+    )
+
+    plat = await asyncio.to_thread(start_platform, tmp_path / "p", nats_server.url,
+                                   s3_server.endpoint, services=(BY_NAME["mailbox-store"],))
+    bus = await Bus.connect(CommonSettings(nats_url=nats_server.url), "test")
+    try:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with httpx.AsyncClient(base_url=plat.api("mailbox-store") + "/api/v1",
+                                     headers=headers) as http:
+            (await http.post("/domains", json={"name": "example.test"})).raise_for_status()
+            r = await http.post("/users", json={"address": "a@example.test", "password": "pw"})
+            r.raise_for_status()
+            account = r.json()["id"]
+        for raw in HOSTILE.values():
+            await bus.request(STORE_APPEND, AppendRequest(account_id=account, mailbox="INBOX",
+                                                          message=raw))
+        await bus.request(STORE_APPEND, AppendRequest(
+            account_id=account, mailbox="INBOX",
+            message=b"Subject: plain\r\nX-Tag: needle\r\n\r\nthe needle is here\r\n"))
+        box = await bus.request(STORE_MAILBOX_STATUS, MailboxRef(account_id=account,
+                                                                 name="INBOX"))
+        pid = plat.procs["mailbox-store"].pid
+        before = rss(pid)
+        for key in (SearchKey(op="text", args=["needle"]), SearchKey(op="body", args=["needle"]),
+                    SearchKey(op="header", args=["X-Tag", "needle"]),
+                    SearchKey(op="subject", args=["w150w151"]),  # decoded, spaces dropped
+                    SearchKey(op="text", args=["w19999"])):
+            reply = await bus.request(STORE_SEARCH, SearchRequest(
+                account_id=account, mailbox_id=box.mailbox_id,
+                key=SearchKey(op="and", children=[key])))
+            expected = [1] if key.args[-1].startswith("w") else [4]
+            assert reply.uids == expected, (key, reply.uids)
+        grown = rss(pid) - before
+        assert grown < 64 * MB, grown // MB  # was: +3.3 GB, and minutes of CPU
+    finally:
+        await bus.close()
+        await asyncio.to_thread(plat.stop)

@@ -308,3 +308,33 @@ async def test_pop3_retention_pass_expunges_and_tells_imap(env: Env) -> None:
     assert change.account_id == env.alice and change.expunged == [msgs[0].uid]
     _, _, left, _ = await env.repo.pop3_maildrop(env.alice)
     assert [m.uid for m in left] == [msgs[1].uid]
+
+
+async def test_search_past_its_budget_is_refused_with_limit(
+        bus: Bus, blobs: BlobStore, common_settings: CommonSettings) -> None:
+    """Issue 8.2: a text search has a budget of characters decoded and of time; past it
+    the store answers ``limit`` (IMAP: NO [LIMIT]) instead of working on."""
+    engine = db.create_engine(common_settings.database_url)
+    await db.migrate(engine)
+    repo = Repository(engine)
+    a = await _account(engine, "alice@example.test")
+    settings = Settings(common=common_settings, search_text_budget=3000,
+                        search_text_per_message=1000)
+    await StoreApi(bus, blobs, repo, settings).serve()
+    long_text = b"Subject: long\r\n\r\n" + b"lorem ipsum " * 1000 + b"needle\r\n"
+    for raw in (long_text, long_text, RAW, long_text, long_text):
+        await bus.request(STORE_APPEND, AppendRequest(account_id=a, mailbox="INBOX",
+                                                      message=raw))
+    inbox = await bus.request(STORE_MAILBOX_STATUS, MailboxRef(account_id=a, name="INBOX"))
+
+    def search(op: str, word: str, after: int = 0) -> SearchRequest:
+        return SearchRequest(account_id=a, mailbox_id=inbox.mailbox_id, after_uid=after,
+                             key=SearchKey(op="and", children=[SearchKey(op=op, args=[word])]))
+
+    # one message: 1,000 characters looked at, so the needle past them is not found
+    assert (await bus.request(STORE_SEARCH, search("body", "needle", after=3))).uids == []
+    assert (await bus.request(STORE_SEARCH, search("body", "lorem", after=3))).uids == [4, 5]
+    with pytest.raises(RemoteError) as ei:  # five messages: over 3,000 characters
+        await bus.request(STORE_SEARCH, search("text", "grüße"))
+    assert ei.value.code == "limit" and "narrow" in ei.value.message
+    await engine.dispose()

@@ -33,7 +33,7 @@ from postbus.mailbox_store.repository import (
     OverQuota,
     Repository,
 )
-from postbus.mailbox_store.storeapi import _eval_leaves
+from postbus.mailbox_store.storeapi import eval_leaves
 from postbus.proto.store import SearchKey
 from postbus.protocols.mime import summarize
 from postbus.protocols.pop3 import retr_octets
@@ -402,7 +402,7 @@ async def test_search(store: Store) -> None:
     await r.store_flags(a, inbox, [(2, 2)], "add", ["\\Seen", "$Food"])
 
     async def matcher(rows: list[Any], leaves: list[tuple[str, SearchKey]]) -> dict[int, dict[int, bool]]:
-        return {row.uid: _eval_leaves(bytes(row.prefix or b"") + blobs[row.blob_key], leaves)
+        return {row.uid: eval_leaves(bytes(row.prefix or b"") + blobs[row.blob_key], leaves)[0]
                 for row in rows}
 
     async def q(key: SearchKey) -> list[int]:
@@ -573,7 +573,7 @@ async def test_pages_of_maildrop_search_and_expunge(store: Store) -> None:
     blobs = {new_message(raw).blob_key: raw for raw in raws}
 
     async def matcher(rows: list[Any], leaves: list[tuple[str, SearchKey]]) -> dict[int, dict[int, bool]]:
-        return {row.uid: _eval_leaves(bytes(row.prefix or b"") + blobs[row.blob_key], leaves)
+        return {row.uid: eval_leaves(bytes(row.prefix or b"") + blobs[row.blob_key], leaves)[0]
                 for row in rows}
 
     _, _, whole, more = await r.pop3_maildrop(a)
