@@ -107,7 +107,7 @@ def plan(run_dir: Path, env: dict[str, str]) -> tuple[list[Child], list[Child], 
         infra.append(Child("s3", s3.command(), logs / "s3.log", {}, extra={"url": s3.endpoint}))
         common["POSTBUS_S3_ENDPOINT"] = s3.endpoint
     if not env.get("POSTBUS_DATABASE_URL"):
-        common["POSTBUS_DATABASE_URL"] = f"sqlite+aiosqlite:///{run_dir / 'postbus.db'}"
+        common["POSTBUS_DATABASE_URL"] = f"sqlite:///{run_dir / 'postbus.db'}"
     if not env.get("POSTBUS_ADMIN_TOKEN"):
         common["POSTBUS_ADMIN_TOKEN"] = ensure_admin_token(run_dir / "admin-token")
     if not env.get("POSTBUS_TLS_CERT"):

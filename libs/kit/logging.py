@@ -33,7 +33,7 @@ def configure(level: str = "INFO", fmt: str = "console", service: str = "") -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("botocore", "boto3", "urllib3", "aiosqlite", "asyncio"):
+    for noisy in ("botocore", "boto3", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 

@@ -67,7 +67,7 @@ class CommonSettings(BaseSettings):
     blob_verify_after_write: bool = False
 
     # SQL (only mailbox-store uses it)
-    database_url: str = "sqlite+aiosqlite:///.run/postbus.db"
+    database_url: str = "sqlite:///.run/postbus.db"
 
     # Management APIs
     admin_token: str | None = None

@@ -31,15 +31,26 @@ READ_SIZE = 64 * 1024
 
 
 class _Out:
+    """Responses are gathered and handed to the socket at a drain: one send per command
+    (or per pipelined batch) instead of one per response line."""
+
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.bytes = 0
+        self.bytes = 0  # gathered since the last drain
+        self._parts: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         self.bytes += len(data)
-        self.writer.write(data)
+        self._parts.append(data)
+
+    def flush(self) -> None:
+        if self._parts:
+            self.writer.write(b"".join(self._parts))
+            self._parts.clear()
+        self.bytes = 0
 
     async def drain(self) -> None:
+        self.flush()
         await self.writer.drain()
 
 
@@ -62,16 +73,17 @@ class ImapServer:
     started: float = field(default_factory=time.time)
     _servers: list[asyncio.Server] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _writers: dict[str, asyncio.StreamWriter] = field(default_factory=dict)
+    _outs: dict[str, _Out] = field(default_factory=dict)
 
     def kick(self, session_id: str, reason: str = "Disconnected by an administrator") -> bool:
         """Say BYE to one session and close its connection; False when there is none."""
-        session, writer = self.sessions.get(session_id), self._writers.get(session_id)
-        if session is None or writer is None:
+        session, out = self.sessions.get(session_id), self._outs.get(session_id)
+        if session is None or out is None:
             return False
         with contextlib.suppress(Exception):
             session.bye(reason)
-            writer.close()
+            out.flush()
+            out.writer.close()
         return True
 
     def session_config(self) -> SessionConfig:
@@ -155,7 +167,7 @@ class ImapServer:
             await out.drain()
             return
         self.sessions[session.info.id] = session
-        self._writers[session.info.id] = writer
+        self._outs[session.info.id] = out
         rx = Receiver(limits=s.limits(authenticated=False))
         authenticated = False
         read_task: asyncio.Task[bytes] | None = None
@@ -224,7 +236,6 @@ class ImapServer:
                     await writer.start_tls(self.tls)
                     session.tls = session.secure = session.info.tls = True
                 if out.bytes > 256 * 1024 or rx.pending == 0:
-                    out.bytes = 0
                     await out.drain()
             await out.drain()
             if session.closed:
@@ -237,5 +248,5 @@ class ImapServer:
             if read_task is not None:
                 read_task.cancel()
             self.sessions.pop(session.info.id, None)
-            self._writers.pop(session.info.id, None)
+            self._outs.pop(session.info.id, None)
             await session.close()

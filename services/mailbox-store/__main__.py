@@ -11,6 +11,7 @@ from postbus.mailbox_store import db, mgmt, retention
 from postbus.mailbox_store.blobgc import run_forever
 from postbus.mailbox_store.delivery import Deliverer
 from postbus.mailbox_store.directory import serve_directory
+from postbus.mailbox_store.passwords import Passwords, VerifyCache
 from postbus.mailbox_store.repository import Repository
 from postbus.mailbox_store.settings import Settings
 from postbus.mailbox_store.storeapi import StoreApi
@@ -29,8 +30,11 @@ async def setup(settings: Settings, ctx: ServiceContext) -> None:
     sessions = db.sessionmaker(engine)
 
     # the directory (domains, accounts, aliases; directory.* RPCs) and its management API
+    passwords = Passwords(cache=VerifyCache(settings.auth_cache_ttl_s,
+                                            settings.auth_cache_negative_ttl_s,
+                                            settings.auth_cache_size))
     directory = await serve_directory(
-        ctx.bus, sessions, repo=repo,
+        ctx.bus, sessions, repo=repo, passwords=passwords,
         subaddress_separator=settings.subaddress_separator,
         resolve_cache_ttl_s=settings.resolve_cache_ttl_s,
         login_max_failures=settings.login_max_failures,

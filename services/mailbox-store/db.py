@@ -1,4 +1,4 @@
-"""The store's SQL engine (SQLite via aiosqlite, or PostgreSQL via asyncpg), its migrations
+"""The store's SQL engine (SQLite in the loop's thread, or PostgreSQL via asyncpg), its migrations
 (Alembic, applied at start-up) and the readiness check.
 
 Only this module, the repositories and the migrations touch SQLAlchemy engines.
@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from postbus.kit.logging import get_logger
+from postbus.mailbox_store import sqlite_inline  # noqa: F401  (registers sqlite+postbus)
 
 HERE = Path(__file__).resolve().parent
 ALEMBIC_INI = HERE / "alembic.ini"
@@ -40,8 +41,10 @@ def normalize_url(url: str) -> str:
     for plain in ("postgresql://", "postgres://", "postgresql+psycopg2://", "postgresql+psycopg://"):
         if url.startswith(plain):
             return "postgresql+asyncpg://" + url[len(plain):]
-    if url.startswith("sqlite://"):
-        return "sqlite+aiosqlite://" + url[len("sqlite://"):]
+    for plain in ("sqlite://", "sqlite+aiosqlite://", "sqlite+pysqlite://"):
+        if url.startswith(plain):
+            # SQLite runs in the loop's thread (sqlite_inline, ADR 0006)
+            return "sqlite+postbus://" + url[len(plain):]
     return url
 
 
@@ -53,8 +56,9 @@ def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "F
                   echo: bool = False, connect_args: dict[str, Any] | None = None) -> AsyncEngine:
     """An engine with the right connection set-up for the dialect.
 
-    SQLite: WAL (readers never block the writer), a busy timeout so several processes can
-    share the file, foreign keys on, and explicit transaction control so a write
+    SQLite (run in the loop's thread, see sqlite_inline): WAL (readers never block the
+    writer), waits for another writer done by sqlite_inline without blocking the loop,
+    foreign keys on, and explicit transaction control so a write
     transaction starts with ``BEGIN IMMEDIATE`` (it takes the write lock up front instead
     of failing to upgrade a read lock later).
     """
@@ -64,10 +68,9 @@ def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "F
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        kw["connect_args"] = {"timeout": 30}
         kw["pool_pre_ping"] = False
-    # connections beyond pool_size are closed when returned: for aiosqlite each one is a
-    # thread, a file open and four PRAGMAs, so under load a small pool reconnects all the time
+    # connections beyond pool_size are closed when returned: for SQLite each one is a file
+    # open and four PRAGMAs, so under load a small pool reconnects all the time
     kw.update(pool_size=pool_size, max_overflow=pool_size)
     if connect_args:
         kw["connect_args"] = {**kw.get("connect_args", {}), **connect_args}
@@ -82,7 +85,7 @@ def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "F
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA busy_timeout=0")  # sqlite_inline waits, off the loop
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute(f"PRAGMA synchronous={sync}")
             cur.close()

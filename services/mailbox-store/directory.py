@@ -619,9 +619,9 @@ class Directory:
         except Invalid:
             acc = None
         if acc is None:
-            await self.passwords.burn(password)
+            await self.passwords.burn(password, username)
             return AuthReply(ok=False, reason="invalid")
-        v = await self.passwords.verify(acc.password_hash, password)
+        v = await self.passwords.verify(acc.password_hash, password, acc.address)
         if not v.ok:
             return AuthReply(ok=False, reason="invalid")
         if not acc.enabled:

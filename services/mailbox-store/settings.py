@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # another replica is seen after at most this long (the local replica drops it at once);
     # smtp-ingress keeps its answers as long (POSTBUS_SMTP_INGRESS_RESOLVE_CACHE_TTL_S).
     resolve_cache_ttl_s: float = 5.0
+    # outcomes of password checks kept in memory, as Dovecot's auth_cache: a success for
+    # this long, a failure for this long (a changed password never hits an entry); 0 = off
+    auth_cache_ttl_s: float = 3600.0
+    auth_cache_negative_ttl_s: float = 300.0
+    auth_cache_size: int = 100_000
     # failed logins per account within the window before further attempts are refused
     # (shared by every replica through JetStream KV); 0 turns the throttle off
     login_max_failures: int = 10

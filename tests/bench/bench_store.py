@@ -51,7 +51,7 @@ def message(i: int) -> NewMessage:
 
 async def setup(backend: str, tmp: Path) -> tuple[Any, Repository, int, Callable[[], Awaitable[None]]]:
     if backend == "sqlite":
-        engine = db.create_engine(f"sqlite+aiosqlite:///{tmp / 'bench.db'}")
+        engine = db.create_engine(f"sqlite:///{tmp / 'bench.db'}")
         schema = ""
     else:
         schema = "bench_" + uuid.uuid4().hex[:10]
@@ -193,7 +193,7 @@ async def bench_consumer(n: int, concurrency: int) -> float:
     tmp = Path(tempfile.mkdtemp(prefix="bench-store-bus-"))
     nats = RunningNats(tmp)
     engine, repo, aid, teardown = await setup("sqlite", tmp)
-    common = CommonSettings(nats_url=nats.url, database_url=f"sqlite+aiosqlite:///{tmp / 'bench.db'}")
+    common = CommonSettings(nats_url=nats.url, database_url=f"sqlite:///{tmp / 'bench.db'}")
     bus = await Bus.connect(common, "bench")
     blobs = BlobStore(common)  # not contacted: verify_blob_on_delivery is off
     try:
@@ -234,7 +234,7 @@ async def bench_rpc_pages(n: int) -> dict[str, float]:
     nats = RunningNats(tmp, max_payload=large.MIB)
     s3 = RunningS3(tmp)
     common = CommonSettings(nats_url=nats.url, s3_endpoint=s3.endpoint, s3_bucket="bench",
-                            database_url=f"sqlite+aiosqlite:///{tmp / 'dir.db'}")
+                            database_url=f"sqlite:///{tmp / 'dir.db'}")
     bus = await Bus.connect(common, "bench")
     blobs = BlobStore(common)
     try:

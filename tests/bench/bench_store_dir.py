@@ -149,7 +149,7 @@ async def main() -> dict[str, Any]:
         common = CommonSettings(nats_url=nats.url, s3_endpoint=s3.endpoint,
                                 s3_bucket="bench-" + uuid.uuid4().hex[:8])
         results["sqlite"] = await bench_backend(
-            "sqlite", f"sqlite+aiosqlite:///{root / 'dir.db'}", common, args)
+            "sqlite", f"sqlite:///{root / 'dir.db'}", common, args)
         pg = os.environ.get("POSTBUS_TEST_POSTGRES_URL")
         if pg:
             from sqlalchemy import text

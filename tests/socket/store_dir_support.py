@@ -33,7 +33,7 @@ async def open_db(backend: str, tmp: Path) -> AsyncIterator[async_sessionmaker[A
     """Yield a sessionmaker on a fresh, empty database; drop it afterwards."""
     if backend == "sqlite":
         # the store's own engine set-up: WAL, foreign keys, BEGIN IMMEDIATE for writes
-        engine = db.create_engine(f"sqlite+aiosqlite:///{tmp / 'dir.db'}")
+        engine = db.create_engine(f"sqlite:///{tmp / 'dir.db'}")
         await db.migrate(engine)
         try:
             yield db.sessionmaker(engine)

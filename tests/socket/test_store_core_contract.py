@@ -61,7 +61,7 @@ def new_message(raw: bytes, flags: tuple[str, ...] = (), prefix: bytes = b"",
 async def make_engine(backend: str, tmp_path: Path) -> tuple[AsyncEngine, str, dict[str, Any] | None]:
     """A migrated engine on a fresh database (SQLite file) or schema (PostgreSQL)."""
     if backend == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+        url = f"sqlite:///{tmp_path / 'store.db'}"
         engine = db.create_engine(url)
         await db.migrate(engine)
         return engine, url, None
@@ -721,7 +721,7 @@ async def test_two_store_processes_deliver_to_one_mailbox(store: Store, tmp_path
     import json
 
     await store.repo.ensure_defaults(store.account)
-    url = PG_URL if store.backend == "postgresql" else f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    url = PG_URL if store.backend == "postgresql" else f"sqlite:///{tmp_path / 'store.db'}"
     schema = store.target if store.backend == "postgresql" else ""
     n = 150
     procs = [await asyncio.create_subprocess_exec(
@@ -786,8 +786,8 @@ async def test_migrations_build_the_models_schema(store: Store) -> None:
 def test_normalize_url() -> None:
     assert db.normalize_url("postgresql://u@h/d") == "postgresql+asyncpg://u@h/d"
     assert db.normalize_url("postgres://u@h/d") == "postgresql+asyncpg://u@h/d"
-    assert db.normalize_url("sqlite:///x.db") == "sqlite+aiosqlite:///x.db"
-    assert db.normalize_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    assert db.normalize_url("sqlite:///x.db") == "sqlite+postbus:///x.db"
+    assert db.normalize_url("sqlite+aiosqlite:///x.db") == "sqlite+postbus:///x.db"
 
 
 

@@ -8,7 +8,13 @@ import time
 
 from argon2 import PasswordHasher
 
-from postbus.mailbox_store.passwords import DEFAULT_HASHER, Passwords, fast_hasher
+from postbus.mailbox_store.passwords import (
+    DEFAULT_HASHER,
+    Passwords,
+    Verified,
+    VerifyCache,
+    fast_hasher,
+)
 
 
 def test_hash_verify_and_rehash() -> None:
@@ -50,3 +56,72 @@ async def test_verify_runs_off_the_event_loop() -> None:
     assert all(r.ok for r in results[:3])
     # the loop kept running while Argon2 worked (it takes tens of ms per verification)
     assert elapsed > 0.02 and ticks >= 3
+
+
+def test_default_hash_is_argon2id_with_the_documented_parameters() -> None:
+    # issue 12.2: switching to Argon2i or weaker parameters must fail a test
+    h = Passwords(DEFAULT_HASHER).hash_sync("pw")
+    assert h.startswith("$argon2id$v=19$m=19456,t=2,p=1$"), h
+    salt, digest = h.rsplit("$", 2)[1:]
+    assert len(salt) >= 22 and len(digest) >= 43  # 16-byte salt, 32-byte hash (base64)
+
+
+class Counting:
+    """Passwords whose Argon2 calls are counted."""
+
+    def __init__(self, cache: VerifyCache, hasher: PasswordHasher | None = None) -> None:
+        self.p = Passwords(hasher or fast_hasher(), cache=cache)
+        self.calls = 0
+        real = self.p.verify_sync
+
+        def counted(stored: str, password: str) -> Verified:
+            self.calls += 1
+            return real(stored, password)
+
+        self.p.verify_sync = counted  # type: ignore[method-assign]
+
+
+async def test_verify_cache_answers_repeats_without_argon2() -> None:
+    now = [0.0]
+    c = Counting(VerifyCache(ttl_s=60, negative_ttl_s=10, clock=lambda: now[0]))
+    h = c.p.hash_sync("right")
+    assert (await c.p.verify(h, "right", "a@x")).ok
+    assert (await c.p.verify(h, "right", "a@x")).ok
+    assert c.calls == 1
+    assert not (await c.p.verify(h, "wrong", "a@x")).ok  # another password: a miss
+    assert not (await c.p.verify(h, "wrong", "a@x")).ok  # a negative hit
+    assert c.calls == 2
+    assert (await c.p.verify(h, "right", "b@x")).ok  # another login: a miss
+    assert c.calls == 3
+    changed = c.p.hash_sync("right")  # the password was set again: a new stored hash
+    assert (await c.p.verify(changed, "right", "a@x")).ok and c.calls == 4
+    assert not (await c.p.verify(changed, "wrong", "a@x")).ok and c.calls == 5
+    now[0] = 11  # the negative entry expired, the positive one lives on
+    assert not (await c.p.verify(changed, "wrong", "a@x")).ok and c.calls == 6
+    assert (await c.p.verify(changed, "right", "a@x")).ok and c.calls == 6
+    now[0] = 100
+    assert (await c.p.verify(changed, "right", "a@x")).ok and c.calls == 7
+
+
+async def test_verify_cache_off_bounded_and_never_keeps_an_upgrade() -> None:
+    off = Counting(VerifyCache(ttl_s=0))
+    h = off.p.hash_sync("pw")
+    for _ in range(3):
+        assert (await off.p.verify(h, "pw")).ok
+    assert off.calls == 3
+    small = Counting(VerifyCache(max_entries=2))
+    for pw in ("a", "b", "c"):
+        await small.p.verify(h, pw)
+    assert len(small.p.cache._entries) == 2  # type: ignore[union-attr]
+    # a hash made with older parameters verifies, is upgraded, and is not cached as is
+    stronger = Counting(VerifyCache(), PasswordHasher(time_cost=2, memory_cost=64, parallelism=1))
+    v1 = await stronger.p.verify(h, "pw")
+    v2 = await stronger.p.verify(h, "pw")
+    assert v1.ok and v1.new_hash and v2.ok and v2.new_hash and stronger.calls == 2
+
+
+def test_verify_cache_keeps_no_password() -> None:
+    cache = VerifyCache()
+    key = cache.key("a@x", "$argon2id$stored", "hunter2")
+    assert b"hunter2" not in key and len(key) == 32
+    assert key != VerifyCache().key("a@x", "$argon2id$stored", "hunter2")  # per-process key

@@ -29,7 +29,7 @@ def _run(connection: Connection) -> None:
 def run_offline() -> None:
     from postbus.mailbox_store.db import normalize_url
 
-    url = normalize_url(os.environ.get("POSTBUS_DATABASE_URL", "sqlite+aiosqlite:///.run/postbus.db"))
+    url = normalize_url(os.environ.get("POSTBUS_DATABASE_URL", "sqlite:///.run/postbus.db"))
     context.configure(url=url, target_metadata=target_metadata, literal_binds=True,
                       render_as_batch=url.startswith("sqlite"))
     with context.begin_transaction():
@@ -39,7 +39,7 @@ def run_offline() -> None:
 async def _run_online_async() -> None:
     from postbus.mailbox_store.db import create_engine
 
-    engine = create_engine(os.environ.get("POSTBUS_DATABASE_URL", "sqlite+aiosqlite:///.run/postbus.db"))
+    engine = create_engine(os.environ.get("POSTBUS_DATABASE_URL", "sqlite:///.run/postbus.db"))
     async with engine.connect() as conn:
         await conn.run_sync(_run)
         await conn.commit()

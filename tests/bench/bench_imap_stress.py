@@ -1,0 +1,176 @@
+"""IMAP under load, side by side with Dovecot: Dovecot's imaptest (default command mix and
+login-only, 20 clients over 50 users, 30 s) against Postbus and a tuned Dovecot on the same
+machine in the same run, interleaved; medians of three runs and the ratio. Also the CPU each
+Postbus process used per command, imaptest's own ``Error:`` lines (consistency bugs that only
+show under concurrency) and the RSS of every service.
+
+    python tests/bench/bench_imap_stress.py [--secs 30] [--runs 3] [--clients 20]
+    python tests/bench/bench_imap_stress.py --keep    # leave the platform up, print its ports
+
+Needs ../shared/tools/imaptest (or IMAPTEST_DIR) and Debian's dovecot-imapd (installed with
+apt-get when missing and root); skips with a message when either cannot be had.
+Writes bench-results/imap-stress.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = Path(os.environ.get("IMAPTEST_DIR", ROOT.parent / "shared" / "tools" / "imaptest"))
+USERS, PASSWORD = 50, "pass"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def imaptest(port: int, user: str, secs: int, clients: int, login_only: bool) -> dict[str, object]:
+    cmd = [str(TOOL / "bin" / "imaptest"), "host=127.0.0.1", f"port={port}", f"user={user}",
+           f"users={USERS}", f"pass={PASSWORD}", f"clients={clients}", f"secs={secs}",
+           "seed=123", f"mbox={TOOL / 'stress.mbox'}"] + (["-", "select=0"] if login_only else [])
+    out = subprocess.run(["timeout", str(secs + 90), *cmd], capture_output=True,
+                         text=True).stdout
+    tail = out.split("Totals:", 1)[-1].splitlines()
+    names = next((line.split() for line in tail if line.startswith("Logi")), [])
+    nums = [line.split() for line in tail if re.fullmatch(r"[\d ]+", line.strip() or "x")]
+    counts = dict(zip(names, map(int, nums[-1]), strict=False)) if names and nums else {}
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    latency = {}
+    for line in out.splitlines():  # imaptest prints "- <cmd> ... avg <ms>" only per state
+        m = re.match(r"^\s*(\w+)\s.*?(\d+) ms", line)
+        if m and m.group(1).upper() in ("APPEND", "STORE", "EXPUNGE", "SELECT", "LOGIN"):
+            latency[m.group(1).upper()] = int(m.group(2))
+    total = sum(counts.values())
+    return {"cmds_per_s": total / secs, "logins_per_s": counts.get("Logi", 0) / secs,
+            "commands": total, "errors": len(errors), "error_lines": errors[:20],
+            "counts": counts, "raw_tail": "\n".join(tail[-8:])}
+
+
+def provision(api: str, token: str) -> None:
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=api + "/api/v1", headers=auth, timeout=60) as http:
+        http.post("/domains", json={"name": "example.test"}).raise_for_status()
+        for i in range(1, USERS + 1):
+            http.post("/users", json={"address": f"user{i}@example.test",
+                                      "password": PASSWORD}).raise_for_status()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--secs", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--keep", action="store_true", help="start, provision, print ports, wait")
+    ap.add_argument("--no-dovecot", action="store_true", help="Postbus only")
+    ap.add_argument("--out", default=str(ROOT / "bench-results" / "imap-stress.json"))
+    args = ap.parse_args()
+
+    if not (TOOL / "bin" / "imaptest").exists() and not args.keep:
+        print(f"SKIP bench-imap-stress: no imaptest at {TOOL} (set IMAPTEST_DIR)")
+        return 0
+    anchor_dir = Path(tempfile.mkdtemp(prefix="dovecot-anchor-"))
+    dovecot_port = None
+    if not args.keep and not args.no_dovecot:
+        from postbus.kit.embedded import free_port
+
+        dovecot_port = free_port()
+        r = subprocess.run([str(TOOL / "dovecot-anchor"), "start", str(anchor_dir),
+                            str(dovecot_port), "plain"], capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"SKIP bench-imap-stress: Dovecot anchor did not start: {r.stderr.strip()}")
+            return 0
+
+    from postbus.kit.testing import RunningNats, RunningS3, start_platform
+
+    root = Path(tempfile.mkdtemp(prefix="bench-imap-stress-"))
+    nats, s3 = RunningNats(root), RunningS3(root)
+    plat = start_platform(root / "platform", nats.url, s3.endpoint,
+                          extra_env={"POSTBUS_LOG_LEVEL": "WARNING"})
+    try:
+        provision(plat.api("mailbox-store"), plat.token)
+        port = plat.port("imap-access", "imap_port")
+        if args.keep:
+            print(json.dumps({"imap": port, "pids": {n: p.pid for n, p in plat.procs.items()},
+                              "root": str(root), "users": "user%d@example.test / pass"}),
+                  flush=True)
+            while True:
+                time.sleep(3600)
+        pids = {n: p.pid for n, p in plat.procs.items()}
+        pids.update({"nats-server": nats.proc.pid, "seaweedfs": s3.proc.pid})
+        result: dict[str, object] = {"secs": args.secs, "runs": args.runs,
+                                     "clients": args.clients, "users": USERS}
+        for mode in ("mix", "login-only"):
+            rows: dict[str, list[dict[str, object]]] = {"postbus": [], "dovecot": []}
+            cpu: dict[str, list[float]] = {n: [] for n in pids}
+            peak_rss: dict[str, float] = dict.fromkeys(pids, 0.0)
+            for _ in range(args.runs):
+                before = {n: cpu_seconds(p) for n, p in pids.items()}
+                r = imaptest(port, "user%d@example.test", args.secs, args.clients,
+                             mode == "login-only")
+                for n, p in pids.items():
+                    cpu[n].append((cpu_seconds(p) - before[n]) / max(1, int(r["commands"])))  # type: ignore[arg-type]
+                    peak_rss[n] = max(peak_rss[n], rss_mb(p))
+                rows["postbus"].append(r)
+                time.sleep(2)
+                if dovecot_port is not None:
+                    rows["dovecot"].append(imaptest(dovecot_port, "user%d", args.secs,
+                                                    args.clients, mode == "login-only"))
+                    time.sleep(2)
+            key = "logins_per_s" if mode == "login-only" else "cmds_per_s"
+            pb = statistics.median(float(r[key]) for r in rows["postbus"])  # type: ignore[arg-type]
+            dv = (statistics.median(float(r[key]) for r in rows["dovecot"])  # type: ignore[arg-type]
+                  if rows["dovecot"] else 0.0)
+            out = {
+                "postbus_per_s": round(pb, 1), "dovecot_per_s": round(dv, 1),
+                "ratio": round(pb / dv, 3) if dv else None,
+                "postbus_errors": [r["errors"] for r in rows["postbus"]],
+                "dovecot_errors": [r["errors"] for r in rows["dovecot"]],
+                "postbus_error_lines": [x for r in rows["postbus"] for x in r["error_lines"]][:20],  # type: ignore[attr-defined]
+                "cpu_ms_per_command": {n: round(statistics.median(v) * 1000, 3)
+                                       for n, v in cpu.items()},
+                "peak_rss_mb": {n: round(v, 1) for n, v in peak_rss.items()},
+                "postbus_samples": [r["counts"] for r in rows["postbus"]],
+                "postbus_tail": rows["postbus"][-1]["raw_tail"],
+            }
+            result[mode] = out
+            print(f"{mode}: postbus {pb:.0f}/s, dovecot {dv:.0f}/s, ratio "
+                  f"{out['ratio']}, postbus Error: lines {out['postbus_errors']}", flush=True)
+            print(f"  cpu ms/command {out['cpu_ms_per_command']}", flush=True)
+            print(f"  peak RSS MB {out['peak_rss_mb']}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+        return 0
+    finally:
+        plat.stop()
+        nats.stop()
+        s3.stop()
+        if dovecot_port is not None:
+            subprocess.run([str(TOOL / "dovecot-anchor"), "stop", str(anchor_dir)])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("POSTBUS_LOG_LEVEL", "WARNING")
+    sys.exit(main())
