@@ -1,8 +1,8 @@
 """IMAP state in SQL: mailboxes, messages, flags, MODSEQ, expunge log, blob references, quota.
 
 The same behaviour on SQLite and PostgreSQL. Every write is one transaction that first
-locks the account row (PostgreSQL: ``SELECT ... FOR UPDATE``; SQLite: one process-wide
-writer plus ``BEGIN IMMEDIATE``), so writes to one account are serialized, UIDs are handed
+locks the account row (PostgreSQL: ``SELECT ... FOR UPDATE``; SQLite: one writer, group
+commits under ``BEGIN IMMEDIATE``, txn.py), so writes to one account are serialized, UIDs are handed
 out in commit order (``UPDATE mailboxes SET uidnext = uidnext + n ... RETURNING``) and
 locks are always taken in the same order (account, mailbox, blobs sorted by key).
 Imports SQLAlchemy; never nats or boto3.
@@ -28,6 +28,7 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
+    exists,
     false,
     func,
     insert,
@@ -40,12 +41,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import histogram
-from postbus.mailbox_store.db import IMMEDIATE
 from postbus.mailbox_store.models import (
     FLAG_BITS,
     Account,
@@ -57,6 +56,7 @@ from postbus.mailbox_store.models import (
     Message,
     Subscription,
 )
+from postbus.mailbox_store.txn import Writer
 from postbus.proto.mail import MessageSummary
 from postbus.proto.store import MailboxInfo, MessageMeta, MessageState, Pop3Message, SearchKey
 
@@ -78,7 +78,25 @@ D = cast(Table, Delivery.__table__)
 S = cast(Table, Subscription.__table__)
 C = cast(Table, Counter.__table__)
 
+
 DELIMITER = "/"
+
+# Hot lookups built once, with bound parameters: building a statement and its cache key
+# cost more than running it (SQLite answers in microseconds).
+_CHILD = MB.alias("child")
+_MB_WITH_INFO = select(
+    MB,
+    exists().where(_CHILD.c.account_id == MB.c.account_id,
+                   func.substr(_CHILD.c.name, 1, func.length(MB.c.name) + 1)
+                   == MB.c.name.concat(DELIMITER)).label("has_children"),
+    exists().where(S.c.account_id == MB.c.account_id, S.c.name == MB.c.name).label("subscribed"),
+).where(MB.c.account_id == bindparam("account_id"))
+_Q_MB_INFO_BY_NAME = _MB_WITH_INFO.where(MB.c.name == bindparam("name"))
+_Q_MB_INFO_BY_ID = _MB_WITH_INFO.where(MB.c.id == bindparam("mailbox_id"))
+_Q_MB_BY_NAME = select(MB).where(MB.c.account_id == bindparam("account_id"),
+                                 MB.c.name == bindparam("name"))
+_Q_MB_BY_ID = select(MB).where(MB.c.id == bindparam("mailbox_id"),
+                               MB.c.account_id == bindparam("account_id"))
 INBOX = "INBOX"
 # INBOX and the RFC 6154 special-use folders every account has (created at account creation
 # by the directory, or lazily here on first use)
@@ -341,15 +359,6 @@ def _check_count(rows: Sequence[Any], max_messages: int | None) -> None:
         raise Invalid(f"{len(rows)} messages in one request; send at most {max_messages}")
 
 
-def _retryable(exc: DBAPIError) -> bool:
-    orig = exc.orig
-    code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-    if code in ("40P01", "40001"):  # deadlock, serialization failure
-        return True
-    text = str(orig).lower()
-    return "database is locked" in text or "deadlock detected" in text
-
-
 # ---------------------------------------------------------------- group commit
 @dataclass
 class _DeliverJob:
@@ -415,7 +424,8 @@ class Repository:
     def __init__(self, engine: AsyncEngine, *, delivery_batch: int = 128) -> None:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
-        self._sqlite_writer = asyncio.Lock()
+        self._writer = Writer(engine)
+        self._has_inbox: set[int] = set()  # accounts known to have their INBOX
         self._insert = sqlite_dialect.insert if self.sqlite else pg_dialect.insert
         self._batcher = _Batcher(self._deliver_batch, delivery_batch)
 
@@ -425,30 +435,10 @@ class Repository:
         async with self.engine.connect() as conn:
             yield conn
 
-    @contextlib.asynccontextmanager
-    async def _write_tx(self) -> AsyncIterator[AsyncConnection]:
-        if self.sqlite:
-            async with self._sqlite_writer, self.engine.connect() as conn:
-                await conn.execution_options(**{IMMEDIATE: True})
-                async with conn.begin():
-                    yield conn
-        else:
-            async with self.engine.begin() as conn:
-                yield conn
-
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]], attempts: int = 5) -> T:
-        """Run ``fn`` in one write transaction, retried on deadlock / busy."""
-        for i in range(attempts):
-            try:
-                async with self._write_tx() as conn:
-                    return await fn(conn)
-            except DBAPIError as exc:
-                if i + 1 < attempts and _retryable(exc):
-                    log.warning("write transaction retried", error=str(exc.orig)[:200])
-                    await asyncio.sleep(0.01 * (2 ** i))
-                    continue
-                raise
-        raise AssertionError("unreachable")
+        """Run ``fn`` in a write transaction (group-committed on SQLite, see txn.py);
+        returns once the change is committed."""
+        return await self._writer.write(fn, attempts)
 
     # ------------------------------------------------------------ account + mailbox rows
     async def _lock_account(self, conn: AsyncConnection, account_id: int) -> Any:
@@ -493,20 +483,31 @@ class Repository:
 
     async def _mailbox_by_name(self, conn: AsyncConnection, account_id: int, name: str,
                                *, lock: bool = False) -> Any:
-        q = select(MB).where(MB.c.account_id == account_id, MB.c.name == name)
-        if lock:
-            q = q.with_for_update()
-        return (await conn.execute(q)).first()
+        q = _Q_MB_BY_NAME.with_for_update() if lock else _Q_MB_BY_NAME
+        return (await conn.execute(q, {"account_id": account_id, "name": name})).first()
 
     async def _mailbox_by_id(self, conn: AsyncConnection, account_id: int, mailbox_id: int,
                              *, lock: bool = False) -> Any:
-        q = select(MB).where(MB.c.id == mailbox_id, MB.c.account_id == account_id)
-        if lock:
-            q = q.with_for_update()
-        row = (await conn.execute(q)).first()
+        q = _Q_MB_BY_ID.with_for_update() if lock else _Q_MB_BY_ID
+        row = (await conn.execute(q, {"mailbox_id": mailbox_id, "account_id": account_id})).first()
         if row is None:
             raise NotFound(f"no mailbox {mailbox_id}")
         return row
+
+    async def _mailbox_with_info(self, conn: AsyncConnection, account_id: int, *,
+                                 name: str | None = None, mailbox_id: int | None = None
+                                 ) -> tuple[Any, MailboxInfo] | None:
+        """A mailbox row and its MailboxInfo in one query, by name or by id; None if absent."""
+        if name is not None:
+            row = (await conn.execute(_Q_MB_INFO_BY_NAME,
+                                      {"account_id": account_id, "name": name})).first()
+        else:
+            row = (await conn.execute(_Q_MB_INFO_BY_ID,
+                                      {"account_id": account_id, "mailbox_id": mailbox_id})).first()
+        if row is None:
+            return None
+        children = {row.name + DELIMITER} if row.has_children else set()
+        return row, self._info(row, children, {row.name} if row.subscribed else set())
 
     async def _create_mailbox_row(self, conn: AsyncConnection, account_id: int, name: str,
                                   special_use: str | None = None, subscribe: bool = False) -> Any:
@@ -547,14 +548,21 @@ class Repository:
         await self.write(tx)
 
     async def _ensure_inbox(self, account_id: int) -> None:
+        """Create INBOX and the default folders on an account's first use. INBOX cannot be
+        deleted or renamed away (RFC 3501 §6.3.4), so once seen it is remembered."""
+        if account_id in self._has_inbox:
+            return
         async with self._read() as conn:
             row = await self._mailbox_by_name(conn, account_id, INBOX)
-            if row is not None:
-                return
-            exists = (await conn.execute(select(A.c.id).where(A.c.id == account_id))).first()
-        if exists is None:
+            exists_ = row is not None or (await conn.execute(
+                select(A.c.id).where(A.c.id == account_id))).first() is not None
+        if not exists_:
             raise NotFound(f"no account {account_id}")
-        await self.ensure_defaults(account_id)
+        if row is None:
+            await self.ensure_defaults(account_id)
+        if len(self._has_inbox) > 100_000:
+            self._has_inbox.clear()
+        self._has_inbox.add(account_id)
 
     # ------------------------------------------------------------ mailbox info
     def _info(self, row: Any, names: set[str], subscribed: set[str]) -> MailboxInfo:
@@ -572,15 +580,6 @@ class Repository:
     async def _subscribed(self, conn: AsyncConnection, account_id: int) -> set[str]:
         return {r[0] for r in (await conn.execute(
             select(S.c.name).where(S.c.account_id == account_id))).all()}
-
-    async def _mailbox_info(self, conn: AsyncConnection, account_id: int, row: Any) -> MailboxInfo:
-        names = {r[0] for r in (await conn.execute(
-            select(MB.c.name).where(MB.c.account_id == account_id,
-                                    MB.c.name.startswith(row.name + DELIMITER, autoescape=True))
-            .limit(1))).all()}
-        sub = (await conn.execute(select(S.c.name).where(
-            S.c.account_id == account_id, S.c.name == row.name))).first()
-        return self._info(row, names, {row.name} if sub else set())
 
     async def list_mailboxes(self, account_id: int, subscribed_only: bool = False) -> list[MailboxInfo]:
         await self._ensure_inbox(account_id)
@@ -603,10 +602,12 @@ class Repository:
         if name == INBOX:
             await self._ensure_inbox(account_id)
         async with self._read() as conn:
-            row = await self._mailbox_by_name(conn, account_id, name)
-            if row is None:
-                raise NotFound(f"no mailbox {name}")
-            return await self._mailbox_info(conn, account_id, row)
+            found = await self._mailbox_with_info(conn, account_id, name=name)
+        if found is None:
+            if name == INBOX:
+                self._has_inbox.discard(account_id)  # the account was deleted meanwhile
+            raise NotFound(f"no mailbox {name}")
+        return found[1]
 
     # ------------------------------------------------------------ create / delete / rename
     async def create_mailbox(self, account_id: int, name: str,
@@ -629,8 +630,10 @@ class Repository:
                     noselect=False, special_use=special_use or row.special_use))
                 row = await self._mailbox_by_name(conn, account_id, name)
             else:
-                row = await self._create_mailbox_row(conn, account_id, name, special_use)
-            return await self._mailbox_info(conn, account_id, row)
+                await self._create_mailbox_row(conn, account_id, name, special_use)
+            found = await self._mailbox_with_info(conn, account_id, name=name)
+            assert found is not None
+            return found[1]
 
         return await self.write(tx)
 
@@ -1004,10 +1007,12 @@ class Repository:
                      ) -> tuple[MailboxInfo, list[MessageState], bool, list[tuple[int, int]]]:
         limit = max(1, min(limit, 50_000))
         async with self._read() as conn:
-            row = await self._mailbox_by_id(conn, account_id, mailbox_id)
+            found = await self._mailbox_with_info(conn, account_id, mailbox_id=mailbox_id)
+            if found is None:
+                raise NotFound(f"no mailbox {mailbox_id}")
+            row, info = found
             if row.noselect:
                 raise NotFound(f"{row.name} is \\Noselect")
-            info = await self._mailbox_info(conn, account_id, row)
             q = (select(M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
                  .where(M.c.mailbox_id == mailbox_id, M.c.uid > after_uid))
             if changed_since is not None:
