@@ -113,7 +113,9 @@ class MessageState(Model):
 
 class SelectRequest(Model):
     account_id: int
-    mailbox_id: int
+    mailbox_id: int = 0
+    # or by name (SELECT's first page: one round trip); the reply's mailbox says which
+    name: str | None = None
     after_uid: int = 0  # page: UIDs greater than this
     limit: int = 5000
     changed_since: int | None = None  # only messages with modseq > this (CONDSTORE/QRESYNC)

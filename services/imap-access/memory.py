@@ -245,7 +245,8 @@ class MemoryPlatform:
 
     # ------------------------------------------------------------ Store: messages
     async def select(self, req: SelectRequest) -> SelectReply:
-        b = self._box_by_id(req.account_id, req.mailbox_id)
+        b = (self._box(req.account_id, req.name) if req.name is not None
+             else self._box_by_id(req.account_id, req.mailbox_id))
         msgs = [m for u, m in b.msgs.items() if u > req.after_uid
                 and (req.changed_since is None or m.modseq > req.changed_since)]
         limit = min(req.limit, self.page_limit or req.limit)

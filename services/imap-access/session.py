@@ -607,7 +607,17 @@ class Session:
             st2: Authenticated | Selected = self.state  # type: ignore[assignment]
         else:
             st2 = st
-        info = await self._mailbox(st2.account_id, to_store_name(cmd.mailbox))
+        # the first page by name: the mailbox's info comes with it (one round trip)
+        try:
+            page = await self.store.select(SelectRequest(
+                account_id=st2.account_id, name=to_store_name(cmd.mailbox)))
+        except StoreError as exc:
+            if exc.code == "not_found":
+                raise No("Mailbox does not exist", "NONEXISTENT") from None
+            if exc.code == "invalid":
+                raise No("Mailbox cannot be selected", "CANNOT") from None
+            raise
+        info = page.mailbox
         if "\\Noselect" in info.attributes:
             raise No("Mailbox cannot be selected", "CANNOT")
         if cmd.condstore:
@@ -616,8 +626,9 @@ class Session:
                            info.uidnext, info.highestmodseq)
         after = 0
         while True:
-            page = await self.store.select(SelectRequest(
-                account_id=st2.account_id, mailbox_id=info.mailbox_id, after_uid=after))
+            if after:
+                page = await self.store.select(SelectRequest(
+                    account_id=st2.account_id, mailbox_id=info.mailbox_id, after_uid=after))
             for m in page.messages:
                 view.add(m.uid, m.flags, m.modseq)
             view.uidnext = max(view.uidnext, page.mailbox.uidnext)

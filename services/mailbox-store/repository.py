@@ -113,6 +113,8 @@ _FLAG_BY_LOWER = {k.lower(): (k, v) for k, v in FLAG_BITS.items()}
 _KEYWORD_RE = re.compile(r'^[^\x00-\x20\x7f(){%*"\\\]]+$')
 # OR clauses per statement before falling back to a bounding range + filter in Python
 MAX_RANGES_IN_SQL = 100
+# a UID set of several ranges with at most this many UIDs is sent as one IN list
+MAX_UIDS_IN_LIST = 2000
 # candidates of a paged body search whose blobs are read before the page is checked
 BLOB_SEARCH_BATCH = 500
 
@@ -338,6 +340,9 @@ def uid_filter(ranges: Sequence[Sequence[int]]) -> tuple[ColumnElement[bool], Ca
     rs = _clean_ranges(ranges)
     if not rs:
         return false(), lambda _u: False
+    if len(rs) > 1 and sum(b - a + 1 for a, b in rs) <= MAX_UIDS_IN_LIST:
+        # one expanding IN parameter: the statement compiles once whatever the set
+        return M.c.uid.in_([u for a, b in rs for u in range(a, b + 1)]), ANY_UID
     if len(rs) <= MAX_RANGES_IN_SQL:
         conds = [M.c.uid == a if a == b else M.c.uid.between(a, b) for a, b in rs]
         return or_(*conds), ANY_UID
@@ -1002,17 +1007,27 @@ class Repository:
         return await self.write(tx)
 
     # ------------------------------------------------------------ select / fetch
-    async def select(self, account_id: int, mailbox_id: int, *, after_uid: int = 0,
-                     limit: int = 5000, changed_since: int | None = None
+    async def select(self, account_id: int, mailbox_id: int = 0, *, name: str | None = None,
+                     after_uid: int = 0, limit: int = 5000, changed_since: int | None = None
                      ) -> tuple[MailboxInfo, list[MessageState], bool, list[tuple[int, int]]]:
+        """A page of a mailbox's snapshot, by id or by ``name`` (Invalid when the named
+        mailbox is \\Noselect, so IMAP can say CANNOT rather than NONEXISTENT)."""
         limit = max(1, min(limit, 50_000))
+        if name is not None:
+            name = normalize_name(name)
+            if name == INBOX:
+                await self._ensure_inbox(account_id)
         async with self._read() as conn:
-            found = await self._mailbox_with_info(conn, account_id, mailbox_id=mailbox_id)
+            found = await self._mailbox_with_info(conn, account_id, name=name,
+                                                  mailbox_id=mailbox_id)
             if found is None:
-                raise NotFound(f"no mailbox {mailbox_id}")
+                raise NotFound(f"no mailbox {name if name is not None else mailbox_id}")
             row, info = found
             if row.noselect:
+                if name is not None:
+                    raise Invalid(f"{row.name} cannot be selected (\\Noselect)")
                 raise NotFound(f"{row.name} is \\Noselect")
+            mailbox_id = row.id
             q = (select(M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
                  .where(M.c.mailbox_id == mailbox_id, M.c.uid > after_uid))
             if changed_since is not None:

@@ -149,7 +149,7 @@ class StoreApi:
     # ------------------------------------------------------------ messages
     async def select(self, req: SelectRequest) -> SelectReply:
         info, msgs, more, vanished = await self.repo.select(
-            req.account_id, req.mailbox_id, after_uid=req.after_uid,
+            req.account_id, req.mailbox_id, name=req.name, after_uid=req.after_uid,
             limit=max(1, min(req.limit, MAX_SELECT_PAGE)), changed_since=req.changed_since)
         return SelectReply(mailbox=info, messages=msgs, more=more, vanished=vanished)
 
