@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from postbus.kit.logging import get_logger
-from postbus.mailbox_store import sqlite_inline  # noqa: F401  (registers sqlite+postbus)
+from postbus.mailbox_store import sqlite_inline  # registers sqlite+postbus
 
 HERE = Path(__file__).resolve().parent
 ALEMBIC_INI = HERE / "alembic.ini"
@@ -92,10 +94,12 @@ def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "F
 
         @event.listens_for(engine.sync_engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            if conn.get_execution_options().get(IMMEDIATE):
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            immediate = bool(conn.get_execution_options().get(IMMEDIATE))
+            dbapi = conn.connection.dbapi_connection
+            if isinstance(dbapi, sqlite_inline.AdaptedConnection):
+                dbapi.begin(immediate)
             else:
-                conn.exec_driver_sql("BEGIN")
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 
@@ -161,9 +165,26 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
 @contextlib.asynccontextmanager
 async def leader(engine: AsyncEngine, key: int) -> AsyncIterator[bool]:
     """True when this replica may run a job only one replica should run at a time (blob
-    GC): a PostgreSQL session advisory lock, held for the block. SQLite: always True."""
+    GC): a PostgreSQL session advisory lock, held for the block. SQLite (replicas on one
+    machine): an exclusive flock on a file beside the database."""
     if engine.dialect.name != "postgresql":
-        yield True
+        path = engine.url.database
+        if not path or path == ":memory:":
+            yield True
+            return
+        fd = os.open(f"{path}.leader-{key:x}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
         return
     async with engine.connect() as conn:
         got = bool((await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})).scalar())
