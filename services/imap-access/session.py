@@ -736,6 +736,15 @@ class Session:
             if ev.uidvalidity != view.uidvalidity:
                 self.bye("Mailbox UIDVALIDITY changed")
                 return
+            if ev.added:
+                # new messages right after the view's last UID, without a gap: the event
+                # says all there is to know, no need to ask the store
+                new = sorted(ev.added, key=lambda m: m.uid)
+                if all(m.uid == view.max_uid + 1 + i for i, m in enumerate(new)):
+                    for m in new:
+                        view.add(m.uid, m.flags, m.modseq)
+                    view.uidnext = max(view.uidnext, ev.uidnext)
+                    self.w(f"* {view.exists} EXISTS")  # before any EXPUNGE that follows
             for ch in ev.flags:
                 if view.set_flags(ch.uid, ch.flags, ch.modseq):
                     self._flags_response(view, ch.uid, with_uid=True)
