@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from postbus.imap_access.metacache import MetaCache
 from postbus.imap_access.ports import Blobs, Changes, Directory, Store
 from postbus.imap_access.session import Session, SessionConfig
 from postbus.imap_access.settings import Settings
@@ -74,6 +75,10 @@ class ImapServer:
     _servers: list[asyncio.Server] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _outs: dict[str, _Out] = field(default_factory=dict)
+    meta_cache: MetaCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meta_cache = MetaCache(self.settings.meta_cache_mb * 1024 * 1024)
 
     def kick(self, session_id: str, reason: str = "Disconnected by an administrator") -> bool:
         """Say BYE to one session and close its connection; False when there is none."""
@@ -161,7 +166,8 @@ class ImapServer:
         out = _Out(writer)
         session = Session(directory=self.directory, store=self.store, blobs=self.blobs,
                           changes=self.changes, out=out, config=self.session_config(),
-                          client_ip=ip, secure=secure, tls=implicit_tls, listener=listener)
+                          client_ip=ip, secure=secure, tls=implicit_tls, listener=listener,
+                          meta_cache=self.meta_cache)
         if len(self.sessions) >= s.max_sessions:
             out.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
             await out.drain()

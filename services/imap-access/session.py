@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from postbus.imap_access.metacache import MetaCache
 from postbus.imap_access.ports import (
     Blobs,
     Changes,
@@ -178,13 +179,16 @@ def _pattern_regex(ref: str, pattern: str) -> re.Pattern[str]:
 class Session:
     def __init__(self, *, directory: Directory, store: Store, blobs: Blobs, changes: Changes,
                  out: Output, config: SessionConfig, client_ip: str = "127.0.0.1",
-                 secure: bool = False, tls: bool = False, listener: str = "imap") -> None:
+                 secure: bool = False, tls: bool = False, listener: str = "imap",
+                 meta_cache: MetaCache | None = None) -> None:
         self.directory = directory
         self.store = store
         self.blobs = blobs
         self.changes = changes
         self.out = out
         self.cfg = config
+        # shared by the sessions of a server: immutable message metadata (metacache.py)
+        self.meta_cache = meta_cache if meta_cache is not None else MetaCache(4 * 1024 * 1024)
         self.client_ip = client_ip
         self.secure = secure or tls
         self.tls = tls
@@ -1016,10 +1020,22 @@ class Session:
                             seen_changed.add(m.uid)
             metas: dict[int, MessageMeta] = {}
             if need_meta:
-                reply = await self.store.fetch(FetchRequest(
-                    account_id=st.account_id, mailbox_id=view.mailbox_id,
-                    uids=to_ranges(chunk), with_summary=need_summary))
-                metas = {m.uid: m for m in reply.messages}
+                cache = self.meta_cache
+                base = (st.account_id, view.mailbox_id, view.uidvalidity)
+                ask = []
+                for u in chunk:
+                    hit = cache.get((*base, u), need_summary)
+                    if hit is None:
+                        ask.append(u)
+                    else:
+                        metas[u] = hit
+                if ask:
+                    reply = await self.store.fetch(FetchRequest(
+                        account_id=st.account_id, mailbox_id=view.mailbox_id,
+                        uids=to_ranges(ask), with_summary=need_summary))
+                    for m in reply.messages:
+                        metas[m.uid] = m
+                        cache.put((*base, m.uid), m)
             blobs: dict[str, bytes] = {}
             # bodies, and messages the store has no summary for (computed here from the blob);
             # a batch of large messages is read later, a few at a time (see below)

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     loopback_is_secure: bool = True
     fetch_batch: int = 250  # messages per STORE_FETCH request
     fetch_bytes_in_flight: int = 32 * 1024 * 1024  # bodies one FETCH holds in memory at once
+    # immutable message metadata kept for FETCH (metacache.py), all sessions together
+    meta_cache_mb: int = 64
 
     def limits(self, authenticated: bool) -> Limits:
         """What the receiver accepts in one command, before or after login."""
