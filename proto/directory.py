@@ -50,7 +50,8 @@ class AuthReply(Model):
     account_id: int | None = None
     address: str | None = None
     reason: str | None = None  # "invalid", "disabled", "throttled"
-    # addresses this account may use as envelope sender / From (own + aliases pointing at it)
+    # addresses this account may use as envelope sender / From (own + aliases pointing at
+    # it); filled in for the services that send (smtp, api), empty for imap and pop3
     send_as: list[str] = Field(default_factory=list)
     pop3_policy: Literal["client", "keep", "delete"] = "client"
     pop3_expire_days: int | None = None

@@ -611,8 +611,10 @@ class Directory:
             return _reply_for(catch_all, dn)
         return ResolveReply(status="unknown", domain=dn)
 
-    async def authenticate(self, username: str, password: str) -> AuthReply:
-        """A login by full address (domain case-insensitive). Never raises for bad input."""
+    async def authenticate(self, username: str, password: str, *,
+                           with_send_as: bool = True) -> AuthReply:
+        """A login by full address (domain case-insensitive). Never raises for bad input.
+        ``with_send_as``: fill in the addresses it may send as (only SMTP needs them)."""
         try:
             async with self.sm() as s:
                 acc = await self._find_account(s, username)
@@ -634,7 +636,8 @@ class Directory:
             log.info("password rehashed", account=acc.address)
         policy: Pop3Policy = acc.pop3_policy if acc.pop3_policy in POP3_POLICIES else "client"  # type: ignore[assignment]
         return AuthReply(ok=True, account_id=acc.id, address=acc.address,
-                         send_as=await self.send_as(acc.id), pop3_policy=policy,
+                         send_as=await self.send_as(acc.id) if with_send_as else [],
+                         pop3_policy=policy,
                          pop3_expire_days=acc.pop3_expire_days)
 
     async def send_as(self, account_id: int) -> list[str]:
@@ -668,7 +671,8 @@ class Directory:
         if self.throttle is not None and failures >= self.throttle.max_failures:
             reply = AuthReply(ok=False, reason="throttled")  # no Argon2 work for a guesser
         else:
-            reply = await self.authenticate(req.username, req.password)
+            reply = await self.authenticate(req.username, req.password,
+                                            with_send_as=req.service in ("smtp", "api"))
             if self.throttle is not None:
                 if not reply.ok and reply.reason == "invalid":
                     await self.throttle.failed(key, failures)

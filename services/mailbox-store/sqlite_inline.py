@@ -125,7 +125,15 @@ class Connection:
         return self.conn.isolation_level
 
     async def commit(self) -> None:
-        await _retry_busy(self.conn.commit)
+        # the fsync of a commit (WAL, synchronous=FULL) waits for the disk: in a thread, so
+        # the loop serves reads meanwhile; nothing else uses this connection until it returns
+        while True:
+            try:
+                return await asyncio.to_thread(self.conn.commit)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != _SQLITE_BUSY:
+                    raise
+                await asyncio.sleep(0.001)
 
     async def rollback(self) -> None:
         self.conn.rollback()

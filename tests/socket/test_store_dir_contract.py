@@ -315,8 +315,12 @@ async def test_directory_rpcs_over_nats(bus: Bus, tmp_path: Path) -> None:
 
         ok = await bus.request(DIRECTORY_AUTHENTICATE,
                                AuthRequest(username="alice@example.test", password="pw",
-                                           service="pop3", client_ip="127.0.0.1"))
+                                           service="smtp", client_ip="127.0.0.1"))
         assert ok.ok and ok.send_as == ["alice@example.test", "info@example.test"]
+        ok = await bus.request(DIRECTORY_AUTHENTICATE,  # a reader needs no send-as list
+                               AuthRequest(username="alice@example.test", password="pw",
+                                           service="pop3", client_ip="127.0.0.1"))
+        assert ok.ok and ok.account_id == a.id and ok.send_as == []
         bad = await bus.request(DIRECTORY_AUTHENTICATE,
                                 AuthRequest(username="alice@example.test", password="no"))
         assert not bad.ok and bad.reason == "invalid"
