@@ -95,10 +95,14 @@ def main() -> int:
         from postbus.kit.embedded import free_port
 
         dovecot_port = free_port()
-        r = subprocess.run([str(TOOL / "dovecot-anchor"), "start", str(anchor_dir),
-                            str(dovecot_port), "plain"], capture_output=True, text=True)
+        # a file, not a pipe: dovecot's daemon keeps the descriptors it was given open
+        log = anchor_dir / "anchor.log"
+        with log.open("w") as out:
+            r = subprocess.run([str(TOOL / "dovecot-anchor"), "start", str(anchor_dir),
+                                str(dovecot_port), "plain"], stdout=out, stderr=out)
         if r.returncode != 0:
-            print(f"SKIP bench-imap-stress: Dovecot anchor did not start: {r.stderr.strip()}")
+            print(f"SKIP bench-imap-stress: Dovecot anchor did not start: "
+                  f"{log.read_text()[-500:]}")
             return 0
 
     from postbus.kit.testing import RunningNats, RunningS3, start_platform
