@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from postbus.proto.base import B64Bytes, Model, Stream, Subject
+from postbus.proto.directory import ResolveReply
 
 # ---------------------------------------------------------------- streams
 INBOUND_STREAM = Stream(
@@ -45,6 +46,9 @@ class Recipient(Model):
     address: str
     orcpt: str | None = None  # RFC 3461 ORCPT, e.g. "rfc822;bob@example.net"
     notify: list[Literal["NEVER", "SUCCESS", "FAILURE", "DELAY"]] = Field(default_factory=list)
+    # the directory's answer when smtp-ingress accepted the RCPT: mime-processor routes by
+    # it instead of asking again (None: ask)
+    resolved: ResolveReply | None = None
 
 
 class BodyRef(Model):

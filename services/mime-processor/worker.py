@@ -10,6 +10,7 @@ Talks to ports only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import Counter, deque
@@ -24,6 +25,7 @@ from postbus.kit.metrics import counter, histogram
 from postbus.mime_processor import policy
 from postbus.mime_processor.ports import Authenticator, Blobs, Directory, Memo, Publisher
 from postbus.mime_processor.settings import Settings
+from postbus.proto.directory import ResolveReply
 from postbus.proto.mail import (
     DELIVER_LOCAL,
     DELIVERY_EVENT,
@@ -99,6 +101,7 @@ class MimeWorker:
         self.memo = memo
         self.stats = stats or Stats(failures=deque(maxlen=settings.recent_failures))
         self.authserv_id = settings.authserv_id or settings.common.hostname
+        self._fresh_auth: dict[str, str] = {}  # computed this attempt, not yet remembered
 
     # ------------------------------------------------------------ the bus handler
     async def handle(self, d: Delivery[MailReceived]) -> Outcome:
@@ -108,7 +111,7 @@ class MimeWorker:
         started = time.perf_counter()
         outcome: Outcome
         try:
-            await self.process(m)
+            await self.process(m, attempt)
             outcome = Ack()
         except BlobNotFound as exc:
             if attempt >= self.settings.missing_blob_attempts:
@@ -120,6 +123,11 @@ class MimeWorker:
         except Exception as exc:  # a bug: logged with its traceback and retried, never acked
             log.exception("processing failed", queue_id=m.queue_id)
             outcome = self._retry(m, attempt, f"internal: {type(exc).__name__}: {exc}")
+        fresh = self._fresh_auth.pop(m.queue_id, None)
+        if fresh is not None and isinstance(outcome, Retry) and self.memo is not None:
+            # the next attempt must write the same header, hence the same blob
+            with contextlib.suppress(Exception):
+                await self.memo.put(m.queue_id, fresh)
         name = type(outcome).__name__.lower()
         self.stats.outcomes[name] += 1
         MESSAGES.labels(name).inc()
@@ -147,9 +155,9 @@ class MimeWorker:
         return Reject(reason)
 
     # ------------------------------------------------------------ the work
-    async def process(self, m: MailReceived) -> Processed:
+    async def process(self, m: MailReceived, attempt: int = 1) -> Processed:
         raw = await self._body(m)
-        auth_value = await self._authenticate(m, raw)
+        auth_value = await self._authenticate(m, raw, attempt)
         final = raw
         if auth_value is not None:
             final = policy.prepend_auth_results(raw, auth_value, self.authserv_id)
@@ -162,7 +170,8 @@ class MimeWorker:
             key = await self.blobs.put(final)
         summary = await self._summarize(final)
 
-        replies = await asyncio.gather(*(self.directory.resolve(r.address) for r in m.rcpt_to))
+        # smtp-ingress passes what the directory said at RCPT: no second lookup
+        replies = await asyncio.gather(*(self._resolve(r) for r in m.rcpt_to))
         plan = policy.plan_routes(m.rcpt_to, replies,
                                   policy.may_relay(m.client, self.settings.common.trusted_networks))
         await self._publish(m, key, len(final), summary, plan, auth_value)
@@ -177,6 +186,9 @@ class MimeWorker:
                  remote=len(plan.remote), failed=len(plan.failed))
         return Processed(key, summary, plan, auth_value)
 
+    async def _resolve(self, r: Recipient) -> ResolveReply:
+        return r.resolved if r.resolved is not None else await self.directory.resolve(r.address)
+
     async def _body(self, m: MailReceived) -> bytes:
         if m.body.inline is not None:
             return m.body.inline
@@ -189,12 +201,14 @@ class MimeWorker:
             return summarize(raw)
         return await asyncio.to_thread(summarize, raw)
 
-    async def _authenticate(self, m: MailReceived, raw: bytes) -> str | None:
-        """SPF/DKIM/DMARC for unauthenticated mail from the MX listener only."""
+    async def _authenticate(self, m: MailReceived, raw: bytes, attempt: int) -> str | None:
+        """SPF/DKIM/DMARC for unauthenticated mail from the MX listener only. The value is
+        remembered (Memo) only when an attempt fails, and looked up only on a redelivery:
+        two JetStream operations per message saved on the common path."""
         if (not self.settings.auth_checks or self.authenticator is None
                 or m.client.listener != "mx" or m.client.auth_user):
             return None
-        if self.memo is not None:
+        if self.memo is not None and attempt > 1:
             try:
                 known = await self.memo.get(m.queue_id)
             except Exception:
@@ -210,8 +224,7 @@ class MimeWorker:
             self.stats.auth["dkim"]["none"] += 1
             AUTH.labels("dkim", "none").inc()
         value = policy.auth_results_value(self.authserv_id, results)
-        if self.memo is not None:
-            await self.memo.put(m.queue_id, value)
+        self._fresh_auth[m.queue_id] = value
         return value
 
     async def _publish(self, m: MailReceived, key: str, size: int, summary: MessageSummary,

@@ -836,6 +836,7 @@ class IngressSMTP(SMTP):
             return
         may_relay = self.ingress.may_relay(self.client_ip, self.authenticated)
         refusal = policy.recipient_needs_lookup(path, may_relay=may_relay)
+        answer = None
         if refusal is None:
             try:
                 answer = await self.ingress.directory.resolve(path.address)
@@ -855,7 +856,8 @@ class IngressSMTP(SMTP):
                 if key not in env.seen:
                     env.seen.add(key)
                     env.recipients.append(Recipient(address=path.address, orcpt=rp.orcpt,
-                                                    notify=list(rp.notify)))  # type: ignore[arg-type]
+                                                    notify=list(rp.notify),  # type: ignore[arg-type]
+                                                    resolved=answer))
                     env.rcpt_tos.append(path.address)
                 self._count_rcpt("accepted", "ok")
                 await self.push(reply)

@@ -272,3 +272,23 @@ async def test_handler_bug_is_retried_not_acked(parts: Parts) -> None:
     w.directory.resolve = boom  # type: ignore[method-assign]
     out = await w.handle_message(mail("Q10"))
     assert isinstance(out, Retry) and "internal" in out.reason
+
+
+async def test_the_answer_given_at_rcpt_is_used_without_asking_again(parts: Parts) -> None:
+    w, dirs, _, pub, _, _ = parts
+    dirs.fail = True  # the directory would fail: it must not be asked
+    m = mail("Q11", ["alias@example.test"])
+    m.rcpt_to[0].resolved = ResolveReply(status="local", domain="example.test", accounts=[
+        AccountRef(account_id=7, address="alice@example.test")])
+    assert await w.handle_message(m) == Ack()
+    [dl] = pub.of(DeliverLocal)
+    assert (dl.account_id, dl.recipient) == (7, "alias@example.test")
+
+
+async def test_auth_results_are_remembered_only_for_a_retry(parts: Parts) -> None:
+    w, _, _, pub, auth, memo = parts
+    assert await w.handle_message(mail("Q12")) == Ack()
+    assert memo.d == {}  # the common path writes no memo
+    pub.fail_on = "mail.deliver"
+    assert isinstance(await w.handle_message(mail("Q13"), attempt=1), Retry)
+    assert "Q13" in memo.d
