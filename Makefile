@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 CLIENT_TOOLS := swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail getmail6 isync curl
 CLIENT_BINS := swaks fetchmail getmail mbsync curl
 
-.PHONY: run test test-fast fuzz soak venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e schemas lint typecheck clean
+.PHONY: run test test-fast fuzz soak venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e bench-imap-stress imaptest schemas lint typecheck clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,11 +60,13 @@ fuzz: $(STAMP)
 soak: $(STAMP)
 	$(PY) tests/soak/soak_crash.py
 
-## Benchmarks (medians printed; JSON in bench-results/)
-bench: bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e
-bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e: bench-%: $(STAMP)
+## Benchmarks (medians printed; JSON in bench-results/). bench-e2e runs a bare aiosmtpd beside
+## the platform and bench-imap-stress a tuned Dovecot (../shared/tools/imaptest, or IMAPTEST_DIR):
+## each figure comes with its anchor from the same run (docs/benchmarks.md)
+bench: bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e bench-imap-stress
+bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e bench-imap-stress: bench-%: $(STAMP)
 	@mkdir -p bench-results
-	@if [ -f tests/bench/bench_$*.py ]; then $(PY) tests/bench/bench_$*.py; else echo "no benchmark for $*"; fi
+	@f=tests/bench/bench_$$(echo $* | tr - _).py; if [ -f $$f ]; then $(PY) $$f; else echo "no benchmark for $*"; fi
 
 ## Regenerate proto/schemas from the pydantic models
 schemas: $(STAMP)

@@ -1,10 +1,14 @@
-"""End-to-end benchmark: SMTP accept → mime-processor → mailbox-store → visible over IMAP.
+"""End-to-end benchmark: SMTP accept → mime-processor → mailbox-store → visible over IMAP,
+side by side with a bare aiosmtpd that only discards (the anchor), in the same run.
 
-    python tests/bench/bench_e2e.py [--messages 2000] [--concurrency 20] [--size 2048]
+    python tests/bench/bench_e2e.py [--messages 3000] [--concurrency 20] [--size 2048] [--runs 3]
 
-Starts a real nats-server, SeaweedFS and every service as its own process (like `make run`),
-then reports the pipeline throughput (messages/s until the last one is in the mailbox) and the
-single-message delivery latency (250 → visible in IMAP STATUS on an open session), as medians over repeated runs.
+Starts a real nats-server, SeaweedFS and every service as its own process (like `make run`)
+and a bare aiosmtpd. Each run sends the same messages with the same client to both,
+interleaved: the anchor's accept rate, and Postbus's delivered rate (until IMAP STATUS counts
+them all). Meanwhile a probe account gets one message every 200 ms and an IMAP IDLE on its
+INBOX times each 250 to its EXISTS. Prints medians, the ratio delivered/anchor, the CPU per
+delivered message of every process and their peak RSS; writes bench-results/e2e.json.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import argparse
 import asyncio
 import imaplib
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +28,9 @@ from pathlib import Path
 import httpx
 
 from postbus.kit.testing import RunningNats, RunningS3, start_platform
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 async def smtp_send(port: int, rcpt: str, body: bytes) -> None:
@@ -33,7 +43,8 @@ async def smtp_send(port: int, rcpt: str, body: bytes) -> None:
                 return line
 
     await reply()
-    for cmd in (b"EHLO bench\r\n", b"MAIL FROM:<bench@example.net>\r\n", f"RCPT TO:<{rcpt}>\r\n".encode(), b"DATA\r\n"):
+    for cmd in (b"EHLO bench\r\n", b"MAIL FROM:<bench@example.net>\r\n",
+                f"RCPT TO:<{rcpt}>\r\n".encode(), b"DATA\r\n"):
         w.write(cmd)
         await w.drain()
         await reply()
@@ -53,11 +64,11 @@ def message(size: int, i: int) -> bytes:
 
 class ImapCounter:
     """One logged-in IMAP connection asked for STATUS INBOX (MESSAGES): polling must not pay
-    a login (an Argon2 verification) each time, or it takes CPU from the pipeline it times."""
+    a login each time, or it takes CPU from the pipeline it times."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, user: str = "alice@example.test") -> None:
         self.conn = imaplib.IMAP4("127.0.0.1", port)
-        self.conn.login("alice@example.test", "secret")
+        self.conn.login(user, "secret")
 
     def __call__(self) -> int:
         typ, data = self.conn.status("INBOX", "(MESSAGES)")
@@ -68,9 +79,79 @@ class ImapCounter:
         self.conn.logout()
 
 
+class IdleProbe:
+    """An IMAP IDLE on the probe account's INBOX: times each 250 to its ``* n EXISTS``."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.latencies: list[float] = []
+
+    async def run(self, smtp: int, stop: asyncio.Event) -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def until(prefix: bytes) -> bytes:
+            while True:
+                line = await r.readline()
+                if not line:
+                    raise ConnectionError("closed")
+                if line.startswith(prefix):
+                    return line
+
+        await until(b"* OK")
+        w.write(b"a LOGIN probe@example.test secret\r\nb SELECT INBOX\r\nc IDLE\r\n")
+        await until(b"+ ")
+        i = 0
+        while not stop.is_set():
+            i += 1
+            await smtp_send(smtp, "probe@example.test", message(2048, -i))
+            t0 = time.perf_counter()
+            await asyncio.wait_for(until(b"* "), 30)  # "* n EXISTS"
+            self.latencies.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.2)
+        w.write(b"DONE\r\nd LOGOUT\r\n")
+        w.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_bare(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = tmp / "bare.port"
+    proc = subprocess.Popen([sys.executable, str(HERE / "bench_smtp.py"), "serve-bare",
+                             str(port_file)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        if port_file.exists() and port_file.read_text().strip():
+            return proc, int(port_file.read_text())
+        time.sleep(0.05)
+    raise RuntimeError("bare aiosmtpd did not start")
+
+
+async def send_all(port: int, n: int, size: int, concurrency: int, offset: int) -> float:
+    """Send n messages over ``concurrency`` sessions (new connection each); seconds taken."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await smtp_send(port, "alice@example.test", message(size, offset + i))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    return time.perf_counter() - t0
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=20)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
@@ -80,64 +161,87 @@ async def main() -> None:
     nats, s3 = RunningNats(root), RunningS3(root)
     plat = start_platform(root / "platform", nats.url, s3.endpoint,
                           extra_env={"POSTBUS_LOG_LEVEL": "WARNING"})
+    bare, bare_port = start_bare(root)
     try:
         async with httpx.AsyncClient(base_url=plat.api("mailbox-store") + "/api/v1",
                                      headers={"Authorization": f"Bearer {plat.token}"}) as api:
             (await api.post("/domains", json={"name": "example.test"})).raise_for_status()
-            (await api.post("/users", json={"address": "alice@example.test",
-                                            "password": "secret"})).raise_for_status()
+            for user in ("alice", "probe"):
+                (await api.post("/users", json={"address": f"{user}@example.test",
+                                                "password": "secret"})).raise_for_status()
         smtp = plat.port("smtp-ingress", "smtp_port")
-        imap_count = ImapCounter(plat.port("imap-access", "imap_port"))
+        imap = plat.port("imap-access", "imap_port")
+        imap_count = ImapCounter(imap)
+        pids = {n: p.pid for n, p in plat.procs.items()}
+        pids.update({"nats-server": nats.proc.pid, "seaweedfs": s3.proc.pid})
+        peak = dict.fromkeys(pids, 0.0)
 
-        async def wait_until_count(n: int, interval: float) -> None:
-            """Poll IMAP STATUS until the mailbox holds ``n`` messages (at most 10 minutes)."""
+        async def wait_until_count(n: int) -> None:
             deadline = time.monotonic() + 600
             while await asyncio.to_thread(imap_count) < n:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"fewer than {n} messages delivered")
-                await asyncio.sleep(interval)
+                for name, pid in pids.items():
+                    peak[name] = max(peak[name], rss_mb(pid))
+                await asyncio.sleep(0.05)
 
-        latencies = []
-        for i in range(20):
-            before = imap_count()
-            t0 = time.perf_counter()
-            await smtp_send(smtp, "alice@example.test", message(args.size, i))
-            await wait_until_count(before + 1, 0.005)
-            latencies.append(time.perf_counter() - t0)
-
-        rates = []
+        await send_all(smtp, 200, args.size, args.concurrency, 10**6)  # warm up
+        await wait_until_count(200)
+        rows = []
+        latencies: list[float] = []
         for run in range(args.runs):
+            bare_s = await send_all(bare_port, args.messages, args.size, args.concurrency, 0)
             before = imap_count()
-
-            async def one(i: int, sem: asyncio.Semaphore) -> None:
-                async with sem:
-                    await smtp_send(smtp, "alice@example.test", message(args.size, i))
-
+            cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+            probe = IdleProbe(imap)
+            stop = asyncio.Event()
+            probing = asyncio.create_task(probe.run(smtp, stop))
             t0 = time.perf_counter()
-            sem = asyncio.Semaphore(args.concurrency)
-            await asyncio.gather(*(one(i, sem) for i in range(args.messages)))
-            accepted = time.perf_counter() - t0
-            await wait_until_count(before + args.messages, 0.05)
+            accept_s = await send_all(smtp, args.messages, args.size, args.concurrency,
+                                      run * args.messages)
+            await wait_until_count(before + args.messages)
             total = time.perf_counter() - t0
-            rates.append(args.messages / total)
-            print(f"run {run + 1}: accepted {args.messages / accepted:.0f} msg/s, "
-                  f"delivered {args.messages / total:.0f} msg/s")
-
+            stop.set()
+            await probing
+            latencies += probe.latencies
+            cpu = {n: round((cpu_seconds(p) - cpu0[n]) / args.messages * 1000, 3)
+                   for n, p in pids.items()}
+            row = {"bare_accepted_per_s": round(args.messages / bare_s, 1),
+                   "accepted_per_s": round(args.messages / accept_s, 1),
+                   "delivered_per_s": round(args.messages / total, 1),
+                   "cpu_ms_per_message": cpu}
+            row["ratio"] = round(row["delivered_per_s"] / row["bare_accepted_per_s"], 3)
+            rows.append(row)
+            print(f"run {run + 1}: bare aiosmtpd {row['bare_accepted_per_s']}/s; postbus "
+                  f"accepted {row['accepted_per_s']}/s, delivered {row['delivered_per_s']}/s; "
+                  f"ratio {row['ratio']}", flush=True)
+        imap_count.close()
+        lat = sorted(latencies)
         result = {
             "messages": args.messages, "concurrency": args.concurrency, "size": args.size,
-            "pipeline_msgs_per_s_median": round(statistics.median(rates), 1),
-            "delivery_latency_ms_median": round(statistics.median(latencies) * 1000, 1),
-            "delivery_latency_ms_p90": round(sorted(latencies)[int(len(latencies) * 0.9) - 1] * 1000, 1),
+            "runs": rows,
+            "bare_accepted_per_s_median": statistics.median(r["bare_accepted_per_s"] for r in rows),
+            "delivered_per_s_median": statistics.median(r["delivered_per_s"] for r in rows),
+            "ratio_median": statistics.median(r["ratio"] for r in rows),
+            "idle_latency_ms_p50": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
+            "idle_latency_ms_p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 1)
+            if lat else None,
+            "idle_probes": len(lat),
+            "cpu_ms_per_message_median": {
+                n: statistics.median(r["cpu_ms_per_message"][n] for r in rows) for n in pids},
+            "peak_rss_mb": {n: round(v, 1) for n, v in peak.items()},
         }
-        print(json.dumps(result, indent=2))
-        out = Path("bench-results")
-        await asyncio.to_thread(out.mkdir, exist_ok=True)
-        await asyncio.to_thread((out / "e2e.json").write_text, json.dumps(result, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+        out = ROOT / "bench-results"
+        out.mkdir(exist_ok=True)
+        (out / "e2e.json").write_text(json.dumps(result, indent=2))
     finally:
+        bare.terminate()
         plat.stop()
         nats.stop()
         s3.stop()
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("POSTBUS_LOG_LEVEL", "WARNING")
     asyncio.run(main())
