@@ -1,9 +1,75 @@
-"""Socket helpers shared by the protocol listeners (asyncio streams). No protocol logic."""
+"""Network rules and socket helpers shared by the services: addresses in networks, what
+counts as loopback, per-address connection caps, closing a connection so the client reads
+its last reply. The one home of these rules (smtp-ingress, mime-processor, imap-access,
+pop3-access). No protocol logic.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address, IPv4-mapped IPv6 (a dual-stack listener's view of an IPv4 client)
+    as the IPv4 address, a zone id dropped; None when it is not an address."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def parse_networks(items: Iterable[str]) -> list[Network]:
+    """CIDR texts as networks; an entry that is not one is skipped (settings reject them
+    at start-up, see ``CommonSettings.trusted_networks``)."""
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            continue
+    return out
+
+
+def ip_in(ip: str, networks: Sequence[Network]) -> bool:
+    """Whether a client address lies in one of the networks (the relay-trust test)."""
+    addr = _address(ip) if networks else None
+    return addr is not None and any(addr.version == n.version and addr in n for n in networks)
+
+
+def is_loopback(ip: str) -> bool:
+    """Loopback peers count as secure where the operator allows it, as Dovecot treats them
+    (ARCHITECTURE.md); ``::ffff:127.0.0.1`` is loopback too."""
+    addr = _address(ip)
+    return addr is not None and addr.is_loopback
+
+
+class PerIpLimit:
+    """Open connections per client address, at most ``limit`` each (0: no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: Counter[str] = Counter()
+
+    def admit(self, ip: str) -> bool:
+        """Count a new connection from ``ip``; False (and not counted) when over the cap."""
+        if self.limit and self.open[ip] >= self.limit:
+            return False
+        self.open[ip] += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.open[ip] -= 1
+        if self.open[ip] <= 0:
+            del self.open[ip]
+
 
 LINGER_S = 1.0
 LINGER_BYTES = 1024 * 1024

@@ -10,40 +10,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(items: Iterable[str]) -> list[Network]:
-    """CIDR texts as networks; an entry that is not one is skipped (settings reject them
-    at start-up, see ``CommonSettings.trusted_networks``)."""
-    out = []
-    for item in items:
-        try:
-            out.append(ipaddress.ip_network(item.strip(), strict=False))
-        except ValueError:
-            continue
-    return out
-
-
-def ip_in(ip: str, networks: Sequence[Network]) -> bool:
-    """Whether a client address (IPv4-mapped IPv6 counted as IPv4) lies in one of the
-    networks. The one relay-trust test of smtp-ingress and mime-processor."""
-    if not networks:
-        return False
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return any(addr.version == n.version and addr in n for n in networks)
 
 
 class CommonSettings(BaseSettings):

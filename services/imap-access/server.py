@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from postbus.imap_access.session import Session, SessionConfig
 from postbus.imap_access.settings import Settings
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
-from postbus.kit.net import linger_close
+from postbus.kit.net import PerIpLimit, is_loopback, linger_close
 from postbus.protocols.imap_parser import Continue, RawLine, Receiver
 
 log = get_logger("postbus.imap.server")
@@ -28,6 +27,8 @@ log = get_logger("postbus.imap.server")
 SESSIONS = gauge("postbus_imap_sessions", "Open IMAP sessions", ["listener"])
 CONNECTIONS = counter("postbus_imap_connections_total", "IMAP connections accepted",
                       ["listener"])
+REFUSED = counter("postbus_imap_connections_refused_total",
+                  "IMAP connections refused: too many from one address", ["listener"])
 READ_SIZE = 64 * 1024
 
 
@@ -55,13 +56,6 @@ class _Out:
         await self.writer.drain()
 
 
-def is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass
 class ImapServer:
     settings: Settings
@@ -76,9 +70,11 @@ class ImapServer:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _outs: dict[str, _Out] = field(default_factory=dict)
     meta_cache: MetaCache = field(init=False)
+    per_ip: PerIpLimit = field(init=False)
 
     def __post_init__(self) -> None:
         self.meta_cache = MetaCache(self.settings.meta_cache_mb * 1024 * 1024)
+        self.per_ip = PerIpLimit(self.settings.max_connections_per_ip)
 
     def kick(self, session_id: str, reason: str = "Disconnected by an administrator") -> bool:
         """Say BYE to one session and close its connection; False when there is none."""
@@ -172,6 +168,20 @@ class ImapServer:
             out.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
             await out.drain()
             return
+        if not self.per_ip.admit(ip):  # one address cannot take every session (issue 8.5)
+            REFUSED.labels(listener).inc()
+            log.warning("too many connections from one address", ip=ip)
+            out.write(b"* BYE [UNAVAILABLE] Too many connections from your address\r\n")
+            await out.drain()
+            return
+        try:
+            await self._session(session, reader, writer, out)
+        finally:
+            self.per_ip.release(ip)
+
+    async def _session(self, session: Session, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter, out: _Out) -> None:
+        s = self.settings
         self.sessions[session.info.id] = session
         self._outs[session.info.id] = out
         rx = Receiver(limits=s.limits(authenticated=False))

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_auth_failures: int = 3
     max_commands: int = 1_000_000  # per session
     max_sessions: int = 10_000
+    # open connections from one client address (as POP3 and SMTP have; 0 = no cap). Behind
+    # a proxy every client shares its address: use PROXY protocol or raise this.
+    max_connections_per_ip: int = 50
     # loopback connections count as secure (no LOGINDISABLED), as Dovecot does
     loopback_is_secure: bool = True
     fetch_batch: int = 250  # messages per STORE_FETCH request

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from postbus.kit.settings import ip_in, parse_networks
+from postbus.kit.net import ip_in, parse_networks
 from postbus.proto.directory import AccountRef, ResolveReply
 from postbus.proto.mail import ClientInfo, Recipient
 from postbus.protocols.mime import header_block_end, parse_headers

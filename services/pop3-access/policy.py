@@ -3,26 +3,15 @@ login waits. Values in, values out; no I/O."""
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
+from postbus.kit.net import is_loopback  # noqa: F401  (a session decision; one home in kit.net)
 from postbus.proto.store import Pop3CommitRequest
 
 Pop3Policy = Literal["client", "keep", "delete"]
 
 IMPLEMENTATION = "Postbus"
-
-
-def is_loopback(ip: str) -> bool:
-    """Loopback peers count as secure, as Dovecot treats them (ARCHITECTURE.md)."""
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback  # a dual-stack listener's view of 127.0.0.1
-    return addr.is_loopback
 
 
 @dataclass(frozen=True)

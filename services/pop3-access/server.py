@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
+from postbus.kit.net import PerIpLimit
 from postbus.pop3_access.ports import Directory, Locks, Maildrops, Throttle
 from postbus.pop3_access.session import Limits, Peer, PreparedBodies, Session, Stats
 from postbus.protocols.pop3 import Receiver, err
@@ -47,8 +48,11 @@ class Pop3Server:
     sessions: dict[str, Session] = field(default_factory=dict)
     _servers: list[asyncio.Server] = field(default_factory=list)
     _conns: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    _per_ip: dict[str, int] = field(default_factory=dict)
+    _per_ip: PerIpLimit = field(init=False)
     _seq: int = 0
+
+    def __post_init__(self) -> None:
+        self._per_ip = PerIpLimit(self.max_connections_per_ip)
 
     async def listen(self, host: str, port: int, *, implicit_tls: bool = False) -> int:
         """Start a listener; returns the bound port (pass 0 for any free one)."""
@@ -92,7 +96,7 @@ class Pop3Server:
         sid = f"{self.replica}-{self._seq}"
         peer = writer.get_extra_info("peername") or ("?", 0)
         ip = str(peer[0])
-        if self._per_ip.get(ip, 0) >= self.max_connections_per_ip:
+        if not self._per_ip.admit(ip):
             REFUSED.inc()
             log.warning("too many connections", client_ip=ip)
             with contextlib.suppress(Exception):
@@ -100,7 +104,6 @@ class Pop3Server:
                 await writer.drain()
             writer.close()
             return
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         session = Session(
             directory=self.directory, maildrops=self.maildrops, locks=self.locks,
             throttle=self.throttle, limits=self.limits, session_id=sid, stats=self.stats,
@@ -131,11 +134,7 @@ class Pop3Server:
                 writer.write(err("internal error", "SYS/TEMP"))
         finally:
             ACTIVE.dec()
-            left = self._per_ip.get(ip, 1) - 1
-            if left > 0:
-                self._per_ip[ip] = left
-            else:
-                self._per_ip.pop(ip, None)
+            self._per_ip.release(ip)
             self.sessions.pop(sid, None)
             self._conns.pop(sid, None)
             # cancelled again while closing (shutdown): the abort still runs to its end

@@ -17,7 +17,7 @@ from typing import Any
 from postbus.kit.blob import BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, BusUnavailable, RemoteError
 from postbus.kit.logging import get_logger
-from postbus.kit.settings import Network, ip_in
+from postbus.kit.net import Network, ip_in
 from postbus.proto.directory import (
     DIRECTORY_AUTHENTICATE,
     DIRECTORY_RESOLVE,

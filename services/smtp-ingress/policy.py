@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-from postbus.kit.settings import ip_in, parse_networks  # noqa: F401 - the relay-trust test
+from postbus.kit.net import ip_in, parse_networks  # noqa: F401 - the relay-trust test
 from postbus.proto.directory import ResolveReply
 from postbus.protocols.smtp import Path
 

@@ -288,6 +288,24 @@ def test_preauth_big_literal_or_line_gets_bad_and_bye(imap: Running) -> None:
     r.close()
 
 
+def test_connections_per_address_are_capped(tmp_path: Path) -> None:
+    # issue 8.5: 1,500 of 1,500 connections from one address were accepted
+    for imap in _start(tmp_path, max_connections_per_ip=3):
+        held = [Raw(imap.port) for _ in range(3)]
+        assert all(r.greeting.startswith(b"* OK") for r in held)
+        extra = Raw(imap.port)
+        assert extra.greeting.startswith(b"* BYE [UNAVAILABLE]")
+        extra.close()
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while imap.server.per_ip.open.get("127.0.0.1", 0) >= 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        again = Raw(imap.port)  # a slot is free again
+        assert again.greeting.startswith(b"* OK")
+        for r in [*held, again]:
+            r.close()
+
+
 def test_preauth_phase_has_an_absolute_deadline(tmp_path: Path) -> None:
     # issue 8.5: a byte every few seconds used to hold an unauthenticated connection for 24 h
     for imap in _start(tmp_path, preauth_timeout_s=5, preauth_deadline_s=0.6):

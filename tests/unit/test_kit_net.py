@@ -1,0 +1,39 @@
+"""The one home of network rules (libs/kit/net.py): trust by network, loopback, per-address
+caps. IMAP and POP3 used to disagree on ::ffff:127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from postbus.kit.net import PerIpLimit, ip_in, is_loopback, parse_networks
+
+
+@pytest.mark.parametrize(("ip", "loop"), [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("fe80::1%eth0", False), ("192.0.2.1", False), ("::ffff:192.0.2.1", False),
+    ("localhost", False), ("", False), ("?", False),
+])
+def test_loopback(ip: str, loop: bool) -> None:
+    assert is_loopback(ip) is loop
+
+
+def test_ip_in_networks() -> None:
+    nets = parse_networks(["192.0.2.0/24", "2001:db8::/32", "not a network"])
+    assert len(nets) == 2
+    assert ip_in("192.0.2.9", nets) and ip_in("::ffff:192.0.2.9", nets) and ip_in("2001:db8::1", nets)
+    assert not ip_in("198.51.100.1", nets) and not ip_in("junk", nets)
+    assert not ip_in("127.0.0.1", parse_networks([]))  # nothing is trusted by default
+
+
+def test_per_ip_limit() -> None:
+    lim = PerIpLimit(2)
+    assert lim.admit("a") and lim.admit("a") and not lim.admit("a")
+    assert lim.admit("b")
+    lim.release("a")
+    assert lim.admit("a")
+    for _ in range(3):
+        if lim.open.get("a"):
+            lim.release("a")
+    assert "a" not in lim.open
+    unlimited = PerIpLimit(0)
+    assert all(unlimited.admit("x") for _ in range(1000))
