@@ -23,7 +23,7 @@ venv: $(STAMP)
 
 ## Start the whole platform with embedded NATS, S3 and SQLite (data in .run/)
 run: $(STAMP)
-	@mkdir -p .run
+	@umask 077 && mkdir -p .run && chmod 700 .run
 	$(VENV)/bin/postbus run
 
 ## Real mail clients for the tests (installed with apt-get when missing and we are root)

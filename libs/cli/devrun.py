@@ -147,7 +147,11 @@ def _endpoints(env: dict[str, str], common: dict[str, str]) -> Table:
 def run(run_dir: Path = Path(".run")) -> int:
     global PIDS_FILE
     env = dict(os.environ)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # the database (password hashes), message bodies, logs and secrets live here: nothing
+    # in it is for other users of the machine, from the first file on (issue 8.9)
+    os.umask(0o077)
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    run_dir.chmod(0o700)
     PIDS_FILE = run_dir.resolve() / "pids.json"
     PIDS_FILE.unlink(missing_ok=True)
     infra, services, common = plan(run_dir, env)
@@ -219,8 +223,8 @@ def run(run_dir: Path = Path(".run")) -> int:
         time.sleep(0.3)
 
     console.print(_endpoints(env, common))
-    token = env.get("POSTBUS_ADMIN_TOKEN") or common["POSTBUS_ADMIN_TOKEN"]
-    console.print(f"admin token: [bold]{token}[/bold]  (also in {run_dir / 'admin-token'})"
+    # the token itself stays out of terminals, scrollback and CI logs
+    console.print(f"admin token: in {run_dir / 'admin-token'} (the postbus CLI reads it there)"
                   if "POSTBUS_ADMIN_TOKEN" in common else "admin token: from POSTBUS_ADMIN_TOKEN")
     console.print(f"logs: {run_dir / 'logs'}/<service>.log    Ctrl-C stops everything")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -101,6 +102,16 @@ def ensure_admin_token(path: Path) -> str:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    path.write_text(token + "\n")
-    path.chmod(0o600)
+    write_private(path, (token + "\n").encode())
     return token
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret file readable by its owner only from the first byte (created 0600,
+    not chmod-ed after: there is no moment when another user could open it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+        os.write(fd, data)
+    finally:
+        os.close(fd)

@@ -82,8 +82,15 @@ def running(tmp_path: Path) -> Iterator[Running]:
 def test_make_run_first_mail_kill_and_stop(running: Running) -> None:
     out = running.output()
     assert str(running.ports["smtp-ingress"]["smtp_port"]) in out
-    token = (running.root / "run" / "admin-token").read_text().strip()
-    assert token and token in out
+    run = running.root / "run"
+    token = (run / "admin-token").read_text().strip()
+    assert token and token not in out and str(run / "admin-token") in out  # issue 8.9 (low)
+    # issue 8.9: nothing under .run is for other users, secrets 0600 from the start
+    assert run.stat().st_mode & 0o777 == 0o700
+    for secret in ("admin-token", "postbus.db", "tls/key.pem"):
+        assert (run / secret).stat().st_mode & 0o077 == 0, secret
+    for p in run.rglob("*"):
+        assert p.stat().st_mode & 0o007 == 0, f"{p} is readable by others"
 
     assert running.cli("domain", "add", "example.test").returncode == 0
     res = running.cli("user", "add", "alice@example.test", "--password", "secret")
