@@ -71,6 +71,29 @@ class PerIpLimit:
             del self.open[ip]
 
 
+class BadProxyHeader(Exception):
+    """The connection did not start with a valid PROXY protocol header."""
+
+
+async def read_proxy_header(reader: asyncio.StreamReader,
+                            timeout_s: float) -> tuple[str, int] | None:
+    """The client's address from a HAProxy PROXY v1 or v2 header, read before anything else
+    on a listener behind a load balancer (aiosmtpd's parser). None for a v2 LOCAL header
+    (the balancer's own health check: the socket peer stands). Raises BadProxyHeader; only
+    turn this on for listeners that nothing but the balancer can reach."""
+    from aiosmtpd.proxy_protocol import get_proxy
+
+    try:
+        data = await asyncio.wait_for(get_proxy(reader), timeout_s)
+    except TimeoutError as exc:
+        raise BadProxyHeader("no PROXY header in time") from exc
+    if not data.valid:
+        raise BadProxyHeader(str(data.error))
+    if data.src_addr is None:
+        return None
+    return str(data.src_addr), int(data.src_port or 0)
+
+
 LINGER_S = 1.0
 LINGER_BYTES = 1024 * 1024
 

@@ -19,7 +19,13 @@ from postbus.imap_access.session import Session, SessionConfig
 from postbus.imap_access.settings import Settings
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
-from postbus.kit.net import PerIpLimit, is_loopback, linger_close
+from postbus.kit.net import (
+    BadProxyHeader,
+    PerIpLimit,
+    is_loopback,
+    linger_close,
+    read_proxy_header,
+)
 from postbus.protocols.imap_parser import Continue, RawLine, Receiver
 
 log = get_logger("postbus.imap.server")
@@ -106,8 +112,10 @@ class ImapServer:
             self._servers.append(srv)
             ports.append(srv.sockets[0].getsockname()[1])
         if imaps_port is not None and self.tls is not None:
+            # behind PROXY protocol the header comes before the handshake (see _serve)
+            tls = None if self.settings.proxy_protocol else self.tls
             srv = await asyncio.start_server(lambda r, w: self._spawn(r, w, "imaps", True),
-                                             host, imaps_port, ssl=self.tls, limit=READ_SIZE)
+                                             host, imaps_port, ssl=tls, limit=READ_SIZE)
             self._servers.append(srv)
             ports.append(srv.sockets[0].getsockname()[1])
         return ports
@@ -158,6 +166,17 @@ class ImapServer:
         s = self.settings
         peer = writer.get_extra_info("peername") or ("?", 0)
         ip = str(peer[0])
+        if s.proxy_protocol:
+            try:
+                client = await read_proxy_header(reader, s.proxy_protocol_timeout_s)
+            except BadProxyHeader as exc:
+                log.warning("connection without a valid PROXY header", peer=ip, error=str(exc))
+                return
+            if client is not None:
+                ip = client[0]
+            if implicit_tls:
+                assert self.tls is not None
+                await writer.start_tls(self.tls)
         secure = implicit_tls or (s.loopback_is_secure and is_loopback(ip))
         out = _Out(writer)
         session = Session(directory=self.directory, store=self.store, blobs=self.blobs,

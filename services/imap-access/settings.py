@@ -47,8 +47,14 @@ class Settings(BaseSettings):
     # open connections from one client address (as POP3 and SMTP have; 0 = no cap). Behind
     # a proxy every client shares its address: use PROXY protocol or raise this.
     max_connections_per_ip: int = 50
-    # loopback connections count as secure (no LOGINDISABLED), as Dovecot does
+    # loopback connections count as secure (no LOGINDISABLED), as Dovecot does; turn off
+    # where a sidecar or proxy on the same host connects for remote clients
     loopback_is_secure: bool = True
+    # HAProxy PROXY v1/v2 header first on every connection (behind a load balancer that
+    # sends it, so per-address limits see the client): only for ports the balancer alone
+    # can reach. With it, 993 takes the header before the TLS handshake.
+    proxy_protocol: bool = False
+    proxy_protocol_timeout_s: float = 5.0
     fetch_batch: int = 250  # messages per STORE_FETCH request
     fetch_bytes_in_flight: int = 32 * 1024 * 1024  # bodies one FETCH holds in memory at once
     # immutable message metadata kept for FETCH (metacache.py), all sessions together

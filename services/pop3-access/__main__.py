@@ -44,6 +44,9 @@ async def setup_with(settings: Settings, ctx: ServiceContext) -> Pop3Server:
         session_timeout_s=settings.session_timeout_s,
         insecure_auth=settings.allow_insecure_auth,
         max_connections_per_ip=settings.max_connections_per_ip,
+        loopback_is_secure=settings.loopback_is_secure,
+        proxy_protocol=settings.proxy_protocol,
+        proxy_protocol_timeout_s=settings.proxy_protocol_timeout_s,
         replica=replica,
         prepared=PreparedBodies(settings.prepared_cache_mb << 20),
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
-from postbus.kit.net import PerIpLimit
+from postbus.kit.net import BadProxyHeader, PerIpLimit, read_proxy_header
 from postbus.pop3_access.ports import Directory, Locks, Maildrops, Throttle
 from postbus.pop3_access.session import Limits, Peer, PreparedBodies, Session, Stats
 from postbus.protocols.pop3 import Receiver, err
@@ -42,6 +42,9 @@ class Pop3Server:
     session_timeout_s: float = 4 * 3600.0
     insecure_auth: bool = False
     max_connections_per_ip: int = 50
+    loopback_is_secure: bool = True
+    proxy_protocol: bool = False
+    proxy_protocol_timeout_s: float = 5.0
     replica: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     stats: Stats = field(default_factory=Stats)
     prepared: PreparedBodies = field(default_factory=PreparedBodies)
@@ -62,9 +65,10 @@ class Pop3Server:
         async def on_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             await self._client(r, w, implicit_tls)
 
-        srv = await asyncio.start_server(on_client, host, port,
-                                         ssl=self.ssl_context if implicit_tls else None,
-                                         ssl_handshake_timeout=30 if implicit_tls else None)
+        # behind PROXY protocol the header comes before the TLS handshake (see _client)
+        tls = self.ssl_context if implicit_tls and not self.proxy_protocol else None
+        srv = await asyncio.start_server(on_client, host, port, ssl=tls,
+                                         ssl_handshake_timeout=30 if tls else None)
         self._servers.append(srv)
         bound = int(srv.sockets[0].getsockname()[1])
         log.info("pop3 listening", host=host, port=bound, tls=implicit_tls)
@@ -96,6 +100,19 @@ class Pop3Server:
         sid = f"{self.replica}-{self._seq}"
         peer = writer.get_extra_info("peername") or ("?", 0)
         ip = str(peer[0])
+        if self.proxy_protocol:
+            try:
+                client = await read_proxy_header(reader, self.proxy_protocol_timeout_s)
+                if implicit_tls:
+                    assert self.ssl_context is not None
+                    await asyncio.wait_for(writer.start_tls(self.ssl_context), 30)
+            except (BadProxyHeader, ssl.SSLError, OSError, TimeoutError) as exc:
+                log.warning("connection refused before the greeting", peer=ip, error=str(exc))
+                writer.close()
+                return
+            if client is not None:
+                ip = client[0]
+        self._per_ip.limit = self.max_connections_per_ip  # may be changed at run time
         if not self._per_ip.admit(ip):
             REFUSED.inc()
             log.warning("too many connections", client_ip=ip)
@@ -108,7 +125,8 @@ class Pop3Server:
             directory=self.directory, maildrops=self.maildrops, locks=self.locks,
             throttle=self.throttle, limits=self.limits, session_id=sid, stats=self.stats,
             hostname=self.hostname, prepared=self.prepared,
-            peer=Peer(ip, implicit_tls, self.ssl_context is not None, self.insecure_auth))
+            peer=Peer(ip, implicit_tls, self.ssl_context is not None, self.insecure_auth,
+                      self.loopback_is_secure))
         self.sessions[sid] = session
         task = asyncio.current_task()
         assert task is not None

@@ -74,10 +74,12 @@ class Peer:
     tls: bool  # TLS is active on this connection
     tls_available: bool  # a certificate is configured (STLS can be offered)
     insecure_auth: bool = False  # the operator allows logins without TLS from anywhere
+    loopback_is_secure: bool = True
 
     @property
     def secure(self) -> bool:
-        return self.tls or self.insecure_auth or policy.is_loopback(self.ip)
+        return (self.tls or self.insecure_auth
+                or (self.loopback_is_secure and policy.is_loopback(self.ip)))
 
 
 @dataclass(frozen=True)

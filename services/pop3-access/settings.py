@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     # plaintext USER/PASS and AUTH before TLS from non-loopback clients (ARCHITECTURE.md
     # "Security baseline": off)
     allow_insecure_auth: bool = False
+    # loopback connections count as secure, as Dovecot does; turn off where a sidecar or
+    # proxy on the same host connects for remote clients
+    loopback_is_secure: bool = True
+    # HAProxy PROXY v1/v2 header first on every connection (behind a load balancer that
+    # sends it): only for ports the balancer alone can reach; 995 takes it before TLS
+    proxy_protocol: bool = False
+    proxy_protocol_timeout_s: float = 5.0
 
     # message bodies fetched ahead of the client's RETR, and the store RPC timeout
     prefetch: int = 16

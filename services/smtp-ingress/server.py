@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from aiosmtpd.proxy_protocol import get_proxy
 from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
 
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge, histogram
+from postbus.kit.net import BadProxyHeader, read_proxy_header
 from postbus.proto.directory import AuthReply
 from postbus.proto.mail import BodyRef, ClientInfo, MailReceived, Recipient
 from postbus.protocols import smtp as proto
@@ -415,17 +415,16 @@ class IngressSMTP(SMTP):
     async def _serve(self) -> None:
         s = self.ingress.settings
         if s.proxy_protocol:
-            self._reset_timeout(s.proxy_protocol_timeout_s)
-            data = await get_proxy(self._reader)
-            if not data.valid:
+            try:
+                client = await read_proxy_header(self._reader, s.proxy_protocol_timeout_s)
+            except BadProxyHeader as exc:
                 _m(CONNECTIONS, self.listener, "bad_proxy").inc()
-                log.warning("invalid PROXY header", ip=self.client_ip, error=data.error)
+                log.warning("invalid PROXY header", ip=self.client_ip, error=str(exc))
                 assert self.transport is not None
                 self.transport.close()
                 return
-            if data.src_addr is not None:  # v2 LOCAL (health checks) keeps the socket peer
-                self.client_ip, self.client_port = str(data.src_addr), int(data.src_port or 0)
-            self._reset_timeout()
+            if client is not None:  # v2 LOCAL (health checks) keeps the socket peer
+                self.client_ip, self.client_port = client
         if self.listener == "smtps":
             await self._upgrade_tls()
 

@@ -306,6 +306,34 @@ def test_connections_per_address_are_capped(tmp_path: Path) -> None:
             r.close()
 
 
+def test_proxy_protocol_gives_the_client_address(tmp_path: Path) -> None:
+    # issue 8.10: behind a balancer every client had the balancer's address (and, with a
+    # sidecar, loopback, where plaintext login is allowed)
+    for imap in _start(tmp_path, proxy_protocol=True, max_connections_per_ip=1):
+        s = socket.create_connection(("127.0.0.1", imap.port), timeout=10)
+        s.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 143\r\n")
+        f = s.makefile("rb")
+        greeting = f.readline()
+        assert greeting.startswith(b"* OK") and b"LOGINDISABLED" in greeting  # not loopback
+        t = socket.create_connection(("127.0.0.1", imap.port), timeout=10)  # same client
+        t.sendall(b"PROXY TCP4 198.51.100.7 192.0.2.1 40001 143\r\n")
+        assert t.makefile("rb").readline().startswith(b"* BYE [UNAVAILABLE]")
+        bad = socket.create_connection(("127.0.0.1", imap.port), timeout=10)
+        bad.sendall(b"a LOGIN alice@example.test secret\r\n")  # no header: closed, no greeting
+        assert bad.makefile("rb").readline() == b""
+        for c in (s, t, bad):
+            c.close()
+        # 993: the header before the TLS handshake
+        assert imap.tls_port
+        raw = socket.create_connection(("127.0.0.1", imap.tls_port), timeout=10)
+        raw.sendall(b"PROXY TCP4 203.0.113.9 192.0.2.1 40002 993\r\n")
+        tls = _insecure_ctx().wrap_socket(raw, server_hostname="localhost")
+        assert tls.recv(4096).startswith(b"* OK")
+        assert "203.0.113.9" in [x.client_ip for x in list(imap.server.sessions.values())]
+        with contextlib.suppress(OSError):
+            tls.close()
+
+
 def test_preauth_phase_has_an_absolute_deadline(tmp_path: Path) -> None:
     # issue 8.5: a byte every few seconds used to hold an unauthenticated connection for 24 h
     for imap in _start(tmp_path, preauth_timeout_s=5, preauth_deadline_s=0.6):

@@ -449,3 +449,53 @@ async def test_connections_per_address_are_bounded(rig: Rig) -> None:
     g = await asyncio.to_thread(client)
     assert [x[:3] for x in g] == [b"+OK", b"+OK", b"-ER", b"+OK"]
     assert g[2] == b"-ERR [SYS/TEMP] too many connections from your address\r\n"
+
+
+async def test_proxy_protocol_gives_the_client_address(tmp_path: Path) -> None:
+    """Issue 8.10: behind a balancer every POP3 client shared its address (one attacker
+    could lock out everyone behind a node); loopback-is-secure can be turned off."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    self_signed(cert, key)
+    directory, store, locks = MemoryDirectory(), MemoryMaildrops(), MemoryLocks()
+    directory.add(USER, PASSWORD)
+    server = Pop3Server(directory=directory, maildrops=store, locks=locks,
+                        throttle=MemoryThrottle(), ssl_context=server_context(cert, key),
+                        proxy_protocol=True, max_connections_per_ip=1)
+    port = await server.listen("127.0.0.1", 0)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 110\r\nCAPA\r\n")
+        assert (await r.readline()).startswith(b"+OK")
+        capa = []
+        while (line := await r.readline()) != b".\r\n":
+            capa.append(line)
+        assert b"USER\r\n" not in capa  # 198.51.100.7 is not loopback: no plaintext login
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)  # the same client again
+        w2.write(b"PROXY TCP4 198.51.100.7 192.0.2.1 40001 110\r\n")
+        assert (await r2.readline()).startswith(b"-ERR")
+        r3, w3 = await asyncio.open_connection("127.0.0.1", port)  # another client: admitted
+        w3.write(b"PROXY TCP4 198.51.100.8 192.0.2.1 40002 110\r\n")
+        assert (await r3.readline()).startswith(b"+OK")
+        r4, w4 = await asyncio.open_connection("127.0.0.1", port)  # no header: closed
+        w4.write(b"USER x\r\n")
+        assert await asyncio.wait_for(r4.read(), 10) == b""
+        for wr in (w, w2, w3, w4):
+            wr.close()
+    finally:
+        await server.close()
+
+    off = Pop3Server(directory=directory, maildrops=store, locks=locks,
+                     throttle=MemoryThrottle(), loopback_is_secure=False)
+    port = await off.listen("127.0.0.1", 0)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"CAPA\r\n")
+        await r.readline()
+        await r.readline()
+        capa = []
+        while (line := await r.readline()) != b".\r\n":
+            capa.append(line)
+        assert b"USER\r\n" not in capa  # loopback no longer counts as secure
+        w.close()
+    finally:
+        await off.close()
