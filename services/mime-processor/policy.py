@@ -177,30 +177,45 @@ def prepend_auth_results(raw: bytes, value: str, authserv_id: str) -> bytes:
     return f"Authentication-Results: {value}\r\n".encode() + strip_forged(raw, authserv_id)
 
 
+# the field name, also in the obsolete form with white space before the colon (RFC 5322
+# §4.5), which mail readers accept
+_AR_NAME = re.compile(rb"authentication-results[ \t]*:", re.IGNORECASE)
+_COMMENT = re.compile(r"\([^()]*\)")
+
+
+def _authserv_id(value: bytes) -> str:
+    """The authserv-id of an Authentication-Results value (RFC 8601 §2.2), unfolded, with
+    comments (nested too) removed, lower-case, without a trailing dot."""
+    text = value.replace(b"\r", b"").replace(b"\n", b"").decode("utf-8", "replace")
+    for _ in range(20):  # nested comments, innermost first; bounded
+        stripped = _COMMENT.sub(" ", text)
+        if stripped == text:
+            break
+        text = stripped
+    head = text.split(";", 1)[0].split()
+    return head[0].lower().rstrip(".") if head else ""
+
+
 def strip_forged(raw: bytes, authserv_id: str) -> bytes:
+    """Every Authentication-Results field that claims our authserv-id is removed, whatever
+    its spelling or folding (RFC 8601 §5); the rest of the message is untouched."""
     end = header_block_end(raw, 0, len(raw))
-    if b"authentication-results" not in raw[:end].lower():
+    head = raw[:end]
+    if b"authentication-results" not in head.lower():
         return raw
-    ours = authserv_id.lower()
+    ours = authserv_id.lower().rstrip(".")
+    lines = head.splitlines(keepends=True)
     out: list[bytes] = []
-    drop = False
-    pos = 0
-    for line in raw[:end].splitlines(keepends=True):
-        pos += len(line)
-        if line[:1] in (b" ", b"\t"):
-            if not drop:
-                out.append(line)
-            continue
-        drop = False
-        if line.lower().startswith(b"authentication-results:"):
-            fields = parse_headers(line)
-            if fields:
-                ident = fields[0][1].decode("utf-8", "replace").split(";", 1)[0]
-                ident = re.sub(r"\([^)]*\)", "", ident).strip().split(" ")[0].lower()
-                drop = ident == ours
-        if not drop:
-            out.append(line)
-    return b"".join(out) + raw[pos:]
+    i = 0
+    while i < len(lines):
+        j = i + 1
+        while j < len(lines) and lines[j][:1] in (b" ", b"\t"):  # the field's continuations
+            j += 1
+        m = _AR_NAME.match(lines[i])
+        if not (m and _authserv_id(b"".join(lines[i:j])[m.end():]) == ours):
+            out.extend(lines[i:j])
+        i = j
+    return b"".join(out) + raw[end:]
 
 
 # ---------------------------------------------------------------- DMARC (RFC 7489)

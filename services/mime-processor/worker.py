@@ -158,9 +158,10 @@ class MimeWorker:
     async def process(self, m: MailReceived, attempt: int = 1) -> Processed:
         raw = await self._body(m)
         auth_value = await self._authenticate(m, raw, attempt)
-        final = raw
+        # on all mail, submitted too: nobody outside may speak for our authserv-id
+        final = policy.strip_forged(raw, self.authserv_id)
         if auth_value is not None:
-            final = policy.prepend_auth_results(raw, auth_value, self.authserv_id)
+            final = policy.prepend_auth_results(final, auth_value, self.authserv_id)
         if _BARE_LF.search(final):  # IMAP sizes and offsets count CRLF (RFC 3501 §2.3.1)
             final = re.sub(rb"\r?\n", b"\r\n", final)
 

@@ -292,3 +292,15 @@ async def test_auth_results_are_remembered_only_for_a_retry(parts: Parts) -> Non
     pub.fail_on = "mail.deliver"
     assert isinstance(await w.handle_message(mail("Q13"), attempt=1), Retry)
     assert "Q13" in memo.d
+
+
+async def test_forged_results_are_removed_from_submitted_mail_too(parts: Parts) -> None:
+    # issue 8.7: nothing was stripped from submitted (authenticated) mail
+    w, _, blobs, pub, auth, _ = parts
+    forged = (b"Authentication-Results:\r\n mx.example.test; dkim=pass header.d=bank.example\r\n"
+              + BODY)
+    m = mail("Q14", ["alice@example.test"], listener="submission",
+             auth_user="alice@example.test", body=forged)
+    assert await w.handle_message(m) == Ack()
+    stored = blobs.data[pub.of(DeliverLocal)[0].blob_key]
+    assert b"Authentication-Results" not in stored and auth.calls == 0

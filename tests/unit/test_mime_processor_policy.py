@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from postbus.mime_processor import policy
 from postbus.mime_processor.policy import (
     AuthResults,
@@ -126,3 +128,19 @@ def test_from_domain() -> None:
     assert policy.from_domain(b"From: \"A, B\" <a@Example.COM>\r\n\r\n") == "example.com"
     assert policy.from_domain(b"Subject: none\r\n\r\n") is None
     assert policy.from_domain(b"From: undisclosed\r\n\r\n") is None
+
+
+@pytest.mark.parametrize("forged", [
+    b"Authentication-Results:\r\n mx.example.test; dkim=pass header.d=bank.example\r\n",  # folded
+    b"Authentication-Results : mx.example.test; dkim=pass\r\n",  # obsolete "Name :" form
+    b"AUTHENTICATION-RESULTS:\tMX.EXAMPLE.TEST.; dkim=pass\r\n",  # case, trailing dot
+    b"Authentication-Results: (a (nested) comment) mx.example.test 1; dkim=pass\r\n",
+    b"Authentication-Results: mx.example.test\r\n\t; spf=pass\r\n",  # id alone on line one
+])
+def test_every_spelling_of_a_forged_field_is_removed(forged: bytes) -> None:
+    # issue 8.7: a folded copy and a "Name :" spelling passed the filter
+    raw = b"Received: from x\r\n" + forged + b"Subject: hi\r\n\r\nbody\r\n"
+    assert policy.strip_forged(raw, "mx.example.test") == (
+        b"Received: from x\r\nSubject: hi\r\n\r\nbody\r\n")
+    other = raw.replace(b"mx.example.test", b"other.example").replace(b"MX.EXAMPLE.TEST", b"OTHER")
+    assert policy.strip_forged(other, "mx.example.test") == other
