@@ -1,0 +1,365 @@
+"""Messages in SQL: inserting and APPEND, SELECT and FETCH, EXPUNGE, COPY and MOVE
+(the store's SQL layer, see sqlbase.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from postbus.mailbox_store.sqlbase import (
+    ANY_UID,
+    DEFAULT_MAILBOXES,
+    DELETED,
+    INBOX,
+    MB,
+    B,
+    Change,
+    Invalid,
+    M,
+    NewMessage,
+    NotFound,
+    RepoBase,
+    X,
+    _check_count,
+    flags_from_db,
+    flags_to_db,
+    make_state,
+    normalize_name,
+    ranges_to_list,
+    trusted_model,
+    uid_filter,
+    unseen_deleted,
+    utc,
+)
+from postbus.proto.mail import MessageSummary
+from postbus.proto.store import MailboxInfo, MessageMeta, MessageState
+
+
+class MessageOps(RepoBase):
+    """Rows of messages: insert (blob references, UIDs, quota), append, select, fetch,
+    expunge and remove, copy and move."""
+
+    # ------------------------------------------------------------ inserting messages
+    async def _ref_blobs(self, conn: AsyncConnection, refs: dict[str, tuple[int, int]]) -> None:
+        """Add references: {key: (count, size)}; sorted so concurrent writers lock in order."""
+        for key in sorted(refs):
+            n, size = refs[key]
+            stmt = self._insert(B).values(key=key, size=size, refcount=n, unreferenced_since=None)
+            await conn.execute(stmt.on_conflict_do_update(
+                index_elements=["key"],
+                set_={"refcount": B.c.refcount + n, "unreferenced_since": None}))
+
+    async def _unref_blobs(self, conn: AsyncConnection, refs: dict[str, int]) -> None:
+        now = datetime.now(UTC)
+        for key in sorted(refs):
+            n = refs[key]
+            await conn.execute(update(B).where(B.c.key == key).values(
+                refcount=case((B.c.refcount > n, B.c.refcount - n), else_=0),
+                unreferenced_since=case((B.c.refcount > n, None), else_=now)))
+
+    async def _allocate(self, conn: AsyncConnection, mailbox_id: int, n: int, nbytes: int,
+                        unseen: int = 0, deleted: int = 0) -> tuple[int, int, Any]:
+        """Reserve ``n`` UIDs and one MODSEQ for ``n`` new messages of ``nbytes``; returns
+        (first uid, modseq, the new row). The row lock taken here is held until commit, so
+        UIDs become visible in order."""
+        row = (await conn.execute(
+            update(MB).where(MB.c.id == mailbox_id)
+            .values(uidnext=MB.c.uidnext + n, highestmodseq=MB.c.highestmodseq + 1,
+                    message_count=MB.c.message_count + n, total_size=MB.c.total_size + nbytes,
+                    unseen_count=MB.c.unseen_count + unseen,
+                    deleted_count=MB.c.deleted_count + deleted)
+            .returning(MB.c.uidnext, MB.c.highestmodseq, MB.c.uidvalidity, MB.c.name,
+                       MB.c.message_count, MB.c.total_size))).first()
+        if row is None:
+            raise NotFound(f"no mailbox {mailbox_id}")
+        return row.uidnext - n, row.highestmodseq, row
+
+    def _message_values(self, mailbox_id: int, uid: int, modseq: int, m: NewMessage) -> dict[str, Any]:
+        bits, kws = flags_to_db(m.flags)
+        s = m.summary
+        return {
+            "mailbox_id": mailbox_id, "uid": uid, "modseq": modseq, "flags": bits,
+            "keywords": kws, "internaldate": utc(m.internaldate or datetime.now(UTC)),
+            "size": len(m.prefix) + m.blob_size, "blob_key": m.blob_key, "prefix": m.prefix,
+            "summary": s.model_dump_json(by_alias=True), "subject": s.subject[:2000],
+            "from_addr": s.from_[:2000], "to_addr": s.to[:4000], "cc_addr": s.cc[:4000],
+            "bcc_addr": s.bcc[:4000], "message_id_hdr": s.message_id[:1000],
+            "sent_date": utc(s.date) if s.date else None, "pop3_hidden": False,
+            "pop3_pad": 0 if s.ends_crlf else 2,
+        }
+
+    async def _insert_messages(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                               msgs: Sequence[NewMessage], *, enforce_quota: bool = True
+                               ) -> tuple[list[int], Change]:
+        if mbox.noselect:
+            raise NotFound(f"{mbox.name} is \\Noselect")
+        total = sum(len(m.prefix) + m.blob_size for m in msgs)
+        await self._charge(conn, acct, total, len(msgs), enforce=enforce_quota)
+        values_flags = [flags_to_db(m.flags)[0] for m in msgs]
+        unseen = sum(unseen_deleted(b)[0] for b in values_flags)
+        deleted = sum(unseen_deleted(b)[1] for b in values_flags)
+        first, modseq, row = await self._allocate(conn, mbox.id, len(msgs), total, unseen, deleted)
+        refs: dict[str, tuple[int, int]] = {}
+        for m in msgs:
+            n, _ = refs.get(m.blob_key, (0, m.blob_size))
+            refs[m.blob_key] = (n + 1, m.blob_size)
+        await self._ref_blobs(conn, refs)
+        values = [self._message_values(mbox.id, first + i, modseq, m) for i, m in enumerate(msgs)]
+        if len(values) == 1:
+            ids = [(await conn.execute(insert(M).values(values[0]).returning(M.c.id))).scalar_one()]
+        else:
+            await conn.execute(insert(M), values)
+            ids = []
+        uids = [first + i for i in range(len(msgs))]
+        added = [MessageState(uid=v["uid"], flags=flags_from_db(v["flags"], v["keywords"]),
+                              modseq=modseq) for v in values]
+        change = Change(acct.id, mbox.id, row.name, row.uidvalidity, row.uidnext, modseq,
+                        row.message_count, added=added)
+        change.message_ids = ids
+        return uids, change
+
+    async def append(self, account_id: int, mailbox: str, msg: NewMessage) -> tuple[int, int, Change]:
+        """APPEND: returns (uidvalidity, uid, change); not_found (TRYCREATE) / over_quota."""
+        uv, uids, change = await self.append_many(account_id, mailbox, [msg])
+        return uv, uids[0], change
+
+    async def append_many(self, account_id: int, mailbox: str, msgs: Sequence[NewMessage]
+                          ) -> tuple[int, list[int], Change]:
+        """Several messages in one transaction (MULTIAPPEND, RFC 3502; imports): all or
+        none, consecutive UIDs. Returns (uidvalidity, uids, change)."""
+        name = normalize_name(mailbox)
+        if not msgs:
+            raise Invalid("nothing to append")
+
+        async def tx(conn: AsyncConnection) -> tuple[int, list[int], Change]:
+            acct = await self._lock_account(conn, account_id)
+            mbox = await self._mailbox_by_name(conn, account_id, name)
+            if mbox is None and name in {n for n, _ in DEFAULT_MAILBOXES}:
+                await self._ensure_defaults(conn, account_id, {name})
+                mbox = await self._mailbox_by_name(conn, account_id, name)
+            if mbox is None:
+                raise NotFound(f"no mailbox {name}")
+            uids, change = await self._insert_messages(conn, acct, mbox, msgs)
+            return mbox.uidvalidity, uids, change
+
+        return await self.write(tx)
+
+    # ------------------------------------------------------------ select / fetch
+    async def select(self, account_id: int, mailbox_id: int = 0, *, name: str | None = None,
+                     after_uid: int = 0, limit: int = 5000, changed_since: int | None = None
+                     ) -> tuple[MailboxInfo, list[MessageState], bool, list[tuple[int, int]]]:
+        """A page of a mailbox's snapshot, by id or by ``name`` (Invalid when the named
+        mailbox is \\Noselect, so IMAP can say CANNOT rather than NONEXISTENT)."""
+        limit = max(1, min(limit, 50_000))
+        if name is not None:
+            name = normalize_name(name)
+            if name == INBOX:
+                await self._ensure_inbox(account_id)
+        async with self._read() as conn:
+            found = await self._mailbox_with_info(conn, account_id, name=name,
+                                                  mailbox_id=mailbox_id)
+            if found is None:
+                raise NotFound(f"no mailbox {name if name is not None else mailbox_id}")
+            row, info = found
+            if row.noselect:
+                if name is not None:
+                    raise Invalid(f"{row.name} cannot be selected (\\Noselect)")
+                raise NotFound(f"{row.name} is \\Noselect")
+            mailbox_id = row.id
+            q = (select(M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
+                 .where(M.c.mailbox_id == mailbox_id, M.c.uid > after_uid))
+            if changed_since is not None:
+                q = q.where(M.c.modseq > changed_since)
+            rows = (await conn.execute(q.order_by(M.c.uid).limit(limit + 1))).all()
+            vanished: list[tuple[int, int]] = []
+            if changed_since is not None and after_uid == 0:
+                gone = (await conn.execute(select(X.c.uid).where(
+                    X.c.mailbox_id == mailbox_id, X.c.modseq > changed_since))).scalars().all()
+                vanished = ranges_to_list(gone)
+        more = len(rows) > limit
+        # rows straight from SQL: no validation needed (model_construct is ~10x faster)
+        msgs = [make_state(r[0], flags_from_db(r[1], r[2]), r[3]) for r in rows[:limit]]
+        return info, msgs, more, vanished
+
+    async def fetch(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
+                    with_summary: bool = True) -> list[MessageMeta]:
+        cond, inside = uid_filter(uids)
+        cols = [M.c.uid, M.c.flags, M.c.keywords, M.c.modseq, M.c.internaldate, M.c.size,
+                M.c.blob_key, M.c.prefix]
+        if with_summary:
+            cols.append(M.c.summary)
+        async with self._read() as conn:
+            await self._mailbox_by_id(conn, account_id, mailbox_id)
+            rows = (await conn.execute(select(*cols).where(M.c.mailbox_id == mailbox_id, cond)
+                                       .order_by(M.c.uid))).all()
+        out = []
+        # rows as plain tuples: attribute access on a Row costs more than the rest per row
+        for uid, bits, kws, modseq, idate, size, blob_key, raw_prefix, *summary in map(
+                tuple, rows):
+            if not inside(uid):
+                continue
+            prefix = bytes(raw_prefix or b"")
+            values = {
+                "uid": uid, "flags": flags_from_db(bits, kws), "modseq": modseq,
+                "internaldate": utc(idate), "size": size, "blob_key": blob_key,
+                "blob_size": size - len(prefix), "prefix": prefix,
+                "summary": MessageSummary.model_validate_json(summary[0]) if with_summary else None}
+            out.append(trusted_model(MessageMeta, values))
+        return out
+
+    # ------------------------------------------------------------ expunge / remove
+    async def _log_expunged(self, conn: AsyncConnection, mailbox_id: int, uids: Sequence[int],
+                            modseq: int) -> None:
+        if uids:
+            await conn.execute(insert(X), [{"mailbox_id": mailbox_id, "uid": u, "modseq": modseq}
+                                           for u in uids])
+
+    async def _remove_messages(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                               where: ColumnElement[bool] | None,
+                               keep: Callable[[int], bool] = ANY_UID) -> Change | None:
+        """Delete messages of one mailbox matching ``where`` (all when None) and ``keep``;
+        log them for VANISHED, release blob references, credit the quota."""
+        return (await self._remove_page(conn, acct, mbox, where, keep))[0]
+
+    async def _remove_page(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                           where: ColumnElement[bool] | None,
+                           keep: Callable[[int], bool] = ANY_UID, limit: int | None = None
+                           ) -> tuple[Change | None, bool]:
+        """``_remove_messages`` for at most ``limit`` of them, lowest UIDs first; also says
+        whether more remain (SQL does the LIMIT when ``where`` alone selects the rows)."""
+        q = select(M.c.id, M.c.uid, M.c.blob_key, M.c.size, M.c.flags).where(
+            M.c.mailbox_id == mbox.id)
+        if where is not None:
+            q = q.where(where)
+        q = q.order_by(M.c.uid)
+        if limit is not None and keep is ANY_UID:
+            q = q.limit(limit + 1)
+        rows = [r for r in (await conn.execute(q)).all() if keep(r.uid)]
+        more = limit is not None and len(rows) > limit
+        return await self._remove_rows(conn, acct, mbox, rows[:limit] if more else rows), more
+
+    async def _remove_rows(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                           rows: Sequence[Any]) -> Change | None:
+        if not rows:
+            return None
+        ids = [r.id for r in rows]
+        for i in range(0, len(ids), 900):
+            await conn.execute(delete(M).where(M.c.id.in_(ids[i:i + 900])))
+        refs: dict[str, int] = {}
+        for r in rows:
+            refs[r.blob_key] = refs.get(r.blob_key, 0) + 1
+        await self._unref_blobs(conn, refs)
+        total = sum(r.size for r in rows)
+        await self._charge(conn, acct, -total, -len(rows), enforce=False)
+        modseq = mbox.highestmodseq + 1
+        unseen = sum(unseen_deleted(r.flags)[0] for r in rows)
+        deleted = sum(unseen_deleted(r.flags)[1] for r in rows)
+        await conn.execute(update(MB).where(MB.c.id == mbox.id).values(
+            highestmodseq=modseq, message_count=MB.c.message_count - len(rows),
+            total_size=MB.c.total_size - total, unseen_count=MB.c.unseen_count - unseen,
+            deleted_count=MB.c.deleted_count - deleted))
+        uids = [r.uid for r in rows]
+        await self._log_expunged(conn, mbox.id, uids, modseq)
+        return Change(acct.id, mbox.id, mbox.name, mbox.uidvalidity, mbox.uidnext, modseq,
+                      mbox.message_count - len(rows), expunged=uids)
+
+    async def expunge(self, account_id: int, mailbox_id: int,
+                      uids: Sequence[Sequence[int]] | None = None, *, limit: int | None = None
+                      ) -> tuple[list[int], int, Change | None, bool]:
+        """Remove \\Deleted messages (all, or only within ``uids``: UID EXPUNGE, RFC 4315),
+        at most ``limit`` of them, lowest UIDs first. Returns (expunged UIDs, HIGHESTMODSEQ,
+        change, more): with ``more``, other \\Deleted messages of the set remain."""
+        deleted = M.c.flags.op("&")(DELETED) != 0
+        if uids is None:
+            where, keep = deleted, ANY_UID
+        else:
+            cond, keep = uid_filter(uids)
+            where = and_(deleted, cond)
+        if limit is not None:
+            limit = max(1, limit)
+
+        async def tx(conn: AsyncConnection) -> tuple[list[int], int, Change | None, bool]:
+            acct = await self._lock_account(conn, account_id)
+            mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
+            change, more = await self._remove_page(conn, acct, mbox, where, keep, limit)
+            if change is None:
+                return [], mbox.highestmodseq, None, False
+            return change.expunged, change.highestmodseq, change, more
+
+        return await self.write(tx)
+
+    # ------------------------------------------------------------ copy / move
+    async def copy(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
+                   target: str, move: bool = False, *, max_messages: int | None = None
+                   ) -> tuple[int, list[int], list[int], list[Change]]:
+        """COPY / MOVE (RFC 6851: copy and expunge in one transaction). Returns the target's
+        UIDVALIDITY, source and target UIDs (COPYUID, RFC 4315) and the changes."""
+        target = normalize_name(target)
+        cond, inside = uid_filter(uids)
+
+        async def tx(conn: AsyncConnection) -> tuple[int, list[int], list[int], list[Change]]:
+            acct = await self._lock_account(conn, account_id)
+            src = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
+            dst = await self._mailbox_by_name(conn, account_id, target)
+            if dst is None and target in {n for n, _ in DEFAULT_MAILBOXES}:
+                await self._ensure_defaults(conn, account_id, {target})
+                dst = await self._mailbox_by_name(conn, account_id, target)
+            if dst is None or dst.noselect:
+                raise NotFound(f"no mailbox {target}")
+            rows = [r for r in (await conn.execute(
+                select(M).where(M.c.mailbox_id == mailbox_id, cond).order_by(M.c.uid))).all()
+                if inside(r.uid)]
+            _check_count(rows, max_messages)
+            if not rows:
+                return dst.uidvalidity, [], [], []
+            if move and dst.id == src.id:
+                raise Invalid("cannot move messages into the same mailbox")
+            n = len(rows)
+            total = sum(r.size for r in rows)
+            # a move within the account does not change its usage
+            await self._charge(conn, acct, 0 if move else total, 0 if move else n)
+            unseen = sum(unseen_deleted(r.flags)[0] for r in rows)
+            deleted = sum(unseen_deleted(r.flags)[1] for r in rows)
+            first, modseq, drow = await self._allocate(conn, dst.id, n, total, unseen, deleted)
+            values = []
+            for i, r in enumerate(rows):
+                v = {c: getattr(r, c) for c in r._fields if c != "id"}
+                v.update(mailbox_id=dst.id, uid=first + i, modseq=modseq, pop3_hidden=False,
+                         pop3_retrieved_at=None)
+                values.append(v)
+            if not move:
+                refs: dict[str, tuple[int, int]] = {}
+                for r in rows:
+                    k, _ = refs.get(r.blob_key, (0, 0))
+                    refs[r.blob_key] = (k + 1, r.size - len(r.prefix or b""))
+                await self._ref_blobs(conn, refs)
+            await conn.execute(insert(M), values)
+            target_uids = [first + i for i in range(n)]
+            dst_count = drow.message_count
+            changes = [Change(account_id, dst.id, drow.name, drow.uidvalidity, drow.uidnext,
+                              modseq, dst_count,
+                              added=[MessageState(uid=v["uid"],
+                                                  flags=flags_from_db(v["flags"], v["keywords"]),
+                                                  modseq=modseq) for v in values])]
+            if move:
+                src = await self._mailbox_by_id(conn, account_id, mailbox_id)
+                ids = [r.id for r in rows]
+                for i in range(0, n, 900):
+                    await conn.execute(delete(M).where(M.c.id.in_(ids[i:i + 900])))
+                smodseq = src.highestmodseq + 1
+                await conn.execute(update(MB).where(MB.c.id == src.id).values(
+                    highestmodseq=smodseq, message_count=MB.c.message_count - n,
+                    total_size=MB.c.total_size - total, unseen_count=MB.c.unseen_count - unseen,
+                    deleted_count=MB.c.deleted_count - deleted))
+                source = [r.uid for r in rows]
+                await self._log_expunged(conn, src.id, source, smodseq)
+                changes.append(Change(account_id, src.id, src.name, src.uidvalidity, src.uidnext,
+                                      smodseq, src.message_count - n, expunged=source))
+            return drow.uidvalidity, [r.uid for r in rows], target_uids, changes
+
+        return await self.write(tx)
