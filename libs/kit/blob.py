@@ -139,15 +139,17 @@ class BlobStore:
 
         return await self._call("get", key, read())
 
-    async def put(self, data: bytes, *, verify: bool | None = None) -> str:
+    async def put(self, data: bytes, *, verify: bool | None = None, cache: bool = True) -> str:
         """Store ``data`` under its content hash (idempotent) and return the key.
-        ``verify`` (default: the ``blob_verify_after_write`` setting) reads it back first."""
+        ``verify`` (default: the ``blob_verify_after_write`` setting) reads it back first;
+        ``cache=False`` for a writer that will not read it back (the LRU would hold it)."""
         key = blob_key(data)
         await self._call("put", key, obstore.put_async(self._store, key, data))
         if self.verify_after_write if verify is None else verify:
             if blob_key(await self._read(key)) != key:
                 raise BlobUnavailable(f"verify-after-write failed for {key}")
-        self.cache.put(key, data)
+        if cache:
+            self.cache.put(key, data)
         return key
 
     async def get(self, key: str) -> bytes:

@@ -312,7 +312,8 @@ class DataScanner:
     limit: int
     buf: bytearray = field(default_factory=lambda: bytearray(b"\r\n"))
     total: int = 0  # bytes seen (stuffed)
-    overflow: bool = False
+    overflow: bool = False  # over ``limit``: the data is being discarded
+    dropped: bool = False  # told to discard (``drop``): the server has no room for it
     done: bool = False
     _scan_from: int = 0
 
@@ -328,19 +329,29 @@ class DataScanner:
             self.done = True
             if len(self.buf) > self.limit + 2:
                 self.overflow = True
+            if self.overflow or self.dropped:
                 del self.buf[2:]
             return rest
         self._scan_from = max(0, len(self.buf) - 4)
         if len(self.buf) > self.limit + 2:
-            # keep only what could start the terminator
             self.overflow = True
+        if self.overflow or self.dropped:
+            # keep only what could start the terminator
             del self.buf[:-4]
             self._scan_from = 0
         return None
 
-    def stuffed_body(self) -> bytes:
-        """The body as sent (dot-stuffed), ending with CRLF (or empty)."""
-        return bytes(self.buf[2:])
+    def drop(self) -> None:
+        """Keep nothing more of this message (but go on looking for its end)."""
+        self.dropped = True
+        del self.buf[:-4]
+        self._scan_from = 0
+
+    def stuffed_body(self) -> bytearray:
+        """The body as sent (dot-stuffed), ending with CRLF (or empty). The scanner's own
+        buffer, not a copy: the scanner is done with it."""
+        del self.buf[:2]
+        return self.buf
 
 
 @dataclass(frozen=True)
@@ -356,27 +367,38 @@ R552_TOO_BIG = DataProblem("552 5.3.4 Message size exceeds fixed maximum message
                            "too_big")
 
 
-def finish_data(stuffed: bytes, *, max_line: int) -> bytes | DataProblem:
+def _line_too_long(stuffed: bytes | bytearray, max_line: int) -> bool:
+    """Whether a line (without CRLF, a stuffed leading dot not counted) is over
+    ``max_line``; found with ``find``, without copying the lines."""
+    start = 0
+    n = len(stuffed)
+    while start < n:
+        end = stuffed.find(b"\r\n", start)
+        if end < 0:
+            end = n
+        length = end - start
+        if length > max_line and length - (stuffed[start] == 0x2E) > max_line:
+            return True
+        start = end + 2
+    return False
+
+
+def finish_data(stuffed: bytes | bytearray, *, max_line: int) -> bytes | DataProblem:
     """Check and un-stuff a complete DATA body (as returned by ``DataScanner.stuffed_body``).
 
     Bare CR and bare LF are rejected rather than normalised: they are what SMTP smuggling
     is made of, and a well-behaved client never sends them (RFC 5321 §2.3.8).
-    ``max_line`` counts octets without CRLF, after removing a stuffed dot.
+    ``max_line`` counts octets without CRLF, after removing a stuffed dot. One copy of the
+    body is made (the un-stuffed result).
     """
     crlf = stuffed.count(b"\r\n")
     if stuffed.count(b"\n") != crlf or stuffed.count(b"\r") != crlf:
         return R550_BARE_LF
-    if max_line and len(stuffed) > max_line:
-        longest = max(map(len, stuffed.split(b"\r\n")))
-        if longest > max_line:
-            # a stuffed leading dot does not count
-            lines = [ln for ln in stuffed.split(b"\r\n") if len(ln) > max_line]
-            if any(len(ln) - (1 if ln.startswith(b".") else 0) > max_line for ln in lines):
-                return R500_LINE_TOO_LONG
-    body = stuffed.replace(b"\r\n.", b"\r\n")
-    if body.startswith(b"."):
-        body = body[1:]
-    return body
+    if max_line and len(stuffed) > max_line and _line_too_long(stuffed, max_line):
+        return R500_LINE_TOO_LONG
+    body = stuffed.replace(b"\r\n.", b"\r\n") if b"\r\n." in stuffed else stuffed
+    view = memoryview(body)[1:] if body.startswith(b".") else memoryview(body)
+    return bytes(view)
 
 
 # ---------------------------------------------------------------- BDAT (RFC 3030 §2)

@@ -109,8 +109,8 @@ class S3Bodies:
         self.blobs = blobs
 
     async def put(self, data: bytes) -> str:
-        try:
-            return await self.blobs.put(data)
+        try:  # not kept in the blob cache: ingress never reads a body back
+            return await self.blobs.put(data, cache=False)
         except BlobUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         except Exception as exc:  # connection refused etc. surface as botocore errors

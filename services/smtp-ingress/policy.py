@@ -21,6 +21,8 @@ R250_OK = "250 2.1.0 Ok"
 R250_RCPT_OK = "250 2.1.5 Ok"
 R451_DIRECTORY = "451 4.3.0 Directory temporarily unavailable, try again later"
 R451_QUEUE = "451 4.3.0 Queue temporarily unavailable, try again later"
+# RFC 3463 4.3.1: mail system full (the replica holds as many message bytes as it may)
+R451_NO_ROOM = "451 4.3.1 Insufficient system resources, try again later"
 R452_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 R550_NO_SUCH_USER = "550 5.1.1 Recipient address rejected: user unknown"
 R550_DISABLED = "550 5.2.1 Recipient mailbox disabled"

@@ -151,6 +151,9 @@ class Ingress:
         self.ports: dict[str, int] = {}
         self.hostname = settings.common.hostname
         self.inline_threshold = settings.common.inline_threshold
+        # message bytes all sessions of this replica hold at once (issue 8.6)
+        self.data_in_flight = 0
+        self.data_in_flight_max = settings.data_bytes_in_flight
 
     # ------------------------------------------------------------ listeners
     async def start(self) -> dict[str, int]:
@@ -294,8 +297,20 @@ class IngressSMTP(SMTP):
     # ------------------------------------------------------------ plumbing
     def _reset_transaction(self) -> None:
         """Forget the envelope (RSET, HELO/EHLO, after a message) - aiosmtpd's
-        ``_set_rset_state``, typed."""
+        ``_set_rset_state``, typed - and give back the BDAT bytes it held."""
+        env: Any = getattr(self, "envelope", None)
+        if env is not None and getattr(env, "chunks", None):
+            self.ingress.data_in_flight -= len(env.chunks)
         self.envelope = self._create_envelope()
+
+    def _hold(self, n: int) -> bool:
+        """Count ``n`` more message bytes against the replica's budget; False (nothing
+        counted) when they do not fit."""
+        ing = self.ingress
+        if n > 0 and ing.data_in_flight + n > ing.data_in_flight_max:
+            return False
+        ing.data_in_flight += n
+        return True
 
     @property
     def encrypted(self) -> bool:
@@ -402,6 +417,10 @@ class IngressSMTP(SMTP):
             self._release()
 
     def _release(self) -> None:
+        env: Any = getattr(self, "envelope", None)
+        if env is not None and getattr(env, "chunks", None):  # BDAT bytes of an open transaction
+            self.ingress.data_in_flight -= len(env.chunks)
+            env.chunks = bytearray()
         self.ingress.conns.discard(self)
         if self.ingress.stopping and not self.ingress.conns:
             self.ingress._drained.set()
@@ -886,31 +905,46 @@ class IngressSMTP(SMTP):
         await self._flush()
         scanner = proto.DataScanner(limit=int((self.data_size_limit or 2**31) * 1.1) + 1024)
         reader = self._reader
-        while True:
-            chunk = await reader.read(READ_CHUNK)
-            if not chunk:
-                raise ConnectionResetError("EOF during DATA")
-            rest = scanner.feed(chunk)
-            if rest is not None:
-                if rest:
-                    # pipelined commands after the final dot (RFC 2920 §3.1) go back
-                    # to the reader for the command loop
-                    reader._buffer[0:0] = rest  # type: ignore[attr-defined]
-                break
+        held = 0  # bytes of this message counted in the replica's budget
+        try:
+            while True:
+                chunk = await reader.read(READ_CHUNK)
+                if not chunk:
+                    raise ConnectionResetError("EOF during DATA")
+                rest = scanner.feed(chunk)
+                size = len(scanner.buf)
+                if size > held and not self._hold(size - held):
+                    scanner.drop()  # no room: read to the end, keep nothing, answer 451
+                    size = len(scanner.buf)
+                if size < held:  # dropped, or the terminator cut off
+                    self.ingress.data_in_flight -= held - size
+                held = size
+                if rest is not None:
+                    if rest:
+                        # pipelined commands after the final dot (RFC 2920 §3.1) go back
+                        # to the reader for the command loop
+                        reader._buffer[0:0] = rest  # type: ignore[attr-defined]
+                    break
+                self._reset_timeout()
             self._reset_timeout()
-        self._reset_timeout()
-        if scanner.overflow:
-            await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
-            return
-        result = proto.finish_data(scanner.stuffed_body(),
-                                   max_line=self.ingress.settings.max_line_length)
-        if isinstance(result, proto.DataProblem):
-            await self._refuse_message(result.reply, result.reason)
-            return
-        if self.data_size_limit and len(result) > self.data_size_limit:
-            await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
-            return
-        await self._accept_message(result)
+            if scanner.overflow:
+                await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
+                return
+            if scanner.dropped:
+                await self._refuse_message(policy.R451_NO_ROOM, "no_room")
+                return
+            result = proto.finish_data(scanner.stuffed_body(),
+                                       max_line=self.ingress.settings.max_line_length)
+            del scanner  # the stuffed copy is not needed any more
+            if isinstance(result, proto.DataProblem):
+                await self._refuse_message(result.reply, result.reason)
+                return
+            if self.data_size_limit and len(result) > self.data_size_limit:
+                await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
+                return
+            await self._accept_message(result)
+        finally:
+            self.ingress.data_in_flight -= held
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         parsed = proto.parse_bdat(arg)
@@ -923,13 +957,17 @@ class IngressSMTP(SMTP):
         limit = self.data_size_limit or 2**31
         keep = (self._in_transaction() and env.mode != "DATA"
                 and len(env.chunks) + size <= limit)
+        room = keep and self._hold(size)  # counted up front; given back on reset
         remaining = size
         while remaining:
             piece = await self._reader.readexactly(min(remaining, READ_CHUNK))
             remaining -= len(piece)
-            if keep:
+            if room:
                 env.chunks += piece
             self._reset_timeout()
+        if keep and not room:
+            await self._refuse_message(policy.R451_NO_ROOM, "no_room")
+            return
         if await self._transaction_gate("BDAT"):
             return
         if not self._in_transaction():
@@ -949,6 +987,7 @@ class IngressSMTP(SMTP):
             await self.push(f"250 2.0.0 {size} octets received")
             return
         body = bytes(env.chunks)
+        self.ingress.data_in_flight -= len(env.chunks)
         env.chunks = bytearray()
         await self._accept_message(body)
 

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
 
     # message limits
     max_message_size: int = 25 * 1024 * 1024  # SIZE (RFC 1870), 552 5.3.4
+    # message bytes (DATA and BDAT) all sessions of a replica hold at once; past it a
+    # message is read to its end and answered 451 4.3.1 (the pod limit is 512 MiB, and a
+    # message is copied about three times between the socket and S3)
+    data_bytes_in_flight: int = 96 * 1024 * 1024
     max_recipients: int = 100  # RFC 5321 §4.5.3.1.8 asks for at least 100; 452 4.5.3
     max_line_length: int = 998  # RFC 5321 §4.5.3.1.6: 1000 octets with CRLF
     max_command_length: int = 2048  # RFC 5321 §4.5.3.1.4 (512) + ESMTP parameters

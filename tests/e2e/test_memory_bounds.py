@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,3 +142,85 @@ async def test_store_search_on_hostile_messages_is_bounded(
     finally:
         await bus.close()
         await asyncio.to_thread(plat.stop)
+
+
+# ---------------------------------------------------------------- smtp-ingress DATA
+@pytest.fixture
+def mx_process(nats_server: RunningNats, s3_server: RunningS3,
+               tmp_path: Path) -> Iterator[Platform]:
+    import httpx
+
+    from postbus.kit.testing import ADMIN_TOKEN
+
+    plat = start_platform(tmp_path / "p", nats_server.url, s3_server.endpoint,
+                          services=(BY_NAME["mailbox-store"], BY_NAME["smtp-ingress"]))
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=plat.api("mailbox-store") + "/api/v1", headers=headers) as http:
+        http.post("/domains", json={"name": "example.test"}).raise_for_status()
+        http.post("/users", json={"address": "a@example.test", "password": "pw"}).raise_for_status()
+    yield plat
+    plat.stop()
+
+
+def _smtp_data(port: int, size: int, finish: bool, replies: list[bytes]) -> None:
+    """An unauthenticated MX client that sends ``size`` octets of DATA (and the final dot
+    when ``finish``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        f = s.makefile("rb")
+
+        def reply() -> bytes:
+            while True:
+                line = f.readline()
+                if line[3:4] != b"-":
+                    return line
+
+        reply()
+        for cmd in (b"EHLO c.example.net", b"MAIL FROM:<x@example.net>",
+                    b"RCPT TO:<a@example.test>", b"DATA"):
+            s.sendall(cmd + b"\r\n")
+            reply()
+        line = b"Subject: big\r\n\r\n" + b"y" * 998 + b"\r\n"
+        chunk = line * 1024
+        sent = 0
+        try:
+            while sent < size:
+                s.sendall(chunk)
+                sent += len(chunk)
+            if finish:
+                s.sendall(b".\r\n")
+                replies.append(reply())
+            else:
+                time.sleep(3)  # hold the connection open mid-DATA while RSS is read
+        except OSError:
+            replies.append(b"closed")
+
+
+def _peak_while(pid: int, clients: list[threading.Thread]) -> int:
+    peak = rss(pid)
+    for t in clients:
+        t.start()
+    while any(t.is_alive() for t in clients):
+        peak = max(peak, rss(pid))
+        time.sleep(0.02)
+    return max(peak, rss(pid))
+
+
+def test_smtp_data_in_flight_is_bounded(mx_process: Platform) -> None:
+    """Issue 8.6: ten unauthenticated sessions 24 MB into DATA added 237 MB; six 20 MB
+    messages peaked at 962 MB (the pod limit is 512 MiB) and were not given back."""
+    pid = mx_process.procs["smtp-ingress"].pid
+    port = mx_process.port("smtp-ingress", "smtp_port")
+    before = rss(pid)
+    replies: list[bytes] = []
+    open_ended = [threading.Thread(target=_smtp_data, args=(port, 24 * MB, False, replies))
+                  for _ in range(10)]
+    grown = _peak_while(pid, open_ended) - before
+    assert grown < 200 * MB, grown // MB
+    replies.clear()
+    whole = [threading.Thread(target=_smtp_data, args=(port, 20 * MB, True, replies))
+             for _ in range(6)]
+    peak = _peak_while(pid, whole) - before
+    assert peak < 400 * MB, peak // MB
+    # every one answered: accepted, or asked to come back when there is room
+    assert len(replies) == 6 and all(r[:3] in (b"250", b"451") for r in replies), replies
+    assert any(r.startswith(b"250") for r in replies), replies

@@ -172,3 +172,19 @@ def test_parse_path_never_raises_anything_else(text: str) -> None:
         p.mail_params(p.parse_params(text), max_size=10)
     except p.ParamError:
         pass
+
+
+def test_data_scanner_drop_keeps_nothing_but_finds_the_end() -> None:
+    sc = p.DataScanner(limit=10**9)
+    assert sc.feed(b"Subject: x\r\n\r\n" + b"a" * 10_000) is None
+    sc.drop()
+    assert len(sc.buf) <= 4
+    assert sc.feed(b"b" * 50_000 + b"\r\n") is None and len(sc.buf) <= 4
+    assert sc.feed(b".\r\nQUIT\r\n") == b"QUIT\r\n"
+    assert sc.dropped and not sc.overflow and sc.stuffed_body() == b""
+
+
+def test_finish_data_long_line_check_without_splitting() -> None:
+    ok = b"x" * 998 + b"\r\n" + b".." + b"y" * 997 + b"\r\n"  # a stuffed dot does not count
+    assert p.finish_data(ok, max_line=998) == b"x" * 998 + b"\r\n." + b"y" * 997 + b"\r\n"
+    assert p.finish_data(b"z" * 999 + b"\r\n", max_line=998) == p.R500_LINE_TOO_LONG
