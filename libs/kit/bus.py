@@ -476,6 +476,24 @@ class KvBucket:
         except (TimeoutError, nats.errors.Error) as exc:
             raise BusUnavailable(f"kv delete {key}: {exc or type(exc).__name__}") from exc
 
+    async def incr_below(self, key: str, limit: int, attempts: int = 20) -> int | None:
+        """Add one to the counter at ``key`` unless it holds ``limit`` or more already: the
+        new count, or None at the limit. Compare-and-set, so callers racing each other
+        never both take the last unit (a read-then-write would let them)."""
+        for _ in range(attempts):
+            e = await self.get(key)
+            try:
+                n = int(e.value) if e is not None else 0
+            except ValueError:
+                n = 0
+            if n >= limit:
+                return None
+            rev = (await self.create(key, b"1") if e is None
+                   else await self.update(key, str(n + 1).encode(), e.revision))
+            if rev is not None:
+                return n + 1
+        raise BusUnavailable(f"kv {key}: too much contention")
+
     async def entries(self) -> list[KvEntry]:
         """Every live key with its value (for management listings; not for hot paths)."""
         try:

@@ -17,6 +17,7 @@ from postbus.imap_access.metacache import MetaCache
 from postbus.imap_access.ports import Blobs, Changes, Directory, Store
 from postbus.imap_access.session import Session, SessionConfig
 from postbus.imap_access.settings import Settings
+from postbus.kit.flow import RecentFailures
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
 from postbus.kit.net import (
@@ -77,8 +78,11 @@ class ImapServer:
     _outs: dict[str, _Out] = field(default_factory=dict)
     meta_cache: MetaCache = field(init=False)
     per_ip: PerIpLimit = field(init=False)
+    ip_failures: RecentFailures = field(init=False)
 
     def __post_init__(self) -> None:
+        self.ip_failures = RecentFailures(self.settings.max_auth_failures_ip,
+                                          self.settings.auth_failure_window_s)
         self.meta_cache = MetaCache(self.settings.meta_cache_mb * 1024 * 1024)
         self.per_ip = PerIpLimit(self.settings.max_connections_per_ip)
 
@@ -182,7 +186,7 @@ class ImapServer:
         session = Session(directory=self.directory, store=self.store, blobs=self.blobs,
                           changes=self.changes, out=out, config=self.session_config(),
                           client_ip=ip, secure=secure, tls=implicit_tls, listener=listener,
-                          meta_cache=self.meta_cache)
+                          meta_cache=self.meta_cache, ip_failures=self.ip_failures)
         if len(self.sessions) >= s.max_sessions:
             out.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
             await out.drain()

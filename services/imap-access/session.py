@@ -26,6 +26,7 @@ from postbus.imap_access.ports import (
     Unsubscribe,
 )
 from postbus.imap_access.view import BadSequence, MailboxView, to_ranges
+from postbus.kit.flow import RecentFailures
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
 from postbus.proto.mail import MailboxChanged, MessageSummary
@@ -180,7 +181,8 @@ class Session:
     def __init__(self, *, directory: Directory, store: Store, blobs: Blobs, changes: Changes,
                  out: Output, config: SessionConfig, client_ip: str = "127.0.0.1",
                  secure: bool = False, tls: bool = False, listener: str = "imap",
-                 meta_cache: MetaCache | None = None) -> None:
+                 meta_cache: MetaCache | None = None,
+                 ip_failures: RecentFailures | None = None) -> None:
         self.directory = directory
         self.store = store
         self.blobs = blobs
@@ -189,6 +191,8 @@ class Session:
         self.cfg = config
         # shared by the sessions of a server: immutable message metadata (metacache.py)
         self.meta_cache = meta_cache if meta_cache is not None else MetaCache(4 * 1024 * 1024)
+        # failed logins per client address, shared by the sessions of a server
+        self.ip_failures = ip_failures if ip_failures is not None else RecentFailures(0, 0)
         self.client_ip = client_ip
         self.secure = secure or tls
         self.tls = tls
@@ -438,11 +442,17 @@ class Session:
                                              password.decode("utf-8", "replace"))
 
     async def _check_credentials(self, st: NotAuthenticated, user: str, password: str) -> Tagged:
+        if self.ip_failures.over(self.client_ip):
+            # every session from this address together (issue 8.4): no password check
+            log.info("login refused: too many failures from address", ip=self.client_ip)
+            self._bye_after = "Too many authentication failures from your address"
+            return Tagged("NO", "[UNAVAILABLE] Too many failed logins, try again later")
         try:
             reply = await self.directory.authenticate(user, password, self.client_ip)
         except StoreError:
             return Tagged("NO", "[UNAVAILABLE] Authentication service unavailable")
         if not reply.ok or reply.account_id is None:
+            self.ip_failures.add(self.client_ip)
             failures = st.failures + 1
             self.state = NotAuthenticated(failures)
             log.info("login failed", user=user[:100], ip=self.client_ip, reason=reply.reason)

@@ -41,7 +41,12 @@ class Settings(BaseSettings):
     # an upper bound on one connection's life (ARCHITECTURE.md: parsers bound session time)
     max_session_s: float = 24 * 3600
     auth_fail_delay_s: float = 2.0
-    max_auth_failures: int = 3
+    max_auth_failures: int = 3  # per session, then BYE
+    # failed logins from one address, all its sessions together, within the window; then
+    # its logins are refused without a password check (0 = no limit). The directory also
+    # throttles per account and address across replicas.
+    max_auth_failures_ip: int = 30
+    auth_failure_window_s: float = 900.0
     max_commands: int = 1_000_000  # per session
     max_sessions: int = 10_000
     # open connections from one client address (as POP3 and SMTP have; 0 = no cap). Behind

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postbus.kit.bus import Bus, RemoteError
+from postbus.kit.bus import Bus, BusUnavailable, KvBucket, RemoteError
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
 from postbus.mailbox_store.directory_rules import Invalid, NotFound
@@ -54,20 +53,22 @@ class Directory(DirectorySql):
         return reply
 
     async def handle_authenticate(self, req: AuthRequest) -> AuthReply:
-        key, failures = "", 0
-        if self.throttle is not None:
-            key = self.throttle.key(req.username, req.client_ip)
-            failures = await self.throttle.failures(key)
-        if self.throttle is not None and failures >= self.throttle.max_failures:
-            reply = AuthReply(ok=False, reason="throttled")  # no Argon2 work for a guesser
-        else:
-            reply = await self.authenticate(req.username, req.password,
-                                            with_send_as=req.service in ("smtp", "api"))
-            if self.throttle is not None:
-                if not reply.ok and reply.reason == "invalid":
-                    await self.throttle.failed(key, failures)
-                elif reply.ok and failures:
-                    await self.throttle.reset(key)
+        throttle = self.throttle
+        taken: list[str] = []  # the throttle key of this attempt, once a unit is taken
+
+        async def gate(login: str) -> bool:
+            if throttle is None:
+                return True
+            key = throttle.key(login, req.client_ip)
+            if not await throttle.reserve(key):
+                return False
+            taken.append(key)
+            return True
+
+        reply = await self.authenticate(req.username, req.password, gate=gate,
+                                        with_send_as=req.service in ("smtp", "api"))
+        if reply.ok and taken and throttle is not None:
+            await throttle.reset(taken[0])  # a success clears the account's failures
         LOGINS.labels(req.service, "ok" if reply.ok else (reply.reason or "invalid")).inc()
         log.info("login", service=req.service, client_ip=req.client_ip, ok=reply.ok,
                  reason=reply.reason, account=reply.address or req.username[:320])
@@ -81,42 +82,48 @@ class Directory(DirectorySql):
 
 
 class LoginThrottle:
-    """Failed logins per (username, client IP), counted in a NATS KV bucket that every
-    replica shares; after ``max_failures`` within ``window_s`` of the last failure the
-    directory answers ``throttled`` without checking the password. A success clears the
-    count. If the bucket cannot be reached, logins are not throttled (fail open)."""
+    """Login attempts per (account, client IP), counted in a NATS KV bucket that every
+    replica shares. An attempt takes a unit before the password is checked (compare-and-
+    set: parallel guesses cannot all slip in between a read and a write); after
+    ``max_failures`` units within ``window_s`` of the last one the directory answers
+    ``throttled`` without checking. A success gives them all back. The key is the
+    account's canonical address (angle brackets, case, IDNA and trailing dots spell the
+    same account), so no other spelling has its own allowance. If the bucket cannot be
+    reached, logins are not throttled (fail open)."""
 
     BUCKET = "directory-login-failures"
 
-    def __init__(self, kv: Any, max_failures: int) -> None:
+    def __init__(self, kv: KvBucket, max_failures: int) -> None:
         self.kv = kv
         self.max_failures = max_failures
 
     @classmethod
     async def open(cls, bus: Bus, *, max_failures: int = 10,
                    window_s: float = 900.0) -> LoginThrottle:
-        return cls(await bus.kv(cls.BUCKET, ttl_s=window_s), max_failures)
+        return cls(await bus.kv_bucket(cls.BUCKET, ttl_s=window_s), max_failures)
 
     @staticmethod
-    def key(username: str, client_ip: str | None) -> str:
-        ident = f"{username.strip().lower()}|{client_ip or ''}"
+    def key(login: str, client_ip: str | None) -> str:
+        ident = f"{login}|{client_ip or ''}"
         return hashlib.sha256(ident.encode()).hexdigest()  # KV keys: a safe alphabet
+
+    async def reserve(self, key: str) -> bool:
+        """Take one attempt; False when the allowance is used up."""
+        try:
+            return await self.kv.incr_below(key, self.max_failures) is not None
+        except BusUnavailable as exc:
+            log.warning("login throttle unavailable", error=str(exc)[:200])
+            return True
 
     async def failures(self, key: str) -> int:
         try:
-            entry = await self.kv.get(key)
-            return int(entry.value or b"0")
-        except Exception:  # no such key (never failed, or cleared), or KV unavailable
+            e = await self.kv.get(key)
+        except BusUnavailable:
             return 0
-
-    async def failed(self, key: str, before: int) -> None:
-        try:
-            await self.kv.put(key, str(before + 1).encode())
-        except Exception as exc:
-            log.warning("login throttle not updated", error=str(exc)[:200])
+        return int(e.value) if e is not None and e.value.isdigit() else 0
 
     async def reset(self, key: str) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BusUnavailable):
             await self.kv.delete(key)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -489,14 +489,22 @@ class DirectorySql:
         return ResolveReply(status="unknown", domain=dn)
 
     async def authenticate(self, username: str, password: str, *,
-                           with_send_as: bool = True) -> AuthReply:
+                           with_send_as: bool = True,
+                           gate: Callable[[str], Awaitable[bool]] | None = None) -> AuthReply:
         """A login by full address (domain case-insensitive). Never raises for bad input.
-        ``with_send_as``: fill in the addresses it may send as (only SMTP needs them)."""
+        ``with_send_as``: fill in the addresses it may send as (only SMTP needs them).
+        ``gate`` is asked with the login's canonical spelling (the account's address, or
+        the canonical form of an unknown one) before any password work; False answers
+        ``throttled``."""
+        canonical = username.strip().lower()
         try:
             async with self.sm() as s:
-                acc = await self._find_account(s, username)
+                _, canonical = await self._canonical(s, username)
+                acc = await s.scalar(select(Account).where(Account.address == canonical))
         except Invalid:
             acc = None
+        if gate is not None and not await gate(acc.address if acc is not None else canonical):
+            return AuthReply(ok=False, reason="throttled")  # no Argon2 work for a guesser
         if acc is None:
             await self.passwords.burn(password, username)
             return AuthReply(ok=False, reason="invalid")

@@ -334,6 +334,23 @@ def test_proxy_protocol_gives_the_client_address(tmp_path: Path) -> None:
             tls.close()
 
 
+def test_failed_logins_per_address_across_sessions(tmp_path: Path) -> None:
+    # issue 8.4: a guesser opened new sessions to reset the per-session count
+    for imap in _start(tmp_path, max_auth_failures_ip=4, max_auth_failures=3):
+        for _ in range(2):  # two sessions, two wrong guesses each
+            r = Raw(imap.port)
+            for tag in ("a", "b"):
+                out = r.cmd(f"{tag} LOGIN alice@example.test wrong\r\n".encode(),
+                            tag.encode() + b" ")
+                assert out[-1].startswith(tag.encode() + b" NO [AUTHENTICATIONFAILED]")
+            r.close()
+        r = Raw(imap.port)  # now even the right password is refused from this address
+        out = r.cmd(b"c LOGIN alice@example.test secret\r\n", b"c ")
+        assert out[-1].startswith(b"c NO [UNAVAILABLE]")
+        assert r.f.readline().startswith(b"* BYE")
+        r.close()
+
+
 def test_preauth_phase_has_an_absolute_deadline(tmp_path: Path) -> None:
     # issue 8.5: a byte every few seconds used to hold an unauthenticated connection for 24 h
     for imap in _start(tmp_path, preauth_timeout_s=5, preauth_deadline_s=0.6):

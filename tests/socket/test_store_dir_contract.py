@@ -382,3 +382,12 @@ async def test_login_throttle_shared_over_nats_kv(bus: Bus, tmp_path: Path) -> N
         # unknown users are counted too (guessing addresses costs the same)
         assert [await login("x", user="ghost@example.test") for _ in range(4)] == [
             "invalid", "invalid", "invalid", "throttled"]
+
+        # issue 8.4: other spellings of one account share its allowance ...
+        for spelling in ("<alice@example.test>", "Alice@EXAMPLE.test.", "alice@Example.Test"):
+            assert await login("bad", ip="192.0.2.3", user=spelling) in ("invalid", "throttled")
+        assert await login("pw", ip="192.0.2.3") == "throttled"
+        # ... and parallel guesses cannot all slip in between a read and a write
+        results = await asyncio.gather(*(login("bad", ip="192.0.2.4") for _ in range(40)))
+        assert results.count("invalid") == 3 and results.count("throttled") == 37
+        assert await login("pw", ip="192.0.2.4") == "throttled"

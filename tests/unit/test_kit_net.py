@@ -37,3 +37,20 @@ def test_per_ip_limit() -> None:
     assert "a" not in lim.open
     unlimited = PerIpLimit(0)
     assert all(unlimited.admit("x") for _ in range(1000))
+
+
+def test_recent_failures_window_and_bound() -> None:
+    from postbus.kit.flow import RecentFailures
+
+    now = [0.0]
+    f = RecentFailures(3, 10, max_keys=2, clock=lambda: now[0])
+    for _ in range(3):
+        assert not f.over("a")
+        f.add("a")
+    assert f.over("a")
+    now[0] = 11  # the window moved on
+    assert not f.over("a")
+    f.add("b")
+    f.add("c")
+    f.add("d")  # only the two most recent keys are kept
+    assert "b" not in f._d and not RecentFailures(0, 10).over("x")
