@@ -50,7 +50,8 @@ async def test_store_process_with_cli(nats_server: RunningNats, s3_server: Runni
         r = await bus.request(DIRECTORY_RESOLVE, ResolveRequest(address="Info+x@EXAMPLE.test"))
         assert r.status == "local" and r.accounts[0].address == "alice@example.test"
         a = await bus.request(DIRECTORY_AUTHENTICATE,
-                              AuthRequest(username="alice@example.test", password="s3cret"))
+                              AuthRequest(username="alice@example.test", password="s3cret",
+                                          service="smtp"))
         assert a.ok and a.send_as == ["alice@example.test", "info@example.test"]
 
         mbox = tmp_path / "in.mbox"
