@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from postbus.kit import embedded
-from postbus.kit.settings import ensure_admin_token
+from postbus.kit.natsauth import authorization_block
+from postbus.kit.settings import ensure_admin_token, write_private
 from postbus.kit.tls import self_signed
 from postbus.kit.topology import SERVICES, ServiceSpec
 
@@ -94,16 +96,26 @@ def plan(run_dir: Path, env: dict[str, str]) -> tuple[list[Child], list[Child], 
     infra: list[Child] = []
     common: dict[str, str] = {}
 
+    nats_users: dict[str, str] = {}
     if not env.get("POSTBUS_NATS_URL"):
-        spec = embedded.NatsSpec(_port(env, "POSTBUS_EMBEDDED_NATS_PORT", 4333), run_dir / "nats")
+        # one NATS user per service, allowed only its subjects (kit.natsauth, issue 8.3)
+        creds = _secrets(run_dir / "nats-credentials.json", [s.name for s in SERVICES] + ["admin"])
+        nats_users = {s.name: creds[s.name] for s in SERVICES}
+        spec = embedded.NatsSpec(_port(env, "POSTBUS_EMBEDDED_NATS_PORT", 4333), run_dir / "nats",
+                                 authorization=authorization_block(
+                                     nats_users, admin_password=creds["admin"]))
         infra.append(Child("nats", spec.command(), logs / "nats.log", {}, extra={"url": spec.url}))
         common["POSTBUS_NATS_URL"] = spec.url
     if not env.get("POSTBUS_S3_ENDPOINT"):
         p = _stable_ports(run_dir / "s3-ports.json", ["master", "volume", "filer"])
+        # keys made for this machine, not the well-known defaults
+        keys = _secrets(run_dir / "s3-credentials.json", ["access_key", "secret_key"])
+        access = env.get("POSTBUS_S3_ACCESS_KEY") or keys["access_key"]
+        secret = env.get("POSTBUS_S3_SECRET_KEY") or keys["secret_key"]
         s3 = embedded.S3Spec(_port(env, "POSTBUS_EMBEDDED_S3_PORT", 8333), run_dir / "s3",
-                             access_key=env.get("POSTBUS_S3_ACCESS_KEY", "postbus"),
-                             secret_key=env.get("POSTBUS_S3_SECRET_KEY", "postbus-secret"),
+                             access_key=access, secret_key=secret,
                              master_port=p["master"], volume_port=p["volume"], filer_port=p["filer"])
+        common["POSTBUS_S3_ACCESS_KEY"], common["POSTBUS_S3_SECRET_KEY"] = access, secret
         infra.append(Child("s3", s3.command(), logs / "s3.log", {}, extra={"url": s3.endpoint}))
         common["POSTBUS_S3_ENDPOINT"] = s3.endpoint
     if not env.get("POSTBUS_DATABASE_URL"):
@@ -118,11 +130,27 @@ def plan(run_dir: Path, env: dict[str, str]) -> tuple[list[Child], list[Child], 
     services: list[Child] = []
     for spec in SERVICES:
         mgmt = _port(env, spec.env_prefix + "MGMT_PORT", spec.mgmt_port)
+        own = ({"POSTBUS_NATS_USER": spec.name, "POSTBUS_NATS_PASSWORD": nats_users[spec.name]}
+               if nats_users else {})
         services.append(Child(
             spec.name, [sys.executable, "-m", spec.module], logs / f"{spec.name}.log",
-            {**common}, ready_url=f"http://127.0.0.1:{mgmt}/readyz",
+            {**common, **own}, ready_url=f"http://127.0.0.1:{mgmt}/readyz",
         ))
     return infra, services, common
+
+
+def _secrets(path: Path, names: list[str]) -> dict[str, str]:
+    """Random secrets kept in ``path`` (0600): made once, the same at every start."""
+    try:
+        known = json.loads(path.read_text())
+        if all(isinstance(known.get(n), str) and known[n] for n in names):
+            return {n: known[n] for n in names}
+    except (OSError, ValueError):
+        pass
+    made = {n: secrets.token_urlsafe(24) for n in names}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(path, json.dumps(made, indent=2).encode())
+    return made
 
 
 def _endpoints(env: dict[str, str], common: dict[str, str]) -> Table:
@@ -225,7 +253,8 @@ def run(run_dir: Path = Path(".run")) -> int:
     console.print(_endpoints(env, common))
     # the token itself stays out of terminals, scrollback and CI logs
     console.print(f"admin token: in {run_dir / 'admin-token'} (the postbus CLI reads it there)"
-                  if "POSTBUS_ADMIN_TOKEN" in common else "admin token: from POSTBUS_ADMIN_TOKEN")
+                  if "POSTBUS_ADMIN_TOKEN" in common else "admin token: from POSTBUS_ADMIN_TOKEN",
+                  soft_wrap=True)
     console.print(f"logs: {run_dir / 'logs'}/<service>.log    Ctrl-C stops everything")
 
     while not stopping:

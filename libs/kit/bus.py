@@ -125,9 +125,13 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats reconnected")
 
+        from postbus.kit.natsauth import inbox_prefix
+
         nc = await nats.connect(
             servers=[u.strip() for u in settings.nats_url.split(",")],
             name=name,
+            # replies to this client only: its NATS user may read no other inbox
+            inbox_prefix=inbox_prefix(name),
             user=settings.nats_user,
             password=settings.nats_password,
             max_reconnect_attempts=-1,

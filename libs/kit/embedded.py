@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from postbus.kit.settings import write_private
+
 _HANDED_OUT: set[int] = set()
 
 
@@ -90,6 +92,8 @@ class NatsSpec:
     http_port: int = 0
     sync_always: bool = True
     max_payload: int = 8 * 1024 * 1024
+    # an ``authorization { ... }`` section (kit.natsauth): users and their permissions
+    authorization: str = ""
 
     @property
     def url(self) -> str:
@@ -99,7 +103,7 @@ class NatsSpec:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats.conf"
         # sync_interval: always -> fsync before every ack (ARCHITECTURE.md "Contracts")
-        conf.write_text(
+        write_private(conf, (  # holds the services' passwords
             f"listen: 127.0.0.1:{self.port}\n"
             f"max_payload: {self.max_payload}\n"
             + (f"http: 127.0.0.1:{self.http_port}\n" if self.http_port else "")
@@ -107,7 +111,8 @@ class NatsSpec:
             f"  store_dir: {json.dumps(str(self.store_dir))}\n"
             + ("  sync_interval: always\n" if self.sync_always else "")
             + "}\n"
-        )
+            + self.authorization
+        ).encode())
         return [binary("nats-server"), "-c", str(conf)]
 
     def ready(self) -> bool:
@@ -140,11 +145,11 @@ class S3Spec:
     def command(self) -> list[str]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.data_dir / "s3.json"
-        cfg.write_text(json.dumps({"identities": [{
+        write_private(cfg, json.dumps({"identities": [{
             "name": "postbus",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        }]}).encode())
         return [
             binary("weed"), "server", f"-dir={self.data_dir}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

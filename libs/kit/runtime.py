@@ -23,6 +23,7 @@ from postbus.kit import logging as klog
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus
 from postbus.kit.mgmt import Check, create_app
+from postbus.kit.natsauth import GRANTS
 from postbus.kit.settings import CommonSettings
 from postbus.proto import ALL_STREAMS
 
@@ -83,7 +84,9 @@ async def run_service(name: str, common: CommonSettings, mgmt_port: int, setup: 
     async with AsyncExitStack() as stack:
         bus = await _retry("NATS", lambda: Bus.connect(common, name), 60)
         stack.push_async_callback(bus.close)
-        await _retry("JetStream", lambda: bus.ensure_streams(ALL_STREAMS), 60)
+        # the streams this service uses (its NATS user may manage no other)
+        streams = [st for st in ALL_STREAMS if name not in GRANTS or st.name in GRANTS[name].streams]
+        await _retry("JetStream", lambda: bus.ensure_streams(streams), 60)
         blobs = BlobStore(common)
         stack.push_async_callback(blobs.close)
         await _retry("S3", blobs.ensure_bucket, 60)

@@ -5,6 +5,7 @@ platform as separate processes. Loaded as a pytest plugin by tests/conftest.py.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -61,18 +62,39 @@ class Infra:
 
 
 class RunningNats:
-    def __init__(self, root: Path, *, max_payload: int | None = None) -> None:
+    def __init__(self, root: Path, *, max_payload: int | None = None, auth: bool = True) -> None:
         """``max_payload``: the server's limit (default: NatsSpec's); nats-server's own
-        default, 1 MiB, is what a production cluster may run with."""
+        default, 1 MiB, is what a production cluster may run with. ``auth``: as `postbus
+        run` has it, one user per service with its permissions (kit.natsauth), and an
+        unrestricted ``admin`` for the test itself (``common()``)."""
+        from postbus.kit.natsauth import authorization_block
+
         self.spec = embedded.NatsSpec(embedded.free_port(), root / "nats")
         if max_payload is not None:
             self.spec.max_payload = max_payload
+        self.passwords = {s.name: secrets.token_urlsafe(18) for s in SERVICES} if auth else {}
+        self.admin_password = secrets.token_urlsafe(18) if auth else None
+        if auth:
+            self.spec.authorization = authorization_block(
+                self.passwords, admin_password=self.admin_password)
         self.proc = embedded.start(self.spec.command(), root / "nats.log")
         embedded.wait_until(self.spec.ready, 20, "nats-server", self.proc)
 
     @property
     def url(self) -> str:
         return self.spec.url
+
+    def common(self, **kw: Any) -> CommonSettings:
+        """Settings of a client with every permission (the test itself)."""
+        creds: dict[str, Any] = ({"nats_user": "admin", "nats_password": self.admin_password}
+                                 if self.admin_password else {})
+        return CommonSettings(nats_url=self.url, **{**creds, **kw})
+
+    def service_env(self, service: str) -> dict[str, str]:
+        """The NATS credentials of one service, as its environment."""
+        if service not in self.passwords:
+            return {}
+        return {"POSTBUS_NATS_USER": service, "POSTBUS_NATS_PASSWORD": self.passwords[service]}
 
     def stop(self) -> None:
         embedded.stop(self.proc)
@@ -141,8 +163,7 @@ def nats_server(tmp_path: Path) -> Iterator[RunningNats]:
 @pytest.fixture
 def common_settings(nats_server: RunningNats, s3_server: RunningS3,
                     tmp_path: Path) -> Iterator[CommonSettings]:
-    settings = CommonSettings(
-        nats_url=nats_server.url,
+    settings = nats_server.common(
         s3_endpoint=s3_server.endpoint,
         s3_bucket="t-" + uuid.uuid4().hex[:12],
         database_url=f"sqlite:///{tmp_path / 'store.db'}",
@@ -177,6 +198,7 @@ class Platform:
 
     root: Path
     common_env: dict[str, str]
+    nats: RunningNats | None = None
     ports: dict[str, dict[str, int]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     token: str = ADMIN_TOKEN
@@ -189,6 +211,8 @@ class Platform:
 
     def env_for(self, spec: ServiceSpec) -> dict[str, str]:
         env = dict(self.common_env)
+        if self.nats is not None:
+            env.update(self.nats.service_env(spec.name))
         for key, port in self.ports[spec.name].items():
             env[spec.env_prefix + key.upper()] = str(port)
         return env
@@ -224,7 +248,7 @@ class Platform:
                 p.kill()
 
 
-def start_platform(root: Path, nats_url: str, s3_endpoint: str, *,
+def start_platform(root: Path, nats: RunningNats | str, s3_endpoint: str, *,
                    extra_env: dict[str, str] | None = None,
                    services: tuple[ServiceSpec, ...] = SERVICES) -> Platform:
     from postbus.kit.tls import self_signed
@@ -232,6 +256,7 @@ def start_platform(root: Path, nats_url: str, s3_endpoint: str, *,
     root.mkdir(parents=True, exist_ok=True)
     cert, key = root / "tls.crt", root / "tls.key"
     self_signed(cert, key)
+    nats_url = nats if isinstance(nats, str) else nats.url
     env = {
         "POSTBUS_NATS_URL": nats_url,
         "POSTBUS_S3_ENDPOINT": s3_endpoint,
@@ -243,7 +268,7 @@ def start_platform(root: Path, nats_url: str, s3_endpoint: str, *,
         "POSTBUS_LOG_LEVEL": os.environ.get("POSTBUS_TEST_LOG_LEVEL", "INFO"),
         **(extra_env or {}),
     }
-    plat = Platform(root, env)
+    plat = Platform(root, env, None if isinstance(nats, str) else nats)
     for spec in services:
         plat.ports[spec.name] = {"mgmt_port": embedded.free_port(),
                                  **{k: embedded.free_port() for k in spec.listeners}}
@@ -260,7 +285,7 @@ def start_platform(root: Path, nats_url: str, s3_endpoint: str, *,
 
 @pytest.fixture
 def platform(nats_server: RunningNats, s3_server: RunningS3, tmp_path: Path) -> Iterator[Platform]:
-    plat = start_platform(tmp_path / "platform", nats_server.url, s3_server.endpoint)
+    plat = start_platform(tmp_path / "platform", nats_server, s3_server.endpoint)
     yield plat
     plat.stop()
     s3_server.drop_bucket(plat.common_env["POSTBUS_S3_BUCKET"])

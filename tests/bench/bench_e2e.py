@@ -159,7 +159,7 @@ async def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="postbus-bench-"))
     nats, s3 = RunningNats(root), RunningS3(root)
-    plat = start_platform(root / "platform", nats.url, s3.endpoint,
+    plat = start_platform(root / "platform", nats, s3.endpoint,
                           extra_env={"POSTBUS_LOG_LEVEL": "WARNING"})
     bare, bare_port = start_bare(root)
     try:

@@ -110,7 +110,7 @@ def start_platform_imap(args: argparse.Namespace) -> tuple[int, object]:
 
     root = Path(tempfile.mkdtemp(prefix="bench-imap-"))
     nats, s3 = RunningNats(root), RunningS3(root)
-    plat = start_platform(root / "p", nats.url, s3.endpoint,
+    plat = start_platform(root / "p", nats, s3.endpoint,
                           services=(BY_NAME["mailbox-store"], BY_NAME["imap-access"]),
                           extra_env={"POSTBUS_LOG_LEVEL": "WARNING"})
     auth = {"Authorization": f"Bearer {plat.token}"}

@@ -109,7 +109,7 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="bench-imap-stress-"))
     nats, s3 = RunningNats(root), RunningS3(root)
-    plat = start_platform(root / "platform", nats.url, s3.endpoint,
+    plat = start_platform(root / "platform", nats, s3.endpoint,
                           extra_env={"POSTBUS_LOG_LEVEL": "WARNING"})
     try:
         provision(plat.api("mailbox-store"), plat.token)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(600)
 
 def test_mail_survives_sigkill_of_every_stage(nats_server: RunningNats, s3_server: RunningS3,
                                               tmp_path: Path) -> None:
-    plat = start_platform(tmp_path / "platform", nats_server.url, s3_server.endpoint,
+    plat = start_platform(tmp_path / "platform", nats_server, s3_server.endpoint,
                           extra_env=FAST_REDELIVERY)
     try:
         provision(plat)

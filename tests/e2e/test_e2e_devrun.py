@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,6 +92,16 @@ def test_make_run_first_mail_kill_and_stop(running: Running) -> None:
         assert (run / secret).stat().st_mode & 0o077 == 0, secret
     for p in run.rglob("*"):
         assert p.stat().st_mode & 0o007 == 0, f"{p} is readable by others"
+    # issue 8.3: NATS users and S3 keys made for this machine, kept private
+    nats_creds = json.loads((run / "nats-credentials.json").read_text())
+    s3_creds = json.loads((run / "s3-credentials.json").read_text())
+    assert set(nats_creds) == {s.name for s in SERVICES} | {"admin"}
+    assert s3_creds["access_key"] != "postbus" and len(s3_creds["secret_key"]) >= 24
+    nats_port = int(running.env["POSTBUS_EMBEDDED_NATS_PORT"])
+    with socket.create_connection(("127.0.0.1", nats_port), timeout=5) as s:
+        s.recv(4096)  # INFO
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+        assert b"Authorization Violation" in s.recv(4096)  # nobody gets in without a user
 
     assert running.cli("domain", "add", "example.test").returncode == 0
     res = running.cli("user", "add", "alice@example.test", "--password", "secret")

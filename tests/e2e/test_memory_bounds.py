@@ -29,7 +29,7 @@ def rss(pid: int) -> int:
 @pytest.fixture
 def imap_process(nats_server: RunningNats, s3_server: RunningS3,
                  tmp_path: Path) -> Iterator[Platform]:
-    plat = start_platform(tmp_path / "p", nats_server.url, s3_server.endpoint,
+    plat = start_platform(tmp_path / "p", nats_server, s3_server.endpoint,
                           services=(BY_NAME["imap-access"],))
     yield plat
     plat.stop()
@@ -95,7 +95,6 @@ async def test_store_search_on_hostile_messages_is_bounded(
     import httpx
 
     from postbus.kit.bus import Bus
-    from postbus.kit.settings import CommonSettings
     from postbus.kit.testing import ADMIN_TOKEN
     from postbus.proto.store import (
         STORE_APPEND,
@@ -107,9 +106,9 @@ async def test_store_search_on_hostile_messages_is_bounded(
         SearchRequest,
     )
 
-    plat = await asyncio.to_thread(start_platform, tmp_path / "p", nats_server.url,
+    plat = await asyncio.to_thread(start_platform, tmp_path / "p", nats_server,
                                    s3_server.endpoint, services=(BY_NAME["mailbox-store"],))
-    bus = await Bus.connect(CommonSettings(nats_url=nats_server.url), "test")
+    bus = await Bus.connect(nats_server.common(), "test")
     try:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         async with httpx.AsyncClient(base_url=plat.api("mailbox-store") + "/api/v1",
@@ -152,7 +151,7 @@ def mx_process(nats_server: RunningNats, s3_server: RunningS3,
 
     from postbus.kit.testing import ADMIN_TOKEN
 
-    plat = start_platform(tmp_path / "p", nats_server.url, s3_server.endpoint,
+    plat = start_platform(tmp_path / "p", nats_server, s3_server.endpoint,
                           services=(BY_NAME["mailbox-store"], BY_NAME["smtp-ingress"]))
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with httpx.Client(base_url=plat.api("mailbox-store") + "/api/v1", headers=headers) as http:

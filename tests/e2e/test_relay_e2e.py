@@ -57,7 +57,7 @@ def remote() -> Iterator[tuple[int, RemoteHandler]]:
 @pytest.fixture
 def outbound_platform(nats_server: RunningNats, s3_server: RunningS3, tmp_path: Path,
                       remote: tuple[int, RemoteHandler]) -> Iterator[Platform]:
-    plat = start_platform(tmp_path / "platform", nats_server.url, s3_server.endpoint, extra_env={
+    plat = start_platform(tmp_path / "platform", nats_server, s3_server.endpoint, extra_env={
         "POSTBUS_RELAY_TRANSPORT_MAP": f"example.net=127.0.0.1:{remote[0]}",
         "POSTBUS_RELAY_RETRY_SCHEDULE": "1",
         "POSTBUS_TRUSTED_NETWORKS": "127.0.0.1/32",

@@ -35,7 +35,7 @@ def _cli(url: str, *args: str, code: int = 0) -> Result:
 
 async def test_store_process_with_cli(nats_server: RunningNats, s3_server: RunningS3,
                                       bus: Bus, tmp_path: Path) -> None:
-    plat = await asyncio.to_thread(start_platform, tmp_path / "p", nats_server.url,
+    plat = await asyncio.to_thread(start_platform, tmp_path / "p", nats_server,
                                    s3_server.endpoint, services=(BY_NAME["mailbox-store"],))
     try:
         url = plat.api("mailbox-store")

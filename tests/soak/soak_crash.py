@@ -32,7 +32,7 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="postbus-soak-"))
     nats, s3 = RunningNats(root), RunningS3(root)
-    plat = start_platform(root / "platform", nats.url, s3.endpoint, extra_env=FAST_REDELIVERY)
+    plat = start_platform(root / "platform", nats, s3.endpoint, extra_env=FAST_REDELIVERY)
     t0 = time.monotonic()
     try:
         provision(plat)

@@ -211,7 +211,7 @@ async def test_directory_down_then_up_retries(bus: Bus, blobs: BlobStore,
 
 def test_service_process_serves_mgmt_api(nats_server: RunningNats, s3_server: RunningS3,
                                          tmp_path: Path) -> None:
-    plat = start_platform(tmp_path / "p", nats_server.url, s3_server.endpoint,
+    plat = start_platform(tmp_path / "p", nats_server, s3_server.endpoint,
                           extra_env={"POSTBUS_MIME_PROCESSOR_AUTH_CHECKS": "false"},
                           services=(BY_NAME["mime-processor"],))
     try:
@@ -239,7 +239,7 @@ def test_service_process_serves_mgmt_api(nats_server: RunningNats, s3_server: Ru
             assert b"postbus_mime_processing_seconds" in r.read()
 
         async def publish_one() -> None:
-            common = CommonSettings(nats_url=nats_server.url)
+            common = nats_server.common()
             bus = await Bus.connect(common, "test-publisher")
             try:
                 await serve_directory(bus)

@@ -35,7 +35,7 @@ async def test_service_process_serves_pop3_and_pop3s(
     await serve_on_bus(bus, directory, store)
 
     plat = await asyncio.to_thread(
-        start_platform, tmp_path / "plat", nats_server.url, s3_server.endpoint,
+        start_platform, tmp_path / "plat", nats_server, s3_server.endpoint,
         extra_env={"POSTBUS_S3_BUCKET": common_settings.s3_bucket},
         services=(BY_NAME["pop3-access"],))
     try:

@@ -29,7 +29,7 @@ from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Ack, Bus, Delivery
 from postbus.kit.mgmt import create_app
 from postbus.kit.settings import CommonSettings
-from postbus.kit.testing import ADMIN_TOKEN
+from postbus.kit.testing import ADMIN_TOKEN, RunningNats
 from postbus.kit.tls import self_signed, server_context
 from postbus.proto.mail import (
     DELIVERY_EVENT,
@@ -824,7 +824,7 @@ async def test_delivery_through_mx_lookup(bus: Bus, blobs: BlobStore,
 # ---------------------------------------------------------------- crash safety
 async def test_killed_worker_mid_attempt_no_duplicate_nothing_lost(
         bus: Bus, blobs: BlobStore, common_settings: CommonSettings, remotes: list[Remote],
-        tmp_path: Path) -> None:
+        nats_server: RunningNats, tmp_path: Path) -> None:
     """A relay process is SIGKILLed while one domain is delivered and the other is still in
     RCPT; a fresh worker finishes the second domain only."""
     import sys
@@ -838,6 +838,7 @@ async def test_killed_worker_mid_attempt_no_duplicate_nothing_lost(
     tmap = f"fast.test=127.0.0.1:{fast.port},slow.test=127.0.0.1:{slow.port}"
     env = {
         "POSTBUS_NATS_URL": common_settings.nats_url,
+        **nats_server.service_env("relay"),
         "POSTBUS_S3_ENDPOINT": common_settings.s3_endpoint,
         "POSTBUS_S3_BUCKET": common_settings.s3_bucket,
         "POSTBUS_ADMIN_TOKEN": ADMIN_TOKEN,

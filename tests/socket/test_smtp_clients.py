@@ -18,7 +18,7 @@ import pytest_asyncio
 from postbus.kit import embedded
 from postbus.kit.bus import Bus
 from postbus.kit.settings import CommonSettings
-from postbus.kit.testing import ADMIN_TOKEN
+from postbus.kit.testing import ADMIN_TOKEN, RunningNats
 from postbus.kit.tls import self_signed
 from postbus.smtp_ingress.testing import DirectoryTable, Inbox, User, serve_directory
 
@@ -36,7 +36,8 @@ class Proc:
 
 
 @pytest_asyncio.fixture
-async def service(bus: Bus, common_settings: CommonSettings, tmp_path: Path) -> AsyncIterator[Proc]:
+async def service(bus: Bus, common_settings: CommonSettings, nats_server: RunningNats,
+                  tmp_path: Path) -> AsyncIterator[Proc]:
     table = DirectoryTable(users={"alice@example.test": User("secret"),
                                   "bob@example.test": User("hunter2")})
     await serve_directory(bus, table)
@@ -46,6 +47,7 @@ async def service(bus: Bus, common_settings: CommonSettings, tmp_path: Path) -> 
                                                 "smtps_port")}
     env = {**os.environ,
            "POSTBUS_NATS_URL": common_settings.nats_url,
+           **nats_server.service_env("smtp-ingress"),
            "POSTBUS_S3_ENDPOINT": common_settings.s3_endpoint,
            "POSTBUS_S3_BUCKET": common_settings.s3_bucket,
            "POSTBUS_ADMIN_TOKEN": ADMIN_TOKEN,
