@@ -51,6 +51,7 @@ spec:
           envFrom:
             - configMapRef: {{name: postbus}}
             - secretRef: {{name: postbus}}
+            - secretRef: {{name: postbus-nats-{s.name}}}  # its own NATS user
           ports:
 {container_ports}
           readinessProbe:

@@ -24,6 +24,17 @@ def run(run_dir: Annotated[Path, typer.Option(
     raise typer.Exit(run_platform(run_dir))
 
 
+@app.command("k8s-secrets")
+def k8s_secrets(namespace: Annotated[str, typer.Option(help="Namespace of the Secrets.")] = "postbus",
+                ) -> None:
+    """Print the NATS Secrets for Kubernetes with new random passwords: ``nats-auth`` (the
+    users and their permissions, included by the NATS config) and ``postbus-nats-<service>``
+    (each service's own user). Pipe to ``kubectl apply -f -``; run again to rotate."""
+    from postbus.cli.k8s import nats_secrets
+
+    typer.echo(nats_secrets(namespace))
+
+
 admin.register(app)
 
 if __name__ == "__main__":

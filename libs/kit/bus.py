@@ -127,8 +127,14 @@ class Bus:
 
         from postbus.kit.natsauth import inbox_prefix
 
+        tls = None
+        if settings.nats_tls_ca is not None:
+            import ssl
+
+            tls = ssl.create_default_context(cafile=str(settings.nats_tls_ca))
         nc = await nats.connect(
             servers=[u.strip() for u in settings.nats_url.split(",")],
+            tls=tls,
             name=name,
             # replies to this client only: its NATS user may read no other inbox
             inbox_prefix=inbox_prefix(name),

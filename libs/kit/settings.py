@@ -25,6 +25,8 @@ class CommonSettings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4333"
     nats_user: str | None = None
     nats_password: str | None = None
+    # the CA that signed NATS's certificate, for tls:// URLs (None: the system's CAs)
+    nats_tls_ca: Path | None = None
     stream_replicas: int = 1
 
     # S3

@@ -58,3 +58,36 @@ def test_management_ports_are_never_on_a_mail_service() -> None:
         for port in svc.get("ports", []):
             if int(port.rsplit(":", 1)[1]) in {x.mgmt_port for x in SERVICES}:
                 assert port.startswith("127.0.0.1:"), port
+
+
+def test_nats_has_users_and_only_postbus_reaches_it() -> None:
+    """Issue 8.3: the NATS StatefulSet had no authorization and there was no NetworkPolicy."""
+    import json
+
+    from postbus.cli.k8s import nats_secrets
+    from postbus.kit.natsauth import GRANTS
+
+    base = ROOT / "k8s" / "base"
+    nats = list(yaml.safe_load_all((base / "nats.yaml").read_text()))
+    conf = next(d for d in nats if d["kind"] == "ConfigMap")["data"]["nats.conf"]
+    assert 'include "auth/auth.conf"' in conf
+    sts = next(d for d in nats if d["kind"] == "StatefulSet")
+    assert {"name": "auth", "secret": {"secretName": "nats-auth"}} in sts["spec"]["template"]["spec"]["volumes"]
+    for d in yaml.safe_load_all((base / "services.yaml").read_text()):
+        if d and d["kind"] == "Deployment":
+            refs = [e["secretRef"]["name"] for e in
+                    d["spec"]["template"]["spec"]["containers"][0]["envFrom"] if "secretRef" in e]
+            assert f"postbus-nats-{d['metadata']['name']}" in refs
+    policies = list(yaml.safe_load_all((base / "network.yaml").read_text()))
+    assert {p["metadata"]["name"] for p in policies} == {"nats-from-postbus-only",
+                                                         "mgmt-from-postbus-only"}
+    assert "network.yaml" in (base / "kustomization.yaml").read_text()
+    secrets = [json.loads(x) for x in nats_secrets("postbus").split("---\n")]
+    auth = secrets[0]["stringData"]["auth.conf"]
+    users = {s["stringData"]["POSTBUS_NATS_USER"]: s["stringData"]["POSTBUS_NATS_PASSWORD"]
+             for s in secrets[1:]}
+    assert set(users) == set(GRANTS)
+    assert all(pw in auth for pw in users.values())  # one set of passwords in both
+    assert nats_secrets("postbus") != nats_secrets("postbus")  # new ones each time
+    prod = (ROOT / "k8s" / "overlays" / "production" / "kustomization.yaml").read_text()
+    assert "tls://" in prod and "nats-tls" in prod and "tls {" in prod
