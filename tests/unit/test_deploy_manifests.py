@@ -1,7 +1,10 @@
 """The generated Kubernetes manifests match the service table, and parse as YAML."""
 
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from postbus.kit.topology import SERVICES
@@ -91,3 +94,13 @@ def test_nats_has_users_and_only_postbus_reaches_it() -> None:
     assert nats_secrets("postbus") != nats_secrets("postbus")  # new ones each time
     prod = (ROOT / "k8s" / "overlays" / "production" / "kustomization.yaml").read_text()
     assert "tls://" in prod and "nats-tls" in prod and "tls {" in prod
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("target", ["base", "overlays/production"])
+def test_kustomize_builds(target: str) -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / target)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    kinds = {d["kind"] for d in yaml.safe_load_all(out.stdout) if d}
+    assert {"Deployment", "Service", "StatefulSet", "NetworkPolicy"} <= kinds
