@@ -41,9 +41,14 @@ def create_app(
     routers: list[APIRouter],
     token_source: Callable[[], str | None],
     version: str = "0.1.0",
+    docs: bool = True,
 ) -> FastAPI:
+    """``docs``: the interactive pages /docs and /redoc, which load their scripts from a CDN
+    (a third party runs code on the admin's browser): off in production; /openapi.json
+    stays."""
     app = FastAPI(title=f"Postbus {service}", version=version,
-                  description=f"Management API of the {service} service")
+                  description=f"Management API of the {service} service",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
 
     @app.get("/healthz", tags=["probes"])
     async def healthz() -> dict[str, str]:

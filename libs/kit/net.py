@@ -51,6 +51,18 @@ def is_loopback(ip: str) -> bool:
     return addr is not None and addr.is_loopback
 
 
+def literal_is_public(domain: str) -> bool:
+    """False for an address literal (RFC 5321 §4.1.3, ``IPv6:`` in any case) that is not a
+    global address; True for anything else (domains are checked elsewhere)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return True
+    lit = domain[1:-1]
+    if lit[:5].lower() == "ipv6:":
+        lit = lit[5:]
+    addr = _address(lit)
+    return addr is not None and bool(addr.is_global)
+
+
 class PerIpLimit:
     """Open connections per client address, at most ``limit`` each (0: no limit)."""
 

@@ -95,7 +95,7 @@ async def run_service(name: str, common: CommonSettings, mgmt_port: int, setup: 
                              checks={"nats": bus.check, "s3": blobs.check})
         await setup(ctx)
 
-        app = create_app(name, checks=ctx.checks, routers=ctx.routers,
+        app = create_app(name, checks=ctx.checks, routers=ctx.routers, docs=common.api_docs,
                          token_source=common.resolved_admin_token)
         server = _Server(uvicorn.Config(app, host=common.bind_host, port=mgmt_port,
                                         log_config=None, access_log=False, lifespan="off"))

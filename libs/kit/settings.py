@@ -27,6 +27,12 @@ class CommonSettings(BaseSettings):
     nats_password: str | None = None
     # the CA that signed NATS's certificate, for tls:// URLs (None: the system's CAs)
     nats_tls_ca: Path | None = None
+    # relay to address literals of non-public addresses ([127.0.0.1], [10.0.0.5],
+    # [169.254.169.254]): off, it is a way into the cluster for anyone who may relay
+    allow_private_address_literals: bool = False
+    # /docs and /redoc on the management APIs (their scripts come from a CDN); Kubernetes
+    # turns them off, /openapi.json stays
+    api_docs: bool = True
     stream_replicas: int = 1
 
     # S3

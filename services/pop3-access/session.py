@@ -461,8 +461,8 @@ class Session:
                                               self.limits.auth_failure_delay_max_s))
         if auth.reason == "throttled":
             return self._fail_login(err("too many failed logins; try again later", SYS_TEMP))
-        if auth.reason == "disabled":
-            return self._fail_login(err("account disabled", AUTH))
+        # a disabled account answers as a wrong password does: "disabled" only came with
+        # the right password, so it told a guesser the password was right (issue 8, low)
         return self._fail_login(err("authentication failed", AUTH))
 
     async def _open(self, username: str, auth: AuthReply) -> Reply:

@@ -21,6 +21,7 @@ import dns.resolver
 from aiosmtplib.esmtp import parse_esmtp_extensions
 
 from postbus.kit.logging import get_logger
+from postbus.kit.net import literal_is_public
 from postbus.protocols.dsn import enhanced_status, orcpt_param, xtext_encode
 from postbus.relay import policy
 from postbus.relay.policy import Hop, MxRecord, NullMx
@@ -45,8 +46,10 @@ class DnsDestinations:
 
     def __init__(self, transports: dict[str, Hop], *, nameservers: Sequence[str] = (),
                  port: int = 53, timeout_s: float = 3.0, smtp_port: int = 25,
-                 max_hosts: int = 5, rng: random.Random | None = None) -> None:
+                 max_hosts: int = 5, rng: random.Random | None = None,
+                 private_literals: bool = False) -> None:
         self.transports = transports
+        self.private_literals = private_literals  # relay to [10.0.0.1] and the like
         self.smtp_port = smtp_port
         self.max_hosts = max_hosts
         self.rng = rng or random.Random()
@@ -67,10 +70,14 @@ class DnsDestinations:
         if hop is not None:
             return Route([hop])
         if domain.startswith("[") and domain.endswith("]"):  # address literal, RFC 5321 §4.1.3
-            lit = domain[1:-1].removeprefix("IPv6:")
-            if _is_ip(lit):
-                return Route([Hop(lit, self.smtp_port)])
-            return NoRoute(True, "5.1.2", f"bad address literal {domain}")
+            lit = domain[1:-1]
+            if lit[:5].lower() == "ipv6:":  # the tag in any case: domains arrive lower-cased
+                lit = lit[5:]
+            if not _is_ip(lit):
+                return NoRoute(True, "5.1.2", f"bad address literal {domain}")
+            if not self.private_literals and not literal_is_public(domain):
+                return NoRoute(True, "5.7.1", f"address literal {domain} is not a public address")
+            return Route([Hop(lit, self.smtp_port)])
         try:
             answer = await self.resolver.resolve(domain, "MX", search=False)
             records = [MxRecord(int(r.preference), r.exchange.to_text(omit_final_dot=True))

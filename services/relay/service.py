@@ -27,7 +27,8 @@ async def build_worker(settings: Settings, bus: Bus, blobs: BlobStore) -> RelayW
     bounces = await bus.kv_bucket(settings.bounce_bucket, ttl_s=30 * 86400)
     dests = DnsDestinations(settings.transports, nameservers=settings.dns_nameservers,
                             port=settings.dns_port, timeout_s=settings.dns_timeout_s,
-                            smtp_port=settings.smtp_port, max_hosts=settings.max_mx_hosts)
+                            smtp_port=settings.smtp_port, max_hosts=settings.max_mx_hosts,
+                            private_literals=settings.common.allow_private_address_literals)
     transport = SmtpTransport(
         ehlo_name=settings.ehlo_name, connect_timeout_s=settings.connect_timeout_s,
         command_timeout_s=settings.command_timeout_s, data_timeout_s=settings.data_timeout_s,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-from postbus.kit.net import ip_in, parse_networks  # noqa: F401 - the relay-trust test
+from postbus.kit.net import ip_in, literal_is_public, parse_networks  # noqa: F401 - one home
 from postbus.proto.directory import ResolveReply
 from postbus.protocols.smtp import Path
 
@@ -21,6 +21,9 @@ R250_OK = "250 2.1.0 Ok"
 R250_RCPT_OK = "250 2.1.5 Ok"
 R451_DIRECTORY = "451 4.3.0 Directory temporarily unavailable, try again later"
 R451_QUEUE = "451 4.3.0 Queue temporarily unavailable, try again later"
+R550_LITERAL_DENIED = "550 5.7.1 Address literals of non-public addresses are not relayed"
+R550_NULL_SENDER_RELAY = "550 5.7.1 The null sender may not relay to remote domains"
+R550_LOCAL_SENDER = "550 5.7.1 Sender address in a hosted domain requires authentication"
 # RFC 3463 4.3.1: mail system full (the replica holds as many message bytes as it may)
 R451_NO_ROOM = "451 4.3.1 Insufficient system resources, try again later"
 R452_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
@@ -55,12 +58,23 @@ class Refuse:
 Decision = Accept | Refuse
 
 
-def recipient_needs_lookup(path: Path, *, may_relay: bool) -> Refuse | None:
+def recipient_needs_lookup(path: Path, *, may_relay: bool, null_sender: bool = False,
+                           private_literals: bool = False) -> Refuse | None:
     """Before asking the directory: refuse the open-relay tricks from anyone who may not relay
-    (percent hack, bang paths, source routes, quoted or doubled local parts)."""
+    (percent hack, bang paths, source routes, quoted or doubled local parts); and from those
+    who may, an address literal that is not a public address (a way into the cluster:
+    [127.0.0.1], [169.254.169.254], private ranges) unless the operator allows it."""
     if path.relay_trick and not may_relay:
         return Refuse(R554_RELAY_DENIED, "relay_trick")
+    if not private_literals and not literal_is_public(path.domain):
+        return Refuse(R550_LITERAL_DENIED, "private_literal")
     return None
+
+
+def null_sender_may_relay(mail_from: str, reply: ResolveReply) -> bool:
+    """The null reverse-path is for bounces, which only the platform itself sends: a client
+    may not relay one to a remote domain (backscatter by proxy), local delivery is fine."""
+    return mail_from != "" or reply.status != "remote"
 
 
 def recipient_decision(reply: ResolveReply, *, may_relay: bool) -> Decision:

@@ -444,10 +444,16 @@ class IngressSMTP(SMTP):
                 return
             if client is not None:  # v2 LOCAL (health checks) keeps the socket peer
                 self.client_ip, self.client_port = client
+        refusal = self.ingress.admit(self.client_ip)
+        if refusal and self.listener == "smtps":
+            # no handshake for a client over its limits (issue 8, low): TLS costs more than
+            # the refusal, and without TLS there is no way to say why
+            _m(CONNECTIONS, self.listener, "refused").inc()
+            assert self.transport is not None
+            self.transport.close()
+            return
         if self.listener == "smtps":
             await self._upgrade_tls()
-
-        refusal = self.ingress.admit(self.client_ip)
         if refusal:
             _m(CONNECTIONS, self.listener, "refused").inc()
             await self._close_after(refusal)
@@ -707,9 +713,9 @@ class IngressSMTP(SMTP):
         await self._flush()
         try:
             line = await self._reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            await self._discard_line(exc.consumed)
-            await self.push("500 5.5.6 Line too long")
+        except asyncio.LimitOverrunError:
+            # answered at once, not after the client chose to end the line (issue 8, low)
+            await self._close_after("500 5.5.6 Authentication line too long, closing connection")
             return None
         blob = line.strip()
         if blob == b"*":
@@ -808,6 +814,19 @@ class IngressSMTP(SMTP):
             self.ingress.stats.add("mail_rejected", "not_owner")
             await self.push(policy.R553_NOT_OWNER)
             return
+        if (self.ingress.settings.reject_unauthenticated_local_senders and path.address
+                and not self.ingress.may_relay(self.client_ip, self.authenticated)):
+            # an unauthenticated client claiming one of our own domains (SPF may say
+            # nothing): refused when the operator asks for it
+            try:
+                sender = await self.ingress.directory.resolve(path.address)
+            except Unavailable:
+                await self.push(policy.R451_DIRECTORY)
+                return
+            if sender.status != "remote":
+                self.ingress.stats.add("mail_rejected", "local_sender")
+                await self.push(policy.R550_LOCAL_SENDER)
+                return
         env = self.envelope
         env.mail_from = path.address
         env.smtp_utf8 = mp.smtputf8
@@ -853,7 +872,9 @@ class IngressSMTP(SMTP):
             await self.push(policy.R452_TOO_MANY_RCPTS)
             return
         may_relay = self.ingress.may_relay(self.client_ip, self.authenticated)
-        refusal = policy.recipient_needs_lookup(path, may_relay=may_relay)
+        refusal = policy.recipient_needs_lookup(
+            path, may_relay=may_relay, null_sender=env.mail_from == "",
+            private_literals=self.ingress.settings.common.allow_private_address_literals)
         answer = None
         if refusal is None:
             try:
@@ -863,6 +884,8 @@ class IngressSMTP(SMTP):
                 await self.push(policy.R451_DIRECTORY)
                 return
             decision = policy.recipient_decision(answer, may_relay=may_relay)
+            if not policy.null_sender_may_relay(env.mail_from, answer):
+                decision = policy.Refuse(policy.R550_NULL_SENDER_RELAY, "null_sender_relay")
         else:
             decision = refusal
         match decision:

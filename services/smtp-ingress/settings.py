@@ -29,6 +29,10 @@ class Settings(BaseSettings):
 
     # message limits
     max_message_size: int = 25 * 1024 * 1024  # SIZE (RFC 1870), 552 5.3.4
+    # refuse MAIL FROM in a hosted domain from clients that are neither authenticated nor
+    # trusted (mail from our own domains comes through submission); off by default, as
+    # forwarders and mailing lists legitimately send with our users' addresses
+    reject_unauthenticated_local_senders: bool = False
     # message bytes (DATA and BDAT) all sessions of a replica hold at once; past it a
     # message is read to its end and answered 451 4.3.1 (the pod limit is 512 MiB, and a
     # message is copied about three times between the socket and S3)

@@ -166,3 +166,13 @@ async def test_command_count_is_bounded() -> None:
     reply = await s.handle(Stat())
     assert reply.close and reply.data == b"-ERR too many commands in one session, closing\r\n"
     assert w.store.commits == [] and w.locks.held == {}
+
+
+async def test_disabled_account_answers_as_a_wrong_password_and_is_counted() -> None:
+    # issue 8 (low): "account disabled" came only with the right password (an oracle)
+    w = World()
+    w.directory.accounts["alice@example.test"].disabled = True
+    s = w.session()
+    right, wrong = await login(s), await login(s, pw="bad")
+    assert right == wrong == b"-ERR [AUTH] authentication failed\r\n"
+    assert w.throttle.account == {"alice@example.test": 2}

@@ -786,7 +786,17 @@ async def test_dns_routing_rules(tiny_dns: tuple[int, TinyDns]) -> None:
     assert isinstance(gone, NoRoute) and gone.permanent and gone.status == "5.1.2"
     bare = await d.route("bare.test")
     assert isinstance(bare, NoRoute) and bare.permanent
-    assert await d.route("[127.0.0.5]") == Route([Hop("127.0.0.5", 2525)])
+    # issue 8 (low): non-public literals are a way into the cluster; the IPv6 tag is
+    # matched in any case (domains arrive lower-cased, which broke every IPv6 literal)
+    for inside in ("[127.0.0.5]", "[169.254.169.254]", "[10.1.2.3]", "[ipv6:::1]",
+                   "[IPv6:fe80::1]", "[ipv6:::ffff:127.0.0.1]"):
+        blocked = await d.route(inside)
+        assert isinstance(blocked, NoRoute) and blocked.permanent and blocked.status == "5.7.1"
+    assert await d.route("[ipv6:2001:4860:4860::8888]") == Route([Hop("2001:4860:4860::8888", 2525)])
+    assert await d.route("[8.8.8.8]") == Route([Hop("8.8.8.8", 2525)])
+    lab = DnsDestinations({}, nameservers=["127.0.0.1"], port=port, timeout_s=2, smtp_port=2525,
+                          private_literals=True)
+    assert await lab.route("[127.0.0.5]") == Route([Hop("127.0.0.5", 2525)])
 
 
 async def test_dns_timeout_is_temporary() -> None:

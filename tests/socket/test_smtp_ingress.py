@@ -715,3 +715,57 @@ async def test_reverse_dns_in_client_info_and_received(start: Start, inbox: Inbo
     assert msg.client.reverse_dns == "localhost"  # 127.0.0.1 -> localhost -> 127.0.0.1
     assert b"from c.example.net (localhost [127.0.0.1])" in msg.body.inline  # type: ignore[operator]
     c.close()
+
+
+# ---------------------------------------------------------------- issue 8, low items
+async def submitter(ing: RunningIngress) -> Raw:
+    c = await greeted(ing.port("submission"))
+    await c.starttls(ing.client_tls())
+    await ehlo_lines(c)
+    code, _ = await c.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice@example.test\0secret").decode())
+    assert code == 235
+    return c
+
+
+async def test_authenticated_relay_limits(ing: RunningIngress) -> None:
+    c = await submitter(ing)
+    assert (await c.cmd("MAIL FROM:<alice@example.test>"))[0] == 250
+    for literal in ("[127.0.0.1]", "[169.254.169.254]", "[10.0.0.7]", "[IPv6:::1]"):
+        code, text = await c.cmd(f"RCPT TO:<x@{literal}>")
+        assert (code, text[:5]) == (550, "5.7.1"), literal
+    assert (await c.cmd("RCPT TO:<x@[192.0.2.300]>"))[0] == 550  # not even an address
+    assert (await c.cmd("RSET"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<>"))[0] == 250
+    code, text = await c.cmd("RCPT TO:<friend@remote.example>")
+    assert (code, text[:5]) == (550, "5.7.1")  # the null sender may not relay
+    assert (await c.cmd("RCPT TO:<alice@example.test>"))[0] == 250  # but may deliver locally
+    c.close()
+
+
+async def test_over_long_auth_line_is_answered_and_closed(ing: RunningIngress) -> None:
+    c = await greeted(ing.port("submission"))
+    await c.starttls(ing.client_tls())
+    await ehlo_lines(c)
+    assert (await c.cmd("AUTH PLAIN"))[0] == 334
+    await c.send(b"A" * 200_000)  # no line end: the answer must not wait for one
+    code, lines = await c.reply(timeout=10)
+    assert (code, lines[-1][:5]) == (500, "5.5.6") and await c.closed()
+
+
+async def test_smtps_refused_before_the_handshake(start: Start) -> None:
+    ing = await start(max_connections_per_ip=1)
+    first = await Raw.open(ing.port("smtps"), ing.client_tls())
+    assert (await first.reply())[0] == 220
+    # before: the handshake completed (CPU spent on anyone), then 421 inside TLS
+    with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        await Raw.open(ing.port("smtps"), ing.client_tls())
+    first.close()
+
+
+async def test_hosted_sender_policy(start: Start) -> None:
+    ing = await start(reject_unauthenticated_local_senders=True)
+    c = await greeted(ing.port("mx"))
+    code, text = await c.cmd("MAIL FROM:<alice@example.test>")
+    assert (code, text[:5]) == (550, "5.7.1")
+    assert (await c.cmd("MAIL FROM:<someone@elsewhere.example>"))[0] == 250
+    c.close()

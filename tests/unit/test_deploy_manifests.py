@@ -104,3 +104,18 @@ def test_kustomize_builds(target: str) -> None:
     assert out.returncode == 0, out.stderr
     kinds = {d["kind"] for d in yaml.safe_load_all(out.stdout) if d}
     assert {"Deployment", "Service", "StatefulSet", "NetworkPolicy"} <= kinds
+
+
+def test_api_docs_pages_off_in_kubernetes() -> None:
+    """Issue 8 (low): /docs loads its assets from a CDN."""
+    from fastapi.testclient import TestClient
+
+    from postbus.kit.mgmt import create_app
+
+    cfg = yaml.safe_load((ROOT / "k8s" / "base" / "config.yaml").read_text())
+    assert cfg["data"]["POSTBUS_API_DOCS"] == "false"
+    off = TestClient(create_app("x", checks={}, routers=[], token_source=lambda: "t", docs=False))
+    assert off.get("/docs").status_code == 404 and off.get("/redoc").status_code == 404
+    assert off.get("/openapi.json").status_code == 200
+    on = TestClient(create_app("x", checks={}, routers=[], token_source=lambda: "t"))
+    assert on.get("/docs").status_code == 200

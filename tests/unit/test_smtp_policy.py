@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from postbus.proto.directory import AccountRef, ResolveReply
-from postbus.protocols.smtp import parse_path
+from postbus.protocols.smtp import Path, parse_path
 from postbus.smtp_ingress import policy as pol
 
 
@@ -155,3 +155,24 @@ def test_load_snapshot_and_merge() -> None:
     assert w.counts() == {"x": 2}
     now[0] = 70.0
     assert w.counts() == {"x": 1}
+
+
+@pytest.mark.parametrize(("domain", "public"), [
+    ("example.net", True), ("[8.8.8.8]", True), ("[IPv6:2001:4860:4860::8888]", True),
+    ("[127.0.0.1]", False), ("[169.254.169.254]", False), ("[10.0.0.1]", False),
+    ("[ipv6:::1]", False), ("[IPv6:::ffff:192.168.1.1]", False), ("[junk]", False),
+])
+def test_address_literals_relayed_only_to_public_addresses(domain: str, public: bool) -> None:
+    # issue 8 (low): authenticated users could relay to [127.0.0.1] or the metadata service
+    assert pol.literal_is_public(domain) is public
+    path = Path(f"x@{domain}", "x", domain)
+    refused = pol.recipient_needs_lookup(path, may_relay=True)
+    assert (refused is None) is public
+    assert pol.recipient_needs_lookup(path, may_relay=True, private_literals=True) is None
+
+
+def test_null_sender_relays_only_locally() -> None:
+    remote = ResolveReply(status="remote", domain="example.net")
+    local = ResolveReply(status="local", domain="example.test")
+    assert not pol.null_sender_may_relay("", remote)
+    assert pol.null_sender_may_relay("", local) and pol.null_sender_may_relay("a@b.test", remote)
