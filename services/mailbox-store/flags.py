@@ -13,9 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from postbus.mailbox_store.mailboxes import MailboxOps
 from postbus.mailbox_store.sqlbase import (
     ANY_UID,
+    MAX_KEYWORDS,
     MB,
     Change,
     Conflict,
+    Limit,
     M,
     _check_count,
     flags_from_db,
@@ -40,6 +42,8 @@ class FlagOps(MailboxOps):
         MODSEQ is above UNCHANGEDSINCE are left alone and reported as modified."""
         bits, kws = flags_to_db(flags)
         kwset = set(kws.split()) if kws else set()
+        if len(kwset) > MAX_KEYWORDS:
+            raise Limit(f"at most {MAX_KEYWORDS} keywords on a message")
         cond, inside = uid_filter(uids)
         # one UPDATE for the whole set when SQL can express the change exactly
         one_statement = inside is ANY_UID and (op == "set" or not kwset)
@@ -75,6 +79,8 @@ class FlagOps(MailboxOps):
                     nb, nk = cur_bits | bits, cur_kw | kwset
                 else:
                     nb, nk = cur_bits & ~bits, cur_kw - kwset
+                if len(nk) > MAX_KEYWORDS:  # bounded, as the row and every FETCH FLAGS are
+                    raise Limit(f"at most {MAX_KEYWORDS} keywords on a message")
                 if nb != cur_bits or nk != cur_kw:
                     todo.append((mid, uid, nb, " ".join(sorted(nk))))
             if not todo:

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from postbus.mailbox_store.groupcommit import DeliverOps
 from postbus.mailbox_store.sqlbase import (
     DELIMITER,
     INBOX,
+    MAX_MAILBOXES,
     MB,
     SPECIAL_USES,
     Change,
     Exists,
     Invalid,
+    Limit,
     M,
     NotFound,
     S,
@@ -77,6 +79,10 @@ class MailboxOps(DeliverOps):
             row = await self._mailbox_by_name(conn, account_id, name)
             if row is not None and not row.noselect:
                 raise Exists(f"mailbox {name} exists")
+            have = (await conn.execute(select(func.count()).select_from(MB).where(
+                MB.c.account_id == account_id))).scalar() or 0
+            if have + len(parents_of(name)) + 1 > MAX_MAILBOXES:
+                raise Limit(f"at most {MAX_MAILBOXES} mailboxes per account")
             for parent in parents_of(name):
                 if await self._mailbox_by_name(conn, account_id, parent) is None:
                     await self._create_mailbox_row(conn, account_id, parent)

@@ -93,6 +93,10 @@ DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
 )
 SPECIAL_USES = frozenset(s for _, s in DEFAULT_MAILBOXES if s) | {"\\All", "\\Flagged"}
 MAX_NAME = 1024
+# per account and per message: every one of them is a row or a word in every FETCH FLAGS
+MAX_MAILBOXES = 2000
+MAX_KEYWORDS = 100
+MAX_KEYWORD_LEN = 100
 SEEN = FLAG_BITS["\\Seen"]
 DELETED = FLAG_BITS["\\Deleted"]
 _FLAG_BY_LOWER = {k.lower(): (k, v) for k, v in FLAG_BITS.items()}
@@ -195,7 +199,7 @@ def flags_to_db(flags: Iterable[str]) -> tuple[int, str]:
             bits |= known[1]
         elif f.startswith("\\"):
             continue
-        elif f and _KEYWORD_RE.match(f):
+        elif f and len(f) <= MAX_KEYWORD_LEN and _KEYWORD_RE.match(f):
             kws.add(f)
         else:
             raise Invalid(f"not a valid flag: {f!r}")

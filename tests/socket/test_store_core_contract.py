@@ -850,3 +850,25 @@ async def test_append_many_is_all_or_nothing(store: Store) -> None:
     assert info.messages == 2 and info.unseen == 0 and info.uidnext == 3
     with pytest.raises(Invalid):
         await r.append_many(a, "Archive", [])
+
+
+async def test_mailboxes_and_keywords_are_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 8 (low): no limit on mailboxes or keywords per account."""
+    from postbus.mailbox_store import mailboxes as mbmod
+    from postbus.mailbox_store.repository import Limit
+
+    r, a = store.repo, store.account
+    monkeypatch.setattr(mbmod, "MAX_MAILBOXES", 8)  # the defaults plus a couple
+    await r.create_mailbox(a, "One")
+    with pytest.raises(Limit):
+        await r.create_mailbox(a, "Two/Three")  # a parent and a child: over the limit
+    await r.deliver("K1", a, "INBOX", new_message(b"Subject: k\r\n\r\nx\r\n"))
+    inbox = await store.inbox()
+    many = [f"$k{i}" for i in range(101)]
+    with pytest.raises(Limit):
+        await r.store_flags(a, inbox, [(1, 1)], "add", many)
+    await r.store_flags(a, inbox, [(1, 1)], "add", many[:100])
+    with pytest.raises(Limit):  # one more on top of the hundred
+        await r.store_flags(a, inbox, [(1, 1)], "add", ["$extra"])
+    with pytest.raises(Exception, match="not a valid flag"):
+        await r.store_flags(a, inbox, [(1, 1)], "add", ["k" * 101])
