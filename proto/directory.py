@@ -15,6 +15,9 @@ from postbus.proto.base import Model, Rpc
 class AccountRef(Model):
     account_id: int
     address: str  # canonical, lower-case domain
+    # at or over its quota when resolved: SMTP answers 452 4.2.2 at RCPT instead of
+    # accepting mail that would only bounce (backscatter)
+    full: bool = False
 
 
 class ResolveRequest(Model):

@@ -143,7 +143,13 @@ def _reply_for(accs: Sequence[Any], dn: str) -> ResolveReply:
         return ResolveReply(status="disabled", domain=dn,
                             accounts=[AccountRef(account_id=a.id, address=a.address) for a in accs])
     return ResolveReply(status="local", domain=dn,
-                        accounts=[AccountRef(account_id=a.id, address=a.address) for a in live])
+                        accounts=[AccountRef(account_id=a.id, address=a.address, full=_full(a))
+                                  for a in live])
+
+
+def _full(a: Any) -> bool:
+    quota = getattr(a, "quota_bytes", None)
+    return quota is not None and (getattr(a, "used_bytes", 0) or 0) >= quota
 
 
 def _check_pop3(policy: str, days: int | None) -> None:

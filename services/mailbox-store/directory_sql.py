@@ -460,7 +460,7 @@ class DirectorySql:
             base = base_local(first, self.separator)
             if base is not None:
                 cands.append(f"{base}@{dn}")
-            acc = (_A.c.id, _A.c.address, _A.c.enabled)
+            acc = (_A.c.id, _A.c.address, _A.c.enabled, _A.c.used_bytes, _A.c.quota_bytes)
             parts = [
                 select(literal(0).label("kind"), _A.c.address.label("key"), *acc)
                 .where(_A.c.address.in_(cands)),

@@ -27,6 +27,7 @@ R550_LOCAL_SENDER = "550 5.7.1 Sender address in a hosted domain requires authen
 # RFC 3463 4.3.1: mail system full (the replica holds as many message bytes as it may)
 R451_NO_ROOM = "451 4.3.1 Insufficient system resources, try again later"
 R452_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+R452_MAILBOX_FULL = "452 4.2.2 Mailbox full, try again later"
 R550_NO_SUCH_USER = "550 5.1.1 Recipient address rejected: user unknown"
 R550_DISABLED = "550 5.2.1 Recipient mailbox disabled"
 R554_RELAY_DENIED = "554 5.7.1 Relay access denied"
@@ -80,6 +81,8 @@ def null_sender_may_relay(mail_from: str, reply: ResolveReply) -> bool:
 def recipient_decision(reply: ResolveReply, *, may_relay: bool) -> Decision:
     """What to answer a RCPT once the directory has spoken (ARCHITECTURE.md "Security")."""
     match reply.status:
+        case "local" if reply.accounts and all(a.full for a in reply.accounts):
+            return Refuse(R452_MAILBOX_FULL, "over_quota")  # now, not a bounce later
         case "local":
             return Accept() if reply.accounts else Refuse(R550_NO_SUCH_USER, "unknown_user")
         case "unknown":

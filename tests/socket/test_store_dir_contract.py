@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from argon2 import PasswordHasher
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from store_dir_support import BACKENDS, open_db
 
@@ -391,3 +391,13 @@ async def test_login_throttle_shared_over_nats_kv(bus: Bus, tmp_path: Path) -> N
         results = await asyncio.gather(*(login("bad", ip="192.0.2.4") for _ in range(40)))
         assert results.count("invalid") == 3 and results.count("throttled") == 37
         assert await login("pw", ip="192.0.2.4") == "throttled"
+
+
+async def test_resolve_says_when_an_account_is_full(d: Directory, sm: Sm) -> None:
+    """SMTP refuses mail for a full mailbox at RCPT (452) instead of bouncing it later."""
+    await d.create_domain("example.test")
+    a = await d.create_account("alice@example.test", "pw", quota_bytes=100)
+    assert not (await d.resolve("alice@example.test")).accounts[0].full
+    async with sm() as s, s.begin():
+        await s.execute(update(Account).where(Account.id == a.id).values(used_bytes=100))
+    assert (await d.resolve("alice@example.test")).accounts[0].full

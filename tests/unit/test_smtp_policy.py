@@ -176,3 +176,15 @@ def test_null_sender_relays_only_locally() -> None:
     local = ResolveReply(status="local", domain="example.test")
     assert not pol.null_sender_may_relay("", remote)
     assert pol.null_sender_may_relay("", local) and pol.null_sender_may_relay("a@b.test", remote)
+
+
+def test_full_mailbox_is_refused_at_rcpt() -> None:
+    # issue 8 (low): over-quota mail was accepted, then bounced with its whole content
+    full = ResolveReply(status="local", domain="example.test", accounts=[
+        AccountRef(account_id=1, address="a@example.test", full=True)])
+    assert pol.recipient_decision(full, may_relay=False) == pol.Refuse(
+        pol.R452_MAILBOX_FULL, "over_quota")
+    some = ResolveReply(status="local", domain="example.test", accounts=[
+        AccountRef(account_id=1, address="a@example.test", full=True),
+        AccountRef(account_id=2, address="b@example.test")])  # an alias: one still has room
+    assert isinstance(pol.recipient_decision(some, may_relay=False), pol.Accept)
