@@ -83,7 +83,10 @@ async def test_imap_over_nats_and_s3(bus: Bus, blobs: BlobStore,
     [port] = await server.start("127.0.0.1", 0, None)
 
     async def deliver_later() -> None:
-        await asyncio.sleep(0.3)
+        for _ in range(500):  # once the client is in IDLE (poll, do not sleep)
+            if any(s.idling for s in server.sessions.values()):
+                break
+            await asyncio.sleep(0.01)
         raw = b"Subject: pushed\r\n\r\nnew\r\n"
         await blobs.put(raw)
         mp.deliver(account, raw)

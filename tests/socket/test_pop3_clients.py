@@ -439,7 +439,9 @@ async def test_connections_per_address_are_bounded(rig: Rig) -> None:
         socks = [socket.create_connection(("127.0.0.1", rig.port), timeout=10) for _ in range(3)]
         greetings = [_recv_until(s, b"\r\n") for s in socks]
         socks[0].close()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10  # until the server has counted the close
+        while rig.server._per_ip.open.get("127.0.0.1", 0) >= 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         again = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
         greetings.append(_recv_until(again, b"\r\n"))
         for s in [*socks[1:], again]:

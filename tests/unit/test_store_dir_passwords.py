@@ -4,9 +4,9 @@ blocks the event loop."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 from argon2 import PasswordHasher
+from argon2.exceptions import VerifyMismatchError
 
 from postbus.mailbox_store.passwords import (
     DEFAULT_HASHER,
@@ -36,26 +36,29 @@ def test_hash_verify_and_rehash() -> None:
 
 
 async def test_verify_runs_off_the_event_loop() -> None:
-    p = Passwords(DEFAULT_HASHER)
-    h = await p.hash("pw")
-    ticks = 0
-    stop = False
+    """Deterministic (issue 12.6: no lower time bound that depends on the CPU): the hash
+    check waits for an event that only the event loop sets. Run on the loop's thread, it
+    would block the loop, the event would never be set, and the check would fail."""
+    import threading
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop:
-            ticks += 1
-            await asyncio.sleep(0.005)
+    release = threading.Event()
 
-    t = asyncio.create_task(ticker())
-    started = time.perf_counter()
-    results = await asyncio.gather(*(p.verify(h, "pw") for _ in range(3)), p.burn("x"))
-    elapsed = time.perf_counter() - started
-    stop = True
-    await t
-    assert all(r.ok for r in results[:3])
-    # the loop kept running while Argon2 worked (it takes tens of ms per verification)
-    assert elapsed > 0.02 and ticks >= 3
+    class GatedHasher:
+        def verify(self, stored: str, password: str) -> bool:
+            if not release.wait(5):
+                raise VerifyMismatchError("the loop was blocked")
+            return True
+
+        def check_needs_rehash(self, stored: str) -> bool:
+            return False
+
+    p = Passwords(GatedHasher())  # type: ignore[arg-type]
+    pending = asyncio.ensure_future(p.verify("$argon2id$stored", "pw"))
+    await asyncio.sleep(0.01)
+    assert not pending.done()  # waiting in its thread; the loop runs on
+    release.set()
+    assert (await pending).ok
+
 
 
 def test_default_hash_is_argon2id_with_the_documented_parameters() -> None:
