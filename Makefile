@@ -78,6 +78,11 @@ bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e be
 	@mkdir -p bench-results
 	@f=tests/bench/bench_$$(echo $* | tr - _).py; if [ -f $$f ]; then $(PY) $$f; else echo "no benchmark for $*"; fi
 
+## Dovecot's imaptest compliance scripts against the platform (skips where the tool is missing)
+imaptest: $(STAMP)
+	@mkdir -p bench-results
+	$(PY) tests/bench/imaptest_compliance.py
+
 ## Regenerate proto/schemas from the pydantic models
 schemas: $(STAMP)
 	$(PY) -m postbus.proto.schema
