@@ -54,3 +54,44 @@ def test_recent_failures_window_and_bound() -> None:
     f.add("c")
     f.add("d")  # only the two most recent keys are kept
     assert "b" not in f._d and not RecentFailures(0, 10).over("x")
+
+
+@pytest.mark.parametrize(("domain", "public"), [
+    ("example.net", True), ("[8.8.8.8]", True), ("[IPv6:2001:4860:4860::8888]", True),
+    ("[ipv6:2001:4860:4860::8888]", True), ("[127.0.0.1]", False), ("[10.1.2.3]", False),
+    ("[169.254.169.254]", False), ("[::1]", False), ("[IPv6:::ffff:127.0.0.1]", False),
+    ("[not an address]", False), ("[]", False),
+])
+def test_literal_is_public(domain: str, public: bool) -> None:
+    from postbus.kit.net import literal_is_public
+
+    assert literal_is_public(domain) is public
+
+
+@pytest.mark.parametrize(("header", "client"), [
+    (b"PROXY TCP4 198.51.100.7 192.0.2.1 40000 143\r\n", ("198.51.100.7", 40000)),
+    (b"PROXY TCP6 2001:db8::7 2001:db8::1 40001 993\r\n", ("2001:db8::7", 40001)),
+])
+async def test_proxy_header_gives_the_client(header: bytes, client: tuple[str, int]) -> None:
+    import asyncio
+
+    from postbus.kit.net import read_proxy_header
+
+    r = asyncio.StreamReader()
+    r.feed_data(header + b"a LOGIN x y\r\n")
+    assert await read_proxy_header(r, 1) == client
+    assert await r.readline() == b"a LOGIN x y\r\n"  # the rest is left for the protocol
+
+
+async def test_no_or_bad_proxy_header_is_refused() -> None:
+    import asyncio
+
+    from postbus.kit.net import BadProxyHeader, read_proxy_header
+
+    bad = asyncio.StreamReader()
+    bad.feed_data(b"a LOGIN alice secret\r\n")
+    with pytest.raises(BadProxyHeader):
+        await read_proxy_header(bad, 1)
+    silent = asyncio.StreamReader()  # nothing comes: refused after the timeout
+    with pytest.raises(BadProxyHeader):
+        await read_proxy_header(silent, 0.05)
