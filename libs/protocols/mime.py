@@ -164,7 +164,8 @@ def decode_words(text: str) -> str:
 def normalize_crlf(raw: bytes) -> bytes:
     """Bare LF (and bare CR) line ends to CRLF, as IMAP requires (RFC 3501 §2.3.1 sizes count
     CRLF). Summarize the normalized bytes and store those, so sizes match what is served."""
-    if b"\n" not in raw and b"\r" not in raw:
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:  # already CRLF throughout
         return raw
     return re.sub(rb"\r?\n|\r", b"\r\n", raw)
 

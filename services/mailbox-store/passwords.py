@@ -98,6 +98,7 @@ class Passwords:
         # a hash verified when the account does not exist, so a login for an unknown
         # address costs as much as one for a known address (no enumeration by timing)
         self._dummy: str | None = None
+        self._running: dict[bytes, asyncio.Future[Verified]] = {}
 
     # ------------------------------------------------------------ sync (call from a thread)
     def hash_sync(self, password: str) -> str:
@@ -126,12 +127,25 @@ class Passwords:
     async def verify(self, stored: str, password: str, login: str = "") -> Verified:
         """Check ``password`` against ``stored``; a cached outcome for the same login, stored
         hash and password is answered without Argon2."""
-        key = self.cache.key(login, stored, password) if self.cache is not None else b""
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+        if self.cache is None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.verify_sync, stored, password)
+        key = self.cache.key(login, stored, password)
+        if (hit := self.cache.get(key)) is not None:
             return Verified(hit)
-        v = await asyncio.get_running_loop().run_in_executor(
+        # one Argon2 run for the same check asked for at once (a client opening several
+        # connections, imaptest's clients at start): the later ones wait for the first
+        running = self._running.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        fut = asyncio.get_running_loop().run_in_executor(
             self._pool, self.verify_sync, stored, password)
-        if self.cache is not None and v.new_hash is None:  # an upgraded hash: not cached
+        self._running[key] = fut
+        try:
+            v = await asyncio.shield(fut)
+        finally:
+            del self._running[key]
+        if v.new_hash is None:  # an upgraded hash: not cached
             self.cache.put(key, v.ok)
         return v
 

@@ -128,3 +128,15 @@ def test_verify_cache_keeps_no_password() -> None:
     key = cache.key("a@x", "$argon2id$stored", "hunter2")
     assert b"hunter2" not in key and len(key) == 32
     assert key != VerifyCache().key("a@x", "$argon2id$stored", "hunter2")  # per-process key
+
+
+async def test_verify_cache_runs_one_argon2_for_the_same_check_at_once() -> None:
+    c = Counting(VerifyCache())
+    h = c.p.hash_sync("right")
+    same = await asyncio.gather(*(c.p.verify(h, "right", "a@x") for _ in range(8)))
+    assert all(v.ok for v in same) and c.calls == 1
+    # other passwords or logins at the same moment are their own checks
+    mixed = await asyncio.gather(c.p.verify(h, "wrong", "a@x"), c.p.verify(h, "right", "b@x"),
+                                 c.p.verify(h, "wrong", "a@x"))
+    assert [v.ok for v in mixed] == [False, True, False] and c.calls == 3
+    assert not c.p._running  # nothing left behind
