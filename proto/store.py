@@ -208,6 +208,11 @@ class AppendRequest(Model):
     internaldate: datetime | None = None
     message: B64Bytes | None = None  # the literal, when small
     blob_key: str | None = None  # or already uploaded to S3 by the caller
+    # with blob_key, what imap-access sends: the uploaded bytes were CRLF-normalised and
+    # summarised by the caller, and the store takes both as given, as it takes a
+    # delivery's from mime-processor (the store then only writes rows)
+    blob_size: int | None = Field(default=None, ge=0)
+    summary: MessageSummary | None = None
     origin: str | None = None
 
 

@@ -127,7 +127,6 @@ class SessionConfig:
     uids_per_request: int = 5000
     # message bytes read from S3 and held at once by one FETCH (larger batches go piecewise)
     fetch_bytes_in_flight: int = 32 * 1024 * 1024
-    inline_append_max: int = 128 * 1024  # larger APPENDs go to S3 first, then a reference
     hostname: str = "localhost"
     starttls_available: bool = False
 
@@ -971,12 +970,14 @@ class Session:
     async def _append(self, st: Authenticated | Selected, cmd: p.Append) -> Tagged:
         name = to_store_name(cmd.mailbox)
         flags = [f for f in cmd.flags if f.lower() != "\\recent"]
+        # the bytes IMAP will serve (CRLF line ends), uploaded and summarised here, where
+        # the CPU is spare, so the store only writes rows (docs/benchmarks.md)
+        raw = mime.normalize_crlf(cmd.message)
+        summary = await asyncio.get_running_loop().run_in_executor(None, mime.summarize, raw)
         req = AppendRequest(account_id=st.account_id, mailbox=name, flags=flags,
-                            internaldate=cmd.date or datetime.now(UTC), origin=self.info.id)
-        if len(cmd.message) > self.cfg.inline_append_max:
-            req.blob_key = await self.blobs.put(cmd.message)
-        else:
-            req.message = cmd.message
+                            internaldate=cmd.date or datetime.now(UTC), origin=self.info.id,
+                            blob_key=await self.blobs.put(raw), blob_size=len(raw),
+                            summary=summary)
         try:
             reply = await self.store.append(req)
         except StoreError as exc:

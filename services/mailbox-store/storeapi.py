@@ -173,24 +173,29 @@ class StoreApi:
         return CopyReply(uidvalidity=uv, source_uids=src, target_uids=dst)
 
     async def append(self, req: AppendRequest) -> AppendReply:
-        if req.message is not None:
-            raw = normalize_crlf(req.message)
-            key = await self.blobs.put(raw)
-        elif req.blob_key:
-            try:
-                raw = await self.blobs.get(req.blob_key)
-            except BlobNotFound as exc:
-                raise RemoteError("invalid", f"no blob {req.blob_key}") from exc
-            key = req.blob_key
-            fixed = normalize_crlf(raw)
-            if fixed != raw:  # store what IMAP will serve, with CRLF line ends
-                raw = fixed
-                key = await self.blobs.put(raw)
+        if req.blob_key and req.summary is not None and req.blob_size is not None:
+            # imap-access uploaded and summarised it: only rows to write here
+            key, size, summary = req.blob_key, req.blob_size, req.summary
         else:
-            raise RemoteError("invalid", "append needs message or blob_key")
-        summary = await asyncio.get_running_loop().run_in_executor(None, summarize, raw)
+            if req.message is not None:
+                raw = normalize_crlf(req.message)
+                key = await self.blobs.put(raw)
+            elif req.blob_key:
+                try:
+                    raw = await self.blobs.get(req.blob_key)
+                except BlobNotFound as exc:
+                    raise RemoteError("invalid", f"no blob {req.blob_key}") from exc
+                key = req.blob_key
+                fixed = normalize_crlf(raw)
+                if fixed != raw:  # store what IMAP will serve, with CRLF line ends
+                    raw = fixed
+                    key = await self.blobs.put(raw)
+            else:
+                raise RemoteError("invalid", "append needs message or blob_key")
+            size = len(raw)
+            summary = await asyncio.get_running_loop().run_in_executor(None, summarize, raw)
         uv, uid, change = await self.repo.append(req.account_id, req.mailbox, NewMessage(
-            blob_key=key, blob_size=len(raw), summary=summary, flags=req.flags,
+            blob_key=key, blob_size=size, summary=summary, flags=req.flags,
             internaldate=req.internaldate))
         await publish_change(self.bus, change, req.origin)
         return AppendReply(uidvalidity=uv, uid=uid)

@@ -428,19 +428,22 @@ def test_mgmt_lists_live_sessions_and_counters(imap: Running) -> None:
             m.noop()
 
 
-def test_large_append_goes_to_the_blob_store_first(tmp_path: Path) -> None:
+def test_append_goes_to_the_blob_store_first_with_crlf_line_ends(tmp_path: Path) -> None:
+    """imap-access uploads every APPEND (CRLF-normalised, as IMAP serves it) and sends the
+    store a reference, so the store only writes rows."""
     for imap in _start(tmp_path):
-        imap.server.settings.common.inline_threshold = 1000
         big = b"Subject: big\r\n\r\n" + b"x" * 5000 + b"\r\n"
         with imaplib.IMAP4("127.0.0.1", imap.port) as m:
             m.login(USER, PASSWORD)
             typ, _ = m.append("INBOX", None, None, big)
             assert typ == "OK"
+            m.append("INBOX", None, None, b"Subject: bare\n\nx\n")
             m.select("INBOX")
-            typ, data = m.fetch("2", "(BODY.PEEK[])")
+            typ, data = m.fetch("2:3", "(RFC822.SIZE BODY.PEEK[])")
             assert data[0][1] == big  # type: ignore[index]
-            m.append("INBOX", None, None, b"Subject: small\r\n\r\nx\r\n")
-        assert imap.mp.puts == 1  # only the large one went by reference
+            assert data[2][1] == b"Subject: bare\r\n\r\nx\r\n"  # type: ignore[index]
+            assert b"RFC822.SIZE 20 " in data[2][0]  # type: ignore[index]
+        assert imap.mp.puts == 2
 
 
 def test_session_time_limit(tmp_path: Path) -> None:
