@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from postbus.kit.net import ip_in, parse_networks
 from postbus.proto.directory import AccountRef, ResolveReply
@@ -42,6 +43,17 @@ def may_relay(client: ClientInfo, trusted_networks: Sequence[str]) -> bool:
     """Remote recipients only for authenticated clients or configured networks
     (ARCHITECTURE.md "Security baseline": no open relay; loopback is not trusted)."""
     return bool(client.auth_user) or ip_in(client.ip, parse_networks(trusted_networks))
+
+
+def bounce_ret(client: ClientInfo, ret: Literal["FULL", "HDRS"] | None,
+               trusted_networks: Sequence[str]) -> Literal["FULL", "HDRS"] | None:
+    """What a bounce of this message may return: the whole message (RET=FULL, RFC 3461)
+    only to a sender we vouch for (authenticated, or a trusted network); to anyone else,
+    whose sender address is unverified, headers only, so a forged sender cannot use our
+    bounces to send content to a third party (backscatter)."""
+    if ret == "FULL" and not may_relay(client, trusted_networks):
+        return "HDRS"
+    return ret
 
 
 def plan_routes(rcpts: Sequence[Recipient], replies: Sequence[ResolveReply],

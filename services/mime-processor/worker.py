@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from postbus.kit.blob import BlobNotFound, BlobUnavailable, blob_key
 from postbus.kit.bus import Ack, BusUnavailable, Delivery, Outcome, Reject, RemoteError, Retry
@@ -252,7 +252,7 @@ class MimeWorker:
         if plan.remote:
             out = OutboundQueued(
                 queue_id=qid, mail_from=m.mail_from, recipients=plan.remote, blob_key=key,
-                size=size, queued_at=now, dsn_envid=m.dsn_envid, dsn_ret=m.dsn_ret,
+                size=size, queued_at=now, dsn_envid=m.dsn_envid, dsn_ret=self._bounce_ret(m),
                 smtputf8=m.smtputf8, body_type=m.body_type,
                 is_bounce=not m.mail_from)  # null reverse-path: never bounce it (RFC 5321 §4.5.5)
             jobs.append(self.publisher.publish(OUTBOUND_QUEUED, out, msg_id=f"{qid}:out"))
@@ -262,6 +262,9 @@ class MimeWorker:
         # all at once; any failure raises and the whole message is retried (msg ids dedupe)
         await asyncio.gather(*jobs)
 
+    def _bounce_ret(self, m: MailReceived) -> Literal["FULL", "HDRS"] | None:
+        return policy.bounce_ret(m.client, m.dsn_ret, self.settings.common.trusted_networks)
+
     async def _event(self, m: MailReceived, kind: EventKind, at: datetime,
                      rcpt: Recipient | None, *, status: str | None = None, detail: str = "",
                      blob: str | None) -> int:
@@ -269,7 +272,8 @@ class MimeWorker:
             queue_id=m.queue_id, kind=kind, recipient=rcpt.address if rcpt else None, at=at,
             service=SERVICE, status=status, detail=detail, mail_from=m.mail_from,
             blob_key=blob, notify=list(rcpt.notify) if rcpt else [],
-            orcpt=rcpt.orcpt if rcpt else None, dsn_envid=m.dsn_envid, dsn_ret=m.dsn_ret)
+            orcpt=rcpt.orcpt if rcpt else None, dsn_envid=m.dsn_envid,
+            dsn_ret=self._bounce_ret(m))
         msg_id = f"{m.queue_id}:{kind}" + (f":{rcpt.address.lower()}" if rcpt else "")
         return await self.publisher.publish(
             DELIVERY_EVENT, ev, msg_id=msg_id,

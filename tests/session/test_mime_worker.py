@@ -114,7 +114,7 @@ class MemMemo:
 
 def mail(qid: str = "Q1", rcpts: list[str] | None = None, *, listener: str = "mx",
          auth_user: str | None = None, body: bytes = BODY, claim: str | None = None,
-         ip: str = "198.51.100.7") -> MailReceived:
+         ip: str = "198.51.100.7", ret: str = "HDRS") -> MailReceived:
     return MailReceived(
         queue_id=qid, received_at=datetime.now(UTC),
         client=ClientInfo(ip=ip, helo="mx.sender.example", listener=listener,  # type: ignore[arg-type]
@@ -123,7 +123,7 @@ def mail(qid: str = "Q1", rcpts: list[str] | None = None, *, listener: str = "mx
         rcpt_to=[Recipient(address=a, notify=["FAILURE", "DELAY"], orcpt=f"rfc822;{a}")
                  for a in (rcpts or ["team@example.test"])],
         body=BodyRef(size=len(body), inline=None if claim else body, blob_key=claim),
-        dsn_envid="ENV1", dsn_ret="HDRS")
+        dsn_envid="ENV1", dsn_ret=ret)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -186,6 +186,21 @@ async def test_authenticated_submission_goes_outbound_without_auth_header(parts:
     assert (out.blob_key, out.size, out.dsn_ret, out.dsn_envid) == (key, len(BODY), "HDRS", "ENV1")
     assert "Q2:out" in pub.msgs
     assert [d.account_id for d in pub.of(DeliverLocal)] == [1]
+
+
+async def test_bounces_return_full_content_only_to_senders_we_vouch_for(parts: Parts) -> None:
+    """Issue 8 (low): an unauthenticated MX client asking RET=FULL with a forged sender would
+    have our bounce carry its content to a third party (backscatter)."""
+    w, _, _, pub, _, _ = parts
+    await w.handle_message(mail("Q8", ["nobody@example.test"], ret="FULL"))
+    [failed] = [e for e in pub.of(DeliveryEvent) if e.kind == "failed"]
+    assert failed.dsn_ret == "HDRS"
+    await w.handle_message(mail("Q9", ["nobody@example.test", "x@remote.example"],
+                                listener="submission", auth_user="alice@example.test",
+                                ret="FULL"))
+    [failed] = [e for e in pub.of(DeliveryEvent) if e.kind == "failed" and e.queue_id == "Q9"]
+    [out] = pub.of(OutboundQueued)
+    assert failed.dsn_ret == "FULL" and out.dsn_ret == "FULL"
 
 
 async def test_trusted_network_may_relay_and_mx_auth_user_too(parts: Parts) -> None:
