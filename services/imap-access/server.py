@@ -102,6 +102,7 @@ class ImapServer:
         return SessionConfig(auth_fail_delay_s=s.auth_fail_delay_s,
                              max_auth_failures=s.max_auth_failures, fetch_batch=s.fetch_batch,
                              fetch_bytes_in_flight=s.fetch_bytes_in_flight,
+                             summarize_append_max=s.common.inline_threshold,
                              hostname=s.common.hostname,
                              starttls_available=self.tls is not None)
 

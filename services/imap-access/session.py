@@ -127,6 +127,10 @@ class SessionConfig:
     uids_per_request: int = 5000
     # message bytes read from S3 and held at once by one FETCH (larger batches go piecewise)
     fetch_bytes_in_flight: int = 32 * 1024 * 1024
+    # APPENDs up to this size are summarised here; the store summarises larger ones itself
+    # (a summary of thousands of parts is about twice the message, and a NATS message is
+    # bounded, 1 MiB by default)
+    summarize_append_max: int = 128 * 1024
     hostname: str = "localhost"
     starttls_available: bool = False
 
@@ -973,11 +977,13 @@ class Session:
         # the bytes IMAP will serve (CRLF line ends), uploaded and summarised here, where
         # the CPU is spare, so the store only writes rows (docs/benchmarks.md)
         raw = mime.normalize_crlf(cmd.message)
-        summary = await asyncio.get_running_loop().run_in_executor(None, mime.summarize, raw)
         req = AppendRequest(account_id=st.account_id, mailbox=name, flags=flags,
                             internaldate=cmd.date or datetime.now(UTC), origin=self.info.id,
-                            blob_key=await self.blobs.put(raw), blob_size=len(raw),
-                            summary=summary)
+                            blob_key=await self.blobs.put(raw))
+        if len(raw) <= self.cfg.summarize_append_max:
+            req.blob_size = len(raw)
+            req.summary = await asyncio.get_running_loop().run_in_executor(
+                None, mime.summarize, raw)
         try:
             reply = await self.store.append(req)
         except StoreError as exc:

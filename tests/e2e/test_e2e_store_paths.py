@@ -143,6 +143,16 @@ def test_submission_pop3_modes_and_imap_through_the_real_store(platform: Platfor
         typ, data = other.fetch("1:2", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
         subjects = sorted(x[1].strip() for x in data if isinstance(x, tuple))
         assert subjects == sorted(left)
+        # a large APPEND (past what imap-access summarises itself) is summarised by the store
+        big = (b"From: a@example.net\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+               b"Content-Type: text/plain\r\n\r\n" + b"y" * 200_000 + b"\r\n--b\r\n"
+               b"Content-Type: text/html\r\n\r\n<p>z</p>\r\n--b--\r\n")
+        assert m.append("Work", None, None, big)[0] == "OK"
+        m.select("Work")
+        typ, data = m.fetch("3", "(RFC822.SIZE BODYSTRUCTURE ENVELOPE)")
+        assert f"RFC822.SIZE {len(big)} ".encode() in data[0]
+        assert b'("text" "html"' in data[0] and b'"mixed"' in data[0] and b'"big"' in data[0]
     finally:
         m.logout()
         other.logout()
