@@ -981,9 +981,9 @@ class Session:
                             internaldate=cmd.date or datetime.now(UTC), origin=self.info.id,
                             blob_key=await self.blobs.put(raw))
         if len(raw) <= self.cfg.summarize_append_max:
-            req.blob_size = len(raw)
-            req.summary = await asyncio.get_running_loop().run_in_executor(
-                None, mime.summarize, raw)
+            # small enough to summarise in the loop (mime-processor does so up to 512 KiB):
+            # a thread would cost more than it saves
+            req.blob_size, req.summary = len(raw), mime.summarize(raw)
         try:
             reply = await self.store.append(req)
         except StoreError as exc:

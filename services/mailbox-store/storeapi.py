@@ -21,6 +21,7 @@ from postbus.mailbox_store.delivery import publish_change
 from postbus.mailbox_store.repository import Limit, NewMessage, Repository, StoreError
 from postbus.mailbox_store.settings import Settings
 from postbus.proto.base import Rpc
+from postbus.proto.mail import MessageSummary
 from postbus.proto.store import (
     PAGE_BYTES,
     STORE_APPEND,
@@ -173,32 +174,35 @@ class StoreApi:
         return CopyReply(uidvalidity=uv, source_uids=src, target_uids=dst)
 
     async def append(self, req: AppendRequest) -> AppendReply:
-        if req.blob_key and req.summary is not None and req.blob_size is not None:
-            # imap-access uploaded and summarised it: only rows to write here
-            key, size, summary = req.blob_key, req.blob_size, req.summary
-        else:
-            if req.message is not None:
-                raw = normalize_crlf(req.message)
-                key = await self.blobs.put(raw)
-            elif req.blob_key:
-                try:
-                    raw = await self.blobs.get(req.blob_key)
-                except BlobNotFound as exc:
-                    raise RemoteError("invalid", f"no blob {req.blob_key}") from exc
-                key = req.blob_key
-                fixed = normalize_crlf(raw)
-                if fixed != raw:  # store what IMAP will serve, with CRLF line ends
-                    raw = fixed
-                    key = await self.blobs.put(raw)
-            else:
-                raise RemoteError("invalid", "append needs message or blob_key")
-            size = len(raw)
-            summary = await asyncio.get_running_loop().run_in_executor(None, summarize, raw)
+        key, size, summary = await self._append_body(req)
         uv, uid, change = await self.repo.append(req.account_id, req.mailbox, NewMessage(
             blob_key=key, blob_size=size, summary=summary, flags=req.flags,
             internaldate=req.internaldate))
         await publish_change(self.bus, change, req.origin)
         return AppendReply(uidvalidity=uv, uid=uid)
+
+    async def _append_body(self, req: AppendRequest) -> tuple[str, int, MessageSummary]:
+        """Blob key, size and summary of an APPEND: as imap-access sent them, or made here
+        from the literal or an uploaded blob, with the CRLF line ends IMAP serves."""
+        if req.blob_key and req.summary is not None and req.blob_size is not None:
+            return req.blob_key, req.blob_size, req.summary
+        if req.message is not None:
+            raw = normalize_crlf(req.message)
+            key = await self.blobs.put(raw)
+        elif req.blob_key:
+            try:
+                raw = await self.blobs.get(req.blob_key)
+            except BlobNotFound as exc:
+                raise RemoteError("invalid", f"no blob {req.blob_key}") from exc
+            key = req.blob_key
+            fixed = normalize_crlf(raw)
+            if fixed != raw:  # store what IMAP will serve, with CRLF line ends
+                raw = fixed
+                key = await self.blobs.put(raw)
+        else:
+            raise RemoteError("invalid", "append needs message or blob_key")
+        summary = await asyncio.get_running_loop().run_in_executor(None, summarize, raw)
+        return key, len(raw), summary
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
         expunged, hms, change, more = await self.repo.expunge(

@@ -45,15 +45,13 @@ def may_relay(client: ClientInfo, trusted_networks: Sequence[str]) -> bool:
     return bool(client.auth_user) or ip_in(client.ip, parse_networks(trusted_networks))
 
 
-def bounce_ret(client: ClientInfo, ret: Literal["FULL", "HDRS"] | None,
-               trusted_networks: Sequence[str]) -> Literal["FULL", "HDRS"] | None:
+def bounce_ret(ret: Literal["FULL", "HDRS"] | None,
+               vouched: bool) -> Literal["FULL", "HDRS"] | None:
     """What a bounce of this message may return: the whole message (RET=FULL, RFC 3461)
-    only to a sender we vouch for (authenticated, or a trusted network); to anyone else,
-    whose sender address is unverified, headers only, so a forged sender cannot use our
-    bounces to send content to a third party (backscatter)."""
-    if ret == "FULL" and not may_relay(client, trusted_networks):
-        return "HDRS"
-    return ret
+    only to a sender we vouch for (``may_relay``: authenticated, or a trusted network); to
+    anyone else, whose sender address is unverified, headers only, so a forged sender
+    cannot use our bounces to send content to a third party (backscatter)."""
+    return "HDRS" if ret == "FULL" and not vouched else ret
 
 
 def plan_routes(rcpts: Sequence[Recipient], replies: Sequence[ResolveReply],

@@ -147,7 +147,8 @@ class MimeWorker:
         try:
             await asyncio.gather(*(
                 self._event(m, "failed", now, r, status="5.3.0",
-                            detail=f"554 5.3.0 {reason}", blob=None)
+                            detail=f"554 5.3.0 {reason}", blob=None,
+                            ret=policy.bounce_ret(m.dsn_ret, self._vouched(m)))
                 for r in m.rcpt_to))
         except (BusUnavailable, OSError) as exc:
             return self._retry(m, self.settings.missing_blob_attempts, str(exc))
@@ -173,9 +174,10 @@ class MimeWorker:
 
         # smtp-ingress passes what the directory said at RCPT: no second lookup
         replies = await asyncio.gather(*(self._resolve(r) for r in m.rcpt_to))
-        plan = policy.plan_routes(m.rcpt_to, replies,
-                                  policy.may_relay(m.client, self.settings.common.trusted_networks))
-        await self._publish(m, key, len(final), summary, plan, auth_value)
+        vouched = self._vouched(m)
+        plan = policy.plan_routes(m.rcpt_to, replies, vouched)
+        await self._publish(m, key, len(final), summary, plan, auth_value,
+                            policy.bounce_ret(m.dsn_ret, vouched))
 
         self.stats.processed += 1
         for route, n in (("local", len(plan.local)), ("remote", len(plan.remote)),
@@ -229,13 +231,14 @@ class MimeWorker:
         return value
 
     async def _publish(self, m: MailReceived, key: str, size: int, summary: MessageSummary,
-                       plan: policy.Plan, auth_value: str | None) -> None:
+                       plan: policy.Plan, auth_value: str | None,
+                       ret: Literal["FULL", "HDRS"] | None) -> None:
         now = datetime.now(UTC)
         qid = m.queue_id
         flat_auth = auth_value.replace("\r\n\t", " ") if auth_value else None
         jobs = [self._event(m, "received", now, None, detail=(
             f"from {m.client.ip} via {m.client.listener}"
-            + (f" as {m.client.auth_user}" if m.client.auth_user else "")), blob=key)]
+            + (f" as {m.client.auth_user}" if m.client.auth_user else "")), blob=key, ret=ret)]
         for t in plan.local:
             dl = DeliverLocal(
                 queue_id=qid, recipient=t.recipient.address, account_id=t.account.account_id,
@@ -247,33 +250,33 @@ class MimeWorker:
             jobs.append(self.publisher.publish(DELIVER_LOCAL, dl,
                                                msg_id=f"{qid}:{t.account.account_id}"))
         for rcpt, accounts in plan.expanded:
-            jobs.append(self._event(m, "expanded", now, rcpt, blob=key, detail="expanded to "
+            jobs.append(self._event(m, "expanded", now, rcpt, blob=key, ret=ret,
+                                    detail="expanded to "
                                     + ", ".join(a.address for a in accounts)))
         if plan.remote:
             out = OutboundQueued(
                 queue_id=qid, mail_from=m.mail_from, recipients=plan.remote, blob_key=key,
-                size=size, queued_at=now, dsn_envid=m.dsn_envid, dsn_ret=self._bounce_ret(m),
+                size=size, queued_at=now, dsn_envid=m.dsn_envid, dsn_ret=ret,
                 smtputf8=m.smtputf8, body_type=m.body_type,
                 is_bounce=not m.mail_from)  # null reverse-path: never bounce it (RFC 5321 §4.5.5)
             jobs.append(self.publisher.publish(OUTBOUND_QUEUED, out, msg_id=f"{qid}:out"))
         for f in plan.failed:
             jobs.append(self._event(m, "failed", now, f.recipient, status=f.status,
-                                    detail=f.detail, blob=key))
+                                    detail=f.detail, blob=key, ret=ret))
         # all at once; any failure raises and the whole message is retried (msg ids dedupe)
         await asyncio.gather(*jobs)
 
-    def _bounce_ret(self, m: MailReceived) -> Literal["FULL", "HDRS"] | None:
-        return policy.bounce_ret(m.client, m.dsn_ret, self.settings.common.trusted_networks)
+    def _vouched(self, m: MailReceived) -> bool:
+        return policy.may_relay(m.client, self.settings.common.trusted_networks)
 
     async def _event(self, m: MailReceived, kind: EventKind, at: datetime,
                      rcpt: Recipient | None, *, status: str | None = None, detail: str = "",
-                     blob: str | None) -> int:
+                     blob: str | None, ret: Literal["FULL", "HDRS"] | None) -> int:
         ev = DeliveryEvent(
             queue_id=m.queue_id, kind=kind, recipient=rcpt.address if rcpt else None, at=at,
             service=SERVICE, status=status, detail=detail, mail_from=m.mail_from,
             blob_key=blob, notify=list(rcpt.notify) if rcpt else [],
-            orcpt=rcpt.orcpt if rcpt else None, dsn_envid=m.dsn_envid,
-            dsn_ret=self._bounce_ret(m))
+            orcpt=rcpt.orcpt if rcpt else None, dsn_envid=m.dsn_envid, dsn_ret=ret)
         msg_id = f"{m.queue_id}:{kind}" + (f":{rcpt.address.lower()}" if rcpt else "")
         return await self.publisher.publish(
             DELIVERY_EVENT, ev, msg_id=msg_id,
