@@ -11,6 +11,8 @@ from __future__ import annotations
 import binascii
 import re
 from dataclasses import dataclass, field
+from datetime import date
+from email.utils import getaddresses, parsedate_tz
 
 from postbus.protocols.mime import (
     Entity,
@@ -22,7 +24,8 @@ from postbus.protocols.mime import (
     unfold,
 )
 
-__all__ = ["MAX_TEXT", "Text", "message_text", "header_values"]
+__all__ = ["MAX_TEXT", "Text", "address_text", "compare_dates", "header_values",
+           "message_text", "written_date"]
 
 # characters of one message a search looks at (Dovecot indexes bodies for this; we read the
 # blob): past this the rest of a huge text is not searched
@@ -120,3 +123,39 @@ def header_values(raw: bytes, name: str, limit: int = MAX_TEXT) -> list[str]:
             values.append(s)
             left -= len(s)
     return values
+
+
+def address_text(value: str) -> str:
+    """What FROM/TO/CC/BCC look in (RFC 3501 §6.4.4): the field as written, and each address
+    again as ``name <local@domain>`` with comments and folding dropped, so that an address
+    written with comments inside it (``<joe (work)@ example.com>``, RFC 5322 §3.4.1 CFWS)
+    is found whole, as Dovecot finds it."""
+    if "(" not in value:  # nothing can split an address but a comment
+        return value
+    try:
+        parsed = getaddresses([value])
+    except Exception:  # the standard library's parser on hostile input: the text alone
+        return value
+    return value + "\n" + ", ".join(f"{name} <{addr}>" for name, addr in parsed if addr)
+
+
+def written_date(value: str | None) -> date | None:
+    """The calendar date of a Date: field as written, its time and zone disregarded
+    (RFC 3501 §6.4.4 SENTBEFORE/SENTON/SENTSINCE); None when it does not parse."""
+    if not value:
+        return None
+    try:
+        t = parsedate_tz(value)
+        return None if t is None else date(t[0], t[1], t[2])
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def compare_dates(op: str, written: date, ref: date) -> bool:
+    """BEFORE/ON/SINCE (and the SENT forms) on calendar dates (RFC 3501 §6.4.4)."""
+    op = op.removeprefix("sent")
+    if op == "before":
+        return written < ref
+    if op == "on":
+        return written == ref
+    return written >= ref

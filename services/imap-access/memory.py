@@ -42,6 +42,7 @@ from postbus.proto.store import (
     SubscribeRequest,
 )
 from postbus.protocols import mime
+from postbus.protocols.searchtext import address_text, compare_dates, written_date
 
 
 @dataclass
@@ -402,20 +403,19 @@ class MemoryPlatform:
             case "header":
                 return needle in header(a[0].lower()).lower() if needle else any(
                     n == a[0].lower() for n, _ in fields)
-            case "from" | "to" | "cc" | "bcc" | "subject":
+            case "from" | "to" | "cc" | "bcc":
+                return needle in address_text(mime.decode_words(header(k.op))).lower()
+            case "subject":
                 return needle in mime.decode_words(header(k.op)).lower()
             case "body":
                 return needle in raw[len(hdr):].decode("utf-8", "replace").lower()
             case "text":
                 return needle in raw.decode("utf-8", "replace").lower()
             case "sentbefore" | "senton" | "sentsince":
-                from email.utils import parsedate_to_datetime
-                try:
-                    d = parsedate_to_datetime(header("date")).date()
-                except (TypeError, ValueError):
-                    return False
-                ref = date.fromisoformat(a[0])
-                return {"sentbefore": d < ref, "senton": d == ref, "sentsince": d >= ref}[k.op]
+                # the Date: field's date as written; without one the INTERNALDATE's (as the
+                # store does)
+                d = written_date(header("date")) or m.internaldate.date()
+                return compare_dates(k.op, d, date.fromisoformat(a[0]))
         raise StoreError("invalid", f"unknown search key {k.op}")
 
     async def quota(self, req: QuotaRequest) -> QuotaReply:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import email.header
+from datetime import date
 
 import pytest
 from hypothesis import given, settings
@@ -12,7 +13,13 @@ from hypothesis import strategies as st
 
 from postbus.kit.testing import examples
 from postbus.protocols.mime import decode_bytes, decode_words
-from postbus.protocols.searchtext import header_values, message_text
+from postbus.protocols.searchtext import (
+    address_text,
+    compare_dates,
+    header_values,
+    message_text,
+    written_date,
+)
 
 
 def _reference(text: str) -> str:
@@ -90,6 +97,51 @@ def test_limit_bounds_what_is_decoded() -> None:
     subj = b"Subject: " + b" ".join(b"=?utf-8?q?w%d?=" % i for i in range(20_000)) + b"\r\n\r\n"
     assert len(message_text(subj, headers=True, limit=500)) <= 500
     assert sum(map(len, header_values(subj, "subject", limit=300))) <= 300
+
+
+@pytest.mark.parametrize("value,want", [
+    ("Sat, 24 Mar 2007 23:00:00 +0200", date(2007, 3, 24)),  # not the 24th 21:00 UTC...
+    ("Mon, 26 Mar 2007 00:00:00 +0300", date(2007, 3, 26)),  # ...nor the 25th 21:00 UTC
+    ("26 Mar 07 00:00 EST", date(2007, 3, 26)),  # obsolete forms (RFC 5322 §4.3)
+    ("26 Mar 2007 00:00", date(2007, 3, 26)),
+    ("Sun, 31 Feb 2007 00:00:00 +0200", None),
+    ("yesterday", None),
+    ("", None),
+    (None, None),
+])
+def test_written_date_disregards_time_and_zone(value: str | None, want: date | None) -> None:
+    assert written_date(value) == want
+
+
+def test_compare_dates() -> None:
+    d, ref = date(2007, 3, 25), date(2007, 3, 25)
+    assert [compare_dates(op, d, ref) for op in ("sentbefore", "senton", "sentsince")] == [
+        False, True, True]
+    assert [compare_dates(op, d, date(2007, 3, 26)) for op in ("before", "on", "since")] == [
+        True, False, False]
+
+
+@pytest.mark.parametrize("value,found", [
+    ("<user-from (comment)@ (comment) domain.org>", "user-from@domain.org"),
+    ('"Joe" <joe(comment)@example.com>', "<joe@example.com>"),
+    ("joe@(c)example.com", "joe@example.com"),
+    ("user-from@domain.org (RealFrom)", "realfrom <user-from@domain.org>"),
+])
+def test_address_text_finds_addresses_written_with_comments(value: str, found: str) -> None:
+    text = address_text(value).lower()
+    assert found in text and value.lower() in text
+
+
+def test_address_text_without_comments_is_the_field() -> None:
+    assert address_text("Joe <joe@example.com>, ann@example.org") == (
+        "Joe <joe@example.com>, ann@example.org")
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.text(max_size=300))
+def test_address_text_and_written_date_never_raise(value: str) -> None:
+    assert value in address_text(value)
+    written_date(value)
 
 
 @settings(max_examples=examples(300), deadline=None)
