@@ -209,6 +209,8 @@ class MemoryPlatform:
         if req.name in boxes:
             raise StoreError("exists", req.name)
         parts = req.name.split("/")
+        if "" in parts:  # like mailbox-store's normalize_name
+            raise StoreError("invalid", "mailbox name has an empty level")
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
             if parent not in boxes:

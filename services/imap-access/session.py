@@ -151,8 +151,10 @@ class Info:
 
 # ---------------------------------------------------------------- names
 def to_store_name(raw: bytes) -> str:
-    """Wire mailbox name (modified UTF-7) to the store's name; INBOX is case-insensitive."""
-    name = mutf7_decode(raw).strip(DELIM) if raw not in (b"",) else ""
+    """Wire mailbox name (modified UTF-7) to the store's name; INBOX is case-insensitive.
+    One trailing delimiter is dropped (RFC 3501 §6.3.3); any other empty level stays, so
+    "/INBOX" or "a//b" names no mailbox (the store refuses such names)."""
+    name = mutf7_decode(raw).removesuffix(DELIM) if raw not in (b"",) else ""
     head, sep, rest = name.partition(DELIM)
     if head.upper() == "INBOX":
         name = "INBOX" + sep + rest
