@@ -871,6 +871,9 @@ def _list(lsub: bool) -> _Parse:
         for opt in select_opts:  # RFC 5258 §3.1, RFC 6154 §3
             if opt not in ("SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"):
                 raise c.fail(f"unsupported LIST selection option {opt[:20]}")
+        if "RECURSIVEMATCH" in select_opts and not {"SUBSCRIBED", "SPECIAL-USE"} & set(
+                select_opts):  # RFC 5258 §3.1: never alone, nor with REMOTE only
+            raise c.fail("RECURSIVEMATCH needs another selection option")
         for opt in ret:
             if opt.split(".")[0] not in ("SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "STATUS"):
                 raise c.fail(f"unsupported LIST return option {opt[:20]}")

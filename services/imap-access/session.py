@@ -165,6 +165,12 @@ def wire_name(name: str) -> bytes:
     return astring(mutf7_encode(name))
 
 
+def _ancestors(name: str) -> list[str]:
+    """"a/b/c" -> ["a/b", "a"]: the names above a mailbox, nearest first."""
+    parts = name.split(DELIM)
+    return [DELIM.join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
 def _pattern_regex(ref: str, pattern: str) -> re.Pattern[str]:
     """LIST wildcards (RFC 3501 §6.3.8): * matches anything, % anything but the delimiter."""
     full = pattern if (not ref or pattern.startswith(DELIM)) else ref + pattern
@@ -549,15 +555,44 @@ class Session:
         boxes = (await self.store.mailbox_list(MailboxListRequest(
             account_id=st.account_id, subscribed_only=subscribed_only))).mailboxes
         names = {b.name for b in boxes}
-        rxs = [_pattern_regex(ref, mutf7_decode(pat)) for pat in cmd.patterns]
+        pats = [mutf7_decode(pat) for pat in cmd.patterns]
+        rxs = [_pattern_regex(ref, pat) for pat in pats]
         want_status = [x[7:] for x in cmd.return_opts if x.startswith("STATUS.")]
         show_subscribed = "SUBSCRIBED" in cmd.return_opts or "SUBSCRIBED" in cmd.select_opts
         special_only = "SPECIAL-USE" in cmd.select_opts
-        for b in sorted(boxes, key=lambda b: (b.name != "INBOX", b.name)):
-            if not any(rx.match(b.name) for rx in rxs):
-                continue
-            if special_only and not b.special_use:
-                continue
+        listed = {b.name: b for b in boxes if any(rx.match(b.name) for rx in rxs)
+                  and (b.special_use or not special_only)}
+        # names above subscribed mailboxes the patterns do not match, which the patterns
+        # match: RFC 5258 §3.5 RECURSIVEMATCH lists them with CHILDINFO (not subscribed
+        # ones too), RFC 3501 §6.3.9 LSUB "%" lists the unsubscribed ones as \Noselect
+        childinfo = "RECURSIVEMATCH" in cmd.select_opts and "SUBSCRIBED" in cmd.select_opts
+        lsub_parents = cmd.lsub and any("%" in pat for pat in pats)
+        above: set[str] = set()
+        if childinfo or lsub_parents:
+            above = {a for b in boxes if b.subscribed and b.name not in listed
+                     for a in _ancestors(b.name) if any(rx.match(a) for rx in rxs)}
+        existing: dict[str, MailboxInfo] = {}
+        if childinfo:  # the parents' own attributes, and children that are not subscribed
+            existing = {b.name: b for b in (await self.store.mailbox_list(MailboxListRequest(
+                account_id=st.account_id, subscribed_only=False))).mailboxes}
+            names |= set(existing)
+        extended = b' ("CHILDINFO" ("SUBSCRIBED"))' if childinfo else b""
+        lines: list[tuple[str, bytes, MailboxInfo | None]] = []
+        for name in above - set(listed):
+            parent = existing.get(name)
+            if cmd.lsub:
+                attrs = ["\\Noselect"]
+            elif parent is None:
+                attrs = ["\\NonExistent"]
+            else:
+                attrs = [a for a in parent.attributes
+                         if a.lower() not in ("\\haschildren", "\\hasnochildren")]
+                attrs.append("\\HasChildren")
+                if parent.special_use and parent.special_use not in attrs:
+                    attrs.append(parent.special_use)
+            lines.append((name, f"* {verb} ({' '.join(attrs)}) \"{DELIM}\" ".encode()
+                          + wire_name(name) + extended + b"\r\n", None))
+        for b in listed.values():
             attrs = [a for a in b.attributes if a.lower() not in ("\\haschildren",
                                                                   "\\hasnochildren")]
             missing = "\\NonExistent" in attrs
@@ -570,10 +605,14 @@ class Session:
                 attrs.append(b.special_use)
             if show_subscribed and b.subscribed and "\\Subscribed" not in attrs:
                 attrs.append("\\Subscribed")
-            self.out.write(f"* {verb} ({' '.join(attrs)}) \"{DELIM}\" ".encode()
-                           + wire_name(b.name) + b"\r\n")
-            if want_status and "\\Noselect" not in attrs and not missing:
-                self._status_line(b, tuple(want_status))
+            status = want_status and "\\Noselect" not in attrs and not missing
+            lines.append((b.name, f"* {verb} ({' '.join(attrs)}) \"{DELIM}\" ".encode()
+                          + wire_name(b.name) + (extended if b.name in above else b"")
+                          + b"\r\n", b if status else None))
+        for _name, line, status_of in sorted(lines, key=lambda e: (e[0] != "INBOX", e[0])):
+            self.out.write(line)
+            if status_of is not None:
+                self._status_line(status_of, tuple(want_status))
         return Tagged("OK", f"{verb} completed")
 
     def _status_line(self, info: MailboxInfo, items: tuple[str, ...]) -> None:

@@ -57,6 +57,8 @@ GOOD = [
     (b'a LIST (SPECIAL-USE) "" (INBOX "*") RETURN (SUBSCRIBED STATUS (MESSAGES UNSEEN))\r\n',
      p.ListCmd("a", b"", (b"INBOX", b"*"), False, ("SPECIAL-USE",),
                ("SUBSCRIBED", "STATUS", "STATUS.MESSAGES", "STATUS.UNSEEN"))),
+    (b'a LIST (SUBSCRIBED RECURSIVEMATCH) "" %\r\n',
+     p.ListCmd("a", b"", (b"%",), False, ("SUBSCRIBED", "RECURSIVEMATCH"))),
     (b'a LIST "" * RETURN (SPECIAL-USE)\r\n',
      p.ListCmd("a", b"", (b"*",), return_opts=("SPECIAL-USE",))),
     (b'a LSUB "" *\r\n', p.ListCmd("a", b"", (b"*",), lsub=True)),
@@ -158,6 +160,8 @@ BAD = [
     (b'a APPEND INBOX "1-Jan-2024 00:00:00 +0000" {1+}\r\nx\r\n', "a", "date-time"),
     (b"a SEARCH RETURN (SAVE) ALL\r\n", "a", "return option"),
     (b'a LIST (BOGUS) "" *\r\n', "a", "selection option"),
+    (b'a LIST (RECURSIVEMATCH) "" *\r\n', "a", "RECURSIVEMATCH"),  # RFC 5258 §3.1
+    (b'a LIST (RECURSIVEMATCH REMOTE) "" *\r\n', "a", "RECURSIVEMATCH"),
     (b'a LIST "" * RETURN (BOGUS)\r\n', "a", "return option"),
     (b"a LOGIN {3+}\r\nab", None, None),  # incomplete: nothing yet
 ]
