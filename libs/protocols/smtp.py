@@ -1,5 +1,6 @@
 """Pure SMTP codecs (RFC 5321, 1870, 1652, 3030, 3461, 6531, 2034): paths, ESMTP parameters,
-the DATA scanner (end-of-data detection, smuggling checks, dot-unstuffing), enhanced codes.
+the DATA reader (end-of-data detection, smuggling checks, dot-unstuffing, chunk by chunk),
+enhanced codes.
 
 Bytes and strings in, values out. No asyncio, no nats, no boto3.
 """
@@ -7,7 +8,7 @@ Bytes and strings in, values out. No asyncio, no nats, no boto3.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------- enhanced status codes
 # RFC 2034 §4: every reply except the greeting, HELO/EHLO and 334 challenges carries one.
@@ -298,62 +299,6 @@ def rcpt_params(params: dict[str, str | None]) -> RcptParams:
 END_OF_DATA = b"\r\n.\r\n"
 
 
-@dataclass
-class DataScanner:
-    """Finds the end of DATA in a stream of chunks without looking at lines one by one.
-
-    The stream is read as if it started with CRLF (the one that ended the DATA command),
-    so an empty message (".\\r\\n" at once) is found too. Only <CRLF>.<CRLF> ends the data;
-    "\\n.\\n", "\\r.\\r", "\\n.\\r\\n" and friends stay inside and are judged by ``finish``.
-    Past ``limit`` bytes the data is discarded but still scanned for its end (RFC 5321 §4.2.5:
-    the reply comes after the whole message).
-    """
-
-    limit: int
-    buf: bytearray = field(default_factory=lambda: bytearray(b"\r\n"))
-    total: int = 0  # bytes seen (stuffed)
-    overflow: bool = False  # over ``limit``: the data is being discarded
-    dropped: bool = False  # told to discard (``drop``): the server has no room for it
-    done: bool = False
-    _scan_from: int = 0
-
-    def feed(self, chunk: bytes) -> bytes | None:
-        """Add a chunk. When the end is found returns the bytes after it (possibly b"");
-        else None."""
-        self.buf += chunk
-        self.total += len(chunk)
-        idx = self.buf.find(END_OF_DATA, self._scan_from)
-        if idx >= 0:
-            rest = bytes(self.buf[idx + 5:])
-            del self.buf[idx + 2:]  # keep the body's last CRLF
-            self.done = True
-            if len(self.buf) > self.limit + 2:
-                self.overflow = True
-            if self.overflow or self.dropped:
-                del self.buf[2:]
-            return rest
-        self._scan_from = max(0, len(self.buf) - 4)
-        if len(self.buf) > self.limit + 2:
-            self.overflow = True
-        if self.overflow or self.dropped:
-            # keep only what could start the terminator
-            del self.buf[:-4]
-            self._scan_from = 0
-        return None
-
-    def drop(self) -> None:
-        """Keep nothing more of this message (but go on looking for its end)."""
-        self.dropped = True
-        del self.buf[:-4]
-        self._scan_from = 0
-
-    def stuffed_body(self) -> bytearray:
-        """The body as sent (dot-stuffed), ending with CRLF (or empty). The scanner's own
-        buffer, not a copy: the scanner is done with it."""
-        del self.buf[:2]
-        return self.buf
-
-
 @dataclass(frozen=True)
 class DataProblem:
     reply: str
@@ -367,38 +312,103 @@ R552_TOO_BIG = DataProblem("552 5.3.4 Message size exceeds fixed maximum message
                            "too_big")
 
 
-def _line_too_long(stuffed: bytes | bytearray, max_line: int) -> bool:
-    """Whether a line (without CRLF, a stuffed leading dot not counted) is over
-    ``max_line``; found with ``find``, without copying the lines."""
-    start = 0
-    n = len(stuffed)
-    while start < n:
-        end = stuffed.find(b"\r\n", start)
-        if end < 0:
-            end = n
-        length = end - start
-        if length > max_line and length - (stuffed[start] == 0x2E) > max_line:
-            return True
-        start = end + 2
-    return False
+@dataclass
+class DataReader:
+    """The data of one DATA command, read chunk by chunk and handed on as it comes: the
+    caller never needs the whole message in memory (issue 8.6).
 
+    ``feed`` returns the un-stuffed body octets each chunk completes, and the bytes after
+    <CRLF>.<CRLF> once it is found. The stream is read as if it started with CRLF (the one
+    that ended the DATA command), so an empty message (".\\r\\n" at once) is found too.
+    Only <CRLF>.<CRLF> ends the data; "\\n.\\n", "\\r.\\r", "\\n.\\r\\n" and friends stay
+    inside and make ``problem`` answer 550: bare CR and bare LF are what SMTP smuggling is
+    made of, and a well-behaved client never sends them (RFC 5321 §2.3.8), so they are
+    refused rather than normalised. ``max_line`` counts octets without CRLF after removing
+    a stuffed dot (RFC 5321 §4.5.3.1.6); ``max_size`` counts un-stuffed octets. Past
+    ``max_size``, or after ``drop``, the data is discarded but still read to its end (RFC
+    5321 §4.2.5: the reply comes after the whole message).
 
-def finish_data(stuffed: bytes | bytearray, *, max_line: int) -> bytes | DataProblem:
-    """Check and un-stuff a complete DATA body (as returned by ``DataScanner.stuffed_body``).
-
-    Bare CR and bare LF are rejected rather than normalised: they are what SMTP smuggling
-    is made of, and a well-behaved client never sends them (RFC 5321 §2.3.8).
-    ``max_line`` counts octets without CRLF, after removing a stuffed dot. One copy of the
-    body is made (the un-stuffed result).
+    Between chunks it keeps six octets (the two before the undecided ones, for
+    dot-stuffing and CRLF pairs, and four that may start the terminator) and a few
+    counters, so the outcome is the same however the stream is split.
     """
-    crlf = stuffed.count(b"\r\n")
-    if stuffed.count(b"\n") != crlf or stuffed.count(b"\r") != crlf:
-        return R550_BARE_LF
-    if max_line and len(stuffed) > max_line and _line_too_long(stuffed, max_line):
-        return R500_LINE_TOO_LONG
-    body = stuffed.replace(b"\r\n.", b"\r\n") if b"\r\n." in stuffed else stuffed
-    view = memoryview(body)[1:] if body.startswith(b".") else memoryview(body)
-    return bytes(view)
+
+    max_size: int = 0  # 0: no limit
+    max_line: int = 0  # 0: no limit
+    size: int = 0  # un-stuffed body octets so far
+    done: bool = False
+    overflow: bool = False  # over ``max_size``: the data is being discarded
+    dropped: bool = False  # told to discard (``drop``): the receiver has no room for it
+    _ctx: bytes = b"\r\n"  # the last two octets handed on (the stream starts after CRLF)
+    _pending: bytes = b""  # at most four octets that may start the terminator
+    _cr: int = 0
+    _lf: int = 0
+    _crlf: int = 0
+    _line: int = 0  # octets of the current (un-stuffed) line so far, a CR at its end included
+    _long: bool = False
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bytes | None]:
+        """Add a chunk; returns (body octets it completes, the bytes after the end of data
+        or None while the end is not found)."""
+        w = self._ctx + self._pending + chunk
+        idx = w.find(END_OF_DATA)
+        if idx >= 0:
+            cut, rest = idx + 2, w[idx + 5:]  # the body keeps its last CRLF
+            self.done = True
+        else:
+            cut, rest = max(2, len(w) - 4), None
+        out = self._take(w, cut)
+        self._ctx, self._pending = w[cut - 2:cut], w[cut:] if rest is None else b""
+        return out, rest
+
+    def _take(self, w: bytes, cut: int) -> bytes:
+        """The body octets ``w[2:cut]`` un-stuffed; ``w[:2]`` were handed on before."""
+        if cut <= 2 or self.overflow or self.dropped:
+            return b""
+        self._cr += w.count(b"\r", 2, cut)
+        self._lf += w.count(b"\n", 2, cut)
+        self._crlf += w.count(b"\r\n", 1, cut)  # a pair whose LF is in this part
+        if w.find(b"\r\n.", 0, cut) < 0:
+            out = w[2:cut]
+        else:  # a removed dot is always past w[:2]: the pattern is three octets long
+            out = w[:cut].replace(b"\r\n.", b"\r\n")[2:]
+        self.size += len(out)
+        if self.max_size and self.size > self.max_size:
+            self.overflow = True  # nothing more is checked: too big is the answer
+            return b""
+        if self.max_line and not self._long:
+            self._check_lines(out)
+        return out
+
+    def _check_lines(self, out: bytes) -> None:
+        # Lines are split at LF and lose one octet for their CR: when a line ends in a bare
+        # LF instead, the message is refused for that anyway.
+        first = out.find(b"\n")
+        if first < 0:
+            self._line += len(out)
+            return
+        last = out.rfind(b"\n")
+        limit = self.max_line + 1  # with its CR
+        if (self._line + first > limit
+                or last - first - 1 > limit
+                and max(map(len, out[first + 1:last].split(b"\n"))) > limit):
+            self._long = True
+        self._line = len(out) - last - 1
+
+    def drop(self) -> None:
+        """Hand on nothing more of this message (but go on looking for its end)."""
+        self.dropped = True
+
+    def problem(self) -> DataProblem | None:
+        """Once ``done``: why the message must be refused, or None. Size first, then bare
+        CR/LF, then line length (``dropped`` is the receiver's to answer)."""
+        if self.overflow:
+            return R552_TOO_BIG
+        if not self._cr == self._lf == self._crlf:
+            return R550_BARE_LF
+        if self._long:
+            return R500_LINE_TOO_LONG
+        return None
 
 
 # ---------------------------------------------------------------- BDAT (RFC 3030 §2)

@@ -926,7 +926,9 @@ class IngressSMTP(SMTP):
         env.mode = "DATA"
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         await self._flush()
-        scanner = proto.DataScanner(limit=int((self.data_size_limit or 2**31) * 1.1) + 1024)
+        data = proto.DataReader(max_size=self.data_size_limit or 0,
+                                max_line=self.ingress.settings.max_line_length)
+        body = bytearray()
         reader = self._reader
         held = 0  # bytes of this message counted in the replica's budget
         try:
@@ -934,14 +936,17 @@ class IngressSMTP(SMTP):
                 chunk = await reader.read(READ_CHUNK)
                 if not chunk:
                     raise ConnectionResetError("EOF during DATA")
-                rest = scanner.feed(chunk)
-                size = len(scanner.buf)
-                if size > held and not self._hold(size - held):
-                    scanner.drop()  # no room: read to the end, keep nothing, answer 451
-                    size = len(scanner.buf)
-                if size < held:  # dropped, or the terminator cut off
-                    self.ingress.data_in_flight -= held - size
-                held = size
+                got, rest = data.feed(chunk)
+                if got:
+                    if self._hold(len(got)):
+                        held += len(got)
+                        body += got
+                    else:
+                        data.drop()  # no room: read to the end, keep nothing, answer 451
+                if (data.dropped or data.overflow) and held:
+                    self.ingress.data_in_flight -= held
+                    held = 0
+                    body = bytearray()
                 if rest is not None:
                     if rest:
                         # pipelined commands after the final dot (RFC 2920 §3.1) go back
@@ -950,22 +955,14 @@ class IngressSMTP(SMTP):
                     break
                 self._reset_timeout()
             self._reset_timeout()
-            if scanner.overflow:
-                await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
-                return
-            if scanner.dropped:
+            if data.dropped:
                 await self._refuse_message(policy.R451_NO_ROOM, "no_room")
                 return
-            result = proto.finish_data(scanner.stuffed_body(),
-                                       max_line=self.ingress.settings.max_line_length)
-            del scanner  # the stuffed copy is not needed any more
-            if isinstance(result, proto.DataProblem):
-                await self._refuse_message(result.reply, result.reason)
+            problem = data.problem()
+            if problem is not None:
+                await self._refuse_message(problem.reply, problem.reason)
                 return
-            if self.data_size_limit and len(result) > self.data_size_limit:
-                await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
-                return
-            await self._accept_message(result)
+            await self._accept_message(bytes(body))
         finally:
             self.ingress.data_in_flight -= held
 

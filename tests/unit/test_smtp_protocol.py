@@ -1,4 +1,5 @@
-"""postbus.protocols.smtp: paths, parameters, enhanced codes, the DATA scanner (smuggling)."""
+"""postbus.protocols.smtp: paths, parameters, enhanced codes, the DATA reader (smuggling,
+streaming)."""
 
 from __future__ import annotations
 
@@ -97,15 +98,48 @@ def test_bdat_syntax() -> None:
 
 
 # ---------------------------------------------------------------- DATA
-def scan(stream: bytes, step: int, limit: int = 10_000) -> tuple[p.DataScanner, bytes | None]:
-    sc = p.DataScanner(limit=limit)
-    rest = None
-    for i in range(0, len(stream), step):
-        rest = sc.feed(stream[i:i + step])
+Outcome = tuple[bytes | p.DataProblem, bytes]  # (body or problem, the bytes after the end)
+
+
+def reference(stream: bytes, *, max_line: int = 998, max_size: int = 0) -> Outcome | None:
+    """What DATA means, the slow and obvious way, on the whole stream at once: split into
+    lines at CRLF, un-stuff each line's leading dot. None while the end is not there."""
+    v = b"\r\n" + stream
+    idx = v.find(b"\r\n.\r\n")
+    if idx < 0:
+        return None
+    stuffed, rest = v[2:idx + 2], v[idx + 5:]
+    lines = stuffed.split(b"\r\n")[:-1]  # the body ends with CRLF (or is empty)
+    lines = [ln[1:] if ln.startswith(b".") else ln for ln in lines]
+    body = b"".join(ln + b"\r\n" for ln in lines)
+    if max_size and len(body) > max_size:
+        return p.R552_TOO_BIG, rest
+    if any(b"\r" in ln or b"\n" in ln for ln in lines):
+        return p.R550_BARE_LF, rest
+    if max_line and any(len(ln) > max_line for ln in lines):
+        return p.R500_LINE_TOO_LONG, rest
+    return body, rest
+
+
+def read(pieces: list[bytes], *, max_line: int = 998, max_size: int = 0) -> Outcome | None:
+    """Feed the pieces to one DataReader; what it hands on, joined, or its problem."""
+    r = p.DataReader(max_size=max_size, max_line=max_line)
+    out = []
+    for i, piece in enumerate(pieces):
+        body, rest = r.feed(piece)
+        out.append(body)
         if rest is not None:
-            rest = rest + stream[i + step:]
-            break
-    return sc, rest
+            assert r.done
+            problem = r.problem()
+            return (problem or b"".join(out)), rest + b"".join(pieces[i + 1:])
+        assert len(r._pending) <= 4 and len(r._ctx) == 2  # nothing else kept between chunks
+    assert not r.done
+    return None
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(cuts), len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 @pytest.mark.parametrize("step", [1, 2, 7, 4096])
@@ -117,10 +151,56 @@ def scan(stream: bytes, step: int, limit: int = 10_000) -> tuple[p.DataScanner, 
     (b"\r\n.\r\n", b"\r\n", b""),
     (b"a\r\n.x\r\n\r\n.\r\nMAIL", b"a\r\nx\r\n\r\n", b"MAIL"),
 ])
-def test_scanner_chunking_invariance(stream: bytes, body: bytes, rest: bytes, step: int) -> None:
-    sc, r = scan(stream, step)
-    assert r == rest
-    assert p.finish_data(sc.stuffed_body(), max_line=998) == body
+def test_reader_chunking_invariance(stream: bytes, body: bytes, rest: bytes, step: int) -> None:
+    pieces = [stream[i:i + step] for i in range(0, len(stream), step)]
+    assert read(pieces) == (body, rest) == reference(stream)
+
+
+# every edge at once: stuffed dots at the start and after empty lines, dots that are not
+# stuffing, CR LF pairs and the terminator's prefixes everywhere, a line of exactly 998
+EDGES = (b"..s\r\n\r\n..\r\n...\r\n.x.\r\n\r\n\r\n" + b"y" * 998 + b"\r\n." + b"z" * 998
+         + b"\r\n.\r\nQUIT\r\n")
+
+
+@pytest.mark.parametrize("stream", [
+    EDGES,
+    EDGES.replace(b"y" * 998, b"y" * 999),  # one line too long
+    EDGES.replace(b".x.\r\n", b".x.\n"),  # one bare LF
+    EDGES.replace(b"..\r\n...", b"..\r.\r\n..."),  # "\r.\r\n": not the end, a bare CR
+    b".\r\n", b"\r\n.\r\n", b"..\r\n.\r\n", b"x\r\n.\r\n",
+], ids=["edges", "long-line", "bare-lf", "bare-cr", "empty", "crlf", "dot", "x"])
+def test_reader_same_result_split_at_every_boundary(stream: bytes) -> None:
+    """Cut the stream once at every octet boundary, and in three at every pair of
+    boundaries among its first 40 and last 30 octets: always the one-shot result, which is
+    the reference's."""
+    whole = read([stream])
+    assert whole == reference(stream) and whole is not None
+    n = len(stream)
+    for i in range(n + 1):
+        assert read(split_at(stream, [i])) == whole, i
+    near = sorted({*range(min(n, 40)), *range(max(0, n - 30), n + 1)})
+    for i in near:
+        for j in near:
+            if i < j:
+                assert read(split_at(stream, [i, j])) == whole, (i, j)
+    assert read([stream[i:i + 1] for i in range(n)]) == whole  # one octet at a time
+
+
+ALPHABET = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"x",
+                            b"ab", b"y" * 30])
+
+
+@settings(max_examples=examples(400), deadline=None)
+@given(st.lists(ALPHABET, max_size=60).map(b"".join),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+       st.sampled_from([0, 8, 30]), st.sampled_from([0, 20, 100]))
+def test_reader_random_splits_match_the_reference(data: bytes, cuts: list[int], max_line: int,
+                                                  max_size: int) -> None:
+    stream = data + b"\r\n.\r\nNOOP\r\n"
+    cuts = [c for c in cuts if c <= len(stream)]
+    whole = reference(stream, max_line=max_line, max_size=max_size)
+    assert read([stream], max_line=max_line, max_size=max_size) == whole
+    assert read(split_at(stream, cuts), max_line=max_line, max_size=max_size) == whole
 
 
 SMUGGLING = [
@@ -134,30 +214,42 @@ SMUGGLING = [
 def test_smuggling_payloads_do_not_end_data_and_are_rejected(sep: bytes, step: int) -> None:
     smuggled = b"MAIL FROM:<evil@example.net>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nevil\r\n"
     stream = b"Subject: x\r\n\r\nhi" + sep + smuggled + b".\r\nQUIT\r\n"
-    sc, r = scan(stream, step)
     # only the real <CRLF>.<CRLF> at the very end ends the data
-    assert r == b"QUIT\r\n"
-    assert p.finish_data(sc.stuffed_body(), max_line=998) == p.R550_BARE_LF
+    assert read([stream[i:i + step] for i in range(0, len(stream), step)]) == (
+        p.R550_BARE_LF, b"QUIT\r\n")
 
 
-def test_line_length_and_overflow() -> None:
+def test_line_length_and_size() -> None:
     ok = b"x" * 998 + b"\r\n"
-    assert p.finish_data(ok, max_line=998) == ok
-    assert p.finish_data(b"." + ok, max_line=998) == ok  # a stuffed dot does not count
-    assert p.finish_data(b"x" * 999 + b"\r\n", max_line=998) == p.R500_LINE_TOO_LONG
-    sc, rest = scan(b"y" * 50_000 + b"\r\n.\r\nNOOP\r\n", 1000, limit=1000)
-    assert sc.overflow and rest == b"NOOP\r\n" and len(sc.buf) < 2000
+    assert read([ok + b".\r\n"]) == (ok, b"")
+    assert read([b"." + ok + b".\r\n"]) == (ok, b"")  # a stuffed dot does not count
+    assert read([b"x" * 999 + b"\r\n.\r\n"]) == (p.R500_LINE_TOO_LONG, b"")
+    assert read([ok * 3 + b".\r\n"], max_size=3000) == (ok * 3, b"")
+    assert read([ok * 3 + b"a\r\n.\r\n"], max_size=3000) == (p.R552_TOO_BIG, b"")
+    # too big and malformed: too big, whatever else is wrong with it
+    assert read([ok * 3 + b"a\nb\r\n.\r\n"], max_size=10) == (p.R552_TOO_BIG, b"")
+    assert read([ok * 3 + b"a" * 999 + b"\r\n.\r\n"], max_size=10) == (p.R552_TOO_BIG, b"")
+
+
+def test_reader_keeps_nothing_past_the_size_limit() -> None:
+    r = p.DataReader(max_size=1000, max_line=998)
+    body, _ = r.feed(b"y" * 900)
+    assert len(body) == 900 - 4
+    for _ in range(50):  # 50 more MB-sized chunks: nothing handed on, nothing kept
+        assert r.feed(b"y" * 1_000_000) == (b"", None)
+        assert len(r._pending) == 4
+    assert r.feed(b"\r\n.\r\nNOOP\r\n") == (b"", b"NOOP\r\n")
+    assert r.overflow and r.problem() == p.R552_TOO_BIG
 
 
 @settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=2000), st.integers(min_value=1, max_value=64))
 def test_arbitrary_bytes_never_raise(data: bytes, step: int) -> None:
-    sc, _ = scan(data, step, limit=500)
-    result = p.finish_data(sc.stuffed_body(), max_line=998)
-    assert isinstance(result, bytes | p.DataProblem)
-    if isinstance(result, bytes):
+    got = read([data[i:i + step] for i in range(0, len(data), step)], max_size=500)
+    assert got == reference(data, max_size=500)
+    if got is not None and isinstance(got[0], bytes):
         # accepted bodies never contain bare CR or LF
-        assert result.count(b"\n") == result.count(b"\r\n") == result.count(b"\r")
+        assert got[0].count(b"\n") == got[0].count(b"\r\n") == got[0].count(b"\r")
 
 
 @settings(max_examples=examples(200), deadline=None)
@@ -174,17 +266,11 @@ def test_parse_path_never_raises_anything_else(text: str) -> None:
         pass
 
 
-def test_data_scanner_drop_keeps_nothing_but_finds_the_end() -> None:
-    sc = p.DataScanner(limit=10**9)
-    assert sc.feed(b"Subject: x\r\n\r\n" + b"a" * 10_000) is None
-    sc.drop()
-    assert len(sc.buf) <= 4
-    assert sc.feed(b"b" * 50_000 + b"\r\n") is None and len(sc.buf) <= 4
-    assert sc.feed(b".\r\nQUIT\r\n") == b"QUIT\r\n"
-    assert sc.dropped and not sc.overflow and sc.stuffed_body() == b""
-
-
-def test_finish_data_long_line_check_without_splitting() -> None:
-    ok = b"x" * 998 + b"\r\n" + b".." + b"y" * 997 + b"\r\n"  # a stuffed dot does not count
-    assert p.finish_data(ok, max_line=998) == b"x" * 998 + b"\r\n." + b"y" * 997 + b"\r\n"
-    assert p.finish_data(b"z" * 999 + b"\r\n", max_line=998) == p.R500_LINE_TOO_LONG
+def test_reader_drop_hands_on_nothing_but_finds_the_end() -> None:
+    r = p.DataReader(max_line=998)
+    body, rest = r.feed(b"Subject: x\r\n\r\n" + b"a" * 10_000)
+    assert rest is None and len(body) == 10_014 - 4
+    r.drop()
+    assert r.feed(b"b" * 50_000 + b"\r\n") == (b"", None)
+    assert r.feed(b".\r\nQUIT\r\n") == (b"", b"QUIT\r\n")
+    assert r.dropped and r.done and not r.overflow
