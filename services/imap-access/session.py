@@ -393,9 +393,9 @@ class Session:
                 return await self._append(st, cmd)
             case p.Enable(capabilities=caps):
                 enabled = [c for c in caps if c == "CONDSTORE"]
-                if enabled:
-                    self.condstore = True
                 self.w("* ENABLED" + "".join(" " + c for c in enabled))
+                if enabled:
+                    self._enable_condstore()
                 return Tagged("OK", "ENABLE completed")
             case p.Namespace():
                 self.w(f'* NAMESPACE (("" "{DELIM}")) NIL NIL')
@@ -822,6 +822,16 @@ class Session:
         if need_new:
             await self._sync_new(st)
 
+    def _enable_condstore(self) -> None:
+        """A CONDSTORE-enabling command (RFC 7162 §3.1: FETCH MODSEQ or CHANGEDSINCE, STORE
+        UNCHANGEDSINCE, SEARCH MODSEQ, ENABLE) after a plain SELECT: the client learns the
+        mailbox's HIGHESTMODSEQ before the first response that carries a MODSEQ."""
+        if self.condstore:
+            return
+        self.condstore = True
+        if isinstance(self.state, Selected):
+            self.w(f"* OK [HIGHESTMODSEQ {self.state.view.highestmodseq}] Highest")
+
     def _flags_response(self, view: MailboxView, uid: int, with_uid: bool) -> None:
         seq = view.seq_of(uid)
         if seq is None:
@@ -901,6 +911,8 @@ class Session:
         uids = sorted(u for u in found if u in view.flags)
         nums = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
         uses_modseq = _has_op(cmd.program, "modseq")
+        if uses_modseq:
+            self._enable_condstore()
         if cmd.return_opts is not None:
             opts = cmd.return_opts or ("ALL",)
             parts = [f'* ESEARCH (TAG "{cmd.tag}")'] + (["UID"] if cmd.uid else [])
@@ -931,7 +943,7 @@ class Session:
         uids = self._uids(view, cmd.seqset, cmd.uid)
         flags = [f for f in cmd.flags if f.lower() != "\\recent"]
         if cmd.unchangedsince is not None:
-            self.condstore = True
+            self._enable_condstore()
         if not uids:
             return Tagged("OK", "STORE completed")
         updated: list[MessageState] = []
@@ -1046,12 +1058,12 @@ class Session:
         if cmd.uid and "UID" not in names:
             atts.insert(0, p.FetchAtt("UID"))
         if cmd.changedsince is not None:
-            self.condstore = True
+            self._enable_condstore()
             uids = [u for u in uids if view.modseq.get(u, 0) > cmd.changedsince]
             if "MODSEQ" not in names:
                 atts.append(p.FetchAtt("MODSEQ"))
         if "MODSEQ" in names:
-            self.condstore = True
+            self._enable_condstore()
         bodies = [a for a in atts if a.name in ("BODY[]", "RFC822", "RFC822.HEADER",
                                                 "RFC822.TEXT")]
         need_meta = any(a.name not in ("FLAGS", "UID", "MODSEQ") for a in atts)
