@@ -926,6 +926,12 @@ class Session:
             if "COUNT" in opts:
                 parts.append(f"COUNT {len(nums)}")
             if uses_modseq and nums:
+                if "ALL" not in opts and "COUNT" not in opts:
+                    # RFC 7162 §3.1.5: the highest MODSEQ of the messages returned, here
+                    # only the MIN and MAX ones
+                    returned = ([uids[0]] if "MIN" in opts else []) + (
+                        [uids[-1]] if "MAX" in opts else [])
+                    highestmodseq = max(view.modseq.get(u, 0) for u in returned)
                 parts.append(f"MODSEQ {highestmodseq}")
             self.w(" ".join(parts))
         else:
