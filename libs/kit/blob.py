@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import obstore
 from obstore.store import S3Store
@@ -24,6 +24,8 @@ from postbus.kit.metrics import counter, histogram
 from postbus.kit.settings import CommonSettings
 
 BLOB_PREFIX = "blobs/"
+PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (all but the last)
+READ_SIZE = 1024 * 1024  # what put_file reads from its file, and verify from S3, at a time
 CACHE = counter("postbus_blob_cache_total", "Blob cache lookups", ["result"])
 S3_LATENCY = histogram("postbus_s3_seconds", "S3 call latency", ["op"])
 T = TypeVar("T")
@@ -145,12 +147,47 @@ class BlobStore:
         ``cache=False`` for a writer that will not read it back (the LRU would hold it)."""
         key = blob_key(data)
         await self._call("put", key, obstore.put_async(self._store, key, data))
-        if self.verify_after_write if verify is None else verify:
-            if blob_key(await self._read(key)) != key:
-                raise BlobUnavailable(f"verify-after-write failed for {key}")
+        await self._verify(key, verify)
         if cache:
             self.cache.put(key, data)
         return key
+
+    async def put_file(self, file: BinaryIO, *, head: bytes = b"",
+                       verify: bool | None = None) -> str:
+        """Store ``head`` followed by the rest of ``file`` (from its position) under their
+        content hash, as ``put`` does, without holding them in memory: hashed in a thread,
+        then uploaded from the file in parts of ``PART_SIZE``, two at a time (one PUT when
+        they fit in one part). For message bodies spooled to disk; never cached."""
+        start = file.tell()
+        digest, size = await asyncio.to_thread(_hash_file, file, head)
+        key = BLOB_PREFIX + digest
+        file.seek(start)
+
+        def parts() -> Iterator[bytes]:
+            yield head
+            while chunk := file.read(READ_SIZE):
+                yield chunk
+
+        await self._call("put", key, obstore.put_async(
+            self._store, key, parts(), use_multipart=size > PART_SIZE, chunk_size=PART_SIZE,
+            max_concurrency=2))
+        await self._verify(key, verify)
+        return key
+
+    async def _verify(self, key: str, verify: bool | None) -> None:
+        """Read a blob just written back, streamed, and check its hash."""
+        if not (self.verify_after_write if verify is None else verify):
+            return
+
+        async def digest() -> str:
+            got = await obstore.get_async(self._store, key)
+            h = hashlib.sha256()
+            async for chunk in got.stream(min_chunk_size=READ_SIZE):
+                h.update(chunk)
+            return BLOB_PREFIX + h.hexdigest()
+
+        if await self._call("get", key, digest()) != key:
+            raise BlobUnavailable(f"verify-after-write failed for {key}")
 
     async def get(self, key: str) -> bytes:
         cached = self.cache.get(key)
@@ -201,6 +238,16 @@ class BlobStore:
                 raise BlobUnavailable(f"list: {type(exc).__name__}: {exc}"[:300]) from exc
             for meta in batch:
                 yield BlobInfo(meta["path"], int(meta["size"]), meta["last_modified"])
+
+
+def _hash_file(file: BinaryIO, head: bytes) -> tuple[str, int]:
+    """sha256 and length of ``head`` + the rest of ``file`` (read ``READ_SIZE`` at a time)."""
+    h = hashlib.sha256(head)
+    size = len(head)
+    while chunk := file.read(READ_SIZE):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
 
 
 def _create_bucket(settings: CommonSettings) -> None:

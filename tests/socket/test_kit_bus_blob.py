@@ -2,6 +2,7 @@
 
 import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -80,3 +81,18 @@ async def test_verify_after_write_follows_the_setting(common_settings: CommonSet
         await store.put(f"verify={verify}".encode())
         assert gets() - before == extra_gets
         await store.close()
+
+
+@pytest.mark.parametrize("size", [100_000, 12 * 1024 * 1024 + 7])  # one PUT; three parts
+async def test_put_file_stores_head_and_the_rest_of_the_file(blobs: BlobStore, tmp_path: Path,
+                                                             size: int) -> None:
+    head = b"Received: from x by y\r\n"
+    content = (bytes(range(256)) * (size // 256 + 1))[:size]
+    path = tmp_path / "spool"
+    path.write_bytes(b"skipped" + content)
+    with path.open("rb") as f:
+        f.seek(7)  # from the file's position
+        key = await blobs.put_file(f, head=head, verify=True)
+    assert key == blob_key(head + content)
+    assert blobs.cache.get(key) is None  # a spooled body is not kept in memory
+    assert await blobs.get(key) == head + content
