@@ -309,6 +309,8 @@ class MemoryPlatform:
     async def copy(self, req: CopyRequest) -> CopyReply:
         src = self._box_by_id(req.account_id, req.mailbox_id)
         dst = self._box(req.account_id, req.target)
+        if req.move and dst is src:  # like mailbox-store: a move is between two mailboxes
+            raise StoreError("invalid", "cannot move messages into the same mailbox")
         s_uids, t_uids, added = [], [], []
         for u, m in list(src.msgs.items()):
             if not _in(u, req.uids):

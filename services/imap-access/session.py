@@ -995,12 +995,16 @@ class Session:
         if not uids:
             return Tagged("OK", f"{verb} completed (no messages)")
         target = to_store_name(cmd.mailbox)
+        # RFC 6851 lets MOVE name the selected mailbox (the messages get new UIDs); the store
+        # moves between two mailboxes only, so this one is the COPY, STORE +FLAGS \Deleted
+        # and UID EXPUNGE of exactly the sources that MOVE stands for (§3.3)
+        in_place = cmd.move and target == view.name
         try:
             reply = None
             for part in _chunks(uids, self.cfg.uids_per_request):
                 r = await self.store.copy(CopyRequest(
                     account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(part),
-                    target=target, move=cmd.move, origin=self.info.id))
+                    target=target, move=cmd.move and not in_place, origin=self.info.id))
                 if reply is None:
                     reply = r
                 else:
@@ -1018,12 +1022,22 @@ class Session:
             code = (f"[COPYUID {reply.uidvalidity} {seqset(reply.source_uids)} "
                     f"{_uid_list(reply.target_uids)}] ")
         if cmd.move:
+            moved = sorted(reply.source_uids)
+            if in_place:
+                for part in _chunks(moved, self.cfg.uids_per_request):
+                    await self.store.flags(StoreFlagsRequest(
+                        account_id=st.account_id, mailbox_id=view.mailbox_id,
+                        uids=to_ranges(part), op="add", flags=["\\Deleted"],
+                        origin=self.info.id))
+                moved = await self._expunge_pages(st, to_ranges(moved)) if moved else []
             if code:
                 self.w(f"* OK {code}Moved")
-            for uid in sorted(reply.source_uids):
+            for uid in moved:
                 seq = view.expunge(uid)
                 if seq is not None:
                     self.w(f"* {seq} EXPUNGE")
+            if in_place:
+                await self._sync_new(st)
             return Tagged("OK", "MOVE completed")
         if target == view.name:
             await self._sync_new(st)
