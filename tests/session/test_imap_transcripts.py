@@ -296,7 +296,7 @@ def test_session_takes_any_bytes(data: bytes) -> None:
 # ---------------------------------------------------------------- sequence-number consistency
 _OPS = st.lists(st.sampled_from([
     "deliver", "other-expunge", "other-flag", "store-delete", "expunge", "uid-expunge",
-    "move", "copy-self", "flag-all", "append", "fetch", "uid-fetch", "search", "noop", "idle", "check",
+    "move", "copy-self", "move-self", "flag-all", "append", "fetch", "uid-fetch", "search", "noop", "idle", "check",
 ]), min_size=1, max_size=25)
 
 
@@ -364,6 +364,8 @@ def test_client_view_of_sequence_numbers_stays_consistent(ops: list[str], rnd: o
                 await cmd(f"MOVE {seq}:* Trash")
             elif op == "copy-self" and seq:
                 await cmd(f"COPY {seq}:* INBOX")
+            elif op == "move-self" and seq:
+                await cmd(f"MOVE {seq}:* INBOX")
             elif op == "flag-all" and count:
                 before = count
                 lines = await cmd("STORE 1:* +FLAGS (\\Answered)")
