@@ -696,12 +696,8 @@ class Session:
             after = page.messages[-1].uid
         self.state = Selected(st2.account_id, st2.user, view)
         self.info.mailbox = view.name
-        flags = list(SYSTEM_FLAGS) + view.keywords()
-        self.w(f"* FLAGS ({' '.join(flags)})")
-        if cmd.readonly:
-            self.w("* OK [PERMANENTFLAGS ()] Read-only mailbox")
-        else:
-            self.w(f"* OK [PERMANENTFLAGS ({' '.join(flags)} \\*)] Flags permitted")
+        view.announced = dict.fromkeys(view.keywords())
+        self._flags_lines(view)
         self.w(f"* {view.exists} EXISTS")
         self.w(f"* {info.recent} RECENT")
         first_unseen = next((i + 1 for i, u in enumerate(view.uids)
@@ -832,10 +828,27 @@ class Session:
         if isinstance(self.state, Selected):
             self.w(f"* OK [HIGHESTMODSEQ {self.state.view.highestmodseq}] Highest")
 
+    def _flags_lines(self, view: MailboxView) -> None:
+        flags = " ".join(list(SYSTEM_FLAGS) + list(view.announced))
+        self.w(f"* FLAGS ({flags})")
+        if view.readonly:
+            self.w("* OK [PERMANENTFLAGS ()] Read-only mailbox")
+        else:
+            self.w(f"* OK [PERMANENTFLAGS ({flags} \\*)] Flags permitted")
+
+    def _announce_keywords(self, view: MailboxView, flags: list[str]) -> None:
+        """RFC 3501 §7.2.6: a keyword new to the mailbox reaches the client in FLAGS (and
+        PERMANENTFLAGS) before any FETCH shows it, whoever set it."""
+        new = [f for f in flags if not f.startswith("\\") and f not in view.announced]
+        if new:
+            view.announced.update(dict.fromkeys(new))
+            self._flags_lines(view)
+
     def _flags_response(self, view: MailboxView, uid: int, with_uid: bool) -> None:
         seq = view.seq_of(uid)
         if seq is None:
             return
+        self._announce_keywords(view, view.flags[uid])
         items = [b"FLAGS " + flag_list(view.flags[uid])]
         if with_uid:
             items.append(b"UID %d" % uid)
@@ -961,14 +974,8 @@ class Session:
                 origin=self.info.id))
             updated += r.updated
             modified += r.modified
-        known = view.keywords() if cmd.mode != "remove" else []
-        new_keywords = [f for f in dict.fromkeys(flags)
-                        if cmd.mode != "remove" and not f.startswith("\\") and f not in known]
-        if new_keywords:
-            # RFC 3501 §7.2.6: a new keyword changes the mailbox's FLAGS
-            all_flags = " ".join(list(SYSTEM_FLAGS) + known + new_keywords)
-            self.w(f"* FLAGS ({all_flags})")
-            self.w(f"* OK [PERMANENTFLAGS ({all_flags} \\*)] Flags permitted")
+        if cmd.mode != "remove":
+            self._announce_keywords(view, flags)
         for m in updated:  # the store reports the messages it changed
             view.set_flags(m.uid, m.flags, m.modseq)
         if not cmd.silent:
@@ -1180,6 +1187,8 @@ class Session:
                         if meta.blob_key not in blobs:
                             missing += 1
                             continue
+                    if flags_asked or uid in seen_changed:
+                        self._announce_keywords(view, view.flags.get(uid, []))
                     items: list[bytes] = []
                     for a in small:
                         items.append(self._fetch_item(view, uid, a, meta, blobs))

@@ -26,6 +26,8 @@ class MailboxView:
     uids: list[int] = field(default_factory=list)  # ascending; index + 1 = sequence number
     flags: dict[int, list[str]] = field(default_factory=dict)
     modseq: dict[int, int] = field(default_factory=dict)
+    # keywords the client was told of in FLAGS (RFC 3501 §7.2.6), in that order
+    announced: dict[str, None] = field(default_factory=dict)
 
     @property
     def exists(self) -> int:
