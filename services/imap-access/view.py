@@ -45,7 +45,7 @@ class MailboxView:
         """Append a new message (UIDs only grow); False when it is already known or would
         break the ascending order."""
         if uid <= self.max_uid:
-            if uid in self.flags:
+            if uid in self.flags and modseq >= self.modseq.get(uid, 0):
                 self.flags[uid] = list(flags)
                 self.modseq[uid] = modseq
             return False
@@ -67,8 +67,10 @@ class MailboxView:
         return seq
 
     def set_flags(self, uid: int, flags: list[str], modseq: int) -> bool:
-        """Record new flags; True when they differ from what the client was told."""
-        if uid not in self.flags:
+        """Record new flags; True when they differ from what the client was told. A state
+        older than the one known (a notification overtaken by the session's own STORE
+        reply) is ignored: a message's MODSEQ never goes back (RFC 7162 §3.1.3)."""
+        if uid not in self.flags or (modseq and modseq < self.modseq.get(uid, 0)):
             return False
         changed = sorted(self.flags[uid]) != sorted(flags)
         self.flags[uid] = list(flags)

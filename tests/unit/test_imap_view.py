@@ -56,16 +56,28 @@ def test_add_only_appends_and_updates_known() -> None:
     assert v.add(30, ["\\Seen"], 5)
     assert v.uidnext == 31 and v.highestmodseq == 20
     assert not v.add(25, [], 6)  # would break the ascending order: refused
-    assert not v.add(20, ["$X"], 7) and v.flags[20] == ["$X"]
+    assert not v.add(20, ["$X"], 27) and v.flags[20] == ["$X"]
     assert v.uids == [10, 20, 30]
+    assert not v.add(20, [], 26) and v.flags[20] == ["$X"]  # an older state: ignored
 
 
 def test_set_flags_reports_changes() -> None:
     v = view(10)
-    assert v.set_flags(10, ["\\Seen"], 9)
-    assert not v.set_flags(10, ["\\Seen"], 10)
-    assert not v.set_flags(11, ["\\Seen"], 11)
-    assert v.modseq[10] == 10
+    assert v.set_flags(10, ["\\Seen"], 19)
+    assert not v.set_flags(10, ["\\Seen"], 20)
+    assert not v.set_flags(11, ["\\Seen"], 21)
+    assert v.modseq[10] == 20
+
+
+def test_a_stale_change_never_rolls_the_view_back() -> None:
+    """Issue 10: the session's own STORE reply (modseq 16) came first, then the
+    notification of the change before it (15); the view must keep the newer state."""
+    v = view(10)
+    assert v.set_flags(10, ["\\Seen", "$Done"], 16)
+    assert not v.set_flags(10, ["\\Seen"], 15)
+    assert v.flags[10] == ["\\Seen", "$Done"] and v.modseq[10] == 16
+    assert not v.set_flags(10, ["\\Seen", "$Done"], 16)
+    assert v.set_flags(10, ["$Done"], 17) and v.modseq[10] == 17
 
 
 def test_to_ranges() -> None:
