@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import case, delete, func, literal, select, union_all, update
+from sqlalchemy import bindparam, case, delete, func, literal, select, union_all, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -51,6 +51,7 @@ from postbus.mailbox_store.models import (
     Subscription,
 )
 from postbus.mailbox_store.passwords import Passwords
+from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.repository import Repository
 from postbus.proto.directory import AuthReply, ResolveReply
 
@@ -69,6 +70,13 @@ RESOLVE_CACHE = counter("postbus_directory_resolve_cache_total", "Resolve cache 
 RESOLVE_CACHE_MAX = 50_000  # entries; the whole cache is dropped when full
 
 _UNSET: object = object()
+
+# a login's two lookups, prepared once (prepared.py): every IMAP, POP3 and SMTP login
+_Q_DOMAIN_CASE = Prepared(select(_D.c.local_part_case_sensitive)
+                          .where(_D.c.name == bindparam("p_name")))
+_Q_LOGIN = Prepared(select(_A.c.id, _A.c.address, _A.c.password_hash, _A.c.enabled,
+                           _A.c.pop3_policy, _A.c.pop3_expire_days)
+                    .where(_A.c.address == bindparam("p_address")), named=True)
 
 
 class DirectorySql:
@@ -498,9 +506,12 @@ class DirectorySql:
         ``throttled``."""
         canonical = username.strip().lower()
         try:
-            async with self.sm() as s:
-                _, canonical = await self._canonical(s, username)
-                acc = await s.scalar(select(Account).where(Account.address == canonical))
+            local, dn = split_address(username)
+            async with self.engine.connect() as conn:
+                await conn.begin()
+                d = await _Q_DOMAIN_CASE.first(conn, p_name=dn)
+                canonical = f"{fold_local(local, bool(d[0]) if d else False)}@{dn}"
+                acc = await _Q_LOGIN.first(conn, p_address=canonical)
         except Invalid:
             acc = None
         if gate is not None and not await gate(acc.address if acc is not None else canonical):

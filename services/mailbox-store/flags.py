@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from postbus.mailbox_store.mailboxes import MailboxOps
+from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.sqlbase import (
     ANY_UID,
     MAX_KEYWORDS,
@@ -23,10 +24,22 @@ from postbus.mailbox_store.sqlbase import (
     flags_from_db,
     flags_to_db,
     make_state,
+    uid_bounds,
     uid_filter,
     unseen_deleted,
 )
 from postbus.proto.store import MessageState
+
+# prepared once (prepared.py): the statements of a STORE on a few messages
+_FLAGGED = (M.c.id, M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
+_Q_FLAGS_SPAN = Prepared(select(*_FLAGGED).where(
+    M.c.mailbox_id == bindparam("p_mailbox"),
+    M.c.uid.between(bindparam("p_lo"), bindparam("p_hi"))).order_by(M.c.uid))
+_Q_SET_FLAGS = Prepared(update(M).where(M.c.id == bindparam("p_id")).values(
+    flags=bindparam("p_flags"), keywords=bindparam("p_keywords"), modseq=bindparam("p_modseq")))
+_Q_FLAGS_CHANGED = Prepared(update(MB).where(MB.c.id == bindparam("p_mailbox")).values(
+    highestmodseq=bindparam("p_modseq"), unseen_count=MB.c.unseen_count + bindparam("p_unseen"),
+    deleted_count=MB.c.deleted_count + bindparam("p_deleted")))
 
 
 class FlagOps(MailboxOps):
@@ -45,17 +58,24 @@ class FlagOps(MailboxOps):
         if len(kwset) > MAX_KEYWORDS:
             raise Limit(f"at most {MAX_KEYWORDS} keywords on a message")
         cond, inside = uid_filter(uids)
+        span = uid_bounds(uids)
         # one UPDATE for the whole set when SQL can express the change exactly
         one_statement = inside is ANY_UID and (op == "set" or not kwset)
+
+        async def found(conn: AsyncConnection) -> list[tuple[int, int, int, str, int]]:
+            if span is not None:
+                lo, hi, test = span
+                return [r for r in await _Q_FLAGS_SPAN.rows(conn, p_mailbox=mailbox_id, p_lo=lo,
+                                                            p_hi=hi) if test(r[1])]
+            # rows as plain tuples: attribute access on a Row costs more than the rest
+            return [r for r in map(tuple, (await conn.execute(
+                select(*_FLAGGED).where(M.c.mailbox_id == mailbox_id, cond)
+                .order_by(M.c.uid))).all()) if inside(r[1])]
 
         async def tx(conn: AsyncConnection) -> tuple[list[MessageState], list[int], Change | None]:
             await self._lock_account(conn, account_id)
             mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
-            # rows as plain tuples: attribute access on a Row costs more than the rest per row
-            rows = [r for r in map(tuple, (await conn.execute(
-                select(M.c.id, M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
-                .where(M.c.mailbox_id == mailbox_id, cond).order_by(M.c.uid))).all())
-                if inside(r[1])]
+            rows = await found(conn)
             _check_count(rows, max_messages)
             modified: list[int] = []
             todo: list[tuple[int, int, int, str]] = []  # id, uid, new bits, new keywords
@@ -90,9 +110,8 @@ class FlagOps(MailboxOps):
                 unseen_deleted(old[mid])[0] for mid, _, _, _ in todo)
             dd = sum(unseen_deleted(b)[1] for _, _, b, _ in todo) - sum(
                 unseen_deleted(old[mid])[1] for mid, _, _, _ in todo)
-            await conn.execute(update(MB).where(MB.c.id == mailbox_id).values(
-                highestmodseq=modseq, unseen_count=MB.c.unseen_count + du,
-                deleted_count=MB.c.deleted_count + dd))
+            await _Q_FLAGS_CHANGED.run(conn, p_mailbox=mailbox_id, p_modseq=modseq, p_unseen=du,
+                                       p_deleted=dd)
             if one_statement and len(todo) > 50:
                 stmt = update(M).where(M.c.mailbox_id == mailbox_id, cond)
                 if unchanged_since is not None:
@@ -120,6 +139,10 @@ class FlagOps(MailboxOps):
 
     async def _bulk_update_flags(self, conn: AsyncConnection,
                                  todo: Sequence[tuple[int, int, int, str]], modseq: int) -> None:
+        if len(todo) <= 50:  # a few: one prepared statement each
+            await _Q_SET_FLAGS.many(conn, [{"p_id": mid, "p_flags": b, "p_keywords": k,
+                                            "p_modseq": modseq} for mid, _, b, k in todo])
+            return
         # group by the new value: "+FLAGS \\Seen" on 100,000 messages is a few statements
         groups: dict[tuple[int, str], list[int]] = {}
         for mid, _uid, b, k in todo:

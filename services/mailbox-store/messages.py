@@ -8,9 +8,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, delete, insert, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, delete, insert, select, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.sqlbase import (
     ANY_UID,
     DEFAULT_MAILBOXES,
@@ -32,12 +35,73 @@ from postbus.mailbox_store.sqlbase import (
     normalize_name,
     ranges_to_list,
     trusted_model,
+    uid_bounds,
     uid_filter,
     unseen_deleted,
     utc,
 )
 from postbus.proto.mail import MessageSummary
 from postbus.proto.store import MailboxInfo, MessageMeta, MessageState
+
+# ---------------------------------------------------------------- prepared statements
+# the statements of APPEND, SELECT, FETCH and EXPUNGE, compiled once (prepared.py)
+
+
+def _upsert_blob(dialect: str) -> Any:
+    ins = (sqlite_dialect.insert if dialect == "sqlite" else pg_dialect.insert)(B).values(
+        key=bindparam("p_key"), size=bindparam("p_size"), refcount=bindparam("p_n"),
+        unreferenced_since=None)
+    return ins.on_conflict_do_update(
+        index_elements=["key"],
+        set_={"refcount": B.c.refcount + bindparam("p_n"), "unreferenced_since": None})
+
+
+_Q_REF_BLOB = Prepared(_upsert_blob)
+_Q_UNREF_BLOB = Prepared(update(B).where(B.c.key == bindparam("p_key")).values(
+    refcount=case((B.c.refcount > bindparam("p_n"), B.c.refcount - bindparam("p_n")), else_=0),
+    unreferenced_since=case((B.c.refcount > bindparam("p_n"), None),
+                            else_=bindparam("p_now", type_=B.c.unreferenced_since.type))))
+_Q_ALLOCATE = Prepared(
+    update(MB).where(MB.c.id == bindparam("p_mailbox"))
+    .values(uidnext=MB.c.uidnext + bindparam("p_n"), highestmodseq=MB.c.highestmodseq + 1,
+            message_count=MB.c.message_count + bindparam("p_n"),
+            total_size=MB.c.total_size + bindparam("p_bytes"),
+            unseen_count=MB.c.unseen_count + bindparam("p_unseen"),
+            deleted_count=MB.c.deleted_count + bindparam("p_deleted"))
+    .returning(MB.c.uidnext, MB.c.highestmodseq, MB.c.uidvalidity, MB.c.name,
+               MB.c.message_count, MB.c.total_size), named=True)
+_Q_REMOVED = Prepared(update(MB).where(MB.c.id == bindparam("p_mailbox")).values(
+    highestmodseq=bindparam("p_modseq"), message_count=MB.c.message_count - bindparam("p_n"),
+    total_size=MB.c.total_size - bindparam("p_bytes"),
+    unseen_count=MB.c.unseen_count - bindparam("p_unseen"),
+    deleted_count=MB.c.deleted_count - bindparam("p_deleted")))
+_MESSAGE_COLUMNS = (
+    "mailbox_id", "uid", "modseq", "flags", "keywords", "internaldate", "size", "blob_key",
+    "prefix", "summary", "subject", "from_addr", "to_addr", "cc_addr", "bcc_addr",
+    "message_id_hdr", "sent_date", "pop3_hidden", "pop3_pad")
+_Q_INSERT = Prepared(insert(M).returning(M.c.id), column_keys=_MESSAGE_COLUMNS)
+_Q_INSERT_MANY = Prepared(insert(M), column_keys=_MESSAGE_COLUMNS)
+_PAGE = select(M.c.uid, M.c.flags, M.c.keywords, M.c.modseq).where(
+    M.c.mailbox_id == bindparam("p_mailbox"), M.c.uid > bindparam("p_after"))
+_Q_PAGE = Prepared(_PAGE.order_by(M.c.uid).limit(bindparam("p_limit")))
+_Q_PAGE_CHANGED = Prepared(_PAGE.where(M.c.modseq > bindparam("p_since"))
+                           .order_by(M.c.uid).limit(bindparam("p_limit")))
+_IN_SPAN = (M.c.mailbox_id == bindparam("p_mailbox"),
+            M.c.uid.between(bindparam("p_lo"), bindparam("p_hi")))
+_META = (M.c.uid, M.c.flags, M.c.keywords, M.c.modseq, M.c.internaldate, M.c.size,
+         M.c.blob_key, M.c.prefix)
+_Q_FETCH = {False: Prepared(select(*_META).where(*_IN_SPAN).order_by(M.c.uid)),
+            True: Prepared(select(*_META, M.c.summary).where(*_IN_SPAN).order_by(M.c.uid))}
+_REMOVABLE = (M.c.id, M.c.uid, M.c.blob_key, M.c.size, M.c.flags)
+_Q_DELETED_PAGE = Prepared(
+    select(*_REMOVABLE).where(M.c.mailbox_id == bindparam("p_mailbox"),
+                              M.c.flags.op("&")(DELETED) != 0)
+    .order_by(M.c.uid).limit(bindparam("p_limit")), named=True)
+_Q_DELETED_SPAN = Prepared(
+    select(*_REMOVABLE).where(*_IN_SPAN, M.c.flags.op("&")(DELETED) != 0).order_by(M.c.uid),
+    named=True)
+_Q_DELETE_ONE = Prepared(delete(M).where(M.c.id == bindparam("p_id")))
+_Q_LOG_EXPUNGED = Prepared(insert(X), column_keys=("mailbox_id", "uid", "modseq"))
 
 
 class MessageOps(RepoBase):
@@ -49,32 +113,20 @@ class MessageOps(RepoBase):
         """Add references: {key: (count, size)}; sorted so concurrent writers lock in order."""
         for key in sorted(refs):
             n, size = refs[key]
-            stmt = self._insert(B).values(key=key, size=size, refcount=n, unreferenced_since=None)
-            await conn.execute(stmt.on_conflict_do_update(
-                index_elements=["key"],
-                set_={"refcount": B.c.refcount + n, "unreferenced_since": None}))
+            await _Q_REF_BLOB.run(conn, p_key=key, p_size=size, p_n=n)
 
     async def _unref_blobs(self, conn: AsyncConnection, refs: dict[str, int]) -> None:
         now = datetime.now(UTC)
         for key in sorted(refs):
-            n = refs[key]
-            await conn.execute(update(B).where(B.c.key == key).values(
-                refcount=case((B.c.refcount > n, B.c.refcount - n), else_=0),
-                unreferenced_since=case((B.c.refcount > n, None), else_=now)))
+            await _Q_UNREF_BLOB.run(conn, p_key=key, p_n=refs[key], p_now=now)
 
     async def _allocate(self, conn: AsyncConnection, mailbox_id: int, n: int, nbytes: int,
                         unseen: int = 0, deleted: int = 0) -> tuple[int, int, Any]:
         """Reserve ``n`` UIDs and one MODSEQ for ``n`` new messages of ``nbytes``; returns
         (first uid, modseq, the new row). The row lock taken here is held until commit, so
         UIDs become visible in order."""
-        row = (await conn.execute(
-            update(MB).where(MB.c.id == mailbox_id)
-            .values(uidnext=MB.c.uidnext + n, highestmodseq=MB.c.highestmodseq + 1,
-                    message_count=MB.c.message_count + n, total_size=MB.c.total_size + nbytes,
-                    unseen_count=MB.c.unseen_count + unseen,
-                    deleted_count=MB.c.deleted_count + deleted)
-            .returning(MB.c.uidnext, MB.c.highestmodseq, MB.c.uidvalidity, MB.c.name,
-                       MB.c.message_count, MB.c.total_size))).first()
+        row = await _Q_ALLOCATE.first(conn, p_mailbox=mailbox_id, p_n=n, p_bytes=nbytes,
+                                      p_unseen=unseen, p_deleted=deleted)
         if row is None:
             raise NotFound(f"no mailbox {mailbox_id}")
         return row.uidnext - n, row.highestmodseq, row
@@ -111,9 +163,9 @@ class MessageOps(RepoBase):
         await self._ref_blobs(conn, refs)
         values = [self._message_values(mbox.id, first + i, modseq, m) for i, m in enumerate(msgs)]
         if len(values) == 1:
-            ids = [(await conn.execute(insert(M).values(values[0]).returning(M.c.id))).scalar_one()]
+            ids = [(await _Q_INSERT.rows(conn, **values[0]))[0][0]]
         else:
-            await conn.execute(insert(M), values)
+            await _Q_INSERT_MANY.many(conn, values)
             ids = []
         uids = [first + i for i in range(len(msgs))]
         added = [MessageState(uid=v["uid"], flags=flags_from_db(v["flags"], v["keywords"]),
@@ -171,11 +223,12 @@ class MessageOps(RepoBase):
                     raise Invalid(f"{row.name} cannot be selected (\\Noselect)")
                 raise NotFound(f"{row.name} is \\Noselect")
             mailbox_id = row.id
-            q = (select(M.c.uid, M.c.flags, M.c.keywords, M.c.modseq)
-                 .where(M.c.mailbox_id == mailbox_id, M.c.uid > after_uid))
-            if changed_since is not None:
-                q = q.where(M.c.modseq > changed_since)
-            rows = (await conn.execute(q.order_by(M.c.uid).limit(limit + 1))).all()
+            if changed_since is None:
+                rows = await _Q_PAGE.rows(conn, p_mailbox=mailbox_id, p_after=after_uid,
+                                          p_limit=limit + 1)
+            else:
+                rows = await _Q_PAGE_CHANGED.rows(conn, p_mailbox=mailbox_id, p_after=after_uid,
+                                                  p_since=changed_since, p_limit=limit + 1)
             vanished: list[tuple[int, int]] = []
             if changed_since is not None and after_uid == 0:
                 gone = (await conn.execute(select(X.c.uid).where(
@@ -188,19 +241,21 @@ class MessageOps(RepoBase):
 
     async def fetch(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
                     with_summary: bool = True) -> list[MessageMeta]:
-        cond, inside = uid_filter(uids)
-        cols = [M.c.uid, M.c.flags, M.c.keywords, M.c.modseq, M.c.internaldate, M.c.size,
-                M.c.blob_key, M.c.prefix]
-        if with_summary:
-            cols.append(M.c.summary)
+        span = uid_bounds(uids)
         async with self._read() as conn:
             await self._mailbox_by_id(conn, account_id, mailbox_id)
-            rows = (await conn.execute(select(*cols).where(M.c.mailbox_id == mailbox_id, cond)
-                                       .order_by(M.c.uid))).all()
+            if span is not None:
+                lo, hi, inside = span
+                rows = await _Q_FETCH[with_summary].rows(conn, p_mailbox=mailbox_id, p_lo=lo,
+                                                         p_hi=hi)
+            else:
+                cond, inside = uid_filter(uids)
+                cols = [*_META, M.c.summary] if with_summary else list(_META)
+                rows = list(map(tuple, (await conn.execute(
+                    select(*cols).where(M.c.mailbox_id == mailbox_id, cond)
+                    .order_by(M.c.uid))).all()))
         out = []
-        # rows as plain tuples: attribute access on a Row costs more than the rest per row
-        for uid, bits, kws, modseq, idate, size, blob_key, raw_prefix, *summary in map(
-                tuple, rows):
+        for uid, bits, kws, modseq, idate, size, blob_key, raw_prefix, *summary in rows:
             if not inside(uid):
                 continue
             prefix = bytes(raw_prefix or b"")
@@ -215,9 +270,17 @@ class MessageOps(RepoBase):
     # ------------------------------------------------------------ expunge / remove
     async def _log_expunged(self, conn: AsyncConnection, mailbox_id: int, uids: Sequence[int],
                             modseq: int) -> None:
-        if uids:
-            await conn.execute(insert(X), [{"mailbox_id": mailbox_id, "uid": u, "modseq": modseq}
-                                           for u in uids])
+        await _Q_LOG_EXPUNGED.many(conn, [{"mailbox_id": mailbox_id, "uid": u, "modseq": modseq}
+                                          for u in uids])
+
+    async def _delete_ids(self, conn: AsyncConnection, ids: Sequence[int]) -> None:
+        """Delete message rows by id: a few one at a time (one prepared statement), many in
+        lists of 900 (SQLite's limit on parameters)."""
+        if len(ids) <= 50:
+            await _Q_DELETE_ONE.many(conn, [{"p_id": i} for i in ids])
+            return
+        for i in range(0, len(ids), 900):
+            await conn.execute(delete(M).where(M.c.id.in_(ids[i:i + 900])))
 
     async def _remove_messages(self, conn: AsyncConnection, acct: Any, mbox: Any,
                                where: ColumnElement[bool] | None,
@@ -232,14 +295,17 @@ class MessageOps(RepoBase):
                            ) -> tuple[Change | None, bool]:
         """``_remove_messages`` for at most ``limit`` of them, lowest UIDs first; also says
         whether more remain (SQL does the LIMIT when ``where`` alone selects the rows)."""
-        q = select(M.c.id, M.c.uid, M.c.blob_key, M.c.size, M.c.flags).where(
-            M.c.mailbox_id == mbox.id)
+        q = select(*_REMOVABLE).where(M.c.mailbox_id == mbox.id)
         if where is not None:
             q = q.where(where)
         q = q.order_by(M.c.uid)
         if limit is not None and keep is ANY_UID:
             q = q.limit(limit + 1)
         rows = [r for r in (await conn.execute(q)).all() if keep(r.uid)]
+        return await self._remove_found(conn, acct, mbox, rows, limit)
+
+    async def _remove_found(self, conn: AsyncConnection, acct: Any, mbox: Any,
+                            rows: list[Any], limit: int | None) -> tuple[Change | None, bool]:
         more = limit is not None and len(rows) > limit
         return await self._remove_rows(conn, acct, mbox, rows[:limit] if more else rows), more
 
@@ -247,9 +313,7 @@ class MessageOps(RepoBase):
                            rows: Sequence[Any]) -> Change | None:
         if not rows:
             return None
-        ids = [r.id for r in rows]
-        for i in range(0, len(ids), 900):
-            await conn.execute(delete(M).where(M.c.id.in_(ids[i:i + 900])))
+        await self._delete_ids(conn, [r.id for r in rows])
         refs: dict[str, int] = {}
         for r in rows:
             refs[r.blob_key] = refs.get(r.blob_key, 0) + 1
@@ -259,10 +323,8 @@ class MessageOps(RepoBase):
         modseq = mbox.highestmodseq + 1
         unseen = sum(unseen_deleted(r.flags)[0] for r in rows)
         deleted = sum(unseen_deleted(r.flags)[1] for r in rows)
-        await conn.execute(update(MB).where(MB.c.id == mbox.id).values(
-            highestmodseq=modseq, message_count=MB.c.message_count - len(rows),
-            total_size=MB.c.total_size - total, unseen_count=MB.c.unseen_count - unseen,
-            deleted_count=MB.c.deleted_count - deleted))
+        await _Q_REMOVED.run(conn, p_mailbox=mbox.id, p_modseq=modseq, p_n=len(rows),
+                             p_bytes=total, p_unseen=unseen, p_deleted=deleted)
         uids = [r.uid for r in rows]
         await self._log_expunged(conn, mbox.id, uids, modseq)
         return Change(acct.id, mbox.id, mbox.name, mbox.uidvalidity, mbox.uidnext, modseq,
@@ -275,6 +337,7 @@ class MessageOps(RepoBase):
         at most ``limit`` of them, lowest UIDs first. Returns (expunged UIDs, HIGHESTMODSEQ,
         change, more): with ``more``, other \\Deleted messages of the set remain."""
         deleted = M.c.flags.op("&")(DELETED) != 0
+        span = uid_bounds(uids) if uids is not None else None
         if uids is None:
             where, keep = deleted, ANY_UID
         else:
@@ -283,10 +346,24 @@ class MessageOps(RepoBase):
         if limit is not None:
             limit = max(1, limit)
 
+        async def found(conn: AsyncConnection) -> list[Any]:
+            """The \\Deleted messages to remove (one more than ``limit``: are there more?)."""
+            if uids is None:
+                return await _Q_DELETED_PAGE.rows(
+                    conn, p_mailbox=mailbox_id, p_limit=1 << 62 if limit is None else limit + 1)
+            assert span is not None
+            lo, hi, inside = span
+            return [r for r in await _Q_DELETED_SPAN.rows(conn, p_mailbox=mailbox_id, p_lo=lo,
+                                                          p_hi=hi) if inside(r.uid)]
+
         async def tx(conn: AsyncConnection) -> tuple[list[int], int, Change | None, bool]:
             acct = await self._lock_account(conn, account_id)
             mbox = await self._mailbox_by_id(conn, account_id, mailbox_id, lock=True)
-            change, more = await self._remove_page(conn, acct, mbox, where, keep, limit)
+            if uids is None or span is not None:
+                change, more = await self._remove_found(conn, acct, mbox, await found(conn),
+                                                        limit)
+            else:
+                change, more = await self._remove_page(conn, acct, mbox, where, keep, limit)
             if change is None:
                 return [], mbox.highestmodseq, None, False
             return change.expunged, change.highestmodseq, change, more

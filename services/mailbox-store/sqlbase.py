@@ -47,6 +47,7 @@ from postbus.mailbox_store.models import (
     Message,
     Subscription,
 )
+from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.txn import Writer
 from postbus.proto.mail import MessageSummary
 from postbus.proto.store import MailboxInfo, MessageState
@@ -78,12 +79,24 @@ _MB_WITH_INFO = select(
                    == MB.c.name.concat(DELIMITER)).label("has_children"),
     exists().where(S.c.account_id == MB.c.account_id, S.c.name == MB.c.name).label("subscribed"),
 ).where(MB.c.account_id == bindparam("account_id"))
-_Q_MB_INFO_BY_NAME = _MB_WITH_INFO.where(MB.c.name == bindparam("name"))
-_Q_MB_INFO_BY_ID = _MB_WITH_INFO.where(MB.c.id == bindparam("mailbox_id"))
-_Q_MB_BY_NAME = select(MB).where(MB.c.account_id == bindparam("account_id"),
-                                 MB.c.name == bindparam("name"))
-_Q_MB_BY_ID = select(MB).where(MB.c.id == bindparam("mailbox_id"),
-                               MB.c.account_id == bindparam("account_id"))
+_Q_MB_INFO_BY_NAME = Prepared(_MB_WITH_INFO.where(MB.c.name == bindparam("name")), named=True)
+_Q_MB_INFO_BY_ID = Prepared(_MB_WITH_INFO.where(MB.c.id == bindparam("mailbox_id")), named=True)
+_MB_BY_NAME = select(MB).where(MB.c.account_id == bindparam("account_id"),
+                               MB.c.name == bindparam("name"))
+_MB_BY_ID = select(MB).where(MB.c.id == bindparam("mailbox_id"),
+                             MB.c.account_id == bindparam("account_id"))
+_Q_MB_BY_NAME = {lock: Prepared(_MB_BY_NAME.with_for_update() if lock else _MB_BY_NAME,
+                                named=True) for lock in (False, True)}
+_Q_MB_BY_ID = {lock: Prepared(_MB_BY_ID.with_for_update() if lock else _MB_BY_ID, named=True)
+               for lock in (False, True)}
+_Q_MAILBOXES = Prepared(select(MB).where(MB.c.account_id == bindparam("account_id"))
+                        .order_by(MB.c.name), named=True)
+_Q_LOCK_ACCOUNT = Prepared(
+    select(A.c.id, A.c.enabled, A.c.quota_bytes, A.c.used_bytes, A.c.message_count)
+    .where(A.c.id == bindparam("account_id")).with_for_update(), named=True)
+_Q_CHARGE = Prepared(update(A).where(A.c.id == bindparam("p_account")).values(
+    used_bytes=A.c.used_bytes + bindparam("p_bytes"),
+    message_count=A.c.message_count + bindparam("p_msgs")))
 INBOX = "INBOX"
 # INBOX and the RFC 6154 special-use folders every account has (created at account creation
 # by the directory, or lazily here on first use)
@@ -337,6 +350,24 @@ def uid_filter(ranges: Sequence[Sequence[int]]) -> tuple[ColumnElement[bool], Ca
     return M.c.uid.between(lo, hi), inside
 
 
+def uid_bounds(ranges: Sequence[Sequence[int]]
+               ) -> tuple[int, int, Callable[[int], bool]] | None:
+    """The lowest and highest UID of a set and an exact test for it, when reading every
+    row between the two costs about what reading the set does: one range, or several
+    spanning at most MAX_UIDS_IN_LIST UIDs. None otherwise (use ``uid_filter``). Lets
+    the hot statements keep one fixed shape (``uid BETWEEN``) and be prepared once."""
+    rs = _clean_ranges(ranges)
+    if not rs:
+        return 1, 0, lambda _u: False
+    lo, hi = rs[0][0], rs[-1][1]
+    if len(rs) == 1:
+        return lo, hi, ANY_UID
+    if hi - lo >= MAX_UIDS_IN_LIST:
+        return None
+    wanted = frozenset(u for a, b in rs for u in range(a, b + 1))
+    return lo, hi, wanted.__contains__
+
+
 def _check_count(rows: Sequence[Any], max_messages: int | None) -> None:
     """Refuse, before changing anything, a request whose answer would be too large to send
     (the caller sends its UID set in smaller parts)."""
@@ -362,7 +393,10 @@ class RepoBase:
     # ------------------------------------------------------------ transactions
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
+        """A read transaction: one snapshot for every statement in it, also for the
+        prepared ones, which SQLAlchemy does not see (so it would not begin one first)."""
         async with self.engine.connect() as conn:
+            await conn.begin()
             yield conn
 
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]], attempts: int = 5) -> T:
@@ -372,9 +406,7 @@ class RepoBase:
 
     # ------------------------------------------------------------ account + mailbox rows
     async def _lock_account(self, conn: AsyncConnection, account_id: int) -> Any:
-        row = (await conn.execute(
-            select(A.c.id, A.c.enabled, A.c.quota_bytes, A.c.used_bytes, A.c.message_count)
-            .where(A.c.id == account_id).with_for_update())).first()
+        row = await _Q_LOCK_ACCOUNT.first(conn, account_id=account_id)
         if row is None:
             raise NotFound(f"no account {account_id}")
         return row
@@ -385,8 +417,7 @@ class RepoBase:
         if (enforce and nbytes > 0 and acct.quota_bytes is not None
                 and acct.used_bytes + nbytes > acct.quota_bytes):
             raise OverQuota(f"quota of {acct.quota_bytes} bytes exceeded")
-        await conn.execute(update(A).where(A.c.id == acct.id).values(
-            used_bytes=A.c.used_bytes + nbytes, message_count=A.c.message_count + nmsgs))
+        await _Q_CHARGE.run(conn, p_account=acct.id, p_bytes=nbytes, p_msgs=nmsgs)
 
     async def _next_uidvalidity(self, conn: AsyncConnection) -> int:
         """Strictly increasing across every mailbox ever created, near the clock
@@ -408,18 +439,15 @@ class RepoBase:
         return value
 
     async def _mailbox_rows(self, conn: AsyncConnection, account_id: int) -> list[Any]:
-        return list((await conn.execute(
-            select(MB).where(MB.c.account_id == account_id).order_by(MB.c.name))).all())
+        return await _Q_MAILBOXES.rows(conn, account_id=account_id)
 
     async def _mailbox_by_name(self, conn: AsyncConnection, account_id: int, name: str,
                                *, lock: bool = False) -> Any:
-        q = _Q_MB_BY_NAME.with_for_update() if lock else _Q_MB_BY_NAME
-        return (await conn.execute(q, {"account_id": account_id, "name": name})).first()
+        return await _Q_MB_BY_NAME[lock].first(conn, account_id=account_id, name=name)
 
     async def _mailbox_by_id(self, conn: AsyncConnection, account_id: int, mailbox_id: int,
                              *, lock: bool = False) -> Any:
-        q = _Q_MB_BY_ID.with_for_update() if lock else _Q_MB_BY_ID
-        row = (await conn.execute(q, {"mailbox_id": mailbox_id, "account_id": account_id})).first()
+        row = await _Q_MB_BY_ID[lock].first(conn, mailbox_id=mailbox_id, account_id=account_id)
         if row is None:
             raise NotFound(f"no mailbox {mailbox_id}")
         return row
@@ -429,11 +457,9 @@ class RepoBase:
                                  ) -> tuple[Any, MailboxInfo] | None:
         """A mailbox row and its MailboxInfo in one query, by name or by id; None if absent."""
         if name is not None:
-            row = (await conn.execute(_Q_MB_INFO_BY_NAME,
-                                      {"account_id": account_id, "name": name})).first()
+            row = await _Q_MB_INFO_BY_NAME.first(conn, account_id=account_id, name=name)
         else:
-            row = (await conn.execute(_Q_MB_INFO_BY_ID,
-                                      {"account_id": account_id, "mailbox_id": mailbox_id})).first()
+            row = await _Q_MB_INFO_BY_ID.first(conn, account_id=account_id, mailbox_id=mailbox_id)
         if row is None:
             return None
         children = {row.name + DELIMITER} if row.has_children else set()

@@ -61,6 +61,9 @@ async def _retry_busy(fn: Any, *args: Any) -> Any:
             delay = min(delay * 2, 0.05)
 
 
+run_busy = _retry_busy  # for prepared.py, which runs statements on sqlite3 itself
+
+
 class Cursor:
     """The async cursor SQLAlchemy's asyncio adapter expects, over a sqlite3 cursor."""
 
@@ -161,6 +164,11 @@ class AdaptedConnection(AsyncAdapt_dbapi_connection):
 
     def create_function(self, *args: Any, **kw: Any) -> None:
         await_(self._connection.create_function(*args, **kw))
+
+    @property
+    def raw_sqlite(self) -> sqlite3.Connection:
+        """The sqlite3 connection itself, for statements run as text (prepared.py)."""
+        return self._connection.conn
 
     def begin(self, immediate: bool) -> None:
         """BEGIN straight on sqlite3 (a statement through SQLAlchemy costs ten times more);
