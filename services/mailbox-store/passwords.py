@@ -65,13 +65,18 @@ class VerifyCache:
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
     def get(self, key: bytes) -> bool | None:
+        hit = self.peek(key)
+        if self.ttl_s > 0:
+            CACHE.labels("miss" if hit is None else "hit").inc()
+        return hit
+
+    def peek(self, key: bytes) -> bool | None:
+        """The cached outcome, without counting a lookup."""
         if self.ttl_s <= 0:
             return None
         hit = self._entries.get(key)
         if hit is None or hit[0] < self.clock():
-            CACHE.labels("miss").inc()
             return None
-        CACHE.labels("hit").inc()
         return hit[1]
 
     def put(self, key: bytes, ok: bool) -> None:
@@ -123,6 +128,12 @@ class Passwords:
     async def hash(self, password: str) -> str:
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, self.hash_sync, password)
+
+    def known_good(self, stored: str, password: str, login: str = "") -> bool:
+        """True when this very check (login, stored hash, password) succeeded within the
+        cache's TTL: whoever sends it has shown the password, so it is not a guess."""
+        return self.cache is not None and self.cache.peek(
+            self.cache.key(login, stored, password)) is True
 
     async def verify(self, stored: str, password: str, login: str = "") -> Verified:
         """Check ``password`` against ``stored``; a cached outcome for the same login, stored

@@ -29,7 +29,7 @@ from postbus.mailbox_store.directory import (
     split_address,
 )
 from postbus.mailbox_store.models import Account, Blob, Mailbox, Message
-from postbus.mailbox_store.passwords import Passwords, fast_hasher
+from postbus.mailbox_store.passwords import Passwords, VerifyCache, fast_hasher
 from postbus.mailbox_store.repository import Repository
 from postbus.proto.directory import (
     DIRECTORY_AUTHENTICATE,
@@ -391,6 +391,33 @@ async def test_login_throttle_shared_over_nats_kv(bus: Bus, tmp_path: Path) -> N
         results = await asyncio.gather(*(login("bad", ip="192.0.2.4") for _ in range(40)))
         assert results.count("invalid") == 3 and results.count("throttled") == 37
         assert await login("pw", ip="192.0.2.4") == "throttled"
+
+
+async def test_known_good_password_takes_no_throttle_unit(bus: Bus, tmp_path: Path) -> None:
+    """A password verified for the account within the cache's TTL is no guess: it logs in
+    while the (account, IP) is throttled and takes no unit; guesses stay throttled."""
+    async for sm in open_db("sqlite", tmp_path):
+        d = await serve_directory(bus, sm, passwords=Passwords(fast_hasher(),
+                                                               cache=VerifyCache()),
+                                  login_max_failures=3, login_window_s=60)
+        await d.create_domain("example.test")
+        await d.create_account("alice@example.test", "pw")
+        assert d.throttle is not None
+        key = d.throttle.key("alice@example.test", "192.0.2.1")
+
+        async def login(pw: str) -> str:
+            r = await bus.request(DIRECTORY_AUTHENTICATE, AuthRequest(
+                username="alice@example.test", password=pw, client_ip="192.0.2.1"))
+            return "ok" if r.ok else str(r.reason)
+
+        assert await login("pw") == "ok"  # checked with Argon2, now cached
+        assert [await login(f"bad{i}") for i in range(4)] == ["invalid"] * 3 + ["throttled"]
+        assert await d.throttle.failures(key) == 3
+        assert await login("pw") == "ok"
+        assert await d.throttle.failures(key) == 3  # no unit taken, none given back
+        assert await login("bad0") == "throttled"  # a cached failure is still a guess
+        await d.update_account("alice@example.test", password="new")
+        assert await login("new") == "throttled"  # a changed password is not known yet
 
 
 async def test_resolve_says_when_an_account_is_full(d: Directory, sm: Sm) -> None:
