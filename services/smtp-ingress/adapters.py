@@ -12,7 +12,7 @@ import ipaddress
 import json
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, BinaryIO
 
 from postbus.kit.blob import BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, BusUnavailable, RemoteError
@@ -108,9 +108,9 @@ class S3Bodies:
     def __init__(self, blobs: BlobStore) -> None:
         self.blobs = blobs
 
-    async def put(self, data: bytes) -> str:
-        try:  # not kept in the blob cache: ingress never reads a body back
-            return await self.blobs.put(data, cache=False)
+    async def put_file(self, head: bytes, file: BinaryIO) -> str:
+        try:  # never kept in the blob cache: ingress does not read a body back
+            return await self.blobs.put_file(file, head=head)
         except BlobUnavailable as exc:
             raise Unavailable(str(exc)) from exc
         except Exception as exc:  # connection refused etc. surface as botocore errors

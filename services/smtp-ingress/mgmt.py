@@ -61,6 +61,10 @@ def router(ingress: Ingress) -> APIRouter:
             "auth_fail_window_s": s.auth_fail_window_s,
             "trusted_networks": s.common.trusted_networks,
             "inline_threshold": ingress.inline_threshold,
+            "data_bytes_in_flight": s.data_bytes_in_flight,
+            "data_bytes_in_memory": ingress.spool.memory.used,
+            "spool_max_bytes": s.spool_max_bytes,
+            "spool_bytes": ingress.spool.disk.used,
             "listeners": ingress.ports,
         }
 

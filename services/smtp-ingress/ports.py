@@ -6,7 +6,7 @@ Implementations: adapters.py (NATS, S3, NATS KV). No imports of nats or boto3 he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from postbus.proto.directory import AuthReply, ResolveReply
 from postbus.proto.mail import MailReceived
@@ -29,8 +29,10 @@ class Queue(Protocol):
 
 
 class Bodies(Protocol):
-    async def put(self, data: bytes) -> str:
-        """Store a body content-addressed; returns its key. Raises Unavailable."""
+    async def put_file(self, head: bytes, file: BinaryIO) -> str:
+        """Store ``head`` and then ``file`` (from its position) content-addressed, streamed
+        (the file may be far larger than this process should hold); returns the key.
+        Raises Unavailable."""
         ...
 
 

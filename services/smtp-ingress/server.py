@@ -2,8 +2,9 @@
 
 aiosmtpd keeps the command loop shape, STARTTLS and AUTH challenges; this subclass adds the
 Postbus policy (policy.py), enhanced status codes on every reply, DSN/SMTPUTF8/CHUNKING,
-a DATA reader that scans large chunks instead of lines, limits and the durable hand-off
-(250 only after the JetStream ack). Talks to the world through ports.py only.
+a DATA reader that works on large chunks instead of lines and spools bodies past the inline
+threshold to disk (spool.py), limits and the durable hand-off (250 only after the S3 upload
+and the JetStream ack). Talks to the world through ports.py only.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from postbus.smtp_ingress.ports import (
     Unavailable,
 )
 from postbus.smtp_ingress.settings import Settings
+from postbus.smtp_ingress.spool import Budget, Spool, SpoolDir
 
 log = get_logger("postbus.smtp_ingress")
 
@@ -151,13 +153,16 @@ class Ingress:
         self.ports: dict[str, int] = {}
         self.hostname = settings.common.hostname
         self.inline_threshold = settings.common.inline_threshold
-        # message bytes all sessions of this replica hold at once (issue 8.6)
-        self.data_in_flight = 0
-        self.data_in_flight_max = settings.data_bytes_in_flight
+        # message bodies while they are read: memory up to the inline threshold each, then
+        # disk, both bounded for all sessions of this replica (issue 8.6)
+        self.spool = SpoolDir(settings.spool_dir, memory=Budget(settings.data_bytes_in_flight),
+                              disk=Budget(settings.spool_max_bytes))
+        self.uploads = asyncio.Semaphore(settings.spool_uploads)
 
     # ------------------------------------------------------------ listeners
     async def start(self) -> dict[str, int]:
         """Open the listeners; returns listener -> bound port."""
+        self.spool.prepare()
         loop = asyncio.get_running_loop()
         wanted = {"mx": self.settings.smtp_port, "submission": self.settings.submission_port,
                   "smtps": self.settings.smtps_port}
@@ -298,19 +303,14 @@ class IngressSMTP(SMTP):
     def _reset_transaction(self) -> None:
         """Forget the envelope (RSET, HELO/EHLO, after a message) - aiosmtpd's
         ``_set_rset_state``, typed - and give back the BDAT bytes it held."""
-        env: Any = getattr(self, "envelope", None)
-        if env is not None and getattr(env, "chunks", None):
-            self.ingress.data_in_flight -= len(env.chunks)
+        self._close_spool()
         self.envelope = self._create_envelope()
 
-    def _hold(self, n: int) -> bool:
-        """Count ``n`` more message bytes against the replica's budget; False (nothing
-        counted) when they do not fit."""
-        ing = self.ingress
-        if n > 0 and ing.data_in_flight + n > ing.data_in_flight_max:
-            return False
-        ing.data_in_flight += n
-        return True
+    def _close_spool(self) -> None:
+        env: Any = getattr(self, "envelope", None)
+        spool: Spool | None = getattr(env, "spool", None)
+        if spool is not None:
+            spool.close()
 
     @property
     def encrypted(self) -> bool:
@@ -417,10 +417,7 @@ class IngressSMTP(SMTP):
             self._release()
 
     def _release(self) -> None:
-        env: Any = getattr(self, "envelope", None)
-        if env is not None and getattr(env, "chunks", None):  # BDAT bytes of an open transaction
-            self.ingress.data_in_flight -= len(env.chunks)
-            env.chunks = bytearray()
+        self._close_spool()  # BDAT bytes of an open transaction
         self.ingress.conns.discard(self)
         if self.ingress.stopping and not self.ingress.conns:
             self.ingress._drained.set()
@@ -834,7 +831,8 @@ class IngressSMTP(SMTP):
         env.recipients = []  # type: ignore[attr-defined]
         env.seen = set()  # type: ignore[attr-defined]
         env.mode = None  # type: ignore[attr-defined]  # "DATA" or "BDAT" once started
-        env.chunks = bytearray()  # type: ignore[attr-defined]
+        # where BDAT chunks go (DATA opens its own spool)
+        env.spool = self.ingress.spool.open(self.ingress.inline_threshold)  # type: ignore[attr-defined]
         await self.push(policy.R250_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -928,25 +926,18 @@ class IngressSMTP(SMTP):
         await self._flush()
         data = proto.DataReader(max_size=self.data_size_limit or 0,
                                 max_line=self.ingress.settings.max_line_length)
-        body = bytearray()
+        spool = self.ingress.spool.open(self.ingress.inline_threshold)
         reader = self._reader
-        held = 0  # bytes of this message counted in the replica's budget
         try:
             while True:
                 chunk = await reader.read(READ_CHUNK)
                 if not chunk:
                     raise ConnectionResetError("EOF during DATA")
                 got, rest = data.feed(chunk)
-                if got:
-                    if self._hold(len(got)):
-                        held += len(got)
-                        body += got
-                    else:
-                        data.drop()  # no room: read to the end, keep nothing, answer 451
-                if (data.dropped or data.overflow) and held:
-                    self.ingress.data_in_flight -= held
-                    held = 0
-                    body = bytearray()
+                if got and not spool.write(got):
+                    data.drop()  # no room: read to the end, keep nothing, answer 451
+                if data.dropped or data.overflow:
+                    spool.close()  # what it holds will not be used
                 if rest is not None:
                     if rest:
                         # pipelined commands after the final dot (RFC 2920 §3.1) go back
@@ -962,9 +953,9 @@ class IngressSMTP(SMTP):
             if problem is not None:
                 await self._refuse_message(problem.reply, problem.reason)
                 return
-            await self._accept_message(bytes(body))
+            await self._accept_message(spool)
         finally:
-            self.ingress.data_in_flight -= held
+            spool.close()
 
     async def smtp_BDAT(self, arg: str | None) -> None:
         parsed = proto.parse_bdat(arg)
@@ -976,14 +967,15 @@ class IngressSMTP(SMTP):
         env: Any = self.envelope
         limit = self.data_size_limit or 2**31
         keep = (self._in_transaction() and env.mode != "DATA"
-                and len(env.chunks) + size <= limit)
-        room = keep and self._hold(size)  # counted up front; given back on reset
+                and env.spool.size + size <= limit)
+        room = keep
         remaining = size
         while remaining:
             piece = await self._reader.readexactly(min(remaining, READ_CHUNK))
             remaining -= len(piece)
-            if room:
-                env.chunks += piece
+            if room and not env.spool.write(piece):
+                room = False  # read the chunk to its end, keep nothing, answer 451
+                env.spool.close()
             self._reset_timeout()
         if keep and not room:
             await self._refuse_message(policy.R451_NO_ROOM, "no_room")
@@ -1006,10 +998,7 @@ class IngressSMTP(SMTP):
         if not last:
             await self.push(f"250 2.0.0 {size} octets received")
             return
-        body = bytes(env.chunks)
-        self.ingress.data_in_flight -= len(env.chunks)
-        env.chunks = bytearray()
-        await self._accept_message(body)
+        await self._accept_message(env.spool)
 
     async def _reverse_name(self) -> str | None:
         if self._rdns is None:
@@ -1026,7 +1015,10 @@ class IngressSMTP(SMTP):
         self._reset_transaction()
         await self.push(reply)
 
-    async def _accept_message(self, body: bytes) -> None:
+    async def _accept_message(self, body: Spool) -> None:
+        """Queue the message whose body is in ``body`` (the caller closes it) and answer 250
+        once it is durable: a body over the inline threshold is uploaded to S3 from the
+        spool first, streamed, then the JetStream publish is acked."""
         started = time.perf_counter()
         env: Any = self.envelope
         ing = self.ingress
@@ -1042,12 +1034,14 @@ class IngressSMTP(SMTP):
             esmtp=bool(self.session.extended_smtp), tls=tls, auth_user=auth_user,
             utf8=bool(env.params.smtputf8), queue_id=qid,
             rcpt=env.recipients[0].address if len(env.recipients) == 1 else None, when=now)
-        full = header + body
+        size = len(header) + body.size
         try:
-            if len(full) > ing.inline_threshold:
-                ref = BodyRef(size=len(full), blob_key=await ing.bodies.put(full))
+            if size > ing.inline_threshold:
+                async with ing.uploads:
+                    ref = BodyRef(size=size, blob_key=await ing.bodies.put_file(header,
+                                                                                body.reader()))
             else:
-                ref = BodyRef(size=len(full), inline=full)
+                ref = BodyRef(size=size, inline=header + body.contents())
             msg = MailReceived(
                 queue_id=qid, received_at=now,
                 client=ClientInfo(ip=self.client_ip, port=self.client_port, reverse_dns=rdns,
@@ -1064,7 +1058,7 @@ class IngressSMTP(SMTP):
         elapsed = time.perf_counter() - started
         _m(ACCEPT_LATENCY, self.listener).observe(elapsed)
         _m(MESSAGES, self.listener, "accepted", "ok").inc()
-        _m(BYTES, self.listener).inc(len(full))
+        _m(BYTES, self.listener).inc(size)
         ing.stats.add("message_accepted", "ok")
         if self.info:
             self.info.messages += 1

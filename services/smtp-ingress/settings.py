@@ -5,6 +5,10 @@ Built once in ``__main__``; tests build ``Settings(...)`` directly.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,10 +37,19 @@ class Settings(BaseSettings):
     # trusted (mail from our own domains comes through submission); off by default, as
     # forwarders and mailing lists legitimately send with our users' addresses
     reject_unauthenticated_local_senders: bool = False
-    # message bytes (DATA and BDAT) all sessions of a replica hold at once; past it a
-    # message is read to its end and answered 451 4.3.1 (the pod limit is 512 MiB, and a
-    # message is copied about three times between the socket and S3)
+    # message bytes (DATA and BDAT) all sessions of a replica hold in memory at once: each
+    # body up to the inline threshold (common.inline_threshold); past the threshold, or
+    # when this is used up, a body goes to a file in spool_dir (issue 8.6)
     data_bytes_in_flight: int = 96 * 1024 * 1024
+    # where bodies are spooled while they are read (created at start, 0700, and refused
+    # when someone else owns it; the files have no name, so nothing is left behind), and
+    # how many bytes all sessions may have there at once; past it a message is read to
+    # its end and answered 451 4.3.1. On Kubernetes, a directory inside an emptyDir.
+    spool_dir: Path = Field(default_factory=lambda: Path(
+        tempfile.gettempdir()) / f"postbus-smtp-ingress-spool-{os.getuid()}")
+    spool_max_bytes: int = 1024 * 1024 * 1024
+    # spooled bodies uploaded to S3 at once (each streams with about 15 MiB of buffers)
+    spool_uploads: int = 2
     max_recipients: int = 100  # RFC 5321 §4.5.3.1.8 asks for at least 100; 452 4.5.3
     max_line_length: int = 998  # RFC 5321 §4.5.3.1.6: 1000 octets with CRLF
     max_command_length: int = 2048  # RFC 5321 §4.5.3.1.4 (512) + ESMTP parameters

@@ -96,6 +96,8 @@ class RunningIngress:
 async def start_ingress(bus: Bus, blobs: BlobStore, settings: Settings, tmp: Path,
                         table: DirectoryTable | None = None) -> RunningIngress:
     table = table or DirectoryTable()
+    if "spool_dir" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"spool_dir": tmp / "spool"})
     await serve_directory(bus, table)
     cert, key = tmp / "tls.crt", tmp / "tls.key"
     self_signed(cert, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import smtplib
 import ssl
 import time
@@ -497,9 +498,136 @@ async def test_s3_unavailable_gives_451(bus: Bus, common_settings: CommonSetting
         code, lines = await c.reply(timeout=30)
         assert (code, lines[-1][:5]) == (451, "4.3.0")
         assert await inbox.empty_for(0.5)
+        assert spool_idle(ing)
     finally:
         await ing.ingress.stop()
         await dead_blobs.close()
+
+
+# ---------------------------------------------------------------- spooling (issue 8.6)
+def spool_fds(path: Path) -> list[str]:
+    """Files this process has open in the spool directory (unnamed ones included)."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(path) + "/"):
+            found.append(target)
+    return found
+
+
+def spool_idle(ing: RunningIngress) -> bool:
+    """Nothing held: no bytes counted in memory or on disk, no spool file open or left."""
+    sp = ing.ingress.spool
+    return (sp.memory.used == 0 and sp.disk.used == 0 and sp.open_files == 0
+            and not spool_fds(sp.path) and not any(sp.path.iterdir()))
+
+
+def stuffed(body: bytes) -> bytes:
+    return b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in body.split(b"\r\n"))
+
+
+BIG_BODY = BODY + b"".join(b".%05d dotted, then a line of text\r\n" % i
+                           + b"line %05d of a large message\r\n" % i for i in range(8000))
+
+
+async def test_large_bodies_are_spooled_and_the_spool_is_released(
+        start: Start, inbox: Inbox, blobs: BlobStore) -> None:
+    ing = await start(max_message_size=len(BIG_BODY) + 1000)
+    ing.ingress.inline_threshold = 1024
+    sp = ing.ingress.spool
+    assert sp.path.is_dir() and spool_idle(ing)
+
+    async def stored(expect: bytes) -> None:
+        msg = await inbox.get()
+        assert msg.body.inline is None and msg.body.blob_key
+        data = await blobs.get(msg.body.blob_key)
+        assert data.startswith(b"Received: ") and data.endswith(expect)
+        assert msg.body.blob_key == blob_key(data) and msg.body.size == len(data)
+
+    # DATA: on disk while it is read, nothing of it in memory
+    c = await greeted(ing.port("mx"))
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await c.send(stuffed(BIG_BODY)[:400_000])
+    await settle(lambda: sp.disk.used > 300_000)
+    assert sp.open_files == 1 and len(spool_fds(sp.path)) == 1 and sp.memory.used == 0
+    assert not any(sp.path.iterdir())  # the file has no name
+    await c.send(stuffed(BIG_BODY)[400_000:] + b".\r\n")
+    assert (await c.reply())[0] == 250
+    await stored(BIG_BODY)
+    assert spool_idle(ing)
+
+    # BDAT, in three chunks
+    third = len(BIG_BODY) // 3
+    parts = [BIG_BODY[:third], BIG_BODY[third:2 * third], BIG_BODY[2 * third:]]
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\n"
+                 + b"".join(f"BDAT {len(p)}{' LAST' if i == 2 else ''}\r\n".encode() + p
+                            for i, p in enumerate(parts)))
+    assert [(await c.reply())[0] for _ in range(5)] == [250] * 5
+    await stored(BIG_BODY)
+    assert spool_idle(ing)
+
+    # refused after spooling: too big (552), bare LF (550)
+    for body, code in ((BIG_BODY + BIG_BODY, 552), (BIG_BODY + b"bare\nLF\r\n", 550)):
+        await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+        await c.send(stuffed(body) + b".\r\n")
+        assert (await c.reply())[0] == code
+        assert spool_idle(ing)
+
+    # BDAT chunks of an open transaction, given back by RSET
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\n"
+                 + f"BDAT {len(parts[0])}\r\n".encode() + parts[0] + b"RSET\r\n")
+    assert [(await c.reply())[0] for _ in range(4)] == [250] * 4
+    assert spool_idle(ing)
+
+    # the client goes away in the middle of DATA, and of a BDAT transaction
+    for opening in (b"DATA\r\n", f"BDAT {len(parts[0])}\r\n".encode() + parts[0]):
+        await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\n"
+                     + opening + (stuffed(BIG_BODY)[:200_000] if opening == b"DATA\r\n" else b""))
+        assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354 if opening == b"DATA\r\n" else 250]
+        await settle(lambda: sp.disk.used > 100_000)
+        c.close()
+        await settle(lambda: spool_idle(ing))
+        c = await greeted(ing.port("mx"))
+    c.close()
+    assert await inbox.empty_for(0.2)
+
+
+async def test_spool_full_gives_451_and_memory_full_spools_early(start: Start,
+                                                                  inbox: Inbox) -> None:
+    # no room on disk: the message is read to its end and refused with 451 4.3.1
+    ing = await start(spool_max_bytes=100_000)
+    ing.ingress.inline_threshold = 1024
+    c = await greeted(ing.port("mx"))
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await c.send(stuffed(BIG_BODY) + b".\r\nNOOP\r\n")
+    code, lines = await c.reply()
+    assert (code, lines[-1][:5]) == (451, "4.3.1")
+    assert (await c.reply())[0] == 250  # and the session goes on
+    assert spool_idle(ing)
+    c.close()
+    # no room in memory: a small message goes to disk at once, and is accepted as usual
+    ing2 = await start(data_bytes_in_flight=1000)
+    ing2.table.users.update(ing.table.users)
+    sp = ing2.ingress.spool
+    c = await greeted(ing2.port("mx"))
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    body = BODY * 100
+    await c.send(body)
+    await settle(lambda: sp.disk.used > 0)
+    assert sp.memory.used == 0 and sp.open_files == 1
+    await c.send(b".\r\n")
+    assert (await c.reply())[0] == 250
+    msg = await inbox.get()
+    assert msg.body.inline is not None and msg.body.inline.endswith(body)
+    assert spool_idle(ing2)
+    c.close()
 
 
 async def test_nats_down_gives_451_and_nothing_queued(start: Start, bus: Bus,
