@@ -25,6 +25,18 @@ def render() -> str:
         ports = {"mgmt": s.mgmt_port, **mail}
         container_ports = "\n".join(
             f"            - {{name: {n}, containerPort: {p}}}" for n, p in ports.items())
+        spool_env, spool_mount, spool_volume, spool_disk = "", "", "", ""
+        if s.spool_setting:  # the spool on its own bounded emptyDir, not the node's disk;
+            # in a directory of its own below the mount (the service makes it 0700, its own)
+            env = s.env_prefix + s.spool_setting.upper()
+            spool_env = f"""
+          env:
+            - {{name: {env}, value: /var/spool/postbus/{s.name}}}"""
+            spool_mount = "\n            - {name: spool, mountPath: /var/spool/postbus}"
+            spool_volume = f"""
+        - name: spool
+          emptyDir: {{sizeLimit: {s.spool_size}}}"""
+            spool_disk = f", ephemeral-storage: {s.spool_size}"
         mail_ports = "\n".join(
             f"    - {{name: {n}, port: {STANDARD[n + '_port']}, targetPort: {n}}}"
             for n in mail)
@@ -51,7 +63,7 @@ spec:
           envFrom:
             - configMapRef: {{name: postbus}}
             - secretRef: {{name: postbus}}
-            - secretRef: {{name: postbus-nats-{s.name}}}  # its own NATS user
+            - secretRef: {{name: postbus-nats-{s.name}}}  # its own NATS user{spool_env}
           ports:
 {container_ports}
           readinessProbe:
@@ -68,12 +80,12 @@ spec:
             failureThreshold: 60
           resources:
             requests: {{cpu: 100m, memory: 128Mi}}
-            limits: {{memory: 512Mi}}
+            limits: {{memory: 512Mi{spool_disk}}}
           volumeMounts:
-            - {{name: tls, mountPath: /etc/postbus/tls, readOnly: true}}
+            - {{name: tls, mountPath: /etc/postbus/tls, readOnly: true}}{spool_mount}
       volumes:
         - name: tls
-          secret: {{secretName: postbus-tls, optional: true}}
+          secret: {{secretName: postbus-tls, optional: true}}{spool_volume}
 ---
 {mail_service(s.name, mail_ports) if mail else ""}apiVersion: v1
 kind: Service

@@ -13,6 +13,10 @@ class ServiceSpec:
     mgmt_port: int
     listeners: dict[str, int] = field(default_factory=dict)  # setting name -> default port
     uses_database: bool = False
+    # a setting naming a directory for bodies spooled to disk, and that disk's bound (its
+    # Kubernetes emptyDir): smtp-ingress spools what is larger than it may hold in memory
+    spool_setting: str = ""
+    spool_size: str = ""
 
     @property
     def env_prefix(self) -> str:
@@ -25,7 +29,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("mime-processor", "postbus.mime_processor", 8102),
     ServiceSpec("relay", "postbus.relay", 8104),
     ServiceSpec("smtp-ingress", "postbus.smtp_ingress", 8101,
-                {"smtp_port": 2525, "submission_port": 2587, "smtps_port": 2465}),
+                {"smtp_port": 2525, "submission_port": 2587, "smtps_port": 2465},
+                spool_setting="spool_dir", spool_size="1280Mi"),  # spool_max_bytes 1 GiB + slack
     ServiceSpec("imap-access", "postbus.imap_access", 8105, {"imap_port": 2143, "imaps_port": 2993}),
     ServiceSpec("pop3-access", "postbus.pop3_access", 8106, {"pop3_port": 2110, "pop3s_port": 2995}),
 )

@@ -41,6 +41,22 @@ def test_every_service_has_deployment_service_hpa_pdb_with_probes() -> None:
     list(yaml.safe_load_all((ROOT / "deploy" / "compose.yaml").read_text()))
 
 
+def test_smtp_ingress_spools_to_a_bounded_empty_dir() -> None:
+    """Issue 8.6: bodies past the memory budget go to disk; on Kubernetes that disk is an
+    emptyDir with a size limit, named by the spool setting, not the node's own disk."""
+    docs = list(yaml.safe_load_all((ROOT / "k8s" / "base" / "services.yaml").read_text()))
+    dep = next(d for d in docs if d["kind"] == "Deployment"
+               and d["metadata"]["name"] == "smtp-ingress")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    # a directory below the mount: the service creates it as its own, mode 0700
+    assert env["POSTBUS_SMTP_INGRESS_SPOOL_DIR"].startswith(mounts["spool"] + "/")
+    volume = next(v for v in pod["volumes"] if v["name"] == "spool")
+    assert volume["emptyDir"]["sizeLimit"] == c["resources"]["limits"]["ephemeral-storage"]
+
+
 def test_management_ports_are_never_on_a_mail_service() -> None:
     """Issue 8.8: the production overlay turns the mail Services into LoadBalancers, which
     also carried the management port; compose published 8103 on every interface."""
