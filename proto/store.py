@@ -39,7 +39,7 @@ class MailboxInfo(Model):
     highestmodseq: int
     messages: int
     unseen: int
-    recent: int = 0
+    recent: int = 0  # messages no session has been told about yet (STATUS RECENT)
     size: int = 0  # octets
     deleted: int = 0  # messages with \Deleted
 
@@ -119,6 +119,10 @@ class SelectRequest(Model):
     after_uid: int = 0  # page: UIDs greater than this
     limit: int = 5000
     changed_since: int | None = None  # only messages with modseq > this (CONDSTORE/QRESYNC)
+    # \Recent (RFC 3501 §2.3.2): take the messages no session has been told about yet (up
+    # to the reply's mailbox.uidnext) for this session; at most one session gets each.
+    # SELECT and a selected session's look at new messages do; EXAMINE does not
+    claim_recent: bool = False
 
 
 class SelectReply(Model):
@@ -126,6 +130,10 @@ class SelectReply(Model):
     messages: list[MessageState]  # ascending UID
     more: bool = False
     vanished: UidRanges = Field(default_factory=list)  # with changed_since: expunged since
+    # UIDs from this one up to mailbox.uidnext are \Recent for this session: with
+    # claim_recent the ones it claimed (mailbox.uidnext when another session had claimed
+    # them first), without it the ones not claimed yet. None: a store that does not say
+    recent_uid: int | None = None
 
 
 STORE_SELECT = Rpc("store.select.v1", SelectRequest, SelectReply,

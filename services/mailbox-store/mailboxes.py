@@ -15,6 +15,7 @@ from postbus.mailbox_store.sqlbase import (
     INBOX,
     MAX_MAILBOXES,
     MB,
+    Q_MAILBOXES_INFO,
     SPECIAL_USES,
     Change,
     Exists,
@@ -41,7 +42,7 @@ class MailboxOps(DeliverOps):
     async def list_mailboxes(self, account_id: int, subscribed_only: bool = False) -> list[MailboxInfo]:
         await self._ensure_inbox(account_id)
         async with self._read() as conn:
-            rows = await self._mailbox_rows(conn, account_id)
+            rows = await Q_MAILBOXES_INFO.rows(conn, account_id=account_id)
             subs = await self._subscribed(conn, account_id)
         names = {r.name for r in rows}
         out = [self._info(r, names, subs) for r in rows]
@@ -176,7 +177,7 @@ class MailboxOps(DeliverOps):
         # the messages keep their UIDs: the new mailbox has its own UIDVALIDITY
         await conn.execute(update(M).where(M.c.mailbox_id == inbox.id).values(mailbox_id=target.id))
         await conn.execute(update(MB).where(MB.c.id == target.id).values(
-            uidnext=inbox.uidnext, highestmodseq=inbox.highestmodseq,
+            uidnext=inbox.uidnext, recent_uid=inbox.recent_uid, highestmodseq=inbox.highestmodseq,
             message_count=inbox.message_count, total_size=inbox.total_size,
             unseen_count=inbox.unseen_count, deleted_count=inbox.deleted_count))
         moved = [r[0] for r in (await conn.execute(

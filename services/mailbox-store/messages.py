@@ -100,6 +100,11 @@ _Q_DELETED_PAGE = Prepared(
 _Q_DELETED_SPAN = Prepared(
     select(*_REMOVABLE).where(*_IN_SPAN, M.c.flags.op("&")(DELETED) != 0).order_by(M.c.uid),
     named=True)
+# \Recent: the claim of a SELECT (see MessageOps.select)
+_Q_RECENT_UID = Prepared(select(MB.c.recent_uid).where(MB.c.id == bindparam("p_mailbox"))
+                         .with_for_update())
+_Q_CLAIM_RECENT = Prepared(update(MB).where(MB.c.id == bindparam("p_mailbox"))
+                           .values(recent_uid=bindparam("p_uidnext")))
 _Q_DELETE_ONE = Prepared(delete(M).where(M.c.id == bindparam("p_id")))
 _Q_LOG_EXPUNGED = Prepared(insert(X), column_keys=("mailbox_id", "uid", "modseq"))
 
@@ -203,10 +208,21 @@ class MessageOps(RepoBase):
 
     # ------------------------------------------------------------ select / fetch
     async def select(self, account_id: int, mailbox_id: int = 0, *, name: str | None = None,
-                     after_uid: int = 0, limit: int = 5000, changed_since: int | None = None
-                     ) -> tuple[MailboxInfo, list[MessageState], bool, list[tuple[int, int]]]:
+                     after_uid: int = 0, limit: int = 5000, changed_since: int | None = None,
+                     claim_recent: bool = False
+                     ) -> tuple[MailboxInfo, list[MessageState], bool, list[tuple[int, int]], int]:
         """A page of a mailbox's snapshot, by id or by ``name`` (Invalid when the named
-        mailbox is \\Noselect, so IMAP can say CANNOT rather than NONEXISTENT)."""
+        mailbox is \\Noselect, so IMAP can say CANNOT rather than NONEXISTENT), and the UID
+        from which messages are \\Recent for the caller (RFC 3501 §2.3.2; up to the
+        snapshot's UIDNEXT).
+
+        With ``claim_recent`` the messages of the snapshot that no session has claimed yet
+        become this caller's: recent_uid moves up to the snapshot's UIDNEXT, in a write
+        transaction of its own that runs only when there is something to claim (a SELECT
+        with nothing new stays one read). The claim locks the row and takes whatever is
+        still unclaimed below that UIDNEXT, so of two sessions claiming at once each
+        message goes to exactly one, and the later one still gets the messages the
+        earlier one's snapshot did not have. Without it (EXAMINE) nothing changes."""
         limit = max(1, min(limit, 50_000))
         if name is not None:
             name = normalize_name(name)
@@ -237,7 +253,26 @@ class MessageOps(RepoBase):
         more = len(rows) > limit
         # rows straight from SQL: no validation needed (model_construct is ~10x faster)
         msgs = [make_state(r[0], flags_from_db(r[1], r[2]), r[3]) for r in rows[:limit]]
-        return info, msgs, more, vanished
+        recent_uid = row.recent_uid
+        if claim_recent:
+            recent_uid = info.uidnext
+            if row.recent_uid < info.uidnext:
+                recent_uid = await self._claim_recent(mailbox_id, info.uidnext)
+            info.recent = 0  # every message of the snapshot has been claimed by someone now
+        return info, msgs, more, vanished, recent_uid
+
+    async def _claim_recent(self, mailbox_id: int, uidnext: int) -> int:
+        """Claim the unclaimed messages below ``uidnext``; the first UID claimed (``uidnext``
+        when another session has taken them all)."""
+
+        async def tx(conn: AsyncConnection) -> int:
+            seen = await _Q_RECENT_UID.first(conn, p_mailbox=mailbox_id)
+            if seen is None or seen[0] >= uidnext:
+                return uidnext
+            await _Q_CLAIM_RECENT.run(conn, p_mailbox=mailbox_id, p_uidnext=uidnext)
+            return int(seen[0])
+
+        return await self.write(tx)
 
     async def fetch(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
                     with_summary: bool = True) -> list[MessageMeta]:

@@ -378,8 +378,8 @@ class MailAdmin:
     async def export_mbox(self, account_id: int, mailbox_id: int) -> AsyncIterator[bytes]:
         after = 0
         while True:
-            _, states, more, _ = await self.repo.select(account_id, mailbox_id, after_uid=after,
-                                                        limit=EXPORT_PAGE)
+            _, states, more, _, _ = await self.repo.select(account_id, mailbox_id,
+                                                           after_uid=after, limit=EXPORT_PAGE)
             if not states:
                 return
             metas = await self.repo.fetch(account_id, mailbox_id,
@@ -607,7 +607,7 @@ def router(sessionmaker: async_sessionmaker[AsyncSession], blobs: BlobStore, bus
         with _errors():
             a = await d.get_account(address)
             mid, canon = await admin.mailbox_id(a.id, name)
-            _, states, more, _ = await repo.select(a.id, mid, after_uid=after_uid, limit=limit)
+            _, states, more, _, _ = await repo.select(a.id, mid, after_uid=after_uid, limit=limit)
             metas = (await repo.fetch(a.id, mid, [(states[0].uid, states[-1].uid)])
                      if states else [])
         out = []

@@ -98,6 +98,9 @@ class Mailbox(Base):
     uidvalidity: Mapped[int] = mapped_column(BigInteger)
     uidnext: Mapped[int] = mapped_column(BigInteger, default=1)  # never decreases, never reused
     highestmodseq: Mapped[int] = mapped_column(BigInteger, default=1)
+    # \Recent (RFC 3501 §2.3.2): UIDs from here up have not been announced to any session
+    # yet; the SELECT that claims them moves it up to uidnext (messages.py, MessageOps.select)
+    recent_uid: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
     # a deleted mailbox that still has children keeps its name as \Noselect (RFC 3501 §6.3.4)
     noselect: Mapped[bool] = mapped_column(Boolean, default=False)
     # kept exact in the transaction that adds or removes messages (EXISTS without a COUNT)

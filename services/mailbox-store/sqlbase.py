@@ -23,6 +23,7 @@ from sqlalchemy import (
     ColumnElement,
     Table,
     bindparam,
+    case,
     exists,
     false,
     func,
@@ -72,8 +73,14 @@ DELIMITER = "/"
 # Hot lookups built once, with bound parameters: building a statement and its cache key
 # cost more than running it (SQLite answers in microseconds).
 _CHILD = MB.alias("child")
+# STATUS RECENT: the messages no session has claimed yet (uid >= recent_uid). Usually none,
+# and then the CASE answers without reading a message; otherwise a range of the
+# (mailbox_id, uid) index, as long as the unclaimed tail (a mailbox never selected: all)
+RECENT_COUNT = case((MB.c.recent_uid >= MB.c.uidnext, 0), else_=select(func.count()).where(
+    M.c.mailbox_id == MB.c.id, M.c.uid >= MB.c.recent_uid).scalar_subquery()).label("recent")
 _MB_WITH_INFO = select(
     MB,
+    RECENT_COUNT,
     exists().where(_CHILD.c.account_id == MB.c.account_id,
                    func.substr(_CHILD.c.name, 1, func.length(MB.c.name) + 1)
                    == MB.c.name.concat(DELIMITER)).label("has_children"),
@@ -91,6 +98,9 @@ _Q_MB_BY_ID = {lock: Prepared(_MB_BY_ID.with_for_update() if lock else _MB_BY_ID
                for lock in (False, True)}
 _Q_MAILBOXES = Prepared(select(MB).where(MB.c.account_id == bindparam("account_id"))
                         .order_by(MB.c.name), named=True)
+# LIST: the rows with their STATUS RECENT count (a row for ``_info``)
+Q_MAILBOXES_INFO = Prepared(select(MB, RECENT_COUNT).where(
+    MB.c.account_id == bindparam("account_id")).order_by(MB.c.name), named=True)
 _Q_LOCK_ACCOUNT = Prepared(
     select(A.c.id, A.c.enabled, A.c.quota_bytes, A.c.used_bytes, A.c.message_count)
     .where(A.c.id == bindparam("account_id")).with_for_update(), named=True)
@@ -470,7 +480,7 @@ class RepoBase:
         uv = await self._next_uidvalidity(conn)
         await conn.execute(insert(MB).values(
             account_id=account_id, name=name, special_use=special_use, uidvalidity=uv,
-            uidnext=1, highestmodseq=1, noselect=False, message_count=0, total_size=0,
+            uidnext=1, recent_uid=1, highestmodseq=1, noselect=False, message_count=0, total_size=0,
             unseen_count=0, deleted_count=0))
         if subscribe:
             await conn.execute(self._insert(S).values(account_id=account_id, name=name)
@@ -522,6 +532,7 @@ class RepoBase:
 
     # ------------------------------------------------------------ mailbox info
     def _info(self, row: Any, names: set[str], subscribed: set[str]) -> MailboxInfo:
+        """``row``: a mailbox row with its ``recent`` count (RECENT_COUNT)."""
         prefix = row.name + DELIMITER
         has_children = any(n.startswith(prefix) for n in names)
         attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
@@ -531,4 +542,4 @@ class RepoBase:
             mailbox_id=row.id, name=row.name, special_use=row.special_use, attributes=attrs,
             subscribed=row.name in subscribed, uidvalidity=row.uidvalidity, uidnext=row.uidnext,
             highestmodseq=row.highestmodseq, messages=row.message_count, unseen=row.unseen_count,
-            size=row.total_size, deleted=row.deleted_count)
+            recent=row.recent, size=row.total_size, deleted=row.deleted_count)

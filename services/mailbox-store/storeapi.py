@@ -149,10 +149,12 @@ class StoreApi:
 
     # ------------------------------------------------------------ messages
     async def select(self, req: SelectRequest) -> SelectReply:
-        info, msgs, more, vanished = await self.repo.select(
+        info, msgs, more, vanished, recent_uid = await self.repo.select(
             req.account_id, req.mailbox_id, name=req.name, after_uid=req.after_uid,
-            limit=max(1, min(req.limit, MAX_SELECT_PAGE)), changed_since=req.changed_since)
-        return SelectReply(mailbox=info, messages=msgs, more=more, vanished=vanished)
+            limit=max(1, min(req.limit, MAX_SELECT_PAGE)), changed_since=req.changed_since,
+            claim_recent=req.claim_recent)
+        return SelectReply(mailbox=info, messages=msgs, more=more, vanished=vanished,
+                           recent_uid=recent_uid)
 
     async def fetch(self, req: FetchRequest) -> FetchReply:
         return FetchReply(messages=await self.repo.fetch(

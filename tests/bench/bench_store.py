@@ -137,7 +137,7 @@ async def bench(backend: str, n_messages: int, n_deliveries: int, rounds: int) -
         async def select_all() -> None:
             after, total = 0, 0
             while True:
-                _, page, more, _ = await repo.select(aid, big, after_uid=after, limit=5000)
+                _, page, more, _, _ = await repo.select(aid, big, after_uid=after, limit=5000)
                 total += len(page)
                 if not more:
                     break

@@ -43,7 +43,7 @@ async def bench(backend: str, rounds: int, repeat: int) -> dict[str, float]:
         await repo.ensure_defaults(aid)
         for i in range(30):
             await repo.append(aid, "INBOX", message(i))
-        info, _, _, _ = await repo.select(aid, name="INBOX")
+        info, _, _, _, _ = await repo.select(aid, name="INBOX")
         mid = info.mailbox_id
         directory = DirectorySql(db.sessionmaker(engine), passwords=Passwords())
         counter = iter(range(10**9))

@@ -58,12 +58,13 @@ def new_message(raw: bytes, flags: tuple[str, ...] = (), prefix: bytes = b"",
                       internaldate=internaldate)
 
 
-async def make_engine(backend: str, tmp_path: Path) -> tuple[AsyncEngine, str, dict[str, Any] | None]:
+async def make_engine(backend: str, tmp_path: Path, revision: str = "head"
+                      ) -> tuple[AsyncEngine, str, dict[str, Any] | None]:
     """A migrated engine on a fresh database (SQLite file) or schema (PostgreSQL)."""
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'store.db'}"
         engine = db.create_engine(url)
-        await db.migrate(engine)
+        await db.migrate(engine, revision)
         return engine, url, None
     assert PG_URL
     schema = "t_" + uuid.uuid4().hex[:12]
@@ -73,7 +74,7 @@ async def make_engine(backend: str, tmp_path: Path) -> tuple[AsyncEngine, str, d
     await admin.dispose()
     args = {"server_settings": {"search_path": schema}}
     engine = db.create_engine(PG_URL, connect_args=args)
-    await db.migrate(engine)
+    await db.migrate(engine, revision)
     return engine, schema, args
 
 
@@ -272,11 +273,11 @@ async def test_uids_strictly_ascending_never_reused(store: Store) -> None:
     expunged, _, _, _ = await r.expunge(a, inbox)
     assert expunged == [4, 5]
     assert await store.deliver(2, start=5) == [6, 7]
-    info, msgs, more, _ = await r.select(a, inbox)
+    info, msgs, more, _, _ = await r.select(a, inbox)
     assert [m.uid for m in msgs] == [1, 2, 3, 6, 7] and not more
     assert info.uidnext == 8 and info.messages == 5
     # paging
-    _, page, more, _ = await r.select(a, inbox, after_uid=2, limit=2)
+    _, page, more, _, _ = await r.select(a, inbox, after_uid=2, limit=2)
     assert [m.uid for m in page] == [3, 6] and more
 
 
@@ -304,9 +305,9 @@ async def test_flags_and_modseq(store: Store) -> None:
     info = await r.status(a, "INBOX")
     assert info.unseen == 3 and info.highestmodseq == updated[0].modseq
     # CONDSTORE select: only what changed since
-    _, msgs, _, _ = await r.select(a, inbox, changed_since=m1)
+    _, msgs, _, _, _ = await r.select(a, inbox, changed_since=m1)
     assert sorted(m.uid for m in msgs) == [1, 2, 3, 4]
-    _, msgs, _, _ = await r.select(a, inbox, changed_since=info.highestmodseq)
+    _, msgs, _, _, _ = await r.select(a, inbox, changed_since=info.highestmodseq)
     assert msgs == []
     with pytest.raises(Invalid):
         await r.store_flags(a, inbox, [(1, 1)], "add", ["bad(flag"])
@@ -345,7 +346,7 @@ async def test_copy_and_move(store: Store) -> None:
     uv, src, dst, changes = await r.copy(a, inbox, [(1, 2)], "Trash", move=True)
     assert src == [1, 2] and dst == [1, 2]
     assert [c.mailbox for c in changes] == ["Trash", "INBOX"] and changes[1].expunged == [1, 2]
-    _, msgs, _, vanished = await r.select(a, inbox, changed_since=1)
+    _, msgs, _, vanished, _ = await r.select(a, inbox, changed_since=1)
     assert [m.uid for m in msgs] == [3] and vanished == [(1, 2)]
     assert (await r.quota(a)) == (used, None, 5)  # a move does not change usage
     with pytest.raises(NotFound):
@@ -356,6 +357,105 @@ async def test_copy_and_move(store: Store) -> None:
     async with store.engine.connect() as conn:
         refs = dict((await conn.execute(select(Blob.__table__.c.key, Blob.__table__.c.refcount))).all())
     assert sorted(refs.values()) == [1, 2, 2]
+
+
+# ---------------------------------------------------------------- \\Recent
+async def test_recent_is_claimed_by_one_select(store: Store) -> None:
+    """RFC 3501 §2.3.2: a message is \\Recent to the first session told about it. SELECT
+    claims the unclaimed messages (writing only when there are any), EXAMINE looks without
+    claiming, STATUS counts what nobody claimed."""
+    r, a = store.repo, store.account
+    await store.deliver(3)
+    inbox = await store.inbox()
+
+    async def select(**kw: Any) -> tuple[Any, list[int], int, int]:
+        """(info, UIDs, recent_uid, write transactions it took)"""
+        writes = 0
+        write = r.write
+
+        async def counting(fn: Any, attempts: int = 5) -> Any:
+            nonlocal writes
+            writes += 1
+            return await write(fn, attempts)
+
+        r.write = counting  # type: ignore[method-assign]
+        try:
+            info, msgs, _, _, recent_uid = await r.select(a, **kw)
+        finally:
+            r.write = write  # type: ignore[method-assign]
+        return info, [m.uid for m in msgs], recent_uid, writes
+
+    assert (await r.status(a, "INBOX")).recent == 3
+    info, _, recent_uid, writes = await select(mailbox_id=inbox)  # EXAMINE
+    assert (recent_uid, info.recent, writes) == (1, 3, 0)
+    info, uids, recent_uid, writes = await select(name="INBOX", claim_recent=True)
+    assert (recent_uid, info.uidnext, uids, writes) == (1, 4, [1, 2, 3], 1)
+    assert info.recent == 0 and (await r.status(a, "INBOX")).recent == 0
+    # a second SELECT finds nothing left to claim, and does not write
+    _, _, recent_uid, writes = await select(mailbox_id=inbox, claim_recent=True)
+    assert (recent_uid, writes) == (4, 0)
+    await store.deliver(2, start=3)
+    assert (await r.status(a, "INBOX")).recent == 2
+    assert [i.recent for i in await r.list_mailboxes(a) if i.name == "INBOX"] == [2]
+    _, _, recent_uid, _ = await select(mailbox_id=inbox, after_uid=3)  # EXAMINE: unclaimed
+    assert recent_uid == 4
+    _, uids, recent_uid, writes = await select(mailbox_id=inbox, after_uid=3,
+                                               claim_recent=True)
+    assert (uids, recent_uid, writes) == ([4, 5], 4, 1)
+    # expunged recent messages are not counted
+    await store.deliver(2, start=5)
+    await r.store_flags(a, inbox, [(6, 6)], "add", ["\\Deleted"])
+    await r.expunge(a, inbox)
+    assert (await r.status(a, "INBOX")).recent == 1
+
+
+async def test_concurrent_claims_give_each_message_to_one_session(store: Store) -> None:
+    """Sessions selecting while mail arrives: every message is \\Recent to exactly one of
+    them (no two claims overlap, and with a last claim nothing is left over)."""
+    r, a = store.repo, store.account
+    await store.deliver(1)
+    inbox = await store.inbox()
+    claimed: list[tuple[int, int]] = []
+
+    async def session() -> None:
+        for _ in range(5):
+            info, _, _, _, recent_uid = await r.select(a, inbox, claim_recent=True)
+            if recent_uid < info.uidnext:
+                claimed.append((recent_uid, info.uidnext))
+            await asyncio.sleep(0)
+
+    async def mail() -> None:
+        for i in range(20):
+            await store.deliver(1, start=100 + i)
+
+    await asyncio.gather(mail(), *(session() for _ in range(6)))
+    info, _, _, _, recent_uid = await r.select(a, inbox, claim_recent=True)
+    if recent_uid < info.uidnext:
+        claimed.append((recent_uid, info.uidnext))
+    uids = sorted(u for lo, hi in claimed for u in range(lo, hi))
+    assert uids == list(range(1, 22)), claimed
+
+
+async def test_migration_leaves_nothing_recent(tmp_path: Path) -> None:
+    """Mailboxes that exist before 0004 get recent_uid = uidnext: no message becomes
+    \\Recent to the first session after the upgrade."""
+    for backend in BACKENDS:
+        engine, target, _ = await make_engine(backend, tmp_path, revision="0003")
+        try:
+            aid = await add_account(engine, f"{backend}@example.test")
+            async with engine.begin() as conn:
+                await conn.execute(text(
+                    "INSERT INTO mailboxes (account_id, name, uidvalidity, uidnext, "
+                    "highestmodseq, noselect, message_count, total_size, unseen_count, "
+                    "deleted_count) VALUES (:a, 'INBOX', 7, 42, 9, false, 0, 0, 0, 0)"),
+                    {"a": aid})
+            await db.migrate(engine)
+            async with engine.connect() as conn:
+                assert (await conn.execute(text("SELECT recent_uid, uidnext FROM mailboxes"))
+                        ).one() == (42, 42)
+            assert (await Repository(engine).status(aid, "INBOX")).recent == 0
+        finally:
+            await drop(backend, engine, target)
 
 
 async def test_expunge_and_vanished(store: Store) -> None:
@@ -370,9 +470,9 @@ async def test_expunge_and_vanished(store: Store) -> None:
     expunged, hms3, _, _ = await r.expunge(a, inbox)
     assert expunged == [3, 5] and hms3 > hms2 > hms
     assert (await r.expunge(a, inbox))[0] == []
-    _, msgs, _, vanished = await r.select(a, inbox, changed_since=hms)
+    _, msgs, _, vanished, _ = await r.select(a, inbox, changed_since=hms)
     assert vanished == [(2, 3), (5, 5)]
-    _, _, _, vanished = await r.select(a, inbox, changed_since=hms2)
+    _, _, _, vanished, _ = await r.select(a, inbox, changed_since=hms2)
     assert vanished == [(3, 3), (5, 5)]
     info = await r.status(a, "INBOX")
     assert info.messages == 3 and info.deleted == 0
@@ -679,7 +779,7 @@ async def test_1000_concurrent_deliveries_with_redeliveries(store: Store) -> Non
     statuses = await asyncio.gather(*(one(q) for q in jobs))
     assert statuses.count("delivered") == 1000 and statuses.count("duplicate") == 300
     inbox = await store.inbox()
-    info, msgs, more, _ = await r.select(a, inbox, limit=5000)
+    info, msgs, more, _, _ = await r.select(a, inbox, limit=5000)
     assert [m.uid for m in msgs] == list(range(1, 1001)) and not more
     assert info.messages == 1000 and info.uidnext == 1001
     assert (await r.quota(a))[2] == 1000
@@ -732,7 +832,7 @@ async def test_two_store_processes_deliver_to_one_mailbox(store: Store, tmp_path
     inbox = await store.inbox()
     snapshots = 0
     while any(p.returncode is None for p in procs):
-        _, msgs, _, _ = await store.repo.select(store.account, inbox, limit=5000)
+        _, msgs, _, _, _ = await store.repo.select(store.account, inbox, limit=5000)
         uids = [m.uid for m in msgs]
         assert uids == list(range(1, len(uids) + 1)), uids
         snapshots += 1
@@ -748,7 +848,7 @@ async def test_two_store_processes_deliver_to_one_mailbox(store: Store, tmp_path
     orders = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outs]
     assert sorted(orders[0] + orders[1]) == list(range(1, 2 * n + 1))
     inbox = await store.inbox()
-    _, msgs, _, _ = await store.repo.select(store.account, inbox)
+    _, msgs, _, _, _ = await store.repo.select(store.account, inbox)
     assert [m.uid for m in msgs] == list(range(1, 2 * n + 1))
     # modseq never decreases with the UID: a later UID was committed in the same or a
     # later transaction (a group commit shares one MODSEQ)
