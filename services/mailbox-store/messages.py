@@ -410,7 +410,9 @@ class MessageOps(RepoBase):
                    target: str, move: bool = False, *, max_messages: int | None = None
                    ) -> tuple[int, list[int], list[int], list[Change]]:
         """COPY / MOVE (RFC 6851: copy and expunge in one transaction). Returns the target's
-        UIDVALIDITY, source and target UIDs (COPYUID, RFC 4315) and the changes."""
+        UIDVALIDITY, source and target UIDs (COPYUID, RFC 4315) and the changes. A MOVE into
+        the source mailbox itself is allowed (RFC 6851 does not forbid it): the messages get
+        new UIDs and the old ones are expunged, in the same transaction."""
         target = normalize_name(target)
         cond, inside = uid_filter(uids)
 
@@ -429,8 +431,6 @@ class MessageOps(RepoBase):
             _check_count(rows, max_messages)
             if not rows:
                 return dst.uidvalidity, [], [], []
-            if move and dst.id == src.id:
-                raise Invalid("cannot move messages into the same mailbox")
             n = len(rows)
             total = sum(r.size for r in rows)
             # a move within the account does not change its usage

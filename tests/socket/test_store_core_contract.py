@@ -359,6 +359,40 @@ async def test_copy_and_move(store: Store) -> None:
     assert sorted(refs.values()) == [1, 2, 2]
 
 
+async def test_move_into_the_same_mailbox_is_one_transaction(store: Store) -> None:
+    """RFC 6851 does not forbid MOVE into the source mailbox: new UIDs, the old ones
+    expunged and logged for VANISHED, counters and usage unchanged, all in one commit."""
+    r, a = store.repo, store.account
+    await store.deliver(3)
+    inbox = await store.inbox()
+    await r.store_flags(a, inbox, [(2, 2)], "add", ["\\Seen", "$Work"])
+    before = await r.status(a, "INBOX")
+    used = await r.quota(a)
+    writes = 0
+    write = r.write
+
+    async def counting(fn: Any, attempts: int = 5) -> Any:
+        nonlocal writes
+        writes += 1
+        return await write(fn, attempts)
+
+    r.write = counting  # type: ignore[method-assign]
+    uv, src, dst, changes = await r.copy(a, inbox, [(1, 2)], "INBOX", move=True)
+    r.write = write  # type: ignore[method-assign]
+    assert writes == 1
+    assert uv == before.uidvalidity and src == [1, 2] and dst == [4, 5]
+    assert [(c.mailbox, [m.uid for m in c.added], c.expunged) for c in changes] == [
+        ("INBOX", [4, 5], []), ("INBOX", [], [1, 2])]
+    assert changes[1].exists == 3 and changes[1].highestmodseq > changes[0].highestmodseq
+    info, msgs, _, vanished, _ = await r.select(a, inbox, changed_since=before.highestmodseq)
+    assert [m.uid for m in msgs] == [4, 5] and vanished == [(1, 2)]
+    assert set(msgs[1].flags) == {"\\Seen", "$Work"}
+    assert (info.messages, info.unseen, info.size, info.uidnext) == (
+        3, before.unseen, before.size, 6)
+    assert await r.quota(a) == used
+    assert [m.uid for m in (await r.select(a, inbox))[1]] == [3, 4, 5]
+
+
 # ---------------------------------------------------------------- \\Recent
 async def test_recent_is_claimed_by_one_select(store: Store) -> None:
     """RFC 3501 §2.3.2: a message is \\Recent to the first session told about it. SELECT
