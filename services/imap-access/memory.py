@@ -64,6 +64,7 @@ class _Box:
     special_use: str | None = None
     subscribed: bool = False
     uidnext: int = 1
+    recent_uid: int = 1  # \Recent: UIDs from here up were claimed by no session yet
     highestmodseq: int = 1
     msgs: dict[int, _Msg] = field(default_factory=dict)  # insertion order = UID order
 
@@ -156,6 +157,7 @@ class MemoryPlatform:
             mailbox_id=b.id, name=b.name, special_use=b.special_use, subscribed=b.subscribed,
             uidvalidity=b.uidvalidity, uidnext=b.uidnext, highestmodseq=b.highestmodseq,
             messages=len(b.msgs), unseen=sum(1 for m in b.msgs.values() if "\\Seen" not in m.flags),
+            recent=sum(1 for u in b.msgs if u >= b.recent_uid),
             size=sum(m.blob_size + len(m.prefix) for m in b.msgs.values()),
             deleted=sum(1 for m in b.msgs.values() if "\\Deleted" in m.flags))
 
@@ -231,7 +233,7 @@ class MemoryPlatform:
         if req.old == "INBOX":
             new = self._new_box(req.account_id, req.new)
             new.msgs, src.msgs = src.msgs, {}
-            new.uidnext = src.uidnext
+            new.uidnext, new.recent_uid = src.uidnext, src.recent_uid
             return
         for name in [n for n in boxes if n == req.old or n.startswith(req.old + "/")]:
             b = boxes.pop(name)
@@ -254,9 +256,15 @@ class MemoryPlatform:
                 and (req.changed_since is None or m.modseq > req.changed_since)]
         limit = min(req.limit, self.page_limit or req.limit)
         page = msgs[:limit]
+        # like mailbox-store: a claim takes what no session has claimed, up to UIDNEXT
+        recent_uid = b.recent_uid
+        if req.claim_recent:
+            recent_uid = min(b.recent_uid, b.uidnext)
+            b.recent_uid = max(b.recent_uid, b.uidnext)
         return SelectReply(mailbox=self._info(b), more=len(msgs) > limit,
                            messages=[MessageState(uid=m.uid, flags=list(m.flags),
-                                                  modseq=m.modseq) for m in page])
+                                                  modseq=m.modseq) for m in page],
+                           recent_uid=recent_uid)
 
     def _meta(self, m: _Msg, with_summary: bool) -> MessageMeta:
         summary = None
@@ -309,8 +317,6 @@ class MemoryPlatform:
     async def copy(self, req: CopyRequest) -> CopyReply:
         src = self._box_by_id(req.account_id, req.mailbox_id)
         dst = self._box(req.account_id, req.target)
-        if req.move and dst is src:  # like mailbox-store: a move is between two mailboxes
-            raise StoreError("invalid", "cannot move messages into the same mailbox")
         s_uids, t_uids, added = [], [], []
         for u, m in list(src.msgs.items()):
             if not _in(u, req.uids):
@@ -323,13 +329,16 @@ class MemoryPlatform:
             s_uids.append(u)
             t_uids.append(nu)
             added.append(MessageChange(uid=nu, modseq=dst.highestmodseq, flags=list(m.flags)))
+        # like mailbox-store: one change, then the other (a MOVE into the source mailbox
+        # itself adds the new UIDs and expunges the old ones at once)
         if req.move and s_uids:
             src.highestmodseq += 1
             for u in s_uids:
                 del src.msgs[u]
-            self._publish(req.account_id, src, expunged=s_uids, origin=req.origin)
         if added:
             self._publish(req.account_id, dst, added=added, origin=req.origin)
+        if req.move and s_uids:
+            self._publish(req.account_id, src, expunged=s_uids, origin=req.origin)
         return CopyReply(uidvalidity=dst.uidvalidity, source_uids=s_uids, target_uids=t_uids)
 
     async def append(self, req: AppendRequest) -> AppendReply:

@@ -667,8 +667,11 @@ class Session:
             st2 = st
         # the first page by name: the mailbox's info comes with it (one round trip)
         try:
+            # \Recent (RFC 3501 §2.3.2): SELECT takes the messages no session was told about;
+            # EXAMINE only looks (§6.3.2: it must not make them lose \Recent)
             page = await self.store.select(SelectRequest(
-                account_id=st2.account_id, name=to_store_name(cmd.mailbox)))
+                account_id=st2.account_id, name=to_store_name(cmd.mailbox),
+                claim_recent=not cmd.readonly))
         except StoreError as exc:
             if exc.code == "not_found":
                 raise No("Mailbox does not exist", "NONEXISTENT") from None
@@ -682,6 +685,8 @@ class Session:
             self.condstore = True
         view = MailboxView(info.mailbox_id, info.name, cmd.readonly, info.uidvalidity,
                            info.uidnext, info.highestmodseq)
+        recent = (page.recent_uid if page.recent_uid is not None else info.uidnext,
+                  info.uidnext)
         after = 0
         while True:
             if after:
@@ -694,12 +699,13 @@ class Session:
             if not page.more or not page.messages or page.messages[-1].uid <= after:
                 break
             after = page.messages[-1].uid
+        view.mark_recent(*recent)
         self.state = Selected(st2.account_id, st2.user, view)
         self.info.mailbox = view.name
         view.announced = dict.fromkeys(view.keywords())
         self._flags_lines(view)
         self.w(f"* {view.exists} EXISTS")
-        self.w(f"* {info.recent} RECENT")
+        self.w(f"* {len(view.recent)} RECENT")
         first_unseen = next((i + 1 for i, u in enumerate(view.uids)
                              if "\\Seen" not in view.flags[u]), None)
         if first_unseen:
@@ -717,19 +723,38 @@ class Session:
         self._resync = False
 
     # ------------------------------------------------------------ changes from elsewhere
-    async def _sync_new(self, st: Selected) -> None:
-        """Add messages newer than the view (paged STORE_SELECT after the largest UID)."""
+    async def _sync_new(self, st: Selected, *, exists_sent: bool = False) -> None:
+        """Add messages newer than the view (paged STORE_SELECT after the largest UID) and
+        claim \\Recent for this session on the ones no session was told about yet.
+
+        RFC 3501 §2.3.2 gives \\Recent to the first session notified of a message. With
+        two sessions on one mailbox both hear of a delivery; the store decides which one
+        gets it (the first to claim), so every session that learns of new messages asks,
+        and the others find them claimed. Messages are claimed only up to the UIDNEXT of
+        the reply, i.e. ones this session is now told about; a read-only session claims
+        nothing and sees \\Recent only on messages nobody has claimed.
+        ``exists_sent``: the caller sent an EXISTS for messages it added to the view from a
+        change notification; the RECENT that goes with it comes from here."""
         view = st.view
         before = view.exists
+        recent_before = len(view.recent)
+        first = True
         while True:
+            # a claim on the first page only: it covers everything up to its UIDNEXT
             page = await self.store.select(SelectRequest(
-                account_id=st.account_id, mailbox_id=view.mailbox_id, after_uid=view.max_uid))
+                account_id=st.account_id, mailbox_id=view.mailbox_id, after_uid=view.max_uid,
+                claim_recent=first and not view.readonly))
             added = [view.add(m.uid, m.flags, m.modseq) for m in page.messages]
+            if first and page.recent_uid is not None:
+                view.mark_recent(page.recent_uid, page.mailbox.uidnext)
+            first = False
             view.uidnext = max(view.uidnext, page.mailbox.uidnext)
             if not page.more or not any(added):  # (a store ignoring after_uid cannot loop us)
                 break
         if view.exists != before:
             self.w(f"* {view.exists} EXISTS")
+        if view.exists != before or exists_sent or len(view.recent) != recent_before:
+            self.w(f"* {len(view.recent)} RECENT")
 
     async def _resync_view(self, st: Selected, allow_expunge: bool) -> None:
         """Compare the view with a fresh snapshot (paged STORE_SELECT) and report the
@@ -737,12 +762,17 @@ class Session:
         view = st.view
         current: dict[int, tuple[list[str], int]] = {}
         after = 0
+        recent: tuple[int, int] | None = None
         while True:
             page = await self.store.select(SelectRequest(
-                account_id=st.account_id, mailbox_id=view.mailbox_id, after_uid=after))
+                account_id=st.account_id, mailbox_id=view.mailbox_id, after_uid=after,
+                claim_recent=recent is None and not view.readonly))
             if page.mailbox.uidvalidity != view.uidvalidity:
                 self.bye("Mailbox UIDVALIDITY changed")
                 return
+            if recent is None:  # the claim of the first page (see _sync_new)
+                recent = (page.mailbox.uidnext if page.recent_uid is None else page.recent_uid,
+                          page.mailbox.uidnext)
             for m in page.messages:
                 current[m.uid] = (m.flags, m.modseq)
             view.uidnext = max(view.uidnext, page.mailbox.uidnext)
@@ -763,11 +793,15 @@ class Session:
                 seq = view.expunge(uid)
                 if seq is not None:
                     self.w(f"* {seq} EXPUNGE")
-        before = view.exists
+        before, recent_before = view.exists, len(view.recent)
         for uid in sorted(u for u in current if u > view.max_uid):
             view.add(uid, *current[uid])
+        if recent is not None:
+            view.mark_recent(*recent)
         if view.exists != before:
             self.w(f"* {view.exists} EXISTS")
+        if view.exists != before or len(view.recent) != recent_before:
+            self.w(f"* {len(view.recent)} RECENT")
 
     async def _apply_events(self, allow_expunge: bool) -> None:
         st = self.state
@@ -783,7 +817,7 @@ class Session:
         view = st.view
         kept: list[MailboxChanged] = []
         events, self._events = self._events, []
-        need_new = False
+        need_new = exists_sent = False
         for ev in events:
             if ev.mailbox_id != view.mailbox_id:
                 continue
@@ -799,6 +833,8 @@ class Session:
                         view.add(m.uid, m.flags, m.modseq)
                     view.uidnext = max(view.uidnext, ev.uidnext)
                     self.w(f"* {view.exists} EXISTS")  # before any EXPUNGE that follows
+                    # whether they are \Recent here only the store can say (_sync_new)
+                    need_new = exists_sent = True
             for ch in ev.flags:
                 if view.set_flags(ch.uid, ch.flags, ch.modseq):
                     self._flags_response(view, ch.uid, with_uid=True)
@@ -816,7 +852,7 @@ class Session:
             view.highestmodseq = max(view.highestmodseq, ev.highestmodseq)
         self._events = kept + self._events
         if need_new:
-            await self._sync_new(st)
+            await self._sync_new(st, exists_sent=exists_sent)
 
     def _enable_condstore(self) -> None:
         """A CONDSTORE-enabling command (RFC 7162 §3.1: FETCH MODSEQ or CHANGEDSINCE, STORE
@@ -849,7 +885,7 @@ class Session:
         if seq is None:
             return
         self._announce_keywords(view, view.flags[uid])
-        items = [b"FLAGS " + flag_list(view.flags[uid])]
+        items = [b"FLAGS " + flag_list(view.shown_flags(uid))]
         if with_uid:
             items.append(b"UID %d" % uid)
         if self.condstore:
@@ -898,6 +934,11 @@ class Session:
 
     # ------------------------------------------------------------ SEARCH
     def _search_key(self, view: MailboxView, node: p.SearchNode) -> SearchKey:
+        if node.op in ("flag", "unflag") and node.args and node.args[0].lower() == "\\recent":
+            # a session flag (RFC 3501 §2.3.2): RECENT, and NEW and OLD built on it, become
+            # this session's recent UIDs before the key reaches the store
+            recent = SearchKey(op="uid", uids=to_ranges(sorted(view.recent)))
+            return recent if node.op == "flag" else SearchKey(op="not", children=[recent])
         if node.op == "seq":
             return SearchKey(op="uid", uids=to_ranges(view.resolve_lenient(node.seqset)))
         if node.op == "uid":
@@ -1002,16 +1043,15 @@ class Session:
         if not uids:
             return Tagged("OK", f"{verb} completed (no messages)")
         target = to_store_name(cmd.mailbox)
-        # RFC 6851 lets MOVE name the selected mailbox (the messages get new UIDs); the store
-        # moves between two mailboxes only, so this one is the COPY, STORE +FLAGS \Deleted
-        # and UID EXPUNGE of exactly the sources that MOVE stands for (§3.3)
+        # RFC 6851 lets MOVE name the selected mailbox: the store moves the messages to new
+        # UIDs and expunges the old ones in one transaction, as for any other target
         in_place = cmd.move and target == view.name
         try:
             reply = None
             for part in _chunks(uids, self.cfg.uids_per_request):
                 r = await self.store.copy(CopyRequest(
                     account_id=st.account_id, mailbox_id=view.mailbox_id, uids=to_ranges(part),
-                    target=target, move=cmd.move and not in_place, origin=self.info.id))
+                    target=target, move=cmd.move, origin=self.info.id))
                 if reply is None:
                     reply = r
                 else:
@@ -1030,13 +1070,6 @@ class Session:
                     f"{_uid_list(reply.target_uids)}] ")
         if cmd.move:
             moved = sorted(reply.source_uids)
-            if in_place:
-                for part in _chunks(moved, self.cfg.uids_per_request):
-                    await self.store.flags(StoreFlagsRequest(
-                        account_id=st.account_id, mailbox_id=view.mailbox_id,
-                        uids=to_ranges(part), op="add", flags=["\\Deleted"],
-                        origin=self.info.id))
-                moved = await self._expunge_pages(st, to_ranges(moved)) if moved else []
             if code:
                 self.w(f"* OK {code}Moved")
             for uid in moved:
@@ -1193,7 +1226,7 @@ class Session:
                     for a in small:
                         items.append(self._fetch_item(view, uid, a, meta, blobs))
                     if uid in seen_changed and not flags_asked:
-                        items.append(b"FLAGS " + flag_list(view.flags[uid]))
+                        items.append(b"FLAGS " + flag_list(view.shown_flags(uid)))
                     for a in bodies:
                         items.append(self._fetch_item(view, uid, a, meta, blobs))
                     data = b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
@@ -1215,7 +1248,7 @@ class Session:
                     blobs: dict[str, bytes]) -> bytes:
         match a.name:
             case "FLAGS":
-                return b"FLAGS " + flag_list(view.flags.get(uid, []))
+                return b"FLAGS " + flag_list(view.shown_flags(uid))
             case "UID":
                 return b"UID %d" % uid
             case "MODSEQ":

@@ -1,6 +1,7 @@
 """The selected mailbox as one session sees it: message sequence numbers <-> UIDs, flags and
-modseqs (RFC 3501 §2.3.1). Pure: no I/O. Sequence numbers change only when the session
-reports an EXPUNGE (§7.4.1), so the view changes only through ``add`` and ``expunge``.
+modseqs (RFC 3501 §2.3.1), and which messages are \\Recent to this session (§2.3.2). Pure:
+no I/O. Sequence numbers change only when the session reports an EXPUNGE (§7.4.1), so the
+view changes only through ``add`` and ``expunge``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class MailboxView:
     modseq: dict[int, int] = field(default_factory=dict)
     # keywords the client was told of in FLAGS (RFC 3501 §7.2.6), in that order
     announced: dict[str, None] = field(default_factory=dict)
+    # \Recent: a session flag, not stored with the message (RFC 3501 §2.3.2); the store
+    # says which UIDs this session claimed (SelectReply.recent_uid)
+    recent: set[int] = field(default_factory=set)
 
     @property
     def exists(self) -> int:
@@ -64,7 +68,18 @@ class MailboxView:
         del self.uids[seq - 1]
         self.flags.pop(uid, None)
         self.modseq.pop(uid, None)
+        self.recent.discard(uid)
         return seq
+
+    def mark_recent(self, first: int, end: int) -> None:
+        """The messages of the view with ``first <= uid < end`` are \\Recent to this
+        session (a claim the store granted, or EXAMINE's look at the unclaimed ones)."""
+        self.recent.update(self.uids[bisect_left(self.uids, first):bisect_left(self.uids, end)])
+
+    def shown_flags(self, uid: int) -> list[str]:
+        """The flags FETCH shows: the stored ones, and \\Recent when it is recent here."""
+        flags = self.flags.get(uid, [])
+        return [*flags, "\\Recent"] if uid in self.recent else flags
 
     def set_flags(self, uid: int, flags: list[str], modseq: int) -> bool:
         """Record new flags; True when they differ from what the client was told. A state

@@ -110,7 +110,10 @@ def test_submission_pop3_modes_and_imap_through_the_real_store(platform: Platfor
         typ, data = m.append("INBOX", "(\\Flagged)", None, msg("appended", "haystack"))
         assert typ == "OK" and b"APPENDUID" in data[0]
         m.select("INBOX")
+        # \Recent (RFC 3501 §2.3.2): no session had seen these; the first SELECT claims them
+        assert m.response("RECENT")[1] == [b"3"]
         assert m.search(None, "ALL")[1] == [b"1 2 3"]
+        assert m.search(None, "NEW")[1] == [b"1 2 3"]
         assert m.search(None, "FLAGGED")[1] == [b"3"]
         # delivery order is not arrival order (mime-processor works in parallel): ask first
         typ, data = m.fetch("1:2", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
@@ -123,6 +126,7 @@ def test_submission_pop3_modes_and_imap_through_the_real_store(platform: Platfor
         assert m.search(None, "BODY", "needle")[1] == [b"1 2"]
         m.store("1", "+FLAGS", "(\\Seen $Important)")
         other.select("INBOX", readonly=True)
+        assert other.response("RECENT")[1] == [b"0"]  # m was told first
         typ, data = other.fetch("1", "(FLAGS)")
         assert b"$Important" in data[0] and b"\\Seen" in data[0]
         m.create("Work")
@@ -136,6 +140,12 @@ def test_submission_pop3_modes_and_imap_through_the_real_store(platform: Platfor
         assert data == [b"1"]
         typ, data = m.search(None, "ALL")
         assert data == [b"1"]  # only the appended one is left in INBOX
+        # MOVE into the selected mailbox (RFC 6851): a new UID, the old one expunged, at once
+        assert m._simple_command("MOVE", "1", "INBOX")[0] == "OK"
+        assert m.response("EXPUNGE")[1] == [b"1"]
+        assert m.search(None, "RECENT")[1] == [b"1"]
+        typ, data = m.fetch("1", "(UID FLAGS)")
+        assert b"UID 5 " in data[0] and b"\\Recent" in data[0] and b"\\Deleted" not in data[0]
         typ, data = other.status("INBOX", "(MESSAGES)")
         assert data == [b"INBOX (MESSAGES 1)"]
         typ, data = other.select("Work")

@@ -97,6 +97,8 @@ def world() -> tuple[MemoryPlatform, int]:
                internaldate=datetime(2026, 11, 20, 8, 31, 0, tzinfo=UTC))
     mp.deliver(acc, MSG3, flags=["\\Flagged"],
                internaldate=datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC))
+    inbox = mp.boxes[acc]["INBOX"]
+    inbox.recent_uid = inbox.uidnext  # an earlier session was told of these three (\Recent)
     return mp, acc
 
 

@@ -83,3 +83,14 @@ def test_a_stale_change_never_rolls_the_view_back() -> None:
 def test_to_ranges() -> None:
     assert to_ranges([1, 2, 3, 5, 7, 8]) == [(1, 3), (5, 5), (7, 8)]
     assert to_ranges([]) == []
+
+
+def test_recent_is_a_session_flag_within_the_claimed_range() -> None:
+    v = view(10, 20, 30, 40)
+    v.flags[30] = ["\\Seen"]
+    v.mark_recent(20, 40)  # a claim of [20, 40): 40 arrived after it
+    assert v.recent == {20, 30}
+    assert v.shown_flags(30) == ["\\Seen", "\\Recent"] and v.shown_flags(40) == []
+    assert v.flags[30] == ["\\Seen"]  # never stored with the message
+    v.expunge(20)
+    assert v.recent == {30}
