@@ -2,7 +2,9 @@
 login-only, 20 clients over 50 users, 30 s) against Postbus and a tuned Dovecot on the same
 machine in the same run, interleaved; medians of three runs and the ratio. Also the CPU each
 Postbus process used per command, imaptest's own ``Error:`` lines (consistency bugs that only
-show under concurrency) and the RSS of every service.
+show under concurrency) and the RSS of every service. During the mix a probe client of its
+own (imaplib, one more account) times SELECT, APPEND, STORE and EXPUNGE on both servers:
+imaptest prints only averages, the target is on medians (p50, p90 reported).
 
     python tests/bench/bench_imap_stress.py [--secs 30] [--runs 3] [--clients 20]
     python tests/bench/bench_imap_stress.py --keep    # leave the platform up, print its ports
@@ -15,6 +17,7 @@ Writes bench-results/imap-stress.json.
 from __future__ import annotations
 
 import argparse
+import imaplib
 import json
 import os
 import re
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +71,66 @@ def imaptest(port: int, user: str, secs: int, clients: int, login_only: bool) ->
             "counts": counts, "raw_tail": "\n".join(tail[-8:])}
 
 
+PROBED = ("SELECT", "APPEND", "STORE", "EXPUNGE")
+
+
+class Probe(threading.Thread):
+    """One more client beside imaptest's: SELECT INBOX, APPEND a small message, STORE
+    \\Deleted on it, EXPUNGE, every 100 ms, each command timed on the wire."""
+
+    def __init__(self, port: int, user: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.user = port, user
+        self.times: dict[str, list[float]] = {c: [] for c in PROBED}
+        self.stop = threading.Event()
+        self.error: str | None = None
+
+    def run(self) -> None:
+        msg = b"From: probe@example.net\r\nSubject: probe\r\n\r\nprobe\r\n"
+        try:
+            c = imaplib.IMAP4("127.0.0.1", self.port)
+            c.login(self.user, PASSWORD)
+            while not self.stop.is_set():
+                for name, call in (
+                        ("SELECT", lambda: c.select("INBOX")),
+                        ("APPEND", lambda: c.append("INBOX", None, None, msg)),
+                        ("STORE", lambda: c.store("1:*", "+FLAGS.SILENT", "(\\Deleted)")),
+                        ("EXPUNGE", lambda: c.expunge())):
+                    t = time.perf_counter()
+                    typ, _ = call()
+                    if typ != "OK":
+                        raise RuntimeError(f"{name} answered {typ}")
+                    self.times[name].append((time.perf_counter() - t) * 1000)
+                self.stop.wait(0.1)
+            c.logout()
+        except Exception as exc:  # reported, not hidden: the figures would be partial
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def percentiles(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for name, v in self.times.items():
+            if v:
+                v = sorted(v)
+                out[name] = {"p50": round(v[len(v) // 2], 1),
+                             "p90": round(v[min(len(v) - 1, int(len(v) * 0.9))], 1),
+                             "n": len(v)}
+        return out
+
+
+def probed(port: int, imaptest_user: str, probe_user: str, secs: int, clients: int,
+           login_only: bool) -> tuple[dict[str, object], Probe | None]:
+    """One imaptest run; during the mix, with the probe beside it."""
+    if login_only:
+        return imaptest(port, imaptest_user, secs, clients, True), None
+    probe = Probe(port, probe_user)
+    probe.start()
+    try:
+        return imaptest(port, imaptest_user, secs, clients, False), probe
+    finally:
+        probe.stop.set()
+        probe.join(30)
+
+
 def provision(api: str, token: str) -> None:
     auth = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=api + "/api/v1", headers=auth, timeout=60) as http:
@@ -74,6 +138,8 @@ def provision(api: str, token: str) -> None:
         for i in range(1, USERS + 1):
             http.post("/users", json={"address": f"user{i}@example.test",
                                       "password": PASSWORD}).raise_for_status()
+        http.post("/users", json={"address": "probe@example.test",
+                                  "password": PASSWORD}).raise_for_status()
 
 
 def main() -> int:
@@ -128,18 +194,25 @@ def main() -> int:
             rows: dict[str, list[dict[str, object]]] = {"postbus": [], "dovecot": []}
             cpu: dict[str, list[float]] = {n: [] for n in pids}
             peak_rss: dict[str, float] = dict.fromkeys(pids, 0.0)
+            probes: dict[str, list[Probe]] = {"postbus": [], "dovecot": []}
+            mix = mode == "mix"
             for _ in range(args.runs):
                 before = {n: cpu_seconds(p) for n, p in pids.items()}
-                r = imaptest(port, "user%d@example.test", args.secs, args.clients,
-                             mode == "login-only")
+                r, probe = probed(port, "user%d@example.test", "probe@example.test",
+                                  args.secs, args.clients, not mix)
+                if probe is not None:
+                    probes["postbus"].append(probe)
                 for n, p in pids.items():
                     cpu[n].append((cpu_seconds(p) - before[n]) / max(1, int(r["commands"])))  # type: ignore[arg-type]
                     peak_rss[n] = max(peak_rss[n], rss_mb(p))
                 rows["postbus"].append(r)
                 time.sleep(2)
                 if dovecot_port is not None:
-                    rows["dovecot"].append(imaptest(dovecot_port, "user%d", args.secs,
-                                                    args.clients, mode == "login-only"))
+                    d, probe = probed(dovecot_port, "user%d", "testuser", args.secs,
+                                      args.clients, not mix)
+                    rows["dovecot"].append(d)
+                    if probe is not None:
+                        probes["dovecot"].append(probe)
                     time.sleep(2)
             key = "logins_per_s" if mode == "login-only" else "cmds_per_s"
             pb = statistics.median(float(r[key]) for r in rows["postbus"])  # type: ignore[arg-type]
@@ -157,11 +230,21 @@ def main() -> int:
                 "postbus_samples": [r["counts"] for r in rows["postbus"]],
                 "postbus_tail": rows["postbus"][-1]["raw_tail"],
             }
+            if mix:  # per-command latency of the probe, median over the runs' p50/p90
+                out["probe_latency_ms"] = {
+                    server: {c: {q: statistics.median(p.percentiles()[c][q] for p in ps)
+                                 for q in ("p50", "p90")}
+                             for c in PROBED if ps and all(c in p.percentiles() for p in ps)}
+                    for server, ps in probes.items()}
+                out["probe_errors"] = [p.error for ps in probes.values() for p in ps if p.error]
             result[mode] = out
             print(f"{mode}: postbus {pb:.0f}/s, dovecot {dv:.0f}/s, ratio "
                   f"{out['ratio']}, postbus Error: lines {out['postbus_errors']}", flush=True)
             print(f"  cpu ms/command {out['cpu_ms_per_command']}", flush=True)
             print(f"  peak RSS MB {out['peak_rss_mb']}", flush=True)
+            if mix:
+                print(f"  probe latency ms {out['probe_latency_ms']} "
+                      f"errors {out['probe_errors']}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
