@@ -89,12 +89,12 @@ class IdleProbe:
     async def run(self, smtp: int, stop: asyncio.Event) -> None:
         r, w = await asyncio.open_connection("127.0.0.1", self.port)
 
-        async def until(prefix: bytes) -> bytes:
+        async def until(prefix: bytes, suffix: bytes = b"") -> bytes:
             while True:
                 line = await r.readline()
                 if not line:
                     raise ConnectionError("closed")
-                if line.startswith(prefix):
+                if line.startswith(prefix) and line.rstrip().endswith(suffix):
                     return line
 
         await until(b"* OK")
@@ -105,7 +105,9 @@ class IdleProbe:
             i += 1
             await smtp_send(smtp, "probe@example.test", message(2048, -i))
             t0 = time.perf_counter()
-            await asyncio.wait_for(until(b"* "), 30)  # "* n EXISTS"
+            # "* n EXISTS" only: other untagged lines (the "* n RECENT" that follows it)
+            # would end the wait for the next message at once
+            await asyncio.wait_for(until(b"* ", b" EXISTS"), 30)
             self.latencies.append(time.perf_counter() - t0)
             await asyncio.sleep(0.2)
         w.write(b"DONE\r\nd LOGOUT\r\n")
