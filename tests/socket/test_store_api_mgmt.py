@@ -336,7 +336,7 @@ async def test_delete_user_with_mail_releases_blobs(api: Api, tmp_path: Path) ->
 def test_export_reads_blobs_in_bounded_groups() -> None:
     from datetime import UTC, datetime
 
-    from postbus.mailbox_store.mgmt import _by_bytes
+    from postbus.mailbox_store.mailadmin import _by_bytes
     from postbus.proto.store import MessageMeta
 
     metas = [MessageMeta(uid=i, flags=[], modseq=1, internaldate=datetime.now(UTC), size=s,
