@@ -7,9 +7,16 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
-from typing import Annotated, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PlainSerializer,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+)
 
 M = TypeVar("M", bound=BaseModel)
 Req = TypeVar("Req", bound=BaseModel)
@@ -87,16 +94,35 @@ class Rpc(Generic[Req, Rep]):
     timeout_s: float = 5.0
 
 
+ErrorCode = Literal["not_found", "exists", "invalid", "over_quota", "conflict", "limit",
+                    "unavailable", "too_large", "internal"]
+"""Why a request failed: the closed set every hop passes on unchanged (the store's
+StoreError, RpcError on the bus, RemoteError, imap-access's StoreError, the session's
+response code). ``not_found``: no such mailbox, message or account (IMAP: NONEXISTENT, or
+TRYCREATE for a COPY/APPEND target); ``exists``: the name is taken (ALREADYEXISTS);
+``invalid``: a request the store will not carry out as asked (CANNOT); ``over_quota``
+(OVERQUOTA); ``conflict``: a concurrent change, try again (INUSE); ``limit``: over a bound
+of the server (LIMIT, RFC 5530); ``unavailable``: nobody answered, or S3 did not
+(UNAVAILABLE); ``too_large``: the reply would exceed the NATS max_payload; ``internal``: a
+bug (SERVERBUG)."""
+ERROR_CODES: frozenset[str] = frozenset(get_args(ErrorCode))
+
+
 class RpcError(Model):
     """What a responder sends back instead of its reply model when it fails.
 
-    Carried with the header ``Postbus-Error: 1``; ``code`` is machine-readable
-    (``not_found``, ``exists``, ``invalid``, ``over_quota``, ``conflict``, ``internal``,
-    ``too_large`` when the reply would exceed the NATS max_payload...).
+    Carried with the header ``Postbus-Error: 1``; ``code`` is machine-readable, one of
+    ``ErrorCode``. A code this build does not know (a newer responder's) reads as
+    ``internal``, so a new code never makes the error itself unreadable.
     """
 
-    code: str
+    code: ErrorCode
     message: str = ""
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _known(cls, v: Any) -> Any:
+        return v if v in ERROR_CODES else "internal"
 
 
 @dataclass(frozen=True)
