@@ -20,6 +20,7 @@ from postbus.kit.bus import Bus
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
 from postbus.mailbox_store import repository as store
+from postbus.mailbox_store.delivery import publish_change
 from postbus.mailbox_store.directory import AccountInfo, Directory
 from postbus.mailbox_store.importexport import (
     FormatError,
@@ -28,7 +29,6 @@ from postbus.mailbox_store.importexport import (
     read_archive,
 )
 from postbus.mailbox_store.repository import Change, NewMessage, Repository, StoreError
-from postbus.proto.mail import MAILBOX_CHANGED, MailboxChanged, MessageChange
 from postbus.proto.store import MessageMeta
 from postbus.protocols.mime import summarize
 
@@ -64,17 +64,11 @@ class MailAdmin:
         self.bus = bus
 
     async def notify(self, change: Change | None) -> None:
-        """Tell IMAP sessions (IDLE) what changed; best effort, after the commit."""
-        if change is None or self.bus is None:
-            return
-        ev = MailboxChanged(
-            account_id=change.account_id, mailbox_id=change.mailbox_id, mailbox=change.mailbox,
-            uidvalidity=change.uidvalidity, uidnext=change.uidnext,
-            highestmodseq=change.highestmodseq, exists=change.exists,
-            added=[MessageChange(uid=m.uid, modseq=m.modseq, flags=m.flags) for m in change.added],
-            flags=[MessageChange(uid=m.uid, modseq=m.modseq, flags=m.flags) for m in change.flags],
-            expunged=change.expunged, origin="mgmt")
-        await self.bus.publish_core(MAILBOX_CHANGED, ev, account_id=str(change.account_id))
+        """Tell IMAP sessions (IDLE) what changed; best effort, after the commit, in parts
+        when large (an import or a deleted mailbox of 100,000 messages), as every other
+        writer of the store does."""
+        if self.bus is not None:
+            await publish_change(self.bus, change, origin="mgmt")
 
     async def mailbox_id(self, account_id: int, name: str) -> tuple[int, str]:
         info = await self.repo.status(account_id, name)

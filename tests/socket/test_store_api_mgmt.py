@@ -193,6 +193,33 @@ def _mbox_bytes(tmp: Path, n: int) -> bytes:
     return p.read_bytes()
 
 
+async def test_mgmt_changes_go_out_in_parts(api: Api, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import's change notifications are split as every store writer's are (issue 11.5:
+    one change publisher), so a large one never meets the NATS payload limit."""
+    from postbus.mailbox_store import delivery
+
+    monkeypatch.setattr(delivery, "CHANGE_CHUNK", 7)
+    await api.ok("POST", "/api/v1/domains", 201, json={"name": "example.test"})
+    u = await api.ok("POST", "/api/v1/users", 201, json={"address": "alice@example.test",
+                                                         "password": "pw"})
+    changes: list[MailboxChanged] = []
+
+    async def seen(ev: MailboxChanged) -> None:
+        changes.append(ev)
+
+    await api.bus.subscribe_core(MAILBOX_CHANGED, seen, account_id=str(u["id"]))
+    rep = await api.ok("POST", "/api/v1/users/alice@example.test/import?format=mbox",
+                       content=_mbox_bytes(tmp_path, 40))
+    assert rep["imported"] == 40
+    for _ in range(500):  # the change events arrive on their own (poll, do not sleep)
+        if sum(len(c.added) for c in changes) >= 40:
+            break
+        await asyncio.sleep(0.02)
+    assert sorted(m.uid for c in changes for m in c.added) == list(range(1, 41))
+    assert all(len(c.added) <= 7 and c.origin == "mgmt" for c in changes)
+
+
 async def test_import_list_export_round_trip(api: Api, tmp_path: Path) -> None:
     await api.ok("POST", "/api/v1/domains", 201, json={"name": "example.test"})
     u = await api.ok("POST", "/api/v1/users", 201, json={"address": "alice@example.test",
