@@ -33,7 +33,7 @@ from pydantic import BaseModel, ValidationError
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, histogram
 from postbus.kit.settings import CommonSettings
-from postbus.proto.base import Rpc, RpcError, Stream, Subject
+from postbus.proto.base import ErrorCode, Rpc, RpcError, Stream, Subject
 
 M = TypeVar("M", bound=BaseModel)
 Req = TypeVar("Req", bound=BaseModel)
@@ -80,9 +80,9 @@ class BusUnavailable(Exception):
 class RemoteError(Exception):
     """A responder answered with an ``RpcError``."""
 
-    def __init__(self, code: str, message: str = "") -> None:
+    def __init__(self, code: ErrorCode, message: str = "") -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code: ErrorCode = code
         self.message = message
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from postbus.proto.base import ErrorCode
 from postbus.proto.directory import AuthReply
 from postbus.proto.mail import MailboxChanged
 from postbus.proto.store import (
@@ -40,11 +41,12 @@ from postbus.proto.store import (
 
 class StoreError(Exception):
     """The store refused: ``code`` as in ``postbus.proto.base.RpcError`` (not_found, exists,
-    invalid, over_quota, conflict, internal...) or ``unavailable`` when nobody answered."""
+    invalid, over_quota, conflict, limit, internal...) or ``unavailable`` when nobody
+    answered; the closed set ``ErrorCode``."""
 
-    def __init__(self, code: str, message: str = "") -> None:
+    def __init__(self, code: ErrorCode, message: str = "") -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code: ErrorCode = code
         self.message = message
 
 

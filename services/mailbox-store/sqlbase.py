@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 from pydantic import BaseModel
 from sqlalchemy import (
@@ -50,6 +50,7 @@ from postbus.mailbox_store.models import (
 )
 from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.txn import Writer
+from postbus.proto.base import ErrorCode
 from postbus.proto.mail import MessageSummary
 from postbus.proto.store import MailboxInfo, MessageState
 
@@ -133,9 +134,9 @@ MAX_UIDS_IN_LIST = 2000
 
 # ---------------------------------------------------------------- errors
 class StoreError(Exception):
-    """A refused operation; ``code`` is the RpcError code (proto/base.py)."""
+    """A refused operation; ``code`` is the RpcError code (proto/base.py ErrorCode)."""
 
-    code = "internal"
+    code: ClassVar[ErrorCode] = "internal"
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message)
@@ -143,29 +144,29 @@ class StoreError(Exception):
 
 
 class NotFound(StoreError):
-    code = "not_found"
+    code: ClassVar[ErrorCode] = "not_found"
 
 
 class Exists(StoreError):
-    code = "exists"
+    code: ClassVar[ErrorCode] = "exists"
 
 
 class Invalid(StoreError):
-    code = "invalid"
+    code: ClassVar[ErrorCode] = "invalid"
 
 
 class OverQuota(StoreError):
-    code = "over_quota"
+    code: ClassVar[ErrorCode] = "over_quota"
 
 
 class Conflict(StoreError):
-    code = "conflict"
+    code: ClassVar[ErrorCode] = "conflict"
 
 
 class Limit(StoreError):
     """Refused because it would cost more than a bound allows (IMAP: NO [LIMIT], RFC 5530)."""
 
-    code = "limit"
+    code: ClassVar[ErrorCode] = "limit"
 
 
 # ---------------------------------------------------------------- results
