@@ -8,8 +8,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 # Debian packages of the real mail clients the tests drive (CLIENTS.md)
 # (swaks needs the two Perl TLS modules for STARTTLS and --tls-on-connect)
-CLIENT_TOOLS := swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail getmail6 isync curl
-CLIENT_BINS := swaks fetchmail getmail mbsync curl
+CLIENT_TOOLS := swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail getmail6 isync curl offlineimap3 mutt
+CLIENT_BINS := swaks fetchmail getmail mbsync curl offlineimap mutt
 
 .PHONY: run test test-fast fuzz soak mutate venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e bench-imap-stress imaptest schemas lint typecheck clean
 
