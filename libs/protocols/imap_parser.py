@@ -15,7 +15,8 @@ from datetime import datetime, timedelta, timezone
 
 __all__ = [
     "Receiver", "Continue", "RawLine", "Bad", "Command", "SeqSet", "FetchAtt", "SearchNode",
-    "parse_command", "MAX_LINE", "MAX_LITERAL", "MAX_COMMAND", "Limits", "PREAUTH",
+    "parse_command", "parse_id_prefix", "MAX_LINE", "MAX_LITERAL", "MAX_COMMAND", "MAX_ID_LINE",
+    "Limits", "PREAUTH",
     "Capability", "Noop", "Logout", "StartTLS", "Login", "Authenticate", "Select", "Create",
     "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "IdCmd",
     "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Fetch",
@@ -74,12 +75,21 @@ class Limits:
     max_literal: int = MAX_LITERAL
     max_command: int = MAX_COMMAND
     skip_oversized: bool = True
+    # an ``<tag> ID (`` line longer than max_line is still answered up to this length: the
+    # first max_line octets are kept, the rest is read and dropped (0: no such exception)
+    max_id_line: int = 0
 
+
+# RFC 2971 §3.3: field names <= 30 octets, values <= 1024, <= 30 pairs, so a valid ID
+# line is at most 30 * (32 + 1 + 1026) + 29 + 'ID ()' + tag + CRLF: under 31.2 KiB plus
+# the tag. 34 KiB leaves room for a long tag and a few escaped quotes.
+MAX_ID_LINE = 34 * 1024
 
 # Before authentication a client can say little: LOGIN, AUTHENTICATE (SASL-IR tokens of a
-# few KiB), ID, STARTTLS. Dovecot's imap-login disconnects past 8 KiB lines as well.
+# few KiB), ID, STARTTLS. Dovecot's imap-login disconnects past 8 KiB lines as well; only
+# ID may be longer (MAX_ID_LINE), and its tail is not kept.
 PREAUTH = Limits(max_line=8 * 1024, max_literal=4 * 1024, max_command=16 * 1024,
-                 skip_oversized=False)
+                 skip_oversized=False, max_id_line=MAX_ID_LINE)
 
 
 # ---------------------------------------------------------------- commands
@@ -187,6 +197,9 @@ class Append:
 class IdCmd:
     tag: str
     params: tuple[tuple[str, str | None], ...] | None
+    # the line passed the receiver's max_line: params are the pairs complete in the
+    # kept prefix, the rest of the line was read and dropped unparsed
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -327,6 +340,7 @@ ATOM_CHARS = frozenset(set(range(0x21, 0x7F)) - _ATOM_SPECIALS)
 ASTRING_CHARS = ATOM_CHARS | {ord("]")}
 TAG_CHARS = ASTRING_CHARS - {ord("+")}
 LIST_CHARS = ATOM_CHARS | {ord("%"), ord("*"), ord("]")}
+_LONG_ID = re.compile(rb"([!-~]+) ID \(", re.IGNORECASE)
 _LITERAL_AT_END = re.compile(rb"\{([0-9]{1,20})(\+?)\}\r?\n\Z")
 _LITERAL = re.compile(rb"~?\{([0-9]{1,20})\+?\}\r?\n")
 _DATE = re.compile(rb"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})")
@@ -372,6 +386,9 @@ class Receiver:
         self._skip_line = False  # discarding the rest of an over-long line
         self._discard = 0  # octets of a refused LITERAL+ still to discard
         self._discard_bad: Bad | None = None
+        self._long_id: bytes | None = None  # kept prefix of an over-long ID line
+        self._long_id_len = 0  # octets of that line read so far
+        self._long_id_tail = b""  # its last octets (a literal announced at its end?)
 
     def _reset_command(self) -> None:
         self._parts: list[bytes] = []
@@ -388,6 +405,7 @@ class Receiver:
         self._raw = self._skip_line = False
         self._discard = 0
         self._discard_bad = None
+        self._long_id = None
 
     def set_limits(self, limits: Limits) -> None:
         """New bounds from the next command on (after login: the authenticated ones)."""
@@ -438,6 +456,8 @@ class Receiver:
             self._literal = 0
             return True
         nl = buf.find(b"\n")
+        if self._long_id is not None:
+            return self._step_long_id(nl)
         if self._skip_line:
             if nl < 0:
                 buf.clear()
@@ -449,16 +469,22 @@ class Receiver:
                 self._discard_bad = None
             return True
         lim = self.limits
+        if (len(buf) if nl < 0 else nl + 1) > lim.max_line and self._long_id_allowed():
+            self._long_id = bytes(buf[:lim.max_line])
+            self._long_id_len = 0
+            self._long_id_tail = b""
+            return True
+        head = min(200, lim.max_line)  # the same octets however the line was split
         if nl < 0:
             if len(buf) > lim.max_line:
-                self._refuse(Bad(self._tag_of(bytes(buf[:200])), "line too long", "TOOBIG"))
+                self._refuse(Bad(self._tag_of(bytes(buf[:head])), "line too long", "TOOBIG"))
                 buf.clear()
                 self._skip_line = not self._dead
             return False
         line = bytes(buf[:nl + 1])
         del buf[:nl + 1]
         if len(line) > lim.max_line:
-            self._refuse(Bad(self._tag_of(line[:200]), "line too long", "TOOBIG"))
+            self._refuse(Bad(self._tag_of(line[:head]), "line too long", "TOOBIG"))
             return True
         if self._raw and not self._parts:
             self._raw = False
@@ -497,6 +523,37 @@ class Receiver:
             # a synchronising literal is refused before the data (RFC 3501 §7.5)
             self._reset_command()
             self._out.append(bad)
+        return True
+
+    def _long_id_allowed(self) -> bool:
+        if (self.limits.max_id_line <= self.limits.max_line or self._parts or self._raw
+                or (m := _LONG_ID.match(self._buf, 0, self.limits.max_line)) is None):
+            return False
+        return all(ch in TAG_CHARS for ch in m.group(1))
+
+    def _step_long_id(self, nl: int) -> bool:
+        """Read an over-long ID line (RFC 2971 §3.3 bounds it) up to ``max_id_line``,
+        dropping what is past the kept prefix; at its end, answer it from the prefix."""
+        buf = self._buf
+        assert self._long_id is not None
+        take = len(buf) if nl < 0 else nl + 1
+        self._long_id_len += take
+        self._long_id_tail = (self._long_id_tail + bytes(buf[max(0, take - 32):take]))[-32:]
+        del buf[:take]
+        tag = self._tag_of(self._long_id)
+        if self._long_id_len > self.limits.max_id_line:
+            self._long_id = None
+            self._refuse(Bad(tag, "line too long", "TOOBIG"))
+            self._skip_line = nl < 0 and not self._dead
+            return True
+        if nl < 0:
+            return False
+        prefix, self._long_id = self._long_id, None
+        if _LITERAL_AT_END.search(self._long_id_tail):
+            # a literal would follow a line we did not keep: nothing to parse it into
+            self._refuse(Bad(tag, "line too long", "TOOBIG"))
+        else:
+            self._out.append(parse_id_prefix(prefix, tag))
         return True
 
     def _refuse(self, bad: Bad, discard: int = 0) -> None:
@@ -929,24 +986,51 @@ def _append(c: _Cursor, tag: str, uid: bool) -> Append:
     return Append(tag, mbox, flags, date, c.literal())
 
 
-def _id(c: _Cursor, tag: str, uid: bool) -> IdCmd:
+def _id(c: _Cursor, tag: str, uid: bool, truncated: bool = False) -> IdCmd:
     c.sp()
     if c.maybe(b"NIL"):
         return IdCmd(tag, None)
     c.expect(b"(")
     params: list[tuple[str, str | None]] = []
     while c.peek() != 0x29:
-        if params:
+        try:
+            if params:
+                c.sp()
+            k = c.string()
             c.sp()
-        k = c.string()
-        c.sp()
-        v = c.nstring()
+            v = c.nstring()
+        except ParseError:
+            if not truncated:
+                raise
+            # the pair the prefix cut (or one we cannot see whole): the rest of the line
+            # was dropped unseen, so nothing after it can be checked either
+            c.i = len(c.d)
+            return IdCmd(tag, tuple(params), truncated)
         params.append((k.decode("utf-8", "replace")[:30],
                        None if v is None else v.decode("utf-8", "replace")[:1024]))
-        if len(params) > 30 or c.at_end():
+        if len(params) > 30:
             raise c.fail("bad ID parameter list")  # RFC 2971 §3.3: at most 30 pairs
+        if c.at_end():
+            if not truncated:
+                raise c.fail("bad ID parameter list")
+            return IdCmd(tag, tuple(params), truncated)
     c.i += 1
-    return IdCmd(tag, tuple(params))
+    return IdCmd(tag, tuple(params), truncated)
+
+
+def parse_id_prefix(prefix: bytes, tag: str) -> IdCmd | Bad:
+    """The kept first octets of an ID line too long to keep whole: the ID with the pairs
+    complete in them (``truncated``), or Bad when even that much is not an ID command."""
+    c = _Cursor(prefix.removesuffix(b"\r"))
+    try:
+        c.chars(TAG_CHARS, "a tag")
+        c.sp()
+        c.expect(b"ID")
+        cmd = _id(c, tag, False, truncated=True)
+        c.end()  # only a prefix that closed its list early has anything left
+        return cmd
+    except ParseError as exc:
+        return Bad(tag, exc.reason, exc.code)
 
 
 def _enable(c: _Cursor, tag: str, uid: bool) -> Enable:

@@ -344,7 +344,12 @@ class Session:
                 COMMANDS.labels("LOGOUT", "OK").inc()
                 await self.close()
                 return None
-            case p.IdCmd():
+            case p.IdCmd(params=params, truncated=truncated):
+                # RFC 2971 §3.1: the client's fields are for logs and statistics only;
+                # 100 characters of each value tell a client apart, a line stays short
+                log.info("client id", session=self.info.id, ip=self.client_ip,
+                         fields={k: v if v is None else v[:100] for k, v in params or ()},
+                         truncated=truncated)
                 self.w('* ID ("name" "Postbus" "vendor" "Postbus" "version" "0.1.0")')
                 return Tagged("OK", "ID completed")
         if isinstance(st, NotAuthenticated):

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     preauth_max_line: int = PREAUTH.max_line
     preauth_max_literal: int = PREAUTH.max_literal
     preauth_max_command: int = PREAUTH.max_command
+    # ID (RFC 2971 §3.3) may run to about 32 KiB: past preauth_max_line its tail is read
+    # and dropped, up to this length of the whole line
+    preauth_max_id_line: int = PREAUTH.max_id_line
     # RFC 3501 §5.4: the autologout timer is at least 30 minutes (also for IDLE, RFC 2177)
     idle_timeout_s: float = 30 * 60
     # before login a client gets less patience (Dovecot: 60 s for the greeting phase) ...
@@ -70,4 +73,5 @@ class Settings(BaseSettings):
         if authenticated:
             return Limits(self.max_line, self.max_literal, self.max_command)
         return Limits(self.preauth_max_line, self.preauth_max_literal,
-                      self.preauth_max_command, skip_oversized=False)
+                      self.preauth_max_command, skip_oversized=False,
+                      max_id_line=self.preauth_max_id_line)

@@ -254,6 +254,147 @@ def test_preauth_over_long_line_stops_reading() -> None:
     assert r.feed(b"\r\nb NOOP\r\n") == []
 
 
+# ---------------------------------------------------------------- ID past the pre-login line
+def _rfc_max_id(tag: bytes = b"a", value: bytes = b"v") -> bytes:
+    """The longest ID RFC 2971 §3.3 allows: 30 pairs, names of 30 octets, values of 1024."""
+    pairs = (b'"%s" "%s"' % (b"%02d" % i + b"n" * 28, value * 1024) for i in range(30))
+    return tag + b" ID (" + b" ".join(pairs) + b")\r\n"
+
+
+def test_id_of_the_rfc_maximum_is_answered_before_login() -> None:
+    line = _rfc_max_id()
+    assert p.PREAUTH.max_line < len(line) <= p.MAX_ID_LINE
+    r = p.Receiver(limits=p.PREAUTH)
+    out = r.feed(line + b"b LOGIN alice secret\r\n")
+    assert len(out) == 2 and out[1] == p.Login("b", b"alice", b"secret")
+    cmd = out[0]
+    assert isinstance(cmd, p.IdCmd) and cmd.tag == "a" and cmd.truncated
+    # the pairs whole in the kept 8 KiB, and no more
+    assert cmd.params == tuple((f"{i:02d}" + "n" * 28, "v" * 1024) for i in range(7))
+    assert r.pending == 0
+
+
+def test_id_with_quoted_specials_fits_under_the_cap() -> None:
+    # a long tag and values with a few escaped quotes still fit
+    value = b'\\"' * 10 + b"w" * 1014  # 1024 octets once unquoted
+    line = _rfc_max_id(b"t" * 200).replace(b'"' + b"v" * 1024 + b'"', b'"' + value + b'"')
+    assert line.count(value) == 30 and len(line) <= p.MAX_ID_LINE
+    out = p.Receiver(limits=p.PREAUTH).feed(line)
+    assert len(out) == 1 and isinstance(out[0], p.IdCmd) and out[0].tag == "t" * 200
+
+
+def test_id_past_the_cap_stops_reading() -> None:
+    r = p.Receiver(limits=p.PREAUTH)
+    line = b'a ID ("name" "' + b"x" * p.MAX_ID_LINE + b'")\r\n'
+    out = r.feed(line + b"b NOOP\r\n")
+    assert out == [p.Bad("a", "line too long", "TOOBIG", fatal=True)]
+    assert r.pending == 0 and r.feed(b"c NOOP\r\n") == []
+    # one octet over, without the line end in sight yet
+    r = p.Receiver(limits=p.PREAUTH)
+    assert r.feed(b'a ID ("k" "' + b"x" * (p.MAX_ID_LINE - 11)) == []
+    assert r.feed(b"x") == [p.Bad("a", "line too long", "TOOBIG", fatal=True)]
+
+
+def test_id_line_ending_at_exactly_the_cap_is_answered() -> None:
+    head = b'a ID ("k" "'
+    line = head + b"x" * (p.MAX_ID_LINE - len(head) - 4) + b'")\r\n'
+    assert len(line) == p.MAX_ID_LINE
+    out = p.Receiver(limits=p.PREAUTH).feed(line)
+    assert out == [p.IdCmd("a", (), truncated=True)]
+
+
+@pytest.mark.parametrize("opening", [
+    b"a LOGIN ", b"a NOOP ", b"a IDX (", b"a ID NIL ", b"a ID", b"a UID ID (",
+    b'a AUTHENTICATE PLAIN ', b'ID ("k" "', b'a\x80 ID ("k" "', b'a{1} ID ("k" "',
+])
+def test_other_long_preauth_lines_are_still_refused(opening: bytes) -> None:
+    r = p.Receiver(limits=p.PREAUTH)
+    out = r.feed(opening + b"x" * p.PREAUTH.max_line + b'")\r\nb NOOP\r\n')
+    assert len(out) == 1 and isinstance(out[0], p.Bad) and out[0].fatal
+    assert out[0].code == "TOOBIG"
+
+
+def test_long_id_line_announcing_a_literal_is_refused() -> None:
+    # the literal's data would follow a line we did not keep
+    r = p.Receiver(limits=p.PREAUTH)
+    out = r.feed(b'a ID ("k" "' + b"x" * 9000 + b'" "k2" {5}\r\nhello)\r\n')
+    assert out == [p.Bad("a", "line too long", "TOOBIG", fatal=True)]
+
+
+def test_long_id_prefix_that_is_no_id_is_bad() -> None:
+    # the list closes inside the kept prefix and something follows it
+    r = p.Receiver(limits=p.PREAUTH)
+    out = r.feed(b'a ID ("k" "v") ' + b"x" * 9000 + b"\r\nb NOOP\r\n")
+    assert out == [p.Bad("a", "unexpected characters at end of command"), p.Noop("b")]
+    # more than 30 pairs already in the prefix
+    r = p.Receiver(limits=p.PREAUTH)
+    many = b" ".join(b'"k" "v"' for _ in range(1300))
+    out = r.feed(b"a ID (" + many + b")\r\n")
+    assert out == [p.Bad("a", "bad ID parameter list")]
+
+
+def test_long_id_after_login_is_parsed_whole() -> None:
+    out = p.Receiver().feed(_rfc_max_id())
+    assert len(out) == 1 and isinstance(out[0], p.IdCmd) and not out[0].truncated
+    assert out[0].params is not None and len(out[0].params) == 30
+
+
+def test_long_id_without_the_exception_is_refused() -> None:
+    lim = p.Limits(max_line=8192, max_literal=4096, max_command=16384, skip_oversized=False)
+    out = p.Receiver(limits=lim).feed(_rfc_max_id())
+    assert out == [p.Bad("a", "line too long", "TOOBIG", fatal=True)]
+
+
+def test_long_id_past_the_cap_is_skipped_when_the_limits_allow() -> None:
+    lim = p.Limits(max_line=100, max_id_line=300)
+    r = p.Receiver(limits=lim)
+    out = r.feed(b'a ID ("k" "' + b"x" * 400 + b'")\r\nb NOOP\r\n')
+    assert out == [p.Bad("a", "line too long", "TOOBIG"), p.Noop("b")]
+    r = p.Receiver(limits=lim)
+    assert r.feed(b'a ID ("k" "' + b"x" * 400) == [p.Bad("a", "line too long", "TOOBIG")]
+    assert r.feed(b"x" * 400 + b'")\r\nb NOOP\r\n') == [p.Noop("b")]
+
+
+_ID_STREAM = (_rfc_max_id(b"a1") + b"a2 NOOP\r\n" + b'a3 ID ("k" "' + b"x" * 20_000
+              + b'")\r\n' + b"a4 LOGIN {5}\r\n" + b"alice {6+}\r\nsecret\r\n"
+              + b"a5 id (" + b'"name" "x" ' * 5 + b'"pad" "' + b"p" * 9000 + b'")\r\n'
+              + b"a6 NOOP\r\n")
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 4096, 8193, 40_000])
+def test_long_id_chunking_invariance(size: int) -> None:
+    whole = p.Receiver(limits=p.PREAUTH).feed(_ID_STREAM)
+    assert [type(x).__name__ for x in whole] == [
+        "IdCmd", "Noop", "IdCmd", "Continue", "Login", "IdCmd", "Noop"]
+    assert whole[-2] == p.IdCmd("a5", (("name", "x"),) * 5, truncated=True)
+    r = p.Receiver(limits=p.PREAUTH)
+    got: list[object] = []
+    for i in range(0, len(_ID_STREAM), size):
+        got.extend(r.feed(_ID_STREAM[i:i + size]))
+    assert got == whole
+
+
+_ID_TOKENS = st.sampled_from([
+    b"a ID (", b"b id (", b'"k" ', b'"v"', b'"' + b"x" * 40, b"NIL", b" ", b")", b"\r\n",
+    b"{3}\r\n", b"{2+}\r\nab", b"c NOOP\r\n", b"\\", b'"', b"\n", b"x" * 70,
+])
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.lists(_ID_TOKENS, max_size=30), st.integers(1, 50))
+def test_long_id_path_never_raises_and_ignores_chunking(tokens: list[bytes], size: int) -> None:
+    data = b"".join(tokens)
+    for skip in (False, True):
+        lim = p.Limits(max_line=60, max_literal=20, max_command=120, skip_oversized=skip,
+                       max_id_line=150)
+        whole = p.Receiver(limits=lim).feed(data)
+        r = p.Receiver(limits=lim)
+        got: list[object] = []
+        for i in range(0, len(data), size):
+            got.extend(r.feed(data[i:i + size]))
+        assert got == whole
+
+
 def test_limits_change_between_commands() -> None:
     r = p.Receiver(limits=p.PREAUTH)
     r.push(b"a LOGIN alice secret\r\nb APPEND INBOX {6000+}\r\n" + b"m" * 6000 + b"\r\n")
