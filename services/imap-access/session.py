@@ -1150,9 +1150,9 @@ class Session:
                         account_id=st.account_id, mailbox_id=view.mailbox_id,
                         uids=to_ranges(unseen), op="add", flags=["\\Seen"],
                         origin=self.info.id))
-                    for m in r.updated:
-                        if view.set_flags(m.uid, m.flags, m.modseq):
-                            seen_changed.add(m.uid)
+                    for ms in r.updated:
+                        if view.set_flags(ms.uid, ms.flags, ms.modseq):
+                            seen_changed.add(ms.uid)
             metas: dict[int, MessageMeta] = {}
             if need_meta:
                 cache = self.meta_cache
