@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from postbus.proto.mail import (
     OutboundQueued,
     Recipient,
 )
-from postbus.protocols.mime import summarize
+from postbus.protocols.mime import normalize_crlf, summarize
 
 log = get_logger("postbus.mime_processor")
 SERVICE = "mime-processor"
@@ -48,7 +47,6 @@ MESSAGES = counter("postbus_mime_messages_total", "Inbound messages by outcome",
 RECIPIENTS = counter("postbus_mime_recipients_total", "Recipients by route", ["route"])
 AUTH = counter("postbus_mime_auth_total", "Authentication results", ["method", "result"])
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 @dataclass
@@ -163,8 +161,9 @@ class MimeWorker:
         final = policy.strip_forged(raw, self.authserv_id)
         if auth_value is not None:
             final = policy.prepend_auth_results(final, auth_value, self.authserv_id)
-        if _BARE_LF.search(final):  # IMAP sizes and offsets count CRLF (RFC 3501 §2.3.1)
-            final = re.sub(rb"\r?\n", b"\r\n", final)
+        # IMAP sizes and offsets count CRLF (RFC 3501 §2.3.1): bare LF and bare CR become
+        # CRLF here as on every other way in (APPEND, import), so IMAP and POP3 agree
+        final = normalize_crlf(final)
 
         # durable first: the blob exists before anyone is told about it
         key = blob_key(final)

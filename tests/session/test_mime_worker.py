@@ -256,6 +256,20 @@ async def test_claim_check_body_and_missing_blob(parts: Parts) -> None:
         ("alice@example.test", "5.3.0"), ("x@remote.example", "5.3.0")]
 
 
+async def test_bare_cr_normalised_as_every_other_path_does(parts: Parts) -> None:
+    """One normalisation for every way in (issue 11.3): a bare CR ends a line as a bare LF
+    does, so the stored bytes, RFC822.SIZE and what POP3 serves agree."""
+    _, d, b, _, a, mm = parts
+    pub = DedupPublisher()
+    w = MimeWorker(Settings(auth_checks=False), directory=d, blobs=b, publisher=pub,
+                   authenticator=a, memo=mm)
+    body = b"Subject: cr\r\n\r\none\rtwo\r\n"
+    assert await w.handle_message(mail("Q9", ["alice@example.test"], body=body)) == Ack()
+    [dl] = pub.of(DeliverLocal)
+    assert b.data[dl.blob_key] == b"Subject: cr\r\n\r\none\r\ntwo\r\n"
+    assert dl.blob_size == len(b.data[dl.blob_key])
+
+
 async def test_auth_checks_off_and_bare_lf_normalised(parts: Parts) -> None:
     _, d, b, _, a, mm = parts
     pub = DedupPublisher()
