@@ -6,7 +6,8 @@ session expects from the store. Not used by the running service.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
@@ -44,6 +45,74 @@ from postbus.proto.store import (
 from postbus.protocols import mime
 from postbus.protocols.searchtext import address_text, compare_dates, written_date
 
+# as mailbox-store has them (sqlbase.py): the reference this store is checked against by
+# tests/socket/test_store_port_contract.py
+DELIMITER = "/"
+DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None), ("Sent", "\\Sent"), ("Drafts", "\\Drafts"), ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"), ("Archive", "\\Archive"))
+SPECIAL_USES = frozenset(u for _, u in DEFAULT_MAILBOXES if u) | {"\\All", "\\Flagged"}
+SYSTEM_FLAGS = {f.lower(): f for f in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted",
+                                       "\\Draft")}
+MAX_NAME = 1024
+MAX_MAILBOXES = 2000
+MAX_KEYWORDS = 100
+MAX_KEYWORD_LEN = 100
+_KEYWORD_RE = re.compile(r'^[^\x00-\x20\x7f(){%*"\\\]]+$')
+
+
+def _norm(name: str) -> str:
+    """Canonical mailbox name: INBOX case-insensitive (RFC 3501 §5.1), a trailing
+    delimiter dropped; empty levels, wildcards and controls refused."""
+    if name.endswith(DELIMITER):
+        name = name[:-1]
+    if not name or len(name) > MAX_NAME:
+        raise StoreError("invalid", "mailbox name is empty or too long")
+    parts = name.split(DELIMITER)
+    if "" in parts:
+        raise StoreError("invalid", "mailbox name has an empty level")
+    if any(ch in name for ch in "*%") or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        raise StoreError("invalid", "mailbox name contains a wildcard or a control character")
+    if parts[0].upper() == "INBOX":
+        parts[0] = "INBOX"
+    return DELIMITER.join(parts)
+
+
+def _parents(name: str) -> list[str]:
+    parts = name.split(DELIMITER)
+    return [DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _flags(flags: Iterable[str]) -> list[str]:
+    """Flags as the store keeps them: system flags in their canonical case, \\Recent and
+    unknown system flags dropped, a keyword that is not an atom refused."""
+    out: dict[str, None] = {}
+    for f in flags:
+        known = SYSTEM_FLAGS.get(f.lower())
+        if known:
+            out[known] = None
+        elif f.startswith("\\"):
+            continue
+        elif f and len(f) <= MAX_KEYWORD_LEN and _KEYWORD_RE.match(f):
+            out[f] = None
+        else:
+            raise StoreError("invalid", f"not a valid flag: {f!r}")
+    return list(out)
+
+
+def _keywords(flags: Iterable[str]) -> int:
+    return sum(1 for f in flags if not f.startswith("\\"))
+
+
+def _ranges(uids: Iterable[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for u in sorted(set(uids)):
+        if out and u == out[-1][1] + 1:
+            out[-1] = (out[-1][0], u)
+        else:
+            out.append((u, u))
+    return out
+
 
 @dataclass
 class _Msg:
@@ -67,6 +136,9 @@ class _Box:
     recent_uid: int = 1  # \Recent: UIDs from here up were claimed by no session yet
     highestmodseq: int = 1
     msgs: dict[int, _Msg] = field(default_factory=dict)  # insertion order = UID order
+    noselect: bool = False  # deleted while it had children (RFC 3501 §6.3.4)
+    expunged: dict[int, int] = field(default_factory=dict)  # UID -> MODSEQ, for VANISHED
+    account: int = 0
 
 
 def _in(uid: int, ranges: list[tuple[int, int]]) -> bool:
@@ -99,9 +171,7 @@ class MemoryPlatform:
         account = self._ids
         self.users[address.lower()] = (password, account)
         self.boxes[account] = {}
-        self._new_box(account, "INBOX", subscribed=True)
-        for name, use in (("Sent", "\\Sent"), ("Drafts", "\\Drafts"), ("Trash", "\\Trash"),
-                          ("Junk", "\\Junk")):
+        for name, use in DEFAULT_MAILBOXES:
             self._new_box(account, name, use, subscribed=True)
         return account
 
@@ -109,7 +179,7 @@ class MemoryPlatform:
                  subscribed: bool = False) -> _Box:
         self._ids += 1
         self._uidvalidity += 1
-        box = _Box(self._ids, name, self._uidvalidity, special_use, subscribed)
+        box = _Box(self._ids, name, self._uidvalidity, special_use, subscribed, account=account)
         self.boxes[account][name] = box
         return box
 
@@ -141,10 +211,42 @@ class MemoryPlatform:
             cb(ev)
 
     def _box(self, account: int, name: str) -> _Box:
-        box = self.boxes.get(account, {}).get(name)
+        box = self.boxes.get(account, {}).get(_norm(name))
         if box is None:
             raise StoreError("not_found", name)
         return box
+
+    def _target(self, account: int, name: str) -> _Box:
+        """The mailbox an APPEND or COPY files into: a default folder the user deleted is
+        made again (as mailbox-store does); a \\Noselect one does not exist."""
+        name = _norm(name)
+        boxes = self.boxes.get(account, {})
+        use = dict(DEFAULT_MAILBOXES).get(name, "")
+        if (name not in boxes and account in self.boxes and use != ""
+                and all(b.special_use != use for b in boxes.values())):
+            self._new_box(account, name, use, subscribed=True)
+        box = boxes.get(name)
+        if box is None or box.noselect:
+            raise StoreError("not_found", name)
+        return box
+
+    def _used(self, account: int) -> int:
+        return sum(len(m.prefix) + m.blob_size for b in self.boxes.get(account, {}).values()
+                   for m in b.msgs.values())
+
+    def _charge(self, account: int, nbytes: int) -> None:
+        if self.limit_bytes is not None and self._used(account) + nbytes > self.limit_bytes:
+            raise StoreError("over_quota", "quota exceeded")
+
+    def _remove(self, account: int, b: _Box, uids: list[int], origin: str | None = None) -> None:
+        """Expunge these UIDs with one new MODSEQ, remembered for VANISHED."""
+        if not uids:
+            return
+        b.highestmodseq += 1
+        for u in uids:
+            del b.msgs[u]
+            b.expunged[u] = b.highestmodseq
+        self._publish(account, b, expunged=uids, origin=origin)
 
     def _box_by_id(self, account: int, mailbox_id: int) -> _Box:
         for b in self.boxes.get(account, {}).values():
@@ -153,8 +255,13 @@ class MemoryPlatform:
         raise StoreError("not_found", str(mailbox_id))
 
     def _info(self, b: _Box) -> MailboxInfo:
+        children = any(n.startswith(b.name + DELIMITER) for n in self.boxes.get(b.account, {}))
+        attrs = ["\\HasChildren" if children else "\\HasNoChildren"]
+        if b.noselect:
+            attrs.append("\\Noselect")
         return MailboxInfo(
-            mailbox_id=b.id, name=b.name, special_use=b.special_use, subscribed=b.subscribed,
+            mailbox_id=b.id, name=b.name, special_use=b.special_use, attributes=attrs,
+            subscribed=b.subscribed,
             uidvalidity=b.uidvalidity, uidnext=b.uidnext, highestmodseq=b.highestmodseq,
             messages=len(b.msgs), unseen=sum(1 for m in b.msgs.values() if "\\Seen" not in m.flags),
             recent=sum(1 for u in b.msgs if u >= b.recent_uid),
@@ -207,51 +314,101 @@ class MemoryPlatform:
         return self._info(self._box(req.account_id, req.name))
 
     async def mailbox_create(self, req: MailboxCreateRequest) -> MailboxInfo:
+        name = _norm(req.name)
+        if req.special_use is not None and req.special_use not in SPECIAL_USES:
+            raise StoreError("invalid", f"unknown special-use attribute {req.special_use}")
         boxes = self.boxes[req.account_id]
-        if req.name in boxes:
-            raise StoreError("exists", req.name)
-        parts = req.name.split("/")
-        if "" in parts:  # like mailbox-store's normalize_name
-            raise StoreError("invalid", "mailbox name has an empty level")
-        for i in range(1, len(parts)):
-            parent = "/".join(parts[:i])
+        old = boxes.get(name)
+        if old is not None and not old.noselect:
+            raise StoreError("exists", name)
+        if len(boxes) + len(_parents(name)) + 1 > MAX_MAILBOXES:
+            raise StoreError("limit", f"at most {MAX_MAILBOXES} mailboxes per account")
+        for parent in _parents(name):
             if parent not in boxes:
                 self._new_box(req.account_id, parent)
-        return self._info(self._new_box(req.account_id, req.name, req.special_use))
+        if old is not None:  # a \Noselect placeholder becomes a real mailbox again
+            old.noselect = False
+            old.special_use = req.special_use or old.special_use
+            return self._info(old)
+        # a subscription outlives its mailbox (RFC 3501 §6.3.6) and applies to a new one
+        dangling = self.dangling.get(req.account_id, set())
+        box = self._new_box(req.account_id, name, req.special_use, subscribed=name in dangling)
+        dangling.discard(name)
+        return self._info(box)
 
     async def mailbox_delete(self, req: MailboxRef) -> None:
-        if req.name == "INBOX":
+        """RFC 3501 §6.3.4: INBOX cannot be deleted; a mailbox with children loses its
+        messages and becomes \\Noselect; deleting a \\Noselect one with children is refused."""
+        name = _norm(req.name)
+        if name == "INBOX":
             raise StoreError("invalid", "INBOX cannot be deleted")
-        self._box(req.account_id, req.name)
-        del self.boxes[req.account_id][req.name]
+        b = self._box(req.account_id, name)
+        boxes = self.boxes[req.account_id]
+        children = any(n.startswith(name + DELIMITER) for n in boxes)
+        if children and b.noselect:
+            raise StoreError("invalid", f"{name} has children and is already \\Noselect")
+        self._remove(req.account_id, b, list(b.msgs))
+        if children:
+            b.noselect = True
+            return
+        del boxes[name]
+        if b.subscribed:
+            self.dangling.setdefault(req.account_id, set()).add(name)
 
     async def mailbox_rename(self, req: MailboxRenameRequest) -> None:
+        """RFC 3501 §6.3.5: children move along; renaming INBOX moves its messages to a new
+        mailbox (their UIDs and MODSEQs kept) and leaves INBOX empty."""
+        old, new = _norm(req.old), _norm(req.new)
+        if old == new:
+            raise StoreError("exists", new)
+        if new == "INBOX" or new.startswith(old + DELIMITER):
+            raise StoreError("invalid", f"cannot rename {old} to {new}")
         boxes = self.boxes[req.account_id]
-        src = self._box(req.account_id, req.old)
-        if req.new in boxes:
-            raise StoreError("exists", req.new)
-        if req.old == "INBOX":
-            new = self._new_box(req.account_id, req.new)
-            new.msgs, src.msgs = src.msgs, {}
-            new.uidnext, new.recent_uid = src.uidnext, src.recent_uid
+        src = self._box(req.account_id, old)
+        if new in boxes:
+            raise StoreError("exists", new)
+        moving = [n for n in boxes if n.startswith(old + DELIMITER)]
+        for n in moving:
+            if new + n[len(old):] in boxes:
+                raise StoreError("exists", new + n[len(old):])
+        for parent in _parents(new):
+            if parent not in boxes:
+                self._new_box(req.account_id, parent)
+        if old == "INBOX":
+            dst = self._new_box(req.account_id, new)
+            dst.msgs = dict(src.msgs)
+            dst.uidnext, dst.recent_uid = src.uidnext, src.recent_uid
+            dst.highestmodseq = src.highestmodseq
+            self._remove(req.account_id, src, list(src.msgs))
             return
-        for name in [n for n in boxes if n == req.old or n.startswith(req.old + "/")]:
+        for name in [old, *moving]:
             b = boxes.pop(name)
-            b.name = req.new + name[len(req.old):]
+            b.name = new + name[len(old):]
             boxes[b.name] = b
+        dangling = self.dangling.get(req.account_id, set())
+        for name in [n for n in dangling if n == old or n.startswith(old + DELIMITER)]:
+            dangling.discard(name)
+            dangling.add(new + name[len(old):])
 
     async def mailbox_subscribe(self, req: SubscribeRequest) -> None:
-        b = self.boxes.get(req.account_id, {}).get(req.name)
+        name = _norm(req.name)
+        b = self.boxes.get(req.account_id, {}).get(name)
         if b is not None:
             b.subscribed = req.subscribed
         else:  # the name need not exist (RFC 3501 §6.3.6)
             names = self.dangling.setdefault(req.account_id, set())
-            (names.add if req.subscribed else names.discard)(req.name)
+            (names.add if req.subscribed else names.discard)(name)
 
     # ------------------------------------------------------------ Store: messages
     async def select(self, req: SelectRequest) -> SelectReply:
         b = (self._box(req.account_id, req.name) if req.name is not None
              else self._box_by_id(req.account_id, req.mailbox_id))
+        if b.noselect:  # by name: CANNOT rather than NONEXISTENT, as mailbox-store says
+            raise StoreError("invalid" if req.name is not None else "not_found",
+                             f"{b.name} cannot be selected (\\Noselect)")
+        vanished: list[tuple[int, int]] = []
+        if req.changed_since is not None and req.after_uid == 0:
+            vanished = _ranges(u for u, ms in b.expunged.items() if ms > req.changed_since)
         msgs = [m for u, m in b.msgs.items() if u > req.after_uid
                 and (req.changed_since is None or m.modseq > req.changed_since)]
         limit = min(req.limit, self.page_limit or req.limit)
@@ -264,7 +421,7 @@ class MemoryPlatform:
         return SelectReply(mailbox=self._info(b), more=len(msgs) > limit,
                            messages=[MessageState(uid=m.uid, flags=list(m.flags),
                                                   modseq=m.modseq) for m in page],
-                           recent_uid=recent_uid)
+                           vanished=vanished, recent_uid=recent_uid)
 
     def _meta(self, m: _Msg, with_summary: bool) -> MessageMeta:
         summary = None
@@ -292,7 +449,11 @@ class MemoryPlatform:
 
     async def flags(self, req: StoreFlagsRequest) -> StoreFlagsReply:
         b = self._box_by_id(req.account_id, req.mailbox_id)
+        flags = _flags(req.flags)
+        if _keywords(flags) > MAX_KEYWORDS:
+            raise StoreError("limit", f"at most {MAX_KEYWORDS} keywords on a message")
         updated, modified, changes = [], [], []
+        todo: list[tuple[_Msg, list[str]]] = []
         for u, m in b.msgs.items():
             if not _in(u, req.uids):
                 continue
@@ -300,59 +461,61 @@ class MemoryPlatform:
                 modified.append(u)
                 continue
             if req.op == "set":
-                new = list(dict.fromkeys(req.flags))
+                new = list(flags)
             elif req.op == "add":
-                new = m.flags + [f for f in req.flags if f not in m.flags]
+                new = m.flags + [f for f in flags if f not in m.flags]
             else:
-                new = [f for f in m.flags if f not in req.flags]
+                new = [f for f in m.flags if f not in flags]
+            if _keywords(new) > MAX_KEYWORDS:
+                raise StoreError("limit", f"at most {MAX_KEYWORDS} keywords on a message")
             if set(new) != set(m.flags):  # like mailbox-store: only what changed
-                b.highestmodseq += 1
+                todo.append((m, new))
+        if todo:  # like mailbox-store: one MODSEQ for the whole STORE (RFC 7162 §3.1.3)
+            b.highestmodseq += 1
+            for m, new in todo:
                 m.flags, m.modseq = new, b.highestmodseq
-                changes.append(MessageChange(uid=u, modseq=m.modseq, flags=list(new)))
-                updated.append(MessageState(uid=u, flags=list(m.flags), modseq=m.modseq))
+                changes.append(MessageChange(uid=m.uid, modseq=m.modseq, flags=list(new)))
+                updated.append(MessageState(uid=m.uid, flags=list(new), modseq=m.modseq))
         if changes:
             self._publish(req.account_id, b, flags=changes, origin=req.origin)
         return StoreFlagsReply(updated=updated, modified=modified)
 
     async def copy(self, req: CopyRequest) -> CopyReply:
         src = self._box_by_id(req.account_id, req.mailbox_id)
-        dst = self._box(req.account_id, req.target)
+        dst = self._target(req.account_id, req.target)
+        rows = [m for u, m in src.msgs.items() if _in(u, req.uids)]
+        if not rows:
+            return CopyReply(uidvalidity=dst.uidvalidity, source_uids=[], target_uids=[])
+        if not req.move:  # a move within the account does not change its usage
+            self._charge(req.account_id, sum(len(m.prefix) + m.blob_size for m in rows))
+        # like mailbox-store: one MODSEQ for the new messages, then one for the expunge (a
+        # MOVE into the source mailbox itself adds the new UIDs and expunges the old ones)
+        dst.highestmodseq += 1
         s_uids, t_uids, added = [], [], []
-        for u, m in list(src.msgs.items()):
-            if not _in(u, req.uids):
-                continue
-            dst.highestmodseq += 1
+        for m in rows:
             nu = dst.uidnext
             dst.uidnext += 1
             dst.msgs[nu] = _Msg(nu, m.blob_key, m.blob_size, list(m.flags), dst.highestmodseq,
                                 m.internaldate, m.prefix)
-            s_uids.append(u)
+            s_uids.append(m.uid)
             t_uids.append(nu)
             added.append(MessageChange(uid=nu, modseq=dst.highestmodseq, flags=list(m.flags)))
-        # like mailbox-store: one change, then the other (a MOVE into the source mailbox
-        # itself adds the new UIDs and expunges the old ones at once)
-        if req.move and s_uids:
-            src.highestmodseq += 1
-            for u in s_uids:
-                del src.msgs[u]
-        if added:
-            self._publish(req.account_id, dst, added=added, origin=req.origin)
-        if req.move and s_uids:
-            self._publish(req.account_id, src, expunged=s_uids, origin=req.origin)
+        self._publish(req.account_id, dst, added=added, origin=req.origin)
+        if req.move:
+            self._remove(req.account_id, src, s_uids, req.origin)
         return CopyReply(uidvalidity=dst.uidvalidity, source_uids=s_uids, target_uids=t_uids)
 
     async def append(self, req: AppendRequest) -> AppendReply:
-        box = self._box(req.account_id, req.mailbox)
-        raw = req.message if req.message is not None else self.blobs.get(req.blob_key or "")
+        box = self._target(req.account_id, req.mailbox)
+        flags = _flags(req.flags)
+        if req.message is not None:  # the bytes IMAP serves, with CRLF line ends
+            raw: bytes | None = mime.normalize_crlf(req.message)
+        else:
+            raw = self.blobs.get(req.blob_key or "")
         if raw is None:
-            raise StoreError("invalid", "no message")
-        if self.limit_bytes is not None:
-            used = sum(m.blob_size for bx in self.boxes[req.account_id].values()
-                       for m in bx.msgs.values())
-            if used + len(raw) > self.limit_bytes:
-                raise StoreError("over_quota", "quota exceeded")
-        uid = self.deliver(req.account_id, raw, req.mailbox, req.flags,
-                           internaldate=req.internaldate)
+            raise StoreError("invalid", "append needs message or blob_key")
+        self._charge(req.account_id, len(raw))
+        uid = self.deliver(req.account_id, raw, box.name, flags, internaldate=req.internaldate)
         return AppendReply(uidvalidity=box.uidvalidity, uid=uid)
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
@@ -362,11 +525,7 @@ class MemoryPlatform:
         limit = max(1, min(req.limit, self.page_limit or req.limit))
         more = len(gone) > limit
         gone = gone[:limit]
-        if gone:
-            b.highestmodseq += 1
-            for u in gone:
-                del b.msgs[u]
-            self._publish(req.account_id, b, expunged=gone, origin=req.origin)
+        self._remove(req.account_id, b, gone, req.origin)
         return ExpungeReply(expunged=gone, highestmodseq=b.highestmodseq, more=more)
 
     async def search(self, req: SearchRequest) -> SearchReply:
@@ -388,7 +547,9 @@ class MemoryPlatform:
             case "or":
                 return any(self._match(m, c) for c in k.children)
             case "not":
-                return not all(self._match(m, c) for c in k.children)
+                if len(k.children) != 1:
+                    raise StoreError("invalid", "not takes one key")
+                return not self._match(m, k.children[0])
             case "uid":
                 return _in(m.uid, k.uids)
             case "flag":
@@ -396,13 +557,13 @@ class MemoryPlatform:
             case "unflag":
                 return a[0].lower() not in (f.lower() for f in m.flags)
             case "larger":
-                return m.blob_size + len(m.prefix) > int(a[0])
+                return m.blob_size + len(m.prefix) > _number(k)
             case "smaller":
-                return m.blob_size + len(m.prefix) < int(a[0])
+                return m.blob_size + len(m.prefix) < _number(k)
             case "modseq":
-                return m.modseq >= int(a[0])
+                return m.modseq >= _number(k)
             case "before" | "on" | "since":
-                d, ref = m.internaldate.date(), date.fromisoformat(a[0])
+                d, ref = m.internaldate.date(), _date(k)
                 return {"before": d < ref, "on": d == ref, "since": d >= ref}[k.op]
         raw = m.prefix + self.blobs[m.blob_key]
         hdr = raw[:mime.header_block_end(raw, 0, len(raw))]
@@ -428,10 +589,33 @@ class MemoryPlatform:
                 # the Date: field's date as written; without one the INTERNALDATE's (as the
                 # store does)
                 d = written_date(header("date")) or m.internaldate.date()
-                return compare_dates(k.op, d, date.fromisoformat(a[0]))
+                return compare_dates(k.op, d, _date(k))
         raise StoreError("invalid", f"unknown search key {k.op}")
 
     async def quota(self, req: QuotaRequest) -> QuotaReply:
         msgs = [m for b in self.boxes.get(req.account_id, {}).values() for m in b.msgs.values()]
-        return QuotaReply(used_bytes=sum(m.blob_size for m in msgs), limit_bytes=self.limit_bytes,
+        return QuotaReply(used_bytes=self._used(req.account_id), limit_bytes=self.limit_bytes,
                           messages=len(msgs))
+
+
+def _number(k: SearchKey) -> int:
+    try:
+        return int(k.args[0])
+    except (IndexError, ValueError):
+        raise StoreError("invalid", f"{k.op} needs a number") from None
+
+
+_MONTHS = {m: i for i, m in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+
+
+def _date(k: SearchKey) -> date:
+    """An IMAP date (``1-Feb-1994``) or ISO ``1994-02-01``, as mailbox-store reads them."""
+    try:
+        s = k.args[0].strip().strip('"')
+        m = re.fullmatch(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})", s)
+        if m and m.group(2).lower() in _MONTHS:
+            return date(int(m.group(3)), _MONTHS[m.group(2).lower()], int(m.group(1)))
+        return date.fromisoformat(s[:10])
+    except (IndexError, ValueError):
+        raise StoreError("invalid", f"{k.op} needs a date") from None
