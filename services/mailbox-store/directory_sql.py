@@ -536,7 +536,7 @@ class DirectorySql:
                                                       Account.password_hash == acc.password_hash)
                                 .values(password_hash=v.new_hash))
             log.info("password rehashed", account=acc.address)
-        policy: Pop3Policy = acc.pop3_policy if acc.pop3_policy in POP3_POLICIES else "client"  # type: ignore[assignment]
+        policy: Pop3Policy = acc.pop3_policy if acc.pop3_policy in POP3_POLICIES else "client"
         return AuthReply(ok=True, account_id=acc.id, address=acc.address,
                          send_as=await self.send_as(acc.id) if with_send_as else [],
                          pop3_policy=policy,

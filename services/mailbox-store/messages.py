@@ -277,6 +277,7 @@ class MessageOps(RepoBase):
     async def fetch(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
                     with_summary: bool = True) -> list[MessageMeta]:
         span = uid_bounds(uids)
+        rows: Sequence[tuple[Any, ...]]
         async with self._read() as conn:
             await self._mailbox_by_id(conn, account_id, mailbox_id)
             if span is not None:
@@ -373,6 +374,7 @@ class MessageOps(RepoBase):
         change, more): with ``more``, other \\Deleted messages of the set remain."""
         deleted = M.c.flags.op("&")(DELETED) != 0
         span = uid_bounds(uids) if uids is not None else None
+        keep: Callable[[int], bool]
         if uids is None:
             where, keep = deleted, ANY_UID
         else:

@@ -19,17 +19,33 @@ from __future__ import annotations
 
 import sqlite3
 from collections import namedtuple
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from postbus.mailbox_store.sqlite_inline import AdaptedConnection, run_busy
 
 Processor = Callable[[Any], Any] | None
+
+if TYPE_CHECKING:
+    class Row(tuple[Any, ...]):
+        """A result row: a tuple; a named tuple (attribute access) when the statement is
+        ``named``, as a SQLAlchemy Row types its attributes."""
+
+        def __getattr__(self, name: str) -> Any: ...
+else:
+    Row = tuple
+
+
+class _RowClass(Protocol):
+    """What we use of a ``namedtuple`` class (typeshed types it as a plain tuple type)."""
+
+    def _make(self, iterable: Iterable[Any]) -> Row: ...
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,7 @@ class Prepared:
     def _compile(self, dialect: Dialect) -> _Compiled:
         stmt = self.stmt if isinstance(self.stmt, ClauseElement) else self.stmt(dialect.name)
         comp = stmt.compile(dialect=dialect, column_keys=self.column_keys)
+        assert isinstance(comp, SQLCompiler)  # a statement, never DDL
         names = tuple(comp.positiontup or ())
         if not names and comp.binds:
             raise ValueError("Prepared needs a positional paramstyle")
@@ -85,7 +102,8 @@ class Prepared:
         cols = list(getattr(stmt, "exported_columns", ()))
         results = tuple(col.type.dialect_impl(dialect).result_processor(dialect, None)
                         for col in cols)
-        row = namedtuple("Row", [str(c.key) for c in cols], rename=True) if self.named else None  # type: ignore[misc]
+        row = (cast(_RowClass, namedtuple("Row", [str(c.key) for c in cols], rename=True))
+               if self.named else None)
         return _Compiled(comp.string, names, fixed, binds, results, any(results),
                          row._make if row is not None else None)
 
@@ -97,20 +115,20 @@ class Prepared:
             return await run_busy(dbapi.raw_sqlite.execute, c.sql, args), c
         return await conn.exec_driver_sql(c.sql, tuple(args)), c
 
-    async def rows(self, conn: AsyncConnection, **params: Any) -> list[tuple[Any, ...]]:
+    async def rows(self, conn: AsyncConnection, **params: Any) -> list[Row]:
         cur, c = await self._execute(conn, params)
-        rows = cur.fetchall()
+        rows: list[Row] = cur.fetchall()
         if c.convert:
             procs = c.results
-            rows = [tuple(v if p is None else p(v) for v, p in zip(r, procs, strict=True))
+            rows = [Row(v if p is None else p(v) for v, p in zip(r, procs, strict=True))
                     for r in rows]
         elif not isinstance(cur, sqlite3.Cursor):  # SQLAlchemy Rows from exec_driver_sql
-            rows = [tuple(r) for r in rows]
+            rows = [Row(r) for r in rows]
         if c.row is not None:
             return list(map(c.row, rows))
         return rows
 
-    async def first(self, conn: AsyncConnection, **params: Any) -> tuple[Any, ...] | None:
+    async def first(self, conn: AsyncConnection, **params: Any) -> Row | None:
         found = await self.rows(conn, **params)
         return found[0] if found else None
 

@@ -25,14 +25,14 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.connectors.asyncio import (
     AsyncAdapt_dbapi_connection,
     AsyncAdapt_dbapi_cursor,
     AsyncAdapt_dbapi_module,
     AsyncAdapt_dbapi_ss_cursor,
+    AsyncIODBAPIConnection,
 )
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
@@ -149,35 +149,37 @@ class Connection:
 
 
 class AdaptedConnection(AsyncAdapt_dbapi_connection):
-    __slots__ = ()
+    __slots__ = ("_adapted", "raw_sqlite")
     _cursor_cls = AsyncAdapt_dbapi_cursor
     _ss_cursor_cls = AsyncAdapt_dbapi_ss_cursor
-    _connection: Connection
+
+    def __init__(self, dbapi: Module, connection: Connection) -> None:
+        # Connection has what SQLAlchemy's adapter calls (cursor, commit, rollback, close),
+        # not all of its AsyncIODBAPIConnection protocol, which even asks for __getattr__
+        super().__init__(dbapi, cast(AsyncIODBAPIConnection, connection))
+        self._adapted = connection  # self._connection, typed as what it is
+        self.raw_sqlite = connection.conn  # for statements run as text (prepared.py)
 
     @property
     def isolation_level(self) -> str | None:
-        return self._connection.isolation_level
+        return self._adapted.isolation_level
 
     @isolation_level.setter
     def isolation_level(self, value: str | None) -> None:
-        self._connection.conn.isolation_level = value
+        # SQLAlchemy's pysqlite dialect sets "" (the legacy DEFERRED), which sqlite3 accepts
+        # and typeshed's Literal for this attribute leaves out
+        self.raw_sqlite.isolation_level = value  # type: ignore[assignment]
 
     def create_function(self, *args: Any, **kw: Any) -> None:
-        await_(self._connection.create_function(*args, **kw))
-
-    @property
-    def raw_sqlite(self) -> sqlite3.Connection:
-        """The sqlite3 connection itself, for statements run as text (prepared.py)."""
-        return self._connection.conn
+        await_(self._adapted.create_function(*args, **kw))
 
     def begin(self, immediate: bool) -> None:
         """BEGIN straight on sqlite3 (a statement through SQLAlchemy costs ten times more);
         IMMEDIATE takes the write lock up front, waiting for it off the loop."""
-        await_(_retry_busy(self._connection.conn.execute,
-                           "BEGIN IMMEDIATE" if immediate else "BEGIN"))
+        await_(_retry_busy(self.raw_sqlite.execute, "BEGIN IMMEDIATE" if immediate else "BEGIN"))
 
     def terminate(self) -> None:
-        self._connection.conn.close()
+        self.raw_sqlite.close()
 
 
 class Module(AsyncAdapt_dbapi_module):
@@ -209,8 +211,11 @@ class Dialect(SQLiteDialect_aiosqlite):
         self.has_terminate = True
 
     @classmethod
-    def import_dbapi(cls) -> ModuleType:
-        return Module()  # type: ignore[return-value]
+    def import_dbapi(cls) -> Module:  # type: ignore[override]
+        # we reuse the aiosqlite dialect's SQL, not its driver: SQLAlchemy annotates this
+        # method with aiosqlite's module adapter, whose connect() returns aiosqlite's
+        # connection adapter; ours has the same DBAPI face over sqlite3
+        return Module()
 
     def retrieve_dbapi_version(self, dbapi: Any) -> Any:
         return tuple(sqlite3.sqlite_version_info)
