@@ -101,11 +101,11 @@ def plan(run_dir: Path, env: dict[str, str]) -> tuple[list[Child], list[Child], 
         # one NATS user per service, allowed only its subjects (kit.natsauth, issue 8.3)
         creds = _secrets(run_dir / "nats-credentials.json", [s.name for s in SERVICES] + ["admin"])
         nats_users = {s.name: creds[s.name] for s in SERVICES}
-        spec = embedded.NatsSpec(_port(env, "POSTBUS_EMBEDDED_NATS_PORT", 4333), run_dir / "nats",
+        nats = embedded.NatsSpec(_port(env, "POSTBUS_EMBEDDED_NATS_PORT", 4333), run_dir / "nats",
                                  authorization=authorization_block(
                                      nats_users, admin_password=creds["admin"]))
-        infra.append(Child("nats", spec.command(), logs / "nats.log", {}, extra={"url": spec.url}))
-        common["POSTBUS_NATS_URL"] = spec.url
+        infra.append(Child("nats", nats.command(), logs / "nats.log", {}, extra={"url": nats.url}))
+        common["POSTBUS_NATS_URL"] = nats.url
     if not env.get("POSTBUS_S3_ENDPOINT"):
         p = _stable_ports(run_dir / "s3-ports.json", ["master", "volume", "filer"])
         # keys made for this machine, not the well-known defaults

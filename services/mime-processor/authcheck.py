@@ -15,10 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import dkim  # type: ignore[import-untyped]
+import dkim
 import dns.exception
 import dns.resolver
-import spf  # type: ignore[import-untyped]
+import spf
 
 from postbus.kit.logging import get_logger
 from postbus.mime_processor.policy import (

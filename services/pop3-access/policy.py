@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from postbus.kit.net import is_loopback  # noqa: F401  (a session decision; one home in kit.net)
+# a session decision; one home in kit.net (`x as x`: an explicit re-export)
+from postbus.kit.net import is_loopback as is_loopback
 from postbus.proto.store import Pop3CommitRequest
 
 Pop3Policy = Literal["client", "keep", "delete"]

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 
-from postbus.kit.net import ip_in, literal_is_public, parse_networks  # noqa: F401 - one home
+# network rules have one home (kit.net); re-exported for the server (`x as x`: explicit)
+from postbus.kit.net import ip_in as ip_in
+from postbus.kit.net import literal_is_public
+from postbus.kit.net import parse_networks as parse_networks
 from postbus.proto.directory import ResolveReply
 from postbus.protocols.smtp import Path
 
