@@ -48,9 +48,10 @@ test: $(STAMP) clients
 	  export POSTBUS_TEST_POSTGRES_URL=$(PG_LOCAL); echo "PostgreSQL on 127.0.0.1:5432: store contract suites run on it too"; fi; \
 	$(PY) -m pytest -q -rs -p no:cacheprovider --timeout=600 tests
 
-## Only the pure tests (no sockets)
+## Unit and session tests only: pure code and sessions against in-memory ports, no servers
+## (a few seconds); like `make test`, a run that collects no test fails (pytest: 5)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=120 tests/unit tests/session
 
 ## A longer property/fuzz campaign over the pure parsers and sessions (IMAP, POP3, SMTP,
 ## MIME, DSN, relay wire, addresses, import): FUZZ_FACTOR times the examples of `make test`
@@ -90,11 +91,14 @@ schemas: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check libs proto services tests
 
-# mypy cannot follow setuptools' package-dir mapping: give it a tree of symlinks named postbus/
+## mypy --strict over every package in pyproject's package-dir (libs, proto, all services).
+## mypy cannot follow setuptools' package-dir mapping: give it a tree of symlinks named postbus/
+## (its cache stays beside it, so a second run only checks what changed)
+TYPECHECK_PACKAGES = $$($(PY) -c "import tomllib; print(*('-p ' + k for k in tomllib.load(open('pyproject.toml','rb'))['tool']['setuptools']['package-dir']))")
 typecheck: $(STAMP)
-	@rm -rf $(VENV)/typecheck && mkdir -p $(VENV)/typecheck/postbus && touch $(VENV)/typecheck/postbus/__init__.py
+	@rm -rf $(VENV)/typecheck/postbus && mkdir -p $(VENV)/typecheck/postbus && touch $(VENV)/typecheck/postbus/__init__.py
 	@$(PY) -c "import tomllib,os; m=tomllib.load(open('pyproject.toml','rb'))['tool']['setuptools']['package-dir']; [os.symlink(os.path.abspath(v), p) for k,v in m.items() for p in ['$(VENV)/typecheck/'+k.replace('.','/')] if not os.path.exists(p)]"
-	cd $(VENV)/typecheck && ../bin/mypy --strict -p postbus.kit -p postbus.proto
+	pkgs="$(TYPECHECK_PACKAGES)" && cd $(VENV)/typecheck && ../bin/mypy --config-file $(CURDIR)/pyproject.toml --strict $$pkgs
 
 clean:
 	rm -rf .run bench-results .pytest_cache
