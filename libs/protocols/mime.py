@@ -575,15 +575,20 @@ class _PartBudget:
         self.parts = 0
 
 
-def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
-    """Ranges of the body parts between ``--boundary`` delimiter lines (RFC 2046 §5.1.1).
+def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes
+                     ) -> tuple[list[tuple[int, int, int | None]], int | None]:
+    """Ranges of the body parts between ``--boundary`` delimiter lines (RFC 2046 §5.1.1),
+    and where the close delimiter line ends (None: there is none).
 
-    The line break before a delimiter belongs to the delimiter. A missing close delimiter
-    ends the last part at ``end``.
+    Each range is ``(start, end, lb)``: ``end`` is where the next delimiter begins and
+    ``lb`` the length of the line break just before it, which belongs to the delimiter
+    unless the part ends in a delimiter line of its own (``_parse_entity`` decides). A
+    missing close delimiter ends the last part at ``end`` (``lb`` None: the caller's own
+    trailing line break, if any, is the part's to settle).
     """
     delim = b"--" + boundary
     dl = len(delim)
-    parts: list[tuple[int, int]] = []
+    parts: list[tuple[int, int, int | None]] = []
     cur: int | None = None
     pos = start
     while pos < end:
@@ -606,22 +611,30 @@ def _split_multipart(raw: bytes, start: int, end: int, boundary: bytes) -> list[
                 pe -= 1
                 if pe > cur and raw[pe - 1] == 0x0D:
                     pe -= 1
-            parts.append((cur, pe))
+            parts.append((cur, i, i - pe))
         if close:
-            cur = None
-            break
+            return parts, line_end
         cur = line_end
         pos = line_end
         if len(parts) > MAX_PARTS:
             break
     if cur is not None:
-        parts.append((cur, end))
-    return parts
+        parts.append((cur, end, None))
+    return parts, None
 
 
 def _parse_entity(raw: bytes, start: int, end: int, digest: bool, depth: int,
-                  budget: _PartBudget) -> Entity:
+                  budget: _PartBudget, lb: int = 0) -> Entity:
+    """The entity at ``raw[start:end]``. ``lb``: the length of the line break that ends the
+    range just before a delimiter of the enclosing multipart. It is the delimiter's (RFC
+    2046 §5.1.1) unless it ends the close delimiter line of a multipart inside it; then it
+    stays, as Dovecot's parser keeps it (the entity's ``end`` tells which)."""
     body_start = header_block_end(raw, start, end)
+    if lb and body_start == end:
+        # no body: the line break before the delimiter is the delimiter's, even when it
+        # ends the header's empty line (Dovecot: the MIME header then has no empty line)
+        end = body_start = end - lb
+        lb = 0
     headers = parse_headers(raw[start:body_start])
     e = Entity(start, body_start, end, headers)
     budget.parts += 1
@@ -636,25 +649,36 @@ def _parse_entity(raw: bytes, start: int, end: int, digest: bool, depth: int,
             e.params = [("charset", "us-ascii"), *e.params]  # RFC 2045 §5.2 default
     t, s = e.typ.lower(), e.sub.lower()
     deep = depth >= MAX_DEPTH or budget.parts >= MAX_PARTS
+    e.end = end - lb  # a leaf's body ends before the delimiter's line break
     if t == "multipart":
         boundary = next((v for k, v in e.params if k.lower() == "boundary"), "")
         if not boundary or deep:
             e.typ, e.sub, e.params = "text", "plain", [("charset", "us-ascii")]
             return e
-        ranges = _split_multipart(raw, body_start, end, boundary.encode("utf-8", "replace"))
+        ranges, close_end = _split_multipart(raw, body_start, end,
+                                             boundary.encode("utf-8", "replace"))
         if not ranges:
-            ranges = [(end, end)]  # no delimiter at all: one empty part, as Dovecot shows
-        for ps, pe in ranges:
+            ranges = [(e.end, e.end, 0)]  # no delimiter at all: one empty part, as Dovecot
+        for ps, pe, plb in ranges:
             if budget.parts >= MAX_PARTS:
                 break
-            e.children.append(_parse_entity(raw, ps, pe, s == "digest", depth + 1, budget))
+            if plb is None:  # the unclosed last part ends where we end
+                plb = lb if ps < pe else 0
+            e.children.append(_parse_entity(raw, ps, pe, s == "digest", depth + 1, budget,
+                                            plb))
         if not e.children:
             e.typ, e.sub, e.params = "text", "plain", [("charset", "us-ascii")]
+        elif close_end is not None:
+            # the line break after the close delimiter is its line's, not the epilogue's
+            e.end = end if close_end == end else end - lb
+        elif ranges[-1][2] is None and len(e.children) == len(ranges):
+            e.end = e.children[-1].end  # unclosed: the last part settled it
     elif t == "message" and s == "rfc822":
         if deep:
             e.typ, e.sub, e.params = "text", "plain", [("charset", "us-ascii")]
             return e
-        e.message = _parse_entity(raw, body_start, end, False, depth + 1, budget)
+        e.message = _parse_entity(raw, body_start, end, False, depth + 1, budget, lb)
+        e.end = e.message.end
     return e
 
 
@@ -914,6 +938,30 @@ def parse_section(spec: str) -> Section | None:
     return Section(part, text)
 
 
+def _find_part(parts: Sequence[PartSpan], section: str) -> PartSpan | None:
+    """The part a section number names. Besides the parts of the summary: ``n.1`` of a
+    part ``n`` that is neither multipart nor message/rfc822 is ``n`` itself (RFC 3501
+    §6.4.5: a non-multipart entity's body is its part 1; Dovecot answers so), when ``n``
+    is a multipart's child. A single-part message's "1" (top level or inside a
+    message/rfc822 part) is that message's body already and has no "1.1" (Dovecot: NIL)."""
+    p = next((x for x in parts if x.section == section), None)
+    if p is not None or not section.endswith(".1"):
+        return p
+    leaf_sec = section[:-2]
+    q = next((x for x in parts if x.section == leaf_sec), None)
+    if q is None or q.is_message_rfc822 or q.content_type.startswith("multipart/"):
+        return None
+    up_sec = leaf_sec.rpartition(".")[0]
+    up = next((x for x in parts if x.section == up_sec), None)
+    if up is None:
+        return None
+    # the body of the enclosing message starts where a single-part message's "1" starts;
+    # a multipart's child starts after a delimiter line, never there
+    if q.header_start == (up.body_start if up_sec else up.header_start):
+        return None
+    return q
+
+
 def section_bytes(raw: bytes, summary_or_parts: MessageSummary | Sequence[PartSpan],
                   section_spec: str | Section) -> bytes | None:
     """The bytes of ``BODY[<section_spec>]`` (e.g. "", "HEADER", "1.2", "2.MIME",
@@ -932,7 +980,7 @@ def section_bytes(raw: bytes, summary_or_parts: MessageSummary | Sequence[PartSp
         else:
             msg_start, msg_body, msg_end = top.header_start, top.body_start, top.end
     else:
-        p = next((x for x in parts if x.section == sec.part), None)
+        p = _find_part(parts, sec.part)
         if p is None:
             return None
         if sec.text == "":

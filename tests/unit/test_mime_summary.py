@@ -363,8 +363,71 @@ def test_nested_multipart_sections_and_offsets() -> None:
     s = summarize(raw)
     got = {p.section: raw[p.body_start:p.end] for p in s.parts}
     assert got["1.1"] == b"plain" and got["1.2"] == b"<b>h</b>" and got["2"] == b"BIN"
-    assert got["1"].startswith(b"--oo\r\n") and got["1"].endswith(b"--oo--")
+    # the close delimiter's line break stays with it, as Dovecot keeps it (issue 10)
+    assert got["1"].startswith(b"--oo\r\n") and got["1"].endswith(b"--oo--\r\n")
     assert {p.section: p.content_type for p in s.parts}["1"] == "multipart/alternative"
+    check_consistent(raw, s)
+
+
+def test_leaf_part_is_its_own_part_1() -> None:
+    # RFC 3501 §6.4.5; Dovecot answers BODY[n.1] of a leaf n with n (issue 10)
+    raw = crlf("Content-Type: multipart/mixed; boundary=o\n\n--o\nContent-Type: text/plain\n\n"
+               "one\n--o\nContent-Type: message/rfc822\n\nSubject: in\n\ninner\n--o\n"
+               "Content-Type: message/rfc822\n\nContent-Type: multipart/mixed; boundary=i\n\n"
+               "--i\nContent-Type: text/html\n\n<p>x</p>\n--i--\n--o--\n")
+    s = summarize(raw)
+    assert section_bytes(raw, s, "1.1") == b"one"
+    assert section_bytes(raw, s, "1.1.MIME") == section_bytes(raw, s, "1.MIME") == (
+        b"Content-Type: text/plain\r\n\r\n")
+    assert section_bytes(raw, s, "1.1.1") is None
+    assert section_bytes(raw, s, "1.2") is None
+    assert section_bytes(raw, s, "1.1.HEADER") is None
+    # a message/rfc822 part's "n.1" is the body of the single-part message inside it, which
+    # has no part 1 of its own
+    assert section_bytes(raw, s, "2.1") == b"inner"
+    assert section_bytes(raw, s, "2.1.1") is None
+    # a leaf inside the multipart a message/rfc822 part holds
+    assert section_bytes(raw, s, "3.1") == b"<p>x</p>"
+    assert section_bytes(raw, s, "3.1.1") == b"<p>x</p>"
+    # a single-part message: "1" is its body, "1.1" does not exist
+    one = crlf("Subject: x\n\nhello\n")
+    assert section_bytes(one, summarize(one), "1.1") is None
+
+
+@pytest.mark.parametrize(("between", "part_ends_with"), [
+    ("", b"--i--\r\n"),  # the close line's break is its own (Dovecot)
+    ("\n", b"--i--\r\n"),  # an empty epilogue line: its break is the outer delimiter's
+    ("epilogue\n", b"--i--\r\nepilogue"),
+])
+def test_nested_multipart_keeps_its_close_delimiter_line_break(
+        between: str, part_ends_with: bytes) -> None:
+    raw = crlf("Content-Type: multipart/mixed; boundary=o\n\n--o\n"
+               "Content-Type: multipart/alternative; boundary=i\n\n--i\n\nplain\n--i--\n"
+               + between + "--o\nContent-Type: message/rfc822\n\n"
+               "Content-Type: multipart/mixed; boundary=j\n\n--j\n\ndeep\n--j--\n"
+               + between + "--o--\n")
+    s = summarize(raw)
+    first = section_bytes(raw, s, "1")
+    assert first is not None and first.endswith(part_ends_with)
+    second = section_bytes(raw, s, "2")
+    assert second is not None and second.endswith(part_ends_with.replace(b"--i--", b"--j--"))
+    assert section_bytes(raw, s, "1.1") == b"plain"
+    tree = read_imap(s.bodystructure)
+    assert isinstance(tree, list) and isinstance(tree[1], list)
+    assert tree[1][6] == len(second)  # the message/rfc822 part's size counts it too
+    check_consistent(raw, s)
+
+
+def test_part_without_a_body_gives_the_delimiter_its_line_break() -> None:
+    # as Dovecot: the line break before a delimiter is the delimiter's, even when it ends
+    # the part's empty line (only a close delimiter line keeps its own, above)
+    raw = crlf("Content-Type: multipart/mixed; boundary=o\n\n--o\nContent-Type: text/plain\n\n"
+               "--o\nContent-Type: text/html\n--o\n\n--o--\n")
+    s = summarize(raw)
+    assert section_bytes(raw, s, "1") == b""
+    assert section_bytes(raw, s, "1.MIME") == b"Content-Type: text/plain\r\n"
+    assert section_bytes(raw, s, "2.MIME") == b"Content-Type: text/html"
+    assert section_bytes(raw, s, "3.MIME") == b"" and section_bytes(raw, s, "3") == b""
     check_consistent(raw, s)
 
 
