@@ -43,7 +43,13 @@ from postbus.proto.store import (
     SubscribeRequest,
 )
 from postbus.protocols import mime
-from postbus.protocols.searchtext import address_text, compare_dates, written_date
+from postbus.protocols.searchtext import (
+    address_text,
+    compare_dates,
+    header_values,
+    message_text,
+    written_date,
+)
 
 # as mailbox-store has them (sqlbase.py): the reference this store is checked against by
 # tests/socket/test_store_port_contract.py
@@ -574,17 +580,17 @@ class MemoryPlatform:
 
         needle = (a[-1] if a else "").lower()
         match k.op:
-            case "header":
-                return needle in header(a[0].lower()).lower() if needle else any(
-                    n == a[0].lower() for n, _ in fields)
+            case "header":  # decoded, as mailbox-store's blob pass reads them
+                values = header_values(raw, a[0]) if a else []
+                want = (a[1] if len(a) > 1 else "").casefold()
+                return any(want in v.casefold() for v in values) if want else bool(values)
             case "from" | "to" | "cc" | "bcc":
                 return needle in address_text(mime.decode_words(header(k.op))).lower()
             case "subject":
                 return needle in mime.decode_words(header(k.op)).lower()
-            case "body":
-                return needle in raw[len(hdr):].decode("utf-8", "replace").lower()
-            case "text":
-                return needle in raw.decode("utf-8", "replace").lower()
+            case "body" | "text":  # the decoded text of every part, as mailbox-store reads it
+                return (a[0] if a else "").casefold() in message_text(
+                    raw, headers=k.op == "text").casefold()
             case "sentbefore" | "senton" | "sentsince":
                 # the Date: field's date as written; without one the INTERNALDATE's (as the
                 # store does)
