@@ -687,3 +687,37 @@ async def test_changed_since_pages_and_vanished_once(port: Port) -> None:
     rest = await port.store.select(SelectRequest(account_id=port.account, mailbox_id=mid,
                                                  changed_since=hms, after_uid=1))
     assert rest.vanished == [] and [m.uid for m in rest.messages] == [2] and not rest.more
+
+
+async def test_search_decodes_what_the_client_sees(port: Port) -> None:
+    qp = (b"From: =?utf-8?q?J=C3=BCrgen?= <juergen@example.de>\r\nTo: alice@example.test\r\n"
+          b"Subject: =?utf-8?b?R3LDvMOfZSBhdXMgQmVybGlu?=\r\n"
+          b"Date: Thu, 26 Nov 2026 17:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+          b"Content-Type: text/plain; charset=utf-8\r\n"
+          b"Content-Transfer-Encoding: quoted-printable\r\n\r\nViele Gr=C3=BC=C3=9Fe und Sch=\r\n"
+          b"=C3=B6nes Wochenende\r\n")
+    b64 = (b"From: bob@example.net\r\nSubject: plain\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           b"c2VjcmV0IHdvcmQgaW5zaWRl\r\n")
+    await port.append(qp)
+    await port.append(b64)
+    mid = (await port.box()).mailbox_id
+
+    def k(op: str, *args: str) -> SearchKey:
+        return SearchKey(op=op, args=list(args))
+
+    cases = [
+        (k("subject", "grüße"), [1]),
+        (k("header", "Subject", "Grüße aus"), [1]),
+        (k("from", "jürgen"), [1]),
+        (k("from", "juergen@"), [1]),
+        (k("body", "grüße"), [1]),
+        (k("body", "schönes"), [1]),
+        (k("body", "secret word"), [2]),
+        (k("text", "secret word"), [2]),
+        (k("text", "jürgen"), [1]),
+        (k("body", "c2VjcmV0"), []),
+    ]
+    wrong = [(key.op, key.args, got) for key, want in cases
+             if (got := await port.search(mid, key)) != want]
+    assert wrong == []
