@@ -128,5 +128,5 @@ class RpcError(Model):
 @dataclass(frozen=True)
 class Registry:
     streams: list[Stream] = field(default_factory=list)
-    subjects: list[Subject] = field(default_factory=list)  # type: ignore[type-arg]
-    rpcs: list[Rpc] = field(default_factory=list)  # type: ignore[type-arg]
+    subjects: list[Subject[Any]] = field(default_factory=list)
+    rpcs: list[Rpc[Any, Any]] = field(default_factory=list)

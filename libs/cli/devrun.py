@@ -8,6 +8,7 @@ would; stops everything on Ctrl-C or SIGTERM within 15 s.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -227,9 +228,9 @@ def run(run_dir: Path = Path(".run")) -> int:
             url = c.extra["url"]
             if c.name == "nats":
                 port = int(url.rsplit(":", 1)[1])
-                embedded.wait_until(lambda p=port: embedded.port_open(p), 30, "nats", c.proc)
+                embedded.wait_until(functools.partial(embedded.port_open, port), 30, "nats", c.proc)
             else:
-                embedded.wait_until(lambda u=url: _http_up(u), 90, "seaweedfs", c.proc)
+                embedded.wait_until(functools.partial(_http_up, url), 90, "seaweedfs", c.proc)
         except Exception as exc:
             console.print(f"[red]{c.name} did not start: {exc}; see {c.log}[/red]")
             stop_all()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +72,13 @@ def binary(name: str) -> str:
     return found
 
 
-def wait_until(pred: object, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until(pred: Callable[[], object], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            if pred():  # type: ignore[operator]
+            if pred():
                 return
         except Exception:
             pass

@@ -9,13 +9,16 @@ from prometheus_client.registry import CollectorRegistry
 
 T = TypeVar("T", Counter, Gauge, Histogram)
 
-_created: dict[str, Any] = {}
+_created: dict[str, Counter | Gauge | Histogram] = {}
 
 
 def _get(kind: type[T], name: str, doc: str, labels: list[str] | tuple[str, ...] = (),
          registry: CollectorRegistry = REGISTRY, **kw: Any) -> T:
-    if name in _created:
-        return _created[name]  # type: ignore[no-any-return]
+    found = _created.get(name)
+    if found is not None:
+        if not isinstance(found, kind):
+            raise TypeError(f"metric {name} exists as a {type(found).__name__}")
+        return found
     metric = kind(name, doc, list(labels), registry=registry, **kw)
     _created[name] = metric
     return metric

@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,12 +291,12 @@ def platform(nats_server: RunningNats, s3_server: RunningS3, tmp_path: Path) -> 
     s3_server.drop_bucket(plat.common_env["POSTBUS_S3_BUCKET"])
 
 
-def wait_for(pred: object, timeout: float = 10.0, interval: float = 0.05) -> None:
+def wait_for(pred: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> None:
     """Poll a condition in a test (a real system settles asynchronously)."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
-        last = pred()  # type: ignore[operator]
+        last = pred()
         if last:
             return
         time.sleep(interval)

@@ -8,6 +8,7 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -133,14 +134,14 @@ def connection_decision(*, total: int, from_ip: int, recent: int, limits: ConnLi
 class RateWindow:
     """Events per key in a sliding 60 s window (one replica's view; the hot path)."""
 
-    def __init__(self, window_s: float = 60.0, clock: object = time.monotonic) -> None:
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self.clock = clock
         self._events: dict[str, deque[float]] = {}
 
     def hit(self, key: str) -> int:
         """Record one event; returns how many happened in the window before it."""
-        now: float = self.clock()  # type: ignore[operator]
+        now = self.clock()
         q = self._events.setdefault(key, deque())
         while q and q[0] <= now - self.window_s:
             q.popleft()
@@ -152,7 +153,7 @@ class RateWindow:
 
     def counts(self) -> dict[str, int]:
         """Events per key inside the window now (drops keys that fell out of it)."""
-        now: float = self.clock()  # type: ignore[operator]
+        now = self.clock()
         self._gc(now)
         cut = now - self.window_s
         return {k: sum(1 for t in q if t > cut) for k, q in self._events.items()}
