@@ -84,6 +84,14 @@ imaptest: $(STAMP)
 	@mkdir -p bench-results
 	$(PY) tests/bench/imaptest_compliance.py
 
+## Debian's dovecot-imapd, when missing: the Dovecot differential test
+## (tests/socket/test_imap_dovecot_differential.py, skipped without it) starts one
+.PHONY: dovecot
+dovecot:
+	@command -v dovecot >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd >/dev/null; }
+	@dovecot --version
+
 ## Regenerate proto/schemas from the pydantic models
 schemas: $(STAMP)
 	$(PY) -m postbus.proto.schema

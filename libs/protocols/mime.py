@@ -277,42 +277,45 @@ def _parse_params(s: str, i: int) -> list[tuple[str, str]]:
     return _merge_rfc2231(raw)
 
 
-_CONT = re.compile(r"^(.+?)\*(\d+)(\*?)$")
+_RFC2231_KEY = re.compile(r"^([^*]*)\*(?:([0-9]*)(\*?))?$")
 
 
 def _merge_rfc2231(params: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Join ``name*0*=``/``name*1=`` continuations (RFC 2231 §3) into one parameter; an
-    encoded one keeps its ``charset'lang'`` prefix and becomes ``name*`` (as Dovecot shows)."""
+    """Join RFC 2231 §3-4 parameters (``name*``, ``name*0*``, ``name*1``) into one, as
+    Dovecot shows them: the plain parameters first, in order, then one ``name*`` (any
+    segment encoded) or ``name`` per group, sorted by name. An encoded group that starts
+    unencoded gets an empty ``''`` charset and language, and its unencoded segments have
+    ``%`` escaped; a group with a missing index is shown segment by segment."""
     if not any("*" in k for k, _ in params):
         return params
-    out: list[tuple[str, str] | str] = []  # a str is the base name of a continuation group
-    groups: dict[str, list[tuple[int, bool, str]]] = {}
+    plain: list[tuple[str, str]] = []
+    segs: list[tuple[str, int, bool, str]] = []  # name, index, encoded, value
     for k, v in params:
-        m = _CONT.match(k)
+        m = _RFC2231_KEY.match(k)
         if m is None:
-            out.append((k, v))
+            plain.append((k, v))
             continue
-        base = m.group(1)
-        if base.lower() not in groups:
-            groups[base.lower()] = []
-            out.append(base)
-        groups[base.lower()].append((int(m.group(2)), bool(m.group(3)), v))
-    result: list[tuple[str, str]] = []
-    for item in out:
-        if isinstance(item, tuple):
-            result.append(item)
+        idx = int(m.group(2)) if m.group(2) else 0
+        encoded = not m.group(2) or bool(m.group(3))  # "name*" is encoded, index 0
+        segs.append((m.group(1), idx, encoded, v))
+    segs.sort(key=lambda t: (t[0], t[1]))
+    out = plain
+    i = 0
+    while i < len(segs):
+        j = i
+        while j < len(segs) and segs[j][0].lower() == segs[i][0].lower():
+            j += 1
+        group = segs[i:j]
+        i = j
+        if any(g[1] != n for n, g in enumerate(group)):
+            out += [(f"{n}*{x}*" if enc else f"{n}*{x}", v) for n, x, enc, v in group]
             continue
-        segs = sorted(groups[item.lower()], key=lambda t: t[0])
-        if segs[0][1]:
-            vals = [segs[0][2]]
-            for _, enc, v in segs[1:]:
-                vals.append(v if enc else "".join(
-                    c if c.isalnum() and c.isascii() or c in "-._~" else
-                    "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in v))
-            result.append((item + "*", "".join(vals)))
-        else:
-            result.append((item, "".join(v for _, _, v in segs)))
-    return result
+        any_enc = any(g[2] for g in group)
+        value = "''" if any_enc and not group[0][2] else ""
+        value += "".join(v if enc or not any_enc else v.replace("%", "%25")
+                         for _, _, enc, v in group)
+        out.append((group[0][0] + ("*" if any_enc else ""), value))
+    return out
 
 
 def _parse_content_type(value: str) -> tuple[str, str, list[tuple[str, str]]] | None:
@@ -443,7 +446,8 @@ class _AddrParser:
                 words.append((kind, text))
                 self.i += 1
             elif kind == "c":
-                comments.append(text)
+                if words:  # a comment before the address is not its name (Dovecot)
+                    comments.append(text)
                 self.i += 1
             elif kind == "<":
                 self.i += 1
@@ -535,7 +539,14 @@ def _addr_list(value: str | None) -> str:
     if not addrs:
         return "NIL"
     return "(" + "".join(
-        f"({imap_string(a.name)} {imap_string(a.adl)} {imap_string(a.mailbox)} {imap_string(a.host)})" for a in addrs) + ")"
+        f"({imap_string(_no_tabs(a.name))} {imap_string(a.adl)} {imap_string(a.mailbox)} "
+        f"{imap_string(a.host)})" for a in addrs) + ")"
+
+
+def _no_tabs(s: str | None) -> str | None:
+    """Text for people (a subject, a display name) with each TAB as a space, as Dovecot's
+    ENVELOPE writes it (a folded ``\r\n\t`` unfolds to one space)."""
+    return s if s is None or "\t" not in s else s.replace("\t", " ")
 
 
 # ---------------------------------------------------------------- the entity tree
@@ -646,7 +657,7 @@ def _parse_entity(raw: bytes, start: int, end: int, digest: bool, depth: int,
     else:
         e.typ, e.sub, e.params = parsed
         if e.typ.lower() == "text" and not any(k.lower() == "charset" for k, _ in e.params):
-            e.params = [("charset", "us-ascii"), *e.params]  # RFC 2045 §5.2 default
+            e.params = [*e.params, ("charset", "us-ascii")]  # RFC 2045 §5.2 default, last
     t, s = e.typ.lower(), e.sub.lower()
     deep = depth >= MAX_DEPTH or budget.parts >= MAX_PARTS
     e.end = end - lb  # a leaf's body ends before the delimiter's line break
@@ -679,6 +690,10 @@ def _parse_entity(raw: bytes, start: int, end: int, digest: bool, depth: int,
             return e
         e.message = _parse_entity(raw, body_start, end, False, depth + 1, budget, lb)
         e.end = e.message.end
+        if lb and header_block_end(raw, body_start, end) == end:
+            # the message inside is a header the delimiter cuts short: its last line break
+            # is not its own but stays in this part's body, as Dovecot counts it
+            e.end = end
     return e
 
 
@@ -702,7 +717,7 @@ def _envelope(e: Entity) -> str:
         return _addr_list(frm if v is None or not v.strip() else v)
 
     return "({} {} {} {} {} {} {} {} {} {})".format(
-        imap_string(h.get("date")), imap_string(h.get("subject")),
+        imap_string(h.get("date")), imap_string(_no_tabs(h.get("subject"))),
         _addr_list(frm), defaulted("sender"), defaulted("reply-to"),
         _addr_list(h.get("to")), _addr_list(h.get("cc")), _addr_list(h.get("bcc")),
         imap_string(h.get("in-reply-to")), imap_string(h.get("message-id")))
@@ -758,7 +773,7 @@ def _ext_tail(e: Entity) -> str:
         if langs:  # always a list, as Dovecot writes it
             lang = "(" + " ".join(imap_string(x) for x in langs) + ")"
     loc = e.header("content-location")
-    # RFC 2557 §4.4.1: folding whitespace inside a URL is not part of it
+    # RFC 2557 §4.4.2 (RFC 2017 §3.1): whitespace inside a folded URL is not part of it
     loc_s = imap_string(re.sub(r"\s+", "", loc)) if loc else "NIL"
     return f"{dsp} {lang} {loc_s}"
 
@@ -869,7 +884,9 @@ def summarize(raw: bytes) -> MessageSummary:
 # ---------------------------------------------------------------- FETCH helpers
 def header_fields(raw_header: bytes, names: Iterable[str | bytes], negate: bool = False) -> bytes:
     """BODY[HEADER.FIELDS (names)] / HEADER.FIELDS.NOT (RFC 3501 §6.4.5): the matching fields
-    with their continuation lines, in message order and original bytes, then a blank line."""
+    with their continuation lines, in message order and original bytes, then a blank line,
+    unless the message has no body and no blank line (§6.4.5: then no header fetch has one,
+    and the fields are as they stand)."""
     wanted = {(n.decode("ascii", "replace") if isinstance(n, bytes) else n).lower()
               for n in names}
     out: list[bytes] = []
@@ -889,6 +906,8 @@ def header_fields(raw_header: bytes, names: Iterable[str | bytes], negate: bool 
         keep = (name in wanted) != negate
         if keep:
             out.append(line)
+    else:
+        return b"".join(out)  # no blank line ends the header block
     if out and not out[-1].endswith(b"\n"):
         out[-1] += b"\r\n"
     out.append(b"\r\n")
@@ -991,6 +1010,12 @@ def section_bytes(raw: bytes, summary_or_parts: MessageSummary | Sequence[PartSp
             return None  # HEADER/TEXT apply to a message/rfc822 part only (§6.4.5)
         msg_start, msg_end = p.body_start, p.end
         msg_body = header_block_end(raw, msg_start, msg_end)
+        if msg_body == msg_end:
+            # a header without a blank line: where a delimiter follows, the part's last line
+            # break is not the message's (_parse_entity); the message's own span says so
+            inner = next((x for x in parts if x.section == sec.part + ".1"), None)
+            if inner is not None and inner.header_start == msg_start:
+                msg_end = msg_body = min(msg_end, inner.end)
     match sec.text:
         case "":
             return raw[msg_start:msg_end]

@@ -268,6 +268,29 @@ CASES: list[tuple[str, str, str]] = [
         '("application" "pdf" ("name*" "utf-8\'\'r%C3%A9sum%C3%A9.pdf") NIL NIL "7bit" 3 NIL NIL NIL NIL)',
         '("application" "pdf" ("name*" "utf-8\'\'r%C3%A9sum%C3%A9.pdf") NIL NIL "7bit" 3)',
     ),
+    # the rows below are what Dovecot 2.3 answers for the same message (issue 10's
+    # differential test, tests/socket/test_imap_dovecot_differential.py)
+    (  # the default charset comes after the parameters
+        "Content-Type: text/plain; name=a\n\nx",
+        '("text" "plain" ("name" "a" "charset" "us-ascii") NIL NIL "7bit" 1 0 NIL NIL NIL NIL)',
+        '("text" "plain" ("name" "a" "charset" "us-ascii") NIL NIL "7bit" 1 0)',
+    ),
+    (  # RFC 2231: plain parameters first, then the merged ones; an encoded group that
+       # starts unencoded gets '' and its unencoded segments a %-escaped %
+        "Content-Type: text/plain; t*1=\"b%c\"; t*0*=us-ascii'en'a%20; x=1; f*0=\"a b\"; f*1*=%41"
+        "\n\nx",
+        '("text" "plain" ("x" "1" "f*" "\'\'a b%41" "t*" "us-ascii\'en\'a%20b%25c" "charset" '
+        '"us-ascii") NIL NIL "7bit" 1 0 NIL NIL NIL NIL)',
+        '("text" "plain" ("x" "1" "f*" "\'\'a b%41" "t*" "us-ascii\'en\'a%20b%25c" "charset" '
+        '"us-ascii") NIL NIL "7bit" 1 0)',
+    ),
+    (  # a missing index: the segments as they are; name* alone is one encoded parameter
+        "Content-Type: application/x; g*0=a; g*2=c; h*=utf-8''%41; third*x=1\n\nx",
+        '("application" "x" ("third*x" "1" "g*0" "a" "g*2" "c" "h*" "utf-8\'\'%41") NIL NIL '
+        '"7bit" 1 NIL NIL NIL NIL)',
+        '("application" "x" ("third*x" "1" "g*0" "a" "g*2" "c" "h*" "utf-8\'\'%41") NIL NIL '
+        '"7bit" 1)',
+    ),
 ]
 
 
@@ -418,6 +441,21 @@ def test_nested_multipart_keeps_its_close_delimiter_line_break(
     check_consistent(raw, s)
 
 
+def test_message_part_holding_a_cut_header_keeps_the_line_break() -> None:
+    # a message/rfc822 part whose message is a header the delimiter cuts short: Dovecot
+    # counts the line break in the part's body (size, lines) but not in the message's header
+    raw = crlf("Content-Type: multipart/mixed; boundary=t\n\n--t\nContent-Type: message/rfc822"
+               "\n\nSubject: header only\n--t--\n")
+    s = summarize(raw)
+    assert section_bytes(raw, s, "1") == b"Subject: header only\r\n"
+    assert section_bytes(raw, s, "1.HEADER") == b"Subject: header only"
+    assert section_bytes(raw, s, "1.TEXT") == b""
+    tree = read_imap(s.bodystructure)
+    assert isinstance(tree, list) and isinstance(tree[0], list)
+    assert tree[0][6] == 22 and tree[0][9] == 1  # size and lines
+    check_consistent(raw, s)
+
+
 def test_part_without_a_body_gives_the_delimiter_its_line_break() -> None:
     # as Dovecot: the line break before a delimiter is the delimiter's, even when it ends
     # the part's empty line (only a close delimiter line keeps its own, above)
@@ -472,6 +510,17 @@ def test_envelope_groups_routes_comments_missing_parts() -> None:
                     [None, None, '"quoted local"', "q.example"]]
 
 
+def test_envelope_as_dovecot_writes_tabs_and_comments() -> None:
+    # a TAB in a subject or a display name is a space (a folded CRLF TAB too); the Date
+    # keeps its own; a comment names an address only once the address has begun
+    e = env('Subject: a\tb\n\tc\nDate: Mon,\t1 Dec 2026 10:00:00 +0000\n'
+            'From: "A\tB" <a@b.example>, (lead) c@b.example, d@b.example (one) (two), '
+            'e (mid) @b.example')
+    assert e[0] == "Mon,\t1 Dec 2026 10:00:00 +0000" and e[1] == "a b c"
+    assert e[2] == [["A B", None, "a", "b.example"], [None, None, "c", "b.example"],
+                    ["two", None, "d", "b.example"], ["mid", None, "e", "b.example"]]
+
+
 def test_envelope_keeps_encoded_words_and_uses_literals_for_8bit() -> None:
     raw = crlf("From: =?utf-8?q?J=C3=B6rg?= <jorg@example.org>\n"
                "Subject: caf\u00e9 \"quoted\" \\ back\n"
@@ -515,7 +564,12 @@ def test_header_fields_and_not() -> None:
     assert header_fields(HDR, ["Subject", "Received"], negate=True) == (
         b"From: a@example.org\r\nX-Other: 1\r\n\r\n")
     assert header_fields(HDR, ["nope"]) == b"\r\n"
-    assert header_fields(b"Subject: no newline", ["subject"]) == b"Subject: no newline\r\n\r\n"
+    # RFC 3501 §6.4.5: no blank line in any header fetch of a message with no body and no
+    # blank line; the fields as they stand
+    assert header_fields(b"Subject: no newline", ["subject"]) == b"Subject: no newline"
+    assert header_fields(b"Subject: a\r\nFrom: b\r\n", ["from"], negate=True) == b"Subject: a\r\n"
+    assert header_fields(b"Subject: a\r\nFrom: b", ["x"], negate=True) == b"Subject: a\r\nFrom: b"
+    assert header_fields(b"Subject: a\r\n", ["x"]) == b""
 
 
 def test_parse_section() -> None:
