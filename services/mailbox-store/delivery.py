@@ -22,6 +22,7 @@ from postbus.proto.mail import (
     MAILBOX_CHANGED,
     DeliverLocal,
     DeliveryEvent,
+    EventKind,
     MailboxChanged,
     MessageChange,
 )
@@ -80,11 +81,11 @@ class Deliverer:
         s = self.settings
         return float(min(s.delivery_retry_max_s, s.delivery_retry_base_s * 2 ** max(0, attempt - 1)))
 
-    async def _event(self, d: DeliverLocal, kind: str, *, status: str | None = None,
+    async def _event(self, d: DeliverLocal, kind: EventKind, *, status: str | None = None,
                      detail: str = "", attempt: int = 0,
                      next_attempt_at: datetime | None = None) -> None:
         ev = DeliveryEvent(
-            queue_id=d.queue_id, kind=kind, recipient=d.recipient, at=datetime.now(UTC),  # type: ignore[arg-type]
+            queue_id=d.queue_id, kind=kind, recipient=d.recipient, at=datetime.now(UTC),
             service=SERVICE, status=status, detail=detail, attempt=attempt,
             next_attempt_at=next_attempt_at, mail_from=d.mail_from, blob_key=d.blob_key,
             notify=list(d.notify), dsn_envid=d.dsn_envid)
