@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from postbus.kit.bus import Bus
+from postbus.pop3_access.policy import Pop3Policy
 from postbus.pop3_access.ports import Unavailable
 from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
 from postbus.proto.store import (
@@ -29,7 +30,7 @@ class MemoryAccount:
     account_id: int
     address: str
     password: str
-    policy: str = "client"
+    policy: Pop3Policy = "client"
     expire_days: int | None = None
     disabled: bool = False
 
@@ -41,7 +42,7 @@ class MemoryDirectory:
         self.down = False
 
     def add(self, address: str, password: str, account_id: int | None = None, *,
-            policy: str = "client", expire_days: int | None = None) -> MemoryAccount:
+            policy: Pop3Policy = "client", expire_days: int | None = None) -> MemoryAccount:
         acc = MemoryAccount(account_id or len(self.accounts) + 1, address.lower(), password,
                             policy, expire_days)
         self.accounts[acc.address] = acc
@@ -57,7 +58,7 @@ class MemoryDirectory:
         if acc.disabled:
             return AuthReply(ok=False, reason="disabled")
         return AuthReply(ok=True, account_id=acc.account_id, address=acc.address,
-                         pop3_policy=acc.policy,  # type: ignore[arg-type]
+                         pop3_policy=acc.policy,
                          pop3_expire_days=acc.expire_days)
 
 

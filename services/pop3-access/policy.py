@@ -68,6 +68,7 @@ def commit_request(*, account_id: int, mailbox_id: int, policy: Pop3Policy,
     longer ones are the store's to enforce. Retrieved messages are flagged \\Seen. None
     when there is nothing to apply.
     """
+    mode: Literal["delete", "keep"]
     if policy == "delete" or expire_days == 0:
         uids, mode = deleted | retrieved, "delete"
     elif policy == "keep":
@@ -77,7 +78,7 @@ def commit_request(*, account_id: int, mailbox_id: int, policy: Pop3Policy,
     if not uids and not retrieved:
         return None
     return Pop3CommitRequest(account_id=account_id, mailbox_id=mailbox_id,
-                             delete_uids=sorted(uids), mode=mode,  # type: ignore[arg-type]
+                             delete_uids=sorted(uids), mode=mode,
                              seen_uids=sorted(retrieved if mode == "keep" else retrieved - uids))
 
 
