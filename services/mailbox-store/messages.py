@@ -19,10 +19,12 @@ from postbus.mailbox_store.sqlbase import (
     DEFAULT_MAILBOXES,
     DELETED,
     INBOX,
+    MAX_KEYWORDS,
     MB,
     B,
     Change,
     Invalid,
+    Limit,
     M,
     NewMessage,
     NotFound,
@@ -192,6 +194,9 @@ class MessageOps(RepoBase):
         name = normalize_name(mailbox)
         if not msgs:
             raise Invalid("nothing to append")
+        for m in msgs:  # bounded as STORE bounds them (flags.py), or STORE could not remove one
+            if len(flags_to_db(m.flags)[1].split()) > MAX_KEYWORDS:
+                raise Limit(f"at most {MAX_KEYWORDS} keywords on a message")
 
         async def tx(conn: AsyncConnection) -> tuple[int, list[int], Change]:
             acct = await self._lock_account(conn, account_id)
