@@ -514,6 +514,8 @@ class MemoryPlatform:
     async def append(self, req: AppendRequest) -> AppendReply:
         box = self._target(req.account_id, req.mailbox)
         flags = _flags(req.flags)
+        if _keywords(flags) > MAX_KEYWORDS:
+            raise StoreError("limit", f"at most {MAX_KEYWORDS} keywords on a message")
         if req.message is not None:  # the bytes IMAP serves, with CRLF line ends
             raw: bytes | None = mime.normalize_crlf(req.message)
         else:
