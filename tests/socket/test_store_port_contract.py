@@ -556,6 +556,9 @@ async def test_quota_and_refusals(port: Port) -> None:
     assert await code_of(port.flags(trash, [(1, 1)], "add", ["bad flag"])) == "invalid"
     assert (await port.store.quota(QuotaRequest(account_id=port.account))).used_bytes \
         == len(raw)
+    # also on APPEND: a message with more could not even lose one of them by STORE
+    assert await code_of(port.append(raw_message(4), "Trash", flags=many)) == "limit"
+    await port.append(raw_message(5), "Trash", flags=many[:100])
 
 
 async def test_subscriptions_outlive_mailboxes_and_default_folders_come_back(port: Port) -> None:
