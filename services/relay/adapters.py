@@ -11,8 +11,9 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import aiosmtplib
 import dns.asyncresolver
@@ -192,7 +193,8 @@ class _Wire(asyncio.Protocol):
     every reply that arrives is queued, so commands can be pipelined (RFC 2920)."""
 
     def __init__(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.WriteTransport = transport  # type: ignore[assignment]
+        # a stream transport, as loop.create_connection gave aiosmtplib (which casts it too)
+        self.transport = cast(asyncio.Transport, transport)
         self.buf = bytearray()
         self.replies: deque[Reply] = deque()
         self.error: str | None = None
@@ -371,8 +373,8 @@ class SmtpTransport:
         self._idle.setdefault(key, []).append(conn)
         self._spawn(self._expire(key, conn, conn.idle_since))
 
-    def _spawn(self, coro: object) -> None:
-        t = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        t = asyncio.ensure_future(coro)
         self._reapers.add(t)
         t.add_done_callback(self._reapers.discard)
 
