@@ -1,9 +1,10 @@
 """Contract suite of the Store port (``postbus.imap_access.ports.Store``): the same tests on
-the in-memory store the IMAP and POP3 session tests trust (``imap_access.memory``) and on
+the in-memory store the IMAP session tests trust (``imap_access.memory``) and on
 mailbox-store's StoreApi reached as the session reaches it, through the bus adapter
 (``BusStore``) over a real nats-server, on SQLite and on PostgreSQL (when
-POSTBUS_TEST_POSTGRES_URL is set). The real store is the reference: where the memory store
-disagrees, the memory store is wrong (issue 11 item 2).
+POSTBUS_TEST_POSTGRES_URL is set); the same for the POP3 Maildrops port
+(``pop3_access.memory`` and ``StoreMaildrops``). The real store is the reference: where a
+memory store disagrees, the memory store is wrong (issue 11 item 2).
 
 Errors are compared by code (``postbus.proto.base.ErrorCode``), the closed set the session
 turns into IMAP response codes.
@@ -32,9 +33,12 @@ from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus
 from postbus.kit.testing import RunningNats, RunningS3
 from postbus.mailbox_store.models import Account
-from postbus.mailbox_store.repository import Repository
+from postbus.mailbox_store.repository import NewMessage, Repository
 from postbus.mailbox_store.settings import Settings
 from postbus.mailbox_store.storeapi import StoreApi
+from postbus.pop3_access.adapters import StoreMaildrops
+from postbus.pop3_access.memory import MemoryMaildrops
+from postbus.pop3_access.ports import Maildrops
 from postbus.proto import ALL_STREAMS
 from postbus.proto.store import (
     AppendRequest,
@@ -47,6 +51,7 @@ from postbus.proto.store import (
     MailboxRef,
     MailboxRenameRequest,
     MessageState,
+    Pop3CommitRequest,
     QuotaRequest,
     SearchKey,
     SearchRequest,
@@ -56,6 +61,7 @@ from postbus.proto.store import (
     SubscribeRequest,
 )
 from postbus.protocols.mime import summarize
+from postbus.protocols.pop3 import retr_octets
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 
@@ -73,6 +79,8 @@ class Backend:
     blobs: Blobs
     new_account: Callable[[], Awaitable[int]]
     set_quota: Callable[[int, int | None], Awaitable[None]]
+    maildrops: Maildrops  # the POP3 port
+    deliver: Callable[[int, bytes, bytes], Awaitable[int]]  # into INBOX, with a trace prefix
 
 
 @dataclass
@@ -157,7 +165,12 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
         async def memory_quota(_account: int, limit: int | None) -> None:
             mp.limit_bytes = limit
 
-        yield Backend(flavour, mp, mp, new_memory_account, memory_quota)
+        drops = MemoryMaildrops()  # the POP3 session tests' store: its own INBOXes
+
+        async def memory_deliver(account: int, blob: bytes, prefix: bytes) -> int:
+            return drops.deliver(account, blob, prefix)
+
+        yield Backend(flavour, mp, mp, new_memory_account, memory_quota, drops, memory_deliver)
         return
     root = tmp_path_factory.mktemp(flavour)
     s3: RunningS3 = request.getfixturevalue("s3_server")  # started only for SQL flavours
@@ -169,8 +182,16 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     await bus.ensure_streams(ALL_STREAMS)
     blobs = BlobStore(common, threads=4)
     await blobs.ensure_bucket()
-    api = StoreApi(bus, blobs, Repository(engine), Settings(common=common))
+    repo = Repository(engine)
+    api = StoreApi(bus, blobs, repo, Settings(common=common))
     await api.serve()
+
+    async def sql_deliver(account: int, blob: bytes, prefix: bytes) -> int:
+        key = await blobs.put(blob)
+        res = await repo.deliver(uuid.uuid4().hex, account, "INBOX", NewMessage(
+            blob_key=key, blob_size=len(blob), summary=summarize(blob), prefix=prefix))
+        assert res.status == "delivered" and res.uid is not None, res
+        return res.uid
 
     async def new_sql_account() -> int:
         return await add_account(engine, f"u{next(_accounts)}@example.test")
@@ -181,7 +202,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
                 Account.__table__.c.id == account).values(quota_bytes=limit))
 
     try:
-        yield Backend(flavour, BusStore(bus), S3Blobs(blobs), new_sql_account, sql_quota)
+        # pages of two maildrop messages: the adapter must follow them
+        yield Backend(flavour, BusStore(bus), S3Blobs(blobs), new_sql_account, sql_quota,
+                      StoreMaildrops(bus, blobs, page=2), sql_deliver)
     finally:
         await bus.close()
         await blobs.close()
@@ -724,3 +747,37 @@ async def test_search_decodes_what_the_client_sees(port: Port) -> None:
     wrong = [(key.op, key.args, got) for key, want in cases
              if (got := await port.search(mid, key)) != want]
     assert wrong == []
+
+
+# ---------------------------------------------------------------- the POP3 maildrop port
+async def test_pop3_maildrop_open_and_commit(backend: Backend) -> None:
+    md, account = backend.maildrops, await backend.new_account()
+    prefix = b"Return-Path: <bob@example.net>\r\nDelivered-To: alice@example.test\r\n"
+    blobs = [raw_message(1), raw_message(2), b"Subject: no final line end\r\n\r\nlast"]
+    uids = [await backend.deliver(account, b, prefix) for b in blobs]
+    drop = await md.open(account)
+    assert [m.uid for m in drop.messages] == uids == sorted(uids) and not drop.more
+    uidls = [m.uidl for m in drop.messages]
+    assert len(set(uidls)) == 3
+    assert all(0 < len(u) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in u) for u in uidls)
+    # LIST sizes: octets RETR sends (CRLF line ends, the last line ended; RFC 1939 §11)
+    assert [m.size for m in drop.messages] == [retr_octets(prefix, b) for b in blobs]
+    assert [m.prefix for m in drop.messages] == [prefix] * 3
+    assert [await md.blob(m) for m in drop.messages] == blobs
+    assert [m.uidl for m in (await md.open(account)).messages] == uidls  # stable
+
+    # UPDATE, mode keep: hidden from POP3 from now on; mode delete: gone
+    await md.commit(Pop3CommitRequest(account_id=account, mailbox_id=drop.mailbox_id,
+                                      delete_uids=[uids[0]], mode="keep",
+                                      seen_uids=[uids[0], uids[1]]))
+    after = await md.open(account)
+    assert [m.uid for m in after.messages] == uids[1:]
+    assert [m.uidl for m in after.messages] == uidls[1:]
+    await md.commit(Pop3CommitRequest(account_id=account, mailbox_id=drop.mailbox_id,
+                                      delete_uids=[uids[1]], mode="delete"))
+    assert [m.uid for m in (await md.open(account)).messages] == uids[2:]
+    new = await backend.deliver(account, raw_message(4), b"")
+    last = await md.open(account)
+    assert [m.uid for m in last.messages] == [uids[2], new] and new > uids[2]
+    assert last.messages[-1].uidl not in uidls
+    assert (last.mailbox_id, last.uidvalidity) == (drop.mailbox_id, drop.uidvalidity)
