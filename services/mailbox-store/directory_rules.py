@@ -8,11 +8,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import idna
 
 from postbus.mailbox_store.models import Account
+from postbus.proto.base import ErrorCode
 from postbus.proto.directory import AccountRef, ResolveReply
 
 POP3_POLICIES = ("client", "keep", "delete")
@@ -28,7 +29,7 @@ _ATOM_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-\u0080-\U0010ffff]+$"
 
 # ---------------------------------------------------------------- errors (values for mgmt)
 class DirectoryError(Exception):
-    code = "invalid"
+    code: ClassVar[ErrorCode] = "invalid"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -36,19 +37,19 @@ class DirectoryError(Exception):
 
 
 class Invalid(DirectoryError):
-    code = "invalid"
+    code: ClassVar[ErrorCode] = "invalid"
 
 
 class NotFound(DirectoryError):
-    code = "not_found"
+    code: ClassVar[ErrorCode] = "not_found"
 
 
 class Exists(DirectoryError):
-    code = "exists"
+    code: ClassVar[ErrorCode] = "exists"
 
 
 class Conflict(DirectoryError):
-    code = "conflict"
+    code: ClassVar[ErrorCode] = "conflict"
 
 
 # ---------------------------------------------------------------- addresses (pure)
