@@ -36,11 +36,14 @@ from postbus.mailbox_store.directory import (
 from postbus.mailbox_store.importexport import FORMATS
 from postbus.mailbox_store.mailadmin import ImportReport, MailAdmin
 from postbus.mailbox_store.repository import Repository, StoreError
+from postbus.proto.base import ErrorCode
 
 log = get_logger("postbus.mailbox_store.mgmt")
 
-_STATUS = {"not_found": 404, "exists": 409, "conflict": 409, "invalid": 422,
-           "over_quota": 507}
+# every ErrorCode a refusal carries; internal and too_large are 500 (a bug of ours)
+_STATUS: dict[ErrorCode, int] = {"not_found": 404, "exists": 409, "conflict": 409,
+                                 "invalid": 422, "limit": 422, "over_quota": 507,
+                                 "unavailable": 503}
 # an upload is spooled to a temporary file, so memory stays bounded by one message
 DEFAULT_MAX_UPLOAD = 8 * 1024 * 1024 * 1024
 
