@@ -13,7 +13,7 @@ import pytest
 from test_imap_transcripts import Runner
 
 from postbus.imap_access.ports import StoreError
-from postbus.mailbox_store import sqlbase
+from postbus.mailbox_store import directory_rules, mgmt, sqlbase
 from postbus.proto.base import ERROR_CODES, RpcError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +55,13 @@ def test_every_store_error_class_has_a_code_of_the_set() -> None:
     codes = {c.code for c in _subclasses(sqlbase.StoreError)}
     assert codes <= ERROR_CODES
     assert {"not_found", "exists", "invalid", "over_quota", "conflict", "limit"} <= codes
+    directory = {c.code for c in _subclasses(directory_rules.DirectoryError)}
+    assert directory <= ERROR_CODES and {"not_found", "exists", "conflict"} <= directory
+
+
+def test_the_admin_api_answers_every_refusal_with_its_own_status() -> None:
+    # internal and too_large are our bugs: 500, as for any other exception
+    assert set(mgmt._STATUS) == ERROR_CODES - {"internal", "too_large"}
 
 
 def _literal_codes(path: Path) -> list[tuple[int, str]]:
