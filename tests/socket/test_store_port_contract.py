@@ -781,3 +781,44 @@ async def test_pop3_maildrop_open_and_commit(backend: Backend) -> None:
     assert [m.uid for m in last.messages] == [uids[2], new] and new > uids[2]
     assert last.messages[-1].uidl not in uidls
     assert (last.mailbox_id, last.uidvalidity) == (drop.mailbox_id, drop.uidvalidity)
+
+
+async def test_sets_subscriptions_and_usage_follow_changes(port: Port) -> None:
+    s, a = port.store, port.account
+    for i in range(5):
+        await port.append(raw_message(i), flags=["$K"] if i % 2 else [])
+    mid = (await port.box()).mailbox_id
+    got = (await s.fetch(FetchRequest(account_id=a, mailbox_id=mid,
+                                      uids=[(1, 1), (3, 3), (5, 9)]))).messages
+    assert [m.uid for m in got] == [1, 3, 5]
+
+    def k(op: str, *args: str, uids: list[tuple[int, int]] | None = None,
+          children: list[SearchKey] | None = None) -> SearchKey:
+        return SearchKey(op=op, args=list(args), uids=uids or [], children=children or [])
+
+    assert await port.search(mid, k("uid", uids=[(1, 1), (4, 5)])) == [1, 4, 5]
+    assert await port.search(mid, k("not", children=[k("uid", uids=[(2, 4)])])) == [1, 5]
+    assert await port.search(mid, k("flag", "\\Recent")) == []
+    assert await port.search(mid, k("header", "X-Absent", "")) == []
+    assert await port.search(mid, k("flag", "$k")) == [2, 4]
+    # COPY of a fragmented set keeps the order and the keywords
+    r = await s.copy(CopyRequest(account_id=a, mailbox_id=mid, uids=[(4, 4), (1, 2)],
+                                 target="Drafts"))
+    assert (r.source_uids, r.target_uids) == ([1, 2, 4], [1, 2, 3])
+    assert [m.flags for m in await port.snapshot("Drafts")] == [[], ["$K"], ["$K"]]
+
+    # subscriptions follow a rename
+    await s.mailbox_create(MailboxCreateRequest(account_id=a, name="Work/Sub"))
+    await s.mailbox_subscribe(SubscribeRequest(account_id=a, name="Work", subscribed=True))
+    await s.mailbox_subscribe(SubscribeRequest(account_id=a, name="Work/Sub", subscribed=True))
+    await s.mailbox_rename(MailboxRenameRequest(account_id=a, old="Work", new="Job"))
+    subs = {b.name for b in (await s.mailbox_list(
+        MailboxListRequest(account_id=a, subscribed_only=True))).mailboxes}
+    assert {"Job", "Job/Sub"} <= subs and not {"Work", "Work/Sub"} & subs
+
+    # usage goes with the messages of a deleted mailbox
+    used = (await s.quota(QuotaRequest(account_id=a))).used_bytes
+    drafts = await port.box("Drafts")
+    await s.mailbox_delete(MailboxRef(account_id=a, name="Drafts"))
+    after = await s.quota(QuotaRequest(account_id=a))
+    assert after.used_bytes == used - drafts.size and after.messages == 5
