@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from postbus.protocols import smtp_replies as rp
+
 # ---------------------------------------------------------------- enhanced status codes
 # RFC 2034 §4: every reply except the greeting, HELO/EHLO and 334 challenges carries one.
 _DEFAULT_ENHANCED: dict[str, str] = {
@@ -180,10 +182,10 @@ def parse_params(rest: str) -> dict[str, str | None]:
     for item in rest.split():
         key, eq, value = item.partition("=")
         if not _KEYWORD.match(key) or (eq and not value):
-            raise ParamError(f"501 5.5.4 Bad parameter syntax: {item[:40]}")
+            raise ParamError(rp.R501_BAD_PARAMETER.format(item[:40]))
         k = key.upper()
         if k in out:
-            raise ParamError(f"501 5.5.4 Duplicate parameter {k}")
+            raise ParamError(rp.R501_DUPLICATE_PARAMETER.format(k))
         out[k] = value if eq else None
     return out
 
@@ -198,11 +200,11 @@ def xtext_decode(s: str) -> str:
         if b == 0x2B:  # '+'
             hx = raw[i + 1:i + 3]
             if len(hx) != 2 or not re.fullmatch(rb"[0-9A-F]{2}", hx):
-                raise ParamError("501 5.5.4 Bad xtext encoding")
+                raise ParamError(rp.R501_BAD_XTEXT)
             out.append(int(hx, 16))
             i += 3
         elif b < 33 or b > 126 or b == 0x3D:
-            raise ParamError("501 5.5.4 Bad xtext character")
+            raise ParamError(rp.R501_BAD_XTEXT_CHAR)
         else:
             out.append(b)
             i += 1
@@ -226,40 +228,40 @@ def mail_params(params: dict[str, str | None], *, max_size: int, utf8_enabled: b
     if "SIZE" in p:
         v = p.pop("SIZE")
         if v is None or not v.isdigit() or len(v) > 20:
-            raise ParamError("501 5.5.4 Bad SIZE value")
+            raise ParamError(rp.R501_BAD_SIZE)
         size = int(v)
         if max_size and size > max_size:  # RFC 1870 §6
-            raise ParamError("552 5.3.4 Message size exceeds fixed maximum message size")
+            raise ParamError(rp.R552_TOO_BIG)
     body = "7BIT"
     if "BODY" in p:
         v = (p.pop("BODY") or "").upper()
         if v not in ("7BIT", "8BITMIME"):  # BINARYMIME is not advertised
-            raise ParamError("501 5.5.4 BODY must be 7BIT or 8BITMIME")
+            raise ParamError(rp.R501_BAD_BODY)
         body = v
     smtputf8 = False
     if "SMTPUTF8" in p:
         if p.pop("SMTPUTF8") is not None:
-            raise ParamError("501 5.5.4 SMTPUTF8 takes no value")
+            raise ParamError(rp.R501_SMTPUTF8_VALUE)
         if not utf8_enabled:
-            raise ParamError("555 5.5.4 SMTPUTF8 not supported")
+            raise ParamError(rp.R555_SMTPUTF8)
         smtputf8 = True
     ret = None
     if "RET" in p:
         v = (p.pop("RET") or "").upper()
         if v not in ("FULL", "HDRS"):
-            raise ParamError("501 5.5.4 RET must be FULL or HDRS")
+            raise ParamError(rp.R501_BAD_RET)
         ret = v
     envid = None
     if "ENVID" in p:
         v = p.pop("ENVID")
         if not v or len(v) > 100:  # RFC 3461 §4.4: at most 100 characters
-            raise ParamError("501 5.5.4 Bad ENVID")
+            raise ParamError(rp.R501_BAD_ENVID)
         envid = xtext_decode(v)
     auth = None
     if "AUTH" in p:  # RFC 4954 §5: accepted and recorded only
         auth = p.pop("AUTH")
     if p:
-        raise ParamError(f"555 5.5.4 Unsupported MAIL parameter {next(iter(p))}")
+        raise ParamError(rp.R555_MAIL_PARAMETER.format(next(iter(p))))
     return MailParams(size, body, smtputf8, ret, envid, auth)
 
 
@@ -279,19 +281,19 @@ def rcpt_params(params: dict[str, str | None]) -> RcptParams:
         v = (p.pop("NOTIFY") or "").upper()
         items = tuple(x for x in v.split(","))
         if not items or any(x not in NOTIFY_VALUES for x in items) or len(set(items)) != len(items):
-            raise ParamError("501 5.5.4 Bad NOTIFY value")
+            raise ParamError(rp.R501_BAD_NOTIFY)
         if "NEVER" in items and len(items) > 1:  # RFC 3461 §4.1
-            raise ParamError("501 5.5.4 NOTIFY=NEVER cannot be combined")
+            raise ParamError(rp.R501_NOTIFY_NEVER)
         notify = items
     orcpt = None
     if "ORCPT" in p:
         v = p.pop("ORCPT") or ""
         addr_type, semi, addr = v.partition(";")
         if not semi or not addr_type or not addr or len(v) > 500:
-            raise ParamError("501 5.5.4 Bad ORCPT value")
+            raise ParamError(rp.R501_BAD_ORCPT)
         orcpt = f"{addr_type.lower()};{xtext_decode(addr)}"
     if p:
-        raise ParamError(f"555 5.5.4 Unsupported RCPT parameter {next(iter(p))}")
+        raise ParamError(rp.R555_RCPT_PARAMETER.format(next(iter(p))))
     return RcptParams(notify, orcpt)
 
 
@@ -305,11 +307,9 @@ class DataProblem:
     reason: str
 
 
-R550_BARE_LF = DataProblem("550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8)", "bare_crlf")
-R500_LINE_TOO_LONG = DataProblem("500 5.5.6 Message line too long (RFC 5321 4.5.3.1.6)",
-                                 "line_too_long")
-R552_TOO_BIG = DataProblem("552 5.3.4 Message size exceeds fixed maximum message size",
-                           "too_big")
+R550_BARE_LF = DataProblem(rp.R550_BARE_LF, "bare_crlf")
+R500_LINE_TOO_LONG = DataProblem(rp.R500_DATA_LINE_TOO_LONG, "line_too_long")
+R552_TOO_BIG = DataProblem(rp.R552_TOO_BIG, "too_big")
 
 
 @dataclass

@@ -19,33 +19,18 @@ from postbus.kit.net import literal_is_public
 from postbus.kit.net import parse_networks as parse_networks
 from postbus.proto.directory import ResolveReply
 from postbus.protocols.smtp import Path
-
-# ---------------------------------------------------------------- replies
-R250_OK = "250 2.1.0 Ok"
-R250_RCPT_OK = "250 2.1.5 Ok"
-R451_DIRECTORY = "451 4.3.0 Directory temporarily unavailable, try again later"
-R451_QUEUE = "451 4.3.0 Queue temporarily unavailable, try again later"
-R550_LITERAL_DENIED = "550 5.7.1 Address literals of non-public addresses are not relayed"
-R550_NULL_SENDER_RELAY = "550 5.7.1 The null sender may not relay to remote domains"
-R550_LOCAL_SENDER = "550 5.7.1 Sender address in a hosted domain requires authentication"
-# RFC 3463 4.3.1: mail system full (the replica holds as many message bytes as it may)
-R451_NO_ROOM = "451 4.3.1 Insufficient system resources, try again later"
-R452_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
-R452_MAILBOX_FULL = "452 4.2.2 Mailbox full, try again later"
-R550_NO_SUCH_USER = "550 5.1.1 Recipient address rejected: user unknown"
-R550_DISABLED = "550 5.2.1 Recipient mailbox disabled"
-R554_RELAY_DENIED = "554 5.7.1 Relay access denied"
-R553_NOT_OWNER = "553 5.7.1 Sender address rejected: not owned by authenticated user"
-R530_AUTH_REQUIRED = "530 5.7.0 Authentication required"
-R530_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
-R538_ENCRYPTION = "538 5.7.11 Encryption required for requested authentication mechanism"
-R535_INVALID = "535 5.7.8 Authentication credentials invalid"
-R454_AUTH_THROTTLED = "454 4.7.0 Too many failed authentication attempts, try again later"
-R554_BLOCKED = "554 5.7.1 Client host blocked"
-R421_TOO_MANY_CONN = "421 4.7.0 Too many connections from your host, try again later"
-R421_RATE = "421 4.7.0 Connection rate limit exceeded, try again later"
-R421_BUSY = "421 4.3.2 Service busy, try again later"
-R421_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
+from postbus.protocols.smtp_replies import (
+    R250_RCPT_OK,
+    R421_BUSY,
+    R421_RATE,
+    R421_TOO_MANY_CONN,
+    R451_DIRECTORY,
+    R452_MAILBOX_FULL,
+    R550_DISABLED,
+    R550_LITERAL_DENIED,
+    R550_NO_SUCH_USER,
+    R554_RELAY_DENIED,
+)
 
 
 # ---------------------------------------------------------------- recipients

@@ -31,6 +31,7 @@ from postbus.kit.net import BadProxyHeader, read_proxy_header
 from postbus.proto.directory import AuthReply
 from postbus.proto.mail import BodyRef, ClientInfo, MailReceived, Recipient
 from postbus.protocols import smtp as proto
+from postbus.protocols import smtp_replies as replies
 from postbus.smtp_ingress import policy
 from postbus.smtp_ingress.ports import (
     BlockList,
@@ -59,8 +60,8 @@ ACCEPT_LATENCY = histogram("postbus_smtp_accept_seconds",
                            "End of data to the 250 reply (S3 put if any + JetStream ack)",
                            ["listener"])
 
-_REFUSAL_REASONS = {policy.R421_BUSY: "max_connections", policy.R421_TOO_MANY_CONN: "per_ip_limit",
-                    policy.R421_RATE: "rate_limit"}
+_REFUSAL_REASONS = {replies.R421_BUSY: "max_connections", replies.R421_TOO_MANY_CONN: "per_ip_limit",
+                    replies.R421_RATE: "rate_limit"}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -185,20 +186,20 @@ class Ingress:
             s.close()
         for conn in list(self.conns):
             if not conn.busy:
-                conn._close_with(policy.R421_SHUTDOWN)
+                conn._close_with(replies.R421_SHUTDOWN)
         if self.conns:
             self._drained.clear()
             with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), grace_s)
         for conn in list(self.conns):
-            conn._close_with(policy.R421_SHUTDOWN)
+            conn._close_with(replies.R421_SHUTDOWN)
 
     # ------------------------------------------------------------ admission
     def admit(self, ip: str) -> str | None:
         """None when this client may talk to us, else the reply to close with."""
         if self.blocklist.blocked(ip):
             self.stats.add("connection_refused", "blocked")
-            return policy.R554_BLOCKED
+            return replies.R554_BLOCKED
         recent = self.rate.hit(ip) if self.limits.rate_per_minute else 0
         from_ip = self.per_ip[ip]
         if self.load_share is not None:
@@ -379,10 +380,10 @@ class IngressSMTP(SMTP):
             self._timeout_handle = self.loop.call_later(self._timeout_duration - idle,
                                                         self._timeout_cb)
             return
-        self._close_with("421 4.4.2 Idle timeout, closing connection")
+        self._close_with(replies.R421_IDLE_TIMEOUT)
 
     def _session_expired(self) -> None:
-        self._close_with("421 4.4.2 Session time limit exceeded, closing connection")
+        self._close_with(replies.R421_SESSION_TIME)
 
     def _close_with(self, reply: str) -> None:
         if self.transport is not None and not self._closing:
@@ -412,7 +413,7 @@ class IngressSMTP(SMTP):
         except Exception:
             log.exception("smtp session failed", ip=self.client_ip)
             if self.transport is not None:
-                self._close_with("421 4.3.0 Internal error, closing connection")
+                self._close_with(replies.R421_INTERNAL_ERROR)
         finally:
             self._release()
 
@@ -467,7 +468,7 @@ class IngressSMTP(SMTP):
         _m(ACTIVE, self.listener).inc()
         _m(CONNECTIONS, self.listener, "accepted").inc()
 
-        await self._push_plain(f"220 {self.hostname} ESMTP Postbus")
+        await self._push_plain(replies.R220_GREETING.format(self.hostname))
         unknown = 0
         reader = self._reader
         while self.transport is not None and not self._closing:
@@ -477,13 +478,13 @@ class IngressSMTP(SMTP):
                 line = await reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
                 await self._discard_line(exc.consumed)
-                await self.push("500 5.5.6 Line too long (RFC 5321 4.5.3.1.4)")
+                await self.push(replies.R500_LINE_TOO_LONG)
                 continue
             except asyncio.IncompleteReadError:
                 return
             self.info.commands += 1
             if self.info.commands > s.max_commands:
-                await self._close_after("421 4.7.0 Too many commands, closing connection")
+                await self._close_after(replies.R421_TOO_MANY_COMMANDS)
                 return
             line = line.rstrip(b"\r\n")
             command_bytes, _, arg_bytes = line.partition(b" ")
@@ -495,24 +496,24 @@ class IngressSMTP(SMTP):
                 log.info("bad command line", ip=self.client_ip, line=repr(line[:60]))
                 unknown += 1
                 if unknown > s.max_unknown_commands:
-                    await self._close_after("421 4.7.0 Too many bad commands, closing connection")
+                    await self._close_after(replies.R421_TOO_MANY_BAD_COMMANDS)
                     return
-                await self.push("500 5.5.2 Syntax error, command unrecognized")
+                await self.push(replies.R500_SYNTAX_ERROR)
                 continue
             arg = arg_bytes.strip().decode("utf-8", "surrogateescape") if arg_bytes else None
             self.info.last_command = command
             if (self.require_starttls and not self.encrypted
                     and command not in ALLOWED_BEFORE_STARTTLS):
-                await self.push(policy.R530_STARTTLS_FIRST)
+                await self.push(replies.R530_STARTTLS_FIRST)
                 continue
             method = self._smtp_methods.get(command)
             if method is None:
                 log.info("unknown command", ip=self.client_ip, command=command[:20])
                 unknown += 1
                 if unknown > s.max_unknown_commands:
-                    await self._close_after("421 4.7.0 Too many bad commands, closing connection")
+                    await self._close_after(replies.R421_TOO_MANY_BAD_COMMANDS)
                     return
-                await self.push(f"500 5.5.2 Command {command[:20]} unrecognized")
+                await self.push(replies.R500_UNKNOWN_COMMAND.format(command[:20]))
                 continue
             self._reset_timeout()
             self.busy = command in ("DATA", "BDAT")
@@ -521,7 +522,7 @@ class IngressSMTP(SMTP):
             finally:
                 self.busy = False
             if self.ingress.stopping:
-                await self._close_after(policy.R421_SHUTDOWN)
+                await self._close_after(replies.R421_SHUTDOWN)
                 return
 
     async def _discard_line(self, consumed: int) -> None:
@@ -557,7 +558,7 @@ class IngressSMTP(SMTP):
     # ------------------------------------------------------------ greeting commands
     async def smtp_HELO(self, hostname: str | None) -> None:
         if not hostname:
-            await self.push("501 5.5.4 Syntax: HELO hostname")
+            await self.push(replies.R501_SYNTAX_HELO)
             return
         self._reset_transaction()
         assert self.session is not None
@@ -565,11 +566,11 @@ class IngressSMTP(SMTP):
         self.session.host_name = hostname
         if self.info:
             self.info.helo = hostname[:255]
-        await self._push_plain(f"250 {self.hostname}")
+        await self._push_plain(replies.R250_HELO.format(self.hostname))
 
     async def smtp_EHLO(self, hostname: str | None) -> None:
         if not hostname:
-            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            await self.push(replies.R501_SYNTAX_EHLO)
             return
         self._reset_transaction()
         assert self.session is not None
@@ -588,30 +589,30 @@ class IngressSMTP(SMTP):
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if arg:
-            await self.push("501 5.5.4 Syntax: STARTTLS")
+            await self.push(replies.R501_SYNTAX_STARTTLS)
             return
         if self.tls_context is None:
-            await self.push("454 4.7.0 TLS not available")
+            await self.push(replies.R454_TLS_UNAVAILABLE)
             return
         if self.encrypted:
-            await self.push("503 5.5.1 TLS already active")
+            await self.push(replies.R503_TLS_ACTIVE)
             return
-        await self.push("220 2.0.0 Ready to start TLS")
+        await self.push(replies.R220_READY_FOR_TLS)
         await self._flush()
         await self._upgrade_tls()
 
     async def smtp_NOOP(self, arg: str | None) -> None:
-        await self.push("250 2.0.0 Ok")
+        await self.push(replies.R250_DONE)
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
-            await self.push("501 5.5.4 Syntax: RSET")
+            await self.push(replies.R501_SYNTAX_RSET)
             return
         self._reset_transaction()
-        await self.push("250 2.0.0 Ok")
+        await self.push(replies.R250_DONE)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
-        await self.push("221 2.0.0 Bye")
+        await self.push(replies.R221_BYE)
         await self._flush()
         self._closing = True
         if self.transport is not None:
@@ -620,51 +621,50 @@ class IngressSMTP(SMTP):
     async def smtp_VRFY(self, arg: str | None) -> None:
         # RFC 5321 §3.5.3: 252 rather than a directory oracle
         if not arg:
-            await self.push("501 5.5.4 Syntax: VRFY <address>")
+            await self.push(replies.R501_SYNTAX_VRFY)
             return
-        await self.push("252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+        await self.push(replies.R252_VRFY)
 
     async def smtp_EXPN(self, arg: str | None) -> None:
-        await self.push("502 5.5.1 EXPN not available")
+        await self.push(replies.R502_EXPN)
 
     async def smtp_HELP(self, arg: str | None) -> None:
-        await self.push("214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT "
-                        "RSET NOOP QUIT STARTTLS AUTH VRFY")
+        await self.push(replies.R214_HELP)
 
     # ------------------------------------------------------------ AUTH (RFC 4954)
     async def smtp_AUTH(self, arg: str | None) -> None:
         assert self.session is not None and self.envelope is not None
         if not self.session.host_name or not self.session.extended_smtp:
-            await self.push("503 5.5.1 Send EHLO first")
+            await self.push(replies.R503_EHLO_FIRST)
             return
         if not self.encrypted:
-            await self.push(policy.R538_ENCRYPTION)
+            await self.push(replies.R538_ENCRYPTION)
             return
         if self.authenticated:
-            await self.push("503 5.5.1 Already authenticated")
+            await self.push(replies.R503_ALREADY_AUTHENTICATED)
             return
         if self._in_transaction():
-            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            await self.push(replies.R503_AUTH_IN_TRANSACTION)
             return
         args = (arg or "").split()
         if not args or len(args) > 2:
-            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            await self.push(replies.R501_SYNTAX_AUTH)
             return
         mech = args[0].upper()
         if mech not in ("PLAIN", "LOGIN"):
-            await self.push("504 5.5.4 Unrecognized authentication type")
+            await self.push(replies.R504_AUTH_TYPE)
             return
         ing = self.ingress
         try:
             ip_failures = await ing.auth_failures.get("ip:" + self.client_ip)
         except Unavailable:
-            await self.push("454 4.7.0 Temporary authentication failure")
+            await self.push(replies.R454_AUTH_TEMPORARY)
             return
         if policy.auth_throttled(ip_failures, 0, ip_limit=ing.settings.auth_fail_limit_ip,
                                  account_limit=0):
             _m(AUTHS, self.listener, "throttled").inc()
             ing.stats.add("auth", "throttled_ip")
-            await self.push(policy.R454_AUTH_THROTTLED)
+            await self.push(replies.R454_AUTH_THROTTLED)
             return
         creds = await (self._auth_plain(args) if mech == "PLAIN" else self._auth_login(args))
         if creds is None:
@@ -676,12 +676,12 @@ class IngressSMTP(SMTP):
                                      account_limit=ing.settings.auth_fail_limit_account):
                 _m(AUTHS, self.listener, "throttled").inc()
                 ing.stats.add("auth", "throttled_account")
-                await self.push(policy.R454_AUTH_THROTTLED)
+                await self.push(replies.R454_AUTH_THROTTLED)
                 return
             reply = await ing.directory.authenticate(username, password, self.client_ip)
         except Unavailable:
             _m(AUTHS, self.listener, "unavailable").inc()
-            await self.push("454 4.7.0 Temporary authentication failure")
+            await self.push(replies.R454_AUTH_TEMPORARY)
             return
         if reply.ok:
             self._auth = reply
@@ -690,10 +690,10 @@ class IngressSMTP(SMTP):
                 self.info.auth_user = reply.address or username
             _m(AUTHS, self.listener, "ok").inc()
             ing.stats.add("auth", "ok")
-            await self.push("235 2.7.0 Authentication successful")
+            await self.push(replies.R235_AUTHENTICATED)
             return
         if reply.reason == "throttled":
-            await self.push(policy.R454_AUTH_THROTTLED)
+            await self.push(replies.R454_AUTH_THROTTLED)
             return
         _m(AUTHS, self.listener, "failed").inc()
         ing.stats.add("auth", "failed")
@@ -702,7 +702,7 @@ class IngressSMTP(SMTP):
             await ing.auth_failures.incr("acct:" + username.lower())
         except Unavailable:
             pass
-        await self.push(policy.R535_INVALID)
+        await self.push(replies.R535_INVALID)
 
     async def _read_b64(self, challenge: bytes) -> bytes | None:
         # challenges go out as "334 <base64>", no enhanced code (RFC 4954 §4)
@@ -712,16 +712,16 @@ class IngressSMTP(SMTP):
             line = await self._reader.readuntil(b"\n")
         except asyncio.LimitOverrunError:
             # answered at once, not after the client chose to end the line (issue 8, low)
-            await self._close_after("500 5.5.6 Authentication line too long, closing connection")
+            await self._close_after(replies.R500_AUTH_LINE_TOO_LONG)
             return None
         blob = line.strip()
         if blob == b"*":
-            await self.push("501 5.7.0 Authentication aborted")
+            await self.push(replies.R501_AUTH_ABORTED)
             return None
         try:
             return base64.b64decode(blob, validate=True)
         except (binascii.Error, ValueError):
-            await self.push("501 5.5.2 Cannot decode base64")
+            await self.push(replies.R501_BAD_BASE64)
             return None
 
     async def _auth_plain(self, args: list[str]) -> tuple[str, str] | None:
@@ -732,7 +732,7 @@ class IngressSMTP(SMTP):
                 try:
                     raw = base64.b64decode(args[1], validate=True)
                 except (binascii.Error, ValueError):
-                    await self.push("501 5.5.2 Cannot decode base64")
+                    await self.push(replies.R501_BAD_BASE64)
                     return None
         else:
             got = await self._read_b64(b"")
@@ -741,11 +741,11 @@ class IngressSMTP(SMTP):
             raw = got
         parts = raw.split(b"\x00")
         if len(parts) != 3 or not parts[1]:
-            await self.push("501 5.5.2 Cannot parse PLAIN credentials")
+            await self.push(replies.R501_BAD_PLAIN)
             return None
         if parts[0] and parts[0] != parts[1]:
             # RFC 4616 §2: acting as another identity (authzid) is not offered
-            await self.push("535 5.7.8 Authorization identity not permitted")
+            await self.push(replies.R535_AUTHZID)
             return None
         return parts[1].decode("utf-8", "replace"), parts[2].decode("utf-8", "replace")
 
@@ -754,7 +754,7 @@ class IngressSMTP(SMTP):
             try:
                 user = base64.b64decode(args[1], validate=True)
             except (binascii.Error, ValueError):
-                await self.push("501 5.5.2 Cannot decode base64")
+                await self.push(replies.R501_BAD_BASE64)
                 return None
         else:
             got = await self._read_b64(b"Username:")
@@ -775,10 +775,10 @@ class IngressSMTP(SMTP):
         """Common checks before MAIL/RCPT/DATA/BDAT; True when a reply was sent."""
         assert self.session is not None
         if not self.session.host_name:
-            await self.push("503 5.5.1 Send HELO/EHLO first")
+            await self.push(replies.R503_HELO_FIRST)
             return True
         if self.listener != "mx" and not self.authenticated:
-            await self.push(policy.R530_AUTH_REQUIRED)
+            await self.push(replies.R530_AUTH_REQUIRED)
             return True
         return False
 
@@ -787,29 +787,29 @@ class IngressSMTP(SMTP):
             return
         assert self.session is not None and self.envelope is not None
         if self._in_transaction():
-            await self.push("503 5.5.1 Nested MAIL command")
+            await self.push(replies.R503_NESTED_MAIL)
             return
         if not arg or arg[:5].upper() != "FROM:":
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            await self.push(replies.R501_SYNTAX_MAIL)
             return
         try:
             path, rest = proto.parse_path(arg[5:], allow_null=True, utf8=True)
             params = proto.parse_params(rest)
             if params and not self.session.extended_smtp:
-                raise proto.ParamError("501 5.5.4 Parameters need EHLO")
+                raise proto.ParamError(replies.R501_PARAMETERS_NEED_EHLO)
             mp = proto.mail_params(params, max_size=self.data_size_limit or 0)
         except proto.PathError as exc:
-            await self.push(f"501 5.1.7 Bad sender address syntax ({exc})")
+            await self.push(replies.R501_BAD_SENDER.format(exc))
             return
         except proto.ParamError as exc:
             await self.push(exc.reply)
             return
         if path.utf8 and not mp.smtputf8:
-            await self.push("553 5.6.7 Non-ASCII address requires SMTPUTF8")
+            await self.push(replies.R553_NEEDS_SMTPUTF8)
             return
         if self._auth is not None and not policy.sender_allowed(path.address, self._auth.send_as):
             self.ingress.stats.add("mail_rejected", "not_owner")
-            await self.push(policy.R553_NOT_OWNER)
+            await self.push(replies.R553_NOT_OWNER)
             return
         if (self.ingress.settings.reject_unauthenticated_local_senders and path.address
                 and not self.ingress.may_relay(self.client_ip, self.authenticated)):
@@ -818,11 +818,11 @@ class IngressSMTP(SMTP):
             try:
                 sender = await self.ingress.directory.resolve(path.address)
             except Unavailable:
-                await self.push(policy.R451_DIRECTORY)
+                await self.push(replies.R451_DIRECTORY)
                 return
             if sender.status != "remote":
                 self.ingress.stats.add("mail_rejected", "local_sender")
-                await self.push(policy.R550_LOCAL_SENDER)
+                await self.push(replies.R550_LOCAL_SENDER)
                 return
         env = self.envelope
         env.mail_from = path.address
@@ -833,21 +833,21 @@ class IngressSMTP(SMTP):
         env.mode = None  # type: ignore[attr-defined]  # "DATA" or "BDAT" once started
         # where BDAT chunks go (DATA opens its own spool)
         env.spool = self.ingress.spool.open(self.ingress.inline_threshold)  # type: ignore[attr-defined]
-        await self.push(policy.R250_OK)
+        await self.push(replies.R250_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self._transaction_gate("RCPT"):
             return
         assert self.envelope is not None
         if not self._in_transaction():
-            await self.push("503 5.5.1 Need MAIL command")
+            await self.push(replies.R503_NEED_MAIL)
             return
         env: Any = self.envelope
         if env.mode is not None:
-            await self.push("503 5.5.1 RCPT not allowed after data transfer began")
+            await self.push(replies.R503_RCPT_AFTER_DATA)
             return
         if not arg or arg[:3].upper() != "TO:":
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            await self.push(replies.R501_SYNTAX_RCPT)
             return
         target = arg[3:].strip()
         if target[:12].lower() == "<postmaster>":
@@ -857,17 +857,17 @@ class IngressSMTP(SMTP):
             path, rest = proto.parse_path(target, allow_null=False, utf8=env.params.smtputf8)
             params = proto.parse_params(rest)
             if params and not self.session.extended_smtp:  # type: ignore[union-attr]
-                raise proto.ParamError("501 5.5.4 Parameters need EHLO")
+                raise proto.ParamError(replies.R501_PARAMETERS_NEED_EHLO)
             rp = proto.rcpt_params(params)
         except proto.PathError as exc:
-            await self.push(f"501 5.1.3 Bad recipient address syntax ({exc})")
+            await self.push(replies.R501_BAD_RECIPIENT.format(exc))
             return
         except proto.ParamError as exc:
             await self.push(exc.reply)
             return
         if len(env.recipients) >= self.ingress.settings.max_recipients:
             self._count_rcpt("deferred", "too_many_recipients")
-            await self.push(policy.R452_TOO_MANY_RCPTS)
+            await self.push(replies.R452_TOO_MANY_RCPTS)
             return
         may_relay = self.ingress.may_relay(self.client_ip, self.authenticated)
         refusal = policy.recipient_needs_lookup(
@@ -879,11 +879,11 @@ class IngressSMTP(SMTP):
                 answer = await self.ingress.directory.resolve(path.address)
             except Unavailable:
                 self._count_rcpt("deferred", "directory_unavailable")
-                await self.push(policy.R451_DIRECTORY)
+                await self.push(replies.R451_DIRECTORY)
                 return
             decision = policy.recipient_decision(answer, may_relay=may_relay)
             if not policy.null_sender_may_relay(env.mail_from, answer):
-                decision = policy.Refuse(policy.R550_NULL_SENDER_RELAY, "null_sender_relay")
+                decision = policy.Refuse(replies.R550_NULL_SENDER_RELAY, "null_sender_relay")
         else:
             decision = refusal
         match decision:
@@ -910,16 +910,16 @@ class IngressSMTP(SMTP):
             return
         env: Any = self.envelope
         if not self._in_transaction():
-            await self.push("503 5.5.1 Need MAIL command")
+            await self.push(replies.R503_NEED_MAIL)
             return
         if env.mode == "BDAT":
-            await self.push("503 5.5.1 DATA not allowed after BDAT")
+            await self.push(replies.R503_DATA_AFTER_BDAT)
             return
         if not env.recipients:
-            await self.push("503 5.5.1 Need RCPT command")
+            await self.push(replies.R503_NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(replies.R501_SYNTAX_DATA)
             return
         env.mode = "DATA"
         await self.push("354 End data with <CR><LF>.<CR><LF>")
@@ -947,7 +947,7 @@ class IngressSMTP(SMTP):
                 self._reset_timeout()
             self._reset_timeout()
             if data.dropped:
-                await self._refuse_message(policy.R451_NO_ROOM, "no_room")
+                await self._refuse_message(replies.R451_NO_ROOM, "no_room")
                 return
             problem = data.problem()
             if problem is not None:
@@ -961,7 +961,7 @@ class IngressSMTP(SMTP):
         parsed = proto.parse_bdat(arg)
         if parsed is None:
             # the size is unknown, so the chunk cannot be skipped: close (RFC 3030 §4)
-            await self._close_after("501 5.5.4 Syntax: BDAT <size> [LAST], closing connection")
+            await self._close_after(replies.R501_SYNTAX_BDAT)
             return
         size, last = parsed
         env: Any = self.envelope
@@ -978,25 +978,25 @@ class IngressSMTP(SMTP):
                 env.spool.close()
             self._reset_timeout()
         if keep and not room:
-            await self._refuse_message(policy.R451_NO_ROOM, "no_room")
+            await self._refuse_message(replies.R451_NO_ROOM, "no_room")
             return
         if await self._transaction_gate("BDAT"):
             return
         if not self._in_transaction():
-            await self.push("503 5.5.1 Need MAIL command")
+            await self.push(replies.R503_NEED_MAIL)
             return
         if env.mode == "DATA":
-            await self.push("503 5.5.1 BDAT not allowed after DATA")
+            await self.push(replies.R503_BDAT_AFTER_DATA)
             return
         if not env.recipients:
-            await self.push("503 5.5.1 Need RCPT command")
+            await self.push(replies.R503_NEED_RCPT)
             return
         env.mode = "BDAT"
         if not keep:
-            await self._refuse_message(proto.R552_TOO_BIG.reply, "too_big")
+            await self._refuse_message(replies.R552_TOO_BIG, "too_big")
             return
         if not last:
-            await self.push(f"250 2.0.0 {size} octets received")
+            await self.push(replies.R250_CHUNK.format(size))
             return
         await self._accept_message(env.spool)
 
@@ -1053,7 +1053,7 @@ class IngressSMTP(SMTP):
             await ing.queue.publish(msg)
         except Unavailable as exc:
             log.warning("could not queue message", error=str(exc)[:200], ip=self.client_ip)
-            await self._refuse_message(policy.R451_QUEUE, "queue_unavailable")
+            await self._refuse_message(replies.R451_QUEUE, "queue_unavailable")
             return
         elapsed = time.perf_counter() - started
         _m(ACCEPT_LATENCY, self.listener).observe(elapsed)
@@ -1063,7 +1063,7 @@ class IngressSMTP(SMTP):
         if self.info:
             self.info.messages += 1
         self._reset_transaction()
-        await self.push(f"250 2.0.0 Ok: queued as {qid}")
+        await self.push(replies.R250_QUEUED.format(qid))
 
 
 _COMMANDS = frozenset(m[5:] for m in dir(IngressSMTP) if m.startswith("smtp_"))

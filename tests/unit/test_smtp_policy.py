@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from postbus.proto.directory import AccountRef, ResolveReply
+from postbus.protocols import smtp_replies as replies
 from postbus.protocols.smtp import Path, parse_path
 from postbus.smtp_ingress import policy as pol
 
@@ -73,9 +74,9 @@ def test_sender_allowed() -> None:
 def test_connection_decision() -> None:
     lim = pol.ConnLimits(max_connections=10, per_ip=2, rate_per_minute=5)
     assert pol.connection_decision(total=0, from_ip=0, recent=0, limits=lim) is None
-    assert pol.connection_decision(total=10, from_ip=0, recent=0, limits=lim) == pol.R421_BUSY
-    assert pol.connection_decision(total=1, from_ip=2, recent=0, limits=lim) == pol.R421_TOO_MANY_CONN
-    assert pol.connection_decision(total=1, from_ip=1, recent=5, limits=lim) == pol.R421_RATE
+    assert pol.connection_decision(total=10, from_ip=0, recent=0, limits=lim) == replies.R421_BUSY
+    assert pol.connection_decision(total=1, from_ip=2, recent=0, limits=lim) == replies.R421_TOO_MANY_CONN
+    assert pol.connection_decision(total=1, from_ip=1, recent=5, limits=lim) == replies.R421_RATE
     off = pol.ConnLimits(0, 0, 0)
     assert pol.connection_decision(total=10**6, from_ip=10**6, recent=10**6, limits=off) is None
 
@@ -183,7 +184,7 @@ def test_full_mailbox_is_refused_at_rcpt() -> None:
     full = ResolveReply(status="local", domain="example.test", accounts=[
         AccountRef(account_id=1, address="a@example.test", full=True)])
     assert pol.recipient_decision(full, may_relay=False) == pol.Refuse(
-        pol.R452_MAILBOX_FULL, "over_quota")
+        replies.R452_MAILBOX_FULL, "over_quota")
     some = ResolveReply(status="local", domain="example.test", accounts=[
         AccountRef(account_id=1, address="a@example.test", full=True),
         AccountRef(account_id=2, address="b@example.test")])  # an alias: one still has room
