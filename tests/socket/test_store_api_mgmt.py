@@ -193,13 +193,8 @@ def _mbox_bytes(tmp: Path, n: int) -> bytes:
     return p.read_bytes()
 
 
-async def test_mgmt_changes_go_out_in_parts(api: Api, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """An import's change notifications are split as every store writer's are (issue 11.5:
-    one change publisher), so a large one never meets the NATS payload limit."""
-    from postbus.mailbox_store import delivery
-
-    monkeypatch.setattr(delivery, "CHANGE_CHUNK", 7)
+async def alice_with_changes(api: Api) -> list[MailboxChanged]:
+    """Domain and user alice; the MAILBOX_CHANGED events of her account, as they arrive."""
     await api.ok("POST", "/api/v1/domains", 201, json={"name": "example.test"})
     u = await api.ok("POST", "/api/v1/users", 201, json={"address": "alice@example.test",
                                                          "password": "pw"})
@@ -209,6 +204,17 @@ async def test_mgmt_changes_go_out_in_parts(api: Api, tmp_path: Path,
         changes.append(ev)
 
     await api.bus.subscribe_core(MAILBOX_CHANGED, seen, account_id=str(u["id"]))
+    return changes
+
+
+async def test_mgmt_changes_go_out_in_parts(api: Api, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import's change notifications are split as every store writer's are (issue 11.5:
+    one change publisher), so a large one never meets the NATS payload limit."""
+    from postbus.mailbox_store import delivery
+
+    monkeypatch.setattr(delivery, "CHANGE_CHUNK", 7)
+    changes = await alice_with_changes(api)
     rep = await api.ok("POST", "/api/v1/users/alice@example.test/import?format=mbox",
                        content=_mbox_bytes(tmp_path, 40))
     assert rep["imported"] == 40
@@ -221,15 +227,7 @@ async def test_mgmt_changes_go_out_in_parts(api: Api, tmp_path: Path,
 
 
 async def test_import_list_export_round_trip(api: Api, tmp_path: Path) -> None:
-    await api.ok("POST", "/api/v1/domains", 201, json={"name": "example.test"})
-    u = await api.ok("POST", "/api/v1/users", 201, json={"address": "alice@example.test",
-                                                         "password": "pw"})
-    changes: list[MailboxChanged] = []
-
-    async def seen(ev: MailboxChanged) -> None:
-        changes.append(ev)
-
-    await api.bus.subscribe_core(MAILBOX_CHANGED, seen, account_id=str(u["id"]))
+    changes = await alice_with_changes(api)
 
     data = _mbox_bytes(tmp_path, 40)
     rep = await api.ok("POST", "/api/v1/users/alice@example.test/import?format=mbox", content=data)
