@@ -191,7 +191,8 @@ class MemoryPlatform:
 
     def deliver(self, account: int, raw: bytes, mailbox: str = "INBOX",
                 flags: list[str] | None = None, prefix: bytes = b"",
-                internaldate: datetime | None = None, notify: bool = True) -> int:
+                internaldate: datetime | None = None, notify: bool = True,
+                origin: str | None = None) -> int:
         key = "blobs/" + hashlib.sha256(raw).hexdigest()
         self.blobs[key] = raw
         box = self.boxes[account][mailbox]
@@ -202,7 +203,8 @@ class MemoryPlatform:
                              internaldate or datetime(2026, 11, 26, 12, 0, tzinfo=UTC), prefix)
         if notify:
             self._publish(account, box, added=[MessageChange(uid=uid, modseq=box.highestmodseq,
-                                                              flags=list(flags or []))])
+                                                              flags=list(flags or []))],
+                          origin=origin)
         return uid
 
     def _publish(self, account: int, box: _Box, *, added: list[MessageChange] | None = None,
@@ -523,7 +525,8 @@ class MemoryPlatform:
         if raw is None:
             raise StoreError("invalid", "append needs message or blob_key")
         self._charge(req.account_id, len(raw))
-        uid = self.deliver(req.account_id, raw, box.name, flags, internaldate=req.internaldate)
+        uid = self.deliver(req.account_id, raw, box.name, flags, internaldate=req.internaldate,
+                           origin=req.origin)
         return AppendReply(uidvalidity=box.uidvalidity, uid=uid)
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
