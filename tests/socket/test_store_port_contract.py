@@ -26,9 +26,9 @@ import pytest_asyncio
 from sqlalchemy import update
 from test_store_core_contract import PG_URL, add_account, drop, make_engine
 
-from postbus.imap_access.adapters import BusStore, S3Blobs
+from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs
 from postbus.imap_access.memory import MemoryPlatform
-from postbus.imap_access.ports import Blobs, Store, StoreError
+from postbus.imap_access.ports import Blobs, Changes, Store, StoreError
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus
 from postbus.kit.testing import RunningNats, RunningS3
@@ -40,6 +40,7 @@ from postbus.pop3_access.adapters import StoreMaildrops
 from postbus.pop3_access.memory import MemoryMaildrops
 from postbus.pop3_access.ports import Maildrops
 from postbus.proto import ALL_STREAMS
+from postbus.proto.mail import MailboxChanged
 from postbus.proto.store import (
     AppendRequest,
     CopyRequest,
@@ -81,6 +82,7 @@ class Backend:
     set_quota: Callable[[int, int | None], Awaitable[None]]
     maildrops: Maildrops  # the POP3 port
     deliver: Callable[[int, bytes, bytes], Awaitable[int]]  # into INBOX, with a trace prefix
+    changes: Changes  # mailbox.changed, for IDLE
 
 
 @dataclass
@@ -170,7 +172,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
         async def memory_deliver(account: int, blob: bytes, prefix: bytes) -> int:
             return drops.deliver(account, blob, prefix)
 
-        yield Backend(flavour, mp, mp, new_memory_account, memory_quota, drops, memory_deliver)
+        yield Backend(flavour, mp, mp, new_memory_account, memory_quota, drops, memory_deliver,
+                      mp)
         return
     root = tmp_path_factory.mktemp(flavour)
     s3: RunningS3 = request.getfixturevalue("s3_server")  # started only for SQL flavours
@@ -204,7 +207,7 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     try:
         # pages of two maildrop messages: the adapter must follow them
         yield Backend(flavour, BusStore(bus), S3Blobs(blobs), new_sql_account, sql_quota,
-                      StoreMaildrops(bus, blobs, page=2), sql_deliver)
+                      StoreMaildrops(bus, blobs, page=2), sql_deliver, BusChanges(bus))
     finally:
         await bus.close()
         await blobs.close()
@@ -822,3 +825,59 @@ async def test_sets_subscriptions_and_usage_follow_changes(port: Port) -> None:
     await s.mailbox_delete(MailboxRef(account_id=a, name="Drafts"))
     after = await s.quota(QuotaRequest(account_id=a))
     assert after.used_bytes == used - drafts.size and after.messages == 5
+
+
+# ---------------------------------------------------------------- mailbox.changed
+async def test_every_change_is_announced_once_with_its_origin(backend: Backend) -> None:
+    import asyncio
+
+    account = await backend.new_account()
+    port = Port(backend.flavour, backend.store, backend.blobs, account, backend.set_quota)
+    s = port.store
+    await port.box()  # the default mailboxes exist before anyone listens
+    seen: list[MailboxChanged] = []
+    unsubscribe = await backend.changes.subscribe(account, seen.append)
+
+    async def events(n: int) -> list[tuple[Any, ...]]:
+        """The next ``n`` events as (mailbox, added, flags, expunged, origin, exists, MODSEQ
+        and UIDNEXT right), then none more for a moment. MODSEQ right: that of the new or
+        changed messages, and the last event's is the mailbox's HIGHESTMODSEQ now."""
+        for _ in range(200):
+            if len(seen) >= n:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        got, seen[:] = list(seen), []
+        out = []
+        for i, e in enumerate(got):
+            now = await port.box(e.mailbox)
+            changed = [c.modseq for c in e.added + e.flags]
+            modseq_ok = (not changed or e.highestmodseq == max(changed)) and (
+                i < len(got) - 1 or e.highestmodseq == now.highestmodseq)
+            out.append((e.mailbox, [c.uid for c in e.added],
+                        [(c.uid, sorted(c.flags)) for c in e.flags], e.expunged, e.origin,
+                        e.exists, modseq_ok, e.uidnext == now.uidnext))
+        return out
+
+    try:
+        uid = (await s.append(AppendRequest(
+            account_id=account, mailbox="INBOX", message=raw_message(1), origin="s1"))).uid
+        assert await events(1) == [("INBOX", [uid], [], [], "s1", 1, True, True)]
+        mid = (await port.box()).mailbox_id
+        await s.flags(StoreFlagsRequest(account_id=account, mailbox_id=mid, uids=[(1, 1)],
+                                        op="add", flags=["\\Seen"], origin="s2"))
+        assert await events(1) == [("INBOX", [], [(1, ["\\Seen"])], [], "s2", 1, True, True)]
+        await s.flags(StoreFlagsRequest(account_id=account, mailbox_id=mid, uids=[(1, 1)],
+                                        op="add", flags=["\\Seen"], origin="s2"))
+        assert await events(0) == []  # nothing changed, nothing said
+        await s.copy(CopyRequest(account_id=account, mailbox_id=mid, uids=[(1, 1)],
+                                 target="INBOX", move=True, origin="s3"))
+        assert await events(2) == [("INBOX", [2], [], [], "s3", 2, True, True),
+                                   ("INBOX", [], [], [1], "s3", 1, True, True)]
+        await s.flags(StoreFlagsRequest(account_id=account, mailbox_id=mid, uids=[(2, 2)],
+                                        op="add", flags=["\\Deleted"]))
+        await events(1)
+        await s.expunge(ExpungeRequest(account_id=account, mailbox_id=mid, origin="s4"))
+        assert await events(1) == [("INBOX", [], [], [2], "s4", 0, True, True)]
+    finally:
+        await unsubscribe()
