@@ -13,6 +13,7 @@ COPY) are bounded by the caller, which sends sets of a few thousand UIDs at most
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
 
@@ -22,6 +23,17 @@ from postbus.proto.base import B64Bytes, Model, Rpc
 from postbus.proto.mail import MessageSummary
 
 UidRanges = list[tuple[int, int]]
+
+
+def uid_ranges(uids: Iterable[int]) -> UidRanges:
+    """UIDs (any order, repeats allowed) as ascending inclusive [first, last] ranges."""
+    out: UidRanges = []
+    for u in sorted(set(uids)):
+        if out and u == out[-1][1] + 1:
+            out[-1] = (out[-1][0], u)
+        else:
+            out.append((u, u))
+    return out
 
 # the most a paged reply carries, well under nats-server's default max_payload of 1 MiB
 PAGE_BYTES = 512 * 1024

@@ -41,6 +41,7 @@ from postbus.proto.store import (
     StoreFlagsReply,
     StoreFlagsRequest,
     SubscribeRequest,
+    uid_ranges,
 )
 from postbus.protocols import mime
 from postbus.protocols.searchtext import (
@@ -110,14 +111,6 @@ def _keywords(flags: Iterable[str]) -> int:
     return sum(1 for f in flags if not f.startswith("\\"))
 
 
-def _ranges(uids: Iterable[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for u in sorted(set(uids)):
-        if out and u == out[-1][1] + 1:
-            out[-1] = (out[-1][0], u)
-        else:
-            out.append((u, u))
-    return out
 
 
 @dataclass
@@ -416,7 +409,7 @@ class MemoryPlatform:
                              f"{b.name} cannot be selected (\\Noselect)")
         vanished: list[tuple[int, int]] = []
         if req.changed_since is not None and req.after_uid == 0:
-            vanished = _ranges(u for u, ms in b.expunged.items() if ms > req.changed_since)
+            vanished = uid_ranges(u for u, ms in b.expunged.items() if ms > req.changed_since)
         msgs = [m for u, m in b.msgs.items() if u > req.after_uid
                 and (req.changed_since is None or m.modseq > req.changed_since)]
         limit = min(req.limit, self.page_limit or req.limit)

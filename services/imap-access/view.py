@@ -9,7 +9,11 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
+from postbus.proto.store import uid_ranges
 from postbus.protocols.imap_parser import SeqSet
+
+# ascending UIDs as proto.store.UidRanges (one implementation for the store and sessions)
+to_ranges = uid_ranges
 
 
 class BadSequence(Exception):
@@ -143,12 +147,3 @@ class MailboxView:
         return list(seen)
 
 
-def to_ranges(uids: list[int]) -> list[tuple[int, int]]:
-    """Ascending UIDs as inclusive [first, last] ranges (proto.store.UidRanges)."""
-    out: list[tuple[int, int]] = []
-    for u in uids:
-        if out and u == out[-1][1] + 1:
-            out[-1] = (out[-1][0], u)
-        else:
-            out.append((u, u))
-    return out

@@ -35,7 +35,6 @@ from postbus.mailbox_store.sqlbase import (
     flags_to_db,
     make_state,
     normalize_name,
-    ranges_to_list,
     trusted_model,
     uid_bounds,
     uid_filter,
@@ -43,7 +42,7 @@ from postbus.mailbox_store.sqlbase import (
     utc,
 )
 from postbus.proto.mail import MessageSummary
-from postbus.proto.store import MailboxInfo, MessageMeta, MessageState
+from postbus.proto.store import MailboxInfo, MessageMeta, MessageState, uid_ranges
 
 # ---------------------------------------------------------------- prepared statements
 # the statements of APPEND, SELECT, FETCH and EXPUNGE, compiled once (prepared.py)
@@ -254,7 +253,7 @@ class MessageOps(RepoBase):
             if changed_since is not None and after_uid == 0:
                 gone = (await conn.execute(select(X.c.uid).where(
                     X.c.mailbox_id == mailbox_id, X.c.modseq > changed_since))).scalars().all()
-                vanished = ranges_to_list(gone)
+                vanished = uid_ranges(gone)
         more = len(rows) > limit
         # rows straight from SQL: no validation needed (model_construct is ~10x faster)
         msgs = [make_state(r[0], flags_from_db(r[1], r[2]), r[3]) for r in rows[:limit]]

@@ -43,7 +43,6 @@ from postbus.mailbox_store.sqlbase import (
     make_state,
     normalize_name,
     parents_of,
-    ranges_to_list,
     trusted_model,
     uid_filter,
     unseen_deleted,
@@ -55,7 +54,7 @@ __all__ = [
     "INBOX", "MAX_NAME", "MAX_RANGES_IN_SQL", "MAX_UIDS_IN_LIST", "SEEN", "SPECIAL_USES",
     "Change", "Conflict", "DeliverOutcome", "Exists", "Invalid", "Limit", "NewMessage",
     "NotFound", "OverQuota", "Repository", "StoreError", "flags_from_db", "flags_to_db",
-    "make_state", "normalize_name", "parents_of", "parse_search_date", "ranges_to_list",
+    "make_state", "normalize_name", "parents_of", "parse_search_date",
     "trusted_model", "uid_filter", "unseen_deleted", "utc",
 ]
 

@@ -301,14 +301,6 @@ def parents_of(name: str) -> list[str]:
     return [DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
 
 
-def ranges_to_list(uids: Iterable[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for u in sorted(set(uids)):
-        if out and u == out[-1][1] + 1:
-            out[-1] = (out[-1][0], u)
-        else:
-            out.append((u, u))
-    return out
 
 
 def _clean_ranges(ranges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
