@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -162,23 +162,30 @@ def mx_process(nats_server: RunningNats, s3_server: RunningS3,
     plat.stop()
 
 
+def _to_data(s: socket.socket) -> Callable[[], bytes]:
+    """Greeting, EHLO, MAIL, RCPT and DATA as an unauthenticated MX client; returns the
+    function that reads the next (last line of a) reply."""
+    f = s.makefile("rb")
+
+    def reply() -> bytes:
+        while True:
+            line = f.readline()
+            if line[3:4] != b"-":
+                return line
+
+    reply()
+    for cmd in (b"EHLO c.example.net", b"MAIL FROM:<x@example.net>",
+                b"RCPT TO:<a@example.test>", b"DATA"):
+        s.sendall(cmd + b"\r\n")
+        reply()
+    return reply
+
+
 def _smtp_data(port: int, size: int, finish: bool, replies: list[bytes]) -> None:
     """An unauthenticated MX client that sends ``size`` octets of DATA (and the final dot
     when ``finish``)."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        f = s.makefile("rb")
-
-        def reply() -> bytes:
-            while True:
-                line = f.readline()
-                if line[3:4] != b"-":
-                    return line
-
-        reply()
-        for cmd in (b"EHLO c.example.net", b"MAIL FROM:<x@example.net>",
-                    b"RCPT TO:<a@example.test>", b"DATA"):
-            s.sendall(cmd + b"\r\n")
-            reply()
+        reply = _to_data(s)
         line = b"Subject: big\r\n\r\n" + b"y" * 998 + b"\r\n"
         chunk = line * 1024
         sent = 0
@@ -278,19 +285,7 @@ def _send_big(port: int, n: int, size: int, out: dict[int, tuple[bytes, str]]) -
                            for ln in block.split(b"\r\n"))
     digest = hashlib.sha256(head)
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-        f = s.makefile("rb")
-
-        def reply() -> bytes:
-            while True:
-                line = f.readline()
-                if line[3:4] != b"-":
-                    return line
-
-        reply()
-        for cmd in (b"EHLO c.example.net", b"MAIL FROM:<x@example.net>",
-                    b"RCPT TO:<a@example.test>", b"DATA"):
-            s.sendall(cmd + b"\r\n")
-            reply()
+        reply = _to_data(s)
         s.sendall(head)
         sent = len(head)
         while sent < size:
