@@ -1,5 +1,6 @@
 """IMAP4rev1 command parser (RFC 3501 §9 grammar, LITERAL+ RFC 7888, CONDSTORE RFC 7162,
-MOVE RFC 6851, UIDPLUS RFC 4315, LIST-EXTENDED RFC 5258, ID RFC 2971, ENABLE RFC 5161).
+MOVE RFC 6851, UIDPLUS RFC 4315, LIST-EXTENDED RFC 5258, ID RFC 2971, ENABLE RFC 5161,
+BINARY RFC 3516).
 
 Pure and sans-I/O: bytes in, values out. No asyncio, nats or boto3. ``Receiver.feed`` never
 raises on client input: junk, over-long lines and over-sized literals come back as ``Bad``.
@@ -191,6 +192,7 @@ class Append:
     flags: tuple[str, ...]
     date: datetime | None
     message: bytes
+    binary: bool = False  # sent as a literal8 ~{n} (RFC 3516 §4.4)
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,8 @@ class Search:
 @dataclass(frozen=True)
 class FetchAtt:
     """``name`` upper-case: FLAGS, UID, INTERNALDATE, RFC822.SIZE, ENVELOPE, BODY,
-    BODYSTRUCTURE, RFC822, RFC822.HEADER, RFC822.TEXT, MODSEQ, or BODY[] (with ``section``)."""
+    BODYSTRUCTURE, RFC822, RFC822.HEADER, RFC822.TEXT, MODSEQ, or BODY[] (with ``section``),
+    or BINARY[] / BINARY.SIZE (RFC 3516; ``section`` holds the part number only)."""
 
     name: str
     section: tuple[str, str, tuple[str, ...]] | None = None  # (part, text, fields)
@@ -981,9 +984,10 @@ def _append(c: _Cursor, tag: str, uid: bool) -> Append:
     if c.peek() == 0x22:
         date = c.date_time()
         c.sp()
-    if c.peek() != 0x7B:
+    binary = c.d[c.i:c.i + 2] == b"~{"  # literal8 (RFC 3516 §4.4)
+    if c.peek() != 0x7B and not binary:
         raise c.fail("expected a literal")
-    return Append(tag, mbox, flags, date, c.literal())
+    return Append(tag, mbox, flags, date, c.literal(), binary)
 
 
 def _id(c: _Cursor, tag: str, uid: bool, truncated: bool = False) -> IdCmd:
@@ -1144,21 +1148,34 @@ def _section(c: _Cursor) -> tuple[str, str, tuple[str, ...]]:
     return part, text, fields
 
 
+def _partial(c: _Cursor) -> tuple[int, int] | None:
+    """``<start.count>`` after a section, if there is one (RFC 3501 §9 partial)."""
+    if c.peek() != 0x3C:
+        return None
+    c.i += 1
+    start = c.number(limit=4294967295)
+    c.expect(b".")
+    count = c.number(nz=True, limit=4294967295)
+    c.expect(b">")
+    return start, count
+
+
 def _fetch_att(c: _Cursor) -> FetchAtt:
-    for name in ("BODY.PEEK[", "BODY[", "BINARY.PEEK[", "BINARY["):
+    for name in ("BODY.PEEK[", "BODY[", "BINARY.PEEK[", "BINARY.SIZE[", "BINARY["):
         if c.maybe(name.encode()):
             if name.startswith("BINARY"):
-                raise c.fail("BINARY is not supported")
+                # section-binary = "[" [section-part] "]" (RFC 3516 §6)
+                m = _SECTION_PART.match(c.d, c.i)
+                assert m is not None
+                c.i = m.end()
+                c.expect(b"]")
+                part: tuple[str, str, tuple[str, ...]] = (
+                    m.group(1).decode() if m.group(1) else "", "", ())
+                if name == "BINARY.SIZE[":
+                    return FetchAtt("BINARY.SIZE", part)
+                return FetchAtt("BINARY[]", part, _partial(c), peek=name == "BINARY.PEEK[")
             sec = _section(c)
-            partial = None
-            if c.peek() == 0x3C:
-                c.i += 1
-                start = c.number(limit=4294967295)
-                c.expect(b".")
-                count = c.number(nz=True, limit=4294967295)
-                c.expect(b">")
-                partial = (start, count)
-            return FetchAtt("BODY[]", sec, partial, peek=name.startswith("BODY.PEEK"))
+            return FetchAtt("BODY[]", sec, _partial(c), peek=name.startswith("BODY.PEEK"))
     a = c.chars(ATOM_CHARS, "a fetch attribute").decode("ascii").upper()
     if a not in _SIMPLE_ATTS:
         raise c.fail(f"unknown fetch attribute {a[:40]}")

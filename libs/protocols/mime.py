@@ -24,7 +24,8 @@ from postbus.proto.mail import MessageSummary, PartSpan
 __all__ = [
     "summarize", "header_fields", "section_bytes", "parse_headers", "header_block_end",
     "decode_words", "decode_bytes", "parse_tree", "Entity", "unfold", "parse_section",
-    "normalize_crlf", "Section", "imap_string", "MAX_DEPTH", "MAX_PARTS",
+    "normalize_crlf", "Section", "imap_string", "MAX_DEPTH", "MAX_PARTS", "binary_section",
+    "binary_to_base64", "UnknownCTE",
 ]
 
 # Dovecot bounds nesting too (message-parser: max_nested_mime_parts=100, max_total=10000);
@@ -1028,3 +1029,104 @@ def section_bytes(raw: bytes, summary_or_parts: MessageSummary | Sequence[PartSp
         case "HEADER.FIELDS.NOT":
             return header_fields(raw[msg_start:msg_body], sec.fields, negate=True)
     return None
+
+
+# ---------------------------------------------------------------- BINARY (RFC 3516)
+class UnknownCTE(ValueError):
+    """A part's Content-Transfer-Encoding we cannot decode (RFC 3516 §4.3: NO [UNKNOWN-CTE])."""
+
+
+_B64_CHARS = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _base64_decode(data: bytes) -> bytes:
+    """RFC 2045 §6.8: characters outside the alphabet are ignored; the data ends at the
+    first pad (=); a dangling sixth of a group is dropped."""
+    body = data.split(b"=", 1)[0]
+    body = _B64_CHARS.sub(b"", body)
+    if len(body) % 4 == 1:
+        body = body[:-1]
+    return binascii.a2b_base64(body + b"=" * (-len(body) % 4))
+
+
+_QP_HEX = re.compile(rb"=([0-9A-Fa-f]{2})")
+
+
+def _qp_decode(data: bytes) -> bytes:
+    """RFC 2045 §6.7: trailing white space on a line is dropped, a line ending in '=' is a
+    soft line break, '=XX' is an octet; any other '=' stands for itself."""
+    out: list[bytes] = []
+    for line in data.splitlines(keepends=True):
+        content = line.rstrip(b"\r\n")
+        eol = line[len(content):]
+        content = content.rstrip(b" \t")
+        if content.endswith(b"="):
+            content, eol = content[:-1], b""
+        out.append(_QP_HEX.sub(lambda m: bytes([int(m.group(1), 16)]), content) + eol)
+    return b"".join(out)
+
+
+def _cte(raw: bytes, start: int, end: int) -> str:
+    """The Content-Transfer-Encoding token of the header block raw[start:end], lower-case."""
+    v = next((val for k, val in parse_headers(raw[start:end])
+              if k == "content-transfer-encoding"), None)
+    return _first_token(unfold(v)).lower() if v is not None else ""
+
+
+def binary_section(raw: bytes, parts: Sequence[PartSpan], part: str) -> tuple[bytes, bool]:
+    """BINARY[part] (RFC 3516 §4.2): the part's body with its Content-Transfer-Encoding
+    decoded, and whether anything was decoded (Dovecot then sends a literal8). The whole
+    message (part "") and multipart or message/rfc822 parts, whose own encoding is an
+    identity (RFC 2045 §6.4), come as they are; a part that does not exist is empty, as
+    BODY[] answers it. Raises UnknownCTE for an encoding other than 7bit, 8bit, binary,
+    base64 and quoted-printable."""
+    if part == "":
+        return raw, False
+    p = _find_part(parts, part)
+    if p is None:
+        return b"", False
+    data = raw[p.body_start:p.end]
+    if p.is_message_rfc822 or p.content_type.startswith("multipart/"):
+        return data, False
+    cte = _cte(raw, p.header_start, p.body_start)
+    if cte in ("", "7bit", "8bit", "binary"):
+        return data, False
+    if cte == "base64":
+        return _base64_decode(data), True
+    if cte == "quoted-printable":
+        return _qp_decode(data), True
+    raise UnknownCTE(cte)
+
+
+_CTE_LINE = re.compile(rb"(?im)^content-transfer-encoding[ \t]*:[ \t]*binary[ \t]*(\r?\n|\Z)")
+
+
+def binary_to_base64(raw: bytes) -> bytes:
+    """A message APPENDed as a literal8 (RFC 3516 §4.4) made fit for BODY[], whose literals
+    cannot carry NUL: every non-multipart part with ``Content-Transfer-Encoding: binary``
+    gets that line as ``base64`` and its body base64-encoded in lines of 76, as Dovecot's
+    binary converter does. BINARY[] decodes it back to the same octets."""
+    edits: list[tuple[int, int, bytes]] = []
+
+    def walk(e: Entity) -> None:
+        if e.is_multipart:
+            for c in e.children:
+                walk(c)
+            return
+        m = _CTE_LINE.search(raw, e.header_start, e.body_start)
+        if m is not None and (m.start() == e.header_start or raw[m.start() - 1] == 0x0A):
+            body = raw[e.body_start:e.end]
+            enc = binascii.b2a_base64(body, newline=False)
+            lines = b"\r\n".join(enc[i:i + 76] for i in range(0, len(enc), 76))
+            edits.append((m.start(), m.end(), b"Content-Transfer-Encoding: base64\r\n"))
+            edits.append((e.body_start, e.end, lines))
+        elif e.message is not None:
+            walk(e.message)
+
+    walk(parse_tree(raw))
+    if not edits:
+        return raw
+    out = bytearray(raw)
+    for start, end, new in sorted(edits, reverse=True):
+        out[start:end] = new
+    return bytes(out)

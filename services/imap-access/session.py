@@ -72,7 +72,7 @@ SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 DELIM = "/"
 BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
-             "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE")
+             "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY")
 
 
 # ---------------------------------------------------------------- states (RFC 3501 §3)
@@ -1094,7 +1094,10 @@ class Session:
         flags = [f for f in cmd.flags if f.lower() != "\\recent"]
         # the bytes IMAP will serve (CRLF line ends), uploaded and summarised here, where
         # the CPU is spare, so the store only writes rows (docs/benchmarks.md)
-        raw = mime.normalize_crlf(cmd.message)
+        # a literal8 may carry binary parts: base64 from here on, as BODY[] cannot send NUL
+        # and BINARY[] decodes them back (RFC 3516 §4.4)
+        raw = mime.normalize_crlf(mime.binary_to_base64(cmd.message) if cmd.binary
+                                  else cmd.message)
         req = AppendRequest(account_id=st.account_id, mailbox=name, flags=flags,
                             internaldate=cmd.date or datetime.now(UTC), origin=self.info.id,
                             blob_key=await self.blobs.put(raw))
@@ -1130,13 +1133,14 @@ class Session:
         if "MODSEQ" in names:
             self._enable_condstore()
         bodies = [a for a in atts if a.name in ("BODY[]", "RFC822", "RFC822.HEADER",
-                                                "RFC822.TEXT")]
+                                                "RFC822.TEXT", "BINARY[]", "BINARY.SIZE")]
         need_meta = any(a.name not in ("FLAGS", "UID", "MODSEQ") for a in atts)
         need_summary = any(a.name in ("ENVELOPE", "BODY", "BODYSTRUCTURE") for a in atts) or any(
-            a.name == "BODY[]" and a.section is not None and a.section[0] for a in bodies)
+            a.name in ("BODY[]", "BINARY[]", "BINARY.SIZE") and a.section is not None
+            and a.section[0] for a in bodies)
         set_seen = not view.readonly and any(
-            (a.name == "BODY[]" and not a.peek) or a.name in ("RFC822", "RFC822.TEXT")
-            for a in bodies)
+            (a.name in ("BODY[]", "BINARY[]") and not a.peek)
+            or a.name in ("RFC822", "RFC822.TEXT") for a in bodies)
         # summaries make metadata replies large: keep them well under the NATS payload limit
         batch = max(1, self.cfg.fetch_batch if not need_summary else min(self.cfg.fetch_batch, 100))
 
@@ -1280,6 +1284,8 @@ class Session:
             case "RFC822.TEXT":
                 data = _section_data(meta, blob, ("", "TEXT", ()), None)
                 return b"RFC822.TEXT " + literal(data or b"")
+        if a.name in ("BINARY[]", "BINARY.SIZE"):
+            return _binary_item(meta, blob, a)
         sec = a.section or ("", "", ())
         data = _section_data(meta, blob, sec, meta.summary)
         name = b"BODY[" + a.section_text.encode() + b"]"
@@ -1312,6 +1318,30 @@ def _section_data(meta: MessageMeta, blob: bytes, sec: tuple[str, str, tuple[str
     if summary is None:
         summary = mime.summarize(blob)
     return mime.section_bytes(blob, summary, section)
+
+
+def _binary_item(meta: MessageMeta, blob: bytes, a: p.FetchAtt) -> bytes:
+    """BINARY[part]<partial> or BINARY.SIZE[part] (RFC 3516 §4.2): the part decoded; a
+    literal8 when it was decoded or holds NUL, as Dovecot sends it."""
+    part = a.section[0] if a.section else ""
+    try:
+        if part == "":
+            data, decoded = meta.prefix + blob, False
+        else:
+            summary = meta.summary if meta.summary is not None else mime.summarize(blob)
+            data, decoded = mime.binary_section(blob, summary.parts, part)
+    except mime.UnknownCTE as exc:
+        raise No(f"Unknown Content-Transfer-Encoding {str(exc)[:40]}", "UNKNOWN-CTE") from None
+    if a.name == "BINARY.SIZE":
+        return b"BINARY.SIZE[%s] %d" % (part.encode(), len(data))
+    name = b"BINARY[" + part.encode() + b"]"
+    if a.partial is not None:
+        start, count = a.partial
+        name += b"<%d>" % start
+        data = data[start:start + count]
+    if decoded or b"\0" in data:
+        return name + b" ~{%d}\r\n" % len(data) + data
+    return name + b" " + literal(data)
 
 
 def _chunks(uids: list[int], n: int) -> list[list[int]]:

@@ -254,6 +254,26 @@ def test_preauth_over_long_line_stops_reading() -> None:
     assert r.feed(b"\r\nb NOOP\r\n") == []
 
 
+# ---------------------------------------------------------------- BINARY (RFC 3516)
+def test_binary_fetch_attributes_and_literal8_append() -> None:
+    # RFC 3516 §4.2/§6: section-binary is a part number or nothing; partial as for BODY[]
+    assert one(b"a FETCH 1 (BINARY.PEEK[1.2]<0.10> BINARY.SIZE[3] BINARY[] BINARY[4])\r\n"
+               ) == p.Fetch("a", False, ((1, 1),), (
+                   BODY("BINARY[]", ("1.2", "", ()), (0, 10), peek=True),
+                   BODY("BINARY.SIZE", ("3", "", ())),
+                   BODY("BINARY[]", ("", "", ())),
+                   BODY("BINARY[]", ("4", "", ()))))
+    for bad in (b"BINARY[1.MIME]", b"BINARY[HEADER]", b"BINARY.SIZE[1]<0.5>", b"BINARY[1."):
+        out = one(b"a FETCH 1 (" + bad + b")\r\n")
+        assert isinstance(out, p.Bad), bad
+    # RFC 3516 §4.4: APPEND with a literal8
+    r = p.Receiver()
+    assert r.feed(b"a APPEND INBOX ~{5}\r\n") == [p.Continue(5)]
+    assert r.feed(b"\x00bin\xff\r\n") == [
+        p.Append("a", b"INBOX", (), None, b"\x00bin\xff", binary=True)]
+    assert one(b"a APPEND INBOX {3+}\r\nabc\r\n") == p.Append("a", b"INBOX", (), None, b"abc")
+
+
 # ---------------------------------------------------------------- ID past the pre-login line
 def _rfc_max_id(tag: bytes = b"a", value: bytes = b"v") -> bytes:
     """The longest ID RFC 2971 §3.3 allows: 30 pairs, names of 30 octets, values of 1024."""

@@ -15,6 +15,9 @@ from postbus.kit.testing import examples
 from postbus.proto.mail import MessageSummary
 from postbus.protocols.mime import (
     Section,
+    UnknownCTE,
+    binary_section,
+    binary_to_base64,
     decode_words,
     header_fields,
     imap_string,
@@ -674,3 +677,44 @@ def test_pathological_input_is_bounded(raw: bytes) -> None:
     check_consistent(raw, s)
     tree = read_imap(s.bodystructure)
     assert isinstance(tree, list)
+
+
+# ---------------------------------------------------------------- BINARY (RFC 3516)
+def test_binary_section_decodes_the_part_encoding() -> None:
+    # imaptest's fetch-binary-mime-base64 and -qp cases (what Dovecot answers)
+    raw = crlf("Content-Type: multipart/mixed; boundary=b\n\n--b\n"
+               "Content-Transfer-Encoding: base64\n\n  aGVs    \n bG8g  \n   d29y  \t \n    bGQ= \n\n"
+               "--b\nContent-Transfer-Encoding: BASE64\n\nYWJjZGVmZw1oaWprbA0KbW5vCnBxcnN0dXZxeHl6\n"
+               "--b\nContent-Transfer-Encoding: quoted-printable\n\nhello  \nbar=\n\nfoo\t=\nbar\n"
+               "foo\t \t= \n=62\nfoo = \t\nbar\nfoo =\n=62\nfoo  \nbar=\n\nfoo_bar\n\n"
+               "--b\nContent-Type: message/rfc822\nContent-Transfer-Encoding: 8bit\n\nSubject: x\n\ny\n"
+               "--b\nContent-Transfer-Encoding: x-uuencode\n\nbegin\n--b--\n")
+    s = summarize(raw)
+    assert binary_section(raw, s.parts, "1") == (b"hello world", True)
+    assert binary_section(raw, s.parts, "1.1") == (b"hello world", True)  # n.1 of a leaf
+    assert binary_section(raw, s.parts, "2") == (b"abcdefg\rhijkl\r\nmno\npqrstuvqxyz", True)
+    assert binary_section(raw, s.parts, "3") == (
+        b"hello\r\nbar\r\nfoo\tbar\r\nfoo\t \tb\r\nfoo bar\r\nfoo b\r\nfoo\r\nbar\r\n"
+        b"foo_bar\r\n", True)
+    assert binary_section(raw, s.parts, "4") == (b"Subject: x\r\n\r\ny", False)
+    assert binary_section(raw, s.parts, "9") == (b"", False)
+    assert binary_section(raw, s.parts, "") == (raw, False)
+    with pytest.raises(UnknownCTE):
+        binary_section(raw, s.parts, "5")
+
+
+def test_binary_parts_of_a_literal8_append_become_base64() -> None:
+    body = bytes(range(256)) * 2
+    raw = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+           b"Content-Type: application/octet-stream\r\ncontent-transfer-encoding:  Binary \r\n"
+           b"X-After: 1\r\n\r\n" + body + b"\r\n--b\r\nContent-Transfer-Encoding: binary\r\n"
+           b"Content-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\n\r\nkept\r\n--c--\r\n"
+           b"--b--\r\n")
+    out = binary_to_base64(raw)
+    assert b"\x00" not in out and out.count(b"Content-Transfer-Encoding: base64\r\nX-After: 1") == 1
+    assert all(len(line) <= 76 for line in out.split(b"\r\n"))
+    s = summarize(out)
+    assert binary_section(out, s.parts, "1") == (body, True)
+    # a multipart is never re-encoded (Dovecot's part_can_convert), its parts stay as they are
+    assert section_bytes(out, s, "2.1") == b"kept"
+    assert binary_to_base64(b"Subject: x\r\n\r\ntext\r\n") == b"Subject: x\r\n\r\ntext\r\n"
