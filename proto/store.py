@@ -221,6 +221,18 @@ STORE_COPY = Rpc("store.copy.v1", CopyRequest, CopyReply,
 
 
 # ---------------------------------------------------------------- append
+class AppendMessage(Model):
+    """A message of a MULTIAPPEND after the first (RFC 3502), with the fields that
+    AppendRequest has for its first."""
+
+    flags: list[str] = Field(default_factory=list)
+    internaldate: datetime | None = None
+    message: B64Bytes | None = None
+    blob_key: str | None = None
+    blob_size: int | None = Field(default=None, ge=0)
+    summary: MessageSummary | None = None
+
+
 class AppendRequest(Model):
     account_id: int
     mailbox: str
@@ -234,11 +246,15 @@ class AppendRequest(Model):
     blob_size: int | None = Field(default=None, ge=0)
     summary: MessageSummary | None = None
     origin: str | None = None
+    # MULTIAPPEND (RFC 3502 §3): the messages after this one, appended with it in one
+    # transaction (all or none) at consecutive UIDs
+    more: list[AppendMessage] = Field(default_factory=list)
 
 
 class AppendReply(Model):
     uidvalidity: int
-    uid: int
+    uid: int  # the (first) message's
+    uids: list[int] = Field(default_factory=list)  # with ``more``: every message's, in order
 
 
 STORE_APPEND = Rpc("store.append.v1", AppendRequest, AppendReply,

@@ -40,6 +40,7 @@ from postbus.proto.store import (
     STORE_QUOTA,
     STORE_SEARCH,
     STORE_SELECT,
+    AppendMessage,
     AppendReply,
     AppendRequest,
     CopyReply,
@@ -176,14 +177,18 @@ class StoreApi:
         return CopyReply(uidvalidity=uv, source_uids=src, target_uids=dst)
 
     async def append(self, req: AppendRequest) -> AppendReply:
-        key, size, summary = await self._append_body(req)
-        uv, uid, change = await self.repo.append(req.account_id, req.mailbox, NewMessage(
-            blob_key=key, blob_size=size, summary=summary, flags=req.flags,
-            internaldate=req.internaldate))
+        msgs = []
+        each: list[AppendRequest | AppendMessage] = [req, *req.more]
+        for m in each:  # MULTIAPPEND (RFC 3502): all in one transaction
+            key, size, summary = await self._append_body(m)
+            msgs.append(NewMessage(blob_key=key, blob_size=size, summary=summary,
+                                   flags=m.flags, internaldate=m.internaldate))
+        uv, uids, change = await self.repo.append_many(req.account_id, req.mailbox, msgs)
         await publish_change(self.bus, change, req.origin)
-        return AppendReply(uidvalidity=uv, uid=uid)
+        return AppendReply(uidvalidity=uv, uid=uids[0], uids=uids if req.more else [])
 
-    async def _append_body(self, req: AppendRequest) -> tuple[str, int, MessageSummary]:
+    async def _append_body(self, req: AppendRequest | AppendMessage
+                           ) -> tuple[str, int, MessageSummary]:
         """Blob key, size and summary of an APPEND: as imap-access sent them, or made here
         from the literal or an uploaded blob, with the CRLF line ends IMAP serves."""
         if req.blob_key and req.summary is not None and req.blob_size is not None:
