@@ -1,6 +1,6 @@
 """IMAP4rev1 command parser (RFC 3501 §9 grammar, LITERAL+ RFC 7888, CONDSTORE RFC 7162,
 MOVE RFC 6851, UIDPLUS RFC 4315, LIST-EXTENDED RFC 5258, ID RFC 2971, ENABLE RFC 5161,
-BINARY RFC 3516).
+BINARY RFC 3516, MULTIAPPEND RFC 3502).
 
 Pure and sans-I/O: bytes in, values out. No asyncio, nats or boto3. ``Receiver.feed`` never
 raises on client input: junk, over-long lines and over-sized literals come back as ``Bad``.
@@ -19,7 +19,8 @@ __all__ = [
     "parse_command", "parse_id_prefix", "MAX_LINE", "MAX_LITERAL", "MAX_COMMAND", "MAX_ID_LINE",
     "Limits", "PREAUTH",
     "Capability", "Noop", "Logout", "StartTLS", "Login", "Authenticate", "Select", "Create",
-    "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "IdCmd",
+    "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "AppendItem",
+    "IdCmd",
     "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Fetch",
     "StoreCmd", "Copy", "GetQuotaRoot", "GetQuota",
 ]
@@ -186,6 +187,16 @@ class Status:
 
 
 @dataclass(frozen=True)
+class AppendItem:
+    """A message of a MULTIAPPEND after the first (RFC 3502 §6: append-message)."""
+
+    flags: tuple[str, ...]
+    date: datetime | None
+    message: bytes
+    binary: bool = False
+
+
+@dataclass(frozen=True)
 class Append:
     tag: str
     mailbox: bytes
@@ -193,6 +204,7 @@ class Append:
     date: datetime | None
     message: bytes
     binary: bool = False  # sent as a literal8 ~{n} (RFC 3516 §4.4)
+    more: tuple[AppendItem, ...] = ()  # MULTIAPPEND (RFC 3502): the messages after this one
 
 
 @dataclass(frozen=True)
@@ -973,21 +985,27 @@ def _status(c: _Cursor, tag: str, uid: bool) -> Status:
 
 
 def _append(c: _Cursor, tag: str, uid: bool) -> Append:
+    # append = "APPEND" SP mailbox 1*(SP append-message)  (RFC 3502 §6)
     c.sp()
     mbox = c.astring()
-    c.sp()
-    flags: tuple[str, ...] = ()
-    date = None
-    if c.peek() == 0x28:
-        flags = c.flag_list()
+    items: list[AppendItem] = []
+    while not items or not c.at_end():
         c.sp()
-    if c.peek() == 0x22:
-        date = c.date_time()
-        c.sp()
-    binary = c.d[c.i:c.i + 2] == b"~{"  # literal8 (RFC 3516 §4.4)
-    if c.peek() != 0x7B and not binary:
-        raise c.fail("expected a literal")
-    return Append(tag, mbox, flags, date, c.literal(), binary)
+        flags: tuple[str, ...] = ()
+        date = None
+        if c.peek() == 0x28:
+            flags = c.flag_list()
+            c.sp()
+        if c.peek() == 0x22:
+            date = c.date_time()
+            c.sp()
+        binary = c.d[c.i:c.i + 2] == b"~{"  # literal8 (RFC 3516 §4.4)
+        if c.peek() != 0x7B and not binary:
+            raise c.fail("expected a literal")
+        items.append(AppendItem(flags, date, c.literal(), binary))
+    first = items[0]
+    return Append(tag, mbox, first.flags, first.date, first.message, first.binary,
+                  tuple(items[1:]))
 
 
 def _id(c: _Cursor, tag: str, uid: bool, truncated: bool = False) -> IdCmd:

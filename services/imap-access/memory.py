@@ -15,6 +15,7 @@ from postbus.imap_access.ports import StoreError, Unsubscribe
 from postbus.proto.directory import AuthReply
 from postbus.proto.mail import MailboxChanged, MessageChange
 from postbus.proto.store import (
+    AppendMessage,
     AppendReply,
     AppendRequest,
     CopyReply,
@@ -508,19 +509,24 @@ class MemoryPlatform:
 
     async def append(self, req: AppendRequest) -> AppendReply:
         box = self._target(req.account_id, req.mailbox)
-        flags = _flags(req.flags)
-        if _keywords(flags) > MAX_KEYWORDS:
-            raise StoreError("limit", f"at most {MAX_KEYWORDS} keywords on a message")
-        if req.message is not None:  # the bytes IMAP serves, with CRLF line ends
-            raw: bytes | None = mime.normalize_crlf(req.message)
-        else:
-            raw = self.blobs.get(req.blob_key or "")
-        if raw is None:
-            raise StoreError("invalid", "append needs message or blob_key")
-        self._charge(req.account_id, len(raw))
-        uid = self.deliver(req.account_id, raw, box.name, flags, internaldate=req.internaldate,
-                           origin=req.origin)
-        return AppendReply(uidvalidity=box.uidvalidity, uid=uid)
+        todo: list[tuple[bytes, list[str], datetime | None]] = []
+        each: list[AppendRequest | AppendMessage] = [req, *req.more]
+        for m in each:  # MULTIAPPEND (RFC 3502): all checked first, then all or none
+            flags = _flags(m.flags)
+            if _keywords(flags) > MAX_KEYWORDS:
+                raise StoreError("limit", f"at most {MAX_KEYWORDS} keywords on a message")
+            if m.message is not None:  # the bytes IMAP serves, with CRLF line ends
+                raw: bytes | None = mime.normalize_crlf(m.message)
+            else:
+                raw = self.blobs.get(m.blob_key or "")
+            if raw is None:
+                raise StoreError("invalid", "append needs message or blob_key")
+            todo.append((raw, flags, m.internaldate))
+        self._charge(req.account_id, sum(len(raw) for raw, _, _ in todo))
+        uids = [self.deliver(req.account_id, raw, box.name, flags, internaldate=when,
+                             origin=req.origin) for raw, flags, when in todo]
+        return AppendReply(uidvalidity=box.uidvalidity, uid=uids[0],
+                           uids=uids if req.more else [])
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
         b = self._box_by_id(req.account_id, req.mailbox_id)

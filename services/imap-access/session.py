@@ -31,6 +31,7 @@ from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
 from postbus.proto.mail import MailboxChanged, MessageSummary
 from postbus.proto.store import (
+    AppendMessage,
     AppendRequest,
     CopyRequest,
     ExpungeRequest,
@@ -72,7 +73,8 @@ SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 DELIM = "/"
 BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
-             "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY")
+             "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
+             "MULTIAPPEND")
 
 
 # ---------------------------------------------------------------- states (RFC 3501 §3)
@@ -1091,20 +1093,31 @@ class Session:
     # ------------------------------------------------------------ APPEND
     async def _append(self, st: Authenticated | Selected, cmd: p.Append) -> Tagged:
         name = to_store_name(cmd.mailbox)
-        flags = [f for f in cmd.flags if f.lower() != "\\recent"]
-        # the bytes IMAP will serve (CRLF line ends), uploaded and summarised here, where
-        # the CPU is spare, so the store only writes rows (docs/benchmarks.md)
-        # a literal8 may carry binary parts: base64 from here on, as BODY[] cannot send NUL
-        # and BINARY[] decodes them back (RFC 3516 §4.4)
-        raw = mime.normalize_crlf(mime.binary_to_base64(cmd.message) if cmd.binary
-                                  else cmd.message)
-        req = AppendRequest(account_id=st.account_id, mailbox=name, flags=flags,
-                            internaldate=cmd.date or datetime.now(UTC), origin=self.info.id,
-                            blob_key=await self.blobs.put(raw))
-        if len(raw) <= self.cfg.summarize_append_max:
-            # small enough to summarise in the loop (mime-processor does so up to 512 KiB):
-            # a thread would cost more than it saves
-            req.blob_size, req.summary = len(raw), mime.summarize(raw)
+        first = p.AppendItem(cmd.flags, cmd.date, cmd.message, cmd.binary)
+        msgs: list[AppendMessage] = []
+        summarised = 0
+        for item in (first, *cmd.more):  # MULTIAPPEND (RFC 3502): one store call, all or none
+            # the bytes IMAP will serve (CRLF line ends), uploaded and summarised here, where
+            # the CPU is spare, so the store only writes rows (docs/benchmarks.md); a literal8
+            # may carry binary parts: base64 from here on, as BODY[] cannot send NUL and
+            # BINARY[] decodes them back (RFC 3516 §4.4)
+            raw = mime.normalize_crlf(mime.binary_to_base64(item.message) if item.binary
+                                      else item.message)
+            m = AppendMessage(flags=[f for f in item.flags if f.lower() != "\\recent"],
+                              internaldate=item.date or datetime.now(UTC),
+                              blob_key=await self.blobs.put(raw))
+            if summarised + len(raw) <= self.cfg.summarize_append_max:
+                # small enough to summarise in the loop (mime-processor does so up to
+                # 512 KiB): a thread would cost more than it saves; larger ones, and the
+                # rest of a large MULTIAPPEND, the store summarises itself
+                m.blob_size, m.summary = len(raw), mime.summarize(raw)
+                summarised += len(raw)
+            msgs.append(m)
+        head = msgs[0]
+        req = AppendRequest(account_id=st.account_id, mailbox=name, flags=head.flags,
+                            internaldate=head.internaldate, origin=self.info.id,
+                            blob_key=head.blob_key, blob_size=head.blob_size,
+                            summary=head.summary, more=msgs[1:])
         try:
             reply = await self.store.append(req)
         except StoreError as exc:
@@ -1115,7 +1128,8 @@ class Session:
             raise
         if isinstance(self.state, Selected) and self.state.view.name == name:
             await self._sync_new(self.state)
-        return Tagged("OK", f"[APPENDUID {reply.uidvalidity} {reply.uid}] APPEND completed")
+        uids = _uid_list(reply.uids) if reply.uids else str(reply.uid)
+        return Tagged("OK", f"[APPENDUID {reply.uidvalidity} {uids}] APPEND completed")
 
     # ------------------------------------------------------------ FETCH
     async def _fetch(self, st: Selected, cmd: p.Fetch) -> Tagged:

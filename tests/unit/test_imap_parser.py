@@ -274,6 +274,23 @@ def test_binary_fetch_attributes_and_literal8_append() -> None:
     assert one(b"a APPEND INBOX {3+}\r\nabc\r\n") == p.Append("a", b"INBOX", (), None, b"abc")
 
 
+def test_multiappend() -> None:
+    # RFC 3502 §6: APPEND mailbox 1*(SP append-message), each with its own options
+    r = p.Receiver()
+    out = r.feed(b'a APPEND saved (\\Seen) {3}\r\n')
+    assert out == [p.Continue(3)]
+    out = r.feed(b'one (\\Seen $Work) " 7-Feb-1994 22:43:04 -0800" {3+}\r\ntwo ~{5}\r\n')
+    assert out == [p.Continue(5)]
+    cmd = r.feed(b"th\x00ee\r\n")[0]
+    date = datetime(1994, 2, 7, 22, 43, 4, tzinfo=timezone(-timedelta(hours=8)))
+    assert cmd == p.Append("a", b"saved", ("\\Seen",), None, b"one", more=(
+        p.AppendItem(("\\Seen", "$Work"), date, b"two"),
+        p.AppendItem((), None, b"th\x00ee", binary=True)))
+    for bad in (b"a APPEND saved {3+}\r\none x\r\n", b"a APPEND saved {3+}\r\none \r\n",
+                b"a APPEND saved\r\n"):
+        assert isinstance(p.Receiver().feed(bad)[0], p.Bad), bad
+
+
 # ---------------------------------------------------------------- ID past the pre-login line
 def _rfc_max_id(tag: bytes = b"a", value: bytes = b"v") -> bytes:
     """The longest ID RFC 2971 §3.3 allows: 30 pairs, names of 30 octets, values of 1024."""
