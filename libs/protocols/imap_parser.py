@@ -1,6 +1,6 @@
 """IMAP4rev1 command parser (RFC 3501 §9 grammar, LITERAL+ RFC 7888, CONDSTORE RFC 7162,
 MOVE RFC 6851, UIDPLUS RFC 4315, LIST-EXTENDED RFC 5258, ID RFC 2971, ENABLE RFC 5161,
-BINARY RFC 3516, MULTIAPPEND RFC 3502).
+BINARY RFC 3516, MULTIAPPEND RFC 3502, APPENDLIMIT RFC 7889).
 
 Pure and sans-I/O: bytes in, values out. No asyncio, nats or boto3. ``Receiver.feed`` never
 raises on client input: junk, over-long lines and over-sized literals come back as ``Bad``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 __all__ = [
@@ -64,6 +64,9 @@ class Bad:
     reason: str
     code: str | None = None
     fatal: bool = False
+    # its command name (upper-case) where known, for the reply only: an APPEND's TOOBIG is a
+    # NO (RFC 7889 §4); not part of what the refusal is
+    command: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -529,7 +532,8 @@ class Receiver:
             if not plus:
                 self._out.append(Continue(size))
             return True
-        bad = Bad(self._tag, reason, "TOOBIG")
+        bad = Bad(self._tag, reason, "TOOBIG",
+                  command=self._command_of(self._parts[0] if self._parts else line))
         if plus:
             # the client sends the data anyway: skip it and the rest of the command line,
             # or (before login) stop reading
@@ -578,12 +582,21 @@ class Receiver:
         if not self.limits.skip_oversized:
             self._dead = True
             self._buf.clear()
-            self._out.append(Bad(bad.tag, bad.reason, bad.code, fatal=True))
+            self._out.append(Bad(bad.tag, bad.reason, bad.code, fatal=True, command=bad.command))
         elif discard:
             self._discard = discard
             self._discard_bad = bad
         else:
             self._out.append(bad)
+
+    @staticmethod
+    def _command_of(line: bytes) -> str:
+        """The command name of a command's first line ("UID FETCH" as FETCH), upper-case."""
+        words = line.split(b" ", 3)[1:3]
+        if words and words[0].upper() == b"UID":
+            words = words[1:]
+        name = words[0].rstrip(b"\r\n").upper() if words else b""
+        return name.decode("ascii", "replace") if name.isalpha() else ""
 
     @staticmethod
     def _tag_of(line: bytes) -> str:
@@ -979,7 +992,7 @@ def _status(c: _Cursor, tag: str, uid: bool) -> Status:
         raise c.fail("no status items")
     for it in items:
         if it not in ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN",
-                      "HIGHESTMODSEQ", "SIZE", "DELETED"):
+                      "HIGHESTMODSEQ", "SIZE", "DELETED", "APPENDLIMIT"):  # RFC 7889 §3.1
             raise c.fail(f"unknown status item {it}")
     return Status(tag, mbox, items)
 

@@ -117,7 +117,8 @@ class ImapServer:
                              fetch_bytes_in_flight=s.fetch_bytes_in_flight,
                              summarize_append_max=s.common.inline_threshold,
                              hostname=s.common.hostname,
-                             starttls_available=self.tls is not None)
+                             starttls_available=self.tls is not None,
+                             append_limit=s.max_literal)
 
     async def start(self, host: str, imap_port: int | None,
                     imaps_port: int | None) -> list[int]:

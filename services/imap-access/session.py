@@ -135,6 +135,9 @@ class SessionConfig:
     summarize_append_max: int = 128 * 1024
     hostname: str = "localhost"
     starttls_available: bool = False
+    # the largest message an APPEND takes (the receiver's literal bound), advertised after
+    # login as APPENDLIMIT=n and in STATUS (RFC 7889); None: not advertised
+    append_limit: int | None = None
 
 
 @dataclass
@@ -244,6 +247,8 @@ class Session:
             caps.append("LOGINDISABLED")
         elif not self.authenticated:
             caps.append("AUTH=PLAIN")
+        if self.authenticated and self.cfg.append_limit is not None:
+            caps.append(f"APPENDLIMIT={self.cfg.append_limit}")  # the same for every mailbox
         return " ".join(caps)
 
     def w(self, line: str | bytes) -> None:
@@ -289,8 +294,10 @@ class Session:
                 await self._raw_line(line)
                 return
             case p.Bad(tag=tag, reason=reason, code=code, fatal=fatal):
-                # RFC 3501 §6.4.4: an unknown charset is NO [BADCHARSET], not BAD
-                status = "NO" if code and code.startswith("BADCHARSET") else "BAD"
+                # RFC 3501 §6.4.4: an unknown charset is NO [BADCHARSET], not BAD; an APPEND
+                # past APPENDLIMIT is a tagged NO [TOOBIG] (RFC 7889 §4, RFC 4469 §4)
+                status = "NO" if code and code.startswith("BADCHARSET") or (
+                    code == "TOOBIG" and item.command == "APPEND" and not fatal) else "BAD"
                 COMMANDS.labels("invalid", status).inc()
                 self.w(f"{tag} {status} [{code or 'CLIENTBUG'}] {reason}")
                 if fatal:
@@ -626,7 +633,9 @@ class Session:
         vals = {"MESSAGES": info.messages, "RECENT": info.recent, "UIDNEXT": info.uidnext,
                 "UIDVALIDITY": info.uidvalidity, "UNSEEN": info.unseen,
                 "HIGHESTMODSEQ": info.highestmodseq, "SIZE": info.size,
-                "DELETED": info.deleted}
+                "DELETED": info.deleted,
+                # RFC 7889 §3.1: NIL when there is no limit
+                "APPENDLIMIT": "NIL" if self.cfg.append_limit is None else self.cfg.append_limit}
         body = " ".join(f"{it} {vals[it]}" for it in items if it in vals)
         self.out.write(b"* STATUS " + wire_name(info.name) + f" ({body})\r\n".encode())
 

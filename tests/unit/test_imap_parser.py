@@ -274,6 +274,16 @@ def test_binary_fetch_attributes_and_literal8_append() -> None:
     assert one(b"a APPEND INBOX {3+}\r\nabc\r\n") == p.Append("a", b"INBOX", (), None, b"abc")
 
 
+def test_refused_literal_names_its_command() -> None:
+    # the session answers an APPEND's TOOBIG with NO (RFC 7889 §4), others with BAD
+    r = p.Receiver(max_line=100, max_literal=10, max_command=50)
+    out = r.feed(b"a APPEND INBOX {11}\r\nb UID SEARCH TEXT {11+}\r\n" + b"x" * 11
+                 + b"\r\nc APPEND INBOX {5+}\r\nabcde {9+}\r\n" + b"y" * 9 + b"\r\n"
+                 + b"d APPEND INBOX (\\Seen) {30+}\r\n" + b"z" * 30 + b" {30+}\r\n")
+    assert [(b.tag, b.command) for b in out if isinstance(b, p.Bad)] == [
+        ("a", "APPEND"), ("b", "SEARCH"), ("d", "APPEND")]
+
+
 def test_multiappend() -> None:
     # RFC 3502 §6: APPEND mailbox 1*(SP append-message), each with its own options
     r = p.Receiver()
