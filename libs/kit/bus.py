@@ -179,6 +179,14 @@ class Bus:
         await self.js.account_info()
 
     # ------------------------------------------------------------ streams
+    async def stream_messages(self, name: str) -> int:
+        """How many messages a stream holds now (for a work queue: not yet acknowledged)."""
+        try:
+            info = await self.js.stream_info(name)
+        except (nats.errors.Error, OSError) as exc:
+            raise BusUnavailable(f"stream info {name}: {exc}") from exc
+        return int(info.state.messages)
+
     async def ensure_streams(self, streams: list[Stream]) -> None:
         """Create or update each stream (idempotent, safe from many replicas at once)."""
         for s in streams:

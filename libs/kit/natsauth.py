@@ -55,6 +55,7 @@ class Grants:
     serve: tuple[str, ...] = ()  # RPC subjects it answers (queue groups)
     subscribe: tuple[str, ...] = ()  # core subjects it listens to
     streams: tuple[str, ...] = ()  # streams it creates, writes or reads
+    observe: tuple[str, ...] = ()  # streams whose state (depth) it may only read
     consumers: tuple[tuple[str, str], ...] = ()  # (stream, durable) it pulls from
     kv: tuple[str, ...] = ()
     extra: dict[str, list[str]] = field(default_factory=dict)
@@ -71,7 +72,8 @@ GRANTS: dict[str, Grants] = {
     "smtp-ingress": Grants(
         publish=(MAIL_RECEIVED.name,),
         request=(DIRECTORY_RESOLVE.name, DIRECTORY_AUTHENTICATE.name, DIRECTORY_SEND_AS.name),
-        streams=(INBOUND_STREAM.name,), kv=KV["smtp-ingress"]),
+        streams=(INBOUND_STREAM.name,), kv=KV["smtp-ingress"],
+        observe=(DELIVER_STREAM.name,)),  # in-flow delay: the depth of the delivery queue
     "mime-processor": Grants(
         publish=(DELIVER_LOCAL.name, OUTBOUND_QUEUED.name, _subject(DELIVERY_EVENT.name)),
         request=(DIRECTORY_RESOLVE.name,),
@@ -131,6 +133,7 @@ def permissions(service: str) -> dict[str, object]:
     pub: list[str] = [*g.publish, *g.request, "$JS.API.INFO"]
     for s in g.streams:
         pub += _stream_api(s)
+    pub += [f"$JS.API.STREAM.INFO.{s}" for s in g.observe]
     for s, d in g.consumers:
         pub += _consumer_api(s, d)
     for b in g.kv:

@@ -20,6 +20,7 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
         KvCounters,
         KvLoadShare,
         S3Bodies,
+        StreamBacklog,
     )
     from postbus.smtp_ingress.server import Ingress
 
@@ -39,6 +40,7 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
         blocklist=blocklist,
         tls_context=server_context(ctx.common.tls_cert, ctx.common.tls_key),
         load_share=share,
+        backlog=StreamBacklog(ctx.bus),
     )
     await ingress.start()
 

@@ -26,7 +26,7 @@ from postbus.proto.directory import (
     ResolveReply,
     ResolveRequest,
 )
-from postbus.proto.mail import MAIL_RECEIVED, MailReceived
+from postbus.proto.mail import DELIVER_STREAM, INBOUND_STREAM, MAIL_RECEIVED, MailReceived
 from postbus.smtp_ingress.ports import BlockEntry, Unavailable
 
 log = get_logger("postbus.smtp_ingress")
@@ -100,6 +100,23 @@ class BusQueue:
             raise Unavailable("not connected to NATS")
         try:
             await self.bus.publish(MAIL_RECEIVED, msg, msg_id=msg.queue_id, timeout=self.timeout_s)
+        except BusUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+
+
+class StreamBacklog:
+    """The depth of the work queues between a 250 and the mailbox: messages in the
+    inbound stream (waiting for mime-processor) and in the delivery stream (waiting for
+    mailbox-store). Both are work queues, so what is in them is what is not done yet."""
+
+    def __init__(self, bus: Bus, streams: tuple[str, ...] = (INBOUND_STREAM.name,
+                                                           DELIVER_STREAM.name)) -> None:
+        self.bus = bus
+        self.streams = streams
+
+    async def depth(self) -> int:
+        try:
+            return sum([await self.bus.stream_messages(s) for s in self.streams])
         except BusUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 

@@ -33,6 +33,17 @@ from postbus.protocols.smtp_replies import (
 )
 
 
+# ---------------------------------------------------------------- in-flow delay
+def in_flow_delay(backlog: int, *, threshold: int, per_message_s: float, max_s: float) -> float:
+    """Seconds a new transaction waits before its MAIL FROM is answered, when ``backlog``
+    accepted messages still wait for delivery: none up to ``threshold``, then in proportion
+    to the excess, at most ``max_s`` (Postfix's in_flow_delay, made proportional so intake
+    settles at the delivery rate instead of stopping and starting)."""
+    if threshold <= 0 or backlog <= threshold:
+        return 0.0
+    return min(max_s, (backlog - threshold) * per_message_s)
+
+
 # ---------------------------------------------------------------- recipients
 @dataclass(frozen=True)
 class Accept:

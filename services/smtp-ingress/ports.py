@@ -28,6 +28,13 @@ class Queue(Protocol):
         ...
 
 
+class Backlog(Protocol):
+    async def depth(self) -> int:
+        """Accepted messages not yet delivered or queued for relay (the work queues'
+        depth); raises Unavailable."""
+        ...
+
+
 class Bodies(Protocol):
     async def put_file(self, head: bytes, file: BinaryIO) -> str:
         """Store ``head`` and then ``file`` (from its position) content-addressed, streamed

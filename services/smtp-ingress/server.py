@@ -34,6 +34,7 @@ from postbus.protocols import smtp as proto
 from postbus.protocols import smtp_replies as replies
 from postbus.smtp_ingress import policy
 from postbus.smtp_ingress.ports import (
+    Backlog,
     BlockList,
     Bodies,
     Counters,
@@ -59,6 +60,12 @@ BYTES = counter("postbus_smtp_received_bytes_total", "Message bytes accepted", [
 ACCEPT_LATENCY = histogram("postbus_smtp_accept_seconds",
                            "End of data to the 250 reply (S3 put if any + JetStream ack)",
                            ["listener"])
+
+QUEUE_DEPTH = gauge("postbus_smtp_queue_depth",
+                    "Accepted messages waiting for mime-processor or the store (in-flow delay)")
+FLOW_DELAYS = counter("postbus_smtp_flow_delays_total", "MAIL FROM answers held by the in-flow delay")
+FLOW_DELAY_SECONDS = counter("postbus_smtp_flow_delay_seconds_total",
+                             "Seconds MAIL FROM answers were held by the in-flow delay")
 
 _REFUSAL_REASONS = {replies.R421_BUSY: "max_connections", replies.R421_TOO_MANY_CONN: "per_ip_limit",
                     replies.R421_RATE: "rate_limit"}
@@ -131,8 +138,12 @@ class Ingress:
 
     def __init__(self, settings: Settings, *, directory: Directory, queue: Queue, bodies: Bodies,
                  auth_failures: Counters, blocklist: BlockList,
-                 tls_context: ssl.SSLContext | None, load_share: LoadShare | None = None) -> None:
+                 tls_context: ssl.SSLContext | None, load_share: LoadShare | None = None,
+                 backlog: Backlog | None = None) -> None:
         self.load_share = load_share
+        self.backlog = backlog
+        self.queue_depth = 0  # last depth read from ``backlog`` (in-flow delay)
+        self._flow_task: asyncio.Task[None] | None = None
         self.settings = settings
         self.directory = directory
         self.queue = queue
@@ -164,6 +175,8 @@ class Ingress:
     async def start(self) -> dict[str, int]:
         """Open the listeners; returns listener -> bound port."""
         self.spool.prepare()
+        if self.backlog is not None and self.settings.flow_backlog_threshold > 0:
+            self._flow_task = asyncio.create_task(self._watch_backlog(), name="smtp-in-flow")
         loop = asyncio.get_running_loop()
         wanted = {"mx": self.settings.smtp_port, "submission": self.settings.submission_port,
                   "smtps": self.settings.smtps_port}
@@ -182,6 +195,8 @@ class Ingress:
         """Stop listening; idle sessions get 421 at once, a session in the middle of a
         message finishes it (up to ``grace_s``) and is then closed with 421."""
         self.stopping = True
+        if self._flow_task is not None:
+            self._flow_task.cancel()
         for s in self.servers:
             s.close()
         for conn in list(self.conns):
@@ -193,6 +208,28 @@ class Ingress:
                 await asyncio.wait_for(self._drained.wait(), grace_s)
         for conn in list(self.conns):
             conn._close_with(replies.R421_SHUTDOWN)
+
+    # ------------------------------------------------------------ in-flow delay
+    async def _watch_backlog(self) -> None:
+        """Keep ``queue_depth`` current; an unreadable depth counts as none (fail open:
+        the delay only shapes intake, it protects nothing)."""
+        assert self.backlog is not None
+        while True:
+            try:
+                self.queue_depth = await self.backlog.depth()
+            except Unavailable:
+                self.queue_depth = 0
+            except Exception:  # never let the watch die: the depth would freeze
+                log.exception("reading the queue depth failed")
+                self.queue_depth = 0
+            QUEUE_DEPTH.set(self.queue_depth)
+            await asyncio.sleep(self.settings.flow_poll_s)
+
+    def flow_delay(self) -> float:
+        s = self.settings
+        return policy.in_flow_delay(self.queue_depth, threshold=s.flow_backlog_threshold,
+                                    per_message_s=s.flow_delay_per_message_s,
+                                    max_s=s.flow_delay_max_s)
 
     # ------------------------------------------------------------ admission
     def admit(self, ip: str) -> str | None:
@@ -833,6 +870,10 @@ class IngressSMTP(SMTP):
         env.mode = None  # type: ignore[attr-defined]  # "DATA" or "BDAT" once started
         # where BDAT chunks go (DATA opens its own spool)
         env.spool = self.ingress.spool.open(self.ingress.inline_threshold)  # type: ignore[attr-defined]
+        if (delay := self.ingress.flow_delay()) > 0:  # intake follows delivery
+            FLOW_DELAYS.inc()
+            FLOW_DELAY_SECONDS.inc(delay)
+            await asyncio.sleep(delay)
         await self.push(replies.R250_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:

@@ -77,6 +77,15 @@ class Settings(BaseSettings):
 
     publish_timeout_s: float = 5.0
 
+    # in-flow delay, as Postfix's in_flow_delay: while more accepted messages than this wait
+    # for mime-processor and the store (the work queues' depth), each MAIL FROM waits
+    # (depth - threshold) * per_message, at most max, so intake follows delivery and the
+    # queue, hence the latency from 250 to the mailbox, stays bounded. 0 turns it off.
+    flow_backlog_threshold: int = 100
+    flow_delay_per_message_s: float = 0.01
+    flow_delay_max_s: float = 1.0
+    flow_poll_s: float = 0.25
+
     # forward-confirmed reverse DNS of the client for the Received header and ClientInfo
     # (system resolver, off the command path; off by default: one PTR + A lookup per connection)
     reverse_dns: bool = False

@@ -29,6 +29,7 @@ from postbus.smtp_ingress.adapters import (
     KvCounters,
     KvLoadShare,
     S3Bodies,
+    StreamBacklog,
 )
 from postbus.smtp_ingress.server import Ingress
 from postbus.smtp_ingress.settings import Settings
@@ -114,6 +115,7 @@ async def start_ingress(bus: Bus, blobs: BlobStore, settings: Settings, tmp: Pat
         blocklist=blocklist,
         tls_context=server_context(cert, key),
         load_share=share,
+        backlog=StreamBacklog(bus),
     )
     await ingress.start()
     return RunningIngress(ingress, settings, table, blocklist, cert, share)

@@ -102,6 +102,13 @@ async def test_each_service_works_with_its_own_grants(nats_server: RunningNats) 
         # and opens its KV buckets
         for bucket in KV["smtp-ingress"]:
             await ingress.kv(bucket)
+        # and reads the depth of the work queues behind it (in-flow delay), no more
+        from postbus.proto.mail import DELIVER_STREAM, INBOUND_STREAM
+
+        await store.ensure_streams([DELIVER_STREAM])
+        await ingress.ensure_streams([INBOUND_STREAM])
+        assert await ingress.stream_messages(DELIVER_STREAM.name) >= 0
+        assert await ingress.stream_messages(INBOUND_STREAM.name) >= 0
     finally:
         await ingress.close()
         await store.close()

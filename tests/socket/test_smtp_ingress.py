@@ -378,6 +378,49 @@ async def test_unknown_command_limit_closes(start: Start) -> None:
 
 
 # ---------------------------------------------------------------- limits
+async def test_in_flow_delay_holds_mail_from_while_the_queue_is_deep(start: Start,
+                                                                     bus: Bus) -> None:
+    """Postfix's in_flow_delay: while more accepted messages than the threshold wait for
+    delivery, MAIL FROM is answered late, in proportion to the excess; intake follows
+    delivery and the queue (the latency from 250 to the mailbox) stays bounded."""
+    from postbus.proto.mail import INBOUND_STREAM
+    from postbus.smtp_ingress import server
+
+    depth0 = await bus.stream_messages(INBOUND_STREAM.name)  # left by earlier tests
+    ing = await start(flow_backlog_threshold=depth0 + 2, flow_delay_per_message_s=0.3,
+                      flow_delay_max_s=0.6, flow_poll_s=0.05)
+    held = server.FLOW_DELAYS._value.get()
+    c = await greeted(ing.port("mx"))
+
+    async def send_one() -> float:
+        """One message (nobody consumes the stream here: it stays queued); returns how
+        long MAIL FROM took."""
+        t = time.monotonic()
+        assert (await c.cmd("MAIL FROM:<bob@example.net>"))[0] == 250
+        took = time.monotonic() - t
+        assert (await c.cmd("RCPT TO:<alice@example.test>"))[0] == 250
+        assert (await c.cmd("DATA"))[0] == 354
+        await c.send(b"Subject: flow\r\n\r\nbody\r\n.\r\n")
+        assert (await c.reply())[0] == 250
+        return took
+
+    async def polled(depth: int) -> None:
+        for _ in range(200):
+            if ing.ingress.queue_depth >= depth:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"queue depth {ing.ingress.queue_depth}, wanted {depth}")
+
+    for _ in range(3):  # up to the threshold and one past it: never held
+        assert await send_one() < 0.25
+    await polled(depth0 + 3)
+    assert ing.ingress.flow_delay() == pytest.approx(0.3)  # one message over
+    assert await send_one() >= 0.3
+    assert server.FLOW_DELAYS._value.get() == held + 1
+    await polled(depth0 + 4)
+    assert ing.ingress.flow_delay() == pytest.approx(0.6)  # two over: twice as long
+
+
 async def test_message_limits(start: Start, inbox: Inbox) -> None:
     # a message too big is 552 whatever else is wrong with it, so the long line below
     # (1,001 octets) must fit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, datetime
 
 import pytest
@@ -189,3 +190,11 @@ def test_full_mailbox_is_refused_at_rcpt() -> None:
         AccountRef(account_id=1, address="a@example.test", full=True),
         AccountRef(account_id=2, address="b@example.test")])  # an alias: one still has room
     assert isinstance(pol.recipient_decision(some, may_relay=False), pol.Accept)
+
+
+def test_in_flow_delay_is_proportional_and_bounded() -> None:
+    d = functools.partial(pol.in_flow_delay, threshold=100, per_message_s=0.01, max_s=1.0)
+    assert d(0) == d(100) == 0.0
+    assert d(101) == pytest.approx(0.01) and d(150) == pytest.approx(0.5)
+    assert d(10_000) == 1.0
+    assert pol.in_flow_delay(10_000, threshold=0, per_message_s=1, max_s=1) == 0.0  # off
