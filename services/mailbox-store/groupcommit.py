@@ -43,7 +43,7 @@ COMMIT_SECONDS = histogram("postbus_store_delivery_commit_seconds",
 # On SQLite (no round trips: it runs in this thread) a batch's statements are prepared
 # once (prepared.py) and run once per account, mailbox or message: statements whose IN
 # lists or VALUES rows grow with the batch are compiled anew for each batch size, which
-# cost more than running the fixed ones n times (bench_store.py: 2,600 -> 5,000
+# cost more than running the fixed ones n times (bench_store.py: 3,000 -> 4,600
 # deliveries/s). PostgreSQL pays a round trip per statement, so there the batch keeps
 # set-based statements (per-row statements halved its rate).
 _Q_LOCK_FOR_DELIVERY = Prepared(
