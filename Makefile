@@ -6,10 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-# Debian packages of the real mail clients the tests drive (CLIENTS.md)
+# Debian packages of the real mail clients the tests drive (CLIENTS.md), and Dovecot, which
+# the differential test (tests/socket/test_imap_dovecot_differential.py) compares against
 # (swaks needs the two Perl TLS modules for STARTTLS and --tls-on-connect)
-CLIENT_TOOLS := swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail getmail6 isync curl offlineimap3 mutt
-CLIENT_BINS := swaks fetchmail getmail mbsync curl offlineimap mutt
+CLIENT_TOOLS := swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail getmail6 isync curl offlineimap3 mutt dovecot-imapd
+CLIENT_BINS := swaks fetchmail getmail mbsync curl offlineimap mutt dovecot
 
 .PHONY: run test test-fast fuzz soak mutate venv clients bench bench-smtp bench-store bench-imap bench-pop3 bench-mime bench-relay bench-e2e bench-imap-stress imaptest schemas lint typecheck clean
 
