@@ -19,6 +19,7 @@ from postbus.mime_processor.authcheck import (
     Dns,
     DnsAuthenticator,
     DnsTempError,
+    SpfCache,
     check_dkim,
     check_dmarc,
     check_spf,
@@ -137,6 +138,47 @@ async def test_authenticator_end_to_end(keypair: tuple[bytes, str]) -> None:
     await auth.close()
     assert res.spf.result == "pass" and res.dkim[0].result == "pass"
     assert (res.dmarc.result, res.dmarc.policy) == ("pass", "quarantine")
+
+
+async def test_spf_result_is_reused_for_the_same_host_and_sender(
+        keypair: tuple[bytes, str]) -> None:
+    """One SPF evaluation per (IP, MAIL FROM, HELO) within the cache's TTL; another IP, another
+    sender or a temperror is evaluated again."""
+    pem, record = keypair
+    auth = DnsAuthenticator([], 1.0, 3.0, threads=2)
+    dns = auth.dns = TableDns({
+        ("sender.example", "TXT"): ["v=spf1 ip4:192.0.2.0/24 -all"],
+        ("sel1._domainkey.sender.example", "TXT"): [record],
+        ("_dmarc.sender.example", "TXT"): ["v=DMARC1; p=quarantine"],
+    })
+    client = ClientInfo(ip="192.0.2.9", helo="mx.sender.example")
+
+    async def spf(client: ClientInfo, sender: str = "bounce@sender.example") -> str:
+        return (await auth.check(signed(pem), client, sender)).spf.result
+
+    spf_lookups = lambda: dns.asked.count(("sender.example", "TXT"))  # noqa: E731
+    assert [await spf(client) for _ in range(3)] == ["pass"] * 3
+    assert spf_lookups() == 1
+    assert await spf(ClientInfo(ip="198.51.100.1", helo="mx.sender.example")) == "fail"
+    assert await spf(client, "other@sender.example") == "pass"
+    assert spf_lookups() == 3
+    await auth.close()
+
+
+def test_spf_cache_expires_skips_temperrors_and_is_bounded() -> None:
+    now = [0.0]
+    cache = SpfCache(ttl_s=60, size=2, clock=lambda: now[0])
+    ok = SpfResult("pass", "a@x.example", "h")
+    cache.put("192.0.2.1", "a@x.example", "h", ok)
+    assert cache.get("192.0.2.1", "A@X.example", "H") == ok  # addresses compare caseless
+    now[0] = 61
+    assert cache.get("192.0.2.1", "a@x.example", "h") is None
+    cache.put("192.0.2.1", "a@x.example", "h", SpfResult("temperror", "a@x.example", "h"))
+    assert cache.get("192.0.2.1", "a@x.example", "h") is None
+    for ip in ("192.0.2.2", "192.0.2.3", "192.0.2.4"):
+        cache.put(ip, "a@x.example", "h", ok)
+    assert cache.get("192.0.2.2", "a@x.example", "h") is None  # the oldest went
+    assert cache.get("192.0.2.4", "a@x.example", "h") == ok
 
 
 async def test_silent_nameserver_is_bounded_by_the_budget(keypair: tuple[bytes, str]) -> None:
