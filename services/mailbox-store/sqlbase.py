@@ -465,8 +465,7 @@ class RepoBase:
             row = await _Q_MB_INFO_BY_ID.first(conn, account_id=account_id, mailbox_id=mailbox_id)
         if row is None:
             return None
-        children = {row.name + DELIMITER} if row.has_children else set()
-        return row, self._info(row, children, {row.name} if row.subscribed else set())
+        return row, self._info(row, bool(row.has_children), bool(row.subscribed))
 
     async def _create_mailbox_row(self, conn: AsyncConnection, account_id: int, name: str,
                                   special_use: str | None = None, subscribe: bool = False) -> Any:
@@ -524,15 +523,13 @@ class RepoBase:
         self._has_inbox.add(account_id)
 
     # ------------------------------------------------------------ mailbox info
-    def _info(self, row: Any, names: set[str], subscribed: set[str]) -> MailboxInfo:
+    def _info(self, row: Any, has_children: bool, subscribed: bool) -> MailboxInfo:
         """``row``: a mailbox row with its ``recent`` count (RECENT_COUNT)."""
-        prefix = row.name + DELIMITER
-        has_children = any(n.startswith(prefix) for n in names)
         attrs = ["\\HasChildren" if has_children else "\\HasNoChildren"]
         if row.noselect:
             attrs.append("\\Noselect")
         return MailboxInfo(
             mailbox_id=row.id, name=row.name, special_use=row.special_use, attributes=attrs,
-            subscribed=row.name in subscribed, uidvalidity=row.uidvalidity, uidnext=row.uidnext,
+            subscribed=subscribed, uidvalidity=row.uidvalidity, uidnext=row.uidnext,
             highestmodseq=row.highestmodseq, messages=row.message_count, unseen=row.unseen_count,
             recent=row.recent, size=row.total_size, deleted=row.deleted_count)
