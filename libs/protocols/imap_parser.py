@@ -21,7 +21,8 @@ __all__ = [
     "Capability", "Noop", "Logout", "StartTLS", "Login", "Authenticate", "Select", "Create",
     "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "AppendItem",
     "IdCmd",
-    "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Fetch",
+    "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Sort",
+    "SortKey", "Fetch",
     "StoreCmd", "Copy", "GetQuotaRoot", "GetQuota",
 ]
 
@@ -277,6 +278,26 @@ class Search:
 
 
 @dataclass(frozen=True)
+class SortKey:
+    """One sort-criterion (RFC 5256 §3, RFC 5957 §3): a key name and REVERSE."""
+
+    key: str
+    reverse: bool = False
+
+
+@dataclass(frozen=True)
+class Sort:
+    """SORT / UID SORT (RFC 5256 §3), with ESORT's RETURN options (RFC 5267 §3)."""
+
+    tag: str
+    uid: bool
+    criteria: tuple[SortKey, ...]
+    charset: str
+    program: SearchNode  # an "and" node
+    return_opts: tuple[str, ...] | None = None  # None: a plain * SORT response
+
+
+@dataclass(frozen=True)
 class FetchAtt:
     """``name`` upper-case: FLAGS, UID, INTERNALDATE, RFC822.SIZE, ENVELOPE, BODY,
     BODYSTRUCTURE, RFC822, RFC822.HEADER, RFC822.TEXT, MODSEQ, or BODY[] (with ``section``),
@@ -343,8 +364,8 @@ class GetQuota:
 
 Command = (Capability | Noop | Logout | StartTLS | Login | Authenticate | Select | Create
            | Delete | Rename | Subscribe | Unsubscribe | ListCmd | Status | Append | IdCmd
-           | Enable | Namespace | Idle | Check | Close | Unselect | Expunge | Search | Fetch
-           | StoreCmd | Copy | GetQuotaRoot | GetQuota)
+           | Enable | Namespace | Idle | Check | Close | Unselect | Expunge | Search | Sort
+           | Fetch | StoreCmd | Copy | GetQuotaRoot | GetQuota)
 
 
 # ---------------------------------------------------------------- character classes (§9)
@@ -837,7 +858,7 @@ def parse_command(data: bytes, tag: str | None = None) -> Command | Bad:
         if name == "UID":
             c.sp()
             name = c.atom().upper()
-            if name not in ("FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE"):
+            if name not in ("FETCH", "SEARCH", "SORT", "STORE", "COPY", "MOVE", "EXPUNGE"):
                 raise c.fail(f"UID {name} is not a command")
             uid = True
         fn = _COMMANDS.get(name)
@@ -1351,6 +1372,48 @@ def _search(c: _Cursor, tag: str, uid: bool) -> Search:
     return Search(tag, uid, charset, SearchNode("and", children=tuple(keys)), ret)
 
 
+_SORT_KEYS = ("ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO",  # RFC 5256 §3
+              "DISPLAYFROM", "DISPLAYTO")  # RFC 5957 §3
+
+
+def _sort(c: _Cursor, tag: str, uid: bool) -> Sort:
+    c.sp()
+    ret: tuple[str, ...] | None = None
+    if c.maybe(b"RETURN "):
+        ret = c.paren_atoms()
+        for opt in ret:
+            if opt not in ("MIN", "MAX", "ALL", "COUNT"):  # RFC 5267 §3
+                raise c.fail(f"unsupported sort return option {opt[:20]}")
+        c.sp()
+    words = c.paren_atoms()
+    if not words:
+        raise c.fail("empty sort criteria")
+    criteria: list[SortKey] = []
+    reverse = False
+    for w in words:
+        if w == "REVERSE" and not reverse:
+            reverse = True
+            continue
+        if w not in _SORT_KEYS:
+            raise c.fail(f"unknown sort key {w[:20]}")
+        criteria.append(SortKey(w, reverse))
+        reverse = False
+    if reverse:
+        raise c.fail("REVERSE without a sort key")
+    c.sp()
+    charset = c.astring().decode("ascii", "replace").upper()  # mandatory in SORT (§4)
+    py_charset = {"UTF-8": "utf-8", "US-ASCII": "utf-8"}.get(charset)
+    if py_charset is None:
+        raise c.fail(f"unsupported charset {charset[:40]}", "BADCHARSET (UTF-8 US-ASCII)")
+    keys: list[SearchNode] = []
+    while not c.at_end():
+        c.sp()
+        keys.append(_search_key(c, py_charset))
+    if not keys:
+        raise c.fail("missing search criteria")
+    return Sort(tag, uid, tuple(criteria), charset, SearchNode("and", children=tuple(keys)), ret)
+
+
 _COMMANDS: dict[str, _Parse] = {
     "CAPABILITY": _simple(Capability), "NOOP": _simple(Noop), "LOGOUT": _simple(Logout),
     "STARTTLS": _simple(StartTLS), "LOGIN": _login, "AUTHENTICATE": _authenticate,
@@ -1360,7 +1423,7 @@ _COMMANDS: dict[str, _Parse] = {
     "STATUS": _status, "APPEND": _append, "ID": _id, "ENABLE": _enable,
     "NAMESPACE": _simple(Namespace), "IDLE": _simple(Idle), "CHECK": _simple(Check),
     "CLOSE": _simple(Close), "UNSELECT": _simple(Unselect), "EXPUNGE": _expunge,
-    "SEARCH": _search, "FETCH": _fetch, "STORE": _store, "COPY": _copy(False),
+    "SEARCH": _search, "SORT": _sort, "FETCH": _fetch, "STORE": _store, "COPY": _copy(False),
     "MOVE": _copy(True), "GETQUOTAROOT": _mailbox_cmd(GetQuotaRoot),
     "GETQUOTA": _mailbox_cmd(GetQuota),
 }

@@ -122,6 +122,26 @@ GOOD = [
     (b"a SEARCH SUBJECT {4+}\r\n\xc3\xa9t\xc3\r\n", None),  # checked below: 8-bit literal
     (b"a SEARCH RETURN (MIN COUNT) UNSEEN\r\n", p.Search("a", False, None, p.SearchNode(
         "and", children=(p.SearchNode("unflag", ("\\Seen",)),)), ("MIN", "COUNT"))),
+    # RFC 5256 §3 (its examples), RFC 5957 §3, RFC 5267 §3
+    (b"A282 SORT (SUBJECT) UTF-8 SINCE 1-Feb-1994\r\n", p.Sort(
+        "A282", False, (p.SortKey("SUBJECT"),), "UTF-8", p.SearchNode("and", children=(
+            p.SearchNode("since", ("1994-02-01",)),)))),
+    (b"A283 SORT (SUBJECT REVERSE DATE) UTF-8 ALL\r\n", p.Sort(
+        "A283", False, (p.SortKey("SUBJECT"), p.SortKey("DATE", True)), "UTF-8",
+        p.SearchNode("and", children=(p.SearchNode("all"),)))),
+    (b'A284 SORT (SUBJECT) US-ASCII TEXT "not in mailbox"\r\n', p.Sort(
+        "A284", False, (p.SortKey("SUBJECT"),), "US-ASCII", p.SearchNode("and", children=(
+            p.SearchNode("text", ("not in mailbox",)),)))),
+    (b"a uid sort (reverse displayfrom displayto) utf-8 1:2 unseen\r\n", p.Sort(
+        "a", True, (p.SortKey("DISPLAYFROM", True), p.SortKey("DISPLAYTO")), "UTF-8",
+        p.SearchNode("and", children=(p.SearchNode("seq", seqset=((1, 2),)),
+                                      p.SearchNode("unflag", ("\\Seen",)))))),
+    (b"a SORT RETURN (MIN MAX) (ARRIVAL) US-ASCII ALL\r\n", p.Sort(
+        "a", False, (p.SortKey("ARRIVAL"),), "US-ASCII",
+        p.SearchNode("and", children=(p.SearchNode("all"),)), ("MIN", "MAX"))),
+    (b"a SORT RETURN () (SIZE) UTF-8 ALL\r\n", p.Sort(
+        "a", False, (p.SortKey("SIZE"),), "UTF-8",
+        p.SearchNode("and", children=(p.SearchNode("all"),)), ())),
 ]
 
 
@@ -159,6 +179,14 @@ BAD = [
     (b"a APPEND INBOX hello\r\n", "a", "literal"),
     (b'a APPEND INBOX "1-Jan-2024 00:00:00 +0000" {1+}\r\nx\r\n', "a", "date-time"),
     (b"a SEARCH RETURN (SAVE) ALL\r\n", "a", "return option"),
+    (b"a SORT (BOGUS) UTF-8 ALL\r\n", "a", "unknown sort key"),
+    (b"a SORT () UTF-8 ALL\r\n", "a", "empty sort criteria"),
+    (b"a SORT (REVERSE) UTF-8 ALL\r\n", "a", "REVERSE without"),
+    (b"a SORT (REVERSE REVERSE DATE) UTF-8 ALL\r\n", "a", "unknown sort key"),
+    (b"a SORT (DATE) UTF-8\r\n", "a", "missing search criteria"),
+    (b"a SORT (DATE) ALL\r\n", "a", "charset"),  # the charset is not optional (§4)
+    (b"a SORT (DATE) KOI8-R ALL\r\n", "a", "charset"),
+    (b"a SORT RETURN (PARTIAL 1:2) (DATE) UTF-8 ALL\r\n", "a", "return option"),
     (b'a LIST (BOGUS) "" *\r\n', "a", "selection option"),
     (b'a LIST (RECURSIVEMATCH) "" *\r\n', "a", "RECURSIVEMATCH"),  # RFC 5258 §3.1
     (b'a LIST (RECURSIVEMATCH REMOTE) "" *\r\n', "a", "RECURSIVEMATCH"),
@@ -510,7 +538,7 @@ def test_arbitrary_bytes_never_raise(chunks: list[bytes]) -> None:
 
 
 _TOKENS = st.sampled_from([
-    b"a ", b"UID ", b"FETCH ", b"SEARCH ", b"STORE ", b"1:*", b" ", b"(", b")", b"[", b"]",
+    b"a ", b"UID ", b"FETCH ", b"SEARCH ", b"SORT ", b"REVERSE ", b"STORE ", b"1:*", b" ", b"(", b")", b"[", b"]",
     b"BODY.PEEK[", b"HEADER.FIELDS ", b"<0.10>", b"{3}\r\n", b"{2+}\r\n", b"\"q\\\"\"",
     b"\r\n", b"OR ", b"NOT ", b"FLAGS", b"+FLAGS.SILENT ", b"\\Seen", b"*", b"1-Jan-2024",
     b"APPEND ", b"LOGIN ", b"LIST ", b"\"\" ", b"%", b"CHARSET ", b"UTF-8 ", b"abc", b"\xff",
