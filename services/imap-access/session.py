@@ -51,7 +51,7 @@ from postbus.proto.store import (
     SubscribeRequest,
 )
 from postbus.protocols import imap_parser as p
-from postbus.protocols import mime
+from postbus.protocols import imap_sort, mime
 from postbus.protocols.imap_wire import (
     astring,
     flag_list,
@@ -74,7 +74,7 @@ DELIM = "/"
 BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
              "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
-             "MULTIAPPEND")
+             "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT")
 
 
 # ---------------------------------------------------------------- states (RFC 3501 §3)
@@ -129,6 +129,9 @@ class SessionConfig:
     uids_per_request: int = 5000
     # message bytes read from S3 and held at once by one FETCH (larger batches go piecewise)
     fetch_bytes_in_flight: int = 32 * 1024 * 1024
+    # SORT reads the metadata of every matching message; past this many it answers NO [LIMIT]
+    # (RFC 5256 leaves the bound to the server)
+    sort_max_messages: int = 100_000
     # APPENDs up to this size are summarised here; the store summarises larger ones itself
     # (a summary of thousands of parts is about twice the message, and a NATS message is
     # bounded, 1 MiB by default)
@@ -430,6 +433,10 @@ class Session:
                 return None
         if not isinstance(st, Selected):
             return Tagged("BAD", "[CLIENTBUG] No mailbox selected")
+        return await self._dispatch_selected(st, cmd)
+
+    async def _dispatch_selected(self, st: Selected, cmd: p.Command) -> Tagged:
+        """The commands of the selected state (RFC 3501 §6.4 and its extensions)."""
         match cmd:
             case p.Close():
                 if not st.view.readonly:
@@ -443,6 +450,8 @@ class Session:
                 return await self._expunge(st, cmd)
             case p.Search():
                 return await self._search(st, cmd)
+            case p.Sort():
+                return await self._sort(st, cmd)
             case p.Fetch():
                 return await self._fetch(st, cmd)
             case p.StoreCmd():
@@ -962,9 +971,12 @@ class Session:
         return SearchKey(op=node.op, args=list(node.args),
                          children=[self._search_key(view, c) for c in node.children])
 
-    async def _search(self, st: Selected, cmd: p.Search) -> Tagged:
+    async def _matching(self, st: Selected, program: p.SearchNode,
+                        charset: str) -> tuple[list[int], int]:
+        """The UIDs in this view matching a search program, ascending, and the highest
+        MODSEQ the store reported for them."""
         view = st.view
-        key = self._search_key(view, cmd.program)
+        key = self._search_key(view, program)
         if len(key.children) == 1:
             key = key.children[0]
         found: set[int] = set()
@@ -972,13 +984,17 @@ class Session:
         while True:  # the store answers a page of matches at a time
             reply = await self.store.search(SearchRequest(
                 account_id=st.account_id, mailbox_id=view.mailbox_id, key=key,
-                charset=cmd.charset or "UTF-8", after_uid=after))
+                charset=charset, after_uid=after))
             found.update(reply.uids)
             highestmodseq = max(highestmodseq, reply.highestmodseq)
             if not reply.more or not reply.uids or reply.uids[-1] <= after:
                 break
             after = reply.uids[-1]
-        uids = sorted(u for u in found if u in view.flags)
+        return sorted(u for u in found if u in view.flags), highestmodseq
+
+    async def _search(self, st: Selected, cmd: p.Search) -> Tagged:
+        view = st.view
+        uids, highestmodseq = await self._matching(st, cmd.program, cmd.charset or "UTF-8")
         nums = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
         uses_modseq = _has_op(cmd.program, "modseq")
         if uses_modseq:
@@ -1010,6 +1026,97 @@ class Session:
                 line += f" (MODSEQ {highestmodseq})"
             self.w(line)
         return Tagged("OK", "SEARCH completed")
+
+    # ------------------------------------------------------------ SORT
+    async def _sort(self, st: Selected, cmd: p.Sort) -> Tagged:
+        """SORT and UID SORT (RFC 5256 §3, RFC 5957), ESORT's RETURN (RFC 5267 §3)."""
+        uids, _ = await self._matching(st, cmd.program, cmd.charset)
+        if len(uids) > self.cfg.sort_max_messages:
+            raise No(f"SORT of more than {self.cfg.sort_max_messages} messages; "
+                     "narrow the search", "LIMIT")
+        infos = await self._sort_infos(st, uids, any(
+            c.key not in ("ARRIVAL", "SIZE") for c in cmd.criteria))
+        ordered = imap_sort.sort_messages(
+            infos, [imap_sort.Criterion(c.key, c.reverse) for c in cmd.criteria])
+        nums = [i.uid if cmd.uid else i.seq for i in ordered]
+        if cmd.return_opts is None:
+            self.w("* SORT" + "".join(f" {n}" for n in nums))
+            return Tagged("OK", "SORT completed")
+        opts = cmd.return_opts or ("ALL",)  # RFC 4731 §3.1, by RFC 5267 §3
+        parts = [f'* ESEARCH (TAG "{cmd.tag}")'] + (["UID"] if cmd.uid else [])
+        if nums:
+            # RFC 5267 §3.1: MIN and MAX are the first and last message in sort order, ALL
+            # lists the messages in sort order
+            if "MIN" in opts:
+                parts.append(f"MIN {nums[0]}")
+            if "MAX" in opts:
+                parts.append(f"MAX {nums[-1]}")
+            if "ALL" in opts:
+                parts.append(f"ALL {imap_sort.seq_order_set(nums)}")
+        if "COUNT" in opts:
+            parts.append(f"COUNT {len(nums)}")
+        self.w(" ".join(parts))
+        return Tagged("OK", "SORT completed")
+
+    async def _sort_infos(self, st: Selected, uids: list[int],
+                          need_summary: bool) -> list[imap_sort.SortInfo]:
+        """The sort inputs of the messages, through the metadata cache and the store's
+        paged FETCH metadata (summaries the store lacks are computed from the blobs)."""
+        view = st.view
+        base = (st.account_id, view.mailbox_id, view.uidvalidity)
+        batch = max(1, min(self.cfg.fetch_batch, 100) if need_summary else self.cfg.fetch_batch)
+        infos: list[imap_sort.SortInfo] = []
+        for i in range(0, len(uids), batch):
+            chunk = uids[i:i + batch]
+            metas: dict[int, MessageMeta] = {}
+            ask = []
+            for u in chunk:
+                hit = self.meta_cache.get((*base, u), need_summary)
+                if hit is None:
+                    ask.append(u)
+                else:
+                    metas[u] = hit
+            if ask:
+                reply = await self.store.fetch(FetchRequest(
+                    account_id=st.account_id, mailbox_id=view.mailbox_id,
+                    uids=to_ranges(ask), with_summary=need_summary))
+                for got in reply.messages:
+                    metas[got.uid] = got
+                    self.meta_cache.put((*base, got.uid), got)
+            if need_summary:
+                await self._summarise_missing([m for m in metas.values() if m.summary is None])
+            for u in chunk:
+                meta = metas.get(u)
+                seq = view.seq_of(u)
+                if meta is None or seq is None:
+                    continue  # expunged meanwhile: left out, as FETCH does
+                sm = meta.summary
+                infos.append(imap_sort.SortInfo(
+                    seq=seq, uid=u, arrival=meta.internaldate, size=meta.size,
+                    sent=sm.date if sm is not None else None,
+                    subject=sm.subject if sm is not None else "",
+                    envelope=sm.envelope if sm is not None else ""))
+        return infos
+
+    async def _summarise_missing(self, metas: list[MessageMeta]) -> None:
+        """Summaries for metadata the store has none for, from the blobs, read a byte
+        budget at a time."""
+        budget = self.cfg.fetch_bytes_in_flight
+        i = 0
+        while i < len(metas):
+            group = [metas[i]]
+            size = metas[i].blob_size
+            i += 1
+            while i < len(metas) and size + metas[i].blob_size <= budget:
+                group.append(metas[i])
+                size += metas[i].blob_size
+                i += 1
+            blobs = await self.blobs.get_many([m.blob_key for m in group])
+            for m in group:
+                blob = blobs.get(m.blob_key)
+                if blob is None:
+                    raise No("Message structure unavailable", "UNAVAILABLE")
+                m.summary = mime.summarize(blob)
 
     # ------------------------------------------------------------ STORE
     async def _store_flags(self, st: Selected, cmd: p.StoreCmd) -> Tagged:
@@ -1407,7 +1514,7 @@ def _has_op(node: p.SearchNode, op: str) -> bool:
 def _expunge_allowed(cmd: p.Command) -> bool:
     """RFC 3501 §7.4.1: no untagged EXPUNGE while answering FETCH, STORE or SEARCH
     (the UID forms may have them, §6.4.8)."""
-    if isinstance(cmd, p.Fetch | p.StoreCmd | p.Search):
+    if isinstance(cmd, p.Fetch | p.StoreCmd | p.Search | p.Sort):
         return cmd.uid
     return True
 

@@ -9,6 +9,7 @@ Format, one item a line:
   ``!flags UID FLAG...``  another session sets flags on INBOX UID
   ``!expunge UID``  another session expunges INBOX UID
   ``!budget N``  a FETCH holds at most N octets of bodies at once
+  ``!sort-max N``  a SORT takes at most N matching messages
   ``!no-summaries``  the store answers FETCH without summaries (computed from the blob)
   ``!lose-body UID``  the blob of INBOX UID cannot be read any more
   ``!quiet DIRECTIVE``  the same, but no change notification reaches the session
@@ -148,6 +149,8 @@ class Runner:
             await self.mp.flags(_flags_req(self.acc, inbox.id, int(args[0]), args[1:]))
         elif word == "budget":  # FETCH may hold only this many body octets at once
             self.session.cfg.fetch_bytes_in_flight = int(args[0])
+        elif word == "sort-max":  # SORT refuses more matches than this
+            self.session.cfg.sort_max_messages = int(args[0])
         elif word == "no-summaries":  # the store has no precomputed summaries
             self.mp.serve_summaries = False
         elif word == "lose-body":  # the blob store cannot deliver this message's body
@@ -242,7 +245,7 @@ _WORDS = st.sampled_from([
     "FETCH", "UID FETCH", "STORE", "UID STORE", "SEARCH", "UID SEARCH", "COPY", "MOVE",
     "UID MOVE", "EXPUNGE", "UID EXPUNGE", "SELECT", "EXAMINE", "LIST", "STATUS", "APPEND",
     "CREATE", "RENAME", "DELETE", "NOOP", "CLOSE", "UNSELECT", "IDLE", "ENABLE", "ID", "LSUB",
-    "GETQUOTAROOT", "CHECK", "SUBSCRIBE", "NAMESPACE",
+    "GETQUOTAROOT", "CHECK", "SUBSCRIBE", "NAMESPACE", "SORT", "UID SORT",
 ])
 _ARGS = st.sampled_from([
     "1", "2:*", "*", "1:3,5", "0", "4294967295", "INBOX", "Trash", '""', '"*"', "%", "()",
@@ -251,6 +254,7 @@ _ARGS = st.sampled_from([
     "ALL", "FULL", "(UNCHANGEDSINCE 1)", "(CHANGEDSINCE 2)", "OR SEEN UNSEEN", "NOT UID 1:*",
     "SINCE 1-Jan-2020", "(MESSAGES UIDNEXT)", "{3+}\r\nabc", "(CONDSTORE)", "RETURN (ALL)",
     "CONDSTORE", "NIL", "Work/x", "&-", "\\", "\"unterminated",
+    "(REVERSE SUBJECT DISPLAYFROM) UTF-8", "(ARRIVAL) US-ASCII ALL", "RETURN (MIN ALL) (DATE)",
 ])
 
 
