@@ -1030,7 +1030,7 @@ class Session:
     # ------------------------------------------------------------ SORT
     async def _sort(self, st: Selected, cmd: p.Sort) -> Tagged:
         """SORT and UID SORT (RFC 5256 §3, RFC 5957), ESORT's RETURN (RFC 5267 §3)."""
-        uids, _ = await self._matching(st, cmd.program, cmd.charset)
+        uids, highestmodseq = await self._matching(st, cmd.program, cmd.charset)
         if len(uids) > self.cfg.sort_max_messages:
             raise No(f"SORT of more than {self.cfg.sort_max_messages} messages; "
                      "narrow the search", "LIMIT")
@@ -1039,8 +1039,16 @@ class Session:
         ordered = imap_sort.sort_messages(
             infos, [imap_sort.Criterion(c.key, c.reverse) for c in cmd.criteria])
         nums = [i.uid if cmd.uid else i.seq for i in ordered]
+        # RFC 7162 §3.1.5: a MODSEQ search key enables CONDSTORE and the response ends with
+        # the highest mod-sequence of the messages it returns
+        uses_modseq = _has_op(cmd.program, "modseq")
+        if uses_modseq:
+            self._enable_condstore()
         if cmd.return_opts is None:
-            self.w("* SORT" + "".join(f" {n}" for n in nums))
+            line = "* SORT" + "".join(f" {n}" for n in nums)
+            if uses_modseq and nums:
+                line += f" (MODSEQ {highestmodseq})"
+            self.w(line)
             return Tagged("OK", "SORT completed")
         opts = cmd.return_opts or ("ALL",)  # RFC 4731 §3.1, by RFC 5267 §3
         parts = [f'* ESEARCH (TAG "{cmd.tag}")'] + (["UID"] if cmd.uid else [])
@@ -1055,6 +1063,12 @@ class Session:
                 parts.append(f"ALL {imap_sort.seq_order_set(nums)}")
         if "COUNT" in opts:
             parts.append(f"COUNT {len(nums)}")
+        if uses_modseq and nums:
+            if "ALL" not in opts and "COUNT" not in opts:  # only the MIN and MAX messages
+                returned = ([ordered[0].uid] if "MIN" in opts else []) + (
+                    [ordered[-1].uid] if "MAX" in opts else [])
+                highestmodseq = max(st.view.modseq.get(u, 0) for u in returned)
+            parts.append(f"MODSEQ {highestmodseq}")
         self.w(" ".join(parts))
         return Tagged("OK", "SORT completed")
 
