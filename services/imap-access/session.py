@@ -1000,26 +1000,9 @@ class Session:
         if uses_modseq:
             self._enable_condstore()
         if cmd.return_opts is not None:
-            opts = cmd.return_opts or ("ALL",)
-            parts = [f'* ESEARCH (TAG "{cmd.tag}")'] + (["UID"] if cmd.uid else [])
-            if nums:
-                if "MIN" in opts:
-                    parts.append(f"MIN {nums[0]}")
-                if "MAX" in opts:
-                    parts.append(f"MAX {nums[-1]}")
-                if "ALL" in opts:
-                    parts.append(f"ALL {seqset(nums)}")
-            if "COUNT" in opts:
-                parts.append(f"COUNT {len(nums)}")
-            if uses_modseq and nums:
-                if "ALL" not in opts and "COUNT" not in opts:
-                    # RFC 7162 §3.1.5: the highest MODSEQ of the messages returned, here
-                    # only the MIN and MAX ones
-                    returned = ([uids[0]] if "MIN" in opts else []) + (
-                        [uids[-1]] if "MAX" in opts else [])
-                    highestmodseq = max(view.modseq.get(u, 0) for u in returned)
-                parts.append(f"MODSEQ {highestmodseq}")
-            self.w(" ".join(parts))
+            self._esearch(cmd.tag, cmd.uid, cmd.return_opts, nums, seqset(nums) if nums else "",
+                          uids[0] if uids else 0, uids[-1] if uids else 0,
+                          highestmodseq if uses_modseq else None)
         else:
             line = "* SEARCH" + "".join(f" {n}" for n in nums)
             if uses_modseq and nums:
@@ -1050,27 +1033,40 @@ class Session:
                 line += f" (MODSEQ {highestmodseq})"
             self.w(line)
             return Tagged("OK", "SORT completed")
-        opts = cmd.return_opts or ("ALL",)  # RFC 4731 §3.1, by RFC 5267 §3
-        parts = [f'* ESEARCH (TAG "{cmd.tag}")'] + (["UID"] if cmd.uid else [])
+        # RFC 5267 §3.1: MIN and MAX are the first and last message in sort order, ALL
+        # lists the messages in sort order
+        self._esearch(cmd.tag, cmd.uid, cmd.return_opts, nums,
+                      imap_sort.seq_order_set(nums) if nums else "",
+                      ordered[0].uid if ordered else 0, ordered[-1].uid if ordered else 0,
+                      highestmodseq if uses_modseq else None)
+        return Tagged("OK", "SORT completed")
+
+    def _esearch(self, tag: str, uid: bool, return_opts: tuple[str, ...], nums: list[int],
+                 all_set: str, first_uid: int, last_uid: int,
+                 highestmodseq: int | None) -> None:
+        """The ESEARCH response of SEARCH and SORT with RETURN (RFC 4731 §3.1, RFC 5267
+        §3.1): ``nums`` in answer order, ``first_uid``/``last_uid`` the UIDs of its first and
+        last; ``highestmodseq`` when the search used MODSEQ (RFC 7162 §3.1.5: the highest
+        MODSEQ of the messages returned, with only MIN and MAX those two)."""
+        opts = return_opts or ("ALL",)
+        parts = [f'* ESEARCH (TAG "{tag}")'] + (["UID"] if uid else [])
         if nums:
-            # RFC 5267 §3.1: MIN and MAX are the first and last message in sort order, ALL
-            # lists the messages in sort order
             if "MIN" in opts:
                 parts.append(f"MIN {nums[0]}")
             if "MAX" in opts:
                 parts.append(f"MAX {nums[-1]}")
             if "ALL" in opts:
-                parts.append(f"ALL {imap_sort.seq_order_set(nums)}")
+                parts.append(f"ALL {all_set}")
         if "COUNT" in opts:
             parts.append(f"COUNT {len(nums)}")
-        if uses_modseq and nums:
-            if "ALL" not in opts and "COUNT" not in opts:  # only the MIN and MAX messages
-                returned = ([ordered[0].uid] if "MIN" in opts else []) + (
-                    [ordered[-1].uid] if "MAX" in opts else [])
-                highestmodseq = max(st.view.modseq.get(u, 0) for u in returned)
+        if highestmodseq is not None and nums:
+            if "ALL" not in opts and "COUNT" not in opts:
+                assert isinstance(self.state, Selected)
+                returned = ([first_uid] if "MIN" in opts else []) + (
+                    [last_uid] if "MAX" in opts else [])
+                highestmodseq = max(self.state.view.modseq.get(u, 0) for u in returned)
             parts.append(f"MODSEQ {highestmodseq}")
         self.w(" ".join(parts))
-        return Tagged("OK", "SORT completed")
 
     async def _sort_infos(self, st: Selected, uids: list[int],
                           need_summary: bool) -> list[imap_sort.SortInfo]:
