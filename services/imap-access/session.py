@@ -1068,31 +1068,39 @@ class Session:
             parts.append(f"MODSEQ {highestmodseq}")
         self.w(" ".join(parts))
 
+    async def _metas(self, st: Selected, uids: list[int], need_summary: bool
+                     ) -> dict[int, MessageMeta]:
+        """Metadata of these messages: the session cache first, one store FETCH for the
+        rest (cached as it comes)."""
+        view = st.view
+        base = (st.account_id, view.mailbox_id, view.uidvalidity)
+        metas: dict[int, MessageMeta] = {}
+        ask = []
+        for u in uids:
+            hit = self.meta_cache.get((*base, u), need_summary)
+            if hit is None:
+                ask.append(u)
+            else:
+                metas[u] = hit
+        if ask:
+            reply = await self.store.fetch(FetchRequest(
+                account_id=st.account_id, mailbox_id=view.mailbox_id,
+                uids=to_ranges(ask), with_summary=need_summary))
+            for m in reply.messages:
+                metas[m.uid] = m
+                self.meta_cache.put((*base, m.uid), m)
+        return metas
+
     async def _sort_infos(self, st: Selected, uids: list[int],
                           need_summary: bool) -> list[imap_sort.SortInfo]:
         """The sort inputs of the messages, through the metadata cache and the store's
         paged FETCH metadata (summaries the store lacks are computed from the blobs)."""
         view = st.view
-        base = (st.account_id, view.mailbox_id, view.uidvalidity)
         batch = max(1, min(self.cfg.fetch_batch, 100) if need_summary else self.cfg.fetch_batch)
         infos: list[imap_sort.SortInfo] = []
         for i in range(0, len(uids), batch):
             chunk = uids[i:i + batch]
-            metas: dict[int, MessageMeta] = {}
-            ask = []
-            for u in chunk:
-                hit = self.meta_cache.get((*base, u), need_summary)
-                if hit is None:
-                    ask.append(u)
-                else:
-                    metas[u] = hit
-            if ask:
-                reply = await self.store.fetch(FetchRequest(
-                    account_id=st.account_id, mailbox_id=view.mailbox_id,
-                    uids=to_ranges(ask), with_summary=need_summary))
-                for got in reply.messages:
-                    metas[got.uid] = got
-                    self.meta_cache.put((*base, got.uid), got)
+            metas = await self._metas(st, chunk, need_summary)
             if need_summary:
                 await self._summarise_missing([m for m in metas.values() if m.summary is None])
             for u in chunk:
@@ -1297,24 +1305,8 @@ class Session:
                     for ms in r.updated:
                         if view.set_flags(ms.uid, ms.flags, ms.modseq):
                             seen_changed.add(ms.uid)
-            metas: dict[int, MessageMeta] = {}
-            if need_meta:
-                cache = self.meta_cache
-                base = (st.account_id, view.mailbox_id, view.uidvalidity)
-                ask = []
-                for u in chunk:
-                    hit = cache.get((*base, u), need_summary)
-                    if hit is None:
-                        ask.append(u)
-                    else:
-                        metas[u] = hit
-                if ask:
-                    reply = await self.store.fetch(FetchRequest(
-                        account_id=st.account_id, mailbox_id=view.mailbox_id,
-                        uids=to_ranges(ask), with_summary=need_summary))
-                    for m in reply.messages:
-                        metas[m.uid] = m
-                        cache.put((*base, m.uid), m)
+            metas: dict[int, MessageMeta] = (
+                await self._metas(st, chunk, need_summary) if need_meta else {})
             blobs: dict[str, bytes] = {}
             # bodies, and messages the store has no summary for (computed here from the blob);
             # a batch of large messages is read later, a few at a time (see below)
