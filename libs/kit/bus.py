@@ -39,7 +39,7 @@ M = TypeVar("M", bound=BaseModel)
 Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
-log = get_logger("postbus.bus")
+log = get_logger(__name__)
 
 ERROR_HEADER = "Postbus-Error"
 

@@ -27,7 +27,7 @@ from postbus.kit.natsauth import GRANTS
 from postbus.kit.settings import CommonSettings
 from postbus.proto import ALL_STREAMS
 
-log = klog.get_logger("postbus.runtime")
+log = klog.get_logger(__name__)
 
 
 @dataclass

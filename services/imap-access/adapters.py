@@ -58,7 +58,7 @@ from postbus.proto.store import (
     SubscribeRequest,
 )
 
-log = get_logger("postbus.imap.adapters")
+log = get_logger(__name__)
 BLOB_CACHE = counter("postbus_imap_blob_cache_total", "Message body lookups by imap-access",
                      ["result"])
 BLOB_HIT_RATIO = gauge("postbus_imap_blob_cache_hit_ratio",

@@ -30,7 +30,7 @@ from postbus.kit.net import (
 )
 from postbus.protocols.imap_parser import Continue, RawLine, Receiver
 
-log = get_logger("postbus.imap.server")
+log = get_logger(__name__)
 
 SESSIONS = gauge("postbus_imap_sessions", "Open IMAP sessions", ["listener"])
 CONNECTIONS = counter("postbus_imap_connections_total", "IMAP connections accepted",

@@ -62,7 +62,7 @@ from postbus.protocols.imap_wire import (
     seqset,
 )
 
-log = get_logger("postbus.imap")
+log = get_logger(__name__)
 
 COMMANDS = counter("postbus_imap_commands_total", "IMAP commands by name and result",
                    ["command", "result"])

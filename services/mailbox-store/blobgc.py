@@ -17,7 +17,7 @@ from postbus.kit.metrics import counter
 from postbus.mailbox_store.db import run_periodically
 from postbus.mailbox_store.repository import Repository
 
-log = get_logger("postbus.mailbox_store.blobgc")
+log = get_logger(__name__)
 COLLECTED = counter("postbus_store_blobs_collected_total", "Blobs deleted by GC", ["kind"])
 
 

@@ -27,7 +27,7 @@ from postbus.proto.mail import (
     MessageChange,
 )
 
-log = get_logger("postbus.mailbox_store.delivery")
+log = get_logger(__name__)
 DURABLE = "mailbox-store"
 SERVICE = "mailbox-store"
 DELIVERIES = counter("postbus_store_deliveries_total", "Local deliveries by outcome", ["outcome"])

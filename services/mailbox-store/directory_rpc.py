@@ -28,7 +28,7 @@ from postbus.proto.directory import (
     SendAsRequest,
 )
 
-log = get_logger("postbus.mailbox_store.directory")
+log = get_logger(__name__)
 
 RESOLVES = counter("postbus_directory_resolve_total", "Recipient lookups by outcome", ["status"])
 LOGINS = counter("postbus_directory_logins_total", "Logins by service and outcome",

@@ -58,7 +58,7 @@ from postbus.proto.directory import AuthReply, ResolveReply
 if TYPE_CHECKING:
     from postbus.mailbox_store.directory_rpc import LoginThrottle
 
-log = get_logger("postbus.mailbox_store.directory")
+log = get_logger(__name__)
 
 _A = Account.__table__
 _AL = Alias.__table__

@@ -38,7 +38,7 @@ from postbus.mailbox_store.mailadmin import ImportReport, MailAdmin
 from postbus.mailbox_store.repository import Repository, StoreError
 from postbus.proto.base import ErrorCode
 
-log = get_logger("postbus.mailbox_store.mgmt")
+log = get_logger(__name__)
 
 # every ErrorCode a refusal carries; internal and too_large are 500 (a bug of ours)
 _STATUS: dict[ErrorCode, int] = {"not_found": 404, "exists": 409, "conflict": 409,

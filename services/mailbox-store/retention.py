@@ -14,7 +14,7 @@ from postbus.mailbox_store.db import run_periodically
 from postbus.mailbox_store.delivery import publish_change
 from postbus.mailbox_store.repository import Repository
 
-log = get_logger("postbus.mailbox_store.retention")
+log = get_logger(__name__)
 EXPIRED = counter("postbus_store_pop3_expired_total",
                   "Messages expunged by the POP3 retention period (EXPIRE)")
 EXPIRE_LOCK_KEY = 0x706F_7374_6578  # one replica expires at a time

@@ -54,7 +54,7 @@ from postbus.proto.base import ErrorCode
 from postbus.proto.mail import MessageSummary
 from postbus.proto.store import MailboxInfo, MessageState
 
-log = get_logger("postbus.mailbox_store.repository")
+log = get_logger(__name__)
 
 T = TypeVar("T")
 PM = TypeVar("PM", bound=BaseModel)

@@ -73,7 +73,7 @@ from postbus.proto.store import (
 from postbus.protocols.mime import normalize_crlf, summarize
 from postbus.protocols.searchtext import MAX_TEXT, header_values, message_text
 
-log = get_logger("postbus.mailbox_store.storeapi")
+log = get_logger(__name__)
 QUEUE = "mailbox-store"
 # the most a page may hold, whatever the request asks: 40,000 UIDs of up to 10 digits stay
 # under PAGE_BYTES; POP3 messages are also cut at PAGE_BYTES (their prefixes vary)

@@ -35,7 +35,7 @@ from postbus.mime_processor.policy import (
 from postbus.proto.mail import ClientInfo
 from postbus.protocols.mime import header_block_end, parse_headers
 
-log = get_logger("postbus.mime_processor.auth")
+log = get_logger(__name__)
 
 MAX_DKIM_SIGNATURES = 5  # each costs a key lookup and an RSA verify
 

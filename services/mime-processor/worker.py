@@ -39,7 +39,7 @@ from postbus.proto.mail import (
 )
 from postbus.protocols.mime import normalize_crlf, summarize
 
-log = get_logger("postbus.mime_processor")
+log = get_logger(__name__)
 SERVICE = "mime-processor"
 
 LATENCY = histogram("postbus_mime_processing_seconds", "Time to process one inbound message")

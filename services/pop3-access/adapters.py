@@ -25,7 +25,7 @@ from postbus.proto.store import (
     Pop3Message,
 )
 
-log = get_logger("postbus.pop3.adapters")
+log = get_logger(__name__)
 
 
 class BusDirectory:

@@ -19,7 +19,7 @@ from postbus.pop3_access.ports import Directory, Locks, Maildrops, Throttle
 from postbus.pop3_access.session import Limits, Peer, PreparedBodies, Session, Stats
 from postbus.protocols.pop3 import Receiver, err
 
-log = get_logger("postbus.pop3.server")
+log = get_logger(__name__)
 
 CONNECTIONS = counter("postbus_pop3_connections_total", "POP3 connections accepted", ["listener"])
 REFUSED = counter("postbus_pop3_connections_refused_total",

@@ -47,7 +47,7 @@ from postbus.protocols.pop3 import (
     top_payload,
 )
 
-log = get_logger("postbus.pop3")
+log = get_logger(__name__)
 
 COMMANDS = counter("postbus_pop3_commands_total", "POP3 commands", ["command", "outcome"])
 LOGINS = counter("postbus_pop3_logins_total", "POP3 login attempts", ["outcome"])

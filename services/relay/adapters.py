@@ -29,7 +29,7 @@ from postbus.relay.policy import Hop, MxRecord, NullMx
 from postbus.relay.ports import AttemptResult, Envelope, NoRoute, RcptResult, Route
 from postbus.relay.wire import ReplyError, data_payload, split_replies
 
-log = get_logger("postbus.relay.smtp")
+log = get_logger(__name__)
 
 
 # ---------------------------------------------------------------- destinations

@@ -18,7 +18,7 @@ from postbus.relay.worker import FAILED_EVENTS, RelayWorker
 
 DURABLE = "relay"
 DURABLE_FAILED = "relay-bounces"
-log = get_logger("postbus.relay")
+log = get_logger(__name__)
 
 
 async def build_worker(settings: Settings, bus: Bus, blobs: BlobStore) -> RelayWorker:

@@ -44,7 +44,7 @@ from postbus.relay.ports import Destinations, Envelope, NoRoute, RcptResult, Rcp
 from postbus.relay.settings import Settings
 
 SERVICE = "relay"
-log = get_logger("postbus.relay")
+log = get_logger(__name__)
 
 # failures reported by any service; relay skips its own (service == "relay")
 FAILED_EVENTS = Subject("mail.events.v1.{queue_id}.failed", DeliveryEvent, EVENTS_STREAM,

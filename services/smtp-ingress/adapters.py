@@ -29,7 +29,7 @@ from postbus.proto.directory import (
 from postbus.proto.mail import DELIVER_STREAM, INBOUND_STREAM, MAIL_RECEIVED, MailReceived
 from postbus.smtp_ingress.ports import BlockEntry, Unavailable
 
-log = get_logger("postbus.smtp_ingress")
+log = get_logger(__name__)
 
 BLOCKLIST_BUCKET = "smtp_ingress_blocklist"
 LOAD_BUCKET = "smtp_ingress_load"

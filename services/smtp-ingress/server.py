@@ -46,7 +46,7 @@ from postbus.smtp_ingress.ports import (
 from postbus.smtp_ingress.settings import Settings
 from postbus.smtp_ingress.spool import Budget, Spool, SpoolDir
 
-log = get_logger("postbus.smtp_ingress")
+log = get_logger(__name__)
 
 CONNECTIONS = counter("postbus_smtp_connections_total", "SMTP connections",
                       ["listener", "outcome"])

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from postbus.kit.logging import get_logger
 
-log = get_logger("postbus.smtp_ingress")
+log = get_logger(__name__)
 
 PREFIX = "spool-"  # the name of a spool file on systems without O_TMPFILE (unlinked at once)
 
