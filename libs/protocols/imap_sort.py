@@ -12,7 +12,7 @@ from datetime import datetime
 from postbus.protocols.mime import decode_words
 
 __all__ = ["KEYS", "Criterion", "SortInfo", "Address", "base_subject", "casemap",
-           "envelope_addresses", "address_key", "display_key", "sort_messages", "seq_order_set"]
+           "envelope_addresses", "address_key", "display_key", "sort_messages"]
 
 # RFC 5256 §3 and RFC 5957 §3 sort keys
 KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO",
@@ -249,17 +249,3 @@ def sort_messages(infos: list[SortInfo], criteria: list[Criterion]) -> list[Sort
         return tuple(vals)
 
     return sorted(infos, key=key)
-
-
-def seq_order_set(nums: list[int]) -> str:
-    """A sequence set listing ``nums`` in their order (RFC 5267 §3.2 ALL): runs of
-    consecutive ascending numbers become ranges, as Dovecot writes them."""
-    out: list[str] = []
-    i = 0
-    while i < len(nums):
-        j = i
-        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
-            j += 1
-        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
-        i = j + 1
-    return ",".join(out)

@@ -63,18 +63,21 @@ def flag_list(flags: Iterable[str]) -> bytes:
 
 def seqset(nums: Iterable[int]) -> str:
     """Compress numbers into "1:3,7,9:10" (sorted, duplicates dropped)."""
+    return ordered_seqset(sorted(set(nums)))
+
+
+def ordered_seqset(nums: list[int]) -> str:
+    """A sequence set listing ``nums`` in their own order: runs of consecutive ascending
+    numbers become ranges (COPYUID's target set, RFC 4315 §3; ESORT's ALL, RFC 5267
+    §3.2, as Dovecot writes them)."""
     out: list[str] = []
-    start = prev = None
-    for n in sorted(set(nums)):
-        if start is None:
-            start = prev = n
-        elif n == prev + 1:  # type: ignore[operator]
-            prev = n
-        else:
-            out.append(f"{start}" if start == prev else f"{start}:{prev}")
-            start = prev = n
-    if start is not None:
-        out.append(f"{start}" if start == prev else f"{start}:{prev}")
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
+        i = j + 1
     return ",".join(out)
 
 

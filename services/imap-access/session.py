@@ -59,6 +59,7 @@ from postbus.protocols.imap_wire import (
     literal,
     mutf7_decode,
     mutf7_encode,
+    ordered_seqset,
     seqset,
 )
 
@@ -1036,7 +1037,7 @@ class Session:
         # RFC 5267 §3.1: MIN and MAX are the first and last message in sort order, ALL
         # lists the messages in sort order
         self._esearch(cmd.tag, cmd.uid, cmd.return_opts, nums,
-                      imap_sort.seq_order_set(nums) if nums else "",
+                      ordered_seqset(nums) if nums else "",
                       ordered[0].uid if ordered else 0, ordered[-1].uid if ordered else 0,
                       highestmodseq if uses_modseq else None)
         return Tagged("OK", "SORT completed")
@@ -1208,7 +1209,7 @@ class Session:
         code = ""
         if reply.source_uids:
             code = (f"[COPYUID {reply.uidvalidity} {seqset(reply.source_uids)} "
-                    f"{_uid_list(reply.target_uids)}] ")
+                    f"{ordered_seqset(reply.target_uids)}] ")
         if cmd.move:
             moved = sorted(reply.source_uids)
             if code:
@@ -1262,7 +1263,7 @@ class Session:
             raise
         if isinstance(self.state, Selected) and self.state.view.name == name:
             await self._sync_new(self.state)
-        uids = _uid_list(reply.uids) if reply.uids else str(reply.uid)
+        uids = ordered_seqset(reply.uids) if reply.uids else str(reply.uid)
         return Tagged("OK", f"[APPENDUID {reply.uidvalidity} {uids}] APPEND completed")
 
     # ------------------------------------------------------------ FETCH
@@ -1478,19 +1479,6 @@ def _binary_item(meta: MessageMeta, blob: bytes, a: p.FetchAtt) -> bytes:
 
 def _chunks(uids: list[int], n: int) -> list[list[int]]:
     return [uids[i:i + n] for i in range(0, len(uids), n)]
-
-
-def _uid_list(uids: list[int]) -> str:
-    """COPYUID target set in source order (RFC 4315 §3: the orders correspond)."""
-    out: list[str] = []
-    i = 0
-    while i < len(uids):
-        j = i
-        while j + 1 < len(uids) and uids[j + 1] == uids[j] + 1:
-            j += 1
-        out.append(str(uids[i]) if i == j else f"{uids[i]}:{uids[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def _metric_name(cmd: p.Command) -> str:

@@ -18,9 +18,9 @@ from postbus.protocols.imap_sort import (
     casemap,
     display_key,
     envelope_addresses,
-    seq_order_set,
     sort_messages,
 )
+from postbus.protocols.imap_wire import ordered_seqset
 
 
 @pytest.mark.parametrize(("subject", "base"), [
@@ -185,4 +185,4 @@ def test_imaptest_sort_subject() -> None:
     ([7], "7"),
 ])
 def test_seq_order_set(nums: list[int], text: str) -> None:
-    assert seq_order_set(nums) == text
+    assert ordered_seqset(nums) == text
