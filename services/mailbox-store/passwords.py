@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from postbus.kit.expiring import ExpiringLRU
 from postbus.kit.metrics import counter
 
 CACHE = counter("postbus_auth_cache_total", "Password checks answered by the cache or not",
@@ -53,12 +53,10 @@ class VerifyCache:
 
     def __init__(self, ttl_s: float = 3600.0, negative_ttl_s: float = 300.0,
                  max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
         self.ttl_s = ttl_s
         self.negative_ttl_s = negative_ttl_s
-        self.max_entries = max_entries
         self._key = secrets.token_bytes(32)
-        self._entries: OrderedDict[bytes, tuple[float, bool]] = OrderedDict()
+        self._entries: ExpiringLRU[bytes, bool] = ExpiringLRU(max_entries, clock)
 
     def key(self, login: str, stored: str, password: str) -> bytes:
         msg = b"\0".join(x.encode("utf-8", "surrogatepass") for x in (login, stored, password))
@@ -72,21 +70,11 @@ class VerifyCache:
 
     def peek(self, key: bytes) -> bool | None:
         """The cached outcome, without counting a lookup."""
-        if self.ttl_s <= 0:
-            return None
-        hit = self._entries.get(key)
-        if hit is None or hit[0] < self.clock():
-            return None
-        return hit[1]
+        return self._entries.get(key) if self.ttl_s > 0 else None
 
     def put(self, key: bytes, ok: bool) -> None:
-        if self.ttl_s <= 0:
-            return
-        ttl = self.ttl_s if ok else self.negative_ttl_s
-        self._entries[key] = (self.clock() + ttl, ok)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        if self.ttl_s > 0:
+            self._entries.put(key, ok, self.ttl_s if ok else self.negative_ttl_s)
 
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,6 +20,7 @@ import dns.exception
 import dns.resolver
 import spf
 
+from postbus.kit.expiring import ExpiringLRU
 from postbus.kit.logging import get_logger
 from postbus.mime_processor.policy import (
     AuthResults,
@@ -239,24 +239,14 @@ class SpfCache:
     def __init__(self, ttl_s: float = 60.0, size: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
-        self.size = size
-        self.clock = clock
-        self._entries: OrderedDict[tuple[str, str, str], tuple[float, SpfResult]] = OrderedDict()
+        self._entries: ExpiringLRU[tuple[str, str, str], SpfResult] = ExpiringLRU(size, clock)
 
     def get(self, ip: str, mail_from: str, helo: str) -> SpfResult | None:
-        hit = self._entries.get((ip, mail_from.lower(), helo.lower()))
-        if hit is None or hit[0] < self.clock():
-            return None
-        return hit[1]
+        return self._entries.get((ip, mail_from.lower(), helo.lower()))
 
     def put(self, ip: str, mail_from: str, helo: str, result: SpfResult) -> None:
-        if self.ttl_s <= 0 or result.result == "temperror":
-            return
-        key = (ip, mail_from.lower(), helo.lower())
-        self._entries[key] = (self.clock() + self.ttl_s, result)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        if self.ttl_s > 0 and result.result != "temperror":
+            self._entries.put((ip, mail_from.lower(), helo.lower()), result, self.ttl_s)
 
 
 class DnsAuthenticator:

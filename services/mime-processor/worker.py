@@ -48,7 +48,6 @@ RECIPIENTS = counter("postbus_mime_recipients_total", "Recipients by route", ["r
 AUTH = counter("postbus_mime_auth_total", "Authentication results", ["method", "result"])
 
 
-
 @dataclass
 class Failure:
     queue_id: str
