@@ -1,6 +1,6 @@
 """IMAP4rev1 command parser (RFC 3501 §9 grammar, LITERAL+ RFC 7888, CONDSTORE RFC 7162,
 MOVE RFC 6851, UIDPLUS RFC 4315, LIST-EXTENDED RFC 5258, ID RFC 2971, ENABLE RFC 5161,
-BINARY RFC 3516, MULTIAPPEND RFC 3502, APPENDLIMIT RFC 7889).
+BINARY RFC 3516, MULTIAPPEND RFC 3502, APPENDLIMIT RFC 7889, SORT and THREAD RFC 5256).
 
 Pure and sans-I/O: bytes in, values out. No asyncio, nats or boto3. ``Receiver.feed`` never
 raises on client input: junk, over-long lines and over-sized literals come back as ``Bad``.
@@ -22,7 +22,7 @@ __all__ = [
     "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "AppendItem",
     "IdCmd",
     "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Sort",
-    "SortKey", "Fetch",
+    "SortKey", "ThreadCmd", "THREAD_ALGORITHMS", "Fetch",
     "StoreCmd", "Copy", "GetQuotaRoot", "GetQuota",
 ]
 
@@ -298,6 +298,17 @@ class Sort:
 
 
 @dataclass(frozen=True)
+class ThreadCmd:
+    """THREAD / UID THREAD (RFC 5256 §3): an algorithm, a charset and a search program."""
+
+    tag: str
+    uid: bool
+    algorithm: str  # upper-case: ORDEREDSUBJECT | REFERENCES
+    charset: str
+    program: SearchNode  # an "and" node
+
+
+@dataclass(frozen=True)
 class FetchAtt:
     """``name`` upper-case: FLAGS, UID, INTERNALDATE, RFC822.SIZE, ENVELOPE, BODY,
     BODYSTRUCTURE, RFC822, RFC822.HEADER, RFC822.TEXT, MODSEQ, or BODY[] (with ``section``),
@@ -365,7 +376,7 @@ class GetQuota:
 Command = (Capability | Noop | Logout | StartTLS | Login | Authenticate | Select | Create
            | Delete | Rename | Subscribe | Unsubscribe | ListCmd | Status | Append | IdCmd
            | Enable | Namespace | Idle | Check | Close | Unselect | Expunge | Search | Sort
-           | Fetch | StoreCmd | Copy | GetQuotaRoot | GetQuota)
+           | ThreadCmd | Fetch | StoreCmd | Copy | GetQuotaRoot | GetQuota)
 
 
 # ---------------------------------------------------------------- character classes (§9)
@@ -858,7 +869,8 @@ def parse_command(data: bytes, tag: str | None = None) -> Command | Bad:
         if name == "UID":
             c.sp()
             name = c.atom().upper()
-            if name not in ("FETCH", "SEARCH", "SORT", "STORE", "COPY", "MOVE", "EXPUNGE"):
+            if name not in ("FETCH", "SEARCH", "SORT", "THREAD", "STORE", "COPY", "MOVE",
+                            "EXPUNGE"):
                 raise c.fail(f"UID {name} is not a command")
             uid = True
         fn = _COMMANDS.get(name)
@@ -1414,6 +1426,27 @@ def _sort(c: _Cursor, tag: str, uid: bool) -> Sort:
     return Sort(tag, uid, tuple(criteria), charset, SearchNode("and", children=tuple(keys)), ret)
 
 
+THREAD_ALGORITHMS = ("ORDEREDSUBJECT", "REFERENCES")  # RFC 5256 §3
+
+
+def _thread(c: _Cursor, tag: str, uid: bool) -> ThreadCmd:
+    c.sp()
+    algorithm = c.atom().upper()
+    if algorithm not in THREAD_ALGORITHMS:
+        raise c.fail(f"unknown threading algorithm {algorithm[:20]}")
+    c.sp()
+    charset = c.astring().decode("ascii", "replace").upper()  # mandatory, as in SORT
+    if charset not in ("UTF-8", "US-ASCII"):
+        raise c.fail(f"unsupported charset {charset[:40]}", "BADCHARSET (UTF-8 US-ASCII)")
+    keys: list[SearchNode] = []
+    while not c.at_end():
+        c.sp()
+        keys.append(_search_key(c, "utf-8"))
+    if not keys:
+        raise c.fail("missing search criteria")
+    return ThreadCmd(tag, uid, algorithm, charset, SearchNode("and", children=tuple(keys)))
+
+
 _COMMANDS: dict[str, _Parse] = {
     "CAPABILITY": _simple(Capability), "NOOP": _simple(Noop), "LOGOUT": _simple(Logout),
     "STARTTLS": _simple(StartTLS), "LOGIN": _login, "AUTHENTICATE": _authenticate,
@@ -1423,7 +1456,7 @@ _COMMANDS: dict[str, _Parse] = {
     "STATUS": _status, "APPEND": _append, "ID": _id, "ENABLE": _enable,
     "NAMESPACE": _simple(Namespace), "IDLE": _simple(Idle), "CHECK": _simple(Check),
     "CLOSE": _simple(Close), "UNSELECT": _simple(Unselect), "EXPUNGE": _expunge,
-    "SEARCH": _search, "SORT": _sort, "FETCH": _fetch, "STORE": _store, "COPY": _copy(False),
-    "MOVE": _copy(True), "GETQUOTAROOT": _mailbox_cmd(GetQuotaRoot),
+    "SEARCH": _search, "SORT": _sort, "THREAD": _thread, "FETCH": _fetch, "STORE": _store,
+    "COPY": _copy(False), "MOVE": _copy(True), "GETQUOTAROOT": _mailbox_cmd(GetQuotaRoot),
     "GETQUOTA": _mailbox_cmd(GetQuota),
 }

@@ -11,7 +11,8 @@ from datetime import datetime
 
 from postbus.protocols.mime import decode_words
 
-__all__ = ["KEYS", "Criterion", "SortInfo", "Address", "base_subject", "casemap",
+__all__ = ["KEYS", "Criterion", "SortInfo", "Address", "base_subject", "base_subject_info",
+           "casemap",
            "envelope_addresses", "address_key", "display_key", "sort_messages"]
 
 # RFC 5256 §3 and RFC 5957 §3 sort keys
@@ -53,6 +54,14 @@ _BLOB_RE = re.compile(_BLOB)
 def base_subject(subject: str) -> str:
     """The base subject of RFC 5256 §2.1 from a subject already decoded (RFC 2047) to
     Unicode. Not case-mapped: compare with ``casemap``."""
+    return base_subject_info(subject)[0]
+
+
+def base_subject_info(subject: str) -> tuple[str, bool]:
+    """The base subject (as ``base_subject``) and whether the subject was a reply or a
+    forward: whether extracting it removed a "Re:"/"Fw:"/"Fwd:" leader, a "(fwd)" trailer or
+    a "[fwd: ...]" wrapper (RFC 5256 §2.1, used by THREAD=REFERENCES §4 step 5)."""
+    refwd = False
     # (1) tabs and line breaks become spaces, runs of spaces one space
     s = _WSP.sub(" ", subject)
     while True:
@@ -61,6 +70,7 @@ def base_subject(subject: str) -> str:
             m = _TRAILER.search(s)
             if m is None:
                 break
+            refwd = refwd or m.group() != " "
             s = s[:m.start()]
         # (5) repeat (3) and (4) until neither removes anything
         while True:
@@ -70,6 +80,7 @@ def base_subject(subject: str) -> str:
                 m = _LEADER.match(s)
                 if m is None or m.end() == 0:
                     break
+                refwd = refwd or m.group() != " "
                 s = s[m.end():]
             # (4) remove a subj-blob if what remains is not empty
             m = _BLOB_RE.match(s)
@@ -80,8 +91,9 @@ def base_subject(subject: str) -> str:
         # (6) "[fwd:" ... "]": take the inside and go back to (2)
         if len(s) >= 6 and s[:5].lower() == "[fwd:" and s.endswith("]"):
             s = s[5:-1]
+            refwd = True
             continue
-        return s
+        return s, refwd
 
 
 # ---------------------------------------------------------------- ENVELOPE addresses
