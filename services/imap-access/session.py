@@ -12,6 +12,7 @@ import contextlib
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -51,7 +52,7 @@ from postbus.proto.store import (
     SubscribeRequest,
 )
 from postbus.protocols import imap_parser as p
-from postbus.protocols import imap_sort, mime
+from postbus.protocols import imap_sort, imap_thread, mime
 from postbus.protocols.imap_wire import (
     astring,
     flag_list,
@@ -75,7 +76,8 @@ DELIM = "/"
 BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
              "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
-             "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT")
+             "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT",
+             *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS))
 
 
 # ---------------------------------------------------------------- states (RFC 3501 §3)
@@ -453,6 +455,8 @@ class Session:
                 return await self._search(st, cmd)
             case p.Sort():
                 return await self._sort(st, cmd)
+            case p.ThreadCmd():
+                return await self._thread(st, cmd)
             case p.Fetch():
                 return await self._fetch(st, cmd)
             case p.StoreCmd():
@@ -1042,6 +1046,58 @@ class Session:
                       highestmodseq if uses_modseq else None)
         return Tagged("OK", "SORT completed")
 
+    # ------------------------------------------------------------ THREAD
+    async def _thread(self, st: Selected, cmd: p.ThreadCmd) -> Tagged:
+        """THREAD and UID THREAD (RFC 5256 §3, §4): the matches, their sent dates, subjects
+        and (REFERENCES) message ids, threaded by postbus.protocols.imap_thread."""
+        uids, _ = await self._matching(st, cmd.program, cmd.charset)
+        if len(uids) > self.cfg.sort_max_messages:
+            raise No(f"THREAD of more than {self.cfg.sort_max_messages} messages; "
+                     "narrow the search", "LIMIT")
+        infos = await self._thread_infos(st, uids, cmd.algorithm == "REFERENCES")
+        threads = imap_thread.thread(cmd.algorithm, infos)
+        lists = imap_thread.thread_lists(threads, cmd.uid)
+        self.w("* THREAD" + (" " + lists if lists else ""))
+        return Tagged("OK", "THREAD completed")
+
+    async def _thread_infos(self, st: Selected, uids: list[int],
+                            with_references: bool) -> list[imap_thread.ThreadInfo]:
+        """The threading inputs of the messages: sent date, subject and Message-ID from the
+        summaries (as SORT reads them); References and In-Reply-To, which the summary does
+        not carry, from the header block of each blob, a byte budget at a time."""
+        view = st.view
+        batch = max(1, min(self.cfg.fetch_batch, 100))
+        infos: list[imap_thread.ThreadInfo] = []
+        for i in range(0, len(uids), batch):
+            chunk = uids[i:i + batch]
+            metas = await self._metas(st, chunk, True)
+            await self._summarise_missing([m for m in metas.values() if m.summary is None])
+            found = [(u, metas[u]) for u in chunk if u in metas and view.seq_of(u) is not None]
+            headers: dict[str, tuple[str, str]] = {}
+            if with_references:
+                headers = await self._thread_headers([m for _, m in found])
+            for u, meta in found:
+                seq = view.seq_of(u)
+                sm = meta.summary
+                if seq is None or sm is None:
+                    continue  # expunged meanwhile: left out, as FETCH does
+                refs, irt = headers.get(meta.blob_key, ("", ""))
+                infos.append(imap_thread.ThreadInfo(
+                    seq=seq, uid=u, sent=sm.date or meta.internaldate, subject=sm.subject,
+                    message_id=sm.message_id, references=refs, in_reply_to=irt))
+        return infos
+
+    async def _thread_headers(self, metas: list[MessageMeta]) -> dict[str, tuple[str, str]]:
+        """References and In-Reply-To of each message, by blob key."""
+        out: dict[str, tuple[str, str]] = {}
+        async for group, blobs in self._blobs_by_budget(metas):
+            for m in group:
+                blob = blobs.get(m.blob_key)
+                if blob is None:
+                    raise No("Message headers unavailable", "UNAVAILABLE")
+                out[m.blob_key] = imap_thread.thread_headers(blob)
+        return out
+
     def _esearch(self, tag: str, uid: bool, return_opts: tuple[str, ...], nums: list[int],
                  all_set: str, first_uid: int, last_uid: int,
                  highestmodseq: int | None) -> None:
@@ -1120,6 +1176,17 @@ class Session:
     async def _summarise_missing(self, metas: list[MessageMeta]) -> None:
         """Summaries for metadata the store has none for, from the blobs, read a byte
         budget at a time."""
+        async for group, blobs in self._blobs_by_budget(metas):
+            for m in group:
+                blob = blobs.get(m.blob_key)
+                if blob is None:
+                    raise No("Message structure unavailable", "UNAVAILABLE")
+                m.summary = mime.summarize(blob)
+
+    async def _blobs_by_budget(self, metas: list[MessageMeta]
+                               ) -> AsyncIterator[tuple[list[MessageMeta], dict[str, bytes]]]:
+        """The blobs of these messages, in groups of at most ``fetch_bytes_in_flight``
+        octets (a larger message alone): memory stays bounded."""
         budget = self.cfg.fetch_bytes_in_flight
         i = 0
         while i < len(metas):
@@ -1130,12 +1197,7 @@ class Session:
                 group.append(metas[i])
                 size += metas[i].blob_size
                 i += 1
-            blobs = await self.blobs.get_many([m.blob_key for m in group])
-            for m in group:
-                blob = blobs.get(m.blob_key)
-                if blob is None:
-                    raise No("Message structure unavailable", "UNAVAILABLE")
-                m.summary = mime.summarize(blob)
+            yield group, await self.blobs.get_many([m.blob_key for m in group])
 
     # ------------------------------------------------------------ STORE
     async def _store_flags(self, st: Selected, cmd: p.StoreCmd) -> Tagged:
@@ -1504,7 +1566,7 @@ def _has_op(node: p.SearchNode, op: str) -> bool:
 def _expunge_allowed(cmd: p.Command) -> bool:
     """RFC 3501 §7.4.1: no untagged EXPUNGE while answering FETCH, STORE or SEARCH
     (the UID forms may have them, §6.4.8)."""
-    if isinstance(cmd, p.Fetch | p.StoreCmd | p.Search | p.Sort):
+    if isinstance(cmd, p.Fetch | p.StoreCmd | p.Search | p.Sort | p.ThreadCmd):
         return cmd.uid
     return True
 
