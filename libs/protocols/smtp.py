@@ -1,4 +1,5 @@
-"""Pure SMTP codecs (RFC 5321, 1870, 1652, 3030, 3461, 6531, 2034): paths, ESMTP parameters,
+"""Pure SMTP codecs (RFC 5321, 1870, 1652, 3030, 3461, 6531, 2034): the ``Receiver`` (command
+lines, DATA and BDAT chunks from bytes, however they are split), paths, ESMTP parameters,
 the DATA reader (end-of-data detection, smuggling checks, dot-unstuffing, chunk by chunk),
 enhanced codes.
 
@@ -8,7 +9,7 @@ Bytes and strings in, values out. No asyncio, no nats, no boto3.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postbus.protocols import smtp_replies as rp
 
@@ -421,3 +422,287 @@ def parse_bdat(arg: str | None) -> tuple[int, bool] | None:
     if not m:
         return None
     return int(m.group(1)), m.group(2) is not None
+
+
+# ---------------------------------------------------------------- the receiver (sans-I/O)
+# RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF; ESMTP parameters
+# (§4.5.3.1.1) make it longer, so the limit is the caller's (a setting, 2048 by default).
+MAX_COMMAND_LINE = 2048
+
+
+@dataclass(frozen=True)
+class _Item:
+    # the line as received, without its line end (a SASL response is read from it)
+    raw: bytes = field(default=b"", compare=False, repr=False, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Helo(_Item):
+    """HELO (``extended`` False) or EHLO; ``host`` may be empty (answered 501)."""
+
+    host: str
+    extended: bool
+
+
+@dataclass(frozen=True)
+class Mail(_Item):
+    arg: str  # "FROM:<path> params", parsed by the session (it knows about EHLO)
+
+
+@dataclass(frozen=True)
+class Rcpt(_Item):
+    arg: str
+
+
+@dataclass(frozen=True)
+class Data(_Item):
+    arg: str
+
+
+@dataclass(frozen=True)
+class Bdat(_Item):
+    """``BDAT <size> [LAST]`` (RFC 3030 §2); ``size`` None when the syntax is bad."""
+
+    size: int | None
+    last: bool = False
+
+
+@dataclass(frozen=True)
+class Rset(_Item):
+    arg: str
+
+
+@dataclass(frozen=True)
+class Noop(_Item):
+    pass
+
+
+@dataclass(frozen=True)
+class Quit(_Item):
+    pass
+
+
+@dataclass(frozen=True)
+class Vrfy(_Item):
+    arg: str
+
+
+@dataclass(frozen=True)
+class Expn(_Item):
+    pass
+
+
+@dataclass(frozen=True)
+class Help(_Item):
+    pass
+
+
+@dataclass(frozen=True)
+class StartTls(_Item):
+    arg: str
+
+
+@dataclass(frozen=True)
+class Auth(_Item):
+    arg: str  # "mechanism [initial-response]" (RFC 4954 §4)
+
+
+@dataclass(frozen=True)
+class Unknown(_Item):
+    verb: str
+
+
+@dataclass(frozen=True)
+class Bad(_Item):
+    """A line that is no command: ``SYNTAX`` (not a verb, or a NUL) or ``TOO_LONG``."""
+
+    reason: str
+
+
+TOO_LONG = "line too long"
+SYNTAX = "syntax error"
+
+
+@dataclass(frozen=True)
+class Body(_Item):
+    """Message octets: un-stuffed DATA octets, or BDAT chunk octets, as they come."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Overflow(_Item):
+    """The DATA went past the size limit: from here on it is read and discarded."""
+
+
+@dataclass(frozen=True)
+class DataEnd(_Item):
+    """<CRLF>.<CRLF> was read; ``problem`` says why the message must be refused, if it must."""
+
+    problem: DataProblem | None
+
+
+@dataclass(frozen=True)
+class ChunkEnd(_Item):
+    """The last octet of a BDAT chunk was read."""
+
+
+Command = (Helo | Mail | Rcpt | Data | Bdat | Rset | Noop | Quit | Vrfy | Expn | Help | StartTls
+           | Auth | Unknown)
+Item = Command | Bad | Body | Overflow | DataEnd | ChunkEnd
+
+def parse_command(line: bytes) -> Command | Bad:
+    """One command line (without its line end): the verb up to the first space, the argument
+    stripped (RFC 5321 §4.1.1: verbs are case-insensitive)."""
+    verb_bytes, _, arg_bytes = line.partition(b" ")
+    try:
+        verb = verb_bytes.upper().decode("ascii")
+    except UnicodeDecodeError:
+        verb = ""
+    if not verb.isalpha() or b"\x00" in line:
+        return Bad(SYNTAX, raw=line)
+    arg = arg_bytes.strip().decode("utf-8", "surrogateescape")
+    match verb:
+        case "HELO" | "EHLO":
+            return Helo(arg, verb == "EHLO", raw=line)
+        case "MAIL":
+            return Mail(arg, raw=line)
+        case "RCPT":
+            return Rcpt(arg, raw=line)
+        case "DATA":
+            return Data(arg, raw=line)
+        case "BDAT":
+            parsed = parse_bdat(arg)
+            return Bdat(*parsed, raw=line) if parsed else Bdat(None, raw=line)
+        case "RSET":
+            return Rset(arg, raw=line)
+        case "NOOP":
+            return Noop(raw=line)
+        case "QUIT":
+            return Quit(raw=line)
+        case "VRFY":
+            return Vrfy(arg, raw=line)
+        case "EXPN":
+            return Expn(raw=line)
+        case "HELP":
+            return Help(raw=line)
+        case "STARTTLS":
+            return StartTls(arg, raw=line)
+        case "AUTH":
+            return Auth(arg, raw=line)
+    return Unknown(verb, raw=line)
+
+
+class Receiver:
+    """SMTP input from bytes (RFC 5321 §2.4, §4.1.1.4; RFC 3030 §2). No I/O.
+
+    Three modes: command lines (the default), DATA (``start_data``, until <CRLF>.<CRLF>,
+    through ``DataReader``) and one BDAT chunk (``start_chunk``, exactly that many octets).
+    Only the session knows whether DATA or BDAT begins (a 503 leaves the receiver reading
+    lines), so ``feed`` stops after every DATA, BDAT and STARTTLS command and keeps the rest;
+    the caller handles what it got, switches the mode if it must, and calls ``feed(b"")``
+    for the rest. Bytes in, the same items out however the input is split.
+
+    Bounded: a command line longer than ``max_line`` is reported once as ``Bad(TOO_LONG)``
+    as soon as it is too long (not when it ends) and discarded up to its LF; message octets
+    are handed on as they come, never gathered.
+    """
+
+    def __init__(self, *, max_line: int = MAX_COMMAND_LINE, max_size: int = 0,
+                 max_data_line: int = 0) -> None:
+        self.max_line = max_line
+        self.max_size = max_size  # DATA: un-stuffed octets (RFC 1870), 0: no limit
+        self.max_data_line = max_data_line  # DATA: RFC 5321 §4.5.3.1.6, 0: no limit
+        self._buf = bytearray()
+        self._skipping = False  # inside an over-long line, discarding up to its LF
+        self._data: DataReader | None = None
+        self._chunk = -1  # octets of the BDAT chunk still to come; -1: not in a chunk
+
+    @property
+    def mode(self) -> str:
+        return "data" if self._data is not None else "chunk" if self._chunk >= 0 else "command"
+
+    def start_data(self) -> None:
+        """The session answered 354: what follows is message data."""
+        self._data = DataReader(max_size=self.max_size, max_line=self.max_data_line)
+
+    def start_chunk(self, size: int) -> None:
+        """A BDAT command was taken: the next ``size`` octets are its chunk."""
+        self._chunk = size
+
+    def pending(self) -> int:
+        """Octets buffered and not yet handed on (STARTTLS must see none: RFC 3207 §4.2)."""
+        return len(self._buf)
+
+    def discard(self) -> None:
+        """Forget what is buffered (plaintext pipelined after STARTTLS, CVE-2011-0411)."""
+        self._buf.clear()
+        self._skipping = False
+
+    def feed(self, data: bytes) -> list[Item]:
+        """Buffer ``data``; return every item it completes, in order, up to and including
+        the first DATA, BDAT or STARTTLS command. Junk comes back as ``Bad``, never raised."""
+        self._buf += data
+        out: list[Item] = []
+        while self._buf:
+            if self._data is not None:
+                self._feed_data(self._data, out)
+            elif self._chunk >= 0:
+                self._feed_chunk(out)
+            else:
+                step = self._feed_line(out)
+                if step is None:  # no whole line yet
+                    break
+                if step:
+                    return out
+        if self._chunk == 0:  # "BDAT 0 LAST": a chunk of nothing ends at once
+            self._chunk = -1
+            out.append(ChunkEnd())
+        return out
+
+    def _feed_line(self, out: list[Item]) -> bool | None:
+        """One line from the buffer: None when it holds no whole line, True when ``feed``
+        must stop after it (DATA, BDAT, STARTTLS)."""
+        buf = self._buf
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > self.max_line and not self._skipping:
+                out.append(Bad(TOO_LONG))  # answered now, not when the client ends the line
+                self._skipping = True
+            if self._skipping:
+                buf.clear()
+            return None
+        line = bytes(buf[:nl])
+        del buf[:nl + 1]
+        if self._skipping:
+            self._skipping = False
+            return False
+        if len(line) > self.max_line:  # the CR, if any, counts (as asyncio's readuntil)
+            out.append(Bad(TOO_LONG))
+            return False
+        item = parse_command(line.rstrip(b"\r"))
+        out.append(item)
+        return isinstance(item, Data | Bdat | StartTls)
+
+    def _feed_data(self, reader: DataReader, out: list[Item]) -> None:
+        was_over = reader.overflow
+        got, rest = reader.feed(bytes(self._buf))
+        self._buf.clear()
+        if got:
+            out.append(Body(got))
+        if reader.overflow and not was_over:
+            out.append(Overflow())
+        if rest is not None:
+            self._data = None
+            self._buf += rest
+            out.append(DataEnd(reader.problem()))
+
+    def _feed_chunk(self, out: list[Item]) -> None:
+        n = min(self._chunk, len(self._buf))
+        if n:
+            out.append(Body(bytes(self._buf[:n])))
+            del self._buf[:n]
+            self._chunk -= n
+        if self._chunk == 0:
+            self._chunk = -1
+            out.append(ChunkEnd())

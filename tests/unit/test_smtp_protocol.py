@@ -274,3 +274,128 @@ def test_reader_drop_hands_on_nothing_but_finds_the_end() -> None:
     assert r.feed(b"b" * 50_000 + b"\r\n") == (b"", None)
     assert r.feed(b".\r\nQUIT\r\n") == (b"", b"QUIT\r\n")
     assert r.dropped and r.done and not r.overflow
+
+
+# ---------------------------------------------------------------- the receiver
+@pytest.mark.parametrize("line,item", [
+    (b"EHLO c.example.net", p.Helo("c.example.net", True)),
+    (b"helo  c.example.net ", p.Helo("c.example.net", False)),
+    (b"HELO", p.Helo("", False)),
+    (b"MAIL FROM:<a@b.example> SIZE=10", p.Mail("FROM:<a@b.example> SIZE=10")),
+    (b"rcpt TO:<a@b.example>", p.Rcpt("TO:<a@b.example>")),
+    (b"DATA", p.Data("")),
+    (b"BDAT 10 LAST", p.Bdat(10, True)),
+    (b"BDAT 0", p.Bdat(0, False)),
+    (b"BDAT ten", p.Bdat(None)),
+    (b"RSET", p.Rset("")),
+    (b"NOOP whatever", p.Noop()),
+    (b"QUIT", p.Quit()),
+    (b"VRFY bob", p.Vrfy("bob")),
+    (b"EXPN list", p.Expn()),
+    (b"HELP", p.Help()),
+    (b"STARTTLS", p.StartTls("")),
+    (b"AUTH PLAIN abc=", p.Auth("PLAIN abc=")),
+    (b"XCLIENT NAME=x", p.Unknown("XCLIENT")),
+    (b"", p.Bad(p.SYNTAX)),
+    (b"MAIL\tFROM:<a@b.example>", p.Bad(p.SYNTAX)),
+    (b"NO\x00OP", p.Bad(p.SYNTAX)),
+    (b"NOOP \x00", p.Bad(p.SYNTAX)),
+    (b"\xff\xfe", p.Bad(p.SYNTAX)),
+])
+def test_command_lines(line: bytes, item: p.Item) -> None:
+    assert p.parse_command(line) == item
+    assert p.Receiver().feed(line + b"\r\n") == [item]
+    assert p.Receiver().feed(line + b"\n") == [item]  # a bare LF ends a command line too
+
+
+def test_receiver_stops_after_data_bdat_and_starttls() -> None:
+    r = p.Receiver()
+    assert r.feed(b"NOOP\r\nDATA\r\nNOOP\r\n") == [p.Noop(), p.Data("")]
+    assert r.pending() == 6
+    assert r.feed(b"") == [p.Noop()]  # no 354: still command lines
+    assert r.feed(b"STARTTLS\r\nRSET\r\n") == [p.StartTls("")]
+    r.discard()  # RFC 3207 §4.2: nothing pipelined after STARTTLS counts
+    assert r.feed(b"") == [] and r.pending() == 0
+
+
+def test_receiver_data_and_chunks() -> None:
+    r = p.Receiver(max_size=100, max_data_line=20)
+    assert r.feed(b"DATA\r\nSubject: x\r\n\r\n..dot\r\n.\r\nBDAT 3\r\nabcBDAT 0 LAST\r\nQUIT\r\n") \
+        == [p.Data("")]
+    r.start_data()
+    assert r.mode == "data"
+    assert r.feed(b"") == [p.Body(b"Subject: x\r\n\r\n.dot\r\n"), p.DataEnd(None), p.Bdat(3, False)]
+    r.start_chunk(3)
+    assert r.feed(b"") == [p.Body(b"abc"), p.ChunkEnd(), p.Bdat(0, True)]
+    r.start_chunk(0)
+    assert r.feed(b"") == [p.ChunkEnd(), p.Quit()]
+    assert r.mode == "command"
+    r.feed(b"DATA\r\n")
+    r.start_data()
+    got = r.feed(b"x" * 150 + b"\r\n.\r\n")
+    assert got == [p.Overflow(), p.DataEnd(p.R552_TOO_BIG)]
+    r.feed(b"DATA\r\n")
+    r.start_data()
+    assert r.feed(b"a\nb\r\n.\r\n")[-1] == p.DataEnd(p.R550_BARE_LF)
+
+
+def test_over_long_line_is_reported_once_and_at_once() -> None:
+    r = p.Receiver(max_line=100)
+    assert r.feed(b"A" * 101) == [p.Bad(p.TOO_LONG)]  # before its end arrives
+    assert r.feed(b"A" * 5000) == []
+    assert r.feed(b"AAA\r\nNOOP\r\n") == [p.Noop()]
+    assert r.feed(b"B" * 100 + b"\r\n") == [p.Bad(p.TOO_LONG)]  # the CR counts
+    assert r.feed(b"B" * 99 + b"\r\n") == [p.Unknown("B" * 99)]
+    assert r.pending() == 0
+
+
+def _drive(r: p.Receiver, pieces: list[bytes]) -> list[p.Item]:
+    """Feed ``pieces``, starting DATA after every DATA and a chunk after every BDAT (as a
+    session that accepts everything would); Body items joined, and dropped before Overflow
+    (what came before the limit was found is discarded), so splits do not show."""
+    out: list[p.Item] = []
+
+    def take(items: list[p.Item]) -> bool:
+        for it in items:
+            if isinstance(it, p.Overflow) and out and isinstance(out[-1], p.Body):
+                out.pop()
+            if isinstance(it, p.Body) and out and isinstance(out[-1], p.Body):
+                out[-1] = p.Body(out[-1].data + it.data)
+            else:
+                out.append(it)
+            if isinstance(it, p.Data):
+                r.start_data()
+            elif isinstance(it, p.Bdat) and it.size is not None:
+                r.start_chunk(it.size)
+        return bool(items)
+
+    for piece in pieces:
+        more = take(r.feed(piece))
+        while more:
+            more = take(r.feed(b""))
+    return out
+
+
+STREAM = (b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"
+          b"Subject: s\r\n\r\n..x\r\nline\r\n.\r\nBDAT 5\r\n12\r\n3BDAT 4 LAST\r\n\r\n\r\n"
+          + b"Z" * 3000 + b"\r\nSTARTTLS\r\nNOOP\r\nDATA\r\n" + b"y" * 200 + b"\r\n.\r\nQUIT\r\n")
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64, 4096])
+def test_receiver_chunking_invariance(step: int) -> None:
+    whole = _drive(p.Receiver(max_line=2048, max_size=100), [STREAM])
+    split = _drive(p.Receiver(max_line=2048, max_size=100),
+                   [STREAM[i:i + step] for i in range(0, len(STREAM), step)])
+    assert split == whole
+    assert whole[-1] == p.Quit() and p.Bad(p.TOO_LONG) in whole
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=0, max_value=3000), max_size=12))
+def test_receiver_any_bytes_any_split(data: bytes, cuts: list[int]) -> None:
+    """Any bytes, split anywhere: never an exception, the same items."""
+    stream = b"EHLO x\r\n" + data.replace(b"DATA", b"DATA\r\n").replace(b"BDAT", b"BDAT 7\r\n")
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert (_drive(p.Receiver(max_line=64, max_size=50, max_data_line=30), pieces)
+            == _drive(p.Receiver(max_line=64, max_size=50, max_data_line=30), [stream]))

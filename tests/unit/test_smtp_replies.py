@@ -11,7 +11,7 @@ from postbus.protocols import smtp_replies
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMED = {n: v for n, v in vars(smtp_replies).items() if re.fullmatch(r"R\d{3}_[A-Z0-9_]+", n)}
-NO_ENHANCED = {"R220_GREETING", "R250_HELO"}  # RFC 2034 §4
+NO_ENHANCED = {"R220_GREETING", "R250_HELO", "R354_START_DATA", "R334_CHALLENGE"}  # RFC 2034 §4
 
 
 def test_there_is_a_table() -> None:
