@@ -1,6 +1,7 @@
 """IMAP4rev1 command parser (RFC 3501 §9 grammar, LITERAL+ RFC 7888, CONDSTORE RFC 7162,
 MOVE RFC 6851, UIDPLUS RFC 4315, LIST-EXTENDED RFC 5258, ID RFC 2971, ENABLE RFC 5161,
-BINARY RFC 3516, MULTIAPPEND RFC 3502, APPENDLIMIT RFC 7889, SORT and THREAD RFC 5256).
+BINARY RFC 3516, MULTIAPPEND RFC 3502, APPENDLIMIT RFC 7889, SORT and THREAD RFC 5256,
+CATENATE RFC 4469 with its IMAP URLs RFC 5092).
 
 Pure and sans-I/O: bytes in, values out. No asyncio, nats or boto3. ``Receiver.feed`` never
 raises on client input: junk, over-long lines and over-sized literals come back as ``Bad``.
@@ -20,7 +21,7 @@ __all__ = [
     "Limits", "PREAUTH",
     "Capability", "Noop", "Logout", "StartTLS", "Login", "Authenticate", "Select", "Create",
     "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "AppendItem",
-    "IdCmd",
+    "CatText", "CatUrl", "CatPart", "MessageUrl", "parse_message_url", "IdCmd",
     "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Sort",
     "SortKey", "ThreadCmd", "THREAD_ALGORITHMS", "Fetch",
     "StoreCmd", "Copy", "GetQuotaRoot", "GetQuota",
@@ -191,6 +192,23 @@ class Status:
 
 
 @dataclass(frozen=True)
+class CatText:
+    """A TEXT part of a CATENATE (RFC 4469 §5): octets as sent."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CatUrl:
+    """A URL part of a CATENATE (RFC 4469 §5): an IMAP URL, resolved by the session."""
+
+    url: str
+
+
+CatPart = CatText | CatUrl
+
+
+@dataclass(frozen=True)
 class AppendItem:
     """A message of a MULTIAPPEND after the first (RFC 3502 §6: append-message)."""
 
@@ -198,6 +216,7 @@ class AppendItem:
     date: datetime | None
     message: bytes
     binary: bool = False
+    parts: tuple[CatPart, ...] | None = None  # CATENATE (RFC 4469): ``message`` is empty
 
 
 @dataclass(frozen=True)
@@ -209,6 +228,7 @@ class Append:
     message: bytes
     binary: bool = False  # sent as a literal8 ~{n} (RFC 3516 §4.4)
     more: tuple[AppendItem, ...] = ()  # MULTIAPPEND (RFC 3502): the messages after this one
+    parts: tuple[CatPart, ...] | None = None  # CATENATE (RFC 4469): ``message`` is empty
 
 
 @dataclass(frozen=True)
@@ -1045,13 +1065,126 @@ def _append(c: _Cursor, tag: str, uid: bool) -> Append:
         if c.peek() == 0x22:
             date = c.date_time()
             c.sp()
+        if c.maybe(b"CATENATE "):  # RFC 4469 §5
+            items.append(AppendItem(flags, date, b"", parts=_cat_parts(c)))
+            continue
         binary = c.d[c.i:c.i + 2] == b"~{"  # literal8 (RFC 3516 §4.4)
         if c.peek() != 0x7B and not binary:
             raise c.fail("expected a literal")
         items.append(AppendItem(flags, date, c.literal(), binary))
     first = items[0]
     return Append(tag, mbox, first.flags, first.date, first.message, first.binary,
-                  tuple(items[1:]))
+                  tuple(items[1:]), first.parts)
+
+
+MAX_CAT_PARTS = 1000  # parts of one CATENATE (RFC 4469 sets none; each is a literal or URL)
+
+
+def _cat_parts(c: _Cursor) -> tuple[CatPart, ...]:
+    # "(" cat-part *(SP cat-part) ")"; cat-part = text-literal / url (RFC 4469 §5)
+    c.expect(b"(")
+    parts: list[CatPart] = []
+    while True:
+        if c.maybe(b"TEXT "):
+            if c.peek() != 0x7B:
+                raise c.fail("expected a literal")
+            parts.append(CatText(c.literal()))
+        elif c.maybe(b"URL "):
+            parts.append(CatUrl(c.astring().decode("utf-8", "replace")))
+        else:
+            raise c.fail("expected TEXT or URL")
+        if len(parts) > MAX_CAT_PARTS:
+            raise c.fail("too many CATENATE parts", "LIMIT")
+        if c.peek() == 0x29:
+            c.i += 1
+            return tuple(parts)
+        c.sp()
+
+
+@dataclass(frozen=True)
+class MessageUrl:
+    """The message or part an IMAP URL names (RFC 5092 §6 imessagepart)."""
+
+    mailbox: str  # decoded (UTF-8)
+    uid: int
+    uidvalidity: int | None = None
+    section: str = ""  # as in BODY[section], upper-case; "" the whole message
+    partial: tuple[int, int | None] | None = None  # offset and length (RFC 5092 §6)
+    user: str | None = None  # the userinfo of an absolute URL
+
+
+_URL_PARAM = re.compile(r"(?i)(UIDVALIDITY|UID|SECTION|PARTIAL)=(.*)\Z", re.DOTALL)
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _pct_decode(s: str) -> str | None:
+    if re.search(r"%(?![0-9A-Fa-f]{2})", s):
+        return None
+    try:
+        return _PCT.sub(lambda m: chr(int(m.group(1), 16)), s).encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return None
+
+
+def parse_message_url(url: str) -> MessageUrl | None:
+    """A CATENATE URL (RFC 4469 §5, RFC 5092 §6): an absolute ``imap://`` URL or an absolute
+    path, naming a message by mailbox, UID and optionally UIDVALIDITY, a section and a
+    partial range. None when it is not one (URLAUTH-authorised URLs included: RFC 4467 is
+    not offered)."""
+    user: str | None = None
+    if url[:7].lower() == "imap://":
+        authority, slash, path = url[7:].partition("/")
+        if not slash:
+            return None
+        if "@" in authority:
+            userinfo = authority.rsplit("@", 1)[0]
+            name = _pct_decode(userinfo.split(";", 1)[0])  # ";AUTH=..." dropped
+            if name is None:
+                return None
+            user = name or None
+        url = "/" + path
+    if not url.startswith("/"):
+        return None
+    segments = url[1:].split("/;")
+    head = segments[0].split(";")
+    mailbox = _pct_decode(head[0])
+    if not mailbox:
+        return None
+    params: dict[str, str] = {}
+    for item in head[1:]:
+        m = _URL_PARAM.match(item)
+        if m is None or m.group(1).upper() != "UIDVALIDITY":
+            return None
+        params["UIDVALIDITY"] = m.group(2)
+    order = ["UID", "SECTION", "PARTIAL"]
+    for seg in segments[1:]:
+        m = _URL_PARAM.match(seg)
+        if m is None:
+            return None
+        key = m.group(1).upper()
+        if key not in order:  # each at most once, in this order
+            return None
+        order = order[order.index(key) + 1:]
+        params[key] = m.group(2)
+    try:
+        uid = int(params["UID"]) if params.get("UID", "").isdigit() else 0
+        uidvalidity = params.get("UIDVALIDITY")
+        if uid < 1 or (uidvalidity is not None and not (
+                uidvalidity.isdigit() and int(uidvalidity) > 0)):
+            return None
+        partial: tuple[int, int | None] | None = None
+        if "PARTIAL" in params:
+            start, dot, length = params["PARTIAL"].partition(".")
+            if not start.isdigit() or (dot and not (length.isdigit() and int(length) > 0)):
+                return None
+            partial = (int(start), int(length) if dot else None)
+    except ValueError:
+        return None
+    section = _pct_decode(params.get("SECTION", ""))
+    if section is None:
+        return None
+    return MessageUrl(mailbox, uid, int(uidvalidity) if uidvalidity else None,
+                      section.upper(), partial, user)
 
 
 def _id(c: _Cursor, tag: str, uid: bool, truncated: bool = False) -> IdCmd:

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from postbus.imap_access.metacache import MetaCache
@@ -77,7 +77,7 @@ BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESP
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
              "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
              "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT",
-             *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS))
+             *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS), "CATENATE")
 
 
 # ---------------------------------------------------------------- states (RFC 3501 §3)
@@ -409,6 +409,9 @@ class Session:
                 return await self._list(st, cmd)
             case p.Status():
                 return await self._status(st, cmd)
+            case p.Append() if cmd.parts is not None or any(
+                    m.parts is not None for m in cmd.more):
+                return await self._catenate(st, cmd)
             case p.Append():
                 return await self._append(st, cmd)
             case p.Enable(capabilities=caps):
@@ -1327,6 +1330,76 @@ class Session:
             await self._sync_new(self.state)
         uids = ordered_seqset(reply.uids) if reply.uids else str(reply.uid)
         return Tagged("OK", f"[APPENDUID {reply.uidvalidity} {uids}] APPEND completed")
+
+    # ------------------------------------------------------------ CATENATE (RFC 4469)
+    async def _catenate(self, st: Authenticated | Selected, cmd: p.Append) -> Tagged:
+        """APPEND with CATENATE (RFC 4469 §5): each message is built from its TEXT parts and
+        what its IMAP URLs name in the user's own mailboxes (RFC 5092), then appended as a
+        plain APPEND would be (with MULTIAPPEND, all or none)."""
+        name = to_store_name(cmd.mailbox)
+        try:  # §5: a missing target is NO [TRYCREATE], whatever the URLs say
+            await self.store.mailbox_status(MailboxRef(account_id=st.account_id, name=name))
+        except StoreError as exc:
+            if exc.code == "not_found":
+                raise No("Mailbox does not exist", "TRYCREATE") from None
+            raise
+        limit = self.cfg.append_limit or p.MAX_LITERAL
+        first = p.AppendItem(cmd.flags, cmd.date, cmd.message, cmd.binary, cmd.parts)
+        built: list[p.AppendItem] = []
+        for item in (first, *cmd.more):
+            if item.parts is None:
+                built.append(item)
+                continue
+            data = bytearray()
+            for part in item.parts:
+                data += part.data if isinstance(part, p.CatText) else await self._url_data(
+                    st, part.url)
+                if len(data) > limit:  # §5: the result is bounded as a literal would be
+                    raise No("Message too large", "TOOBIG")
+            built.append(replace(item, message=bytes(data), parts=None))
+        head = built[0]
+        return await self._append(st, replace(
+            cmd, flags=head.flags, date=head.date, message=head.message, binary=head.binary,
+            parts=None, more=tuple(built[1:])))
+
+    async def _url_data(self, st: Authenticated | Selected, url: str) -> bytes:
+        """What a CATENATE URL names: a message of one of the user's mailboxes (UIDVALIDITY
+        checked when given), a section of it as BODY[section] has it, a partial range of
+        that. NO [BADURL url] when it names nothing (RFC 4469 §5)."""
+        shown = "".join(ch for ch in url[:200] if ch.isprintable() and ch != "]")
+        bad = No("Invalid URL", f"BADURL {shown}")
+        u = p.parse_message_url(url)
+        if u is None or (u.user is not None and u.user.lower() != st.user.lower()):
+            raise bad
+        section = mime.parse_section(u.section) if u.section else mime.Section("", "")
+        if section is None:
+            raise bad
+        try:
+            info = await self.store.mailbox_status(MailboxRef(
+                account_id=st.account_id, name=to_store_name(mutf7_encode(u.mailbox))))
+        except StoreError as exc:
+            if exc.code == "not_found":
+                raise bad from None
+            raise
+        if u.uidvalidity is not None and u.uidvalidity != info.uidvalidity:
+            raise bad
+        reply = await self.store.fetch(FetchRequest(
+            account_id=st.account_id, mailbox_id=info.mailbox_id, uids=[(u.uid, u.uid)],
+            with_summary=bool(section.part)))
+        meta = next((m for m in reply.messages if m.uid == u.uid), None)
+        if meta is None:
+            raise bad
+        blob = (await self.blobs.get_many([meta.blob_key])).get(meta.blob_key)
+        if blob is None:
+            raise No("Message unavailable, try again", "UNAVAILABLE")
+        data = _section_data(meta, blob, (section.part, section.text, section.fields),
+                             meta.summary)
+        if data is None:
+            raise bad
+        if u.partial is not None:
+            start, length = u.partial
+            data = data[start:] if length is None else data[start:start + length]
+        return data
 
     # ------------------------------------------------------------ FETCH
     async def _fetch(self, st: Selected, cmd: p.Fetch) -> Tagged:
