@@ -91,15 +91,6 @@ class _Box:
     parent: _Box | None = None
     children: list[_Box] = field(default_factory=list)
 
-    def descends_from(self, other: _Box) -> bool:
-        """Whether ``other`` is this container or one of its ancestors."""
-        node: _Box | None = self
-        while node is not None:
-            if node is other:
-                return True
-            node = node.parent
-        return False
-
     def unlink(self) -> None:
         if self.parent is not None:
             self.parent.children.remove(self)
@@ -108,6 +99,24 @@ class _Box:
     def link_under(self, parent: _Box) -> None:
         self.parent = parent
         parent.children.append(self)
+
+
+def _in_subtree(node: _Box, top: _Box) -> bool:
+    """Whether ``node`` is ``top`` or below it (linking ``node`` above ``top`` would make a
+    loop). Walks up from ``node`` and down through ``top``'s subtree in turns, so the cost
+    is about the smaller of the two: a new message has no children, and a long reply chain
+    must not make threading quadratic."""
+    up: _Box | None = node
+    down = [top]
+    while up is not None and down:
+        if up is top:
+            return True
+        up = up.parent
+        below = down.pop()
+        if below is node:
+            return True
+        down.extend(below.children)
+    return False
 
 
 def _first_date(box: _Box) -> tuple[float, int]:
@@ -252,12 +261,12 @@ def references(infos: list[ThreadInfo]) -> list[Thread]:
             chain.append(ref)
         # step 1.A: link the references in order; an existing parent stays; no loops
         for parent, child in zip(chain, chain[1:], strict=False):
-            if child.parent is None and not parent.descends_from(child):
+            if child.parent is None and not _in_subtree(parent, child):
                 child.link_under(parent)
         # step 1.B: the last reference becomes the parent (a truncated References may have
         # given another one: that link is broken first); no loops
         box.unlink()
-        if chain and not chain[-1].descends_from(box):
+        if chain and not _in_subtree(chain[-1], box):
             box.link_under(chain[-1])
     # step 2: the containers without a parent are the root's children
     roots = [b for b in boxes if b.parent is None]

@@ -301,6 +301,25 @@ def test_a_long_reply_chain() -> None:
     assert _seq_lists(references(t)) == "(" + " ".join(map(str, range(1, n + 1))) + ")"
 
 
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=30), st.integers(0, 29),
+       st.integers(0, 29))
+def test_the_loop_check_agrees_with_walking_up(parents: list[int], a: int, b: int) -> None:
+    # a random forest: node i hangs under parents[i] when that is a smaller index
+    from postbus.protocols.imap_thread import _Box, _in_subtree
+
+    boxes = [_Box() for _ in parents]
+    for i, par in enumerate(parents):
+        if par < i:
+            boxes[i].link_under(boxes[par])
+    node, top = boxes[a % len(boxes)], boxes[b % len(boxes)]
+    walk: _Box | None = node
+    naive = False
+    while walk is not None:
+        naive = naive or walk is top
+        walk = walk.parent
+    assert _in_subtree(node, top) == naive
+
+
 _IDS = st.sampled_from(["<a@x>", "<b@x>", "<c@x>", "<d@x>", "", "junk"])
 _SUBJECTS = st.sampled_from(["", "s", "Re: s", "t", "Fwd: t", "[x] s"])
 
