@@ -5,9 +5,14 @@ ranges, MULTIAPPEND mixed with plain messages, and the refusals: BADURL, TRYCREA
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.session import Session, SessionConfig
+from postbus.kit.testing import examples
 from postbus.protocols.imap_parser import Receiver
+from postbus.protocols.imap_wire import astring
 
 BOUNDARY = b"------------030308070208000400050907"
 DRAFT = (b"From: Alexey <alexey@example.net>\r\n"
@@ -162,3 +167,20 @@ async def test_catenate_is_bounded_by_the_append_limit() -> None:
     assert out == [b"b NO [TOOBIG] Message too large"]
     out = await c.send(b'c APPEND INBOX CATENATE (URL "/Drafts/;uid=1/;section=1")\r\n')
     assert out[-1].startswith(b"c OK [APPENDUID")
+
+
+_URL_BITS = st.sampled_from(["/", "Drafts", "INBOX", ";UIDVALIDITY=1", ";uidvalidity=x", "/;uid=1",
+                             "/;UID=2", "/;uid=99", "/;section=", "HEADER", "TEXT", "1", "1.MIME",
+                             "2.1", "HEADER.FIELDS%20(From)", "/;partial=", "0.5", "3", "%",
+                             "imap://", "alice%40example.test@h", ";urlauth=x", "]", " "])
+
+
+@settings(max_examples=examples(60), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(_URL_BITS, max_size=8).map("".join), min_size=1, max_size=4))
+async def test_catenate_urls_never_break_the_session(urls: list[str]) -> None:
+    c, _ = await world()
+    parts = b" ".join(b"URL " + astring(u) for u in urls)
+    out = await c.send(b"z APPEND INBOX CATENATE (" + parts + b")\r\n")
+    last = out[-1]
+    assert last.startswith((b"z OK [APPENDUID", b"z NO [BADURL ", b"z BAD ")), last

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.session import Session, SessionConfig
+from postbus.kit.testing import examples
 from postbus.protocols.imap_parser import Receiver
 
 T0 = datetime(2000, 3, 5, 12, 0, tzinfo=UTC)
@@ -167,3 +171,22 @@ async def test_thread_limit_and_errors() -> None:
     assert out[-1].startswith(b"p NO [BADCHARSET (UTF-8 US-ASCII)]")
     out = await c.send(b"q THREAD REFS UTF-8 ALL\r\n")
     assert out[-1].startswith(b"q BAD ")
+
+
+_KEYS = st.sampled_from(["ALL", "1:3", "*", "UID 2:*", "SEEN", "NOT SEEN", 'SUBJECT "hello"',
+                         'HEADER References "x"', "OR 1 7", "SINCE 5-Mar-2000", "9:12"])
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(st.sampled_from(["THREAD", "UID THREAD"]),
+       st.sampled_from(["REFERENCES", "ORDEREDSUBJECT"]),
+       st.lists(_KEYS, min_size=1, max_size=3))
+async def test_thread_answers_every_search(verb: str, alg: str, keys: list[str]) -> None:
+    c = Client()
+    mailbox(c)
+    await c.login()
+    out = await c.send(f"t {verb} {alg} UTF-8 {' '.join(keys)}\r\n".encode())
+    assert out[-1] == b"t OK THREAD completed", out
+    assert out[-2].startswith(b"* THREAD")
+    listed = out[-2][len(b"* THREAD"):].replace(b"(", b" ").replace(b")", b" ").split()
+    assert len(listed) == len(set(listed))  # each message once

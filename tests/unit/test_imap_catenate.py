@@ -4,6 +4,8 @@ RFC 4469's example and RFC 5092's, and what is refused."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from postbus.protocols import imap_parser as p
 from postbus.protocols.imap_parser import MessageUrl, parse_message_url
@@ -78,3 +80,30 @@ def test_catenate_part_count_is_bounded() -> None:
     many = b" ".join([b'URL "/x/;uid=1"'] * (p.MAX_CAT_PARTS + 1))
     bad = p.parse_command(b"a APPEND x CATENATE (" + many + b")")
     assert isinstance(bad, p.Bad) and bad.code == "LIMIT"
+
+
+# ---------------------------------------------------------------- receiver
+CAT_STREAM = (b'a APPEND Drafts CATENATE (URL "/Drafts/;uid=1/;section=HEADER" TEXT {12+}\r\n'
+              b"\r\n--frontier URL /Drafts/;uid=2 TEXT {3}\r\nxyz) (\\Seen) {2+}\r\nhi\r\n"
+              b"b THREAD REFERENCES UTF-8 ALL\r\n")
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 4096])
+def test_catenate_chunking_invariance(size: int) -> None:
+    # a synchronising literal inside the part list waits for its continuation, as anywhere
+    whole = p.Receiver().feed(CAT_STREAM)
+    assert [type(x) for x in whole] == [p.Continue, p.Append, p.ThreadCmd]
+    r = p.Receiver()
+    got: list[object] = []
+    for i in range(0, len(CAT_STREAM), size):
+        got.extend(r.feed(CAT_STREAM[i:i + size]))
+    assert got == whole
+    cmd = whole[1]
+    assert isinstance(cmd, p.Append) and cmd.parts is not None
+    assert cmd.parts[1] == p.CatText(b"\r\n--frontier") and cmd.more[0].message == b"hi"
+
+
+@given(st.text(max_size=80))
+def test_urls_never_raise(url: str) -> None:
+    parse_message_url(url)
+    parse_message_url("/INBOX/;uid=1" + url)
