@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
 from postbus.smtp_ingress.settings import Settings
@@ -24,8 +22,6 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
     )
     from postbus.smtp_ingress.server import Ingress
 
-    # aiosmtpd logs every connection at INFO on "mail.log"; our own log says what matters
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
     blocklist = KvBlockList(ctx.bus)
     await blocklist.refresh()
     share = (KvLoadShare(ctx.bus, interval_s=settings.limits_share_interval_s)

@@ -74,7 +74,7 @@ ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT",
 
 
 @functools.lru_cache(maxsize=1024)
-def _m(metric: Any, *labels: str) -> Any:
+def labelled(metric: Any, *labels: str) -> Any:
     """A labelled child, cached (``labels()`` costs a lock and a dict lookup each time)."""
     return metric.labels(*labels)
 
@@ -421,7 +421,7 @@ class Session:
         except Unavailable:
             return Reply(line(replies.R454_AUTH_TEMPORARY))
         if policy.auth_throttled(ip_failures, 0, ip_limit=s.auth_fail_limit_ip, account_limit=0):
-            _m(AUTHS, self.peer.listener, "throttled").inc()
+            labelled(AUTHS, self.peer.listener, "throttled").inc()
             self.shared.stats.add("auth", "throttled_ip")
             return Reply(line(replies.R454_AUTH_THROTTLED))
         initial = None
@@ -478,23 +478,23 @@ class Session:
             account_failures = await sh.auth_failures.get("acct:" + username.lower())
             if policy.auth_throttled(0, account_failures, ip_limit=0,
                                      account_limit=s.auth_fail_limit_account):
-                _m(AUTHS, listener, "throttled").inc()
+                labelled(AUTHS, listener, "throttled").inc()
                 sh.stats.add("auth", "throttled_account")
                 return Reply(line(replies.R454_AUTH_THROTTLED))
             reply = await sh.directory.authenticate(username, password, self.peer.ip)
         except Unavailable:
-            _m(AUTHS, listener, "unavailable").inc()
+            labelled(AUTHS, listener, "unavailable").inc()
             return Reply(line(replies.R454_AUTH_TEMPORARY))
         if reply.ok:
             self.auth = reply
             if self.info is not None:
                 self.info.auth_user = reply.address or username
-            _m(AUTHS, listener, "ok").inc()
+            labelled(AUTHS, listener, "ok").inc()
             sh.stats.add("auth", "ok")
             return Reply(line(replies.R235_AUTHENTICATED))
         if reply.reason == "throttled":
             return Reply(line(replies.R454_AUTH_THROTTLED))
-        _m(AUTHS, listener, "failed").inc()
+        labelled(AUTHS, listener, "failed").inc()
         sh.stats.add("auth", "failed")
         try:
             await sh.auth_failures.incr("ip:" + self.peer.ip)
@@ -615,7 +615,7 @@ class Session:
         raise AssertionError(decision)  # pragma: no cover
 
     def _count_rcpt(self, outcome: str, reason: str) -> None:
-        _m(RECIPIENTS, self.peer.listener, outcome, reason).inc()
+        labelled(RECIPIENTS, self.peer.listener, outcome, reason).inc()
         self.shared.stats.add("rcpt_" + outcome, reason)
 
     # ------------------------------------------------------------ DATA (RFC 5321 §4.1.1.4)
@@ -701,7 +701,7 @@ class Session:
 
     # ------------------------------------------------------------ the end of a message
     def _refuse(self, reply: str, reason: str) -> Reply:
-        _m(MESSAGES, self.peer.listener, "rejected", reason).inc()
+        labelled(MESSAGES, self.peer.listener, "rejected", reason).inc()
         self.shared.stats.add("message_rejected", reason)
         log.info("message refused", ip=self.peer.ip, reason=reason)
         self._end_transaction()
@@ -742,9 +742,9 @@ class Session:
         except Unavailable as exc:
             log.warning("could not queue message", error=str(exc)[:200], ip=peer.ip)
             return self._refuse(replies.R451_QUEUE, "queue_unavailable")
-        _m(ACCEPT_LATENCY, peer.listener).observe(time.perf_counter() - started)
-        _m(MESSAGES, peer.listener, "accepted", "ok").inc()
-        _m(BYTES, peer.listener).inc(size)
+        labelled(ACCEPT_LATENCY, peer.listener).observe(time.perf_counter() - started)
+        labelled(MESSAGES, peer.listener, "accepted", "ok").inc()
+        labelled(BYTES, peer.listener).inc(size)
         sh.stats.add("message_accepted", "ok")
         if self.info is not None:
             self.info.messages += 1

@@ -384,7 +384,7 @@ async def test_in_flow_delay_holds_mail_from_while_the_queue_is_deep(start: Star
     delivery, MAIL FROM is answered late, in proportion to the excess; intake follows
     delivery and the queue (the latency from 250 to the mailbox) stays bounded."""
     from postbus.proto.mail import INBOUND_STREAM
-    from postbus.smtp_ingress import server
+    from postbus.smtp_ingress import session as server
 
     depth0 = await bus.stream_messages(INBOUND_STREAM.name)  # left by earlier tests
     ing = await start(flow_backlog_threshold=depth0 + 2, flow_delay_per_message_s=0.3,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from datetime import UTC, datetime
 
@@ -127,22 +126,16 @@ def test_received_header() -> None:
     assert "from unknown ([IPv6:2001:db8::1])" in plain and "with SMTP id Q;\r\n" in plain
 
 
-def test_fast_init_sets_what_aiosmtpd_sets() -> None:
-    """IngressSMTP skips SMTP.__init__ for speed: it must still set every attribute it does."""
-    from aiosmtpd.smtp import SMTP
+def test_ingress_uses_no_third_party_smtp_internals() -> None:
+    """ADR 0013: smtp-ingress speaks SMTP itself (protocols.smtp + session.py); aiosmtpd
+    serves only behind kit.net's PROXY header parser, through its public function."""
+    from pathlib import Path
 
-    from postbus.kit.settings import CommonSettings
-    from postbus.smtp_ingress.server import Ingress, IngressSMTP
-    from postbus.smtp_ingress.settings import Settings
-
-    async def build() -> tuple[set[str], set[str]]:
-        ing = Ingress(Settings(common=CommonSettings()), directory=None, queue=None,  # type: ignore[arg-type]
-                      bodies=None, auth_failures=None, blocklist=None, tls_context=None)  # type: ignore[arg-type]
-        return set(vars(SMTP(object()))), set(vars(IngressSMTP(ing, "mx")))
-
-    base, ours = asyncio.run(build())
-    assert base - ours == set()
-
+    root = Path(__file__).resolve().parents[2] / "services" / "smtp-ingress"
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert "import aiosmtpd" not in text and "from aiosmtpd" not in text, path.name
+        assert "._buffer" not in text and "sslproto" not in text, path.name
 
 def test_load_snapshot_and_merge() -> None:
     snap = pol.load_snapshot({"a": 2, "b": 0}, {"a": 5, "c": 1}, top=2)
