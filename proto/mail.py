@@ -126,9 +126,11 @@ class MessageSummary(Model):
 class DeliverLocal(Model):
     """Deliver one message to one local account (mime-processor -> mailbox-store).
 
-    Idempotency key: (queue_id, recipient). The blob is already in S3, content-addressed.
-    ``prefix`` holds the per-recipient trace headers (Return-Path, Delivered-To) that are
-    not part of the shared blob; readers show ``prefix + blob`` as the message.
+    Idempotency key: (queue_id, recipient). The blob is already in S3, content-addressed,
+    or, for a small message, travels here in ``body`` and is kept in the store's blob row
+    (ADR 0014). ``prefix`` holds the per-recipient trace headers (Return-Path,
+    Delivered-To) that are not part of the shared blob; readers show ``prefix + blob`` as
+    the message.
     """
 
     queue_id: str
@@ -146,6 +148,7 @@ class DeliverLocal(Model):
     auth_results: str | None = None  # Authentication-Results value, also in the blob
     notify: list[str] = Field(default_factory=list)  # DSN NOTIFY for this recipient
     dsn_envid: str | None = None
+    body: B64Bytes | None = None  # the bytes under blob_key, when not put in S3
 
 
 DELIVER_LOCAL = Subject(

@@ -180,6 +180,25 @@ STORE_FETCH = Rpc("store.fetch.v1", FetchRequest, FetchReply,
                   "Metadata for a UID set in one round trip (bodies come from S3)")
 
 
+# ---------------------------------------------------------------- small bodies
+BODIES_MAX_KEYS = 32  # x inline_body_max (16 KiB): a reply well under the NATS max_payload
+
+
+class BodiesRequest(Model):
+    """Bodies by blob key; the store answers with those kept in its rows (ADR 0014), the
+    rest are in S3."""
+
+    keys: list[str] = Field(max_length=BODIES_MAX_KEYS)
+
+
+class BodiesReply(Model):
+    bodies: dict[str, B64Bytes]
+
+
+STORE_BODIES = Rpc("store.bodies.v1", BodiesRequest, BodiesReply,
+                   "Small message bodies kept in the store instead of S3")
+
+
 # ---------------------------------------------------------------- flags
 class StoreFlagsRequest(Model):
     account_id: int
@@ -231,6 +250,7 @@ class AppendMessage(Model):
     blob_key: str | None = None
     blob_size: int | None = Field(default=None, ge=0)
     summary: MessageSummary | None = None
+    body: B64Bytes | None = None
 
 
 class AppendRequest(Model):
@@ -245,6 +265,9 @@ class AppendRequest(Model):
     # delivery's from mime-processor (the store then only writes rows)
     blob_size: int | None = Field(default=None, ge=0)
     summary: MessageSummary | None = None
+    # with blob_key, instead of an upload: the (small) bytes under that key, which the
+    # store keeps in its blob row rather than in S3 (ADR 0014)
+    body: B64Bytes | None = None
     origin: str | None = None
     # MULTIAPPEND (RFC 3502 §3): the messages after this one, appended with it in one
     # transaction (all or none) at consecutive UIDs

@@ -5,6 +5,12 @@ for every object operation; boto3 only to create the bucket at start-up. Keys ar
 ``blobs/<sha256>``: immutable, so the cache never needs invalidation (ARCHITECTURE.md
 "Storage"). boto3 through a thread pool cost 2.3 ms of CPU per 4 KB PUT or GET and held
 the GIL against the event loop; obstore 0.5 ms (ADR 0006).
+
+Small bodies (at most ``inline_body_max``) are not in S3 but in the store's blob rows
+(ADR 0014): a reader that may meet them sets ``inline`` to where they are (the store's SQL
+in mailbox-store, ``store.bodies.v1`` elsewhere), and ``get``/``get_many`` look there
+after the cache and before S3. A key found in S3 once is remembered, so a large body costs
+no second lookup.
 """
 
 from __future__ import annotations
@@ -12,20 +18,23 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import obstore
 from obstore.store import S3Store
 
+from postbus.kit.bus import Bus, BusUnavailable, RemoteError
 from postbus.kit.metrics import counter, histogram
 from postbus.kit.settings import CommonSettings
+from postbus.proto.store import BODIES_MAX_KEYS, STORE_BODIES, BodiesRequest
 
 BLOB_PREFIX = "blobs/"
 PART_SIZE = 5 * 1024 * 1024  # S3's smallest multipart part (all but the last)
 READ_SIZE = 1024 * 1024  # what put_file reads from its file, and verify from S3, at a time
+IN_S3_KEYS = 16384  # keys remembered as in S3 (not inline): about 1.5 MB
 CACHE = counter("postbus_blob_cache_total", "Blob cache lookups", ["result"])
 S3_LATENCY = histogram("postbus_s3_seconds", "S3 call latency", ["op"])
 T = TypeVar("T")
@@ -41,6 +50,13 @@ class BlobNotFound(KeyError):
 
 def blob_key(data: bytes) -> str:
     return BLOB_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+class InlineBodies(Protocol):
+    """Where small bodies are kept instead of S3 (ADR 0014). Returns those of ``keys`` it
+    holds; raises BlobUnavailable when it cannot answer."""
+
+    async def inline_bodies(self, keys: Sequence[str]) -> dict[str, bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,8 @@ class BlobStore:
         self._limit = asyncio.Semaphore(threads)
         self.cache = LRU(settings.blob_cache_mb * 1024 * 1024)
         self.verify_after_write = settings.blob_verify_after_write
+        self.inline: InlineBodies | None = None  # set by the services that may meet them
+        self._in_s3: OrderedDict[str, None] = OrderedDict()  # keys S3 answered, bounded
 
     async def _call(self, op: str, key: str, aw: Awaitable[T]) -> T:
         async with self._limit:
@@ -195,18 +213,66 @@ class BlobStore:
             CACHE.labels("hit").inc()
             return cached
         CACHE.labels("miss").inc()
-        data = await self._read(key)
-        self.cache.put(key, data)
-        return data
+        return (await self.get_many([key]))[key]
 
     async def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        """Fetch several blobs concurrently (cache first)."""
-        uniq = list(dict.fromkeys(keys))
-        values = await asyncio.gather(*(self.get(k) for k in uniq))
-        return dict(zip(uniq, values, strict=True))
+        """Fetch several blobs: cache, then one inline lookup, then S3 concurrently. When
+        the inline source cannot answer, S3 still serves what it holds; a key it lacks then
+        raises the inline source's BlobUnavailable (it may be inline), not BlobNotFound."""
+        out: dict[str, bytes] = {}
+        for k in dict.fromkeys(keys):
+            v = self.cache.get(k)
+            if v is not None:
+                out[k] = v
+        missing = [k for k in dict.fromkeys(keys) if k not in out]
+        CACHE.labels("hit").inc(len(out))
+        if missing:
+            CACHE.labels("miss").inc(len(missing))
+            unanswered: BlobUnavailable | None = None
+            try:
+                out |= await self.get_inline(missing)
+            except BlobUnavailable as exc:
+                unanswered = exc
+            rest = [k for k in missing if k not in out]
+            try:
+                out |= dict(zip(rest, await asyncio.gather(*(self.get_s3(k) for k in rest)),
+                                strict=True))
+            except BlobNotFound:
+                if unanswered is not None:
+                    raise unanswered from None
+                raise
+        return out
+
+    async def get_inline(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Those of ``keys`` kept inline (ADR 0014), cached; {} without an inline source.
+        Keys S3 has answered for are not asked again."""
+        if self.inline is None:
+            return {}
+        ask = [k for k in keys if k not in self._in_s3]
+        if not ask:
+            return {}
+        try:
+            found = await self.inline.inline_bodies(ask)
+        except BlobUnavailable:
+            raise
+        except Exception as exc:  # the store's SQL or the bus: the body cannot be read now
+            raise BlobUnavailable(f"inline: {type(exc).__name__}: {exc}"[:300]) from exc
+        for k, v in found.items():
+            self.cache.put(k, v)
+        return found
+
+    async def get_s3(self, key: str) -> bytes:
+        """From S3 (through the cache), not looking inline."""
+        data = await self._read(key)
+        self.cache.put(key, data)
+        if self.inline is not None:
+            self._in_s3[key] = None
+            if len(self._in_s3) > IN_S3_KEYS:
+                self._in_s3.popitem(last=False)
+        return data
 
     async def exists(self, key: str) -> bool:
-        if self.cache.get(key) is not None:
+        if self.cache.get(key) is not None or await self.get_inline([key]):
             return True
         try:
             await self._call("head", key, obstore.head_async(self._store, key))
@@ -267,3 +333,25 @@ def _create_bucket(settings: CommonSettings) -> None:
             raise BlobUnavailable(f"create_bucket: {code or exc}") from exc
     except BotoCoreError as exc:
         raise BlobUnavailable(f"create_bucket: {exc}") from exc
+
+
+class StoreBodies:
+    """Small bodies asked of mailbox-store over ``store.bodies.v1``: the ``inline`` source of
+    the services that read messages without the store's SQL (imap-access, pop3-access;
+    ADR 0014)."""
+
+    def __init__(self, bus: Bus, *, timeout_s: float = 10.0) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def inline_bodies(self, keys: Sequence[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for i in range(0, len(keys), BODIES_MAX_KEYS):
+            try:
+                reply = await self.bus.request(
+                    STORE_BODIES, BodiesRequest(keys=list(keys[i:i + BODIES_MAX_KEYS])),
+                    timeout=self.timeout_s)
+            except (BusUnavailable, RemoteError) as exc:
+                raise BlobUnavailable(f"store.bodies: {exc}"[:300]) from exc
+            out |= reply.bodies
+        return out

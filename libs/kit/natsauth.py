@@ -31,7 +31,7 @@ from postbus.proto.mail import (
     OUTBOUND_QUEUED,
     OUTBOUND_STREAM,
 )
-from postbus.proto.store import STORE_POP3_COMMIT, STORE_POP3_MAILDROP
+from postbus.proto.store import STORE_BODIES, STORE_POP3_COMMIT, STORE_POP3_MAILDROP
 
 STORE_RPCS = "store.>"
 DIRECTORY_RPCS = "directory.>"
@@ -95,7 +95,8 @@ GRANTS: dict[str, Grants] = {
         request=(STORE_RPCS, DIRECTORY_AUTHENTICATE.name),
         subscribe=(_subject(MAILBOX_CHANGED.name),), kv=KV["imap-access"]),
     "pop3-access": Grants(
-        request=(STORE_POP3_MAILDROP.name, STORE_POP3_COMMIT.name, DIRECTORY_AUTHENTICATE.name),
+        request=(STORE_POP3_MAILDROP.name, STORE_POP3_COMMIT.name, STORE_BODIES.name,
+                 DIRECTORY_AUTHENTICATE.name),
         kv=KV["pop3-access"]),
 }
 

@@ -7,6 +7,7 @@ from postbus.imap_access.adapters import BusChanges, BusDirectory, BusStore, S3B
 from postbus.imap_access.mgmt import router
 from postbus.imap_access.server import ImapServer
 from postbus.imap_access.settings import Settings
+from postbus.kit.blob import StoreBodies
 from postbus.kit.logging import get_logger
 from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
@@ -18,6 +19,7 @@ def run() -> None:
     settings = Settings()
 
     async def setup(ctx: ServiceContext) -> None:
+        ctx.blobs.inline = StoreBodies(ctx.bus)  # small bodies are in the store (ADR 0014)
         blobs = S3Blobs(ctx.blobs)
         server = ImapServer(settings, BusDirectory(ctx.bus), BusStore(ctx.bus), blobs,
                             BusChanges(ctx.bus),

@@ -158,7 +158,12 @@ class S3Blobs:
             BLOB_CACHE.labels("hit").inc(len(out))
         if missing:
             BLOB_CACHE.labels("miss").inc(len(missing))
-            got = await asyncio.gather(*(self.blobs.get(k) for k in missing),
+            try:  # the small ones, from the store in one request (ADR 0014)
+                out |= await self.blobs.get_inline(missing)
+            except BlobUnavailable as exc:
+                log.warning("inline bodies unavailable", error=str(exc))
+            missing = [k for k in missing if k not in out]
+            got = await asyncio.gather(*(self.blobs.get_s3(k) for k in missing),
                                        return_exceptions=True)
             for k, res in zip(missing, got, strict=True):
                 if isinstance(res, bytes):

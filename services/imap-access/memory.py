@@ -517,6 +517,8 @@ class MemoryPlatform:
                 raise StoreError("limit", f"at most {MAX_KEYWORDS} keywords on a message")
             if m.message is not None:  # the bytes IMAP serves, with CRLF line ends
                 raw: bytes | None = mime.normalize_crlf(m.message)
+            elif m.body is not None:  # a small body sent along (ADR 0014)
+                raw = m.body
             else:
                 raw = self.blobs.get(m.blob_key or "")
             if raw is None:

@@ -116,6 +116,7 @@ class ImapServer:
                              max_auth_failures=s.max_auth_failures, fetch_batch=s.fetch_batch,
                              fetch_bytes_in_flight=s.fetch_bytes_in_flight,
                              summarize_append_max=s.common.inline_threshold,
+                             inline_body_max=s.common.inline_body_max,
                              hostname=s.common.hostname,
                              starttls_available=self.tls is not None,
                              append_limit=s.max_literal)

@@ -27,6 +27,7 @@ from postbus.imap_access.ports import (
     Unsubscribe,
 )
 from postbus.imap_access.view import BadSequence, MailboxView, to_ranges
+from postbus.kit.blob import blob_key
 from postbus.kit.flow import RecentFailures
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
@@ -139,6 +140,9 @@ class SessionConfig:
     # (a summary of thousands of parts is about twice the message, and a NATS message is
     # bounded, 1 MiB by default)
     summarize_append_max: int = 128 * 1024
+    # APPENDs up to this size travel to the store with the request and are kept in its
+    # blob rows instead of S3 (ADR 0014)
+    inline_body_max: int = 16 * 1024
     hostname: str = "localhost"
     starttls_available: bool = False
     # the largest message an APPEND takes (the receiver's literal bound), advertised after
@@ -1303,9 +1307,13 @@ class Session:
             # BINARY[] decodes them back (RFC 3516 §4.4)
             raw = mime.normalize_crlf(mime.binary_to_base64(item.message) if item.binary
                                       else item.message)
+            # a small one goes to the store with the request and is kept in its blob row,
+            # not in S3 (ADR 0014)
+            small = len(raw) <= self.cfg.inline_body_max
             m = AppendMessage(flags=[f for f in item.flags if f.lower() != "\\recent"],
                               internaldate=item.date or datetime.now(UTC),
-                              blob_key=await self.blobs.put(raw))
+                              blob_key=blob_key(raw) if small else await self.blobs.put(raw),
+                              body=raw if small else None)
             if summarised + len(raw) <= self.cfg.summarize_append_max:
                 # small enough to summarise in the loop (mime-processor does so up to
                 # 512 KiB): a thread would cost more than it saves; larger ones, and the
@@ -1317,7 +1325,7 @@ class Session:
         req = AppendRequest(account_id=st.account_id, mailbox=name, flags=head.flags,
                             internaldate=head.internaldate, origin=self.info.id,
                             blob_key=head.blob_key, blob_size=head.blob_size,
-                            summary=head.summary, more=msgs[1:])
+                            summary=head.summary, body=head.body, more=msgs[1:])
         try:
             reply = await self.store.append(req)
         except StoreError as exc:

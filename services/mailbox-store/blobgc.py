@@ -39,9 +39,10 @@ async def collect(repo: Repository, blobs: BlobStore, grace_s: float,
         if not keys:
             break
         for key in keys:
-            if not await repo.forget_blob(key, cutoff):
+            where = await repo.forget_blob(key, cutoff)
+            if where is None:
                 continue  # referenced again meanwhile
-            if await _delete_if_old(blobs, key, cutoff):
+            if where == "inline" or await _delete_if_old(blobs, key, cutoff):
                 res.unreferenced += 1
         if len(keys) < 500:
             break

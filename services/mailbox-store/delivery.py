@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
-from postbus.kit.blob import BlobStore, BlobUnavailable
+from postbus.kit.blob import BlobStore, BlobUnavailable, blob_key
 from postbus.kit.bus import Ack, Bus, BusUnavailable, Delivery, Outcome, Retry
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
@@ -64,6 +64,19 @@ async def publish_change(bus: Bus, change: Change | None, origin: str | None = N
                                account_id=str(change.account_id))
 
 
+async def keep_body(blobs: BlobStore, inline_max: int, body: bytes, key: str | None
+                    ) -> tuple[str, bytes | None]:
+    """A body sent along with its key (a small DeliverLocal or APPEND): checked against the
+    key, then kept inline (returned, for the blob row) when at most ``inline_max`` bytes,
+    else put in S3 here (ADR 0014). Raises ValueError when the key is not the body's."""
+    actual = blob_key(body)
+    if key is not None and key != actual:
+        raise ValueError(f"the body sent does not match {key}")
+    if len(body) <= inline_max:
+        return actual, body
+    return await blobs.put(body, cache=False), None
+
+
 class Deliverer:
     def __init__(self, bus: Bus, blobs: BlobStore, repo: Repository, settings: Settings) -> None:
         self.bus = bus
@@ -84,6 +97,10 @@ class Deliverer:
     async def _event(self, d: DeliverLocal, kind: EventKind, *, status: str | None = None,
                      detail: str = "", attempt: int = 0,
                      next_attempt_at: datetime | None = None) -> None:
+        if kind == "failed" and d.body is not None:
+            # relay bounces with the body read from S3 (ADR 0004); a small body that came
+            # inline and was not stored is put there first (ADR 0014)
+            await self.blobs.put(d.body, cache=False)
         ev = DeliveryEvent(
             queue_id=d.queue_id, kind=kind, recipient=d.recipient, at=datetime.now(UTC),
             service=SERVICE, status=status, detail=detail, attempt=attempt,
@@ -113,15 +130,20 @@ class Deliverer:
     async def handle(self, item: Delivery[DeliverLocal]) -> Outcome:
         d = item.data
         attempt = item.num_delivered
+        body: bytes | None = None
         try:
-            if self.settings.verify_blob_on_delivery and not await self.blobs.exists(d.blob_key):
+            if d.body is not None:
+                _, body = await keep_body(self.blobs, self.settings.common.inline_body_max,
+                                          d.body, d.blob_key)
+            elif (self.settings.verify_blob_on_delivery
+                  and not await self.blobs.exists(d.blob_key)):
                 return await self._not_now(d, attempt, "4.3.0", "5.3.0",
                                            f"message body {d.blob_key} is missing from the blob store")
         except BlobUnavailable as exc:
             log.warning("blob store unavailable; retrying", error=str(exc))
             return Retry(5.0, "blob store unavailable")
         msg = NewMessage(blob_key=d.blob_key, blob_size=d.blob_size, summary=d.summary,
-                         prefix=d.prefix, flags=d.flags, internaldate=d.received_at)
+                         prefix=d.prefix, flags=d.flags, internaldate=d.received_at, body=body)
         res = await self.repo.deliver(d.queue_id, d.account_id, d.mailbox, msg)
         try:
             match res.status:

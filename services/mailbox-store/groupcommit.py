@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postbus.kit.metrics import histogram
-from postbus.mailbox_store.messages import _Q_INSERT, _Q_REF_BLOB, MessageOps
+from postbus.mailbox_store.messages import _Q_INSERT, _Q_REF_BLOB, BlobRefs, MessageOps
 from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.sqlbase import (
     DEFAULT_MAILBOXES,
@@ -171,7 +171,7 @@ class DeliverOps(MessageOps):
             per_acct: dict[int, tuple[int, int]] = {}
             per_box: dict[int, tuple[int, int]] = {}
             per_box_flags: dict[int, tuple[int, int]] = {}
-            refs: dict[str, tuple[int, int]] = {}
+            refs: BlobRefs = {}
             for _, j, box in placed:
                 size = len(j.msg.prefix) + j.msg.blob_size
                 n, b = per_acct.get(j.account_id, (0, 0))
@@ -181,8 +181,8 @@ class DeliverOps(MessageOps):
                 un, de = unseen_deleted(flags_to_db(j.msg.flags)[0])
                 u0, d0 = per_box_flags.get(box.id, (0, 0))
                 per_box_flags[box.id] = (u0 + un, d0 + de)
-                n, _ = refs.get(j.msg.blob_key, (0, 0))
-                refs[j.msg.blob_key] = (n + 1, j.msg.blob_size)
+                n, _, body = refs.get(j.msg.blob_key, (0, 0, None))
+                refs[j.msg.blob_key] = (n + 1, j.msg.blob_size, body or j.msg.body)
             await _Q_USAGE.many(conn, [{"p_account": a, "p_bytes": b, "p_msgs": n}
                                        for a, (n, b) in sorted(per_acct.items())])
             # UIDs: one UPDATE ... RETURNING per mailbox, in id order
@@ -296,14 +296,14 @@ class DeliverOps(MessageOps):
                 if await _Q_DELIVERED.first(conn, p_queue=j.queue_id,
                                             p_account=j.account_id) is not None}
 
-    async def _ref_blobs_many(self, conn: AsyncConnection, refs: dict[str, tuple[int, int]]) -> None:
+    async def _ref_blobs_many(self, conn: AsyncConnection, refs: BlobRefs) -> None:
         """Add references to many blobs (sorted: a stable lock order)."""
         if self.sqlite:
-            await _Q_REF_BLOB.many(conn, [{"p_key": k, "p_size": refs[k][1], "p_n": refs[k][0]}
-                                          for k in sorted(refs)])
+            await _Q_REF_BLOB.many(conn, [{"p_key": k, "p_size": refs[k][1], "p_n": refs[k][0],
+                                           "p_body": refs[k][2]} for k in sorted(refs)])
             return
-        rows = [{"key": k, "size": refs[k][1], "refcount": refs[k][0], "unreferenced_since": None}
-                for k in sorted(refs)]
+        rows = [{"key": k, "size": refs[k][1], "refcount": refs[k][0], "unreferenced_since": None,
+                 "body": refs[k][2]} for k in sorted(refs)]
         for i in range(0, len(rows), 200):
             stmt = self._insert(B).values(rows[i:i + 200])
             await conn.execute(stmt.on_conflict_do_update(

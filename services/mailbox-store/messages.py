@@ -49,12 +49,17 @@ from postbus.proto.store import MailboxInfo, MessageMeta, MessageState, uid_rang
 
 
 def _upsert_blob(dialect: str) -> Any:
+    # a body already known keeps its home: a row's inline body is never replaced or dropped
     ins = (sqlite_dialect.insert if dialect == "sqlite" else pg_dialect.insert)(B).values(
         key=bindparam("p_key"), size=bindparam("p_size"), refcount=bindparam("p_n"),
-        unreferenced_since=None)
+        unreferenced_since=None, body=bindparam("p_body", type_=B.c.body.type))
     return ins.on_conflict_do_update(
         index_elements=["key"],
         set_={"refcount": B.c.refcount + bindparam("p_n"), "unreferenced_since": None})
+
+
+# {blob key: (references added, size, the bytes when kept inline)}
+BlobRefs = dict[str, tuple[int, int, bytes | None]]
 
 
 _Q_REF_BLOB = Prepared(_upsert_blob)
@@ -115,11 +120,11 @@ class MessageOps(RepoBase):
     expunge and remove, copy and move."""
 
     # ------------------------------------------------------------ inserting messages
-    async def _ref_blobs(self, conn: AsyncConnection, refs: dict[str, tuple[int, int]]) -> None:
-        """Add references: {key: (count, size)}; sorted so concurrent writers lock in order."""
+    async def _ref_blobs(self, conn: AsyncConnection, refs: BlobRefs) -> None:
+        """Add references; sorted so concurrent writers lock in order."""
         for key in sorted(refs):
-            n, size = refs[key]
-            await _Q_REF_BLOB.run(conn, p_key=key, p_size=size, p_n=n)
+            n, size, body = refs[key]
+            await _Q_REF_BLOB.run(conn, p_key=key, p_size=size, p_n=n, p_body=body)
 
     async def _unref_blobs(self, conn: AsyncConnection, refs: dict[str, int]) -> None:
         now = datetime.now(UTC)
@@ -162,10 +167,10 @@ class MessageOps(RepoBase):
         unseen = sum(unseen_deleted(b)[0] for b in values_flags)
         deleted = sum(unseen_deleted(b)[1] for b in values_flags)
         first, modseq, row = await self._allocate(conn, mbox.id, len(msgs), total, unseen, deleted)
-        refs: dict[str, tuple[int, int]] = {}
+        refs: BlobRefs = {}
         for m in msgs:
-            n, _ = refs.get(m.blob_key, (0, m.blob_size))
-            refs[m.blob_key] = (n + 1, m.blob_size)
+            n, _, body = refs.get(m.blob_key, (0, m.blob_size, None))
+            refs[m.blob_key] = (n + 1, m.blob_size, body or m.body)
         await self._ref_blobs(conn, refs)
         values = [self._message_values(mbox.id, first + i, modseq, m) for i, m in enumerate(msgs)]
         if len(values) == 1:
@@ -451,10 +456,10 @@ class MessageOps(RepoBase):
                          pop3_retrieved_at=None)
                 values.append(v)
             if not move:
-                refs: dict[str, tuple[int, int]] = {}
+                refs: BlobRefs = {}  # of rows that exist: their bodies are where they are
                 for r in rows:
-                    k, _ = refs.get(r.blob_key, (0, 0))
-                    refs[r.blob_key] = (k + 1, r.size - len(r.prefix or b""))
+                    k, _, _ = refs.get(r.blob_key, (0, 0, None))
+                    refs[r.blob_key] = (k + 1, r.size - len(r.prefix or b""), None)
                 await self._ref_blobs(conn, refs)
             await conn.execute(insert(M), values)
             target_uids = [first + i for i in range(n)]

@@ -130,7 +130,8 @@ class Subscription(Base):
 
 
 class Blob(Base):
-    """A content-addressed S3 object and how many messages reference it."""
+    """A content-addressed body and how many messages reference it: in S3, or, when small,
+    in ``body`` (then there is no S3 object; ADR 0014)."""
 
     __tablename__ = "blobs"
 
@@ -140,6 +141,8 @@ class Blob(Base):
     # when refcount last reached 0: collected after the grace period
     unreferenced_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # the bytes of a small blob (at most inline_body_max), kept here instead of in S3
+    body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class Message(Base):

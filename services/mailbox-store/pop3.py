@@ -159,13 +159,17 @@ class Pop3Ops(SearchOps):
                                       B.c.unreferenced_since < utc(older_than))
                 .order_by(B.c.key).limit(limit))).scalars().all())
 
-    async def forget_blob(self, key: str, older_than: datetime) -> bool:
-        """Delete the blob row if it is still unreferenced; True when the S3 object may go."""
+    async def forget_blob(self, key: str, older_than: datetime) -> Literal["s3", "inline"] | None:
+        """Delete the blob row if it is still unreferenced: "s3" when the S3 object may go
+        now, "inline" when the body went with the row (ADR 0014), None when it was kept."""
+        gone = (B.c.key == key, B.c.refcount <= 0, B.c.unreferenced_since < utc(older_than))
 
-        async def tx(conn: AsyncConnection) -> bool:
-            res = await conn.execute(delete(B).where(
-                B.c.key == key, B.c.refcount <= 0, B.c.unreferenced_since < utc(older_than)))
-            return bool(res.rowcount)
+        async def tx(conn: AsyncConnection) -> Literal["s3", "inline"] | None:
+            # (SQLite answered DELETE ... RETURNING body IS NULL with false for a NULL body)
+            in_s3 = (await conn.execute(select(B.c.body.is_(None)).where(*gone))).scalar()
+            if in_s3 is None or not (await conn.execute(delete(B).where(*gone))).rowcount:
+                return None
+            return "s3" if in_s3 else "inline"
 
         return await self.write(tx)
 
@@ -178,6 +182,15 @@ class Pop3Ops(SearchOps):
             return int(res.rowcount or 0)
 
         return await self.write(tx)
+
+    async def inline_bodies(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """The bodies of those of ``keys`` that are kept in their rows (ADR 0014)."""
+        if not keys:
+            return {}
+        async with self._read() as conn:
+            return {k: bytes(b) for k, b in (await conn.execute(
+                select(B.c.key, B.c.body).where(B.c.key.in_(sorted(set(keys))),
+                                                B.c.body.is_not(None)))).all()}
 
     async def known_blobs(self, keys: Sequence[str]) -> set[str]:
         if not keys:

@@ -197,7 +197,8 @@ class DeliverOutcome:
 
 @dataclass
 class NewMessage:
-    """A message to insert: the blob is already in S3."""
+    """A message to insert: the blob is already in S3, or ``body`` holds its bytes, to be
+    kept in the blob's row (a small one, ADR 0014)."""
 
     blob_key: str
     blob_size: int
@@ -205,6 +206,7 @@ class NewMessage:
     prefix: bytes = b""
     flags: Sequence[str] = ()
     internaldate: datetime | None = None
+    body: bytes | None = None
 
 
 # ---------------------------------------------------------------- helpers

@@ -13,11 +13,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
+from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable, blob_key
 from postbus.kit.bus import Bus, RemoteError
 from postbus.kit.flow import ByteGate
 from postbus.kit.logging import get_logger
-from postbus.mailbox_store.delivery import publish_change
+from postbus.mailbox_store.delivery import keep_body, publish_change
 from postbus.mailbox_store.repository import Limit, NewMessage, Repository, StoreError
 from postbus.mailbox_store.settings import Settings
 from postbus.proto.base import Rpc
@@ -25,6 +25,7 @@ from postbus.proto.mail import MessageSummary
 from postbus.proto.store import (
     PAGE_BYTES,
     STORE_APPEND,
+    STORE_BODIES,
     STORE_COPY,
     STORE_EXPUNGE,
     STORE_FETCH,
@@ -43,6 +44,8 @@ from postbus.proto.store import (
     AppendMessage,
     AppendReply,
     AppendRequest,
+    BodiesReply,
+    BodiesRequest,
     CopyReply,
     CopyRequest,
     ExpungeReply,
@@ -94,6 +97,9 @@ class StoreApi:
                  max_uid_page: int = MAX_UID_PAGE, max_pop3_page: int = MAX_POP3_PAGE) -> None:
         self.bus = bus
         self.blobs = blobs
+        # small bodies are in the blob rows, not in S3 (ADR 0014): every reader of this
+        # BlobStore in the store (search, export, the management API) finds them there
+        blobs.inline = repo
         self.repo = repo
         self.settings = settings
         self.max_uid_page = max_uid_page  # tests make pages small to see them followed
@@ -111,6 +117,7 @@ class StoreApi:
             (STORE_MAILBOX_SUBSCRIBE, self.mailbox_subscribe),
             (STORE_SELECT, self.select),
             (STORE_FETCH, self.fetch),
+            (STORE_BODIES, self.bodies),
             (STORE_FLAGS, self.flags),
             (STORE_COPY, self.copy),
             (STORE_APPEND, self.append),
@@ -180,21 +187,36 @@ class StoreApi:
         msgs = []
         each: list[AppendRequest | AppendMessage] = [req, *req.more]
         for m in each:  # MULTIAPPEND (RFC 3502): all in one transaction
-            key, size, summary = await self._append_body(m)
+            key, size, summary, body = await self._append_body(m)
             msgs.append(NewMessage(blob_key=key, blob_size=size, summary=summary,
-                                   flags=m.flags, internaldate=m.internaldate))
+                                   flags=m.flags, internaldate=m.internaldate, body=body))
         uv, uids, change = await self.repo.append_many(req.account_id, req.mailbox, msgs)
         await publish_change(self.bus, change, req.origin)
         return AppendReply(uidvalidity=uv, uid=uids[0], uids=uids if req.more else [])
 
     async def _append_body(self, req: AppendRequest | AppendMessage
-                           ) -> tuple[str, int, MessageSummary]:
-        """Blob key, size and summary of an APPEND: as imap-access sent them, or made here
-        from the literal or an uploaded blob, with the CRLF line ends IMAP serves."""
+                           ) -> tuple[str, int, MessageSummary, bytes | None]:
+        """Blob key, size, summary and inline body of an APPEND: as imap-access sent them,
+        or made here from the literal or an uploaded blob, with the CRLF line ends IMAP
+        serves. A small body is kept in the blob row instead of S3 (ADR 0014)."""
+        if req.body is not None:
+            try:
+                key, body = await keep_body(self.blobs, self.settings.common.inline_body_max,
+                                            req.body, req.blob_key)
+            except ValueError as exc:
+                raise RemoteError("invalid", str(exc)) from exc
+            summary = req.summary
+            if summary is None:
+                summary = await asyncio.get_running_loop().run_in_executor(
+                    None, summarize, req.body)
+            return key, len(req.body), summary, body
         if req.blob_key and req.summary is not None and req.blob_size is not None:
-            return req.blob_key, req.blob_size, req.summary
+            return req.blob_key, req.blob_size, req.summary, None
         if req.message is not None:
             raw = normalize_crlf(req.message)
+            if len(raw) <= self.settings.common.inline_body_max:
+                summary = await asyncio.get_running_loop().run_in_executor(None, summarize, raw)
+                return blob_key(raw), len(raw), summary, raw
             key = await self.blobs.put(raw)
         elif req.blob_key:
             try:
@@ -209,7 +231,10 @@ class StoreApi:
         else:
             raise RemoteError("invalid", "append needs message or blob_key")
         summary = await asyncio.get_running_loop().run_in_executor(None, summarize, raw)
-        return key, len(raw), summary
+        return key, len(raw), summary, None
+
+    async def bodies(self, req: BodiesRequest) -> BodiesReply:
+        return BodiesReply(bodies=await self.repo.inline_bodies(req.keys))
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
         expunged, hms, change, more = await self.repo.expunge(

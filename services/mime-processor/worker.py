@@ -164,18 +164,23 @@ class MimeWorker:
         # CRLF here as on every other way in (APPEND, import), so IMAP and POP3 agree
         final = normalize_crlf(final)
 
-        # durable first: the blob exists before anyone is told about it
-        key = blob_key(final)
-        if key != m.body.blob_key:
-            key = await self.blobs.put(final)
         summary = await self._summarize(final)
-
         # smtp-ingress passes what the directory said at RCPT: no second lookup
         replies = await asyncio.gather(*(self._resolve(r) for r in m.rcpt_to))
         vouched = self._vouched(m)
         plan = policy.plan_routes(m.rcpt_to, replies, vouched)
+
+        # durable first: the body is in S3, or travels in each DeliverLocal, before anyone
+        # is told about it. A small message for local recipients only is not put in S3:
+        # the store keeps it in its blob row (ADR 0014); relay reads S3 for what it sends
+        # and bounces, so anything with a remote or failed recipient goes there.
+        key = blob_key(final)
+        inline = (len(final) <= self.settings.common.inline_body_max
+                  and not plan.remote and not plan.failed)
+        if not inline and key != m.body.blob_key:
+            key = await self.blobs.put(final)
         await self._publish(m, key, len(final), summary, plan, auth_value,
-                            policy.bounce_ret(m.dsn_ret, vouched))
+                            policy.bounce_ret(m.dsn_ret, vouched), final if inline else None)
 
         self.stats.processed += 1
         for route, n in (("local", len(plan.local)), ("remote", len(plan.remote)),
@@ -230,7 +235,7 @@ class MimeWorker:
 
     async def _publish(self, m: MailReceived, key: str, size: int, summary: MessageSummary,
                        plan: policy.Plan, auth_value: str | None,
-                       ret: Literal["FULL", "HDRS"] | None) -> None:
+                       ret: Literal["FULL", "HDRS"] | None, body: bytes | None) -> None:
         now = datetime.now(UTC)
         qid = m.queue_id
         flat_auth = auth_value.replace("\r\n\t", " ") if auth_value else None
@@ -244,7 +249,7 @@ class MimeWorker:
                 blob_key=key, blob_size=size,
                 prefix=policy.trace_prefix(m.mail_from, t.account.address),
                 summary=summary, auth_results=flat_auth, notify=list(t.recipient.notify),
-                dsn_envid=m.dsn_envid)
+                dsn_envid=m.dsn_envid, body=body)
             jobs.append(self.publisher.publish(DELIVER_LOCAL, dl,
                                                msg_id=f"{qid}:{t.account.account_id}"))
         for rcpt, accounts in plan.expanded:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from postbus.kit.blob import StoreBodies
 from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
 from postbus.pop3_access import adapters, mgmt
@@ -23,6 +24,7 @@ async def setup_with(settings: Settings, ctx: ServiceContext) -> Pop3Server:
                                             ttl_s=float(settings.login_delay_s))
                     if settings.login_delay_s > 0 else None)
     locks = adapters.KvLocks(locks_bucket, ttl_s=settings.lock_ttl_s, replica=replica)
+    ctx.blobs.inline = StoreBodies(ctx.bus)  # small bodies are in the store (ADR 0014)
     server = Pop3Server(
         directory=adapters.BusDirectory(ctx.bus),
         maildrops=adapters.StoreMaildrops(ctx.bus, ctx.blobs, timeout_s=settings.store_timeout_s),

@@ -52,6 +52,11 @@ class TableDirectory:
         return ResolveReply(status="unknown" if dom == "example.test" else "remote", domain=dom)
 
 
+def stored(dl: DeliverLocal, blobs: MemBlobs) -> bytes:
+    """The bytes a DeliverLocal stands for: sent inline (ADR 0014) or put in S3."""
+    return dl.body if dl.body is not None else blobs.data[dl.blob_key]
+
+
 class MemBlobs:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
@@ -235,8 +240,34 @@ async def test_directory_or_s3_down_is_retry(parts: Parts) -> None:
     assert isinstance(await w.handle_message(mail("Q5")), Retry)
     dirs.fail = False
     blobs.down = True
-    assert isinstance(await w.handle_message(mail("Q5")), Retry)
+    # a remote recipient: relay reads the body from S3, so S3 must take it first
+    assert isinstance(await w.handle_message(mail("Q5", ["alice@example.test",
+                                                         "x@remote.example"])), Retry)
     assert pub.of(DeliverLocal) == []  # nothing published before the blob is durable
+
+
+async def test_small_local_mail_travels_inline_without_s3(parts: Parts) -> None:
+    """ADR 0014: a small message for local recipients only is not put in S3; each
+    DeliverLocal carries the bytes under the blob's key, for the store's blob row."""
+    w, _, blobs, pub, _, _ = parts
+    blobs.down = True  # not needed at all
+    assert await w.handle_message(mail("Q30", ["team@example.test"])) == Ack()
+    deliveries = pub.of(DeliverLocal)
+    assert len(deliveries) == 2 and blobs.puts == 0 and not blobs.data
+    for dl in deliveries:
+        assert dl.body is not None and dl.body.endswith(BODY)
+        assert dl.blob_key == blob_key(dl.body) and dl.blob_size == len(dl.body)
+
+
+async def test_large_failed_or_remote_mail_goes_to_s3_not_inline(parts: Parts) -> None:
+    w, d, blobs, pub, _, _ = parts
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 20  # over inline_body_max
+    for qid, rcpts, body in (("Q31", ["alice@example.test"], big),
+                             ("Q32", ["alice@example.test", "x@remote.example"], BODY),
+                             ("Q33", ["alice@example.test", "nobody@example.test"], BODY)):
+        assert await w.handle_message(mail(qid, rcpts, body=body)) == Ack()
+        [dl] = [x for x in pub.of(DeliverLocal) if x.queue_id == qid]
+        assert dl.body is None and dl.blob_key in blobs.data, qid
 
 
 async def test_claim_check_body_and_missing_blob(parts: Parts) -> None:
@@ -266,8 +297,8 @@ async def test_bare_cr_normalised_as_every_other_path_does(parts: Parts) -> None
     body = b"Subject: cr\r\n\r\none\rtwo\r\n"
     assert await w.handle_message(mail("Q9", ["alice@example.test"], body=body)) == Ack()
     [dl] = pub.of(DeliverLocal)
-    assert b.data[dl.blob_key] == b"Subject: cr\r\n\r\none\r\ntwo\r\n"
-    assert dl.blob_size == len(b.data[dl.blob_key])
+    assert stored(dl, b) == b"Subject: cr\r\n\r\none\r\ntwo\r\n"
+    assert dl.blob_size == len(stored(dl, b))
 
 
 async def test_auth_checks_off_and_bare_lf_normalised(parts: Parts) -> None:
@@ -279,7 +310,7 @@ async def test_auth_checks_off_and_bare_lf_normalised(parts: Parts) -> None:
     assert await w.handle_message(mail("Q8", ["alice@example.test"], body=lf)) == Ack()
     assert a.calls == 0
     [dl] = pub.of(DeliverLocal)
-    assert b.data[dl.blob_key] == b"Subject: lf\r\n\r\nline\r\n"
+    assert stored(dl, b) == b"Subject: lf\r\n\r\nline\r\n"
     assert dl.summary.body == '("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 6 1)'
     assert dl.auth_results is None
 
@@ -288,8 +319,8 @@ async def test_forged_results_with_our_id_are_removed(parts: Parts) -> None:
     w, _, blobs, pub, _, _ = parts
     forged = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.example\r\n" + BODY
     assert await w.handle_message(mail("Q9", ["alice@example.test"], body=forged)) == Ack()
-    stored = blobs.data[pub.of(DeliverLocal)[0].blob_key]
-    assert stored.count(b"Authentication-Results:") == 1 and b"bank.example" not in stored
+    final = stored(pub.of(DeliverLocal)[0], blobs)
+    assert final.count(b"Authentication-Results:") == 1 and b"bank.example" not in final
 
 
 async def test_handler_bug_is_retried_not_acked(parts: Parts) -> None:
@@ -331,5 +362,5 @@ async def test_forged_results_are_removed_from_submitted_mail_too(parts: Parts) 
     m = mail("Q14", ["alice@example.test"], listener="submission",
              auth_user="alice@example.test", body=forged)
     assert await w.handle_message(m) == Ack()
-    stored = blobs.data[pub.of(DeliverLocal)[0].blob_key]
-    assert b"Authentication-Results" not in stored and auth.calls == 0
+    final = stored(pub.of(DeliverLocal)[0], blobs)
+    assert b"Authentication-Results" not in final and auth.calls == 0

@@ -432,10 +432,11 @@ def test_mgmt_lists_live_sessions_and_counters(imap: Running) -> None:
 
 
 def test_append_goes_to_the_blob_store_first_with_crlf_line_ends(tmp_path: Path) -> None:
-    """imap-access uploads every APPEND (CRLF-normalised, as IMAP serves it) and sends the
-    store a reference, so the store only writes rows."""
+    """imap-access uploads a large APPEND (CRLF-normalised, as IMAP serves it) and sends the
+    store a reference, so the store only writes rows; a small one travels with the request
+    and the store keeps it in its blob row, with no upload (ADR 0014)."""
     for imap in _start(tmp_path):
-        big = b"Subject: big\r\n\r\n" + b"x" * 5000 + b"\r\n"
+        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20  # over 16 KiB
         with imaplib.IMAP4("127.0.0.1", imap.port) as m:
             m.login(USER, PASSWORD)
             typ, _ = m.append("INBOX", None, None, big)
@@ -446,7 +447,7 @@ def test_append_goes_to_the_blob_store_first_with_crlf_line_ends(tmp_path: Path)
             assert data[0][1] == big  # type: ignore[index]
             assert data[2][1] == b"Subject: bare\r\n\r\nx\r\n"  # type: ignore[index]
             assert b"RFC822.SIZE 20 " in data[2][0]  # type: ignore[index]
-        assert imap.mp.puts == 2
+        assert imap.mp.puts == 1
 
 
 def test_session_time_limit(tmp_path: Path) -> None:

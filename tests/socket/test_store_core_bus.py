@@ -13,7 +13,7 @@ import pytest_asyncio
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from postbus.kit.blob import BlobStore
+from postbus.kit.blob import BlobNotFound, BlobStore, StoreBodies, blob_key
 from postbus.kit.bus import Bus, Delivery, RemoteError
 from postbus.kit.settings import CommonSettings
 from postbus.mailbox_store import db
@@ -338,3 +338,77 @@ async def test_search_past_its_budget_is_refused_with_limit(
         await bus.request(STORE_SEARCH, search("text", "grüße"))
     assert ei.value.code == "limit" and "narrow" in ei.value.message
     await engine.dispose()
+
+
+# ---------------------------------------------------------------- small bodies (ADR 0014)
+def _inline(qid: str, account_id: int, account: str = "alice@example.test") -> DeliverLocal:
+    return _deliver(qid, account_id, blob_key(RAW), account).model_copy(update={"body": RAW})
+
+
+async def test_small_body_lives_in_the_blob_row_not_in_s3(
+        env: Env, common_settings: CommonSettings) -> None:
+    key = blob_key(RAW)
+    await env.bus.publish(DELIVER_LOCAL, _inline("Q40", env.alice))
+    ev = await _next(env.events)
+    assert isinstance(ev, DeliveryEvent) and ev.kind == "delivered"
+    env.blobs.cache.discard(key)
+    with pytest.raises(BlobNotFound):
+        await env.blobs.get_s3(key)  # no PUT was made
+    # what imap-access and pop3-access read through, over store.bodies.v1
+    readers = BlobStore(common_settings, threads=2)
+    readers.inline = StoreBodies(env.bus)
+    assert await readers.get(key) == RAW
+    assert await readers.get_many([key, key]) == {key: RAW}
+    info = await env.bus.request(STORE_MAILBOX_STATUS, MailboxRef(account_id=env.alice,
+                                                                  name="INBOX"))
+    assert info.size == len(PREFIX) + len(RAW)
+    # the store's own readers (SEARCH) find it in the row too
+    found = await env.bus.request(STORE_SEARCH, SearchRequest(
+        account_id=env.alice, mailbox_id=info.mailbox_id,
+        key=SearchKey(op="body", args=["GRÜSSE"])))
+    assert found.uids == [1]
+    # a copy shares the row; once no message holds it, GC takes the row and its body
+    await env.bus.request(STORE_COPY, CopyRequest(account_id=env.alice,
+                                                  mailbox_id=info.mailbox_id, uids=[(1, 1)],
+                                                  target="Drafts"))
+    drafts = await env.bus.request(STORE_MAILBOX_STATUS, MailboxRef(account_id=env.alice,
+                                                                    name="Drafts"))
+    for box in (info.mailbox_id, drafts.mailbox_id):
+        await env.bus.request(STORE_FLAGS, StoreFlagsRequest(
+            account_id=env.alice, mailbox_id=box, uids=[(1, 1)], op="add",
+            flags=["\\Deleted"]))
+        res = await collect(env.repo, env.blobs, grace_s=0,
+                            now=datetime.now(UTC) + timedelta(seconds=5))
+        assert res.unreferenced == 0  # still referenced (by the other copy first)
+        await env.bus.request(STORE_EXPUNGE, ExpungeRequest(account_id=env.alice,
+                                                            mailbox_id=box))
+    res = await collect(env.repo, env.blobs, grace_s=0,
+                        now=datetime.now(UTC) + timedelta(seconds=5))
+    assert (res.unreferenced, res.orphans) == (1, 0)
+    assert await env.repo.inline_bodies([key]) == {}
+
+
+async def test_failed_small_delivery_puts_the_body_in_s3_for_the_bounce(env: Env) -> None:
+    """relay quotes a bounced message from S3 (ADR 0004): a small body that came inline
+    and could not be stored is put there before the failure is reported."""
+    await env.bus.publish(DELIVER_LOCAL, _inline("Q41", env.small, "small@example.test"))
+    first = await _next(env.events)
+    second = await _next(env.events)
+    assert isinstance(first, DeliveryEvent) and isinstance(second, DeliveryEvent)
+    assert (first.kind, second.kind) == ("deferred", "failed")
+    assert second.blob_key == blob_key(RAW)
+    env.blobs.cache.discard(second.blob_key)
+    assert await env.blobs.get_s3(second.blob_key) == RAW
+
+
+async def test_append_body_must_match_its_key(env: Env) -> None:
+    with pytest.raises(RemoteError) as ei:
+        await env.bus.request(STORE_APPEND, AppendRequest(
+            account_id=env.alice, mailbox="INBOX", blob_key=blob_key(b"other"), body=RAW,
+            blob_size=len(RAW), summary=summarize(RAW)))
+    assert ei.value.code == "invalid"
+    rep = await env.bus.request(STORE_APPEND, AppendRequest(
+        account_id=env.alice, mailbox="INBOX", blob_key=blob_key(RAW), body=RAW,
+        blob_size=len(RAW), summary=summarize(RAW)))
+    assert rep.uid == 1 and await env.repo.inline_bodies([blob_key(RAW)]) == {
+        blob_key(RAW): RAW}

@@ -29,7 +29,7 @@ from test_store_core_contract import PG_URL, add_account, drop, make_engine
 from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.ports import Blobs, Changes, Store, StoreError
-from postbus.kit.blob import BlobStore
+from postbus.kit.blob import BlobStore, StoreBodies, blob_key
 from postbus.kit.bus import Bus
 from postbus.kit.testing import RunningNats, RunningS3
 from postbus.mailbox_store.models import Account
@@ -186,13 +186,18 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     blobs = BlobStore(common, threads=4)
     await blobs.ensure_bucket()
     repo = Repository(engine)
+    readers = BlobStore(common, threads=4)  # imap/pop3-access's, wired as theirs (ADR 0014)
+    readers.inline = StoreBodies(bus)
     api = StoreApi(bus, blobs, repo, Settings(common=common))
     await api.serve()
 
     async def sql_deliver(account: int, blob: bytes, prefix: bytes) -> int:
-        key = await blobs.put(blob)
+        # as mime-processor sends them: a small body inline for the blob row (ADR 0014)
+        small = len(blob) <= common.inline_body_max
+        key = blob_key(blob) if small else await blobs.put(blob)
         res = await repo.deliver(uuid.uuid4().hex, account, "INBOX", NewMessage(
-            blob_key=key, blob_size=len(blob), summary=summarize(blob), prefix=prefix))
+            blob_key=key, blob_size=len(blob), summary=summarize(blob), prefix=prefix,
+            body=blob if small else None))
         assert res.status == "delivered" and res.uid is not None, res
         return res.uid
 
@@ -206,8 +211,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
     try:
         # pages of two maildrop messages: the adapter must follow them
-        yield Backend(flavour, BusStore(bus), S3Blobs(blobs), new_sql_account, sql_quota,
-                      StoreMaildrops(bus, blobs, page=2), sql_deliver, BusChanges(bus))
+        yield Backend(flavour, BusStore(bus), S3Blobs(readers), new_sql_account, sql_quota,
+                      StoreMaildrops(bus, readers, page=2), sql_deliver, BusChanges(bus))
     finally:
         await bus.close()
         await blobs.close()
