@@ -642,11 +642,22 @@ class Receiver:
     def feed(self, data: bytes) -> list[Item]:
         """Buffer ``data``; return every item it completes, in order, up to and including
         the first DATA, BDAT or STARTTLS command. Junk comes back as ``Bad``, never raised."""
-        self._buf += data
         out: list[Item] = []
+        if data and not self._buf and self._data is not None:
+            self._feed_data(self._data, data, out)  # message data: handed on without a copy
+        elif data and not self._buf and 0 < len(data) <= self._chunk:
+            self._chunk -= len(data)
+            out.append(Body(data))
+            if self._chunk == 0:
+                self._chunk = -1
+                out.append(ChunkEnd())
+        else:
+            self._buf += data
         while self._buf:
             if self._data is not None:
-                self._feed_data(self._data, out)
+                chunk = bytes(self._buf)
+                self._buf.clear()
+                self._feed_data(self._data, chunk, out)
             elif self._chunk >= 0:
                 self._feed_chunk(out)
             else:
@@ -684,10 +695,9 @@ class Receiver:
         out.append(item)
         return isinstance(item, Data | Bdat | StartTls)
 
-    def _feed_data(self, reader: DataReader, out: list[Item]) -> None:
+    def _feed_data(self, reader: DataReader, chunk: bytes, out: list[Item]) -> None:
         was_over = reader.overflow
-        got, rest = reader.feed(bytes(self._buf))
-        self._buf.clear()
+        got, rest = reader.feed(chunk)
         if got:
             out.append(Body(got))
         if reader.overflow and not was_over:
