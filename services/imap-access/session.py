@@ -143,6 +143,7 @@ class SessionConfig:
     # APPENDs up to this size travel to the store with the request and are kept in its
     # blob rows instead of S3 (ADR 0014)
     inline_body_max: int = 16 * 1024
+    inline_append_budget: int = 256 * 1024  # bytes inline in one request (NATS: 1 MiB)
     hostname: str = "localhost"
     starttls_available: bool = False
     # the largest message an APPEND takes (the receiver's literal bound), advertised after
@@ -1299,7 +1300,7 @@ class Session:
         name = to_store_name(cmd.mailbox)
         first = p.AppendItem(cmd.flags, cmd.date, cmd.message, cmd.binary)
         msgs: list[AppendMessage] = []
-        summarised = 0
+        summarised = inlined = 0
         for item in (first, *cmd.more):  # MULTIAPPEND (RFC 3502): one store call, all or none
             # the bytes IMAP will serve (CRLF line ends), uploaded and summarised here, where
             # the CPU is spare, so the store only writes rows (docs/benchmarks.md); a literal8
@@ -1308,8 +1309,10 @@ class Session:
             raw = mime.normalize_crlf(mime.binary_to_base64(item.message) if item.binary
                                       else item.message)
             # a small one goes to the store with the request and is kept in its blob row,
-            # not in S3 (ADR 0014)
-            small = len(raw) <= self.cfg.inline_body_max
+            # not in S3 (ADR 0014); a MULTIAPPEND sends at most inline_append_budget so
+            small = (len(raw) <= self.cfg.inline_body_max
+                     and inlined + len(raw) <= self.cfg.inline_append_budget)
+            inlined += len(raw) if small else 0
             m = AppendMessage(flags=[f for f in item.flags if f.lower() != "\\recent"],
                               internaldate=item.date or datetime.now(UTC),
                               blob_key=blob_key(raw) if small else await self.blobs.put(raw),
