@@ -29,8 +29,8 @@ _HAS_ENHANCED = re.compile(r"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 
 
 def with_enhanced_code(reply: str) -> str:
-    """Insert a default enhanced status code into a reply line that has none
-    (used for replies written by aiosmtpd itself). Lines with one are returned as they are."""
+    """Insert a default enhanced status code into a reply line that has none (a safety net:
+    every reply in smtp_replies carries its own). Lines with one are returned as they are."""
     if len(reply) < 3 or _HAS_ENHANCED.match(reply):
         return reply
     code = reply[:3]
