@@ -305,7 +305,10 @@ class Bus:
                 outcome = Retry(5.0, "exception")
             match outcome:
                 case Ack():
-                    await m.ack_sync(timeout=5)
+                    # fire-and-forget, not ack_sync: a lost ack means a redelivery, which
+                    # every handler absorbs (idempotency keys), and waiting for the
+                    # server's confirmation held a concurrency slot for a round trip
+                    await m.ack()
                     BUS_HANDLED.labels(subject.name, "ack").inc()
                 case Retry(delay_s=delay):
                     await m.nak(delay=delay)
