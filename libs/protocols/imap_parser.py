@@ -294,7 +294,10 @@ class Search:
     uid: bool
     charset: str | None
     program: SearchNode  # an "and" node
-    return_opts: tuple[str, ...] | None = None  # ESEARCH RETURN (...), None: plain SEARCH
+    # ESEARCH RETURN (...), None: plain SEARCH; MIN MAX ALL COUNT (RFC 4731), CONTEXT
+    # UPDATE PARTIAL (RFC 5267 §4), upper-case, PARTIAL's range in ``partial``
+    return_opts: tuple[str, ...] | None = None
+    partial: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,15 @@ class Sort:
     charset: str
     program: SearchNode  # an "and" node
     return_opts: tuple[str, ...] | None = None  # None: a plain * SORT response
+    partial: tuple[int, int] | None = None  # RETURN (PARTIAL lo:hi), RFC 5267 §4.4
+
+
+@dataclass(frozen=True)
+class CancelUpdate:
+    """CANCELUPDATE (RFC 5267 §4.3.5): the tags of live searches to stop updating."""
+
+    tag: str
+    tags: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -396,7 +408,7 @@ class GetQuota:
 Command = (Capability | Noop | Logout | StartTLS | Login | Authenticate | Select | Create
            | Delete | Rename | Subscribe | Unsubscribe | ListCmd | Status | Append | IdCmd
            | Enable | Namespace | Idle | Check | Close | Unselect | Expunge | Search | Sort
-           | ThreadCmd | Fetch | StoreCmd | Copy | GetQuotaRoot | GetQuota)
+           | ThreadCmd | Fetch | StoreCmd | Copy | GetQuotaRoot | GetQuota | CancelUpdate)
 
 
 # ---------------------------------------------------------------- character classes (§9)
@@ -1497,11 +1509,9 @@ def _search_key(c: _Cursor, charset: str) -> SearchNode:
 def _search(c: _Cursor, tag: str, uid: bool) -> Search:
     c.sp()
     ret: tuple[str, ...] | None = None
+    partial = None
     if c.maybe(b"RETURN "):
-        ret = c.paren_atoms()
-        for opt in ret:
-            if opt not in ("MIN", "MAX", "ALL", "COUNT"):  # RFC 4731 §3.1
-                raise c.fail(f"unsupported search return option {opt[:20]}")
+        ret, partial = _search_return(c, "search")
         c.sp()
     charset = None
     if c.maybe(b"CHARSET "):
@@ -1514,7 +1524,56 @@ def _search(c: _Cursor, tag: str, uid: bool) -> Search:
     while not c.at_end():
         c.sp()
         keys.append(_search_key(c, "utf-8"))
-    return Search(tag, uid, charset, SearchNode("and", children=tuple(keys)), ret)
+    return Search(tag, uid, charset, SearchNode("and", children=tuple(keys)), ret, partial)
+
+
+_PARTIAL_CHARS = frozenset(b"0123456789:*-")
+
+
+def parse_partial(text: str) -> tuple[int, int] | None:
+    """partial-range = nz-number ":" nz-number (RFC 5267 §4.4, §5). A range given high to
+    low is put in order, as Dovecot does; one number, ``*``, 0 and the negative ranges of
+    RFC 9394 are None (the command is BAD)."""
+    lo_s, colon, hi_s = text.partition(":")
+    if not (colon and lo_s.isascii() and lo_s.isdigit() and hi_s.isascii() and hi_s.isdigit()
+            ) or max(len(lo_s), len(hi_s)) > 10:
+        return None
+    lo, hi = int(lo_s), int(hi_s)
+    if not (0 < lo <= 4294967295 and 0 < hi <= 4294967295):
+        return None
+    return (lo, hi) if lo <= hi else (hi, lo)
+
+
+def _search_return(c: _Cursor, what: str) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+    """RETURN (...) of SEARCH (RFC 4731 §3.1, RFC 5267 §4) or SORT (RFC 5267 §3): the
+    option names, upper-case, and PARTIAL's range. UPDATE only for SEARCH: CONTEXT=SORT is
+    not offered. Repeated UPDATE or PARTIAL, or PARTIAL with ALL, is BAD (as Dovecot)."""
+    allowed = ("MIN", "MAX", "ALL", "COUNT", "CONTEXT", "PARTIAL") + (
+        ("UPDATE",) if what == "search" else ())
+    c.expect(b"(")
+    opts: list[str] = []
+    partial: tuple[int, int] | None = None
+    while c.peek() != 0x29:
+        if opts:
+            c.sp()
+        opt = c.atom().upper()
+        if opt not in allowed:
+            raise c.fail(f"unsupported {what} return option {opt[:20]}")
+        if opt in ("UPDATE", "PARTIAL") and opt in opts:
+            raise c.fail(f"{opt} given twice in the {what} return options")
+        if opt == "PARTIAL":
+            c.sp()
+            rng = c.chars(_PARTIAL_CHARS, "a partial range").decode("ascii")
+            partial = parse_partial(rng)
+            if partial is None:
+                raise c.fail(f"invalid partial range {rng[:24]}")
+        opts.append(opt)
+        if c.at_end():
+            raise c.fail("unterminated return option list")
+    c.i += 1
+    if partial is not None and "ALL" in opts:
+        raise c.fail("PARTIAL conflicts with ALL")
+    return tuple(opts), partial
 
 
 _SORT_KEYS = ("ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO",  # RFC 5256 §3
@@ -1524,11 +1583,9 @@ _SORT_KEYS = ("ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO",  # RFC 5
 def _sort(c: _Cursor, tag: str, uid: bool) -> Sort:
     c.sp()
     ret: tuple[str, ...] | None = None
+    partial = None
     if c.maybe(b"RETURN "):
-        ret = c.paren_atoms()
-        for opt in ret:
-            if opt not in ("MIN", "MAX", "ALL", "COUNT"):  # RFC 5267 §3
-                raise c.fail(f"unsupported sort return option {opt[:20]}")
+        ret, partial = _search_return(c, "sort")
         c.sp()
     words = c.paren_atoms()
     if not words:
@@ -1556,7 +1613,8 @@ def _sort(c: _Cursor, tag: str, uid: bool) -> Sort:
         keys.append(_search_key(c, py_charset))
     if not keys:
         raise c.fail("missing search criteria")
-    return Sort(tag, uid, tuple(criteria), charset, SearchNode("and", children=tuple(keys)), ret)
+    return Sort(tag, uid, tuple(criteria), charset, SearchNode("and", children=tuple(keys)), ret,
+                partial)
 
 
 THREAD_ALGORITHMS = ("ORDEREDSUBJECT", "REFERENCES")  # RFC 5256 §3
@@ -1580,6 +1638,19 @@ def _thread(c: _Cursor, tag: str, uid: bool) -> ThreadCmd:
     return ThreadCmd(tag, uid, algorithm, charset, SearchNode("and", children=tuple(keys)))
 
 
+def _cancelupdate(c: _Cursor, tag: str, uid: bool) -> CancelUpdate:
+    """CANCELUPDATE 1*(SP quoted) (RFC 5267 §5); a literal is taken too, as Dovecot does."""
+    tags: list[str] = []
+    while not c.at_end():
+        c.sp()
+        tags.append(c.string().decode("utf-8", "replace"))
+        if len(tags) > 100:
+            raise c.fail("too many tags")
+    if not tags:
+        raise c.fail("CANCELUPDATE needs a tag")
+    return CancelUpdate(tag, tuple(tags))
+
+
 _COMMANDS: dict[str, _Parse] = {
     "CAPABILITY": _simple(Capability), "NOOP": _simple(Noop), "LOGOUT": _simple(Logout),
     "STARTTLS": _simple(StartTLS), "LOGIN": _login, "AUTHENTICATE": _authenticate,
@@ -1591,5 +1662,5 @@ _COMMANDS: dict[str, _Parse] = {
     "CLOSE": _simple(Close), "UNSELECT": _simple(Unselect), "EXPUNGE": _expunge,
     "SEARCH": _search, "SORT": _sort, "THREAD": _thread, "FETCH": _fetch, "STORE": _store,
     "COPY": _copy(False), "MOVE": _copy(True), "GETQUOTAROOT": _mailbox_cmd(GetQuotaRoot),
-    "GETQUOTA": _mailbox_cmd(GetQuota),
+    "GETQUOTA": _mailbox_cmd(GetQuota), "CANCELUPDATE": _cancelupdate,
 }

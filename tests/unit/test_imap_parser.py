@@ -186,7 +186,7 @@ BAD = [
     (b"a SORT (DATE) UTF-8\r\n", "a", "missing search criteria"),
     (b"a SORT (DATE) ALL\r\n", "a", "charset"),  # the charset is not optional (§4)
     (b"a SORT (DATE) KOI8-R ALL\r\n", "a", "charset"),
-    (b"a SORT RETURN (PARTIAL 1:2) (DATE) UTF-8 ALL\r\n", "a", "return option"),
+    (b"a SORT RETURN (UPDATE) (DATE) UTF-8 ALL\r\n", "a", "return option"),  # no CONTEXT=SORT
     (b'a LIST (BOGUS) "" *\r\n', "a", "selection option"),
     (b'a LIST (RECURSIVEMATCH) "" *\r\n', "a", "RECURSIVEMATCH"),  # RFC 5258 §3.1
     (b'a LIST (RECURSIVEMATCH REMOTE) "" *\r\n', "a", "RECURSIVEMATCH"),
