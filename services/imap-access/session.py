@@ -52,8 +52,8 @@ from postbus.proto.store import (
     StoreFlagsRequest,
     SubscribeRequest,
 )
+from postbus.protocols import imap_context, imap_sort, imap_thread, mime
 from postbus.protocols import imap_parser as p
-from postbus.protocols import imap_sort, imap_thread, mime
 from postbus.protocols.imap_wire import (
     astring,
     flag_list,
@@ -77,7 +77,7 @@ DELIM = "/"
 BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
              "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
-             "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT",
+             "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT", "CONTEXT=SEARCH",
              *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS), "CATENATE")
 
 
@@ -136,6 +136,11 @@ class SessionConfig:
     # SORT reads the metadata of every matching message; past this many it answers NO [LIMIT]
     # (RFC 5256 leaves the bound to the server)
     sort_max_messages: int = 100_000
+    # SEARCH RETURN (UPDATE) (RFC 5267 §4.3): live searches a session may keep (Dovecot's
+    # CLIENT_MAX_SEARCH_UPDATES), and the UIDs all of them may hold together (4 octets
+    # each); past either the server answers NO [NOUPDATE] and stops updating that search
+    search_updates_max: int = 10
+    search_update_uids_max: int = 100_000
     # APPENDs up to this size are summarised here; the store summarises larger ones itself
     # (a summary of thousands of parts is about twice the message, and a NATS message is
     # bounded, 1 MiB by default)
@@ -149,6 +154,18 @@ class SessionConfig:
     # the largest message an APPEND takes (the receiver's literal bound), advertised after
     # login as APPENDLIMIT=n and in STATUS (RFC 7889); None: not advertised
     append_limit: int | None = None
+
+
+@dataclass
+class LiveSearch:
+    """A SEARCH RETURN (UPDATE) the session keeps up to date (RFC 5267 §4.3). ``program``
+    names messages by UID only: sequence numbers were resolved when it ran (as Dovecot)."""
+
+    tag: str
+    uid: bool
+    program: p.SearchNode
+    charset: str
+    result: imap_context.ResultSet
 
 
 @dataclass
@@ -236,6 +253,7 @@ class Session:
         self._unsubscribe: Unsubscribe | None = None
         self._bye_after: str | None = None  # say BYE after the tagged response
         self._resync = False  # compare the whole view with the store at the next safe point
+        self._live: dict[str, LiveSearch] = {}  # by tag: SEARCH RETURN (UPDATE), RFC 5267
 
     # ------------------------------------------------------------ helpers
     @property
@@ -333,6 +351,7 @@ class Session:
         if isinstance(self.state, Selected) and result.status != "BAD":
             try:
                 await self._apply_events(allow_expunge=_expunge_allowed(cmd))
+                await self._update_live()
             except Exception:
                 log.exception("applying mailbox changes failed", session=self.info.id)
         COMMANDS.labels(name, result.status).inc()
@@ -461,6 +480,12 @@ class Session:
                 return await self._expunge(st, cmd)
             case p.Search():
                 return await self._search(st, cmd)
+            case p.CancelUpdate(tags=tags):
+                for t in tags:  # RFC 5267 §4.3.5 (Dovecot stops at the first unknown tag)
+                    if self._live.pop(t, None) is None:
+                        raise No(f"Unknown tag {t[:40]}")
+                self._stop_watching(st.view)
+                return Tagged("OK", "CANCELUPDATE completed")
             case p.Sort():
                 return await self._sort(st, cmd)
             case p.ThreadCmd():
@@ -557,6 +582,7 @@ class Session:
             if line.strip().upper() == b"DONE":
                 if isinstance(self.state, Selected):
                     await self._apply_events(allow_expunge=True)
+                    await self._update_live()
                 COMMANDS.labels("IDLE", "OK").inc()
                 self.w(f"{tag} OK IDLE terminated")
             else:
@@ -570,6 +596,7 @@ class Session:
         self.w("+ idling")
         if isinstance(st, Selected):
             await self._apply_events(allow_expunge=True)
+            await self._update_live()
         await self.out.drain()
         return None
 
@@ -578,6 +605,7 @@ class Session:
         self.wakeup.clear()
         if self.idling and isinstance(self.state, Selected):
             await self._apply_events(allow_expunge=True)
+            await self._update_live()
             await self.out.drain()
 
     # ------------------------------------------------------------ mailboxes
@@ -759,6 +787,8 @@ class Session:
         self.info.mailbox = None
         self._events.clear()
         self._resync = False
+        self._live.clear()  # RFC 5267 §4.3: a live search ends with its mailbox
+        st.view.touched = st.view.on_expunge = None
 
     # ------------------------------------------------------------ changes from elsewhere
     async def _sync_new(self, st: Selected, *, exists_sent: bool = False) -> None:
@@ -984,14 +1014,17 @@ class Session:
         return SearchKey(op=node.op, args=list(node.args),
                          children=[self._search_key(view, c) for c in node.children])
 
-    async def _matching(self, st: Selected, program: p.SearchNode,
-                        charset: str) -> tuple[list[int], int]:
-        """The UIDs in this view matching a search program, ascending, and the highest
-        MODSEQ the store reported for them."""
+    async def _matching(self, st: Selected, program: p.SearchNode, charset: str,
+                        within: list[int] | None = None) -> tuple[list[int], int]:
+        """The UIDs in this view matching a search program (of ``within`` only, when given),
+        ascending, and the highest MODSEQ the store reported for them."""
         view = st.view
         key = self._search_key(view, program)
         if len(key.children) == 1:
             key = key.children[0]
+        if within is not None:
+            key = SearchKey(op="and", children=[
+                SearchKey(op="uid", uids=to_ranges(within)), key])
         found: set[int] = set()
         highestmodseq = after = 0
         while True:  # the store answers a page of matches at a time
@@ -1007,15 +1040,23 @@ class Session:
 
     async def _search(self, st: Selected, cmd: p.Search) -> Tagged:
         view = st.view
-        uids, highestmodseq = await self._matching(st, cmd.program, cmd.charset or "UTF-8")
+        update = cmd.return_opts is not None and "UPDATE" in cmd.return_opts
+        if update and cmd.tag in self._live:  # §4.3: the tag names the live search
+            raise No("Duplicate search update tag", "CLIENTBUG", status="BAD")
+        charset = cmd.charset or "UTF-8"
+        uids, highestmodseq = await self._matching(st, cmd.program, charset)
         nums = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
         uses_modseq = _has_op(cmd.program, "modseq")
         if uses_modseq:
             self._enable_condstore()
+        if update:
+            self._watch(st, cmd, charset, uids)
         if cmd.return_opts is not None:
+            part = None if cmd.partial is None else imap_context.partial_data(
+                cmd.partial, imap_context.take_partial(nums, cmd.partial), ordered=False)
             self._esearch(cmd.tag, cmd.uid, cmd.return_opts, nums, seqset(nums) if nums else "",
                           uids[0] if uids else 0, uids[-1] if uids else 0,
-                          highestmodseq if uses_modseq else None)
+                          highestmodseq if uses_modseq else None, part)
         else:
             line = "* SEARCH" + "".join(f" {n}" for n in nums)
             if uses_modseq and nums:
@@ -1048,10 +1089,12 @@ class Session:
             return Tagged("OK", "SORT completed")
         # RFC 5267 §3.1: MIN and MAX are the first and last message in sort order, ALL
         # lists the messages in sort order
+        part = None if cmd.partial is None else imap_context.partial_data(
+            cmd.partial, imap_context.take_partial(nums, cmd.partial), ordered=True)
         self._esearch(cmd.tag, cmd.uid, cmd.return_opts, nums,
                       ordered_seqset(nums) if nums else "",
                       ordered[0].uid if ordered else 0, ordered[-1].uid if ordered else 0,
-                      highestmodseq if uses_modseq else None)
+                      highestmodseq if uses_modseq else None, part)
         return Tagged("OK", "SORT completed")
 
     # ------------------------------------------------------------ THREAD
@@ -1108,12 +1151,14 @@ class Session:
 
     def _esearch(self, tag: str, uid: bool, return_opts: tuple[str, ...], nums: list[int],
                  all_set: str, first_uid: int, last_uid: int,
-                 highestmodseq: int | None) -> None:
+                 highestmodseq: int | None, partial: str | None = None) -> None:
         """The ESEARCH response of SEARCH and SORT with RETURN (RFC 4731 §3.1, RFC 5267
-        §3.1): ``nums`` in answer order, ``first_uid``/``last_uid`` the UIDs of its first and
-        last; ``highestmodseq`` when the search used MODSEQ (RFC 7162 §3.1.5: the highest
-        MODSEQ of the messages returned, with only MIN and MAX those two)."""
-        opts = return_opts or ("ALL",)
+        §3.1, §4.4): ``nums`` in answer order, ``first_uid``/``last_uid`` the UIDs of its
+        first and last, ``partial`` the PARTIAL data; ``highestmodseq`` when the search used
+        MODSEQ (RFC 7162 §3.1.5: the highest MODSEQ of the messages returned, with only MIN
+        and MAX those two). UPDATE alone returns no result (as Dovecot: §4.3 leaves it to
+        the other options); no option at all, or CONTEXT alone, means ALL."""
+        opts = tuple(o for o in return_opts if o != "CONTEXT") or ("ALL",)
         parts = [f'* ESEARCH (TAG "{tag}")'] + (["UID"] if uid else [])
         if nums:
             if "MIN" in opts:
@@ -1122,16 +1167,84 @@ class Session:
                 parts.append(f"MAX {nums[-1]}")
             if "ALL" in opts:
                 parts.append(f"ALL {all_set}")
+        if partial is not None:
+            parts.append(partial)
         if "COUNT" in opts:
             parts.append(f"COUNT {len(nums)}")
         if highestmodseq is not None and nums:
-            if "ALL" not in opts and "COUNT" not in opts:
+            if {"MIN", "MAX"} & set(opts) and not {"ALL", "COUNT", "PARTIAL"} & set(opts):
                 assert isinstance(self.state, Selected)
                 returned = ([first_uid] if "MIN" in opts else []) + (
                     [last_uid] if "MAX" in opts else [])
                 highestmodseq = max(self.state.view.modseq.get(u, 0) for u in returned)
             parts.append(f"MODSEQ {highestmodseq}")
         self.w(" ".join(parts))
+
+    # ------------------------------------------------------------ live searches (RFC 5267)
+    def _watch(self, st: Selected, cmd: p.Search, charset: str, uids: list[int]) -> None:
+        """Keep a SEARCH RETURN (UPDATE) up to date, or say NO [NOUPDATE] (§4.3) when the
+        session holds too many live searches or results already."""
+        held = sum(len(ls.result) for ls in self._live.values())
+        if (len(self._live) >= self.cfg.search_updates_max
+                or held + len(uids) > self.cfg.search_update_uids_max):
+            self.w(f'* NO [NOUPDATE "{cmd.tag}"] Too many search updates')
+            return
+        view = st.view
+        self._live[cmd.tag] = LiveSearch(cmd.tag, cmd.uid, _uid_program(view, cmd.program),
+                                         charset, imap_context.ResultSet(uids))
+        if view.touched is None:
+            view.touched = set()
+        view.on_expunge = self._live_expunge
+
+    def _stop_watching(self, view: MailboxView) -> None:
+        if not self._live:
+            view.touched = view.on_expunge = None
+
+    def _live_expunge(self, uid: int, seq: int) -> None:
+        """MailboxView.expunge calls this before a message goes: REMOVEFROM of the live
+        searches holding it, with the sequence number it has until its EXPUNGE (which the
+        caller sends next)."""
+        for ls in self._live.values():
+            if ls.result.discard(uid):
+                self.w(imap_context.update_line(ls.tag, ls.uid, [uid if ls.uid else seq], []))
+
+    async def _update_live(self) -> None:
+        """Search the messages added or changed since the last look again, for every live
+        search, and send what entered and left each result (ADDTO / REMOVEFROM, §4.3)."""
+        st = self.state
+        if not isinstance(st, Selected) or not self._live or not st.view.touched:
+            return
+        view = st.view
+        assert view.touched is not None
+        touched = sorted(u for u in view.touched if u in view.flags)
+        view.touched = set()
+        if not touched:
+            return
+        gone: set[int] | None = None
+        for ls in list(self._live.values()):
+            matching, _ = await self._matching(st, ls.program, ls.charset, within=touched)
+            checked: list[int] = touched
+            found = set(matching)
+            if any(u in ls.result and u not in found for u in touched):
+                if gone is None:  # expunged elsewhere, not yet here: REMOVEFROM comes with
+                    # the EXPUNGE (_live_expunge), while the client still sees the message
+                    present, _ = await self._matching(st, p.SearchNode("all"), "UTF-8",
+                                                      within=touched)
+                    gone = set(touched) - set(present)
+                checked = [u for u in touched if u not in gone]
+            added, removed = ls.result.update(checked, matching)
+            held = sum(len(x.result) for x in self._live.values())
+            if added and held > self.cfg.search_update_uids_max:
+                del self._live[ls.tag]  # §4.3: the server may stop updating at any time
+                self.w(f'* NO [NOUPDATE "{ls.tag}"] Search result too large to update')
+                continue
+            if not ls.uid:
+                added = [s for s in map(view.seq_of, added) if s is not None]
+                removed = [s for s in map(view.seq_of, removed) if s is not None]
+            line = imap_context.update_line(ls.tag, ls.uid, removed, added)
+            if line:
+                self.w(line)
+        self._stop_watching(view)
 
     async def _metas(self, st: Selected, uids: list[int], need_summary: bool
                      ) -> dict[int, MessageMeta]:
@@ -1641,6 +1754,17 @@ def _metric_name(cmd: p.Command) -> str:
         case _:
             name = type(cmd).__name__.upper().removesuffix("CMD")
     return "UID " + name if getattr(cmd, "uid", False) else name
+
+
+def _uid_program(view: MailboxView, node: p.SearchNode) -> p.SearchNode:
+    """A search program with its message sequence sets turned into the UIDs they name now:
+    a live search keeps meaning the same messages when sequence numbers move."""
+    if node.op == "seq":
+        ranges = to_ranges(view.resolve_lenient(node.seqset))
+        return p.SearchNode("uid", seqset=tuple((a, b) for a, b in ranges) or ((0, 0),))
+    if not node.children:
+        return node
+    return replace(node, children=tuple(_uid_program(view, c) for c in node.children))
 
 
 def _has_op(node: p.SearchNode, op: str) -> bool:

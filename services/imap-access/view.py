@@ -7,6 +7,7 @@ view changes only through ``add`` and ``expunge``.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from postbus.proto.store import uid_ranges
@@ -36,6 +37,11 @@ class MailboxView:
     # \Recent: a session flag, not stored with the message (RFC 3501 §2.3.2); the store
     # says which UIDs this session claimed (SelectReply.recent_uid)
     recent: set[int] = field(default_factory=set)
+    # live searches (RFC 5267 §4.3): while the session keeps one, the UIDs added or whose
+    # flags or modseq changed since it last looked (None: nobody is looking), and who to
+    # tell of an expunge before it happens, with the sequence number it has until then
+    touched: set[int] | None = None
+    on_expunge: Callable[[int, int], None] | None = None
 
     @property
     def exists(self) -> int:
@@ -62,6 +68,8 @@ class MailboxView:
         self.modseq[uid] = modseq
         self.uidnext = max(self.uidnext, uid + 1)
         self.highestmodseq = max(self.highestmodseq, modseq)
+        if self.touched is not None:
+            self.touched.add(uid)
         return True
 
     def expunge(self, uid: int) -> int | None:
@@ -69,6 +77,10 @@ class MailboxView:
         seq = self.seq_of(uid)
         if seq is None:
             return None
+        if self.on_expunge is not None:
+            self.on_expunge(uid, seq)
+        if self.touched is not None:
+            self.touched.discard(uid)
         del self.uids[seq - 1]
         self.flags.pop(uid, None)
         self.modseq.pop(uid, None)
@@ -92,6 +104,8 @@ class MailboxView:
         if uid not in self.flags or (modseq and modseq < self.modseq.get(uid, 0)):
             return False
         changed = sorted(self.flags[uid]) != sorted(flags)
+        if self.touched is not None and (changed or modseq > self.modseq.get(uid, 0)):
+            self.touched.add(uid)
         self.flags[uid] = list(flags)
         if modseq:
             self.modseq[uid] = modseq
