@@ -527,8 +527,13 @@ class MemoryPlatform:
         self._charge(req.account_id, sum(len(raw) for raw, _, _ in todo))
         uids = [self.deliver(req.account_id, raw, box.name, flags, internaldate=when,
                              origin=req.origin) for raw, flags, when in todo]
+        sync = None
+        if req.sync_after_uid is not None:  # as mailbox-store: the claim comes with it
+            sync = await self.select(SelectRequest(
+                account_id=req.account_id, mailbox_id=box.id, after_uid=req.sync_after_uid,
+                claim_recent=True))
         return AppendReply(uidvalidity=box.uidvalidity, uid=uids[0],
-                           uids=uids if req.more else [])
+                           uids=uids if req.more else [], sync=sync)
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
         b = self._box_by_id(req.account_id, req.mailbox_id)

@@ -48,6 +48,7 @@ from postbus.proto.store import (
     QuotaRequest,
     SearchKey,
     SearchRequest,
+    SelectReply,
     SelectRequest,
     StoreFlagsRequest,
     SubscribeRequest,
@@ -791,7 +792,8 @@ class Session:
         st.view.touched = st.view.on_expunge = None
 
     # ------------------------------------------------------------ changes from elsewhere
-    async def _sync_new(self, st: Selected, *, exists_sent: bool = False) -> None:
+    async def _sync_new(self, st: Selected, *, exists_sent: bool = False,
+                        first_page: SelectReply | None = None) -> None:
         """Add messages newer than the view (paged STORE_SELECT after the largest UID) and
         claim \\Recent for this session on the ones no session was told about yet.
 
@@ -802,16 +804,17 @@ class Session:
         the reply, i.e. ones this session is now told about; a read-only session claims
         nothing and sees \\Recent only on messages nobody has claimed.
         ``exists_sent``: the caller sent an EXISTS for messages it added to the view from a
-        change notification; the RECENT that goes with it comes from here."""
+        change notification; the RECENT that goes with it comes from here. ``first_page``:
+        that first page (with its claim) already came with an APPEND's answer."""
         view = st.view
         before = view.exists
         recent_before = len(view.recent)
         first = True
         while True:
             # a claim on the first page only: it covers everything up to its UIDNEXT
-            page = await self.store.select(SelectRequest(
-                account_id=st.account_id, mailbox_id=view.mailbox_id, after_uid=view.max_uid,
-                claim_recent=first and not view.readonly))
+            page = first_page if first and first_page is not None else await self.store.select(
+                SelectRequest(account_id=st.account_id, mailbox_id=view.mailbox_id,
+                              after_uid=view.max_uid, claim_recent=first and not view.readonly))
             added = [view.add(m.uid, m.flags, m.modseq) for m in page.messages]
             if first and page.recent_uid is not None:
                 view.mark_recent(page.recent_uid, page.mailbox.uidnext)
@@ -1438,10 +1441,16 @@ class Session:
                 summarised += len(raw)
             msgs.append(m)
         head = msgs[0]
+        selected = (self.state if isinstance(self.state, Selected)
+                    and self.state.view.name == name else None)
         req = AppendRequest(account_id=st.account_id, mailbox=name, flags=head.flags,
                             internaldate=head.internaldate, origin=self.info.id,
                             blob_key=head.blob_key, blob_size=head.blob_size,
-                            summary=head.summary, body=head.body, more=msgs[1:])
+                            summary=head.summary, body=head.body, more=msgs[1:],
+                            # into the selected mailbox: the store claims \Recent and sends
+                            # the new messages with its answer (no second request)
+                            sync_after_uid=(selected.view.max_uid if selected is not None
+                                            and not selected.view.readonly else None))
         try:
             reply = await self.store.append(req)
         except StoreError as exc:
@@ -1450,8 +1459,8 @@ class Session:
             if exc.code == "over_quota":
                 raise No("Quota exceeded", "OVERQUOTA") from None
             raise
-        if isinstance(self.state, Selected) and self.state.view.name == name:
-            await self._sync_new(self.state)
+        if selected is not None:
+            await self._sync_new(selected, first_page=reply.sync)
         uids = ordered_seqset(reply.uids) if reply.uids else str(reply.uid)
         return Tagged("OK", f"[APPENDUID {reply.uidvalidity} {uids}] APPEND completed")
 

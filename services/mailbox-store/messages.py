@@ -191,10 +191,14 @@ class MessageOps(RepoBase):
         uv, uids, change = await self.append_many(account_id, mailbox, [msg])
         return uv, uids[0], change
 
-    async def append_many(self, account_id: int, mailbox: str, msgs: Sequence[NewMessage]
-                          ) -> tuple[int, list[int], Change]:
+    async def append_many(self, account_id: int, mailbox: str, msgs: Sequence[NewMessage],
+                          *, claim_recent: bool = False) -> tuple[int, list[int], Change]:
         """Several messages in one transaction (MULTIAPPEND, RFC 3502; imports): all or
-        none, consecutive UIDs. Returns (uidvalidity, uids, change)."""
+        none, consecutive UIDs. Returns (uidvalidity, uids, change).
+
+        ``claim_recent``: the caller has the mailbox selected and claims \Recent up to the
+        new UIDNEXT in the same transaction, as a SELECT's claim does (``select``);
+        ``change.recent_from`` is the first UID it got (the new UIDNEXT when none)."""
         name = normalize_name(mailbox)
         if not msgs:
             raise Invalid("nothing to append")
@@ -211,6 +215,8 @@ class MessageOps(RepoBase):
             if mbox is None:
                 raise NotFound(f"no mailbox {name}")
             uids, change = await self._insert_messages(conn, acct, mbox, msgs)
+            if claim_recent:
+                change.recent_from = await self._claim_recent_in(conn, mbox.id, change.uidnext)
             return mbox.uidvalidity, uids, change
 
         return await self.write(tx)
@@ -275,13 +281,16 @@ class MessageOps(RepoBase):
         when another session has taken them all)."""
 
         async def tx(conn: AsyncConnection) -> int:
-            seen = await _Q_RECENT_UID.first(conn, p_mailbox=mailbox_id)
-            if seen is None or seen[0] >= uidnext:
-                return uidnext
-            await _Q_CLAIM_RECENT.run(conn, p_mailbox=mailbox_id, p_uidnext=uidnext)
-            return int(seen[0])
+            return await self._claim_recent_in(conn, mailbox_id, uidnext)
 
         return await self.write(tx)
+
+    async def _claim_recent_in(self, conn: AsyncConnection, mailbox_id: int, uidnext: int) -> int:
+        seen = await _Q_RECENT_UID.first(conn, p_mailbox=mailbox_id)
+        if seen is None or seen[0] >= uidnext:
+            return uidnext
+        await _Q_CLAIM_RECENT.run(conn, p_mailbox=mailbox_id, p_uidnext=uidnext)
+        return int(seen[0])
 
     async def fetch(self, account_id: int, mailbox_id: int, uids: Sequence[Sequence[int]],
                     with_summary: bool = True) -> list[MessageMeta]:

@@ -185,6 +185,8 @@ class Change:
     flags: list[MessageState] = field(default_factory=list)
     expunged: list[int] = field(default_factory=list)
     message_ids: list[int] = field(default_factory=list)  # row ids of added (single insert)
+    # an APPEND that claimed \Recent (append_many claim_recent): the first UID it claimed
+    recent_from: int | None = None
 
 
 @dataclass

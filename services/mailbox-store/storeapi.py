@@ -18,7 +18,7 @@ from postbus.kit.bus import Bus, RemoteError
 from postbus.kit.flow import ByteGate
 from postbus.kit.logging import get_logger
 from postbus.mailbox_store.delivery import keep_body, publish_change
-from postbus.mailbox_store.repository import Limit, NewMessage, Repository, StoreError
+from postbus.mailbox_store.repository import Change, Limit, NewMessage, Repository, StoreError
 from postbus.mailbox_store.settings import Settings
 from postbus.proto.base import Rpc
 from postbus.proto.mail import MessageSummary
@@ -73,8 +73,9 @@ from postbus.proto.store import (
     StoreFlagsRequest,
     SubscribeRequest,
 )
-from postbus.protocols.mime import normalize_crlf, summarize
+from postbus.protocols.mime import summarize
 from postbus.protocols.searchtext import MAX_TEXT, header_values, message_text
+from postbus.protocols.served import normalize_crlf, served
 
 log = get_logger(__name__)
 QUEUE = "mailbox-store"
@@ -190,9 +191,25 @@ class StoreApi:
             key, size, summary, body = await self._append_body(m)
             msgs.append(NewMessage(blob_key=key, blob_size=size, summary=summary,
                                    flags=m.flags, internaldate=m.internaldate, body=body))
-        uv, uids, change = await self.repo.append_many(req.account_id, req.mailbox, msgs)
+        claim = req.sync_after_uid is not None
+        uv, uids, change = await self.repo.append_many(req.account_id, req.mailbox, msgs,
+                                                       claim_recent=claim)
         await publish_change(self.bus, change, req.origin)
-        return AppendReply(uidvalidity=uv, uid=uids[0], uids=uids if req.more else [])
+        sync = None
+        if req.sync_after_uid is not None and change.recent_from is not None:
+            sync = await self._sync_page(req.account_id, change, req.sync_after_uid)
+        return AppendReply(uidvalidity=uv, uid=uids[0], uids=uids if req.more else [],
+                           sync=sync)
+
+    async def _sync_page(self, account_id: int, change: Change, after_uid: int) -> SelectReply:
+        """The selected view's new messages up to the UIDNEXT the APPEND claimed to: later
+        ones are not \Recent for this caller and reach it by notification, as usual."""
+        info, page, more, _, _ = await self.repo.select(
+            account_id, change.mailbox_id, after_uid=after_uid, limit=self.max_uid_page)
+        upto = [m for m in page if m.uid < change.uidnext]
+        more = more and len(upto) == len(page)
+        info = info.model_copy(update={"uidnext": change.uidnext})
+        return SelectReply(mailbox=info, messages=upto, more=more, recent_uid=change.recent_from)
 
     async def _append_body(self, req: AppendRequest | AppendMessage
                            ) -> tuple[str, int, MessageSummary, bytes | None]:
@@ -275,7 +292,7 @@ class StoreApi:
                     log.warning("search could not read a blob", key=row.blob_key, error=str(exc))
                     results[row.uid] = {}
                     return
-                raw = bytes(row.prefix or b"") + blob
+                raw = served(bytes(row.prefix or b""), blob)
                 del blob
                 found, used = await loop.run_in_executor(None, eval_leaves, raw, leaves,
                                                          per_message)

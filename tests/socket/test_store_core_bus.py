@@ -412,3 +412,26 @@ async def test_append_body_must_match_its_key(env: Env) -> None:
         blob_size=len(RAW), summary=summarize(RAW)))
     assert rep.uid == 1 and await env.repo.inline_bodies([blob_key(RAW)]) == {
         blob_key(RAW): RAW}
+
+
+async def test_append_into_the_selected_mailbox_claims_recent_and_syncs_in_one_request(
+        env: Env) -> None:
+    """An APPEND with sync_after_uid claims \\Recent in its own transaction and answers with
+    the new messages up to the UIDNEXT it claimed to, as a SELECT with claim_recent would:
+    the appended message is \\Recent for this session only."""
+    a = env.alice
+    first = await env.bus.request(STORE_APPEND, AppendRequest(account_id=a, mailbox="INBOX",
+                                                              message=RAW))
+    rep = await env.bus.request(STORE_APPEND, AppendRequest(
+        account_id=a, mailbox="INBOX", message=RAW + b"two\r\n", sync_after_uid=0))
+    assert rep.sync is not None and rep.uid == first.uid + 1
+    # both messages are new to a view that knew nothing, and both were still unclaimed
+    assert [m.uid for m in rep.sync.messages] == [first.uid, rep.uid]
+    assert rep.sync.recent_uid == first.uid and rep.sync.mailbox.uidnext == rep.uid + 1
+    # another session selecting now finds them claimed
+    other = await env.bus.request(STORE_SELECT, SelectRequest(
+        account_id=a, mailbox_id=rep.sync.mailbox.mailbox_id, claim_recent=True))
+    assert other.recent_uid == rep.uid + 1
+    plain = await env.bus.request(STORE_APPEND, AppendRequest(account_id=a, mailbox="INBOX",
+                                                              message=RAW + b"3\r\n"))
+    assert plain.sync is None
