@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from postbus.proto.mail import MessageSummary, PartSpan
+from postbus.protocols.served import ends_crlf, normalize_crlf  # normalize_crlf: re-exported
 
 __all__ = [
     "summarize", "header_fields", "section_bytes", "parse_headers", "header_block_end",
@@ -160,15 +161,6 @@ def decode_words(text: str) -> str:
         out.append(decode_bytes(bytes(run), run_cs))
     out.append(text[pos:])
     return "".join(out)
-
-
-def normalize_crlf(raw: bytes) -> bytes:
-    """Bare LF (and bare CR) line ends to CRLF, as IMAP requires (RFC 3501 §2.3.1 sizes count
-    CRLF). Summarize the normalized bytes and store those, so sizes match what is served."""
-    crlf = raw.count(b"\r\n")
-    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:  # already CRLF throughout
-        return raw
-    return re.sub(rb"\r?\n|\r", b"\r\n", raw)
 
 
 # ---------------------------------------------------------------- IMAP strings
@@ -831,8 +823,19 @@ def _date(value: str | None) -> datetime | None:
     return d
 
 
-def _ends_crlf(raw: bytes) -> bool:
-    return not raw or raw.endswith(b"\r\n")
+MAX_THREAD_FIELD = 8 * 1024  # a summary is stored with every message and sent in batches
+
+
+def thread_field(value: str | None) -> str:
+    """A References or In-Reply-To value as THREAD reads it: "" when absent; past
+    MAX_THREAD_FIELD characters only its last message ids (the nearest ancestors, which
+    RFC 5256 §4 step 1.A links last), so one header cannot bloat every summary."""
+    if value is None:
+        return ""
+    if len(value) <= MAX_THREAD_FIELD:
+        return value
+    tail = value[-MAX_THREAD_FIELD:]
+    return tail[tail.find("<"):] if "<" in tail else ""
 
 
 def parse_tree(raw: bytes) -> Entity:
@@ -857,7 +860,10 @@ def _summary(raw: bytes) -> MessageSummary:
         message_id=mid.strip() if mid else "",
         date=_date(root.header("date")),
         header_bytes=root.body_start,
-        ends_crlf=_ends_crlf(raw),
+        ends_crlf=ends_crlf(raw),
+        references=thread_field(root.header("references")),
+        in_reply_to=thread_field(root.header("in-reply-to")),
+        thread_fields=True,
     )
 
 
@@ -873,7 +879,7 @@ def summarize(raw: bytes) -> MessageSummary:
         n, lines = len(raw), raw.count(b"\n")
         basic = f'"text" "plain" ("charset" "us-ascii") NIL NIL "7bit" {n} {lines}'
         return MessageSummary(
-            ends_crlf=_ends_crlf(raw),
+            ends_crlf=ends_crlf(raw),
             envelope="(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)",
             bodystructure=f"({basic} NIL NIL NIL NIL)",
             body=f"({basic})",

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass, field
 
 __all__ = [
     "MAX_COMMAND_LINE", "MAX_LINE", "Command", "Bad", "Item", "Receiver", "parse_line",
     "User", "Pass", "Quit", "Stat", "List", "Retr", "Dele", "Noop", "Rset", "Top", "Uidl",
     "Capa", "Stls", "Auth", "Utf8", "Apop", "Unknown",
-    "to_crlf", "retr_octets", "stuff", "retr_payload", "top_payload", "multiline",
+    "stuff", "retr_payload", "top_payload", "multiline",
     "ok", "err", "decode_plain", "PlainCredentials",
 ]
 
@@ -313,29 +312,7 @@ def multiline(first: bytes, lines: list[bytes]) -> bytes:
 
 
 # ---------------------------------------------------------------- message bodies
-_LINE_END = re.compile(rb"\r?\n|\r")
-
-
-def to_crlf(data: bytes) -> bytes:
-    """Every line end as CRLF (a bare LF or bare CR becomes CRLF, as mailbox-store normalizes
-    with protocols.mime.normalize_crlf), ending with CRLF when not empty."""
-    crlf = data.count(b"\r\n")
-    if crlf != data.count(b"\n") or crlf != data.count(b"\r"):
-        data = _LINE_END.sub(b"\r\n", data)
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data
-
-
-def retr_octets(prefix: bytes, blob: bytes) -> int:
-    """The size LIST and STAT report: octets RETR sends for ``prefix + blob`` with CRLF line
-    ends, before byte-stuffing and without the terminating ``.`` line (RFC 1939 §11).
-
-    For a blob already normalized with ``normalize_crlf`` this is ``len(prefix) + len(blob)``,
-    plus 2 when the blob does not end with CRLF (POP3 must end the last line)."""
-    return len(to_crlf(prefix + blob))
-
-
+# the text RETR sends and its size come from protocols.served (retr_text, retr_octets)
 def stuff(data: bytes) -> bytes:
     """Byte-stuff CRLF text: a line that starts with ``.`` gets one more (RFC 1939 §3)."""
     out = data.replace(b"\r\n.", b"\r\n..")

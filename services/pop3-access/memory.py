@@ -22,7 +22,7 @@ from postbus.proto.store import (
     Pop3MaildropRequest,
     Pop3Message,
 )
-from postbus.protocols.pop3 import retr_octets
+from postbus.protocols.served import retr_octets
 
 
 @dataclass

@@ -43,9 +43,9 @@ from postbus.protocols.pop3 import (
     multiline,
     ok,
     stuff,
-    to_crlf,
     top_payload,
 )
+from postbus.protocols.served import retr_text
 
 log = get_logger(__name__)
 
@@ -124,8 +124,8 @@ class PreparedBodies:
         if hit is not None:
             self._d.move_to_end(key)
             return hit
-        crlf = to_crlf(blob)
-        entry = (len(crlf), stuff(crlf))
+        text = retr_text(b"", blob)
+        entry = (len(text), stuff(text))
         if len(entry[1]) <= self.max_bytes // 8:
             self._d[key] = entry
             self.used += len(entry[1])
@@ -513,16 +513,16 @@ class Session:
             log.warning("message body unavailable", error=str(exc), uid=m.uid, key=m.blob_key)
             return Reply(err("message body unavailable; try again later", SYS_TEMP))
         if top_lines is not None:
-            payload = top_payload(to_crlf(m.prefix + blob), top_lines)
+            payload = top_payload(retr_text(m.prefix, blob), top_lines)
             RETR_OCTETS.inc(len(payload))
             return Reply(ok("top of message follows") + payload)
         prefix = m.prefix
         if prefix and not prefix.endswith(b"\n"):  # not whole lines: convert it all at once
-            data = to_crlf(prefix + blob)
+            data = retr_text(prefix, blob)
             size, parts = len(data), [stuff(data)]
-        else:
+        else:  # the same bytes: the prefix's lines, then the blob's as prepared
             crlf_len, stuffed = self.prepared.get(m.blob_key, blob)
-            head = to_crlf(prefix)
+            head = retr_text(prefix, b"")
             size, parts = len(head) + crlf_len, [stuff(head), stuffed]
         if size != m.size:
             SIZE_MISMATCH.inc()

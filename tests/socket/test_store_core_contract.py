@@ -36,7 +36,7 @@ from postbus.mailbox_store.repository import (
 from postbus.mailbox_store.storeapi import eval_leaves
 from postbus.proto.store import SearchKey
 from postbus.protocols.mime import summarize
-from postbus.protocols.pop3 import retr_octets
+from postbus.protocols.served import retr_octets
 
 PG_URL = os.environ.get("POSTBUS_TEST_POSTGRES_URL")
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])

@@ -62,7 +62,7 @@ from postbus.proto.store import (
     SubscribeRequest,
 )
 from postbus.protocols.mime import summarize
-from postbus.protocols.pop3 import retr_octets
+from postbus.protocols.served import retr_octets
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 

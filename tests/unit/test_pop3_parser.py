@@ -37,10 +37,8 @@ from postbus.protocols.pop3 import (
     multiline,
     ok,
     parse_line,
-    retr_octets,
     retr_payload,
     stuff,
-    to_crlf,
     top_payload,
 )
 
@@ -181,28 +179,6 @@ def test_reply_lines() -> None:
     assert ok("2 320") == b"+OK 2 320\r\n"
     assert err("maildrop locked", "IN-USE") == b"-ERR [IN-USE] maildrop locked\r\n"
     assert multiline(ok("x"), [b"1 10", b".dot"]) == b"+OK x\r\n1 10\r\n..dot\r\n.\r\n"
-
-
-def test_to_crlf_and_octets() -> None:
-    assert to_crlf(b"a\nb\n") == b"a\r\nb\r\n"
-    assert to_crlf(b"a\r\nb\r\n") == b"a\r\nb\r\n"
-    assert to_crlf(b"a\r\nb\nc") == b"a\r\nb\r\nc\r\n"
-    assert to_crlf(b"") == b""
-    assert to_crlf(b"a\rb\r\n") == b"a\r\nb\r\n"  # bare CR, as normalize_crlf does
-    assert to_crlf(b"a\r\n\r") == b"a\r\n\r\n"
-    assert retr_octets(b"Received: x\r\n", b"Subject: s\n\nbody\n") == len(
-        b"Received: x\r\nSubject: s\r\n\r\nbody\r\n")
-
-
-@given(st.binary(max_size=300))
-def test_to_crlf_agrees_with_the_store_normalization(data: bytes) -> None:
-    from postbus.protocols.mime import normalize_crlf
-
-    norm = normalize_crlf(data)
-    expected = norm if not norm or norm.endswith(b"\r\n") else norm + b"\r\n"
-    assert to_crlf(data) == expected
-    assert to_crlf(to_crlf(data)) == to_crlf(data)
-    assert retr_octets(b"", data) == len(expected)
 
 
 def test_byte_stuffing() -> None:
