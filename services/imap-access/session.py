@@ -65,6 +65,7 @@ from postbus.protocols.imap_wire import (
     ordered_seqset,
     seqset,
 )
+from postbus.protocols.served import served
 
 log = get_logger(__name__)
 
@@ -1678,7 +1679,7 @@ class Session:
         blob = blobs[meta.blob_key]
         match a.name:
             case "RFC822":
-                return b"RFC822 " + literal(meta.prefix + blob)
+                return b"RFC822 " + literal(served(meta.prefix, blob))
             case "RFC822.HEADER":
                 data = _section_data(meta, blob, ("", "HEADER", ()), None)
                 return b"RFC822.HEADER " + literal(data or b"")
@@ -1715,7 +1716,7 @@ def _section_data(meta: MessageMeta, blob: bytes, sec: tuple[str, str, tuple[str
     part, text, fields = sec
     section = mime.Section(part, text, fields)
     if part == "":
-        return mime.section_bytes(meta.prefix + blob, [], section)
+        return mime.section_bytes(served(meta.prefix, blob), [], section)
     if summary is None:
         summary = mime.summarize(blob)
     return mime.section_bytes(blob, summary, section)
@@ -1727,7 +1728,7 @@ def _binary_item(meta: MessageMeta, blob: bytes, a: p.FetchAtt) -> bytes:
     part = a.section[0] if a.section else ""
     try:
         if part == "":
-            data, decoded = meta.prefix + blob, False
+            data, decoded = served(meta.prefix, blob), False
         else:
             summary = meta.summary if meta.summary is not None else mime.summarize(blob)
             data, decoded = mime.binary_section(blob, summary.parts, part)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
-from postbus.protocols.mime import normalize_crlf
+from postbus.protocols.served import normalize_crlf
 
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 FORMATS = ("mbox", "maildir", "eml")

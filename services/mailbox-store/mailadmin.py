@@ -31,6 +31,7 @@ from postbus.mailbox_store.importexport import (
 from postbus.mailbox_store.repository import Change, NewMessage, Repository, StoreError
 from postbus.proto.store import MessageMeta
 from postbus.protocols.mime import summarize
+from postbus.protocols.served import served
 
 log = get_logger(__name__)
 
@@ -216,7 +217,8 @@ class MailAdmin:
             for group in _by_bytes(metas, IO_BATCH_BYTES):
                 bodies = await self.blobs.get_many([m.blob_key for m in group])
                 for m in group:
-                    yield mbox_entry(m.prefix + bodies[m.blob_key], m.internaldate, m.flags)
+                    yield mbox_entry(served(m.prefix, bodies[m.blob_key]), m.internaldate,
+                                     m.flags)
             after = states[-1].uid
             if not more:
                 return

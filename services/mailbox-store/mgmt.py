@@ -37,6 +37,7 @@ from postbus.mailbox_store.importexport import FORMATS
 from postbus.mailbox_store.mailadmin import ImportReport, MailAdmin
 from postbus.mailbox_store.repository import Repository, StoreError
 from postbus.proto.base import ErrorCode
+from postbus.protocols.served import served
 
 log = get_logger(__name__)
 
@@ -423,7 +424,7 @@ def router(sessionmaker: async_sessionmaker[AsyncSession], blobs: BlobStore, bus
             except BlobNotFound as exc:
                 raise HTTPException(status.HTTP_502_BAD_GATEWAY,
                                     f"blob {m.blob_key} missing from S3") from exc
-        return Response(m.prefix + body, media_type="message/rfc822")
+        return Response(served(m.prefix, body), media_type="message/rfc822")
 
     @r.delete("/users/{address}/mailboxes/{name:path}/messages/{uid}", status_code=204,
               tags=["mail"])

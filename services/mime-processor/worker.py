@@ -37,7 +37,8 @@ from postbus.proto.mail import (
     OutboundQueued,
     Recipient,
 )
-from postbus.protocols.mime import normalize_crlf, summarize
+from postbus.protocols.mime import summarize
+from postbus.protocols.served import normalize_crlf
 
 log = get_logger(__name__)
 SERVICE = "mime-processor"
