@@ -52,6 +52,7 @@ from postbus.protocols.searchtext import (
     message_text,
     written_date,
 )
+from postbus.protocols.served import normalize_crlf, served, served_size
 
 # as mailbox-store has them (sqlbase.py): the reference this store is checked against by
 # tests/socket/test_store_port_contract.py
@@ -233,7 +234,7 @@ class MemoryPlatform:
         return box
 
     def _used(self, account: int) -> int:
-        return sum(len(m.prefix) + m.blob_size for b in self.boxes.get(account, {}).values()
+        return sum(served_size(m.prefix, m.blob_size) for b in self.boxes.get(account, {}).values()
                    for m in b.msgs.values())
 
     def _charge(self, account: int, nbytes: int) -> None:
@@ -267,7 +268,7 @@ class MemoryPlatform:
             uidvalidity=b.uidvalidity, uidnext=b.uidnext, highestmodseq=b.highestmodseq,
             messages=len(b.msgs), unseen=sum(1 for m in b.msgs.values() if "\\Seen" not in m.flags),
             recent=sum(1 for u in b.msgs if u >= b.recent_uid),
-            size=sum(m.blob_size + len(m.prefix) for m in b.msgs.values()),
+            size=sum(served_size(m.prefix, m.blob_size) for m in b.msgs.values()),
             deleted=sum(1 for m in b.msgs.values() if "\\Deleted" in m.flags))
 
     # ------------------------------------------------------------ Directory
@@ -433,7 +434,7 @@ class MemoryPlatform:
                 summary = mime.summarize(self.blobs[m.blob_key])
                 self.summaries[m.blob_key] = summary
         return MessageMeta(uid=m.uid, flags=list(m.flags), modseq=m.modseq,
-                           internaldate=m.internaldate, size=len(m.prefix) + m.blob_size,
+                           internaldate=m.internaldate, size=served_size(m.prefix, m.blob_size),
                            blob_key=m.blob_key, blob_size=m.blob_size, prefix=m.prefix,
                            summary=summary)  # type: ignore[arg-type]
 
@@ -489,7 +490,7 @@ class MemoryPlatform:
         if not rows:
             return CopyReply(uidvalidity=dst.uidvalidity, source_uids=[], target_uids=[])
         if not req.move:  # a move within the account does not change its usage
-            self._charge(req.account_id, sum(len(m.prefix) + m.blob_size for m in rows))
+            self._charge(req.account_id, sum(served_size(m.prefix, m.blob_size) for m in rows))
         # like mailbox-store: one MODSEQ for the new messages, then one for the expunge (a
         # MOVE into the source mailbox itself adds the new UIDs and expunges the old ones)
         dst.highestmodseq += 1
@@ -516,11 +517,15 @@ class MemoryPlatform:
             if _keywords(flags) > MAX_KEYWORDS:
                 raise StoreError("limit", f"at most {MAX_KEYWORDS} keywords on a message")
             if m.message is not None:  # the bytes IMAP serves, with CRLF line ends
-                raw: bytes | None = mime.normalize_crlf(m.message)
+                raw: bytes | None = normalize_crlf(m.message)
             elif m.body is not None:  # a small body sent along (ADR 0014)
                 raw = m.body
             else:
                 raw = self.blobs.get(m.blob_key or "")
+                if raw is not None and (m.summary is None or m.blob_size is None):
+                    # as mailbox-store: an upload it must summarize is read with CRLF
+                    # line ends (one it is told the summary of is taken as it is)
+                    raw = normalize_crlf(raw)
             if raw is None:
                 raise StoreError("invalid", "append needs message or blob_key")
             todo.append((raw, flags, m.internaldate))
@@ -574,15 +579,15 @@ class MemoryPlatform:
             case "unflag":
                 return a[0].lower() not in (f.lower() for f in m.flags)
             case "larger":
-                return m.blob_size + len(m.prefix) > _number(k)
+                return served_size(m.prefix, m.blob_size) > _number(k)
             case "smaller":
-                return m.blob_size + len(m.prefix) < _number(k)
+                return served_size(m.prefix, m.blob_size) < _number(k)
             case "modseq":
                 return m.modseq >= _number(k)
             case "before" | "on" | "since":
                 d, ref = m.internaldate.date(), _date(k)
                 return {"before": d < ref, "on": d == ref, "since": d >= ref}[k.op]
-        raw = m.prefix + self.blobs[m.blob_key]
+        raw = served(m.prefix, self.blobs[m.blob_key])
         hdr = raw[:mime.header_block_end(raw, 0, len(raw))]
         fields = mime.parse_headers(hdr)
 
