@@ -50,7 +50,8 @@ def message_ids(value: str) -> list[str]:
 
 def thread_headers(raw: bytes) -> tuple[str, str]:
     """The References and In-Reply-To values (unfolded; "" when absent) of the header
-    block of a message; the first field of each name counts."""
+    block of a message; the first field of each name counts. For summaries stored before
+    MessageSummary carried them (``thread_fields`` False)."""
     block = raw[:mime.header_block_end(raw, 0, len(raw))]
     refs = irt = None
     for name, value in mime.parse_headers(block):
@@ -58,7 +59,8 @@ def thread_headers(raw: bytes) -> tuple[str, str]:
             refs = mime.unfold(value)
         elif name == "in-reply-to" and irt is None:
             irt = mime.unfold(value)
-    return refs or "", irt or ""
+    # as MessageSummary has them (mime.summarize), so both ways thread alike
+    return mime.thread_field(refs), mime.thread_field(irt)
 
 
 def _date_key(info: ThreadInfo) -> tuple[float, int]:

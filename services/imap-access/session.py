@@ -1117,9 +1117,10 @@ class Session:
 
     async def _thread_infos(self, st: Selected, uids: list[int],
                             with_references: bool) -> list[imap_thread.ThreadInfo]:
-        """The threading inputs of the messages: sent date, subject and Message-ID from the
-        summaries (as SORT reads them); References and In-Reply-To, which the summary does
-        not carry, from the header block of each blob, a byte budget at a time."""
+        """The threading inputs of the messages from their summaries (as SORT reads them):
+        sent date, subject, Message-ID, References and In-Reply-To. A summary stored before
+        it carried the last two (``thread_fields`` False) has them read from the header
+        block of its blob, a byte budget at a time."""
         view = st.view
         batch = max(1, min(self.cfg.fetch_batch, 100))
         infos: list[imap_thread.ThreadInfo] = []
@@ -1130,13 +1131,15 @@ class Session:
             found = [(u, metas[u]) for u in chunk if u in metas and view.seq_of(u) is not None]
             headers: dict[str, tuple[str, str]] = {}
             if with_references:
-                headers = await self._thread_headers([m for _, m in found])
+                headers = await self._thread_headers([
+                    m for _, m in found if m.summary is not None and not m.summary.thread_fields])
             for u, meta in found:
                 seq = view.seq_of(u)
                 sm = meta.summary
                 if seq is None or sm is None:
                     continue  # expunged meanwhile: left out, as FETCH does
-                refs, irt = headers.get(meta.blob_key, ("", ""))
+                refs, irt = ((sm.references, sm.in_reply_to) if sm.thread_fields
+                             else headers.get(meta.blob_key, ("", "")))
                 infos.append(imap_thread.ThreadInfo(
                     seq=seq, uid=u, sent=sm.date or meta.internaldate, subject=sm.subject,
                     message_id=sm.message_id, references=refs, in_reply_to=irt))

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.session import Session, SessionConfig
 from postbus.kit.testing import examples
+from postbus.proto.mail import MessageSummary
+from postbus.protocols import mime
 from postbus.protocols.imap_parser import Receiver
 
 T0 = datetime(2000, 3, 5, 12, 0, tzinfo=UTC)
@@ -142,11 +144,36 @@ async def test_thread_without_stored_summaries() -> None:
 
 
 async def test_thread_with_an_unreadable_body() -> None:
+    # the summaries carry References and In-Reply-To: REFERENCES reads no message
     c = Client()
     mailbox(c)
     await c.login()
-    out = await c.send(b"k THREAD ORDEREDSUBJECT UTF-8 ALL\r\n")  # the summaries, cached
+    out = await c.send(b"k THREAD ORDEREDSUBJECT UTF-8 ALL\r\n")  # the summaries, stored
     assert out[-1] == b"k OK THREAD completed"
+    inbox = c.mp.boxes[c.acc]["INBOX"]
+    del c.mp.blobs[inbox.msgs[2].blob_key]
+    out = await c.send(b"l THREAD REFERENCES UTF-8 SINCE 5-MAR-2000\r\n")
+    assert out == [b"* THREAD ((7)(3))(1 (6)(2 4)(5))", b"l OK THREAD completed"]
+
+
+def old_rows(c: Client) -> None:
+    """Summaries as the store kept them before MessageSummary had References and
+    In-Reply-To: their JSON lacks the fields (it still validates, thread_fields False)."""
+    for m in c.mp.boxes[c.acc]["INBOX"].msgs.values():
+        new = mime.summarize(c.mp.blobs[m.blob_key])
+        c.mp.summaries[m.blob_key] = MessageSummary.model_validate_json(new.model_dump_json(
+            by_alias=True, exclude={"references", "in_reply_to", "thread_fields"}))
+
+
+async def test_thread_with_summaries_stored_before_thread_fields() -> None:
+    c = Client()
+    mailbox(c)
+    old_rows(c)
+    assert not c.mp.summaries[c.mp.boxes[c.acc]["INBOX"].msgs[1].blob_key].thread_fields
+    await c.login()
+    # the header blocks are read instead: the same threads
+    out = await c.send(b"A285 THREAD REFERENCES UTF-8 SINCE 5-MAR-2000\r\n")
+    assert out == [b"* THREAD ((7)(3))(1 (6)(2 4)(5))", b"A285 OK THREAD completed"]
     inbox = c.mp.boxes[c.acc]["INBOX"]
     del c.mp.blobs[inbox.msgs[2].blob_key]
     out = await c.send(b"l THREAD REFERENCES UTF-8 ALL\r\n")
