@@ -157,7 +157,7 @@ class DeliverOps(MessageOps):
                 if not acct.enabled:
                     outcomes.append(DeliverOutcome("disabled"))
                     continue
-                size = len(j.msg.prefix) + j.msg.blob_size
+                size = j.msg.size
                 if acct.quota_bytes is not None and used[j.account_id] + size > acct.quota_bytes:
                     outcomes.append(DeliverOutcome("over_quota"))
                     continue
@@ -173,7 +173,7 @@ class DeliverOps(MessageOps):
             per_box_flags: dict[int, tuple[int, int]] = {}
             refs: BlobRefs = {}
             for _, j, box in placed:
-                size = len(j.msg.prefix) + j.msg.blob_size
+                size = j.msg.size
                 n, b = per_acct.get(j.account_id, (0, 0))
                 per_acct[j.account_id] = (n + 1, b + size)
                 n, b = per_box.get(box.id, (0, 0))

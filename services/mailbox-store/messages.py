@@ -148,7 +148,7 @@ class MessageOps(RepoBase):
         return {
             "mailbox_id": mailbox_id, "uid": uid, "modseq": modseq, "flags": bits,
             "keywords": kws, "internaldate": utc(m.internaldate or datetime.now(UTC)),
-            "size": len(m.prefix) + m.blob_size, "blob_key": m.blob_key, "prefix": m.prefix,
+            "size": m.size, "blob_key": m.blob_key, "prefix": m.prefix,
             "summary": s.model_dump_json(by_alias=True), "subject": s.subject[:2000],
             "from_addr": s.from_[:2000], "to_addr": s.to[:4000], "cc_addr": s.cc[:4000],
             "bcc_addr": s.bcc[:4000], "message_id_hdr": s.message_id[:1000],
@@ -161,7 +161,7 @@ class MessageOps(RepoBase):
                                ) -> tuple[list[int], Change]:
         if mbox.noselect:
             raise NotFound(f"{mbox.name} is \\Noselect")
-        total = sum(len(m.prefix) + m.blob_size for m in msgs)
+        total = sum(m.size for m in msgs)
         await self._charge(conn, acct, total, len(msgs), enforce=enforce_quota)
         values_flags = [flags_to_db(m.flags)[0] for m in msgs]
         unseen = sum(unseen_deleted(b)[0] for b in values_flags)
@@ -196,7 +196,7 @@ class MessageOps(RepoBase):
         """Several messages in one transaction (MULTIAPPEND, RFC 3502; imports): all or
         none, consecutive UIDs. Returns (uidvalidity, uids, change).
 
-        ``claim_recent``: the caller has the mailbox selected and claims \Recent up to the
+        ``claim_recent``: the caller has the mailbox selected and claims \\Recent up to the
         new UIDNEXT in the same transaction, as a SELECT's claim does (``select``);
         ``change.recent_from`` is the first UID it got (the new UIDNEXT when none)."""
         name = normalize_name(mailbox)

@@ -53,6 +53,7 @@ from postbus.mailbox_store.txn import Writer
 from postbus.proto.base import ErrorCode
 from postbus.proto.mail import MessageSummary
 from postbus.proto.store import MailboxInfo, MessageState
+from postbus.protocols.served import served_size
 
 log = get_logger(__name__)
 
@@ -209,6 +210,11 @@ class NewMessage:
     flags: Sequence[str] = ()
     internaldate: datetime | None = None
     body: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        """The RFC822.SIZE clients see (ADR 0002)."""
+        return served_size(self.prefix, self.blob_size)
 
 
 # ---------------------------------------------------------------- helpers

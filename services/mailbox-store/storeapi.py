@@ -203,7 +203,7 @@ class StoreApi:
 
     async def _sync_page(self, account_id: int, change: Change, after_uid: int) -> SelectReply:
         """The selected view's new messages up to the UIDNEXT the APPEND claimed to: later
-        ones are not \Recent for this caller and reach it by notification, as usual."""
+        ones are not \\Recent for this caller and reach it by notification, as usual."""
         info, page, more, _, _ = await self.repo.select(
             account_id, change.mailbox_id, after_uid=after_uid, limit=self.max_uid_page)
         upto = [m for m in page if m.uid < change.uidnext]
