@@ -942,3 +942,24 @@ async def test_hosted_sender_policy(start: Start) -> None:
     assert (code, text[:5]) == (550, "5.7.1")
     assert (await c.cmd("MAIL FROM:<someone@elsewhere.example>"))[0] == 250
     c.close()
+
+
+async def test_plaintext_that_arrives_while_starttls_waits_is_discarded(start: Start) -> None:
+    """RFC 3207 §4.2 when the injected plaintext comes in its own packet while an earlier
+    command of the group is still being answered (here MAIL FROM, held by the in-flow
+    delay): it lands in the stream's buffer, not the receiver's, and must not run inside
+    TLS either."""
+    ing = await start(flow_backlog_threshold=1, flow_delay_per_message_s=0.3,
+                      flow_delay_max_s=0.3, flow_poll_s=3600)
+    c = await greeted(ing.port("mx"))
+    ing.ingress.queue_depth = 1000  # the watch polls again in an hour
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nSTARTTLS\r\n")
+    await asyncio.sleep(0.1)  # MAIL FROM is being held
+    await c.send(b"RSET\r\nNOOP\r\n")
+    assert [(await c.reply())[0] for _ in range(2)] == [250, 220]
+    await c.w.start_tls(ing.client_tls())
+    await c.send(b"EHLO c.example.net\r\n")
+    code, lines = await c.reply()
+    assert code == 250 and "AUTH PLAIN LOGIN" in lines  # the first reply inside TLS is EHLO's
+    assert (await c.cmd("NOOP")) == (250, "2.0.0 Ok")
+    c.close()
