@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,15 +151,16 @@ class Runner:
         elif cmd == "@message":
             msg = self.queue().messages[int(words[1]) - 1]
             field, want = words[2], text.split(None, 3)[3]
-            got: object = {
+            values: dict[str, Callable[[], object]] = {
                 "from": lambda: msg.mail_from,
                 "to": lambda: ",".join(r.address for r in msg.rcpt_to),
                 "listener": lambda: msg.client.listener,
                 "auth": lambda: msg.client.auth_user,
                 "envid": lambda: msg.dsn_envid,
                 "ret": lambda: msg.dsn_ret,
-                "body-ends": lambda: (msg.body.inline or b"").endswith(ast.literal_eval(want)),
-            }[field]()
+                "body-ends": lambda: (msg.body.inline or b"").endswith(_bytes(want)),
+            }
+            got = values[field]()
             if field == "body-ends":
                 if got is not True:
                     self.fail(lineno, f"body does not end with {want}: {msg.body.inline!r}")
