@@ -6,10 +6,15 @@ the end of a live search with its mailbox, NOUPDATE past the limits, PARTIAL (§
 
 from __future__ import annotations
 
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_imap_transcripts import Out
 
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.session import Session, SessionConfig
+from postbus.kit.testing import examples
 from postbus.protocols.imap_parser import Receiver
 
 
@@ -158,3 +163,93 @@ async def test_partial_of_search_and_sort() -> None:
     out = await c.cmd("A5 SEARCH RETURN (PARTIAL 1:2) MODSEQ 1")
     assert out[1].startswith('* ESEARCH (TAG "A5") PARTIAL (1:2 1:2) MODSEQ ')
     assert (await c.cmd("A6 SEARCH RETURN (PARTIAL 1:*) ALL"))[-1].startswith("A6 BAD ")
+
+
+# ---------------------------------------------------------------- a client's copy stays right
+def _expand(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        a, _, b = part.partition(":")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+_UPDATE = re.compile(r'\* ESEARCH \(TAG "L"\)( UID)?((?: (?:ADDTO|REMOVEFROM) \(0 [0-9:,]+\))+)\Z')
+_ITEM = re.compile(r"(ADDTO|REMOVEFROM) \(0 ([0-9:,]+)\)")
+
+
+class Mirror:
+    """What a client keeps of a live search from the responses alone (RFC 5267 §4.3):
+    REMOVEFROM and ADDTO edit it; an EXPUNGE renumbers it (sequence numbers), and must
+    never name a message still in it (its REMOVEFROM comes first)."""
+
+    def __init__(self, uid: bool, first: set[int]) -> None:
+        self.uid, self.result = uid, set(first)
+
+    def read(self, lines: list[str]) -> None:
+        for line in lines:
+            if m := _UPDATE.match(line):
+                assert bool(m.group(1)) == self.uid, line
+                for verb, nums in _ITEM.findall(m.group(2)):
+                    got = _expand(nums)
+                    if verb == "ADDTO":
+                        assert not got & self.result, line
+                        self.result |= got
+                    else:
+                        assert got <= self.result, line
+                        self.result -= got
+            elif (m2 := re.fullmatch(r"\* (\d+) EXPUNGE", line)) and not self.uid:
+                n = int(m2.group(1))
+                assert n not in self.result, f"EXPUNGE of {n} before its REMOVEFROM"
+                self.result = {s - 1 if s > n else s for s in self.result}
+
+
+_PROGRAMS = ["UNSEEN", "OR FLAGGED SUBJECT a", "SEEN NOT FLAGGED", "UID 1:3 UNSEEN", "ALL"]
+_STEPS = st.lists(st.tuples(
+    st.sampled_from(["seen", "unseen", "flag", "expunge", "other-seen", "other-expunge",
+                     "deliver", "move", "fetch"]),
+    st.integers(1, 8)), max_size=10)
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(st.booleans(), st.sampled_from(_PROGRAMS), _STEPS)
+async def test_a_live_result_always_equals_a_fresh_search(
+        uid: bool, program: str, steps: list[tuple[str, int]]) -> None:
+    mp, acc, c = await mailbox(4)
+    other = Client(mp)
+    await other.cmd("a LOGIN alice@example.test secret")
+    await other.cmd("b SELECT INBOX")
+    await c.cmd("c CREATE Other")
+    verb = "UID SEARCH" if uid else "SEARCH"
+    first = await c.cmd(f"L {verb} RETURN (UPDATE ALL) {program}")
+    assert first[-1] == "L OK SEARCH completed", first
+    shown = [x for x in first if x.startswith('* ESEARCH (TAG "L")') and " ALL " in x]
+    mirror = Mirror(uid, _expand(shown[0].rsplit(" ", 1)[1]) if shown else set())
+    exists = 4
+    for n, (op, k) in enumerate(steps):
+        seq = (k - 1) % exists + 1 if exists else 0
+        if op == "deliver":
+            mp.deliver(acc, b"Subject: %s\r\n\r\nx\r\n" % (b"a" if k % 2 else b"b"))
+        elif op.startswith("other-"):
+            if op == "other-seen":
+                await other.cmd(f"o{n} STORE {k} +FLAGS (\\Seen)")
+            else:
+                await other.cmd(f"o{n} STORE {k} +FLAGS (\\Deleted)")
+                await other.cmd(f"p{n} EXPUNGE")
+        elif seq:
+            cmd = {"seen": f"STORE {seq} +FLAGS (\\Seen)",
+                   "unseen": f"STORE {seq} -FLAGS (\\Seen)",
+                   "flag": f"STORE {seq} +FLAGS (\\Flagged)",
+                   "expunge": f"STORE {seq} +FLAGS (\\Deleted)",
+                   "move": f"MOVE {seq} Other",
+                   "fetch": f"FETCH {seq} BODY[]"}[op]
+            mirror.read(await c.cmd(f"s{n} {cmd}"))
+            if op == "expunge":
+                mirror.read(await c.cmd(f"x{n} EXPUNGE"))
+        out = await c.cmd(f"n{n} NOOP")
+        mirror.read(out)
+        exists = int(next(x for x in reversed(
+            await c.cmd(f"e{n} STATUS INBOX (MESSAGES)")) if "MESSAGES" in x).split()[-1][:-1])
+        fresh = (await c.cmd(f"f{n} {verb} {program}"))[0]
+        assert fresh.startswith("* SEARCH")
+        assert mirror.result == {int(x) for x in fresh.split()[2:]}, (steps[:n + 1], fresh)
