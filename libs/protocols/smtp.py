@@ -428,6 +428,8 @@ def parse_bdat(arg: str | None) -> tuple[int, bool] | None:
 # RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF; ESMTP parameters
 # (§4.5.3.1.1) make it longer, so the limit is the caller's (a setting, 2048 by default).
 MAX_COMMAND_LINE = 2048
+# Items one ``feed`` returns at most; the rest stays buffered for the next ``feed(b"")``.
+MAX_ITEMS = 64
 
 
 @dataclass(frozen=True)
@@ -605,12 +607,14 @@ class Receiver:
 
     Bounded: a command line longer than ``max_line`` is reported once as ``Bad(TOO_LONG)``
     as soon as it is too long (not when it ends) and discarded up to its LF; message octets
-    are handed on as they come, never gathered.
+    are handed on as they come, never gathered; one ``feed`` returns at most ``max_items``
+    items (call ``feed(b"")`` for more), so junk is not multiplied into objects.
     """
 
     def __init__(self, *, max_line: int = MAX_COMMAND_LINE, max_size: int = 0,
-                 max_data_line: int = 0) -> None:
+                 max_data_line: int = 0, max_items: int = MAX_ITEMS) -> None:
         self.max_line = max_line
+        self.max_items = max_items  # per feed: a read of empty lines is not 8,000 objects
         self.max_size = max_size  # DATA: un-stuffed octets (RFC 1870), 0: no limit
         self.max_data_line = max_data_line  # DATA: RFC 5321 §4.5.3.1.6, 0: no limit
         self._buf = bytearray()
@@ -640,8 +644,9 @@ class Receiver:
         self._skipping = False
 
     def feed(self, data: bytes) -> list[Item]:
-        """Buffer ``data``; return every item it completes, in order, up to and including
-        the first DATA, BDAT or STARTTLS command. Junk comes back as ``Bad``, never raised."""
+        """Buffer ``data``; return the items it completes, in order, up to and including the
+        first DATA, BDAT or STARTTLS command and at most ``max_items``; ``feed(b"")`` gives
+        the next ones. Junk comes back as ``Bad``, never raised."""
         out: list[Item] = []
         if data and not self._buf and self._data is not None:
             self._feed_data(self._data, data, out)  # message data: handed on without a copy
@@ -653,7 +658,7 @@ class Receiver:
                 out.append(ChunkEnd())
         else:
             self._buf += data
-        while self._buf:
+        while self._buf and len(out) < self.max_items:
             if self._data is not None:
                 chunk = bytes(self._buf)
                 self._buf.clear()

@@ -399,3 +399,12 @@ def test_receiver_any_bytes_any_split(data: bytes, cuts: list[int]) -> None:
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert (_drive(p.Receiver(max_line=64, max_size=50, max_data_line=30), pieces)
             == _drive(p.Receiver(max_line=64, max_size=50, max_data_line=30), [stream]))
+
+
+def test_one_feed_returns_a_bounded_number_of_items() -> None:
+    r = p.Receiver()
+    batches = [r.feed(b"\r\n" * 10_000)]
+    while batches[-1]:
+        batches.append(r.feed(b""))
+    assert max(map(len, batches)) == p.MAX_ITEMS
+    assert sum(map(len, batches)) == 10_000 and r.pending() == 0
