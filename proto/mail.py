@@ -119,7 +119,7 @@ class MessageSummary(Model):
     # (RFC 1939 §3), so LIST and STAT count 2 octets more than IMAP's RFC822.SIZE
     ends_crlf: bool = True
     # THREAD=REFERENCES (RFC 5256 §4): the first References and In-Reply-To fields,
-    # unfolded, "" when absent (a References past 8 KiB keeps its last ids). Summaries
+    # unfolded, "" when absent (a References past 2 KiB keeps its last ids). Summaries
     # stored before these fields existed lack them: ``thread_fields`` is False there, and
     # THREAD reads the message's header block instead
     references: str = ""

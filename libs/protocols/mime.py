@@ -823,7 +823,9 @@ def _date(value: str | None) -> datetime | None:
     return d
 
 
-MAX_THREAD_FIELD = 8 * 1024  # a summary is stored with every message and sent in batches
+# a summary is stored with every message and sent in batches of 100 in one NATS reply (1 MiB):
+# 2 KiB keeps some 40 ids, the nearest ancestors, which is what threading links by
+MAX_THREAD_FIELD = 2 * 1024
 
 
 def thread_field(value: str | None) -> str:
