@@ -485,7 +485,8 @@ class Session:
             case p.CancelUpdate(tags=tags):
                 for t in tags:  # RFC 5267 §4.3.5 (Dovecot stops at the first unknown tag)
                     if self._live.pop(t, None) is None:
-                        raise No(f"Unknown tag {t[:40]}")
+                        shown = "".join(ch for ch in t[:40] if ch.isprintable())
+                        raise No(f"Unknown tag {shown}")
                 self._stop_watching(st.view)
                 return Tagged("OK", "CANCELUPDATE completed")
             case p.Sort():
@@ -1227,6 +1228,15 @@ class Session:
         view.touched = set()
         if not touched:
             return
+        try:
+            await self._update_results(st, touched)
+        except BaseException:
+            view.touched.update(touched)  # look again next time (an update is idempotent)
+            raise
+        self._stop_watching(view)
+
+    async def _update_results(self, st: Selected, touched: list[int]) -> None:
+        view = st.view
         gone: set[int] | None = None
         for ls in list(self._live.values()):
             matching, _ = await self._matching(st, ls.program, ls.charset, within=touched)
@@ -1251,7 +1261,6 @@ class Session:
             line = imap_context.update_line(ls.tag, ls.uid, removed, added)
             if line:
                 self.w(line)
-        self._stop_watching(view)
 
     async def _metas(self, st: Selected, uids: list[int], need_summary: bool
                      ) -> dict[int, MessageMeta]:

@@ -149,6 +149,32 @@ async def test_duplicate_tag_limits_and_deselect() -> None:
     assert (await c.cmd('f CANCELUPDATE "A1"'))[-1].startswith("f NO ")
 
 
+async def test_a_failed_update_is_tried_again() -> None:
+    mp, acc, c = await mailbox(3)
+    await c.cmd("A1 SEARCH RETURN (UPDATE) SEEN")
+    search = mp.search
+    calls = 0
+
+    async def failing_once(req: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("store down")
+        return await search(req)  # type: ignore[arg-type]
+
+    mp.search = failing_once  # type: ignore[method-assign]
+    out = await c.cmd("d STORE 2 +FLAGS.SILENT (\\Seen)")
+    assert out == ["d OK STORE completed"]  # the change is kept for the next look
+    out = await c.cmd("e NOOP")
+    assert out == ['* ESEARCH (TAG "A1") ADDTO (0 2)', "e OK NOOP completed"]
+
+
+async def test_cancelupdate_does_not_echo_line_breaks() -> None:
+    mp, acc, c = await mailbox(1)
+    out = await c.cmd("d CANCELUPDATE {9+}\r\nA1\r\n* BYE")
+    assert out == ["d NO Unknown tag A1* BYE"]
+
+
 async def test_partial_of_search_and_sort() -> None:
     mp, acc, c = await mailbox()
     # RFC 5267 §4.4: a client pages through a large result
