@@ -54,8 +54,11 @@ async def serve_postbus(nats_url: str, s3: str, port_file: Path, tmp: Path) -> N
     await bus.ensure_streams(ALL_STREAMS)
     blobs = BlobStore(common)
     await blobs.ensure_bucket()
+    # nothing consumes the inbound stream here: no in-flow delay (it would hold MAIL FROM
+    # once 100 messages wait, which is bench-e2e's business, not this one's)
     settings = Settings(common=common, smtp_port=0, submission_port=-1, smtps_port=-1,
-                        max_connections_per_ip=10000, connection_rate_per_ip=0)
+                        max_connections_per_ip=10000, connection_rate_per_ip=0,
+                        flow_backlog_threshold=0)
     table = DirectoryTable(users={RCPT: User("x")})
     running = await start_ingress(bus, blobs, settings, tmp, table)
     port_file.write_text(str(running.port("mx")))  # noqa: ASYNC240
@@ -203,7 +206,9 @@ def main() -> None:
     from postbus.kit.testing import RunningNats, RunningS3
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-smtp-"))
-    nats = RunningNats(tmp)
+    # without per-service NATS users: the bench's one process creates streams and purges
+    # them between runs, which only an admin may (the platform tests run with the users)
+    nats = RunningNats(tmp, auth=False)
     s3 = RunningS3(tmp)
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, object] = {"seconds_per_run": args.seconds, "repeats": args.repeats,
