@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -84,6 +84,22 @@ class RemoteError(Exception):
         super().__init__(f"{code}: {message}")
         self.code: ErrorCode = code
         self.message = message
+
+
+ErrorMap = Callable[[BusUnavailable | RemoteError], Exception]
+"""What a service makes of a bus error: its own port's exception type (the kit's clients
+raise the bus's errors as they are when given none)."""
+
+
+@contextlib.contextmanager
+def raising(errors: ErrorMap | None) -> Iterator[None]:
+    """Let BusUnavailable and RemoteError through, or raise ``errors(exc)`` from them."""
+    try:
+        yield
+    except (BusUnavailable, RemoteError) as exc:
+        if errors is None:
+            raise
+        raise errors(exc) from exc
 
 
 def encode(model: BaseModel) -> bytes:

@@ -3,11 +3,12 @@ listeners and the management API."""
 
 from __future__ import annotations
 
-from postbus.imap_access.adapters import BusChanges, BusDirectory, BusStore, S3Blobs
+from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs, store_error
 from postbus.imap_access.mgmt import router
 from postbus.imap_access.server import ImapServer
 from postbus.imap_access.settings import Settings
 from postbus.kit.blob import StoreBodies
+from postbus.kit.directory import DirectoryClient
 from postbus.kit.logging import get_logger
 from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
@@ -21,8 +22,8 @@ def run() -> None:
     async def setup(ctx: ServiceContext) -> None:
         ctx.blobs.inline = StoreBodies(ctx.bus)  # small bodies are in the store (ADR 0014)
         blobs = S3Blobs(ctx.blobs)
-        server = ImapServer(settings, BusDirectory(ctx.bus), BusStore(ctx.bus), blobs,
-                            BusChanges(ctx.bus),
+        server = ImapServer(settings, DirectoryClient(ctx.bus, "imap", errors=store_error),
+                            BusStore(ctx.bus), blobs, BusChanges(ctx.bus),
                             tls=server_context(ctx.common.tls_cert, ctx.common.tls_key))
         ports = await server.start(ctx.common.bind_host, settings.imap_port,
                                    settings.imaps_port)

@@ -1,6 +1,6 @@
-"""Ports over the platform: the directory and the store over NATS request/reply
-(``postbus.proto.directory``/``postbus.proto.store``), bodies from S3 through the kit's
-BlobStore (with its LRU), mailbox changes from core NATS."""
+"""Ports over the platform: the store over NATS request/reply (``postbus.proto.store``; the
+directory is the kit's DirectoryClient, with ``store_error`` for its errors), bodies from
+S3 through the kit's BlobStore (with its LRU), mailbox changes from core NATS."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from pydantic import BaseModel
 
 from postbus.imap_access.ports import StoreError, Unsubscribe
 from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
-from postbus.kit.bus import Bus, BusUnavailable, RemoteError
+from postbus.kit.bus import Bus, BusUnavailable, RemoteError, raising
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
 from postbus.proto.base import Rpc
-from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
 from postbus.proto.mail import MAILBOX_CHANGED, MailboxChanged
 from postbus.proto.store import (
     STORE_APPEND,
@@ -68,23 +67,17 @@ Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
 
+def store_error(exc: BusUnavailable | RemoteError) -> StoreError:
+    """A bus error as the ports' StoreError (the kit's DirectoryClient takes this as
+    ``errors``): the responder's code, or ``unavailable`` when nobody answered."""
+    if isinstance(exc, RemoteError):
+        return StoreError(exc.code, exc.message)
+    return StoreError("unavailable", str(exc))
+
+
 async def _call(bus: Bus, rpc: Rpc[Req, Rep], req: Req) -> Rep:
-    try:
+    with raising(store_error):
         return await bus.request(rpc, req)
-    except RemoteError as exc:
-        raise StoreError(exc.code, exc.message) from exc
-    except BusUnavailable as exc:
-        raise StoreError("unavailable", str(exc)) from exc
-
-
-class BusDirectory:
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-
-    async def authenticate(self, username: str, password: str,
-                           client_ip: str | None) -> AuthReply:
-        return await _call(self.bus, DIRECTORY_AUTHENTICATE, AuthRequest(
-            username=username, password=password, service="imap", client_ip=client_ip))
 
 
 class BusStore:

@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from postbus.kit.bus import Bus, BusUnavailable, KvBucket, RemoteError
+from postbus.kit.bus import Bus, BusUnavailable, RemoteError
+from postbus.kit.counters import KvCounters
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter
 from postbus.mailbox_store.directory_rules import Invalid, NotFound
@@ -83,9 +83,9 @@ class Directory(DirectorySql):
 
 class LoginThrottle:
     """Login attempts per (account, client IP), counted in a NATS KV bucket that every
-    replica shares. An attempt takes a unit before the password is checked (compare-and-
-    set: parallel guesses cannot all slip in between a read and a write); after
-    ``max_failures`` units within ``window_s`` of the last one the directory answers
+    replica shares (kit.counters). An attempt takes a unit before the password is checked
+    (compare-and-set: parallel guesses cannot all slip in between a read and a write);
+    after ``max_failures`` units within ``window_s`` of the last one the directory answers
     ``throttled`` without checking. A success gives them all back. The key is the
     account's canonical address (angle brackets, case, IDNA and trailing dots spell the
     same account), so no other spelling has its own allowance. If the bucket cannot be
@@ -93,38 +93,36 @@ class LoginThrottle:
 
     BUCKET = "directory-login-failures"
 
-    def __init__(self, kv: KvBucket, max_failures: int) -> None:
-        self.kv = kv
+    def __init__(self, counters: KvCounters, max_failures: int) -> None:
+        self.counters = counters
         self.max_failures = max_failures
 
     @classmethod
     async def open(cls, bus: Bus, *, max_failures: int = 10,
                    window_s: float = 900.0) -> LoginThrottle:
-        return cls(await bus.kv_bucket(cls.BUCKET, ttl_s=window_s), max_failures)
+        return cls(await KvCounters.open(bus, cls.BUCKET, window_s), max_failures)
 
     @staticmethod
     def key(login: str, client_ip: str | None) -> str:
-        ident = f"{login}|{client_ip or ''}"
-        return hashlib.sha256(ident.encode()).hexdigest()  # KV keys: a safe alphabet
+        return f"{login}|{client_ip or ''}"
 
     async def reserve(self, key: str) -> bool:
         """Take one attempt; False when the allowance is used up."""
         try:
-            return await self.kv.incr_below(key, self.max_failures) is not None
+            return await self.counters.incr_below(key, self.max_failures) is not None
         except BusUnavailable as exc:
             log.warning("login throttle unavailable", error=str(exc)[:200])
             return True
 
     async def failures(self, key: str) -> int:
         try:
-            e = await self.kv.get(key)
+            return await self.counters.get(key)
         except BusUnavailable:
             return 0
-        return int(e.value) if e is not None and e.value.isdigit() else 0
 
     async def reset(self, key: str) -> None:
         with contextlib.suppress(BusUnavailable):
-            await self.kv.delete(key)
+            await self.counters.reset(key)
 
 
 async def serve_directory(bus: Bus, sessionmaker: async_sessionmaker[AsyncSession], *,

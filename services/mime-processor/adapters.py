@@ -1,4 +1,5 @@
-"""Ports over the kit: the directory over NATS request/reply, the memo over NATS KV."""
+"""Ports over the kit: the memo over NATS KV (the directory is the kit's DirectoryClient,
+whose bus errors the worker retries on)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,9 @@ import re
 from typing import Any
 
 from postbus.kit.bus import Bus
-from postbus.proto.directory import DIRECTORY_RESOLVE, ResolveReply, ResolveRequest
 
 MEMO_BUCKET = "postbus_mime_auth"
 MEMO_TTL_S = 24 * 3600.0
-
-
-class BusDirectory:
-    def __init__(self, bus: Bus, timeout_s: float = 5.0) -> None:
-        self.bus = bus
-        self.timeout_s = timeout_s
-
-    async def resolve(self, address: str) -> ResolveReply:
-        return await self.bus.request(DIRECTORY_RESOLVE, ResolveRequest(address=address),
-                                      timeout=self.timeout_s)
 
 
 def memo_key(key: str) -> str:

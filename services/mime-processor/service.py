@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus
+from postbus.kit.directory import DirectoryClient
 from postbus.kit.runtime import ServiceContext, Setup
-from postbus.mime_processor.adapters import BusDirectory, KvMemo
+from postbus.mime_processor.adapters import KvMemo
 from postbus.mime_processor.authcheck import DnsAuthenticator
 from postbus.mime_processor.mgmt import router
 from postbus.mime_processor.settings import Settings
@@ -34,7 +35,7 @@ def build_worker(settings: Settings, bus: Bus, blobs: BlobStore) -> Running:
         auth = DnsAuthenticator(settings.dns_nameservers, settings.dns_timeout_s,
                                 settings.auth_budget_s, settings.auth_threads,
                                 settings.dns_port)
-    worker = MimeWorker(settings, directory=BusDirectory(bus), blobs=blobs, publisher=bus,
+    worker = MimeWorker(settings, directory=DirectoryClient(bus, timeout_s=5.0), blobs=blobs, publisher=bus,
                         authenticator=auth, memo=KvMemo(bus) if auth else None)
     return Running(worker, auth)
 

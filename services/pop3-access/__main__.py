@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from postbus.kit.blob import StoreBodies
+from postbus.kit.directory import DirectoryClient
 from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
 from postbus.pop3_access import adapters, mgmt
@@ -26,7 +27,7 @@ async def setup_with(settings: Settings, ctx: ServiceContext) -> Pop3Server:
     locks = adapters.KvLocks(locks_bucket, ttl_s=settings.lock_ttl_s, replica=replica)
     ctx.blobs.inline = StoreBodies(ctx.bus)  # small bodies are in the store (ADR 0014)
     server = Pop3Server(
-        directory=adapters.BusDirectory(ctx.bus),
+        directory=DirectoryClient(ctx.bus, "pop3", errors=adapters.unavailable),
         maildrops=adapters.StoreMaildrops(ctx.bus, ctx.blobs, timeout_s=settings.store_timeout_s),
         locks=locks,
         throttle=adapters.KvThrottle(auth_bucket, delay_bucket),

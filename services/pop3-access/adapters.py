@@ -1,21 +1,21 @@
-"""The POP3 ports over the platform: directory and maildrop over kit Bus.request, bodies from
-S3 through kit BlobStore (LRU cached, fetched ahead concurrently), the maildrop lock and the
-login throttle in JetStream KV buckets with expiry (so every replica sees them)."""
+"""The POP3 ports over the platform: the maildrop over kit Bus.request (the directory is the
+kit's DirectoryClient, with ``unavailable`` for its errors), bodies from S3 through kit
+BlobStore (LRU cached, fetched ahead concurrently), the maildrop lock and the login
+throttle in JetStream KV buckets with expiry (so every replica sees them)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Sequence
 
 from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
-from postbus.kit.bus import Bus, BusUnavailable, KvBucket, RemoteError
+from postbus.kit.bus import Bus, BusUnavailable, KvBucket, RemoteError, raising
+from postbus.kit.counters import KvCounters
 from postbus.kit.logging import get_logger
 from postbus.pop3_access.ports import Unavailable
-from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
 from postbus.proto.store import (
     STORE_POP3_COMMIT,
     STORE_POP3_MAILDROP,
@@ -28,16 +28,9 @@ from postbus.proto.store import (
 log = get_logger(__name__)
 
 
-class BusDirectory:
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-
-    async def authenticate(self, username: str, password: str, client_ip: str) -> AuthReply:
-        try:
-            return await self.bus.request(DIRECTORY_AUTHENTICATE, AuthRequest(
-                username=username, password=password, service="pop3", client_ip=client_ip))
-        except (BusUnavailable, RemoteError) as exc:
-            raise Unavailable(str(exc)) from exc
+def unavailable(exc: BusUnavailable | RemoteError) -> Unavailable:
+    """A bus error as the ports' Unavailable (the kit's clients take this as ``errors``)."""
+    return Unavailable(str(exc))
 
 
 class StoreMaildrops:
@@ -64,12 +57,10 @@ class StoreMaildrops:
             first: Pop3MaildropReply | None = None
             after = 0
             while True:
-                try:
+                with raising(unavailable):
                     page = await self.bus.request(STORE_POP3_MAILDROP, Pop3MaildropRequest(
                         account_id=account_id, after_uid=after, limit=self.page),
                         timeout=self.timeout_s)
-                except (BusUnavailable, RemoteError) as exc:
-                    raise Unavailable(str(exc)) from exc
                 if first is None:
                     first = page
                 elif (page.mailbox_id, page.uidvalidity) != (first.mailbox_id, first.uidvalidity):
@@ -85,11 +76,9 @@ class StoreMaildrops:
     async def commit(self, request: Pop3CommitRequest) -> None:
         """One request, or several when it names too many UIDs for one NATS message (a
         failure halfway leaves the rest for a later session, RFC 1939 §6)."""
-        try:
+        with raising(unavailable):
             for part in commit_parts(request, self.commit_uids):
                 await self.bus.request(STORE_POP3_COMMIT, part, timeout=self.timeout_s)
-        except (BusUnavailable, RemoteError) as exc:
-            raise Unavailable(str(exc)) from exc
 
     def _fetch(self, key: str) -> asyncio.Task[bytes]:
         task = self._inflight.get(key)
@@ -217,69 +206,29 @@ class KvLocks:
 
 
 class KvThrottle:
-    """Failed-login counters per client IP and per account name in a KV bucket whose max age
-    is the counting window; LOGIN-DELAY as create-if-absent in a bucket whose max age is
-    the delay."""
+    """Failed-login counters per client IP and per account name (kit.counters, keys spelt
+    as smtp-ingress spells them) in a KV bucket whose max age is the counting window;
+    LOGIN-DELAY as one unit per account in a bucket whose max age is the delay."""
 
     def __init__(self, failures: KvBucket, login_delay: KvBucket | None) -> None:
-        self.bucket = failures
-        self.login_delay = login_delay
-
-    @staticmethod
-    def _ip_key(ip: str) -> str:
-        return "ip-" + "".join(c if c.isalnum() or c in "-." else "_" for c in ip)
-
-    @staticmethod
-    def _user_key(username: str) -> str:
-        return "user-" + hashlib.sha256(username.lower().encode()).hexdigest()[:32]
-
-    async def _count(self, key: str) -> int:
-        e = await self.bucket.get(key)
-        try:
-            return int(e.value) if e else 0
-        except ValueError:
-            return 0
+        self.counters = KvCounters(failures, errors=unavailable)
+        self.login_delay = (KvCounters(login_delay, errors=unavailable)
+                            if login_delay is not None else None)
 
     async def failures(self, client_ip: str, username: str) -> tuple[int, int]:
-        try:
-            return (await self._count(self._ip_key(client_ip)),
-                    await self._count(self._user_key(username)))
-        except BusUnavailable as exc:
-            raise Unavailable(str(exc)) from exc
-
-    async def _increment(self, key: str) -> None:
-        for _ in range(8):  # compare-and-set; another replica may count at the same time
-            e = await self.bucket.get(key)
-            if e is None:
-                if await self.bucket.create(key, b"1") is not None:
-                    return
-                continue
-            try:
-                n = int(e.value)
-            except ValueError:
-                n = 0
-            if await self.bucket.update(key, str(n + 1).encode(), e.revision) is not None:
-                return
+        return (await self.counters.get("ip:" + client_ip),
+                await self.counters.get("acct:" + username.lower()))
 
     async def record_failure(self, client_ip: str, username: str) -> None:
-        try:
-            await self._increment(self._ip_key(client_ip))
-            await self._increment(self._user_key(username))
-        except BusUnavailable as exc:
-            raise Unavailable(str(exc)) from exc
+        await self.counters.incr("ip:" + client_ip)
+        await self.counters.incr("acct:" + username.lower())
 
     async def record_success(self, client_ip: str, username: str) -> None:
-        key = self._user_key(username)
-        try:
-            if await self.bucket.get(key) is not None:
-                await self.bucket.delete(key)
-        except BusUnavailable as exc:
-            raise Unavailable(str(exc)) from exc
+        key = "acct:" + username.lower()
+        if await self.counters.get(key):  # a read, not a delete marker, per good login
+            await self.counters.reset(key)
 
     async def login_allowed(self, account_id: int) -> bool:
         if self.login_delay is None:
             return True
-        try:
-            return await self.login_delay.create(_account_key(account_id), b"1") is not None
-        except BusUnavailable as exc:
-            raise Unavailable(str(exc)) from exc
+        return await self.login_delay.incr_below(_account_key(account_id), 1) is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from postbus.kit.counters import KvCounters
+from postbus.kit.directory import DirectoryClient
 from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
 from postbus.smtp_ingress.settings import Settings
@@ -12,13 +14,12 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
     from postbus.smtp_ingress import mgmt
     from postbus.smtp_ingress.adapters import (
         AUTHFAIL_BUCKET,
-        BusDirectory,
         BusQueue,
         KvBlockList,
-        KvCounters,
         KvLoadShare,
         S3Bodies,
         StreamBacklog,
+        unavailable,
     )
     from postbus.smtp_ingress.server import Ingress
 
@@ -28,11 +29,13 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
              if settings.limits_share_interval_s > 0 else None)
     ingress = Ingress(
         settings,
-        directory=BusDirectory(ctx.bus, ttl_s=settings.resolve_cache_ttl_s,
-                               size=settings.resolve_cache_size),
+        directory=DirectoryClient(ctx.bus, "smtp", resolve_ttl_s=settings.resolve_cache_ttl_s,
+                                  resolve_cache_size=settings.resolve_cache_size,
+                                  errors=unavailable),
         queue=BusQueue(ctx.bus, timeout_s=settings.publish_timeout_s),
         bodies=S3Bodies(ctx.blobs),
-        auth_failures=KvCounters(ctx.bus, AUTHFAIL_BUCKET, settings.auth_fail_window_s),
+        auth_failures=await KvCounters.open(ctx.bus, AUTHFAIL_BUCKET,
+                                            settings.auth_fail_window_s, errors=unavailable),
         blocklist=blocklist,
         tls_context=server_context(ctx.common.tls_cert, ctx.common.tls_key),
         load_share=share,

@@ -1,4 +1,5 @@
-"""Adapters from the ports to the bus (directory RPC, JetStream), S3 and NATS KV.
+"""Adapters from the ports to the bus (JetStream), S3 and NATS KV; the directory and the
+auth-failure counters are the kit's DirectoryClient and KvCounters, with ``unavailable``.
 
 Uses postbus.kit.bus / postbus.kit.blob only (never nats or boto3 directly).
 """
@@ -6,26 +7,17 @@ Uses postbus.kit.bus / postbus.kit.blob only (never nats or boto3 directly).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ipaddress
 import json
 import time
-from collections import OrderedDict
 from typing import Any, BinaryIO
 
 from postbus.kit.blob import BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, BusUnavailable, RemoteError
+from postbus.kit.counters import kv_key
 from postbus.kit.logging import get_logger
 from postbus.kit.net import Network, ip_in
-from postbus.proto.directory import (
-    DIRECTORY_AUTHENTICATE,
-    DIRECTORY_RESOLVE,
-    AuthReply,
-    AuthRequest,
-    ResolveReply,
-    ResolveRequest,
-)
 from postbus.proto.mail import DELIVER_STREAM, INBOUND_STREAM, MAIL_RECEIVED, MailReceived
 from postbus.smtp_ingress.ports import BlockEntry, Unavailable
 
@@ -42,47 +34,10 @@ def _kv_error(exc: BaseException, *names: str) -> bool:
     return any(c.__name__ in names for c in type(exc).__mro__)
 
 
-def kv_key(text: str) -> str:
-    """Any text as a valid KV key (IPv6 colons, CIDR slashes, '@' in addresses)."""
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def kv_unkey(key: str) -> str:
-    return base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)).decode()
-
-
-class BusDirectory:
-    """directory.* requests with a short in-process cache of resolve answers."""
-
-    def __init__(self, bus: Bus, *, ttl_s: float = 5.0, size: int = 10000) -> None:
-        self.bus = bus
-        self.ttl_s = ttl_s
-        self.size = size
-        self._cache: OrderedDict[str, tuple[float, ResolveReply]] = OrderedDict()
-
-    async def resolve(self, address: str) -> ResolveReply:
-        key = address.lower()
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        if hit and hit[0] > now:
-            return hit[1]
-        try:
-            rep = await self.bus.request(DIRECTORY_RESOLVE, ResolveRequest(address=address))
-        except (BusUnavailable, RemoteError) as exc:
-            raise Unavailable(str(exc)) from exc
-        if self.ttl_s > 0:
-            self._cache[key] = (now + self.ttl_s, rep)
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.size:
-                self._cache.popitem(last=False)
-        return rep
-
-    async def authenticate(self, username: str, password: str, client_ip: str) -> AuthReply:
-        try:
-            return await self.bus.request(DIRECTORY_AUTHENTICATE, AuthRequest(
-                username=username, password=password, service="smtp", client_ip=client_ip))
-        except (BusUnavailable, RemoteError) as exc:
-            raise Unavailable(str(exc)) from exc
+def unavailable(exc: BusUnavailable | RemoteError) -> Unavailable:
+    """A bus error as the ports' Unavailable (the kit's DirectoryClient and KvCounters take
+    this as ``errors``)."""
+    return Unavailable(str(exc))
 
 
 class BusQueue:
@@ -132,67 +87,6 @@ class S3Bodies:
             raise Unavailable(str(exc)) from exc
         except Exception as exc:  # connection refused etc. surface as botocore errors
             raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
-
-
-class KvCounters:
-    """Counters in a NATS KV bucket whose TTL is the window: a key disappears
-    ``window_s`` after its last increment. Compare-and-set on the revision, so
-    replicas incrementing at once never lose a count."""
-
-    def __init__(self, bus: Bus, bucket: str, window_s: float) -> None:
-        self.bus = bus
-        self.bucket = bucket
-        self.window_s = window_s
-        self._kv: Any = None
-
-    async def _open(self) -> Any:
-        if self._kv is None:
-            try:
-                self._kv = await self.bus.kv(self.bucket, ttl_s=self.window_s)
-            except Exception as exc:
-                raise Unavailable(f"KV {self.bucket}: {exc}") from exc
-        return self._kv
-
-    async def get(self, key: str) -> int:
-        kv = await self._open()
-        try:
-            entry = await kv.get(kv_key(key))
-        except Exception as exc:
-            if _kv_error(exc, "KeyNotFoundError"):
-                return 0
-            raise Unavailable(str(exc)) from exc
-        try:
-            return int(entry.value or b"0")
-        except ValueError:
-            return 0
-
-    async def incr(self, key: str) -> int:
-        kv = await self._open()
-        k = kv_key(key)
-        for _ in range(20):
-            try:
-                try:
-                    entry = await kv.get(k)
-                except Exception as exc:
-                    if not _kv_error(exc, "KeyNotFoundError"):
-                        raise
-                    await kv.create(k, b"1")
-                    return 1
-                n = int(entry.value or b"0") + 1
-                await kv.update(k, str(n).encode(), last=entry.revision)
-                return n
-            except Exception as exc:
-                if _kv_error(exc, "KeyWrongLastSequenceError"):
-                    continue  # someone else incremented first: read again
-                raise Unavailable(str(exc)) from exc
-        raise Unavailable("KV counter contention")
-
-    async def reset(self, key: str) -> None:
-        kv = await self._open()
-        try:
-            await kv.delete(kv_key(key))
-        except Exception as exc:
-            raise Unavailable(str(exc)) from exc
 
 
 class KvLoadShare:

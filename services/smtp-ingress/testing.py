@@ -10,6 +10,8 @@ from pathlib import Path
 
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus, Delivery
+from postbus.kit.counters import KvCounters
+from postbus.kit.directory import DirectoryClient
 from postbus.kit.tls import self_signed, server_context
 from postbus.proto.directory import (
     DIRECTORY_AUTHENTICATE,
@@ -23,13 +25,12 @@ from postbus.proto.directory import (
 from postbus.proto.mail import MAIL_RECEIVED, MailReceived
 from postbus.smtp_ingress.adapters import (
     AUTHFAIL_BUCKET,
-    BusDirectory,
     BusQueue,
     KvBlockList,
-    KvCounters,
     KvLoadShare,
     S3Bodies,
     StreamBacklog,
+    unavailable,
 )
 from postbus.smtp_ingress.server import Ingress
 from postbus.smtp_ingress.settings import Settings
@@ -108,10 +109,12 @@ async def start_ingress(bus: Bus, blobs: BlobStore, settings: Settings, tmp: Pat
              if settings.limits_share_interval_s > 0 else None)
     ingress = Ingress(
         settings,
-        directory=BusDirectory(bus, ttl_s=settings.resolve_cache_ttl_s),
+        directory=DirectoryClient(bus, "smtp", resolve_ttl_s=settings.resolve_cache_ttl_s,
+                                  errors=unavailable),
         queue=BusQueue(bus, timeout_s=settings.publish_timeout_s),
         bodies=S3Bodies(blobs),
-        auth_failures=KvCounters(bus, AUTHFAIL_BUCKET, settings.auth_fail_window_s),
+        auth_failures=await KvCounters.open(bus, AUTHFAIL_BUCKET, settings.auth_fail_window_s,
+                                            errors=unavailable),
         blocklist=blocklist,
         tls_context=server_context(cert, key),
         load_share=share,

@@ -13,13 +13,14 @@ import pytest
 from imapclient import IMAPClient
 from prometheus_client import REGISTRY
 
-from postbus.imap_access.adapters import BusChanges, BusDirectory, BusStore, S3Blobs
+from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs, store_error
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.ports import StoreError
 from postbus.imap_access.server import ImapServer
 from postbus.imap_access.settings import Settings
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus, RemoteError
+from postbus.kit.directory import DirectoryClient
 from postbus.kit.settings import CommonSettings
 from postbus.proto import directory as d
 from postbus.proto import store as s
@@ -79,7 +80,8 @@ async def test_imap_over_nats_and_s3(bus: Bus, blobs: BlobStore,
 
     s3blobs = S3Blobs(blobs)
     server = ImapServer(Settings(common=common_settings, auth_fail_delay_s=0),
-                        BusDirectory(bus), BusStore(bus), s3blobs, BusChanges(bus))
+                        DirectoryClient(bus, "imap", errors=store_error), BusStore(bus),
+                        s3blobs, BusChanges(bus))
     [port] = await server.start("127.0.0.1", 0, None)
 
     async def deliver_later() -> None:

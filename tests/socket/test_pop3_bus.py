@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus, RemoteError
+from postbus.kit.directory import DirectoryClient
 from postbus.kit.mgmt import create_app
 from postbus.kit.testing import ADMIN_TOKEN
 from postbus.pop3_access import adapters, mgmt
@@ -80,7 +81,7 @@ async def cluster(bus: Bus, blobs: BlobStore) -> AsyncIterator[Cluster]:
     for replica in ("ra", "rb"):
         locks = adapters.KvLocks(locks_bucket, ttl_s=3, replica=replica)
         servers.append(Pop3Server(
-            directory=adapters.BusDirectory(bus),
+            directory=DirectoryClient(bus, "pop3", errors=adapters.unavailable),
             maildrops=adapters.StoreMaildrops(bus, blobs),
             locks=locks, throttle=adapters.KvThrottle(auth_bucket, None),
             limits=Limits(auth_failure_delay_s=0.01, auth_failure_delay_max_s=0.02,

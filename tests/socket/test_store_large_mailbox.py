@@ -22,11 +22,12 @@ import pytest
 import pytest_asyncio
 from store_dir_support import open_db
 
-from postbus.imap_access.adapters import BusChanges, BusDirectory, BusStore, S3Blobs
+from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs, store_error
 from postbus.imap_access.server import ImapServer
 from postbus.imap_access.settings import Settings as ImapSettings
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus, RemoteError
+from postbus.kit.directory import DirectoryClient
 from postbus.kit.settings import CommonSettings
 from postbus.kit.testing import RunningNats
 from postbus.mailbox_store.directory import serve_directory
@@ -122,7 +123,8 @@ async def check_imap(bus: Bus, blobs: BlobStore, common: CommonSettings, repo: R
     assert too_large.value.code == "too_large"  # not a timeout
 
     server = ImapServer(ImapSettings(common=common, auth_fail_delay_s=0),
-                        BusDirectory(bus), BusStore(bus), S3Blobs(blobs), BusChanges(bus))
+                        DirectoryClient(bus, "imap", errors=store_error), BusStore(bus),
+                        S3Blobs(blobs), BusChanges(bus))
     [port] = await server.start("127.0.0.1", 0, None)
     took: dict[str, float] = {}
 

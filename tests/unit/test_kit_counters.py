@@ -1,0 +1,26 @@
+"""kit.counters.kv_key: one key encoding for every counter in NATS KV."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from postbus.kit.counters import kv_key
+
+KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")
+
+
+@pytest.mark.parametrize("text", ["ip:192.0.2.1", "ip:2001:db8::1", "acct:bob@example.test",
+                                  "alice@example.test|192.0.2.1", "", "x" * 192, "x" * 193,
+                                  "ü" * 500, "a b\tc/d", "10.0.0.0/8"])
+def test_any_text_is_a_valid_kv_key(text: str) -> None:
+    assert KEY.fullmatch(kv_key(text))
+    assert len(kv_key(text)) <= 256
+
+
+def test_short_text_stays_readable_and_long_text_is_hashed() -> None:
+    assert kv_key("ip:192.0.2.1") == "aXA6MTkyLjAuMi4x"  # base64url, as smtp-ingress wrote it
+    assert kv_key("x" * 193).startswith("=") and len(kv_key("x" * 193)) == 65
+    assert kv_key("x" * 193) != kv_key("x" * 194)
+    assert kv_key("a") != kv_key("A")  # callers choose their own case folding
