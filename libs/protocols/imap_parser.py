@@ -135,11 +135,23 @@ class Authenticate:
 
 
 @dataclass(frozen=True)
+class QResync:
+    """SELECT/EXAMINE's QRESYNC parameter (RFC 7162 §3.2.5): what the client last knew."""
+
+    uidvalidity: int
+    modseq: int
+    known_uids: SeqSet | None = None
+    # seq-match-data: message numbers and the UIDs the client had for them
+    seq_match: tuple[SeqSet, SeqSet] | None = None
+
+
+@dataclass(frozen=True)
 class Select:
     tag: str
     mailbox: bytes
     readonly: bool = False  # EXAMINE
     condstore: bool = False
+    qresync: QResync | None = None
 
 
 @dataclass(frozen=True)
@@ -371,6 +383,7 @@ class Fetch:
     atts: tuple[FetchAtt, ...]
     changedsince: int | None = None
     macro: str | None = None  # ALL / FAST / FULL when one was used
+    vanished: bool = False  # UID FETCH ... (CHANGEDSINCE n VANISHED), RFC 7162 §3.2.6
 
 
 @dataclass(frozen=True)
@@ -959,15 +972,53 @@ def _select(readonly: bool) -> _Parse:
         c.sp()
         mbox = c.astring()
         condstore = False
+        qresync: QResync | None = None
         if not c.at_end():
             c.sp()
-            for p in c.paren_atoms():
-                if p == "CONDSTORE":
+            c.expect(b"(")
+            while True:
+                p = c.atom().upper()
+                if p == "CONDSTORE" and not condstore:
                     condstore = True
+                elif p == "QRESYNC" and qresync is None:
+                    c.sp()
+                    qresync = _qresync_param(c)
                 else:
-                    raise c.fail(f"unsupported select parameter {p}")
-        return Select(tag, mbox, readonly, condstore)
+                    raise c.fail(f"unsupported select parameter {p[:40]}")
+                if c.maybe(b")"):
+                    break
+                c.sp()
+        return Select(tag, mbox, readonly, condstore, qresync)
     return parse
+
+
+def _qresync_param(c: _Cursor) -> QResync:
+    """"(" uidvalidity SP mod-sequence-value [SP known-uids] [SP seq-match-data] ")"
+    (RFC 7162 §7)."""
+    c.expect(b"(")
+    uidvalidity = c.number(nz=True, limit=4294967295)
+    c.sp()
+    modseq = c.number()
+    known: SeqSet | None = None
+    match: tuple[SeqSet, SeqSet] | None = None
+    if c.maybe(b" "):
+        if c.peek() != 0x28:
+            known = c.seqset()
+            if c.maybe(b" "):
+                match = _seq_match(c)
+        else:
+            match = _seq_match(c)
+    c.expect(b")")
+    return QResync(uidvalidity, modseq, known, match)
+
+
+def _seq_match(c: _Cursor) -> tuple[SeqSet, SeqSet]:
+    c.expect(b"(")
+    seqs = c.seqset()
+    c.sp()
+    uids = c.seqset()
+    c.expect(b")")
+    return seqs, uids
 
 
 def _create(c: _Cursor, tag: str, uid: bool) -> Create:
@@ -1416,16 +1467,26 @@ def _fetch(c: _Cursor, tag: str, uid: bool) -> Fetch:
             c.i = save
             atts = [_fetch_att(c)]
     changedsince = None
+    vanished = False
     if not c.at_end():
         c.sp()
         c.expect(b"(")
-        c.expect(b"CHANGEDSINCE")
-        c.sp()
-        changedsince = c.number()
-        c.expect(b")")
+        while True:  # fetch-modifier *(SP fetch-modifier), each at most once
+            if changedsince is None and c.maybe(b"CHANGEDSINCE "):
+                changedsince = c.number()
+            elif not vanished and c.maybe(b"VANISHED"):
+                vanished = True
+            else:
+                raise c.fail("unknown or repeated fetch modifier")
+            if c.maybe(b")"):
+                break
+            c.sp()
     if not atts:
         raise c.fail("no fetch attributes")
-    return Fetch(tag, uid, s, tuple(atts), changedsince, macro)
+    if vanished and (not uid or changedsince is None):
+        # RFC 7162 §3.2.6: only with UID FETCH, and only together with CHANGEDSINCE
+        raise c.fail("VANISHED needs UID FETCH and CHANGEDSINCE")
+    return Fetch(tag, uid, s, tuple(atts), changedsince, macro, vanished)
 
 
 _FLAG_KEYS = {

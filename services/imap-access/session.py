@@ -12,6 +12,7 @@ import contextlib
 import re
 import time
 import uuid
+from bisect import bisect_right
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -53,7 +54,7 @@ from postbus.proto.store import (
     StoreFlagsRequest,
     SubscribeRequest,
 )
-from postbus.protocols import imap_context, imap_sort, imap_thread, mime
+from postbus.protocols import imap_context, imap_qresync, imap_sort, imap_thread, mime
 from postbus.protocols import imap_parser as p
 from postbus.protocols.imap_wire import (
     astring,
@@ -80,7 +81,7 @@ BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESP
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
              "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
              "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT", "CONTEXT=SEARCH",
-             *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS), "CATENATE")
+             *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS), "CATENATE", "QRESYNC")
 
 
 # ---------------------------------------------------------------- states (RFC 3501 §3)
@@ -245,6 +246,8 @@ class Session:
         self.state: State = NotAuthenticated()
         self.info = Info(uuid.uuid4().hex[:16], client_ip, listener, tls=tls)
         self.condstore = False
+        # RFC 7162 §3.2.3: after ENABLE QRESYNC, VANISHED instead of EXPUNGE responses
+        self.qresync = False
         # what the server should do after the current command
         self.expect_line = False
         self.start_tls = False
@@ -441,10 +444,12 @@ class Session:
             case p.Append():
                 return await self._append(st, cmd)
             case p.Enable(capabilities=caps):
-                enabled = [c for c in caps if c == "CONDSTORE"]
+                enabled = list(dict.fromkeys(c for c in caps if c in ("CONDSTORE", "QRESYNC")))
                 self.w("* ENABLED" + "".join(" " + c for c in enabled))
                 if enabled:
-                    self._enable_condstore()
+                    self._enable_condstore()  # QRESYNC implies CONDSTORE (RFC 7162 §3.2.3)
+                if "QRESYNC" in enabled:
+                    self.qresync = True
                 return Tagged("OK", "ENABLE completed")
             case p.Namespace():
                 self.w(f'* NAMESPACE (("" "{DELIM}")) NIL NIL')
@@ -727,6 +732,8 @@ class Session:
 
     # ------------------------------------------------------------ select
     async def _select(self, st: Authenticated | Selected, cmd: p.Select) -> Tagged:
+        if cmd.qresync is not None:
+            _check_qresync(cmd.qresync, self.qresync)
         if isinstance(st, Selected):
             self._deselect(st)
             if self.condstore:
@@ -782,8 +789,64 @@ class Session:
         self.w(f"* OK [UIDVALIDITY {view.uidvalidity}] UIDs valid")
         self.w(f"* OK [UIDNEXT {view.uidnext}] Predicted next UID")
         self.w(f"* OK [HIGHESTMODSEQ {view.highestmodseq}] Highest")
+        if cmd.qresync is not None and cmd.qresync.uidvalidity == view.uidvalidity:
+            # (another UIDVALIDITY: the client's cache is void, a plain SELECT, §3.2.5)
+            await self._qresync_select(st2.account_id, view, cmd.qresync)
         verb = "EXAMINE" if cmd.readonly else "SELECT"
         return Tagged("OK", f"[{'READ-ONLY' if cmd.readonly else 'READ-WRITE'}] {verb} completed")
+
+    async def _qresync_select(self, account_id: int, view: MailboxView, q: p.QResync) -> None:
+        """RFC 7162 §3.2.5.1: what changed since the client's MODSEQ, among the UIDs it
+        knows: VANISHED (EARLIER) for the expunged ones, then FETCH of the changed ones.
+
+        The store's expunge log keeps every expunge of a mailbox for as long as the mailbox
+        exists, so it always reaches back to MODSEQ and the exact answer needs no
+        seq-match-data (§3.2.5.2 is for servers whose log is shorter): that is checked
+        for form and otherwise ignored."""
+        known = imap_qresync.from_seqset(q.known_uids) if q.known_uids is not None else None
+        vanished = await self._vanished_since(account_id, view, q.modseq, known)
+        if vanished:
+            self.w(f"* VANISHED (EARLIER) {imap_qresync.wire(vanished)}")
+        for seq, uid in enumerate(view.uids, 1):
+            if view.modseq.get(uid, 0) > q.modseq and (known is None or _inside(known, uid)):
+                self.out.write(b"* %d FETCH (UID %d FLAGS " % (seq, uid)
+                               + flag_list(view.shown_flags(uid))
+                               + b" MODSEQ (%d))\r\n" % view.modseq.get(uid, 0))
+
+    async def _vanished_since(self, account_id: int, view: MailboxView, modseq: int,
+                              within: imap_qresync.Ranges | None) -> imap_qresync.Ranges:
+        """UIDs expunged at a MODSEQ above ``modseq`` (the store's expunge log), limited to
+        ``within``, without the ones the view still holds: their expunge reaches this
+        session later, as a plain VANISHED that changes sequence numbers."""
+        page = await self.store.select(SelectRequest(
+            account_id=account_id, mailbox_id=view.mailbox_id, changed_since=modseq, limit=1))
+        if page.mailbox.uidvalidity != view.uidvalidity:
+            return []
+        gone: imap_qresync.Ranges = sorted((a, b) for a, b in page.vanished)
+        if within is not None:
+            gone = imap_qresync.intersect(gone, within)
+        return imap_qresync.without(gone, view.uids)
+
+    def _report_expunged(self, view: MailboxView, uids: list[int]) -> None:
+        """Remove messages from the view and tell the client: ``* n EXPUNGE`` each, or
+        after ENABLE QRESYNC ``* VANISHED uids`` (RFC 7162 §3.2.10). A live search hears
+        of each message before it goes, by its sequence number at that moment, so with one
+        running the VANISHED goes out message by message, right after its REMOVEFROM."""
+        if not self.qresync:
+            for uid in uids:
+                seq = view.expunge(uid)
+                if seq is not None:
+                    self.w(f"* {seq} EXPUNGE")
+            return
+        gone: list[int] = []
+        for uid in sorted(uids):
+            if view.on_expunge is not None and gone:
+                self.w(f"* VANISHED {seqset(gone)}")
+                gone = []
+            if view.expunge(uid) is not None:
+                gone.append(uid)
+        if gone:
+            self.w(f"* VANISHED {seqset(gone)}")
 
     def _deselect(self, st: Selected) -> None:
         self.state = Authenticated(st.account_id, st.user)
@@ -862,10 +925,7 @@ class Session:
                 if view.set_flags(uid, flags, modseq):
                     self._flags_response(view, uid, with_uid=True)
         if allow_expunge:
-            for uid in gone:
-                seq = view.expunge(uid)
-                if seq is not None:
-                    self.w(f"* {seq} EXPUNGE")
+            self._report_expunged(view, gone)
         before, recent_before = view.exists, len(view.recent)
         for uid in sorted(u for u in current if u > view.max_uid):
             view.add(uid, *current[uid])
@@ -913,10 +973,7 @@ class Session:
                     self._flags_response(view, ch.uid, with_uid=True)
             if ev.expunged:
                 if allow_expunge:
-                    for uid in sorted(ev.expunged):
-                        seq = view.expunge(uid)
-                        if seq is not None:
-                            self.w(f"* {seq} EXPUNGE")
+                    self._report_expunged(view, sorted(ev.expunged))
                 else:
                     kept.append(MailboxChanged(**{**ev.model_dump(by_alias=True),
                                                   "added": [], "flags": []}))
@@ -983,10 +1040,7 @@ class Session:
             if not uids:
                 return Tagged("OK", "EXPUNGE completed")
             ranges = to_ranges(uids)
-        for uid in await self._expunge_pages(st, ranges):
-            seq = view.expunge(uid)
-            if seq is not None:
-                self.w(f"* {seq} EXPUNGE")
+        self._report_expunged(view, await self._expunge_pages(st, ranges))
         if self.condstore:
             return Tagged("OK", f"[HIGHESTMODSEQ {view.highestmodseq}] EXPUNGE completed")
         return Tagged("OK", "EXPUNGE completed")
@@ -1364,11 +1418,11 @@ class Session:
             # RFC 3501 §6.4.6: a FETCH for every message of the set, changed or not
             failed = set(modified)
             for uid in uids:
-                if uid not in failed:
-                    self._flags_response(view, uid, with_uid=cmd.uid)
+                if uid not in failed:  # (RFC 7162 §3.2.4: UID with QRESYNC)
+                    self._flags_response(view, uid, with_uid=cmd.uid or self.qresync)
         elif self.condstore and cmd.unchangedsince is not None:
             for m in updated:  # RFC 7162 §3.2: MODSEQ of what changed, even .SILENT
-                self._flags_response(view, m.uid, with_uid=cmd.uid)
+                self._flags_response(view, m.uid, with_uid=cmd.uid or self.qresync)
         if modified:
             mod = modified if cmd.uid else [view.seq_of(u) or 0 for u in modified]
             return Tagged("OK", f"[MODIFIED {seqset(mod)}] Conditional STORE failed")
@@ -1413,10 +1467,7 @@ class Session:
             moved = sorted(reply.source_uids)
             if code:
                 self.w(f"* OK {code}Moved")
-            for uid in moved:
-                seq = view.expunge(uid)
-                if seq is not None:
-                    self.w(f"* {seq} EXPUNGE")
+            self._report_expunged(view, moved)
             if in_place:
                 await self._sync_new(st)
             return Tagged("OK", "MOVE completed")
@@ -1555,6 +1606,15 @@ class Session:
         names = {a.name for a in atts}
         if cmd.uid and "UID" not in names:
             atts.insert(0, p.FetchAtt("UID"))
+        if cmd.vanished:
+            if not self.qresync:
+                raise No("VANISHED needs ENABLE QRESYNC first", "CLIENTBUG", status="BAD")
+            assert cmd.changedsince is not None  # the parser makes sure
+            # RFC 7162 §3.2.6: first the requested UIDs expunged since CHANGEDSINCE
+            gone = await self._vanished_since(st.account_id, view, cmd.changedsince,
+                                              imap_qresync.from_seqset(cmd.seqset))
+            if gone:
+                self.w(f"* VANISHED (EARLIER) {imap_qresync.wire(gone)}")
         if cmd.changedsince is not None:
             self._enable_condstore()
             uids = [u for u in uids if view.modseq.get(u, 0) > cmd.changedsince]
@@ -1791,6 +1851,23 @@ def _uid_program(view: MailboxView, node: p.SearchNode) -> p.SearchNode:
 
 def _has_op(node: p.SearchNode, op: str) -> bool:
     return node.op == op or any(_has_op(c, op) for c in node.children)
+
+
+def _check_qresync(q: p.QResync, enabled: bool) -> None:
+    """RFC 7162 §3.2.5: the parameter only after ENABLE QRESYNC; seq-match-data pairs
+    message numbers with UIDs, so both sets name as many."""
+    if not enabled:
+        raise No("QRESYNC parameter needs ENABLE QRESYNC first", "CLIENTBUG", status="BAD")
+    if q.seq_match is not None:
+        n, m = (imap_qresync.count(x) for x in q.seq_match)
+        if n is None or m is None or n != m:
+            raise No("seq-match-data: both sets must name as many messages", "CLIENTBUG",
+                     status="BAD")
+
+
+def _inside(ranges: imap_qresync.Ranges, uid: int) -> bool:
+    i = bisect_right(ranges, (uid, imap_qresync.MAX_UID + 1)) - 1
+    return i >= 0 and ranges[i][0] <= uid <= ranges[i][1]
 
 
 def _expunge_allowed(cmd: p.Command) -> bool:

@@ -1,0 +1,156 @@
+"""QRESYNC (RFC 7162 §3.2) through the imap-access server over the real mailbox-store
+(SQLite; PostgreSQL too when POSTBUS_TEST_POSTGRES_URL is set) on a real nats-server: the
+store's expunge log answers SELECT's QRESYNC parameter and UID FETCH ... VANISHED after a
+reconnect, and an expunge by another session reaches a QRESYNC session as VANISHED through
+mailbox.changed."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from store_dir_support import BACKENDS, open_db
+
+from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs, store_error
+from postbus.imap_access.server import ImapServer
+from postbus.imap_access.settings import Settings as ImapSettings
+from postbus.kit.blob import BlobStore
+from postbus.kit.bus import Bus
+from postbus.kit.directory import DirectoryClient
+from postbus.kit.settings import CommonSettings
+from postbus.mailbox_store.directory import serve_directory
+from postbus.mailbox_store.passwords import Passwords, fast_hasher
+from postbus.mailbox_store.repository import NewMessage, Repository
+from postbus.mailbox_store.settings import Settings as StoreSettings
+from postbus.mailbox_store.storeapi import StoreApi
+from postbus.protocols.mime import summarize
+
+pytestmark = pytest.mark.timeout(120)
+
+USER, PASSWORD = "alice@example.test", "secret"
+
+
+class Client:
+    """A line-at-a-time IMAP client (the answers here carry no literals)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.rf = self.sock.makefile("rb")
+        self.n = 0
+        self.rf.readline()  # greeting
+
+    def cmd(self, text: str) -> list[str]:
+        self.n += 1
+        tag = f"q{self.n}"
+        self.sock.sendall(f"{tag} {text}\r\n".encode())
+        lines: list[str] = []
+        while True:
+            line = self.rf.readline().decode().rstrip("\r\n")
+            assert line, f"connection closed after {lines}"
+            lines.append(line)
+            if line.startswith(tag + " "):
+                assert line.startswith(f"{tag} OK"), lines
+                return lines
+
+    def close(self) -> None:
+        self.cmd("LOGOUT")
+        self.rf.close()
+        self.sock.close()
+
+
+def code(lines: list[str], name: str) -> int:
+    m = next(re.search(rf"\[{name} (\d+)\]", x) for x in lines if f"[{name} " in x)
+    assert m is not None
+    return int(m.group(1))
+
+
+def matching(lines: list[str], pattern: str) -> list[str]:
+    return [x for x in lines if re.fullmatch(pattern, x)]
+
+
+@pytest_asyncio.fixture(params=BACKENDS)
+async def imap_port(request: pytest.FixtureRequest, tmp_path: Path, bus: Bus,
+                    blobs: BlobStore, common_settings: CommonSettings) -> AsyncIterator[int]:
+    async for sm in open_db(request.param, tmp_path):
+        repo = Repository(sm.kw["bind"])
+        d = await serve_directory(bus, sm, passwords=Passwords(fast_hasher()), repo=repo)
+        await d.create_domain("example.test")
+        aid = (await d.create_account(USER, PASSWORD)).id
+        await StoreApi(bus, blobs, repo, StoreSettings(common=common_settings)).serve()
+        msgs = []
+        for i in range(8):
+            raw = f"From: bob@example.net\r\nSubject: m{i}\r\n\r\nbody {i}\r\n".encode()
+            msgs.append(NewMessage(await blobs.put(raw), len(raw), summarize(raw)))
+        await repo.append_many(aid, "INBOX", msgs)
+        server = ImapServer(ImapSettings(common=common_settings, auth_fail_delay_s=0),
+                            DirectoryClient(bus, "imap", errors=store_error), BusStore(bus),
+                            S3Blobs(blobs), BusChanges(bus))
+        [port] = await server.start("127.0.0.1", 0, None)
+        try:
+            yield port
+        finally:
+            await server.stop()
+
+
+def session(port: int, *, qresync: bool) -> Client:
+    c = Client(port)
+    c.cmd(f"LOGIN {USER} {PASSWORD}")
+    if qresync:
+        assert "* ENABLED QRESYNC" in c.cmd("ENABLE QRESYNC")
+    return c
+
+
+def scenario(port: int) -> None:
+    # a client syncs, remembers UIDVALIDITY and HIGHESTMODSEQ, and goes away
+    a = session(port, qresync=True)
+    first = a.cmd("SELECT INBOX")
+    uv, since = code(first, "UIDVALIDITY"), code(first, "HIGHESTMODSEQ")
+    a.close()
+    # meanwhile another client (no QRESYNC: plain EXPUNGE responses) changes things
+    b = session(port, qresync=False)
+    b.cmd("SELECT INBOX")
+    b.cmd("UID STORE 2,4,7 +FLAGS.SILENT (\\Deleted)")
+    assert matching(b.cmd("EXPUNGE"), r"\* \d+ EXPUNGE") == ["* 2 EXPUNGE", "* 3 EXPUNGE",
+                                                            "* 5 EXPUNGE"]
+    b.cmd("UID STORE 5 +FLAGS.SILENT (\\Flagged)")
+    # the client comes back and learns exactly that, among the UIDs it names
+    a = session(port, qresync=True)
+    lines = a.cmd(f"SELECT INBOX (QRESYNC ({uv} {since} 1:7))")
+    assert matching(lines, r"\* VANISHED.*") == ["* VANISHED (EARLIER) 2,4,7"]
+    assert matching(lines, r"\* \d+ FETCH.*") == [
+        f"* 3 FETCH (UID 5 FLAGS (\\Flagged) MODSEQ ({code(lines, 'HIGHESTMODSEQ')}))"]
+    assert "* 5 EXISTS" in lines
+    # a stale UIDVALIDITY: a plain SELECT
+    lines = a.cmd(f"SELECT INBOX (QRESYNC ({uv + 1} {since}))")
+    assert not matching(lines, r"\* (VANISHED|\d+ FETCH).*")
+    # the other session expunges while this one watches: VANISHED, not EXPUNGE
+    b.cmd("UID STORE 1 +FLAGS.SILENT (\\Deleted)")
+    b.cmd("UID EXPUNGE 1")
+    deadline = time.monotonic() + 10
+    seen: list[str] = []
+    while not seen and time.monotonic() < deadline:
+        lines = a.cmd("NOOP")
+        assert not matching(lines, r"\* \d+ EXPUNGE")
+        seen = matching(lines, r"\* VANISHED.*")
+        time.sleep(0.05)
+    assert seen == ["* VANISHED 1"]
+    lines = a.cmd(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {since} VANISHED)")
+    assert matching(lines, r"\* VANISHED.*") == ["* VANISHED (EARLIER) 1:2,4,7"]
+    assert [re.sub(r"MODSEQ \(\d+\)", "MODSEQ (n)", x)
+            for x in matching(lines, r"\* \d+ FETCH.*")] == [
+        "* 2 FETCH (UID 5 FLAGS (\\Flagged) MODSEQ (n))"]
+    # and its own EXPUNGE
+    a.cmd("UID STORE 3,8 +FLAGS.SILENT (\\Deleted)")
+    assert matching(a.cmd("EXPUNGE"), r"\* (VANISHED|\d+ EXPUNGE).*") == ["* VANISHED 3,8"]
+    a.close()
+    b.close()
+
+
+async def test_qresync_over_the_real_store(imap_port: int) -> None:
+    await asyncio.to_thread(scenario, imap_port)
