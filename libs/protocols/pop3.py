@@ -10,6 +10,8 @@ import base64
 import binascii
 from dataclasses import dataclass, field
 
+from postbus.protocols.lines import LineBuffer, TooLong
+
 __all__ = [
     "MAX_COMMAND_LINE", "MAX_LINE", "Command", "Bad", "Item", "Receiver", "parse_line",
     "User", "Pass", "Quit", "Stat", "List", "Retr", "Dele", "Noop", "Rset", "Top", "Uidl",
@@ -246,49 +248,29 @@ class Receiver:
     """
 
     def __init__(self, max_line: int = MAX_LINE) -> None:
-        self._buf = bytearray()
         self._max_line = max_line
-        self._skipping = False  # inside an over-long line, discarding up to its LF
+        self._lines = LineBuffer(max_line + 1)  # + the CR of a CRLF
 
     def feed(self, data: bytes) -> list[Item]:
         """Buffer data; return every command it completes, in order.
         Junk and over-long lines come back as Bad(reason), never as exceptions."""
         out: list[Item] = []
-        self._buf += data
-        start = 0
-        buf = self._buf
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            if self._skipping:
-                self._skipping = False
-                start = nl + 1
-                continue
-            line = bytes(buf[start:nl])
-            start = nl + 1
-            if line.endswith(b"\r"):
+        self._lines.buf += data
+        while (line := self._lines.next()) is not None:
+            if isinstance(line, bytes) and line.endswith(b"\r"):
                 line = line[:-1]
-            if len(line) > self._max_line:
+            if isinstance(line, TooLong) or len(line) > self._max_line:
                 out.append(Bad("line too long"))
                 continue
             out.append(parse_line(line))
-        del buf[:start]
-        if len(buf) > self._max_line + 1:
-            # no line end in sight: report once, then drop what comes until the next LF
-            if not self._skipping:
-                out.append(Bad("line too long"))
-            self._skipping = True
-            buf.clear()
         return out
 
     def pending(self) -> int:
         """Octets buffered after the last complete line (STLS must see none: RFC 2595 §4)."""
-        return len(self._buf)
+        return len(self._lines.buf)
 
     def discard(self) -> None:
-        self._buf.clear()
-        self._skipping = False
+        self._lines.clear()
 
 
 # ---------------------------------------------------------------- replies

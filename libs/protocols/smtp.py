@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from postbus.protocols import smtp_replies as rp
+from postbus.protocols.lines import LineBuffer, TooLong
 
 # ---------------------------------------------------------------- enhanced status codes
 # RFC 2034 §4: every reply except the greeting, HELO/EHLO and 334 challenges carries one.
@@ -617,8 +618,8 @@ class Receiver:
         self.max_items = max_items  # per feed: a read of empty lines is not 8,000 objects
         self.max_size = max_size  # DATA: un-stuffed octets (RFC 1870), 0: no limit
         self.max_data_line = max_data_line  # DATA: RFC 5321 §4.5.3.1.6, 0: no limit
-        self._buf = bytearray()
-        self._skipping = False  # inside an over-long line, discarding up to its LF
+        self._lines = LineBuffer(max_line)
+        self._buf = self._lines.buf  # what is not handed on yet: a line, DATA or a chunk
         self._data: DataReader | None = None
         self._chunk = -1  # octets of the BDAT chunk still to come; -1: not in a chunk
 
@@ -640,8 +641,7 @@ class Receiver:
 
     def discard(self) -> None:
         """Forget what is buffered (plaintext pipelined after STARTTLS, CVE-2011-0411)."""
-        self._buf.clear()
-        self._skipping = False
+        self._lines.clear()
 
     def feed(self, data: bytes) -> list[Item]:
         """Buffer ``data``; return the items it completes, in order, up to and including the
@@ -679,22 +679,11 @@ class Receiver:
     def _feed_line(self, out: list[Item]) -> bool | None:
         """One line from the buffer: None when it holds no whole line, True when ``feed``
         must stop after it (DATA, BDAT, STARTTLS)."""
-        buf = self._buf
-        nl = buf.find(b"\n")
-        if nl < 0:
-            if len(buf) > self.max_line and not self._skipping:
-                out.append(Bad(TOO_LONG))  # answered now, not when the client ends the line
-                self._skipping = True
-            if self._skipping:
-                buf.clear()
+        line = self._lines.next()  # the CR, if any, counts (as asyncio's readuntil)
+        if line is None:
             return None
-        line = bytes(buf[:nl])
-        del buf[:nl + 1]
-        if self._skipping:
-            self._skipping = False
-            return False
-        if len(line) > self.max_line:  # the CR, if any, counts (as asyncio's readuntil)
-            out.append(Bad(TOO_LONG))
+        if isinstance(line, TooLong):
+            out.append(Bad(TOO_LONG))  # answered now, not when the client ends the line
             return False
         item = parse_command(line.rstrip(b"\r"))
         out.append(item)
