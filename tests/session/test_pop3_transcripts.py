@@ -1,7 +1,8 @@
 """Runs every tests/transcripts/pop3/*.txt against a Session with in-memory ports.
 
-Format: ``C: line`` is sent (through the Receiver, CRLF appended); each ``S: line`` must be the
-next reply line exactly, ``S~ regex`` must match it fully. Directives:
+Format (transcript_support): ``C: line`` is sent through the Receiver, CRLF appended
+(``C< b"bytes"`` as it is); each ``S: line`` must be the next reply line exactly, ``S~ regex``
+must match it fully. Directives:
 
     @account ADDRESS PASSWORD [policy=client|keep|delete] [expire=DAYS] [id=N]
     @message ADDRESS b"python bytes literal" [prefix=b"..."]
@@ -20,6 +21,7 @@ import re
 from pathlib import Path
 
 import pytest
+from transcript_support import Transcript
 
 from postbus.pop3_access.memory import (
     MemoryDirectory,
@@ -38,9 +40,9 @@ def _uids(v: str) -> set[int]:
     return set() if v == "-" else {int(x) for x in v.split(",")}
 
 
-class Runner:
+class Runner(Transcript):
     def __init__(self, name: str) -> None:
-        self.name = name
+        super().__init__(name)
         self.directory = MemoryDirectory()
         self.store = MemoryMaildrops()
         self.locks = MemoryLocks()
@@ -49,14 +51,10 @@ class Runner:
         self.peer = Peer("127.0.0.1", tls=False, tls_available=True)
         self.session: Session | None = None
         self.receiver = Receiver()
-        self.pending: list[bytes] = []
         self.closed = False
 
     async def sleep(self, s: float) -> None:
         self.sleeps.append(s)
-
-    def fail(self, lineno: int, msg: str) -> None:
-        pytest.fail(f"{self.name}:{lineno}: {msg}")
 
     async def start(self) -> None:
         if self.session is not None:
@@ -69,28 +67,20 @@ class Runner:
         self.pending = self.session.greeting().split(b"\r\n")[:-1]
         self.closed = False
 
-    async def send(self, lineno: int, line: str) -> None:
+    async def send(self, lineno: int, data: bytes) -> None:
         if self.session is None:
             self.fail(lineno, "no @session")
-        assert self.session is not None
         if self.closed:
             self.fail(lineno, "connection already closed")
         if self.pending:
             self.fail(lineno, f"unread reply lines: {self.pending!r}")
-        for item in self.receiver.feed(line.encode() + b"\r\n"):
+        for item in self.receiver.feed(data):
             reply = await self.session.handle(item)
             self.pending += reply.data.split(b"\r\n")[:-1]
             if reply.close:
                 self.closed = True
             if reply.starttls:
                 self.session.tls_started()
-
-    def expect(self, lineno: int, pattern: str, regex: bool) -> None:
-        if not self.pending:
-            self.fail(lineno, f"expected {pattern!r}, the server sent nothing more")
-        got = self.pending.pop(0).decode("utf-8", "replace")
-        if (regex and not re.fullmatch(pattern, got)) or (not regex and got != pattern):
-            self.fail(lineno, f"expected {pattern!r}, got {got!r}")
 
     async def directive(self, lineno: int, text: str) -> None:
         parts = text.split(None, 2)
@@ -117,10 +107,7 @@ class Runner:
         elif cmd == "@session":
             await self.start()
         elif cmd == "@closed":
-            if self.pending:
-                self.fail(lineno, f"unread reply lines: {self.pending!r}")
-            if not self.closed:
-                self.fail(lineno, "connection still open")
+            self.expect_closed(lineno, self.closed)
         elif cmd == "@drop":
             assert self.session is not None
             await self.session.abort()
@@ -145,28 +132,9 @@ class Runner:
             self.fail(lineno, f"unknown directive {cmd}")
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().splitlines()
-
-
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 async def test_transcript(path: Path) -> None:
-    r = Runner(path.name)
-    for lineno, line in enumerate(_lines(path), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        if line.startswith("@"):
-            await r.directive(lineno, line)
-        elif line.startswith("C: ") or line == "C:":
-            await r.send(lineno, line[3:])
-        elif line.startswith("S: "):
-            r.expect(lineno, line[3:], regex=False)
-        elif line.startswith("S~ "):
-            r.expect(lineno, line[3:], regex=True)
-        else:
-            r.fail(lineno, f"cannot read {line!r}")
-    if r.pending:
-        r.fail(0, f"unread reply lines at end: {r.pending!r}")
+    await Runner(path.name).play(path)
 
 
 def test_there_are_transcripts() -> None:

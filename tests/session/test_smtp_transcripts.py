@@ -2,8 +2,8 @@
 through the Receiver as server.py drives it.
 
 Format: ``C: line`` is sent (CRLF appended); ``C< b"python bytes"`` is sent as it is (BDAT
-chunks, bare line ends, pipelined groups; ``+`` and ``* N`` allowed); each ``S: line`` must be the next reply line
-exactly, ``S~ regex`` must match it fully. Directives:
+chunks, bare line ends, pipelined groups; ``+`` and ``* N`` allowed); each ``S: line`` must be
+the next reply line exactly, ``S~ regex`` must match it fully (transcript_support). Directives:
 
     @settings KEY=VALUE ...          Settings for the next sessions (ints, floats, true/false)
     @user ADDRESS PASSWORD [send_as=A,B] [disabled]
@@ -19,12 +19,11 @@ exactly, ``S~ regex`` must match it fully. Directives:
 
 from __future__ import annotations
 
-import ast
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from transcript_support import Transcript, literal_bytes
 
 from postbus.kit.settings import CommonSettings
 from postbus.smtp_ingress.memory import (
@@ -41,16 +40,6 @@ DIR = Path(__file__).resolve().parents[1] / "transcripts" / "smtp"
 FILES = sorted(DIR.glob("*.txt"))
 
 
-def _bytes(expr: str) -> bytes:
-    """A bytes literal, or literals joined with ``+`` and repeated with ``* N``."""
-    tree = ast.parse(expr, mode="eval")
-    allowed = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.Constant)
-    assert all(isinstance(n, allowed) for n in ast.walk(tree)), expr
-    value = eval(compile(tree, "<transcript>", "eval"), {"__builtins__": {}})
-    assert isinstance(value, bytes), expr
-    return value
-
-
 def _value(v: str) -> object:
     if v in ("true", "false"):
         return v == "true"
@@ -62,20 +51,16 @@ def _value(v: str) -> object:
     return v
 
 
-class Runner:
+class Runner(Transcript):
     def __init__(self, name: str, tmp: Path) -> None:
-        self.name = name
+        super().__init__(name)
         self.tmp = tmp
         self.table = DirectoryTable(domains={"example.test"})
         self.settings: dict[str, object] = {}
         self.peer = ("127.0.0.1", "mx", False, True)
         self.shared: Shared | None = None
         self.conv: Conversation | None = None
-        self.pending: list[bytes] = []
         self.sleeps: list[float] = []
-
-    def fail(self, lineno: int, msg: str) -> None:
-        pytest.fail(f"{self.name}:{lineno}: {msg}")
 
     async def sleep(self, s: float) -> None:
         self.sleeps.append(s)
@@ -100,20 +85,12 @@ class Runner:
     async def send(self, lineno: int, data: bytes) -> None:
         if self.conv is None:
             self.fail(lineno, "no @session")
-        assert self.conv is not None
         if self.conv.closed:
             self.fail(lineno, "connection already closed")
         if self.pending:
             self.fail(lineno, f"unread reply lines: {self.pending!r}")
         out = await self.conv.feed(data)
         self.pending += out.split(b"\r\n")[:-1]
-
-    def expect(self, lineno: int, pattern: str, regex: bool) -> None:
-        if not self.pending:
-            self.fail(lineno, f"expected {pattern!r}, the server sent nothing more")
-        got = self.pending.pop(0).decode("utf-8", "replace")
-        if (regex and not re.fullmatch(pattern, got)) or (not regex and got != pattern):
-            self.fail(lineno, f"expected {pattern!r}, got {got!r}")
 
     def queue(self) -> MemoryQueue:
         q = self._shared().queue
@@ -141,10 +118,7 @@ class Runner:
         elif cmd == "@session":
             await self.start()
         elif cmd == "@closed":
-            if self.pending:
-                self.fail(lineno, f"unread reply lines: {self.pending!r}")
-            if self.conv is None or not self.conv.closed:
-                self.fail(lineno, "connection still open")
+            self.expect_closed(lineno, self.conv is not None and self.conv.closed)
         elif cmd == "@queued":
             if len(self.queue().messages) != int(words[1]):
                 self.fail(lineno, f"expected {words[1]} queued, got {len(self.queue().messages)}")
@@ -158,7 +132,7 @@ class Runner:
                 "auth": lambda: msg.client.auth_user,
                 "envid": lambda: msg.dsn_envid,
                 "ret": lambda: msg.dsn_ret,
-                "body-ends": lambda: (msg.body.inline or b"").endswith(_bytes(want)),
+                "body-ends": lambda: (msg.body.inline or b"").endswith(literal_bytes(want)),
             }
             got = values[field]()
             if field == "body-ends":
@@ -175,30 +149,10 @@ class Runner:
             self.fail(lineno, f"unknown directive {cmd}")
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().splitlines()
-
-
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 async def test_transcript(path: Path, tmp_path: Path) -> None:
     r = Runner(path.name, tmp_path)
-    for lineno, line in enumerate(_lines(path), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        if line.startswith("@"):
-            await r.directive(lineno, line)
-        elif line.startswith("C: ") or line == "C:":
-            await r.send(lineno, line[3:].encode() + b"\r\n")
-        elif line.startswith("C< "):
-            await r.send(lineno, _bytes(line[3:]))
-        elif line.startswith("S: "):
-            r.expect(lineno, line[3:], regex=False)
-        elif line.startswith("S~ "):
-            r.expect(lineno, line[3:], regex=True)
-        else:
-            r.fail(lineno, f"cannot read {line!r}")
-    if r.pending:
-        r.fail(0, f"unread reply lines at end: {r.pending!r}")
+    await r.play(path)
     if r.conv is not None:
         r.conv.session.close()
     sp = r._shared().spool
