@@ -181,7 +181,9 @@ STORE_FETCH = Rpc("store.fetch.v1", FetchRequest, FetchReply,
 
 
 # ---------------------------------------------------------------- small bodies
-BODIES_MAX_KEYS = 32  # x inline_body_max (16 KiB): a reply well under the NATS max_payload
+# x inline_body_max (at most 64 KiB): 512 KiB of bodies, about 700 KB as JSON, under the
+# 1 MiB max_payload a production NATS may have
+BODIES_MAX_KEYS = 8
 
 
 class BodiesRequest(Model):

@@ -54,7 +54,7 @@ from postbus.proto.store import (
     StoreFlagsRequest,
     SubscribeRequest,
 )
-from postbus.protocols import imap_context, imap_qresync, imap_sort, imap_thread, mime
+from postbus.protocols import imap_context, imap_notify, imap_qresync, imap_sort, imap_thread, mime
 from postbus.protocols import imap_parser as p
 from postbus.protocols.imap_wire import (
     astring,
@@ -75,13 +75,18 @@ COMMANDS = counter("postbus_imap_commands_total", "IMAP commands by name and res
 FETCH_BYTES = counter("postbus_imap_fetch_bytes_total", "Octets of message data sent by FETCH")
 
 MAX_PENDING_EVENTS = 1000  # notifications kept for a session between two commands
+# NOTIFY (RFC 5465): mailbox names one NOTIFY SET may list, and mailboxes other than the
+# selected one with a STATUS waiting to go out (one each: a later change replaces it)
+MAX_NOTIFY_NAMES = 100
+MAX_NOTIFY_PENDING = 1000
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 DELIM = "/"
 BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
              "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
              "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
              "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT", "CONTEXT=SEARCH",
-             *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS), "CATENATE", "QRESYNC")
+             *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS), "CATENATE", "QRESYNC",
+             "NOTIFY")
 
 
 # ---------------------------------------------------------------- states (RFC 3501 §3)
@@ -150,7 +155,7 @@ class SessionConfig:
     summarize_append_max: int = 128 * 1024
     # APPENDs up to this size travel to the store with the request and are kept in its
     # blob rows instead of S3 (ADR 0014)
-    inline_body_max: int = 16 * 1024
+    inline_body_max: int = 32 * 1024
     inline_append_budget: int = 256 * 1024  # bytes inline in one request (NATS: 1 MiB)
     hostname: str = "localhost"
     starttls_available: bool = False
@@ -259,6 +264,11 @@ class Session:
         self._bye_after: str | None = None  # say BYE after the tagged response
         self._resync = False  # compare the whole view with the store at the next safe point
         self._live: dict[str, LiveSearch] = {}  # by tag: SEARCH RETURN (UPDATE), RFC 5267
+        # NOTIFY SET (RFC 5465): what to report; the subscribed names when a filter needs
+        # them; per other mailbox the newest change to report and its STATUS items
+        self._notify: imap_notify.Filter | None = None
+        self._subscribed: set[str] = set()
+        self._notify_status: dict[int, tuple[MailboxChanged, tuple[str, ...]]] = {}
 
     # ------------------------------------------------------------ helpers
     @property
@@ -267,7 +277,9 @@ class Session:
 
     @property
     def idling(self) -> bool:
-        return self._idle_tag is not None
+        """The session takes news between commands (the server wakes it through
+        ``wakeup``): in IDLE, and while a NOTIFY SET is in force (RFC 5465 §3)."""
+        return self._idle_tag is not None or (self._notify is not None and self.authenticated)
 
     @property
     def authenticated(self) -> bool:
@@ -305,6 +317,77 @@ class Session:
             else:
                 self._events.append(event)
             self.wakeup.set()
+        elif self._notify is not None and self.authenticated:
+            self._notify_other(self._notify, event)
+
+    def _notify_other(self, flt: imap_notify.Filter, event: MailboxChanged) -> None:
+        """A change in a mailbox other than the selected one, under NOTIFY: keep the newest
+        state of each mailbox with the STATUS items it earned (no store call; bounded by
+        MAX_NOTIFY_PENDING mailboxes, one entry each)."""
+        counts = not (event.added or event.expunged or event.flags)  # (say: counts moved)
+        items = imap_notify.status_items(
+            flt.events_for(event.mailbox, self._subscribed), added=bool(event.added) or counts,
+            expunged=bool(event.expunged), flags=bool(event.flags))
+        if not items:
+            return
+        prev = self._notify_status.get(event.mailbox_id)
+        if prev is None:
+            if len(self._notify_status) >= MAX_NOTIFY_PENDING:
+                return
+        else:
+            items = tuple(dict.fromkeys(prev[1] + items))
+            if prev[0].highestmodseq > event.highestmodseq:  # news overtaken by newer news
+                event = prev[0]
+        self._notify_status[event.mailbox_id] = (event, items)
+        self.wakeup.set()
+
+    def _flush_notify(self) -> None:
+        """The STATUS responses NOTIFY earned for other mailboxes (RFC 5465 §5)."""
+        if not self._notify_status:
+            return
+        pending, self._notify_status = self._notify_status, {}
+        selected = self.state.view.mailbox_id if isinstance(self.state, Selected) else None
+        for mailbox_id, (ev, items) in pending.items():
+            if mailbox_id == selected:
+                continue
+            vals = {"MESSAGES": ev.exists, "UIDNEXT": ev.uidnext,
+                    "UIDVALIDITY": ev.uidvalidity, "HIGHESTMODSEQ": ev.highestmodseq}
+            body = " ".join(f"{it} {vals[it]}" for it in items)
+            self.out.write(b"* STATUS " + wire_name(ev.mailbox) + f" ({body})\r\n".encode())
+
+    async def _notify_cmd(self, st: Authenticated | Selected, cmd: p.Notify) -> Tagged:
+        """NOTIFY SET / NONE (RFC 5465 §3). Events this server cannot report (mailbox
+        names, subscriptions, annotations, metadata) are NO [BADEVENT] and leave the
+        earlier setting in force."""
+        if cmd.groups is None:
+            self._notify = None
+            self._notify_status.clear()
+            return Tagged("OK", "NOTIFY completed")
+        if imap_notify.unsupported(cmd):
+            raise No("Unsupported NOTIFY events",
+                     "BADEVENT (" + " ".join(imap_notify.SUPPORTED) + ")")
+        if imap_notify.mailbox_names(cmd) > MAX_NOTIFY_NAMES:
+            raise No(f"At most {MAX_NOTIFY_NAMES} mailbox names", "NOTIFICATIONOVERFLOW")
+        flt = imap_notify.Filter.of(cmd, [tuple(to_store_name(m) for m in g.mailboxes)
+                                          for g in cmd.groups])
+        infos: list[MailboxInfo] = []
+        if flt.uses_subscriptions or cmd.status:
+            infos = (await self.store.mailbox_list(
+                MailboxListRequest(account_id=st.account_id))).mailboxes
+        self._subscribed = {i.name for i in infos if i.subscribed}
+        self._notify = flt
+        self._notify_status.clear()
+        if cmd.status:  # the state to start from, for each mailbox the events cover
+            selected = st.view.mailbox_id if isinstance(st, Selected) else None
+            for info in infos:
+                if info.mailbox_id == selected or "\\Noselect" in info.attributes:
+                    continue
+                items = imap_notify.status_items(
+                    flt.events_for(info.name, self._subscribed), added=False,
+                    expunged=False, flags=False, initial=True)
+                if items:
+                    self._status_line(info, items)
+        return Tagged("OK", "NOTIFY completed")
 
     async def close(self) -> None:
         if self._unsubscribe is not None:
@@ -355,10 +438,11 @@ class Session:
             return
         if isinstance(self.state, Selected) and result.status != "BAD":
             try:
-                await self._apply_events(allow_expunge=_expunge_allowed(cmd))
+                await self._apply_changes(allow_expunge=_expunge_allowed(cmd))
                 await self._update_live()
             except Exception:
                 log.exception("applying mailbox changes failed", session=self.info.id)
+        self._flush_notify()
         COMMANDS.labels(name, result.status).inc()
         self.w(f"{cmd.tag} {result.status} {result.text}")
         self._maybe_bye()
@@ -433,6 +517,9 @@ class Session:
                 await self.store.mailbox_subscribe(SubscribeRequest(
                     account_id=st.account_id, name=to_store_name(m),
                     subscribed=isinstance(cmd, p.Subscribe)))
+                # NOTIFY's "subscribed" filter follows this session's own changes
+                (self._subscribed.add if isinstance(cmd, p.Subscribe)
+                 else self._subscribed.discard)(to_store_name(m))
                 return Tagged("OK", f"{type(cmd).__name__.upper()} completed")
             case p.ListCmd():
                 return await self._list(st, cmd)
@@ -468,6 +555,8 @@ class Session:
             case p.Idle():
                 await self._idle_start(st, cmd.tag)
                 return None
+            case p.Notify():
+                return await self._notify_cmd(st, cmd)
         if not isinstance(st, Selected):
             return Tagged("BAD", "[CLIENTBUG] No mailbox selected")
         return await self._dispatch_selected(st, cmd)
@@ -589,8 +678,9 @@ class Session:
             tag, self._idle_tag = self._idle_tag, None
             if line.strip().upper() == b"DONE":
                 if isinstance(self.state, Selected):
-                    await self._apply_events(allow_expunge=True)
+                    await self._apply_changes(allow_expunge=True)
                     await self._update_live()
+                self._flush_notify()
                 COMMANDS.labels("IDLE", "OK").inc()
                 self.w(f"{tag} OK IDLE terminated")
             else:
@@ -603,18 +693,42 @@ class Session:
         self.expect_line = True
         self.w("+ idling")
         if isinstance(st, Selected):
-            await self._apply_events(allow_expunge=True)
+            await self._apply_changes(allow_expunge=True)
             await self._update_live()
+        self._flush_notify()
         await self.out.drain()
         return None
 
     async def idle_updates(self) -> None:
-        """The server calls this when ``wakeup`` fires during IDLE."""
+        """The server calls this when ``wakeup`` fires between commands: in IDLE, or with
+        NOTIFY (RFC 5465 §3: news at any time). Without a selected filter the selected
+        mailbox's news waits for a command, as in RFC 3501; with ``selected-delayed``
+        its expunges do."""
         self.wakeup.clear()
-        if self.idling and isinstance(self.state, Selected):
-            await self._apply_events(allow_expunge=True)
+        if not self.idling:
+            return
+        in_idle, flt = self._idle_tag is not None, self._notify
+        if isinstance(self.state, Selected) and (
+                in_idle or (flt is not None and flt.selected_events)):
+            await self._apply_changes(
+                allow_expunge=in_idle or (flt is not None and flt.selected_immediate))
             await self._update_live()
-            await self.out.drain()
+        self._flush_notify()
+        await self.out.drain()
+
+    async def _apply_changes(self, allow_expunge: bool) -> None:
+        """The selected mailbox's news (``_apply_events``), then, when NOTIFY asked for
+        MessageNew with fetch attributes (RFC 5465 §5.2), a FETCH of each new message
+        (BODY[] as BODY.PEEK[]: a notification does not set \\Seen)."""
+        st = self.state
+        if not isinstance(st, Selected):
+            return
+        top = st.view.max_uid
+        await self._apply_events(allow_expunge)
+        atts = self._notify.new_message_atts if self._notify is not None else ()
+        if atts and self.state is st and st.view.max_uid > top:
+            await self._fetch(st, p.Fetch("*", True, ((top + 1, st.view.max_uid),),
+                                          tuple(replace(a, peek=True) for a in atts)))
 
     # ------------------------------------------------------------ mailboxes
     async def _list(self, st: Authenticated | Selected, cmd: p.ListCmd) -> Tagged:

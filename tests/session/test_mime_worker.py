@@ -261,7 +261,7 @@ async def test_small_local_mail_travels_inline_without_s3(parts: Parts) -> None:
 
 async def test_large_failed_or_remote_mail_goes_to_s3_not_inline(parts: Parts) -> None:
     w, d, blobs, pub, _, _ = parts
-    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 20  # over inline_body_max
+    big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 40  # over inline_body_max
     for qid, rcpts, body in (("Q31", ["alice@example.test"], big),
                              ("Q32", ["alice@example.test", "x@remote.example"], BODY),
                              ("Q33", ["alice@example.test", "nobody@example.test"], BODY)):

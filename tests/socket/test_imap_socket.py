@@ -436,7 +436,7 @@ def test_append_goes_to_the_blob_store_first_with_crlf_line_ends(tmp_path: Path)
     store a reference, so the store only writes rows; a small one travels with the request
     and the store keeps it in its blob row, with no upload (ADR 0014)."""
     for imap in _start(tmp_path):
-        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 20  # over 16 KiB
+        big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 40  # over 32 KiB
         with imaplib.IMAP4("127.0.0.1", imap.port) as m:
             m.login(USER, PASSWORD)
             typ, _ = m.append("INBOX", None, None, big)
