@@ -1,7 +1,9 @@
-"""imap-access: `python -m postbus.imap_access`. Builds settings and adapters, starts the
-listeners and the management API."""
+"""imap-access: ``python -m postbus.imap_access``. The only place that builds Settings and
+wires the ports, the listeners and the management router."""
 
 from __future__ import annotations
+
+from functools import partial
 
 from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs, store_error
 from postbus.imap_access.mgmt import router
@@ -13,26 +15,27 @@ from postbus.kit.logging import get_logger
 from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
 
-log = get_logger("postbus.imap")
+NAME = "imap-access"
+
+log = get_logger("postbus.imap_access")  # __name__ is "__main__" under ``python -m``
+
+
+async def setup(settings: Settings, ctx: ServiceContext) -> None:
+    ctx.blobs.inline = StoreBodies(ctx.bus)  # small bodies are in the store (ADR 0014)
+    blobs = S3Blobs(ctx.blobs)
+    server = ImapServer(settings, DirectoryClient(ctx.bus, "imap", errors=store_error),
+                        BusStore(ctx.bus), blobs, BusChanges(ctx.bus),
+                        tls=server_context(ctx.common.tls_cert, ctx.common.tls_key))
+    ports = await server.start(ctx.common.bind_host, settings.imap_port, settings.imaps_port)
+    log.info("imap listening", ports=ports, tls=server.tls is not None)
+    ctx.on_stop(server.stop)
+    ctx.checks["imap"] = server.check
+    ctx.routers.append(router(server, lambda: blobs.hit_rate))
 
 
 def run() -> None:
     settings = Settings()
-
-    async def setup(ctx: ServiceContext) -> None:
-        ctx.blobs.inline = StoreBodies(ctx.bus)  # small bodies are in the store (ADR 0014)
-        blobs = S3Blobs(ctx.blobs)
-        server = ImapServer(settings, DirectoryClient(ctx.bus, "imap", errors=store_error),
-                            BusStore(ctx.bus), blobs, BusChanges(ctx.bus),
-                            tls=server_context(ctx.common.tls_cert, ctx.common.tls_key))
-        ports = await server.start(ctx.common.bind_host, settings.imap_port,
-                                   settings.imaps_port)
-        log.info("imap listening", ports=ports, tls=server.tls is not None)
-        ctx.on_stop(server.stop)
-        ctx.checks["imap"] = server.check
-        ctx.routers.append(router(server, lambda: blobs.hit_rate))
-
-    main("imap-access", settings.common, settings.mgmt_port, setup)
+    main(NAME, settings.common, settings.mgmt_port, partial(setup, settings))
 
 
 if __name__ == "__main__":

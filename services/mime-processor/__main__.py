@@ -1,16 +1,28 @@
-"""``python -m postbus.mime_processor``: settings from the environment, then the runtime."""
+"""mime-processor: ``python -m postbus.mime_processor``. The only place that builds Settings
+and wires the worker, its consumer and the management router."""
 
 from __future__ import annotations
 
-from postbus.kit import runtime
-from postbus.mime_processor.service import make_setup
+from functools import partial
+
+from postbus.kit.runtime import ServiceContext, main
+from postbus.mime_processor.mgmt import router
+from postbus.mime_processor.service import start
 from postbus.mime_processor.settings import Settings
 
+NAME = "mime-processor"
 
-def main() -> None:
+
+async def setup(settings: Settings, ctx: ServiceContext) -> None:
+    running = start(settings, ctx.bus, ctx.blobs)
+    ctx.routers.append(router(running.worker.stats, settings))
+    ctx.on_stop(running.close)
+
+
+def run() -> None:
     settings = Settings()
-    runtime.main("mime-processor", settings.common, settings.mgmt_port, make_setup(settings))
+    main(NAME, settings.common, settings.mgmt_port, partial(setup, settings))
 
 
 if __name__ == "__main__":
-    main()
+    run()

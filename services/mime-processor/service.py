@@ -1,5 +1,6 @@
 """Wiring: build the worker from settings and the kit's bus and blob store, start the
-consumer. ``setup`` is what ``postbus.kit.runtime`` calls; tests call ``start`` directly."""
+consumer. ``__main__.setup`` (what ``postbus.kit.runtime`` calls) and tests call
+``start``."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ from dataclasses import dataclass
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus
 from postbus.kit.directory import DirectoryClient
-from postbus.kit.runtime import ServiceContext, Setup
 from postbus.mime_processor.adapters import KvMemo
 from postbus.mime_processor.authcheck import DnsAuthenticator
-from postbus.mime_processor.mgmt import router
 from postbus.mime_processor.settings import Settings
 from postbus.mime_processor.worker import MimeWorker
 from postbus.proto.mail import MAIL_RECEIVED
@@ -47,12 +46,3 @@ def start(settings: Settings, bus: Bus, blobs: BlobStore) -> Running:
                 concurrency=settings.concurrency, batch=max(settings.concurrency, 8),
                 ack_wait_s=settings.ack_wait_s)
     return running
-
-
-def make_setup(settings: Settings) -> Setup:
-    async def setup(ctx: ServiceContext) -> None:
-        running = start(settings, ctx.bus, ctx.blobs)
-        ctx.routers.append(router(running.worker.stats, settings))
-        ctx.on_stop(running.close)
-
-    return setup

@@ -1,8 +1,11 @@
-"""``python -m postbus.pop3_access``: build settings and adapters, start the listeners."""
+"""pop3-access: ``python -m postbus.pop3_access``. The only place that builds Settings and
+wires the ports (directory, maildrops, locks, throttle), the listeners and the management
+router."""
 
 from __future__ import annotations
 
 import uuid
+from functools import partial
 
 from postbus.kit.blob import StoreBodies
 from postbus.kit.directory import DirectoryClient
@@ -16,7 +19,7 @@ from postbus.pop3_access.settings import Settings
 NAME = "pop3-access"
 
 
-async def setup_with(settings: Settings, ctx: ServiceContext) -> Pop3Server:
+async def setup(settings: Settings, ctx: ServiceContext) -> None:
     replica = uuid.uuid4().hex[:8]
     locks_bucket = await ctx.bus.kv_bucket(settings.lock_bucket, ttl_s=settings.lock_ttl_s)
     auth_bucket = await ctx.bus.kv_bucket(settings.auth_bucket,
@@ -64,16 +67,11 @@ async def setup_with(settings: Settings, ctx: ServiceContext) -> Pop3Server:
 
     ctx.checks["locks"] = locks_ready
     ctx.routers.append(mgmt.router(server, locks.holders))
-    return server
 
 
 def run() -> None:
     settings = Settings()
-
-    async def setup(ctx: ServiceContext) -> None:
-        await setup_with(settings, ctx)
-
-    main(NAME, settings.common, settings.mgmt_port, setup)
+    main(NAME, settings.common, settings.mgmt_port, partial(setup, settings))
 
 
 if __name__ == "__main__":

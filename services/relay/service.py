@@ -1,5 +1,6 @@
 """Wiring: build the worker from settings and the kit's bus and blob store, start the two
-consumers. ``setup`` is what ``postbus.kit.runtime`` calls; tests call ``start`` directly."""
+consumers. ``__main__.setup`` (what ``postbus.kit.runtime`` calls) and tests call
+``start``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import contextlib
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus
 from postbus.kit.logging import get_logger
-from postbus.kit.runtime import ServiceContext, Setup
 from postbus.proto.mail import OUTBOUND_QUEUED
 from postbus.relay.adapters import DnsDestinations, SmtpTransport
-from postbus.relay.mgmt import router
 from postbus.relay.settings import Settings
 from postbus.relay.worker import FAILED_EVENTS, RelayWorker
 
@@ -60,14 +59,3 @@ async def gauge_loop(worker: RelayWorker, interval: float) -> None:
         with contextlib.suppress(Exception):
             await worker.refresh_gauge()
         await asyncio.sleep(interval)
-
-
-def make_setup(settings: Settings) -> Setup:
-    async def setup(ctx: ServiceContext) -> None:
-        worker = await start(settings, ctx.bus, ctx.blobs)
-        ctx.routers.append(router(worker))
-        if isinstance(worker.transport, SmtpTransport):
-            ctx.on_stop(worker.transport.close)
-        ctx.add_task(gauge_loop(worker, settings.queue_gauge_interval_s), "relay-queue-gauge")
-
-    return setup

@@ -1,28 +1,32 @@
-"""``python -m postbus.smtp_ingress``: build settings and adapters, start the listeners."""
+"""smtp-ingress: ``python -m postbus.smtp_ingress``. The only place that builds Settings and
+wires the ports (directory, queue, bodies, counters, block list, load share), the
+listeners and the management router."""
 
 from __future__ import annotations
+
+from functools import partial
 
 from postbus.kit.counters import KvCounters
 from postbus.kit.directory import DirectoryClient
 from postbus.kit.runtime import ServiceContext, main
 from postbus.kit.tls import server_context
+from postbus.smtp_ingress import mgmt
+from postbus.smtp_ingress.adapters import (
+    AUTHFAIL_BUCKET,
+    BusQueue,
+    KvBlockList,
+    KvLoadShare,
+    S3Bodies,
+    StreamBacklog,
+    unavailable,
+)
+from postbus.smtp_ingress.server import Ingress
 from postbus.smtp_ingress.settings import Settings
 
+NAME = "smtp-ingress"
 
-async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
-    """Wire adapters and listeners into a running service context; returns the Ingress."""
-    from postbus.smtp_ingress import mgmt
-    from postbus.smtp_ingress.adapters import (
-        AUTHFAIL_BUCKET,
-        BusQueue,
-        KvBlockList,
-        KvLoadShare,
-        S3Bodies,
-        StreamBacklog,
-        unavailable,
-    )
-    from postbus.smtp_ingress.server import Ingress
 
+async def setup(settings: Settings, ctx: ServiceContext) -> None:
     blocklist = KvBlockList(ctx.bus)
     await blocklist.refresh()
     share = (KvLoadShare(ctx.bus, interval_s=settings.limits_share_interval_s)
@@ -54,16 +58,11 @@ async def setup_ingress(ctx: ServiceContext, settings: Settings) -> object:
         ctx.on_stop(share.withdraw)
     ctx.routers.append(mgmt.router(ingress))
     ctx.on_stop(ingress.stop)
-    return ingress
 
 
 def run() -> None:
     settings = Settings()
-
-    async def setup(ctx: ServiceContext) -> None:
-        await setup_ingress(ctx, settings)
-
-    main("smtp-ingress", settings.common, settings.mgmt_port, setup)
+    main(NAME, settings.common, settings.mgmt_port, partial(setup, settings))
 
 
 if __name__ == "__main__":
