@@ -418,10 +418,37 @@ class GetQuota:
     root: bytes
 
 
+# RFC 5465 §5 event names, as the RFC spells them (the parser matches them in any case)
+NOTIFY_EVENTS = ("MessageNew", "MessageExpunge", "FlagChange", "AnnotationChange",
+                 "MailboxName", "SubscriptionChange", "MailboxMetadataChange",
+                 "ServerMetadataChange")
+NOTIFY_FILTERS = ("selected", "selected-delayed", "inboxes", "personal", "subscribed",
+                  "subtree", "mailboxes")
+MAX_NOTIFY_NAMES = 1000  # mailbox names in one NOTIFY (the session allows fewer)
+
+
+@dataclass(frozen=True)
+class NotifyGroup:
+    """One event group of NOTIFY SET (RFC 5465 §6): a mailbox filter and its events."""
+
+    filter: str  # one of NOTIFY_FILTERS, lower-case
+    mailboxes: tuple[bytes, ...] = ()  # subtree / mailboxes
+    events: tuple[str, ...] = ()  # () is NONE; unknown events as the client wrote them
+    fetch_atts: tuple[FetchAtt, ...] = ()  # MessageNew's, only with the selected filters
+
+
+@dataclass(frozen=True)
+class Notify:
+    tag: str
+    groups: tuple[NotifyGroup, ...] | None  # None: NOTIFY NONE
+    status: bool = False
+
+
 Command = (Capability | Noop | Logout | StartTLS | Login | Authenticate | Select | Create
            | Delete | Rename | Subscribe | Unsubscribe | ListCmd | Status | Append | IdCmd
            | Enable | Namespace | Idle | Check | Close | Unselect | Expunge | Search | Sort
-           | ThreadCmd | Fetch | StoreCmd | Copy | GetQuotaRoot | GetQuota | CancelUpdate)
+           | ThreadCmd | Fetch | StoreCmd | Copy | GetQuotaRoot | GetQuota | CancelUpdate
+           | Notify)
 
 
 # ---------------------------------------------------------------- character classes (§9)
@@ -1712,6 +1739,90 @@ def _cancelupdate(c: _Cursor, tag: str, uid: bool) -> CancelUpdate:
     return CancelUpdate(tag, tuple(tags))
 
 
+def _notify(c: _Cursor, tag: str, uid: bool) -> Notify:
+    """notify = "NOTIFY" SP (notify-set / notify-none) (RFC 5465 §8), with the rules of §5
+    and §6.1 that make a request BAD: MessageNew and MessageExpunge only together,
+    FlagChange and AnnotationChange only with both, one selected filter, only message
+    events with it, fetch attributes only with it."""
+    c.sp()
+    verb = c.atom().upper()
+    if verb == "NONE":
+        return Notify(tag, None)
+    if verb != "SET":
+        raise c.fail("NOTIFY SET or NOTIFY NONE")
+    c.sp()
+    status = c.maybe(b"STATUS ")
+    groups: list[NotifyGroup] = []
+    names = 0
+    while True:
+        groups.append(_notify_group(c))
+        names += len(groups[-1].mailboxes)
+        if names > MAX_NOTIFY_NAMES or len(groups) > 100:
+            raise c.fail("too many NOTIFY event groups or mailbox names")
+        if c.at_end():
+            break
+        c.sp()
+    if sum(g.filter.startswith("selected") for g in groups) > 1:
+        raise c.fail("only one selected or selected-delayed filter")
+    return Notify(tag, tuple(groups), status)
+
+
+def _notify_group(c: _Cursor) -> NotifyGroup:
+    c.expect(b"(")
+    flt = c.chars(ATOM_CHARS, "a mailbox filter").decode("ascii").lower()
+    if flt not in NOTIFY_FILTERS:
+        raise c.fail(f"unknown NOTIFY mailbox filter {flt[:40]}")
+    c.sp()
+    boxes: list[bytes] = []
+    if flt in ("subtree", "mailboxes"):
+        if c.maybe(b"("):
+            while True:
+                boxes.append(c.astring())
+                if len(boxes) > MAX_NOTIFY_NAMES:
+                    raise c.fail("too many mailbox names")
+                if c.maybe(b")"):
+                    break
+                c.sp()
+        else:
+            boxes.append(c.astring())
+        c.sp()
+    events: list[str] = []
+    atts: list[FetchAtt] = []
+    if not c.maybe(b"NONE"):
+        c.expect(b"(")
+        while True:
+            word = c.atom()
+            name = next((e for e in NOTIFY_EVENTS if e.lower() == word.lower()), word)
+            if name in events:
+                raise c.fail(f"{name[:40]} twice")
+            events.append(name)
+            if len(events) > 20:
+                raise c.fail("too many events")
+            if name == "MessageNew" and c.maybe(b" ("):
+                while True:
+                    atts.append(_fetch_att(c))
+                    if len(atts) > 100:
+                        raise c.fail("too many fetch attributes")
+                    if c.maybe(b")"):
+                        break
+                    c.sp()
+            if c.maybe(b")"):
+                break
+            c.sp()
+    c.expect(b")")
+    ev = set(events)
+    if ("MessageNew" in ev) != ("MessageExpunge" in ev):
+        raise c.fail("MessageNew and MessageExpunge go together (RFC 5465 §5)")
+    if ev & {"FlagChange", "AnnotationChange"} and "MessageNew" not in ev:
+        raise c.fail("FlagChange and AnnotationChange need MessageNew and MessageExpunge")
+    if flt.startswith("selected") and ev & {"MailboxName", "SubscriptionChange",
+                                            "MailboxMetadataChange", "ServerMetadataChange"}:
+        raise c.fail("only message events with the selected filters (RFC 5465 §6.1)")
+    if atts and not flt.startswith("selected"):
+        raise c.fail("fetch attributes only with the selected filters (RFC 5465 §8)")
+    return NotifyGroup(flt, tuple(boxes), tuple(events), tuple(atts))
+
+
 _COMMANDS: dict[str, _Parse] = {
     "CAPABILITY": _simple(Capability), "NOOP": _simple(Noop), "LOGOUT": _simple(Logout),
     "STARTTLS": _simple(StartTLS), "LOGIN": _login, "AUTHENTICATE": _authenticate,
@@ -1723,5 +1834,5 @@ _COMMANDS: dict[str, _Parse] = {
     "CLOSE": _simple(Close), "UNSELECT": _simple(Unselect), "EXPUNGE": _expunge,
     "SEARCH": _search, "SORT": _sort, "THREAD": _thread, "FETCH": _fetch, "STORE": _store,
     "COPY": _copy(False), "MOVE": _copy(True), "GETQUOTAROOT": _mailbox_cmd(GetQuotaRoot),
-    "GETQUOTA": _mailbox_cmd(GetQuota), "CANCELUPDATE": _cancelupdate,
+    "GETQUOTA": _mailbox_cmd(GetQuota), "CANCELUPDATE": _cancelupdate, "NOTIFY": _notify,
 }
