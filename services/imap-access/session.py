@@ -931,12 +931,27 @@ class Session:
                               within: imap_qresync.Ranges | None) -> imap_qresync.Ranges:
         """UIDs expunged at a MODSEQ above ``modseq`` (the store's expunge log), limited to
         ``within``, without the ones the view still holds: their expunge reaches this
-        session later, as a plain VANISHED that changes sequence numbers."""
-        page = await self.store.select(SelectRequest(
-            account_id=account_id, mailbox_id=view.mailbox_id, changed_since=modseq, limit=1))
-        if page.mailbox.uidvalidity != view.uidvalidity:
-            return []
-        gone: imap_qresync.Ranges = sorted((a, b) for a, b in page.vanished)
+        session later, as a plain VANISHED that changes sequence numbers.
+
+        When the log cannot answer (the store refuses, e.g. a reply too large for the bus
+        after very many scattered expunges), RFC 7162 §3.2.5.2's fallback: every UID below
+        UIDNEXT (within ``within``) that no longer exists; VANISHED (EARLIER) may name UIDs
+        the client never knew or already forgot, and clients ignore those."""
+        gone: imap_qresync.Ranges
+        try:
+            page = await self.store.select(SelectRequest(
+                account_id=account_id, mailbox_id=view.mailbox_id, changed_since=modseq,
+                limit=1))
+        except StoreError as exc:
+            if exc.code == "unavailable":
+                raise
+            log.warning("expunge log unavailable, reporting every missing UID",
+                        session=self.info.id, code=exc.code)
+            gone = [(1, view.uidnext - 1)] if view.uidnext > 1 else []
+        else:
+            if page.mailbox.uidvalidity != view.uidvalidity:
+                return []
+            gone = sorted((a, b) for a, b in page.vanished)
         if within is not None:
             gone = imap_qresync.intersect(gone, within)
         return imap_qresync.without(gone, view.uids)

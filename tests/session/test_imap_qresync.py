@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from test_imap_two_sessions import Client
 
 from postbus.imap_access.memory import MemoryPlatform
-from postbus.proto.store import ExpungeRequest, StoreFlagsRequest
+from postbus.imap_access.ports import StoreError
+from postbus.proto.store import ExpungeRequest, SelectReply, SelectRequest, StoreFlagsRequest
 
 
 def uids_of(spec: str) -> list[int]:
@@ -218,3 +220,27 @@ async def test_other_sessions_hear_vanished_and_live_searches_stay_in_step() -> 
     assert [re.sub(r'\(TAG "[^"]+"\) ', "", x) for x in gone] == [
         "* ESEARCH REMOVEFROM (0 2)", "* VANISHED 2", "* ESEARCH REMOVEFROM (0 3)",
         "* VANISHED 4"]
+
+
+async def test_when_the_expunge_log_cannot_answer_every_missing_known_uid_is_vanished(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # RFC 7162 §3.2.5.2: a server without the log reports the known UIDs that are gone
+    mp = MemoryPlatform()
+    acc = mp.add_user("alice@example.test", "secret")
+    box = Box(mp, acc, "INBOX", 12)
+    since = box.modseq
+    await box.expunge("2,5:6,12")
+    c = await client(mp)
+    uv = mp.boxes[acc]["INBOX"].uidvalidity
+    real = mp.select
+
+    async def no_log(req: SelectRequest) -> SelectReply:
+        if req.changed_since is not None:
+            raise StoreError("too_large", "the expunge log does not fit a reply")
+        return await real(req)
+
+    monkeypatch.setattr(mp, "select", no_log)
+    lines = await c.cmd(f"SELECT INBOX (QRESYNC ({uv} {since} 1:5,9:20))")
+    assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 2,5,12"]
+    lines = await c.cmd(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {since} VANISHED)")
+    assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 2,5:6,12"]
