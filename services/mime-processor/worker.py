@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -20,7 +20,7 @@ from typing import Any, Literal
 from postbus.kit.blob import BlobNotFound, BlobUnavailable, blob_key
 from postbus.kit.bus import Ack, BusUnavailable, Delivery, Outcome, Reject, RemoteError, Retry
 from postbus.kit.logging import get_logger
-from postbus.kit.metrics import counter, histogram
+from postbus.kit.metrics import Tally, counter, histogram
 from postbus.mime_processor import policy
 from postbus.mime_processor.ports import Authenticator, Blobs, Directory, Memo, Publisher
 from postbus.mime_processor.settings import Settings
@@ -47,6 +47,7 @@ LATENCY = histogram("postbus_mime_processing_seconds", "Time to process one inbo
 MESSAGES = counter("postbus_mime_messages_total", "Inbound messages by outcome", ["outcome"])
 RECIPIENTS = counter("postbus_mime_recipients_total", "Recipients by route", ["route"])
 AUTH = counter("postbus_mime_auth_total", "Authentication results", ["method", "result"])
+PROCESSED = counter("postbus_mime_processed_total", "Inbound messages processed and handed on")
 
 
 @dataclass
@@ -59,22 +60,40 @@ class Failure:
 
 @dataclass
 class Stats:
-    """In-process counters for the management API (Prometheus has the same, per replica)."""
+    """What this worker counted, for the management API: each count is a kit Tally, so one
+    call also counts it in Prometheus."""
 
-    processed: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)
-    routes: Counter[str] = field(default_factory=Counter)
-    auth: dict[str, Counter[str]] = field(
-        default_factory=lambda: {"spf": Counter(), "dkim": Counter(), "dmarc": Counter()})
+    processed_tally: Tally = field(default_factory=lambda: Tally(PROCESSED))
+    outcome_tally: Tally = field(default_factory=lambda: Tally(MESSAGES))  # by outcome
+    route_tally: Tally = field(default_factory=lambda: Tally(RECIPIENTS))  # by route
+    auth_tally: Tally = field(default_factory=lambda: Tally(AUTH))  # by method, result
     failures: deque[Failure] = field(default_factory=lambda: deque(maxlen=200))
+
+    @property
+    def processed(self) -> int:
+        return self.processed_tally.total()
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        return self.outcome_tally.by(0)
+
+    @property
+    def routes(self) -> dict[str, int]:
+        return self.route_tally.by(0)
+
+    @property
+    def auth(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {"spf": {}, "dkim": {}, "dmarc": {}}
+        for (method, result), n in self.auth_tally.by(0, 1).items():
+            out.setdefault(method, {})[result] = n
+        return out
 
     def fail(self, queue_id: str, reason: str, attempt: int) -> None:
         self.failures.appendleft(Failure(queue_id, datetime.now(UTC), reason[:300], attempt))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"processed": self.processed, "outcomes": dict(self.outcomes),
-                "routes": dict(self.routes),
-                "auth": {k: dict(v) for k, v in self.auth.items()}}
+        return {"processed": self.processed, "outcomes": self.outcomes, "routes": self.routes,
+                "auth": self.auth}
 
 
 @dataclass(frozen=True)
@@ -127,8 +146,7 @@ class MimeWorker:
             with contextlib.suppress(Exception):
                 await self.memo.put(m.queue_id, fresh)
         name = type(outcome).__name__.lower()
-        self.stats.outcomes[name] += 1
-        MESSAGES.labels(name).inc()
+        self.stats.outcome_tally.inc(name)
         LATENCY.observe(time.perf_counter() - started)
         return outcome
 
@@ -183,12 +201,11 @@ class MimeWorker:
         await self._publish(m, key, len(final), summary, plan, auth_value,
                             policy.bounce_ret(m.dsn_ret, vouched), final if inline else None)
 
-        self.stats.processed += 1
+        self.stats.processed_tally.inc()
         for route, n in (("local", len(plan.local)), ("remote", len(plan.remote)),
                          ("failed", len(plan.failed))):
             if n:
-                self.stats.routes[route] += n
-                RECIPIENTS.labels(route).inc(n)
+                self.stats.route_tally.inc(route, n=n)
         log.info("message processed", queue_id=m.queue_id, blob=key, local=len(plan.local),
                  remote=len(plan.remote), failed=len(plan.failed))
         return Processed(key, summary, plan, auth_value)
@@ -225,11 +242,9 @@ class MimeWorker:
         results = await self.authenticator.check(raw, m.client, m.mail_from)
         for method, res in (("spf", results.spf.result), ("dmarc", results.dmarc.result),
                             *(("dkim", d.result) for d in results.dkim or [])):
-            self.stats.auth[method][res] += 1
-            AUTH.labels(method, res).inc()
+            self.stats.auth_tally.inc(method, res)
         if not results.dkim:
-            self.stats.auth["dkim"]["none"] += 1
-            AUTH.labels("dkim", "none").inc()
+            self.stats.auth_tally.inc("dkim", "none")
         value = policy.auth_results_value(self.authserv_id, results)
         self._fresh_auth[m.queue_id] = value
         return value

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from postbus.kit.logging import get_logger
-from postbus.kit.metrics import counter
+from postbus.kit.metrics import Tally, counter
 from postbus.pop3_access import policy
 from postbus.pop3_access.ports import Directory, Lease, Locks, Maildrops, Throttle, Unavailable
 from postbus.proto.directory import AuthReply
@@ -55,6 +55,9 @@ RETR_OCTETS = counter("postbus_pop3_retr_octets_total", "Message octets sent by 
 SIZE_MISMATCH = counter("postbus_pop3_size_mismatch_total",
                         "Messages whose RETR octets differ from the size the store reported")
 UPDATES = counter("postbus_pop3_updates_total", "UPDATE states applied", ["mode"])
+SESSIONS = counter("postbus_pop3_sessions_started_total", "POP3 sessions started")
+RETRIEVED = counter("postbus_pop3_retrieved_total", "Messages sent whole by RETR")
+DELETED = counter("postbus_pop3_deleted_total", "Messages deleted by UPDATE states")
 
 # RFC 2449 §8 and RFC 3206 response codes
 IN_USE, LOGIN_DELAY, AUTH, SYS_TEMP, SYS_PERM, UTF8 = (
@@ -97,16 +100,51 @@ class Limits:
 
 @dataclass
 class Stats:
-    """Counters of one replica, for the management API (Prometheus has the same)."""
+    """What this replica counted, for the management API: each count is a kit Tally, so one
+    call also counts it in Prometheus."""
 
-    sessions: int = 0
-    logins_ok: int = 0
-    logins_failed: int = 0
-    in_use: int = 0
-    retrieved: int = 0
-    retrieved_octets: int = 0
-    deleted: int = 0
-    commands: Counter[str] = field(default_factory=Counter)
+    session_tally: Tally = field(default_factory=lambda: Tally(SESSIONS))
+    login_tally: Tally = field(default_factory=lambda: Tally(LOGINS))  # by outcome
+    command_tally: Tally = field(default_factory=lambda: Tally(COMMANDS))  # by command, outcome
+    retr_tally: Tally = field(default_factory=lambda: Tally(RETRIEVED))
+    retr_octet_tally: Tally = field(default_factory=lambda: Tally(RETR_OCTETS))
+    top_octet_tally: Tally = field(default_factory=lambda: Tally(RETR_OCTETS))
+    delete_tally: Tally = field(default_factory=lambda: Tally(DELETED))
+
+    @property
+    def sessions(self) -> int:
+        return self.session_tally.total()
+
+    @property
+    def logins_ok(self) -> int:
+        return self.login_tally.get("ok")
+
+    @property
+    def logins_failed(self) -> int:
+        """Refused for the credentials or the throttle; not for an unavailable directory,
+        LOGIN-DELAY or a maildrop in use."""
+        return sum(n for outcome, n in self.login_tally.by(0).items()
+                   if outcome not in ("ok", "unavailable", "login_delay", "in_use"))
+
+    @property
+    def in_use(self) -> int:
+        return self.login_tally.get("in_use")
+
+    @property
+    def retrieved(self) -> int:
+        return self.retr_tally.total()
+
+    @property
+    def retrieved_octets(self) -> int:
+        return self.retr_octet_tally.total()
+
+    @property
+    def deleted(self) -> int:
+        return self.delete_tally.total()
+
+    @property
+    def commands(self) -> dict[str, int]:
+        return self.command_tally.by(0)
 
 
 class PreparedBodies:
@@ -222,7 +260,7 @@ class Session:
         self.auth_failures = 0
         self.commands = 0
         self.octets_sent = 0
-        self.stats.sessions += 1
+        self.stats.session_tally.inc()
 
     # ------------------------------------------------------------ edges call these
     def greeting(self) -> bytes:
@@ -268,8 +306,7 @@ class Session:
         self._wrong = False
         reply = await self._dispatch(item)
         outcome = "ok" if reply.data.startswith(b"+") else "err"
-        COMMANDS.labels(name, outcome).inc()
-        self.stats.commands[name] += 1
+        self.stats.command_tally.inc(name, outcome)
         self.octets_sent += len(reply.data)
         bad = not sasl and isinstance(item, Bad | Unknown)
         if not sasl and isinstance(item, Bad):
@@ -426,8 +463,7 @@ class Session:
             log.warning("throttle unavailable", error=str(exc))
             ip_failures, account_failures = 0, 0
         if ip_failures >= lim.max_auth_failures_ip or account_failures >= lim.max_auth_failures_account:
-            LOGINS.labels("throttled").inc()
-            self.stats.logins_failed += 1
+            self.stats.login_tally.inc("throttled")
             log.warning("login throttled", session=self.id, client_ip=ip, user=username,
                         ip_failures=ip_failures, account_failures=account_failures)
             await self.sleep(lim.auth_failure_delay_max_s)
@@ -435,7 +471,7 @@ class Session:
         try:
             auth = await self.directory.authenticate(username, password, ip)
         except Unavailable as exc:
-            LOGINS.labels("unavailable").inc()
+            self.stats.login_tally.inc("unavailable")
             log.warning("directory unavailable", error=str(exc))
             return Reply(err("authentication service unavailable; try again later", SYS_TEMP))
         if not auth.ok or auth.account_id is None:
@@ -449,8 +485,7 @@ class Session:
         return Reply(data)
 
     async def _login_failed(self, username: str, auth: AuthReply, recent: int) -> Reply:
-        LOGINS.labels(auth.reason or "invalid").inc()
-        self.stats.logins_failed += 1
+        self.stats.login_tally.inc(auth.reason or "invalid")
         log.info("login failed", session=self.id, client_ip=self.peer.ip, user=username,
                  reason=auth.reason)
         try:
@@ -471,15 +506,14 @@ class Session:
         try:
             await self.throttle.record_success(self.peer.ip, username)
             if not await self.throttle.login_allowed(account_id):
-                LOGINS.labels("login_delay").inc()
+                self.stats.login_tally.inc("login_delay")
                 return Reply(err(f"wait {self.limits.login_delay_s}s between logins", LOGIN_DELAY))
             lease = await self.locks.acquire(account_id, self.id)
         except Unavailable as exc:
             log.warning("lock service unavailable", error=str(exc))
             return Reply(err("maildrop lock unavailable; try again later", SYS_TEMP))
         if lease is None:
-            LOGINS.labels("in_use").inc()
-            self.stats.in_use += 1
+            self.stats.login_tally.inc("in_use")
             log.info("maildrop in use", session=self.id, account=account_id)
             return Reply(err("maildrop already locked by another session", IN_USE))
         try:
@@ -492,8 +526,7 @@ class Session:
                         policy=auth.pop3_policy, expire_days=auth.pop3_expire_days,
                         maildrop=Maildrop(drop.mailbox_id, tuple(drop.messages)), lease=lease)
         self.state = t
-        LOGINS.labels("ok").inc()
-        self.stats.logins_ok += 1
+        self.stats.login_tally.inc("ok")
         log.info("login", session=self.id, account=account_id, messages=len(drop.messages),
                  policy=auth.pop3_policy)
         self.maildrops.prefetch(t.maildrop.messages[: self.limits.prefetch])
@@ -514,7 +547,7 @@ class Session:
             return Reply(err("message body unavailable; try again later", SYS_TEMP))
         if top_lines is not None:
             payload = top_payload(retr_text(m.prefix, blob), top_lines)
-            RETR_OCTETS.inc(len(payload))
+            self.stats.top_octet_tally.inc(n=len(payload))
             return Reply(ok("top of message follows") + payload)
         prefix = m.prefix
         if prefix and not prefix.endswith(b"\n"):  # not whole lines: convert it all at once
@@ -529,9 +562,8 @@ class Session:
             log.warning("stored size differs from RETR octets", uid=m.uid, stored=m.size,
                         sent=size)
         t.retrieved.add(n)
-        self.stats.retrieved += 1
-        self.stats.retrieved_octets += size
-        RETR_OCTETS.inc(size)
+        self.stats.retr_tally.inc()
+        self.stats.retr_octet_tally.inc(n=size)
         return Reply(b"".join([ok(f"{m.size} octets"), *parts, b".\r\n"]))
 
     # ------------------------------------------------------------ UPDATE (§6)
@@ -555,7 +587,7 @@ class Session:
                 return Reply(err("some deleted messages not removed; try again later", SYS_TEMP),
                              close=True)
             UPDATES.labels(req.mode).inc()
-            self.stats.deleted += len(req.delete_uids)
+            self.stats.delete_tally.inc(n=len(req.delete_uids))
         await self._release(t.lease)
         left = len(msgs) - (len(req.delete_uids) if req else 0)
         log.info("update applied", session=self.id, account=t.account_id,
