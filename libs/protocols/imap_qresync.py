@@ -68,3 +68,22 @@ def count(s: SeqSet) -> int | None:
 def wire(ranges: Sequence[tuple[int, int]]) -> str:
     """Ranges as an IMAP sequence set: ``41,43:116``."""
     return ",".join(str(lo) if lo == hi else f"{lo}:{hi}" for lo, hi in ranges)
+
+
+def wire_sets(ranges: Sequence[tuple[int, int]], limit: int = 8000) -> list[str]:
+    """Ranges as sequence sets of at most ``limit`` characters each, for one VANISHED
+    response apiece: RFC 7162 §4 (updating RFC 2683) has clients take lines of 8,192
+    octets, so a long list of scattered UIDs goes out in several responses."""
+    out: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for lo, hi in ranges:
+        part = str(lo) if lo == hi else f"{lo}:{hi}"
+        if cur and size + 1 + len(part) > limit:
+            out.append(",".join(cur))
+            cur, size = [], 0
+        size += len(part) + (1 if cur else 0)
+        cur.append(part)
+    if cur:
+        out.append(",".join(cur))
+    return out

@@ -920,7 +920,7 @@ class Session:
         known = imap_qresync.from_seqset(q.known_uids) if q.known_uids is not None else None
         vanished = await self._vanished_since(account_id, view, q.modseq, known)
         if vanished:
-            self.w(f"* VANISHED (EARLIER) {imap_qresync.wire(vanished)}")
+            self._vanished(vanished, earlier=True)
         for seq, uid in enumerate(view.uids, 1):
             if view.modseq.get(uid, 0) > q.modseq and (known is None or _inside(known, uid)):
                 self.out.write(b"* %d FETCH (UID %d FLAGS " % (seq, uid)
@@ -956,6 +956,12 @@ class Session:
             gone = imap_qresync.intersect(gone, within)
         return imap_qresync.without(gone, view.uids)
 
+    def _vanished(self, ranges: imap_qresync.Ranges, earlier: bool = False) -> None:
+        """``* VANISHED [(EARLIER)] uids``, in lines of at most about 8 KB."""
+        head = "* VANISHED (EARLIER) " if earlier else "* VANISHED "
+        for part in imap_qresync.wire_sets(ranges):
+            self.w(head + part)
+
     def _report_expunged(self, view: MailboxView, uids: list[int]) -> None:
         """Remove messages from the view and tell the client: ``* n EXPUNGE`` each, or
         after ENABLE QRESYNC ``* VANISHED uids`` (RFC 7162 §3.2.10). A live search hears
@@ -970,12 +976,12 @@ class Session:
         gone: list[int] = []
         for uid in sorted(uids):
             if view.on_expunge is not None and gone:
-                self.w(f"* VANISHED {seqset(gone)}")
+                self._vanished(to_ranges(gone))
                 gone = []
             if view.expunge(uid) is not None:
                 gone.append(uid)
         if gone:
-            self.w(f"* VANISHED {seqset(gone)}")
+            self._vanished(to_ranges(gone))
 
     def _deselect(self, st: Selected) -> None:
         self.state = Authenticated(st.account_id, st.user)
@@ -1743,7 +1749,7 @@ class Session:
             gone = await self._vanished_since(st.account_id, view, cmd.changedsince,
                                               imap_qresync.from_seqset(cmd.seqset))
             if gone:
-                self.w(f"* VANISHED (EARLIER) {imap_qresync.wire(gone)}")
+                self._vanished(gone, earlier=True)
         if cmd.changedsince is not None:
             self._enable_condstore()
             uids = [u for u in uids if view.modseq.get(u, 0) > cmd.changedsince]

@@ -244,3 +244,16 @@ async def test_when_the_expunge_log_cannot_answer_every_missing_known_uid_is_van
     assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 2,5,12"]
     lines = await c.cmd(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {since} VANISHED)")
     assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 2,5:6,12"]
+
+
+async def test_many_scattered_expunges_go_out_in_lines_of_bounded_length() -> None:
+    mp = MemoryPlatform()
+    acc = mp.add_user("alice@example.test", "secret")
+    box = Box(mp, acc, "INBOX", 6000)
+    c = await client(mp)
+    await c.cmd("SELECT INBOX")
+    await box.expunge(",".join(str(u) for u in range(2, 6001, 2)))  # another client's
+    lines = untagged(await c.cmd("NOOP"), "VANISHED")
+    assert len(lines) > 1 and all(len(x) <= 8000 + len("* VANISHED ") for x in lines)
+    gone = [int(u) for x in lines for u in x.split()[2].split(",")]
+    assert gone == list(range(2, 6001, 2))

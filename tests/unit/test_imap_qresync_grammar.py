@@ -61,3 +61,11 @@ def test_range_arithmetic_agrees_with_sets(a: set[int], b: set[int], c: set[int]
     got = q.without(q.intersect(ra, rb), sorted(c))
     assert {u for lo, hi in got for u in range(lo, hi + 1)} == (a & b) - c
     assert all(x[1] + 1 < y[0] or x[1] < y[0] for x, y in zip(got, got[1:], strict=False))
+
+
+def test_long_uid_sets_are_split_into_lines_of_at_most_8000() -> None:
+    ranges = [(u, u) for u in range(100_000, 300_000, 2)]  # 100,000 scattered UIDs
+    sets = q.wire_sets(ranges)
+    assert len(sets) > 1 and all(0 < len(s) <= 8000 for s in sets)
+    assert ",".join(sets) == q.wire(ranges)
+    assert q.wire_sets([(1, 5)]) == ["1:5"] and q.wire_sets([]) == []
