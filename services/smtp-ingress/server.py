@@ -159,7 +159,7 @@ class Ingress(Shared):
     def admit(self, ip: str) -> str | None:
         """None when this client may talk to us, else the reply to close with."""
         if self.blocklist.blocked(ip):
-            self.stats.add("connection_refused", "blocked")
+            self.stats.refusal_tally.inc("blocked")
             return replies.R554_BLOCKED
         recent = self.rate.hit(ip) if self.limits.rate_per_minute else 0
         from_ip = self.per_ip[ip]
@@ -169,7 +169,7 @@ class Ingress(Shared):
         refusal = policy.connection_decision(total=len(self.sessions), from_ip=from_ip,
                                              recent=recent, limits=self.limits)
         if refusal:
-            self.stats.add("connection_refused", _REFUSAL_REASONS.get(refusal, "limit"))
+            self.stats.refusal_tally.inc(_REFUSAL_REASONS.get(refusal, "limit"))
         return refusal
 
     def load_snapshot(self) -> dict[str, list[int]]:

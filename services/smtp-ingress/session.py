@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from postbus.kit.logging import get_logger
-from postbus.kit.metrics import counter, histogram
+from postbus.kit.metrics import Tally, counter, histogram
 from postbus.proto.directory import AuthReply
 from postbus.proto.mail import BodyRef, ClientInfo, MailReceived, Recipient
 from postbus.protocols import smtp as proto
@@ -61,6 +61,13 @@ MESSAGES = counter("postbus_smtp_messages_total", "Messages by outcome and reaso
 RECIPIENTS = counter("postbus_smtp_recipients_total", "RCPT answers by outcome and reason",
                      ["listener", "outcome", "reason"])
 AUTHS = counter("postbus_smtp_auth_total", "AUTH attempts by outcome", ["listener", "outcome"])
+AUTH_THROTTLED = counter("postbus_smtp_auth_throttled_total",
+                         "AUTH attempts refused by the failure counters, by what was counted",
+                         ["scope"])
+MAIL_REJECTED = counter("postbus_smtp_mail_rejected_total", "MAIL FROM refused by sender rules",
+                        ["listener", "reason"])
+REFUSED = counter("postbus_smtp_connections_refused_total",
+                  "Connections refused at admission, by reason", ["reason"])
 BYTES = counter("postbus_smtp_received_bytes_total", "Message bytes accepted", ["listener"])
 ACCEPT_LATENCY = histogram("postbus_smtp_accept_seconds",
                            "End of data to the 250 reply (S3 put if any + JetStream ack)",
@@ -99,16 +106,37 @@ class SessionInfo:
 
 @dataclass
 class Stats:
-    """Counters by outcome and reason for the management API (this replica)."""
+    """What this replica counted, for the management API by outcome and reason: each count
+    is a kit Tally, so one call also counts it in Prometheus (there by listener too)."""
 
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    message_tally: Tally = field(default_factory=lambda: Tally(MESSAGES))
+    rcpt_tally: Tally = field(default_factory=lambda: Tally(RECIPIENTS))
+    auth_tally: Tally = field(default_factory=lambda: Tally(AUTHS))
+    auth_throttle_tally: Tally = field(default_factory=lambda: Tally(AUTH_THROTTLED))
+    mail_reject_tally: Tally = field(default_factory=lambda: Tally(MAIL_REJECTED))
+    refusal_tally: Tally = field(default_factory=lambda: Tally(REFUSED))
 
-    def add(self, outcome: str, reason: str) -> None:
-        self.counts[(outcome, reason)] += 1
+    def auth_throttled(self, listener: str, scope: str) -> None:
+        self.auth_tally.inc(listener, "throttled")
+        self.auth_throttle_tally.inc(scope)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
+        counts: Counter[tuple[str, str]] = Counter()
+        for (_, outcome, reason), n in self.message_tally.counts.items():
+            counts["message_" + outcome, reason] += n
+        for (_, outcome, reason), n in self.rcpt_tally.counts.items():
+            counts["rcpt_" + outcome, reason] += n
+        for (_, outcome), n in self.auth_tally.counts.items():
+            if outcome in ("ok", "failed"):  # throttled: by scope below
+                counts["auth", outcome] += n
+        for (scope,), n in self.auth_throttle_tally.counts.items():
+            counts["auth", "throttled_" + scope] += n
+        for (_, reason), n in self.mail_reject_tally.counts.items():
+            counts["mail_rejected", reason] += n
+        for (reason,), n in self.refusal_tally.counts.items():
+            counts["connection_refused", reason] += n
         out: dict[str, dict[str, int]] = {}
-        for (outcome, reason), n in sorted(self.counts.items()):
+        for (outcome, reason), n in sorted(counts.items()):
             out.setdefault(outcome, {})[reason] = n
         return out
 
@@ -421,8 +449,7 @@ class Session:
         except Unavailable:
             return Reply(line(replies.R454_AUTH_TEMPORARY))
         if policy.auth_throttled(ip_failures, 0, ip_limit=s.auth_fail_limit_ip, account_limit=0):
-            labelled(AUTHS, self.peer.listener, "throttled").inc()
-            self.shared.stats.add("auth", "throttled_ip")
+            self.shared.stats.auth_throttled(self.peer.listener, "ip")
             return Reply(line(replies.R454_AUTH_THROTTLED))
         initial = None
         if len(args) == 2:
@@ -478,24 +505,21 @@ class Session:
             account_failures = await sh.auth_failures.get("acct:" + username.lower())
             if policy.auth_throttled(0, account_failures, ip_limit=0,
                                      account_limit=s.auth_fail_limit_account):
-                labelled(AUTHS, listener, "throttled").inc()
-                sh.stats.add("auth", "throttled_account")
+                sh.stats.auth_throttled(listener, "account")
                 return Reply(line(replies.R454_AUTH_THROTTLED))
             reply = await sh.directory.authenticate(username, password, self.peer.ip)
         except Unavailable:
-            labelled(AUTHS, listener, "unavailable").inc()
+            sh.stats.auth_tally.inc(listener, "unavailable")
             return Reply(line(replies.R454_AUTH_TEMPORARY))
         if reply.ok:
             self.auth = reply
             if self.info is not None:
                 self.info.auth_user = reply.address or username
-            labelled(AUTHS, listener, "ok").inc()
-            sh.stats.add("auth", "ok")
+            sh.stats.auth_tally.inc(listener, "ok")
             return Reply(line(replies.R235_AUTHENTICATED))
         if reply.reason == "throttled":
             return Reply(line(replies.R454_AUTH_THROTTLED))
-        labelled(AUTHS, listener, "failed").inc()
-        sh.stats.add("auth", "failed")
+        sh.stats.auth_tally.inc(listener, "failed")
         try:
             await sh.auth_failures.incr("ip:" + self.peer.ip)
             await sh.auth_failures.incr("acct:" + username.lower())
@@ -534,7 +558,7 @@ class Session:
         if path.utf8 and not mp.smtputf8:
             return Reply(line(replies.R553_NEEDS_SMTPUTF8))
         if self.auth is not None and not policy.sender_allowed(path.address, self.auth.send_as):
-            sh.stats.add("mail_rejected", "not_owner")
+            sh.stats.mail_reject_tally.inc(self.peer.listener, "not_owner")
             return Reply(line(replies.R553_NOT_OWNER))
         if (self.settings.reject_unauthenticated_local_senders and path.address
                 and not sh.may_relay(self.peer.ip, self.authenticated)):
@@ -545,7 +569,7 @@ class Session:
             except Unavailable:
                 return Reply(line(replies.R451_DIRECTORY))
             if sender.status != "remote":
-                sh.stats.add("mail_rejected", "local_sender")
+                sh.stats.mail_reject_tally.inc(self.peer.listener, "local_sender")
                 return Reply(line(replies.R550_LOCAL_SENDER))
         # where BDAT chunks go (DATA opens its own spool)
         self.state = Transaction(st.helo, st.esmtp, path.address, mp,
@@ -615,8 +639,7 @@ class Session:
         raise AssertionError(decision)  # pragma: no cover
 
     def _count_rcpt(self, outcome: str, reason: str) -> None:
-        labelled(RECIPIENTS, self.peer.listener, outcome, reason).inc()
-        self.shared.stats.add("rcpt_" + outcome, reason)
+        self.shared.stats.rcpt_tally.inc(self.peer.listener, outcome, reason)
 
     # ------------------------------------------------------------ DATA (RFC 5321 §4.1.1.4)
     def _data(self, st: Connected | Greeted | Transaction, arg: str) -> Reply:
@@ -701,8 +724,7 @@ class Session:
 
     # ------------------------------------------------------------ the end of a message
     def _refuse(self, reply: str, reason: str) -> Reply:
-        labelled(MESSAGES, self.peer.listener, "rejected", reason).inc()
-        self.shared.stats.add("message_rejected", reason)
+        self.shared.stats.message_tally.inc(self.peer.listener, "rejected", reason)
         log.info("message refused", ip=self.peer.ip, reason=reason)
         self._end_transaction()
         return Reply(line(reply))
@@ -743,9 +765,8 @@ class Session:
             log.warning("could not queue message", error=str(exc)[:200], ip=peer.ip)
             return self._refuse(replies.R451_QUEUE, "queue_unavailable")
         labelled(ACCEPT_LATENCY, peer.listener).observe(time.perf_counter() - started)
-        labelled(MESSAGES, peer.listener, "accepted", "ok").inc()
+        sh.stats.message_tally.inc(peer.listener, "accepted", "ok")
         labelled(BYTES, peer.listener).inc(size)
-        sh.stats.add("message_accepted", "ok")
         if self.info is not None:
             self.info.messages += 1
         self._end_transaction()
