@@ -708,8 +708,11 @@ class Session:
         if not self.idling:
             return
         in_idle, flt = self._idle_tag is not None, self._notify
-        if isinstance(self.state, Selected) and (
-                in_idle or (flt is not None and flt.selected_events)):
+        if isinstance(self.state, Selected) and (in_idle or (flt is not None and (
+                imap_notify.FLAGS in flt.selected_events
+                or (flt.selected_events and (self._resync or any(
+                    ev.added or ev.expunged for ev in self._events)))))):
+            # (without FlagChange a flag change alone waits for the next command, §5.1)
             await self._apply_changes(
                 allow_expunge=in_idle or (flt is not None and flt.selected_immediate))
             await self._update_live()
