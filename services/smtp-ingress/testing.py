@@ -10,8 +10,6 @@ from pathlib import Path
 
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus, Delivery
-from postbus.kit.counters import KvCounters
-from postbus.kit.directory import DirectoryClient
 from postbus.kit.tls import self_signed, server_context
 from postbus.proto.directory import (
     DIRECTORY_AUTHENTICATE,
@@ -23,15 +21,8 @@ from postbus.proto.directory import (
     ResolveRequest,
 )
 from postbus.proto.mail import MAIL_RECEIVED, MailReceived
-from postbus.smtp_ingress.adapters import (
-    AUTHFAIL_BUCKET,
-    BusQueue,
-    KvBlockList,
-    KvLoadShare,
-    S3Bodies,
-    StreamBacklog,
-    unavailable,
-)
+from postbus.smtp_ingress.__main__ import wire
+from postbus.smtp_ingress.adapters import KvBlockList, KvLoadShare
 from postbus.smtp_ingress.server import Ingress
 from postbus.smtp_ingress.settings import Settings
 
@@ -103,25 +94,8 @@ async def start_ingress(bus: Bus, blobs: BlobStore, settings: Settings, tmp: Pat
     await serve_directory(bus, table)
     cert, key = tmp / "tls.crt", tmp / "tls.key"
     self_signed(cert, key)
-    blocklist = KvBlockList(bus, refresh_s=0.5)
-    await blocklist.refresh()
-    share = (KvLoadShare(bus, interval_s=settings.limits_share_interval_s)
-             if settings.limits_share_interval_s > 0 else None)
-    ingress = Ingress(
-        settings,
-        directory=DirectoryClient(bus, "smtp", resolve_ttl_s=settings.resolve_cache_ttl_s,
-                                  errors=unavailable),
-        queue=BusQueue(bus, timeout_s=settings.publish_timeout_s),
-        bodies=S3Bodies(blobs),
-        auth_failures=await KvCounters.open(bus, AUTHFAIL_BUCKET, settings.auth_fail_window_s,
-                                            errors=unavailable),
-        blocklist=blocklist,
-        tls_context=server_context(cert, key),
-        load_share=share,
-        backlog=StreamBacklog(bus),
-    )
-    await ingress.start()
-    return RunningIngress(ingress, settings, table, blocklist, cert, share)
+    w = await wire(settings, bus, blobs, server_context(cert, key), blocklist_refresh_s=0.5)
+    return RunningIngress(w.ingress, settings, table, w.blocklist, cert, w.share)
 
 
 class Inbox:
