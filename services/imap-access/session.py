@@ -377,6 +377,10 @@ class Session:
         self._subscribed = {i.name for i in infos if i.subscribed}
         self._notify = flt
         self._notify_status.clear()
+        if any(imap_notify.FLAGS in g.events for g in cmd.groups):
+            # its STATUS responses carry HIGHESTMODSEQ, and FETCHes MODSEQ: CONDSTORE is
+            # on from here (as Dovecot does; the client learns HIGHESTMODSEQ first)
+            self._enable_condstore()
         if cmd.status:  # the state to start from, for each mailbox the events cover
             selected = st.view.mailbox_id if isinstance(st, Selected) else None
             for info in infos:
