@@ -132,6 +132,17 @@ async def greeted(port: int, tls: ssl.SSLContext | None = None, helo: str = "EHL
     return c
 
 
+async def inside_tls(c: Raw, ing: RunningIngress) -> None:
+    """After a 220 to STARTTLS: the handshake, then EHLO's is the first reply inside TLS
+    (nothing sent before the handshake is answered), then the session goes on."""
+    await c.w.start_tls(ing.client_tls())
+    await c.send(b"EHLO c.example.net\r\n")
+    code, lines = await c.reply()
+    assert code == 250 and "AUTH PLAIN LOGIN" in lines
+    assert (await c.cmd("NOOP")) == (250, "2.0.0 Ok")
+    c.close()
+
+
 async def settle(cond: Callable[[], object], timeout: float = 10) -> None:
     """Wait until the server has caught up (a closed connection is released asynchronously)."""
     for _ in range(int(timeout / 0.02)):
@@ -869,12 +880,7 @@ async def test_starttls_command_injection_is_discarded(ing: RunningIngress) -> N
     await c.send(b"STARTTLS\r\nRSET\r\nNOOP\r\n")
     code, _ = await c.reply()
     assert code == 220
-    await c.w.start_tls(ing.client_tls())
-    await c.send(b"EHLO c.example.net\r\n")
-    code, lines = await c.reply()
-    assert code == 250 and "AUTH PLAIN LOGIN" in lines  # the first reply inside TLS is EHLO's
-    assert (await c.cmd("NOOP")) == (250, "2.0.0 Ok")
-    c.close()
+    await inside_tls(c, ing)
 
 
 async def test_reverse_dns_in_client_info_and_received(start: Start, inbox: Inbox) -> None:
@@ -957,9 +963,4 @@ async def test_plaintext_that_arrives_while_starttls_waits_is_discarded(start: S
     await asyncio.sleep(0.1)  # MAIL FROM is being held
     await c.send(b"RSET\r\nNOOP\r\n")
     assert [(await c.reply())[0] for _ in range(2)] == [250, 220]
-    await c.w.start_tls(ing.client_tls())
-    await c.send(b"EHLO c.example.net\r\n")
-    code, lines = await c.reply()
-    assert code == 250 and "AUTH PLAIN LOGIN" in lines  # the first reply inside TLS is EHLO's
-    assert (await c.cmd("NOOP")) == (250, "2.0.0 Ok")
-    c.close()
+    await inside_tls(c, ing)
