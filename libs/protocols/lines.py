@@ -3,7 +3,16 @@ receivers share. Pure: bytes in, lines out, no I/O."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Final
+
+
+@dataclass(frozen=True)
+class LineItem:
+    """The base of what a receiver reads: ``raw`` is the line as received, without its line
+    end (a SASL response is read from it); not compared, not shown."""
+
+    raw: bytes = field(default=b"", compare=False, repr=False, kw_only=True)
 
 
 class TooLong:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from postbus.protocols.lines import LineBuffer, TooLong
+from postbus.protocols.lines import LineBuffer, LineItem, TooLong
 
 __all__ = [
     "MAX_COMMAND_LINE", "MAX_LINE", "Command", "Bad", "Item", "Receiver", "parse_line",
@@ -32,10 +32,7 @@ MAX_MSG_DIGITS = 9
 
 
 # ---------------------------------------------------------------- commands
-@dataclass(frozen=True)
-class _Item:
-    # the line as received (without its line end); a SASL continuation is read from it
-    raw: bytes = field(default=b"", compare=False, repr=False, kw_only=True)
+_Item = LineItem
 
 
 @dataclass(frozen=True)

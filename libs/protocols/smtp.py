@@ -9,10 +9,10 @@ Bytes and strings in, values out. No asyncio, no nats, no boto3.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from postbus.protocols import smtp_replies as rp
-from postbus.protocols.lines import LineBuffer, TooLong
+from postbus.protocols.lines import LineBuffer, LineItem, TooLong
 
 # ---------------------------------------------------------------- enhanced status codes
 # RFC 2034 §4: every reply except the greeting, HELO/EHLO and 334 challenges carries one.
@@ -433,10 +433,7 @@ MAX_COMMAND_LINE = 2048
 MAX_ITEMS = 64
 
 
-@dataclass(frozen=True)
-class _Item:
-    # the line as received, without its line end (a SASL response is read from it)
-    raw: bytes = field(default=b"", compare=False, repr=False, kw_only=True)
+_Item = LineItem
 
 
 @dataclass(frozen=True)
