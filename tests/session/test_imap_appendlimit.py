@@ -4,49 +4,18 @@ synchronising literal before its data, with LITERAL+ after skipping it)."""
 
 from __future__ import annotations
 
-from postbus.imap_access.memory import MemoryPlatform
-from postbus.imap_access.session import Session, SessionConfig
-from postbus.protocols.imap_parser import Limits, Receiver
+import imap_support
+
+from postbus.protocols.imap_parser import Limits
 
 LIMIT = 5000
 
 
-class Out:
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.buf += data
-
-    async def drain(self) -> None:
-        return None
-
-    def take(self) -> list[bytes]:
-        lines = bytes(self.buf).split(b"\r\n")[:-1]
-        self.buf.clear()
-        return lines
-
-
-class Client:
+class Client(imap_support.Client):
     def __init__(self, append_limit: int | None = LIMIT) -> None:
-        self.mp = MemoryPlatform()
-        self.mp.add_user("alice@example.test", "secret")
-        self.out = Out()
-        self.session = Session(directory=self.mp, store=self.mp, blobs=self.mp,
-                               changes=self.mp, out=self.out,
-                               config=SessionConfig(auth_fail_delay_s=0,
-                                                    append_limit=append_limit),
-                               client_ip="127.0.0.1", secure=True)
         # the server's receiver bounds a literal by the same number (server.py)
-        self.rx = Receiver(limits=Limits(max_line=2000, max_literal=LIMIT,
-                                         max_command=2 * LIMIT))
-        self.session.greeting()
-
-    async def send(self, data: bytes) -> list[bytes]:
-        self.rx.push(data)
-        while (item := self.rx.next()) is not None:
-            await self.session.handle(item)
-        return self.out.take()
+        super().__init__(append_limit=append_limit, limits=Limits(
+            max_line=2000, max_literal=LIMIT, max_command=2 * LIMIT))
 
 
 async def test_appendlimit_advertised_and_enforced() -> None:

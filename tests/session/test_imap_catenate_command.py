@@ -5,13 +5,11 @@ ranges, MULTIAPPEND mixed with plain messages, and the refusals: BADURL, TRYCREA
 
 from __future__ import annotations
 
+import imap_support
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from postbus.imap_access.memory import MemoryPlatform
-from postbus.imap_access.session import Session, SessionConfig
 from postbus.kit.testing import examples
-from postbus.protocols.imap_parser import Receiver
 from postbus.protocols.imap_wire import astring
 
 BOUNDARY = b"------------030308070208000400050907"
@@ -31,40 +29,9 @@ FORWARDED = (b"From: Chris <chris@example.org>\r\n"
              b"42\r\n")
 
 
-class Out:
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.buf += data
-
-    async def drain(self) -> None:
-        return None
-
-    def take(self) -> list[bytes]:
-        lines = bytes(self.buf).split(b"\r\n")[:-1]
-        self.buf.clear()
-        return lines
-
-
-class Client:
+class Client(imap_support.Client):
     def __init__(self, append_limit: int | None = None) -> None:
-        self.mp = MemoryPlatform()
-        self.acc = self.mp.add_user("alice@example.test", "secret")
-        self.out = Out()
-        self.session = Session(directory=self.mp, store=self.mp, blobs=self.mp,
-                               changes=self.mp, out=self.out,
-                               config=SessionConfig(auth_fail_delay_s=0,
-                                                    append_limit=append_limit),
-                               client_ip="127.0.0.1", secure=True)
-        self.rx = Receiver(max_line=4000, max_literal=100_000)
-        self.session.greeting()
-
-    async def send(self, data: bytes) -> list[bytes]:
-        self.rx.push(data)
-        while (item := self.rx.next()) is not None:
-            await self.session.handle(item)
-        return self.out.take()
+        super().__init__(append_limit=append_limit)
 
     def body(self, mailbox: str, uid: int) -> bytes:
         box = self.mp.boxes[self.acc][mailbox]

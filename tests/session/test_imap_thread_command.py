@@ -7,33 +7,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import imap_support
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postbus.imap_access.memory import MemoryPlatform
-from postbus.imap_access.session import Session, SessionConfig
 from postbus.kit.testing import examples
 from postbus.proto.mail import MessageSummary
 from postbus.protocols import mime
-from postbus.protocols.imap_parser import Receiver
 
 T0 = datetime(2000, 3, 5, 12, 0, tzinfo=UTC)
-
-
-class Out:
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.buf += data
-
-    async def drain(self) -> None:
-        return None
-
-    def take(self) -> list[bytes]:
-        lines = bytes(self.buf).split(b"\r\n")[:-1]
-        self.buf.clear()
-        return lines
 
 
 def msg(mid: str | None, subject: str, refs: str | None = None, irt: str | None = None,
@@ -51,27 +33,12 @@ def msg(mid: str | None, subject: str, refs: str | None = None, irt: str | None 
     return b"\r\n".join(head) + b"\r\n\r\nbody\r\n"
 
 
-class Client:
+class Client(imap_support.Client):
     def __init__(self, **cfg: int) -> None:
-        self.mp = MemoryPlatform()
-        self.acc = self.mp.add_user("alice@example.test", "secret")
-        self.out = Out()
-        self.session = Session(directory=self.mp, store=self.mp, blobs=self.mp,
-                               changes=self.mp, out=self.out,
-                               config=SessionConfig(auth_fail_delay_s=0, fetch_batch=2,
-                                                    **cfg),  # type: ignore[arg-type]
-                               client_ip="127.0.0.1", secure=True)
-        self.rx = Receiver(max_line=4000, max_literal=10_000)
-        self.session.greeting()
+        super().__init__(max_literal=10_000, fetch_batch=2, **cfg)
 
     def deliver(self, raw: bytes, minutes: int = 0) -> int:
         return self.mp.deliver(self.acc, raw, internaldate=T0 + timedelta(minutes=minutes))
-
-    async def send(self, data: bytes) -> list[bytes]:
-        self.rx.push(data)
-        while (item := self.rx.next()) is not None:
-            await self.session.handle(item)
-        return self.out.take()
 
     async def login(self) -> None:
         self.out.take()

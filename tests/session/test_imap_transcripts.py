@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from imap_support import Out
 
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.session import Session, SessionConfig
@@ -68,24 +69,6 @@ MSG3 = (b"From: Dave <dave@example.com>\r\n"
         b"Subject: third\r\n"
         b"\r\n"
         b"Third message, larger body text here.\r\n" * 1)
-
-
-class Out:
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.buf += data
-
-    async def drain(self) -> None:
-        return None
-
-    def take_lines(self) -> list[str]:
-        text = self.buf.decode("utf-8", "replace")
-        self.buf.clear()
-        lines = text.split("\r\n")
-        assert lines[-1] == "", f"output does not end with CRLF: {text!r}"
-        return lines[:-1]
 
 
 def world() -> tuple[MemoryPlatform, int]:

@@ -6,17 +6,15 @@ from the blob."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from test_store_core_contract import add_account, drop, make_engine, new_message
+from fetch_support import Fetch, corpus_fetcher
 
-from postbus.imap_access.memory import MemoryPlatform
-from postbus.mailbox_store.repository import Repository
-from postbus.proto.store import FetchRequest, MessageMeta
+from postbus.proto.store import MessageMeta
 from postbus.protocols.imap_thread import ThreadInfo, thread, thread_headers, thread_lists
 
 HEADERS = [
@@ -40,37 +38,10 @@ def corpus() -> list[tuple[bytes, datetime]]:
             for i, h in enumerate(HEADERS)]
 
 
-Fetch = Callable[[], Awaitable[list[MessageMeta]]]
-
-
 @pytest_asyncio.fixture(params=["memory", "sqlite"])
 async def fetch(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fetch]:
-    whole = [(1, 1000)]
-    if request.param == "memory":
-        mp = MemoryPlatform()
-        acc = mp.add_user("alice@example.test", "secret")
-        for raw, when in corpus():
-            mp.deliver(acc, raw, internaldate=when)
-        box = mp.boxes[acc]["INBOX"].id
-
-        async def memory() -> list[MessageMeta]:
-            req = FetchRequest(account_id=acc, mailbox_id=box, uids=whole)
-            return (await mp.fetch(req)).messages
-
-        yield memory
-        return
-    engine, target, _ = await make_engine("sqlite", tmp_path)
-    account = await add_account(engine, "alice@example.test")
-    repo = Repository(engine)
-    for i, (raw, when) in enumerate(corpus()):
-        await repo.deliver(f"Q{i}", account, "INBOX", new_message(raw, internaldate=when))
-    inbox = (await repo.status(account, "INBOX")).mailbox_id
-
-    async def sql() -> list[MessageMeta]:
-        return await repo.fetch(account, inbox, whole)
-
-    yield sql
-    await drop("sqlite", engine, target)
+    async with corpus_fetcher(request.param, tmp_path, corpus()) as f:
+        yield f
 
 
 def infos(metas: list[MessageMeta]) -> list[ThreadInfo]:
