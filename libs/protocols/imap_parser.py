@@ -24,7 +24,7 @@ __all__ = [
     "CatText", "CatUrl", "CatPart", "MessageUrl", "parse_message_url", "IdCmd",
     "Enable", "Namespace", "Idle", "Check", "Close", "Unselect", "Expunge", "Search", "Sort",
     "SortKey", "ThreadCmd", "THREAD_ALGORITHMS", "Fetch",
-    "StoreCmd", "Copy", "GetQuotaRoot", "GetQuota",
+    "StoreCmd", "Copy", "GetQuotaRoot", "GetQuota", "Compress",
 ]
 
 # RFC 3501 §4: no line length limit, but RFC 7162 §4 recommends servers accept at least
@@ -438,6 +438,14 @@ class NotifyGroup:
 
 
 @dataclass(frozen=True)
+class Compress:
+    """COMPRESS (RFC 4978 §3); the session refuses any mechanism but DEFLATE with BAD."""
+
+    tag: str
+    mechanism: str  # upper-case
+
+
+@dataclass(frozen=True)
 class Notify:
     tag: str
     groups: tuple[NotifyGroup, ...] | None  # None: NOTIFY NONE
@@ -448,7 +456,7 @@ Command = (Capability | Noop | Logout | StartTLS | Login | Authenticate | Select
            | Delete | Rename | Subscribe | Unsubscribe | ListCmd | Status | Append | IdCmd
            | Enable | Namespace | Idle | Check | Close | Unselect | Expunge | Search | Sort
            | ThreadCmd | Fetch | StoreCmd | Copy | GetQuotaRoot | GetQuota | CancelUpdate
-           | Notify)
+           | Notify | Compress)
 
 
 # ---------------------------------------------------------------- character classes (§9)
@@ -528,6 +536,13 @@ class Receiver:
         self._discard = 0
         self._discard_bad = None
         self._long_id = None
+
+    def take_pending(self) -> bytes:
+        """Hand back the buffered octets not framed yet and start afresh (after COMPRESS:
+        what a client sent past the command is compressed, RFC 4978 §3)."""
+        data = bytes(self._buf)
+        self.reset()
+        return data
 
     def set_limits(self, limits: Limits) -> None:
         """New bounds from the next command on (after login: the authenticated ones)."""
@@ -1334,6 +1349,12 @@ def _enable(c: _Cursor, tag: str, uid: bool) -> Enable:
     return Enable(tag, tuple(caps))
 
 
+def _compress(c: _Cursor, tag: str, uid: bool) -> Compress:
+    # RFC 4978 §5: compress = "COMPRESS" SP algorithm; algorithm = "DEFLATE"
+    c.sp()
+    return Compress(tag, c.atom().upper())
+
+
 def _expunge(c: _Cursor, tag: str, uid: bool) -> Expunge:
     if uid:
         c.sp()
@@ -1835,4 +1856,5 @@ _COMMANDS: dict[str, _Parse] = {
     "SEARCH": _search, "SORT": _sort, "THREAD": _thread, "FETCH": _fetch, "STORE": _store,
     "COPY": _copy(False), "MOVE": _copy(True), "GETQUOTAROOT": _mailbox_cmd(GetQuotaRoot),
     "GETQUOTA": _mailbox_cmd(GetQuota), "CANCELUPDATE": _cancelupdate, "NOTIFY": _notify,
+    "COMPRESS": _compress,
 }
