@@ -162,6 +162,8 @@ class SessionConfig:
     # the largest message an APPEND takes (the receiver's literal bound), advertised after
     # login as APPENDLIMIT=n and in STATUS (RFC 7889); None: not advertised
     append_limit: int | None = None
+    # the server can wrap the stream in DEFLATE (RFC 4978): COMPRESS=DEFLATE after login
+    compress_available: bool = False
 
 
 @dataclass
@@ -256,6 +258,9 @@ class Session:
         # what the server should do after the current command
         self.expect_line = False
         self.start_tls = False
+        self.start_compress = False  # DEFLATE from the octet after the tagged OK
+        # the layer that compresses the stream already ("DEFLATE", "TLS"), RFC 4978 §3
+        self.compression: str | None = None
         self._pending_auth: str | None = None  # tag of an AUTHENTICATE waiting for a response
         self._idle_tag: str | None = None
         self._events: list[MailboxChanged] = []
@@ -295,6 +300,8 @@ class Session:
             caps.append("AUTH=PLAIN")
         if self.authenticated and self.cfg.append_limit is not None:
             caps.append(f"APPENDLIMIT={self.cfg.append_limit}")  # the same for every mailbox
+        if self.authenticated and self.cfg.compress_available:
+            caps.append("COMPRESS=DEFLATE")  # valid only once authenticated (RFC 4978 §3)
         return " ".join(caps)
 
     def w(self, line: str | bytes) -> None:
@@ -561,6 +568,8 @@ class Session:
                 return None
             case p.Notify():
                 return await self._notify_cmd(st, cmd)
+            case p.Compress():
+                return self._compress(cmd)
         if not isinstance(st, Selected):
             return Tagged("BAD", "[CLIENTBUG] No mailbox selected")
         return await self._dispatch_selected(st, cmd)
@@ -607,6 +616,18 @@ class Session:
             return Tagged("NO", "TLS is not configured")
         self.start_tls = True
         return Tagged("OK", "Begin TLS negotiation now")
+
+    def _compress(self, cmd: p.Compress) -> Tagged:
+        """RFC 4978 §3: BAD for a mechanism we do not know, NO [COMPRESSIONACTIVE] when a
+        layer compresses already; after OK the server compresses from the next octet on.
+        Only after login, so after any STARTTLS: TLS comes first (RFC 4978 §4)."""
+        if cmd.mechanism != "DEFLATE" or not self.cfg.compress_available:
+            return Tagged("BAD", "[CLIENTBUG] Unknown compression mechanism")
+        if self.compression is not None:
+            return Tagged("NO", f"[COMPRESSIONACTIVE] {self.compression} is active already")
+        self.compression = "DEFLATE"
+        self.start_compress = True
+        return Tagged("OK", "DEFLATE active")
 
     async def _login(self, st: NotAuthenticated, user: bytes, password: bytes) -> Tagged:
         if not self.secure:
