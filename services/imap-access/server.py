@@ -11,7 +11,8 @@ import contextlib
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from postbus.imap_access.metacache import MetaCache
@@ -28,7 +29,7 @@ from postbus.kit.net import (
     linger_close,
     read_proxy_header,
 )
-from postbus.protocols.imap_parser import Continue, RawLine, Receiver
+from postbus.protocols.imap_parser import Continue, Limits, RawLine, Receiver
 
 log = get_logger(__name__)
 
@@ -40,14 +41,52 @@ REFUSED = counter("postbus_imap_connections_refused_total",
 READ_SIZE = 64 * 1024
 
 
+class _Deflate:
+    """COMPRESS=DEFLATE (RFC 4978): raw DEFLATE both ways (no zlib header, no dictionary).
+    Each batch of output ends in a sync flush (§3: the client must see every response at
+    once). Input is inflated at most ``max_out`` octets at a time and only when the
+    receiver wants more, so a few compressed kilobytes never become megabytes in memory:
+    the compressed rest waits in ``unconsumed_tail`` and nothing more is read meanwhile."""
+
+    def __init__(self) -> None:
+        self._z = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self._d = zlib.decompressobj(-15)
+        self._in = b""  # compressed input not inflated yet
+        self.more = False  # inflate() may return more without new input
+
+    def deflate(self, data: bytes) -> bytes:
+        return self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
+
+    def push(self, data: bytes) -> None:
+        """Compressed octets from the socket; zlib.error if the stream had ended."""
+        if self._d.eof and data:
+            raise zlib.error("data after the end of the compressed stream")
+        self._in += data
+        self.more = bool(self._in)
+
+    def inflate(self, max_out: int) -> bytes:
+        """Up to ``max_out`` inflated octets; zlib.error on corrupt input."""
+        before = len(self._in)
+        out = self._d.decompress(self._in, max_out)
+        self._in = self._d.unconsumed_tail
+        if self._d.eof and self._d.unused_data:
+            raise zlib.error("data after the end of the compressed stream")
+        progressed = bool(out) or len(self._in) < before
+        # a full batch may leave output inside zlib even when all input was taken
+        self.more = progressed and (bool(self._in) or len(out) == max_out)
+        return out
+
+
 class _Out:
     """Responses are gathered and handed to the socket at a drain: one send per command
-    (or per pipelined batch) instead of one per response line."""
+    (or per pipelined batch) instead of one per response line; after COMPRESS, each such
+    batch is one deflated, flushed block."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.bytes = 0  # gathered since the last drain
         self._parts: list[bytes] = []
+        self.deflate: _Deflate | None = None
 
     def write(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -55,8 +94,9 @@ class _Out:
 
     def flush(self) -> None:
         if self._parts:
-            self.writer.write(b"".join(self._parts))
+            data = b"".join(self._parts)
             self._parts.clear()
+            self.writer.write(data if self.deflate is None else self.deflate.deflate(data))
         self.bytes = 0
 
     async def drain(self) -> None:
@@ -74,6 +114,12 @@ def _ack_quickly(writer: asyncio.StreamWriter) -> None:
     if sock is not None and quickack is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+
+
+def _tls_compression(writer: asyncio.StreamWriter) -> str | None:
+    """"TLS" when the TLS layer compresses already (COMPRESS is then NO, RFC 4978 §3)."""
+    obj = writer.get_extra_info("ssl_object")
+    return "TLS" if obj is not None and obj.compression() is not None else None
 
 
 @dataclass
@@ -119,7 +165,7 @@ class ImapServer:
                              inline_body_max=s.common.inline_body_max,
                              hostname=s.common.hostname,
                              starttls_available=self.tls is not None,
-                             append_limit=s.max_literal)
+                             append_limit=s.max_literal, compress_available=True)
 
     async def start(self, host: str, imap_port: int | None,
                     imaps_port: int | None) -> list[int]:
@@ -202,6 +248,7 @@ class ImapServer:
                           changes=self.changes, out=out, config=self.session_config(),
                           client_ip=ip, secure=secure, tls=implicit_tls, listener=listener,
                           meta_cache=self.meta_cache, ip_failures=self.ip_failures)
+        session.compression = _tls_compression(writer)
         if len(self.sessions) >= s.max_sessions:
             out.write(b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
             await out.drain()
@@ -217,6 +264,12 @@ class ImapServer:
         finally:
             self.per_ip.release(ip)
 
+    def _limits(self, authenticated: bool, compressed: bool) -> Limits:
+        limits = self.settings.limits(authenticated)
+        # a few compressed octets can carry megabytes to throw away: past a limit, close
+        # (as before login) rather than inflate and skip the rest
+        return replace(limits, skip_oversized=False) if compressed else limits
+
     async def _session(self, session: Session, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter, out: _Out) -> None:
         s = self.settings
@@ -224,6 +277,7 @@ class ImapServer:
         self._outs[session.info.id] = out
         rx = Receiver(limits=s.limits(authenticated=False))
         authenticated = False
+        deflate: _Deflate | None = None
         read_task: asyncio.Task[bytes] | None = None
         try:
             session.greeting()
@@ -234,6 +288,13 @@ class ImapServer:
             preauth_deadline = started + min(s.preauth_deadline_s, s.max_session_s)
             while not session.closed:
                 item = rx.next()
+                if item is None and deflate is not None and deflate.more:
+                    try:  # one bounded batch for the receiver, as one read would be
+                        rx.push(deflate.inflate(READ_SIZE))
+                    except zlib.error:
+                        session.bye("Corrupt compressed input")
+                        break
+                    continue
                 if item is None:
                     if read_task is None:
                         read_task = asyncio.ensure_future(reader.read(READ_SIZE))
@@ -265,7 +326,14 @@ class ImapServer:
                         read_task = None
                         if not data:
                             break
-                        rx.push(data)
+                        if deflate is None:
+                            rx.push(data)
+                        else:
+                            try:
+                                deflate.push(data)
+                            except zlib.error:
+                                session.bye("Corrupt compressed input")
+                                break
                     continue
                 if not isinstance(item, Continue | RawLine):
                     commands += 1
@@ -275,7 +343,7 @@ class ImapServer:
                 await session.handle(item)
                 if session.authenticated != authenticated:
                     authenticated = session.authenticated
-                    rx.set_limits(s.limits(authenticated))
+                    rx.set_limits(self._limits(authenticated, deflate is not None))
                 if session.expect_line:
                     rx.expect_line()
                 if session.start_tls:
@@ -289,6 +357,14 @@ class ImapServer:
                     assert self.tls is not None
                     await writer.start_tls(self.tls)
                     session.tls = session.secure = session.info.tls = True
+                    session.compression = _tls_compression(writer)
+                if session.start_compress:
+                    session.start_compress = False
+                    await out.drain()  # the tagged OK is the last plain octet (RFC 4978 §3)
+                    deflate = out.deflate = _Deflate()
+                    # what the client sent past COMPRESS (it should have waited) is compressed
+                    deflate.push(rx.take_pending())
+                    rx.set_limits(self._limits(authenticated, True))
                 if out.bytes > 256 * 1024 or rx.pending == 0 or isinstance(item, Continue):
                     await out.drain()
                 if isinstance(item, Continue):  # after the send: it would end quick-ACK mode
