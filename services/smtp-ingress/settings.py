@@ -81,9 +81,10 @@ class Settings(BaseSettings):
     # for mime-processor and the store (the work queues' depth), each MAIL FROM waits
     # (depth - threshold) * per_message, at most max, so intake follows delivery and the
     # queue, hence the latency from 250 to the mailbox, stays bounded. 0 turns it off.
-    # 20, not 100: in paired bench-e2e runs the delivered rate was the same (129 vs 115/s,
-    # 127 vs 126/s) and the 250 -> IDLE EXISTS median halved (120 vs 230-295 ms)
-    flow_backlog_threshold: int = 20
+    # 100: on a quiet machine bench-e2e delivered 191/s at 100, 142/s at 50 and 131/s at 20
+    # (the consumers need that much queued work to batch); 20 halves the 250 -> IDLE EXISTS
+    # median (97 vs 195 ms) at that cost. Runs on a loaded machine had hidden the difference.
+    flow_backlog_threshold: int = 100
     flow_delay_per_message_s: float = 0.01
     flow_delay_max_s: float = 1.0
     flow_poll_s: float = 0.25
