@@ -168,7 +168,14 @@ class KvLease:
             return
         self._lost = True
         try:
-            await self.bucket.delete(self.key, last=self.revision)
+            if await self.bucket.delete(self.key, last=self.revision):
+                return
+            # a refresh cancelled while its update was on the wire may have moved the
+            # revision on without our knowing: the lock is still ours if it holds our value
+            # (holder and time make it unique), else another session has it
+            entry = await self.bucket.get(self.key)
+            if entry is not None and entry.value == self.value:
+                await self.bucket.delete(self.key, last=entry.revision)
         except BusUnavailable as exc:
             raise Unavailable(str(exc)) from exc
 

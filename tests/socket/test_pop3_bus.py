@@ -125,6 +125,32 @@ async def test_two_replicas_share_the_lock_and_bodies_come_from_s3(cluster: Clus
     assert await cluster.locks.holders() == []
 
 
+async def test_lock_released_after_a_refresh_it_did_not_hear_back_from(bus: Bus) -> None:
+    """release() cancels the refresh task; when that cancel lands after the update reached
+    the server, the lease's revision is stale and the delete at that revision fails. The
+    lock must be freed anyway (it still holds this lease's value), or the user's next POP3
+    session is refused until the TTL: make test caught it once under load."""
+    bucket = await bus.kv_bucket("pop3-locks-stale", ttl_s=30)
+    locks = adapters.KvLocks(bucket, ttl_s=30, replica="r1")
+    live = await locks.acquire(7, "s1")
+    assert live is not None
+    moved = await bucket.update(live.key, live.value, live.revision)  # the unheard refresh
+    assert moved is not None and moved != live.revision
+    await live.release()
+    again = await locks.acquire(7, "s2")
+    assert again is not None
+    # another session's lock is never taken by a stale release
+    stale = await locks.acquire(8, "s3")
+    assert stale is not None
+    await bucket.delete(stale.key)
+    other = await locks.acquire(8, "s4")
+    assert other is not None
+    await stale.release()
+    assert await locks.acquire(8, "s5") is None
+    await other.release()
+    await again.release()
+
+
 async def test_lock_is_refreshed_while_held_and_expires_when_its_holder_dies(bus: Bus) -> None:
     bucket = await bus.kv_bucket("pop3-locks-expiry", ttl_s=1.2)
     locks = adapters.KvLocks(bucket, ttl_s=1.2, replica="r1")
