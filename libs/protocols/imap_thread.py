@@ -131,16 +131,22 @@ def _first_date(box: _Box) -> tuple[float, int]:
     return _date_key(box.msg)
 
 
-def _sort_tree(roots: list[_Box]) -> None:
-    """Sort every set of siblings by sent date, the deepest first (§4 step 6), then the
-    roots. Iterative: a reply chain may be as long as the mailbox."""
+def _parents_first(roots: list[_Box]) -> list[_Box]:
+    """Every box of the trees, each before its children; iterative (a reply chain may be as
+    long as the mailbox), so reversed it visits children before their parents."""
     order: list[_Box] = []
     stack = list(roots)
     while stack:
         box = stack.pop()
         order.append(box)
         stack.extend(box.children)
-    for box in reversed(order):  # children before their parents
+    return order
+
+
+def _sort_tree(roots: list[_Box]) -> None:
+    """Sort every set of siblings by sent date, the deepest first (§4 step 6), then the
+    roots. Iterative: a reply chain may be as long as the mailbox."""
+    for box in reversed(_parents_first(roots)):  # children before their parents
         box.children.sort(key=_first_date)
     roots.sort(key=_first_date)
 
@@ -148,13 +154,7 @@ def _sort_tree(roots: list[_Box]) -> None:
 def _prune(roots: list[_Box]) -> list[_Box]:
     """§4 step 3: a dummy without children goes; a dummy with children goes and its
     children take its place, except at the root where only a single child is promoted."""
-    order: list[_Box] = []
-    stack = list(roots)
-    while stack:
-        box = stack.pop()
-        order.append(box)
-        stack.extend(box.children)
-    for box in reversed(order):  # a container's children are pruned before it
+    for box in reversed(_parents_first(roots)):  # a container's children are pruned before it
         kept: list[_Box] = []
         for child in box.children:
             if child.msg is None:
