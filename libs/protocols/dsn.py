@@ -12,6 +12,8 @@ from datetime import datetime
 from email.utils import format_datetime
 from typing import Literal
 
+from postbus.protocols.served import normalize_crlf
+
 Action = Literal["failed", "delayed", "delivered", "relayed", "expanded"]  # RFC 3464 §2.3.3
 
 CRLF = b"\r\n"
@@ -110,10 +112,6 @@ def header_block(message: bytes) -> bytes:
     else:
         head = message
     return normalize_crlf(head).rstrip(b"\r\n") + CRLF
-
-
-def normalize_crlf(data: bytes) -> bytes:
-    return re.sub(rb"\r?\n|\r", b"\r\n", data)
 
 
 def _subject_of(message: bytes) -> str:

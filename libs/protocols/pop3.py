@@ -11,6 +11,7 @@ import binascii
 from dataclasses import dataclass
 
 from postbus.protocols.lines import LineBuffer, LineItem, TooLong
+from postbus.protocols.served import dot_stuffed as stuff  # byte-stuffing, RFC 1939 §3
 
 __all__ = [
     "MAX_COMMAND_LINE", "MAX_LINE", "Command", "Bad", "Item", "Receiver", "parse_line",
@@ -291,15 +292,8 @@ def multiline(first: bytes, lines: list[bytes]) -> bytes:
 
 
 # ---------------------------------------------------------------- message bodies
-# the text RETR sends and its size come from protocols.served (retr_text, retr_octets)
-def stuff(data: bytes) -> bytes:
-    """Byte-stuff CRLF text: a line that starts with ``.`` gets one more (RFC 1939 §3)."""
-    out = data.replace(b"\r\n.", b"\r\n..")
-    if out.startswith(b"."):
-        out = b"." + out
-    return out
-
-
+# the text RETR sends, its size and its byte-stuffing come from protocols.served
+# (retr_text, retr_octets, dot_stuffed, re-exported here as ``stuff``)
 def retr_payload(message: bytes) -> bytes:
     """The multi-line body of a RETR reply for CRLF ``message`` (after ``+OK``)."""
     return stuff(message) + b".\r\n"

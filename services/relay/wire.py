@@ -4,7 +4,7 @@ DATA body encoding (§4.5.2). No asyncio, no sockets.
 
 from __future__ import annotations
 
-import re
+from postbus.protocols.served import wire_form
 
 MAX_REPLY_LINE = 4096  # RFC 5321 §4.5.3.1.5 says 512; servers send longer text
 MAX_REPLY_LINES = 200
@@ -50,14 +50,7 @@ def split_replies(buf: bytearray) -> list[tuple[int, str]]:
         out.append((int(lines[0][:3]), text))
 
 
-_LINE_ENDS = re.compile(rb"\r\n|\r|\n")
-
-
 def data_payload(body: bytes) -> bytes:
-    """The bytes to send after a 354: CRLF line ends, leading dots doubled, the final
-    ``CRLF.CRLF`` (RFC 5321 §4.5.2, §4.1.1.4)."""
-    text = _LINE_ENDS.sub(b"\r\n", body)
-    if text and not text.endswith(b"\r\n"):
-        text += b"\r\n"
-    stuffed = re.sub(rb"(?m)^\.", b"..", text)
-    return stuffed + b".\r\n"
+    """The bytes to send after a 354: the wire form of ``protocols.served`` (CRLF line ends,
+    leading dots doubled, the final ``CRLF.CRLF``; RFC 5321 §4.5.2, §4.1.1.4)."""
+    return wire_form(body)

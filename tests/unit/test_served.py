@@ -9,14 +9,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postbus.protocols import dsn
 from postbus.protocols.pop3 import stuff
 from postbus.protocols.served import (
+    crlf_text,
+    dot_stuffed,
     ends_crlf,
     normalize_crlf,
     retr_octets,
     retr_text,
     served,
     served_size,
+    wire_form,
 )
 
 PREFIX = b"Return-Path: <bob@example.net>\r\nDelivered-To: alice@example.test\r\n"
@@ -68,3 +72,46 @@ def test_retr_text_is_the_served_form_with_crlf_and_the_last_line_ended(
     # as pop3-access sends it in two parts, a prefix of whole lines then the prepared blob
     if not prefix or prefix.endswith(b"\n"):
         assert stuff(retr_text(prefix, b"")) + stuff(retr_text(b"", blob)) == stuff(text)
+
+
+def test_dsn_and_pop3_use_the_one_rule() -> None:
+    # the DSN builder's own copy was the same regex (``\r?\n|\r`` -> CRLF); it is now this
+    assert dsn.normalize_crlf is normalize_crlf
+    assert stuff is dot_stuffed
+
+
+# the DATA wire form (RFC 5321 §4.5.2): every line end CRLF, the last line ended, dots doubled
+WIRE = [
+    ("crlf", b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+    ("bare LF", b"a\nb\n", b"a\r\nb\r\n.\r\n"),
+    ("bare CR", b"a\rb\r", b"a\r\nb\r\n.\r\n"),
+    ("CR CR LF", b"a\r\r\nb", b"a\r\n\r\nb\r\n.\r\n"),
+    ("no final CRLF", b"a\r\nlast", b"a\r\nlast\r\n.\r\n"),
+    ("lone dot line", b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+    ("lone dot after bare LF", b"a\n.\nb", b"a\r\n..\r\nb\r\n.\r\n"),
+    ("lone dot, last, unended", b"a\r\n.", b"a\r\n..\r\n.\r\n"),
+    ("leading dots", b".x\r\n..y\r\nz.\r\n", b"..x\r\n...y\r\nz.\r\n.\r\n"),
+    ("dot after bare CR", b"a\r.b", b"a\r\n..b\r\n.\r\n"),
+    ("empty", b"", b".\r\n"),
+]
+
+
+@pytest.mark.parametrize(("body", "wire"), [w[1:] for w in WIRE], ids=[w[0] for w in WIRE])
+def test_wire_form(body: bytes, wire: bytes) -> None:
+    assert wire_form(body) == wire
+    assert wire_form(body) == dot_stuffed(crlf_text(body)) + b".\r\n"
+
+
+def _relay_wire_before_served(body: bytes) -> bytes:
+    """relay/wire.py's own encoder before it went through this module."""
+    text = re.sub(rb"\r\n|\r|\n", b"\r\n", body)
+    if text and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    return re.sub(rb"(?m)^\.", b"..", text) + b".\r\n"
+
+
+@given(st.binary(max_size=300))
+def test_wire_form_is_what_the_relay_sent_before(body: bytes) -> None:
+    out = wire_form(body)
+    assert out == _relay_wire_before_served(body)
+    assert (b"\r\n" + out).count(b"\r\n.\r\n") == 1  # the only terminator is the last line
