@@ -9,7 +9,7 @@ Bytes and strings in, values out. No asyncio, no nats, no boto3.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from postbus.protocols import smtp_replies as rp
 from postbus.protocols.lines import LineBuffer, LineItem, TooLong
@@ -315,6 +315,57 @@ R552_TOO_BIG = DataProblem(rp.R552_TOO_BIG, "too_big")
 
 
 @dataclass
+class MessageCheck:
+    """What DATA and BDAT refuse in the message octets, however they are split: bare CR or
+    bare LF (RFC 5321 §2.3.8: what SMTP smuggling is made of; a well-behaved client never
+    sends them) and a line over ``max_line`` octets without its CRLF (RFC 5321 §4.5.3.1.6,
+    0: no limit). DATA feeds it the un-stuffed body (``DataReader``), BDAT every chunk of
+    the message (RFC 3030 §2); it keeps a few counters, never the octets."""
+
+    max_line: int = 0
+    _cr: int = 0
+    _lf: int = 0
+    _crlf: int = 0
+    _last_cr: bool = False  # the octets so far end in CR: an LF next makes a CRLF pair
+    _line: int = 0  # octets of the current line so far, a CR at its end included
+    _long: bool = False
+
+    def feed(self, out: bytes) -> None:
+        if not out:
+            return
+        self._cr += out.count(b"\r")
+        self._lf += out.count(b"\n")
+        self._crlf += out.count(b"\r\n") + (self._last_cr and out[0] == 0x0A)
+        self._last_cr = out[-1] == 0x0D
+        if self.max_line and not self._long:
+            self._check_lines(out)
+
+    def _check_lines(self, out: bytes) -> None:
+        # Lines are split at LF and lose one octet for their CR: when a line ends in a bare
+        # LF instead, the message is refused for that anyway.
+        first = out.find(b"\n")
+        if first < 0:
+            self._line += len(out)
+            return
+        last = out.rfind(b"\n")
+        limit = self.max_line + 1  # with its CR
+        if (self._line + first > limit
+                or last - first - 1 > limit
+                and max(map(len, out[first + 1:last].split(b"\n"))) > limit):
+            self._long = True
+        self._line = len(out) - last - 1
+
+    def problem(self) -> DataProblem | None:
+        """Once the message is complete: bare CR/LF first, then line length (an unended
+        last line, which BDAT allows, counts too), or None."""
+        if not self._cr == self._lf == self._crlf:
+            return R550_BARE_LF
+        if self._long or self.max_line and self._line > self.max_line:
+            return R500_LINE_TOO_LONG
+        return None
+
+
+@dataclass
 class DataReader:
     """The data of one DATA command, read chunk by chunk and handed on as it comes: the
     caller never needs the whole message in memory (issue 8.6).
@@ -343,11 +394,10 @@ class DataReader:
     dropped: bool = False  # told to discard (``drop``): the receiver has no room for it
     _ctx: bytes = b"\r\n"  # the last two octets handed on (the stream starts after CRLF)
     _pending: bytes = b""  # at most four octets that may start the terminator
-    _cr: int = 0
-    _lf: int = 0
-    _crlf: int = 0
-    _line: int = 0  # octets of the current (un-stuffed) line so far, a CR at its end included
-    _long: bool = False
+    _check: MessageCheck = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._check = MessageCheck(self.max_line)
 
     def feed(self, chunk: bytes) -> tuple[bytes, bytes | None]:
         """Add a chunk; returns (body octets it completes, the bytes after the end of data
@@ -367,9 +417,6 @@ class DataReader:
         """The body octets ``w[2:cut]`` un-stuffed; ``w[:2]`` were handed on before."""
         if cut <= 2 or self.overflow or self.dropped:
             return b""
-        self._cr += w.count(b"\r", 2, cut)
-        self._lf += w.count(b"\n", 2, cut)
-        self._crlf += w.count(b"\r\n", 1, cut)  # a pair whose LF is in this part
         if w.find(b"\r\n.", 0, cut) < 0:
             out = w[2:cut]
         else:  # a removed dot is always past w[:2]: the pattern is three octets long
@@ -378,24 +425,8 @@ class DataReader:
         if self.max_size and self.size > self.max_size:
             self.overflow = True  # nothing more is checked: too big is the answer
             return b""
-        if self.max_line and not self._long:
-            self._check_lines(out)
+        self._check.feed(out)
         return out
-
-    def _check_lines(self, out: bytes) -> None:
-        # Lines are split at LF and lose one octet for their CR: when a line ends in a bare
-        # LF instead, the message is refused for that anyway.
-        first = out.find(b"\n")
-        if first < 0:
-            self._line += len(out)
-            return
-        last = out.rfind(b"\n")
-        limit = self.max_line + 1  # with its CR
-        if (self._line + first > limit
-                or last - first - 1 > limit
-                and max(map(len, out[first + 1:last].split(b"\n"))) > limit):
-            self._long = True
-        self._line = len(out) - last - 1
 
     def drop(self) -> None:
         """Hand on nothing more of this message (but go on looking for its end)."""
@@ -406,11 +437,7 @@ class DataReader:
         CR/LF, then line length (``dropped`` is the receiver's to answer)."""
         if self.overflow:
             return R552_TOO_BIG
-        if not self._cr == self._lf == self._crlf:
-            return R550_BARE_LF
-        if self._long:
-            return R500_LINE_TOO_LONG
-        return None
+        return self._check.problem()
 
 
 # ---------------------------------------------------------------- BDAT (RFC 3030 §2)

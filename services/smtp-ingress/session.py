@@ -216,13 +216,15 @@ class Greeted:
 
 @dataclass
 class Transaction:
-    """After MAIL FROM: the envelope so far and the spool BDAT chunks go to."""
+    """After MAIL FROM: the envelope so far, the spool BDAT chunks go to and DATA's checks
+    on the message those chunks make up (RFC 3030 §2 sends the same message as DATA does)."""
 
     helo: str
     esmtp: bool
     mail_from: str
     params: proto.MailParams
     spool: Spool
+    check: proto.MessageCheck
     recipients: list[Recipient] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)  # recipient addresses, lowercased
     mode: str | None = None  # "DATA" or "BDAT" once the data transfer began
@@ -573,7 +575,8 @@ class Session:
                 return Reply(line(replies.R550_LOCAL_SENDER))
         # where BDAT chunks go (DATA opens its own spool)
         self.state = Transaction(st.helo, st.esmtp, path.address, mp,
-                                 sh.spool.open(sh.inline_threshold))
+                                 sh.spool.open(sh.inline_threshold),
+                                 proto.MessageCheck(self.settings.max_line_length))
         if (delay := sh.flow_delay()) > 0:  # intake follows delivery
             FLOW_DELAYS.inc()
             FLOW_DELAY_SECONDS.inc(delay)
@@ -695,9 +698,11 @@ class Session:
         txn = st.before if isinstance(st.before, Transaction) else None
         match item:
             case Body(data=data):
-                if st.room and txn is not None and not txn.spool.write(data):
-                    st.room = False  # read the chunk to its end, keep nothing, answer 451
-                    txn.spool.close()
+                if st.room and txn is not None:
+                    if not txn.spool.write(data):
+                        st.room = False  # read the chunk to its end, keep nothing, answer 451
+                        txn.spool.close()
+                    txn.check.feed(data)
                 return Reply()
             case ChunkEnd():
                 self.state = st.before
@@ -720,6 +725,8 @@ class Session:
             return self._refuse(replies.R552_TOO_BIG, "too_big")
         if not st.last:
             return Reply(line(replies.R250_CHUNK.format(st.size)))
+        if (problem := txn.check.problem()) is not None:  # as DataEnd answers DATA
+            return self._refuse(problem.reply, problem.reason)
         return await self._accept(txn, txn.spool)
 
     # ------------------------------------------------------------ the end of a message

@@ -303,7 +303,7 @@ async def test_pipelining_answers_in_order_with_enhanced_codes(ing: RunningIngre
 
 async def test_bdat_chunking(ing: RunningIngress, inbox: Inbox) -> None:
     c = await greeted(ing.port("mx"))
-    part1, part2 = BODY[:20], BODY[20:] + b"\n.\nbare LF is fine in BDAT\r\n"
+    part1, part2 = BODY[:20], BODY[20:] + b".\r\nno dot-stuffing in BDAT\r\n"
     await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\n"
                  + f"BDAT {len(part1)}\r\n".encode() + part1
                  + f"BDAT {len(part2)} LAST\r\n".encode() + part2)

@@ -203,6 +203,56 @@ def test_reader_random_splits_match_the_reference(data: bytes, cuts: list[int], 
     assert read(split_at(stream, cuts), max_line=max_line, max_size=max_size) == whole
 
 
+# ---------------------------------------------------------------- BDAT: DATA's checks
+def check_reference(message: bytes, max_line: int) -> p.DataProblem | None:
+    """What BDAT refuses, the slow way: the message split at CRLF (its last line may be
+    unended), then DATA's rules on each line."""
+    lines = message.split(b"\r\n")
+    if any(b"\r" in ln or b"\n" in ln for ln in lines):
+        return p.R550_BARE_LF
+    if max_line and any(len(ln) > max_line for ln in lines):
+        return p.R500_LINE_TOO_LONG
+    return None
+
+
+def check(pieces: list[bytes], max_line: int) -> p.DataProblem | None:
+    c = p.MessageCheck(max_line)
+    for piece in pieces:
+        c.feed(piece)
+    return c.problem()
+
+
+@pytest.mark.parametrize(("message", "problem"), [
+    (b"Subject: x\r\n\r\nbody\r\n", None),
+    (b"Subject: x\r\n\r\nbody", None),  # BDAT may leave the last line unended
+    (b"", None),
+    (b"Subject: x\n\r\nbody\r\n", p.R550_BARE_LF),
+    (b"Subject: x\r\n\r\nbo\rdy\r\n", p.R550_BARE_LF),
+    (b"body\r", p.R550_BARE_LF),
+    (b"\n.\nMAIL FROM:<x@y>\r\n", p.R550_BARE_LF),
+    (b"x" * 12 + b"\r\n", None),
+    (b"x" * 13 + b"\r\n", p.R500_LINE_TOO_LONG),
+    (b"a\r\n" + b"x" * 12, None),
+    (b"a\r\n" + b"x" * 13, p.R500_LINE_TOO_LONG),  # the unended last line counts
+    (b"x" * 13 + b"\n", p.R550_BARE_LF),  # bare first, as DATA
+])
+def test_message_check_at_every_split(message: bytes, problem: p.DataProblem | None) -> None:
+    assert check([message], 12) == problem == check_reference(message, 12)
+    for i in range(len(message) + 1):  # a CRLF or a line across two chunks is one
+        assert check([message[:i], message[i:]], 12) == problem, i
+    assert check([message[i:i + 1] for i in range(len(message))], 12) == problem
+
+
+@settings(max_examples=examples(400), deadline=None)
+@given(st.lists(ALPHABET, max_size=60).map(b"".join),
+       st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+       st.sampled_from([0, 8, 30]))
+def test_message_check_random_splits_match_the_reference(data: bytes, cuts: list[int],
+                                                         max_line: int) -> None:
+    cuts = [c for c in cuts if c <= len(data)]
+    assert check(split_at(data, cuts), max_line) == check_reference(data, max_line)
+
+
 SMUGGLING = [
     b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r", b"\n.\r", b"\r\n.\n", b"\r.\n",
     b"\n", b"\r",
