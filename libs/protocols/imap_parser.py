@@ -1,7 +1,8 @@
 """IMAP4rev1 command parser (RFC 3501 §9 grammar, LITERAL+ RFC 7888, CONDSTORE RFC 7162,
 MOVE RFC 6851, UIDPLUS RFC 4315, LIST-EXTENDED RFC 5258, ID RFC 2971, ENABLE RFC 5161,
 BINARY RFC 3516, MULTIAPPEND RFC 3502, APPENDLIMIT RFC 7889, SORT and THREAD RFC 5256,
-CATENATE RFC 4469 with its IMAP URLs RFC 5092).
+CATENATE RFC 4469 with its IMAP URLs RFC 5092, SEARCHRES RFC 5182). The grammar of IMAP4rev2
+(RFC 9051 §9) is a subset of it; what a rev2 session refuses the session decides.
 
 Pure and sans-I/O: bytes in, values out. No asyncio, nats or boto3. ``Receiver.feed`` never
 raises on client input: junk, over-long lines and over-sized literals come back as ``Bad``.
@@ -17,7 +18,8 @@ from datetime import datetime, timedelta, timezone
 
 __all__ = [
     "Receiver", "Continue", "RawLine", "Bad", "Command", "SeqSet", "FetchAtt", "SearchNode",
-    "parse_command", "parse_id_prefix", "MAX_LINE", "MAX_LITERAL", "MAX_COMMAND", "MAX_ID_LINE",
+    "SAVED", "parse_command", "parse_id_prefix", "MAX_LINE", "MAX_LITERAL", "MAX_COMMAND",
+    "MAX_ID_LINE",
     "Limits", "PREAUTH",
     "Capability", "Noop", "Logout", "StartTLS", "Login", "Authenticate", "Select", "Create",
     "Delete", "Rename", "Subscribe", "Unsubscribe", "ListCmd", "Status", "Append", "AppendItem",
@@ -39,6 +41,10 @@ MAX_DEPTH = 50  # nesting of search keys / parentheses
 
 SeqSet = tuple[tuple[int | None, int | None], ...]
 """Inclusive ranges; ``None`` stands for ``*`` (RFC 3501 §9 seq-number)."""
+
+SAVED: SeqSet = ((-1, -1),)
+"""``$``, the saved search result (RFC 5182 §2.1, RFC 9051 §6.4.4.1): a whole sequence set
+of its own, never part of a list; the session puts the saved messages in its place."""
 
 
 # ---------------------------------------------------------------- receiver outputs
@@ -848,7 +854,12 @@ class _Cursor:
             return self.string()
         return self.chars(LIST_CHARS, "a mailbox pattern")
 
-    def seqset(self) -> SeqSet:
+    def seqset(self, saved: bool = False) -> SeqSet:
+        """sequence-set (RFC 3501 §9); with ``saved`` also ``$`` (RFC 5182 §4:
+        seq-last-command), returned as ``SAVED``."""
+        if saved and self.peek() == 0x24:
+            self.i += 1
+            return SAVED
         out: list[tuple[int | None, int | None]] = []
         while True:
             a = self._seqnum()
@@ -1358,14 +1369,14 @@ def _compress(c: _Cursor, tag: str, uid: bool) -> Compress:
 def _expunge(c: _Cursor, tag: str, uid: bool) -> Expunge:
     if uid:
         c.sp()
-        return Expunge(tag, c.seqset())
+        return Expunge(tag, c.seqset(saved=True))
     return Expunge(tag)
 
 
 def _copy(move: bool) -> _Parse:
     def parse(c: _Cursor, tag: str, uid: bool) -> Copy:
         c.sp()
-        s = c.seqset()
+        s = c.seqset(saved=True)
         c.sp()
         return Copy(tag, uid, s, c.astring(), move)
     return parse
@@ -1373,7 +1384,7 @@ def _copy(move: bool) -> _Parse:
 
 def _store(c: _Cursor, tag: str, uid: bool) -> StoreCmd:
     c.sp()
-    s = c.seqset()
+    s = c.seqset(saved=True)
     c.sp()
     unchanged = None
     if c.peek() == 0x28:
@@ -1492,7 +1503,7 @@ def _fetch_att(c: _Cursor) -> FetchAtt:
 
 def _fetch(c: _Cursor, tag: str, uid: bool) -> Fetch:
     c.sp()
-    s = c.seqset()
+    s = c.seqset(saved=True)
     c.sp()
     atts: list[FetchAtt] = []
     macro = None
@@ -1567,6 +1578,8 @@ def _search_key(c: _Cursor, charset: str) -> SearchNode:
             return SearchNode("and", children=tuple(keys))
         if p is not None and (0x30 <= p <= 0x39 or p == 0x2A):
             return SearchNode("seq", seqset=c.seqset())
+        if p == 0x24:  # "$": the saved result (RFC 5182 §2.1)
+            return SearchNode("seq", seqset=c.seqset(saved=True))
         word = c.atom().upper()
 
         def text() -> str:
@@ -1596,7 +1609,7 @@ def _search_key(c: _Cursor, charset: str) -> SearchNode:
             c.sp()
             return SearchNode("header", (name, text()))
         if word == "UID":
-            return SearchNode("uid", seqset=c.seqset())
+            return SearchNode("uid", seqset=c.seqset(saved=True))
         if word == "NOT":
             return SearchNode("not", children=(_search_key(c, charset),))
         if word == "OR":
@@ -1658,7 +1671,7 @@ def _search_return(c: _Cursor, what: str) -> tuple[tuple[str, ...], tuple[int, i
     option names, upper-case, and PARTIAL's range. UPDATE only for SEARCH: CONTEXT=SORT is
     not offered. Repeated UPDATE or PARTIAL, or PARTIAL with ALL, is BAD (as Dovecot)."""
     allowed = ("MIN", "MAX", "ALL", "COUNT", "CONTEXT", "PARTIAL") + (
-        ("UPDATE",) if what == "search" else ())
+        ("UPDATE", "SAVE") if what == "search" else ())  # SAVE: RFC 5182 §2.1
     c.expect(b"(")
     opts: list[str] = []
     partial: tuple[int, int] | None = None
@@ -1668,7 +1681,7 @@ def _search_return(c: _Cursor, what: str) -> tuple[tuple[str, ...], tuple[int, i
         opt = c.atom().upper()
         if opt not in allowed:
             raise c.fail(f"unsupported {what} return option {opt[:20]}")
-        if opt in ("UPDATE", "PARTIAL") and opt in opts:
+        if opt in ("UPDATE", "PARTIAL", "SAVE") and opt in opts:
             raise c.fail(f"{opt} given twice in the {what} return options")
         if opt == "PARTIAL":
             c.sp()

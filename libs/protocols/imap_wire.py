@@ -1,5 +1,6 @@
 """IMAP response encoding (RFC 3501 §4, §7, §9): strings (atom, quoted or literal),
-flag lists, sequence sets, dates, and modified UTF-7 mailbox names (§5.1.3).
+flag lists, sequence sets, dates, and modified UTF-7 mailbox names (§5.1.3; IMAP4rev2
+sends them as quoted UTF-8, RFC 9051 §5.1).
 
 Pure: values in, bytes out; no asyncio, nats or boto3.
 """
@@ -21,8 +22,18 @@ QUOTED_MAX = 1024  # longer strings go as literals (clients cope better with tho
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def _quotable(b: bytes) -> bool:
-    return len(b) <= QUOTED_MAX and all(0x01 <= c <= 0x7F and c not in (0x0A, 0x0D) for c in b)
+def _quotable(b: bytes, utf8: bool = False) -> bool:
+    """7-bit without CR/LF/NUL; with ``utf8`` also valid UTF-8 (RFC 9051 §9: QUOTED-CHAR
+    takes UTF8-2/3/4, so an IMAP4rev2 mailbox name travels quoted)."""
+    if len(b) > QUOTED_MAX:
+        return False
+    if utf8 and not b.isascii():
+        try:
+            b.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return all(c >= 0x80 or (0x01 <= c <= 0x7F and c not in (0x0A, 0x0D)) for c in b)
+    return all(0x01 <= c <= 0x7F and c not in (0x0A, 0x0D) for c in b)
 
 
 def _b(s: str | bytes) -> bytes:
@@ -39,22 +50,24 @@ def literal(s: str | bytes) -> bytes:
     return b"{%d}\r\n" % len(b) + b
 
 
-def string(s: str | bytes) -> bytes:
-    """A quoted string when it can be one (7-bit, no CR/LF/NUL, short), else a literal."""
+def string(s: str | bytes, utf8: bool = False) -> bytes:
+    """A quoted string when it can be one (7-bit, or UTF-8 with ``utf8``; no CR/LF/NUL;
+    short), else a literal."""
     b = _b(s)
-    return quoted(b) if _quotable(b) else literal(b)
+    return quoted(b) if _quotable(b, utf8) else literal(b)
 
 
 def nstring(s: str | bytes | None) -> bytes:
     return b"NIL" if s is None else string(s)
 
 
-def astring(s: str | bytes) -> bytes:
-    """An atom when every octet is an ASTRING-CHAR (and it is not NIL), else a string."""
+def astring(s: str | bytes, utf8: bool = False) -> bytes:
+    """An atom when every octet is an ASTRING-CHAR (and it is not NIL), else a string
+    (quoted UTF-8 allowed with ``utf8``)."""
     b = _b(s)
     if b and b.upper() != b"NIL" and all(c in ASTRING_CHARS for c in b):
         return b
-    return string(b)
+    return string(b, utf8)
 
 
 def flag_list(flags: Iterable[str]) -> bytes:

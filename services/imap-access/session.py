@@ -1,5 +1,5 @@
 """One IMAP4rev1 session (RFC 3501 §3 states: not authenticated, authenticated, selected,
-logout), talking only to the ports. The server owns the socket; the session writes its
+logout), or IMAP4rev2 after ENABLE IMAP4rev2 (RFC 9051, ADR 0016), talking only to the ports. The server owns the socket; the session writes its
 responses to an ``Output`` and tells the server what to do next (raw line, STARTTLS, close).
 """
 
@@ -81,9 +81,12 @@ MAX_NOTIFY_NAMES = 100
 MAX_NOTIFY_PENDING = 1000
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 DELIM = "/"
-BASE_CAPS = ("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
-             "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE", "LIST-EXTENDED",
-             "LIST-STATUS", "CONDSTORE", "ESEARCH", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
+# IMAP4rev2 (RFC 9051) beside IMAP4rev1: a client chooses it with ENABLE (§6.3.1); the
+# extensions rev2 folds in stay advertised for rev1 clients (Appendix E)
+BASE_CAPS = ("IMAP4rev1", "IMAP4rev2", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE",
+             "NAMESPACE", "UIDPLUS", "MOVE", "UNSELECT", "CHILDREN", "SPECIAL-USE",
+             "LIST-EXTENDED", "LIST-STATUS", "CONDSTORE", "ESEARCH", "SEARCHRES",
+             "STATUS=SIZE", "QUOTA", "CREATE-SPECIAL-USE", "BINARY",
              "MULTIAPPEND", "SORT", "SORT=DISPLAY", "ESORT", "CONTEXT=SEARCH",
              *(f"THREAD={alg}" for alg in p.THREAD_ALGORITHMS), "CATENATE", "QRESYNC",
              "NOTIFY")
@@ -193,19 +196,34 @@ class Info:
 
 
 # ---------------------------------------------------------------- names
-def to_store_name(raw: bytes) -> str:
-    """Wire mailbox name (modified UTF-7) to the store's name; INBOX is case-insensitive.
-    One trailing delimiter is dropped (RFC 3501 §6.3.3); any other empty level stays, so
-    "/INBOX" or "a//b" names no mailbox (the store refuses such names)."""
-    name = mutf7_decode(raw).removesuffix(DELIM) if raw not in (b"",) else ""
+def decode_name(raw: bytes, utf8: bool = False) -> str:
+    """A name or pattern from the wire: modified UTF-7 (RFC 3501 §5.1.3), or with ``utf8``
+    (IMAP4rev2, RFC 9051 §5.1) UTF-8 as sent, where "&" is an ordinary character. Not
+    normalised: a name means the octets it has (RFC 9051 §5.1 leaves NFC to the server)."""
+    if not utf8:
+        return mutf7_decode(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise No("Mailbox name is not UTF-8", "CLIENTBUG", status="BAD") from None
+
+
+def to_store_name(raw: bytes, utf8: bool = False) -> str:
+    """Wire mailbox name (modified UTF-7, or UTF-8 with ``utf8``) to the store's name; INBOX
+    is case-insensitive. One trailing delimiter is dropped (RFC 3501 §6.3.3); any other
+    empty level stays, so "/INBOX" or "a//b" names no mailbox (the store refuses such
+    names)."""
+    name = decode_name(raw, utf8).removesuffix(DELIM) if raw not in (b"",) else ""
     head, sep, rest = name.partition(DELIM)
     if head.upper() == "INBOX":
         name = "INBOX" + sep + rest
     return name
 
 
-def wire_name(name: str) -> bytes:
-    return astring(mutf7_encode(name))
+def wire_name(name: str, utf8: bool = False) -> bytes:
+    """A store name for the wire: modified UTF-7, or with ``utf8`` (IMAP4rev2) UTF-8,
+    quoted when it is not an atom (RFC 9051 §5.1)."""
+    return astring(name, utf8=True) if utf8 else astring(mutf7_encode(name))
 
 
 def _ancestors(name: str) -> list[str]:
@@ -255,6 +273,12 @@ class Session:
         self.condstore = False
         # RFC 7162 §3.2.3: after ENABLE QRESYNC, VANISHED instead of EXPUNGE responses
         self.qresync = False
+        # after ENABLE IMAP4rev2 (RFC 9051, ADR 0016): UTF-8 mailbox names, no \Recent,
+        # ESEARCH for every SEARCH, no LSUB, a LIST response and [CLOSED] from SELECT
+        self.rev2 = False
+        # SEARCH RETURN (SAVE)'s result, the messages "$" names (RFC 5182 §2.1), by UID:
+        # expunged ones drop out when it is used; empty after SELECT, CLOSE, UNSELECT
+        self._saved: list[int] = []
         # what the server should do after the current command
         self.expect_line = False
         self.start_tls = False
@@ -303,6 +327,26 @@ class Session:
         if self.authenticated and self.cfg.compress_available:
             caps.append("COMPRESS=DEFLATE")  # valid only once authenticated (RFC 4978 §3)
         return " ".join(caps)
+
+    # ------------------------------------------------------------ names and modes
+    def _name(self, raw: bytes) -> str:
+        return to_store_name(raw, self.rev2)
+
+    def _wire(self, name: str) -> bytes:
+        return wire_name(name, self.rev2)
+
+    def _decode(self, raw: bytes) -> str:
+        return decode_name(raw, self.rev2)
+
+    def _shown(self, view: MailboxView, uid: int) -> list[str]:
+        """The flags a FETCH shows: IMAP4rev2 has no \\Recent (RFC 9051 §2.3.2, Appendix
+        E), IMAP4rev1 shows it on the messages recent to this session."""
+        return view.flags.get(uid, []) if self.rev2 else view.shown_flags(uid)
+
+    def _recent_line(self, view: MailboxView) -> None:
+        """``* n RECENT`` (RFC 3501 §7.3.2); IMAP4rev2 has no such response."""
+        if not self.rev2:
+            self.w(f"* {len(view.recent)} RECENT")
 
     def w(self, line: str | bytes) -> None:
         self.out.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
@@ -360,7 +404,7 @@ class Session:
             vals = {"MESSAGES": ev.exists, "UIDNEXT": ev.uidnext,
                     "UIDVALIDITY": ev.uidvalidity, "HIGHESTMODSEQ": ev.highestmodseq}
             body = " ".join(f"{it} {vals[it]}" for it in items)
-            self.out.write(b"* STATUS " + wire_name(ev.mailbox) + f" ({body})\r\n".encode())
+            self.out.write(b"* STATUS " + self._wire(ev.mailbox) + f" ({body})\r\n".encode())
 
     async def _notify_cmd(self, st: Authenticated | Selected, cmd: p.Notify) -> Tagged:
         """NOTIFY SET / NONE (RFC 5465 §3). Events this server cannot report (mailbox
@@ -375,7 +419,7 @@ class Session:
                      "BADEVENT (" + " ".join(imap_notify.SUPPORTED) + ")")
         if imap_notify.mailbox_names(cmd) > MAX_NOTIFY_NAMES:
             raise No(f"At most {MAX_NOTIFY_NAMES} mailbox names", "NOTIFICATIONOVERFLOW")
-        flt = imap_notify.Filter.of(cmd, [tuple(to_store_name(m) for m in g.mailboxes)
+        flt = imap_notify.Filter.of(cmd, [tuple(self._name(m) for m in g.mailboxes)
                                           for g in cmd.groups])
         infos: list[MailboxInfo] = []
         if flt.uses_subscriptions or cmd.status:
@@ -510,7 +554,7 @@ class Session:
             case p.Create():
                 return await self._create(st, cmd)
             case p.Delete(mailbox=m):
-                name = to_store_name(m)
+                name = self._name(m)
                 if name == "INBOX":
                     raise No("INBOX cannot be deleted", "CANNOT")
                 if isinstance(st, Selected) and st.view.name == name:
@@ -518,7 +562,7 @@ class Session:
                 await self.store.mailbox_delete(MailboxRef(account_id=st.account_id, name=name))
                 return Tagged("OK", "DELETE completed")
             case p.Rename(old=old, new=new):
-                o, n = to_store_name(old), to_store_name(new)
+                o, n = self._name(old), self._name(new)
                 if not n or n == "INBOX":
                     raise No("Invalid target name", "CANNOT")
                 await self.store.mailbox_rename(
@@ -526,12 +570,16 @@ class Session:
                 return Tagged("OK", "RENAME completed")
             case p.Subscribe(mailbox=m) | p.Unsubscribe(mailbox=m):
                 await self.store.mailbox_subscribe(SubscribeRequest(
-                    account_id=st.account_id, name=to_store_name(m),
+                    account_id=st.account_id, name=self._name(m),
                     subscribed=isinstance(cmd, p.Subscribe)))
                 # NOTIFY's "subscribed" filter follows this session's own changes
                 (self._subscribed.add if isinstance(cmd, p.Subscribe)
-                 else self._subscribed.discard)(to_store_name(m))
+                 else self._subscribed.discard)(self._name(m))
                 return Tagged("OK", f"{type(cmd).__name__.upper()} completed")
+            case p.ListCmd(lsub=True) if self.rev2:
+                # RFC 9051 has no LSUB (Appendix E): LIST (SUBSCRIBED) says more; a rev2
+                # client cannot parse an LSUB response either (ADR 0016)
+                return Tagged("BAD", "[CLIENTBUG] LSUB is not IMAP4rev2; use LIST (SUBSCRIBED)")
             case p.ListCmd():
                 return await self._list(st, cmd)
             case p.Status():
@@ -542,19 +590,26 @@ class Session:
             case p.Append():
                 return await self._append(st, cmd)
             case p.Enable(capabilities=caps):
-                enabled = list(dict.fromkeys(c for c in caps if c in ("CONDSTORE", "QRESYNC")))
+                # RFC 5161 §3.1; the capability is named as CAPABILITY spells it
+                known = {"CONDSTORE": "CONDSTORE", "QRESYNC": "QRESYNC",
+                         "IMAP4REV2": "IMAP4rev2"}
+                enabled = list(dict.fromkeys(known[c] for c in caps if c in known))
                 self.w("* ENABLED" + "".join(" " + c for c in enabled))
-                if enabled:
+                if {"CONDSTORE", "QRESYNC"} & set(enabled):
                     self._enable_condstore()  # QRESYNC implies CONDSTORE (RFC 7162 §3.2.3)
                 if "QRESYNC" in enabled:
                     self.qresync = True
+                if "IMAP4rev2" in enabled:
+                    # RFC 9051 §6.3.1; unlike Dovecot not QRESYNC as well: VANISHED is no
+                    # IMAP4rev2 response, and a rev2 client may not expect it (ADR 0016)
+                    self.rev2 = True
                 return Tagged("OK", "ENABLE completed")
             case p.Namespace():
                 self.w(f'* NAMESPACE (("" "{DELIM}")) NIL NIL')
                 return Tagged("OK", "NAMESPACE completed")
             case p.GetQuotaRoot(mailbox=m):
                 q = await self.store.quota(QuotaRequest(account_id=st.account_id))
-                self.out.write(b"* QUOTAROOT " + wire_name(to_store_name(m)) + b' ""\r\n')
+                self.out.write(b"* QUOTAROOT " + self._wire(self._name(m)) + b' ""\r\n')
                 self._quota_line(q.used_bytes, q.limit_bytes)
                 return Tagged("OK", "GETQUOTAROOT completed")
             case p.GetQuota(root=r):
@@ -760,7 +815,7 @@ class Session:
 
     # ------------------------------------------------------------ mailboxes
     async def _list(self, st: Authenticated | Selected, cmd: p.ListCmd) -> Tagged:
-        ref = mutf7_decode(cmd.reference)
+        ref = self._decode(cmd.reference)
         verb = "LSUB" if cmd.lsub else "LIST"
         if len(cmd.patterns) == 1 and cmd.patterns[0] == b"" and not cmd.lsub:
             self.w(f'* LIST (\\Noselect) "{DELIM}" ""')
@@ -769,9 +824,10 @@ class Session:
         boxes = (await self.store.mailbox_list(MailboxListRequest(
             account_id=st.account_id, subscribed_only=subscribed_only))).mailboxes
         names = {b.name for b in boxes}
-        pats = [mutf7_decode(pat) for pat in cmd.patterns]
+        pats = [self._decode(pat) for pat in cmd.patterns]
         rxs = [_pattern_regex(ref, pat) for pat in pats]
         want_status = [x[7:] for x in cmd.return_opts if x.startswith("STATUS.")]
+        self._check_status_items(want_status)
         show_subscribed = "SUBSCRIBED" in cmd.return_opts or "SUBSCRIBED" in cmd.select_opts
         special_only = "SPECIAL-USE" in cmd.select_opts
         listed = {b.name: b for b in boxes if any(rx.match(b.name) for rx in rxs)
@@ -805,7 +861,7 @@ class Session:
                 if parent.special_use and parent.special_use not in attrs:
                     attrs.append(parent.special_use)
             lines.append((name, f"* {verb} ({' '.join(attrs)}) \"{DELIM}\" ".encode()
-                          + wire_name(name) + extended + b"\r\n", None))
+                          + self._wire(name) + extended + b"\r\n", None))
         for b in listed.values():
             attrs = [a for a in b.attributes if a.lower() not in ("\\haschildren",
                                                                   "\\hasnochildren")]
@@ -821,7 +877,7 @@ class Session:
                 attrs.append("\\Subscribed")
             status = want_status and "\\Noselect" not in attrs and not missing
             lines.append((b.name, f"* {verb} ({' '.join(attrs)}) \"{DELIM}\" ".encode()
-                          + wire_name(b.name) + (extended if b.name in above else b"")
+                          + self._wire(b.name) + (extended if b.name in above else b"")
                           + b"\r\n", b if status else None))
         for _name, line, status_of in sorted(lines, key=lambda e: (e[0] != "INBOX", e[0])):
             self.out.write(line)
@@ -837,10 +893,16 @@ class Session:
                 # RFC 7889 §3.1: NIL when there is no limit
                 "APPENDLIMIT": "NIL" if self.cfg.append_limit is None else self.cfg.append_limit}
         body = " ".join(f"{it} {vals[it]}" for it in items if it in vals)
-        self.out.write(b"* STATUS " + wire_name(info.name) + f" ({body})\r\n".encode())
+        self.out.write(b"* STATUS " + self._wire(info.name) + f" ({body})\r\n".encode())
+
+    def _check_status_items(self, items: list[str] | tuple[str, ...]) -> None:
+        """IMAP4rev2's status-att has no RECENT (RFC 9051 §6.3.11, §9): BAD, as Dovecot."""
+        if self.rev2 and "RECENT" in items:
+            raise No("RECENT is not an IMAP4rev2 status item", "CLIENTBUG", status="BAD")
 
     async def _status(self, st: Authenticated | Selected, cmd: p.Status) -> Tagged:
-        info = await self._mailbox(st.account_id, to_store_name(cmd.mailbox))
+        self._check_status_items(cmd.items)
+        info = await self._mailbox(st.account_id, self._name(cmd.mailbox))
         self._status_line(info, cmd.items)
         return Tagged("OK", "STATUS completed")
 
@@ -853,7 +915,7 @@ class Session:
             raise
 
     async def _create(self, st: Authenticated | Selected, cmd: p.Create) -> Tagged:
-        name = to_store_name(cmd.mailbox)
+        name = self._name(cmd.mailbox)
         if not name or name == "INBOX":
             raise No("Mailbox already exists", "ALREADYEXISTS")
         use = cmd.special_use[0] if cmd.special_use else None
@@ -876,9 +938,11 @@ class Session:
     async def _select(self, st: Authenticated | Selected, cmd: p.Select) -> Tagged:
         if cmd.qresync is not None:
             _check_qresync(cmd.qresync, self.qresync)
+        self._saved = []  # RFC 5182 §2.1: "$" starts empty in every mailbox
         if isinstance(st, Selected):
             self._deselect(st)
-            if self.condstore:
+            # RFC 7162 §3.2.11 with CONDSTORE; always in IMAP4rev2 (RFC 9051 §6.3.2)
+            if self.condstore or self.rev2:
                 self.w("* OK [CLOSED] Previous mailbox closed")
             st2: Authenticated | Selected = self.state  # type: ignore[assignment]
         else:
@@ -888,7 +952,7 @@ class Session:
             # \Recent (RFC 3501 §2.3.2): SELECT takes the messages no session was told about;
             # EXAMINE only looks (§6.3.2: it must not make them lose \Recent)
             page = await self.store.select(SelectRequest(
-                account_id=st2.account_id, name=to_store_name(cmd.mailbox),
+                account_id=st2.account_id, name=self._name(cmd.mailbox),
                 claim_recent=not cmd.readonly))
         except StoreError as exc:
             if exc.code == "not_found":
@@ -922,11 +986,19 @@ class Session:
         self.info.mailbox = view.name
         view.announced = dict.fromkeys(view.keywords())
         self._flags_lines(view)
+        if self.rev2:
+            # RFC 9051 §6.3.2: a LIST response with the mailbox's name and attributes
+            # (names are not normalised here, so OLDNAME never applies, ADR 0016)
+            attrs = list(info.attributes)
+            if info.special_use and info.special_use not in attrs:
+                attrs.append(info.special_use)
+            self.out.write(f"* LIST ({' '.join(attrs)}) \"{DELIM}\" ".encode()
+                           + self._wire(info.name) + b"\r\n")
         self.w(f"* {view.exists} EXISTS")
-        self.w(f"* {len(view.recent)} RECENT")
+        self._recent_line(view)
         first_unseen = next((i + 1 for i, u in enumerate(view.uids)
                              if "\\Seen" not in view.flags[u]), None)
-        if first_unseen:
+        if first_unseen and not self.rev2:  # no UNSEEN response code in RFC 9051 (§7.1)
             self.w(f"* OK [UNSEEN {first_unseen}] First unseen")
         self.w(f"* OK [UIDVALIDITY {view.uidvalidity}] UIDs valid")
         self.w(f"* OK [UIDNEXT {view.uidnext}] Predicted next UID")
@@ -952,7 +1024,7 @@ class Session:
         for seq, uid in enumerate(view.uids, 1):
             if view.modseq.get(uid, 0) > q.modseq and (known is None or _inside(known, uid)):
                 self.out.write(b"* %d FETCH (UID %d FLAGS " % (seq, uid)
-                               + flag_list(view.shown_flags(uid))
+                               + flag_list(self._shown(view, uid))
                                + b" MODSEQ (%d))\r\n" % view.modseq.get(uid, 0))
 
     async def _vanished_since(self, account_id: int, view: MailboxView, modseq: int,
@@ -1013,6 +1085,7 @@ class Session:
 
     def _deselect(self, st: Selected) -> None:
         self.state = Authenticated(st.account_id, st.user)
+        self._saved = []
         self.info.mailbox = None
         self._events.clear()
         self._resync = False
@@ -1053,7 +1126,7 @@ class Session:
         if view.exists != before:
             self.w(f"* {view.exists} EXISTS")
         if view.exists != before or exists_sent or len(view.recent) != recent_before:
-            self.w(f"* {len(view.recent)} RECENT")
+            self._recent_line(view)
 
     async def _resync_view(self, st: Selected, allow_expunge: bool) -> None:
         """Compare the view with a fresh snapshot (paged STORE_SELECT) and report the
@@ -1097,7 +1170,7 @@ class Session:
         if view.exists != before:
             self.w(f"* {view.exists} EXISTS")
         if view.exists != before or len(view.recent) != recent_before:
-            self.w(f"* {len(view.recent)} RECENT")
+            self._recent_line(view)
 
     async def _apply_events(self, allow_expunge: bool) -> None:
         st = self.state
@@ -1178,7 +1251,7 @@ class Session:
         if seq is None:
             return
         self._announce_keywords(view, view.flags[uid])
-        items = [b"FLAGS " + flag_list(view.shown_flags(uid))]
+        items = [b"FLAGS " + flag_list(self._shown(view, uid))]
         if with_uid:
             items.append(b"UID %d" % uid)
         if self.condstore:
@@ -1186,7 +1259,13 @@ class Session:
         self.out.write(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
 
     # ------------------------------------------------------------ resolving sets
+    def _saved_uids(self, view: MailboxView) -> list[int]:
+        """The messages "$" names: the saved result without the ones expunged since."""
+        return [u for u in self._saved if u in view.flags]
+
     def _uids(self, view: MailboxView, s: p.SeqSet, uid: bool) -> list[int]:
+        if s == p.SAVED:
+            return self._saved_uids(view)
         try:
             return view.resolve(s, uid)
         except BadSequence as exc:
@@ -1224,7 +1303,13 @@ class Session:
 
     # ------------------------------------------------------------ SEARCH
     def _search_key(self, view: MailboxView, node: p.SearchNode) -> SearchKey:
+        if node.op in ("seq", "uid") and node.seqset == p.SAVED:
+            # "$" (RFC 5182 §2.1): the saved messages still here, by sequence number or UID
+            return SearchKey(op="uid", uids=to_ranges(self._saved_uids(view)))
         if node.op in ("flag", "unflag") and node.args and node.args[0].lower() == "\\recent":
+            if self.rev2:  # RFC 9051 §6.4.4 has no RECENT, NEW or OLD (as Dovecot: BAD)
+                raise No("RECENT, NEW and OLD are not IMAP4rev2 search keys", "CLIENTBUG",
+                         status="BAD")
             # a session flag (RFC 3501 §2.3.2): RECENT, and NEW and OLD built on it, become
             # this session's recent UIDs before the key reaches the store
             recent = SearchKey(op="uid", uids=to_ranges(sorted(view.recent)))
@@ -1262,24 +1347,42 @@ class Session:
 
     async def _search(self, st: Selected, cmd: p.Search) -> Tagged:
         view = st.view
-        update = cmd.return_opts is not None and "UPDATE" in cmd.return_opts
+        opts = cmd.return_opts
+        if opts is None and self.rev2:
+            opts = ()  # RFC 9051 §6.4.4: ESEARCH, RETURN () meaning ALL; no SEARCH response
+        update = opts is not None and "UPDATE" in opts
         if update and cmd.tag in self._live:  # §4.3: the tag names the live search
             raise No("Duplicate search update tag", "CLIENTBUG", status="BAD")
+        save = opts is not None and "SAVE" in opts
         charset = cmd.charset or "UTF-8"
-        uids, highestmodseq = await self._matching(st, cmd.program, charset)
+        try:
+            uids, highestmodseq = await self._matching(st, cmd.program, charset)
+        except BaseException:
+            if save:  # RFC 5182 §2.1: a SEARCH with SAVE that fails leaves "$" empty
+                self._saved = []
+            raise
         nums = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
         uses_modseq = _has_op(cmd.program, "modseq")
         if uses_modseq:
             self._enable_condstore()
         if update:
             self._watch(st, cmd, charset, uids)
-        if cmd.return_opts is not None:
+        if save:
+            # RFC 5182 §2.1: with MIN or MAX and neither ALL nor COUNT only those are saved
+            assert opts is not None
+            if {"MIN", "MAX"} & set(opts) and not {"ALL", "COUNT"} & set(opts):
+                self._saved = sorted({*(uids[:1] if "MIN" in opts else []),
+                                      *(uids[-1:] if "MAX" in opts else [])})
+            else:
+                self._saved = list(uids)
+        if opts is not None and (not save or set(opts) - {"SAVE"}):
+            # (SAVE alone: no ESEARCH response, RFC 5182 §2.1)
             part = None if cmd.partial is None else imap_context.partial_data(
                 cmd.partial, imap_context.take_partial(nums, cmd.partial), ordered=False)
-            self._esearch(cmd.tag, cmd.uid, cmd.return_opts, nums, seqset(nums) if nums else "",
+            self._esearch(cmd.tag, cmd.uid, opts, nums, seqset(nums) if nums else "",
                           uids[0] if uids else 0, uids[-1] if uids else 0,
                           highestmodseq if uses_modseq else None, part)
-        else:
+        elif opts is None:
             line = "* SEARCH" + "".join(f" {n}" for n in nums)
             if uses_modseq and nums:
                 line += f" (MODSEQ {highestmodseq})"
@@ -1383,7 +1486,7 @@ class Session:
         MODSEQ (RFC 7162 §3.1.5: the highest MODSEQ of the messages returned, with only MIN
         and MAX those two). UPDATE alone returns no result (as Dovecot: §4.3 leaves it to
         the other options); no option at all, or CONTEXT alone, means ALL."""
-        opts = tuple(o for o in return_opts if o != "CONTEXT") or ("ALL",)
+        opts = tuple(o for o in return_opts if o not in ("CONTEXT", "SAVE")) or ("ALL",)
         parts = [f'* ESEARCH (TAG "{tag}")'] + (["UID"] if uid else [])
         if nums:
             if "MIN" in opts:
@@ -1415,7 +1518,8 @@ class Session:
             self.w(f'* NO [NOUPDATE "{cmd.tag}"] Too many search updates')
             return
         view = st.view
-        self._live[cmd.tag] = LiveSearch(cmd.tag, cmd.uid, _uid_program(view, cmd.program),
+        self._live[cmd.tag] = LiveSearch(cmd.tag, cmd.uid,
+                                         _uid_program(view, cmd.program, self._saved_uids(view)),
                                          charset, imap_context.ResultSet(uids))
         if view.touched is None:
             view.touched = set()
@@ -1600,7 +1704,7 @@ class Session:
         uids = self._uids(view, cmd.seqset, cmd.uid)
         if not uids:
             return Tagged("OK", f"{verb} completed (no messages)")
-        target = to_store_name(cmd.mailbox)
+        target = self._name(cmd.mailbox)
         # RFC 6851 lets MOVE name the selected mailbox: the store moves the messages to new
         # UIDs and expunges the old ones in one transaction, as for any other target
         in_place = cmd.move and target == view.name
@@ -1640,7 +1744,7 @@ class Session:
 
     # ------------------------------------------------------------ APPEND
     async def _append(self, st: Authenticated | Selected, cmd: p.Append) -> Tagged:
-        name = to_store_name(cmd.mailbox)
+        name = self._name(cmd.mailbox)
         first = p.AppendItem(cmd.flags, cmd.date, cmd.message, cmd.binary)
         msgs: list[AppendMessage] = []
         summarised = inlined = 0
@@ -1696,7 +1800,7 @@ class Session:
         """APPEND with CATENATE (RFC 4469 §5): each message is built from its TEXT parts and
         what its IMAP URLs name in the user's own mailboxes (RFC 5092), then appended as a
         plain APPEND would be (with MULTIAPPEND, all or none)."""
-        name = to_store_name(cmd.mailbox)
+        name = self._name(cmd.mailbox)
         try:  # §5: a missing target is NO [TRYCREATE], whatever the URLs say
             await self.store.mailbox_status(MailboxRef(account_id=st.account_id, name=name))
         except StoreError as exc:
@@ -1775,7 +1879,8 @@ class Session:
             assert cmd.changedsince is not None  # the parser makes sure
             # RFC 7162 §3.2.6: first the requested UIDs expunged since CHANGEDSINCE
             gone = await self._vanished_since(st.account_id, view, cmd.changedsince,
-                                              imap_qresync.from_seqset(cmd.seqset))
+                                              imap_qresync.from_seqset(cmd.seqset)
+                                              if cmd.seqset != p.SAVED else to_ranges(self._saved))
             if gone:
                 self._vanished(gone, earlier=True)
         if cmd.changedsince is not None:
@@ -1872,7 +1977,7 @@ class Session:
                     for a in small:
                         items.append(self._fetch_item(view, uid, a, meta, blobs))
                     if uid in seen_changed and not flags_asked:
-                        items.append(b"FLAGS " + flag_list(view.shown_flags(uid)))
+                        items.append(b"FLAGS " + flag_list(self._shown(view, uid)))
                     for a in bodies:
                         items.append(self._fetch_item(view, uid, a, meta, blobs))
                     data = b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n"
@@ -1894,7 +1999,7 @@ class Session:
                     blobs: dict[str, bytes]) -> bytes:
         match a.name:
             case "FLAGS":
-                return b"FLAGS " + flag_list(view.shown_flags(uid))
+                return b"FLAGS " + flag_list(self._shown(view, uid))
             case "UID":
                 return b"UID %d" % uid
             case "MODSEQ":
@@ -2001,15 +2106,19 @@ def _metric_name(cmd: p.Command) -> str:
     return "UID " + name if getattr(cmd, "uid", False) else name
 
 
-def _uid_program(view: MailboxView, node: p.SearchNode) -> p.SearchNode:
-    """A search program with its message sequence sets turned into the UIDs they name now:
-    a live search keeps meaning the same messages when sequence numbers move."""
+def _uid_program(view: MailboxView, node: p.SearchNode, saved: list[int]) -> p.SearchNode:
+    """A search program with its message sequence sets (and "$", the ``saved`` UIDs) turned
+    into the UIDs they name now: a live search keeps meaning the same messages when
+    sequence numbers move or "$" changes."""
+    if node.op in ("seq", "uid") and node.seqset == p.SAVED:
+        return p.SearchNode("uid", seqset=tuple((a, b) for a, b in to_ranges(saved))
+                            or ((0, 0),))
     if node.op == "seq":
         ranges = to_ranges(view.resolve_lenient(node.seqset))
         return p.SearchNode("uid", seqset=tuple((a, b) for a, b in ranges) or ((0, 0),))
     if not node.children:
         return node
-    return replace(node, children=tuple(_uid_program(view, c) for c in node.children))
+    return replace(node, children=tuple(_uid_program(view, c, saved) for c in node.children))
 
 
 def _has_op(node: p.SearchNode, op: str) -> bool:

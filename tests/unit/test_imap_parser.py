@@ -178,7 +178,11 @@ BAD = [
     (b"a NOOP extra\r\n", "a", "at end"),
     (b"a APPEND INBOX hello\r\n", "a", "literal"),
     (b'a APPEND INBOX "1-Jan-2024 00:00:00 +0000" {1+}\r\nx\r\n', "a", "date-time"),
-    (b"a SEARCH RETURN (SAVE) ALL\r\n", "a", "return option"),
+    (b"a SEARCH RETURN (SAVE SAVE) ALL\r\n", "a", "SAVE given twice"),
+    (b"a SORT RETURN (SAVE) (DATE) UTF-8 ALL\r\n", "a", "return option"),  # SEARCH only
+    (b"a FETCH $,1 FLAGS\r\n", "a", "SP"),  # "$" is a whole sequence set (RFC 5182 §4)
+    (b"a FETCH 1,$ FLAGS\r\n", "a", "number"),
+    (b"a SEARCH RETURN (SAVE) $:3\r\n", "a", "SP"),
     (b"a SORT (BOGUS) UTF-8 ALL\r\n", "a", "unknown sort key"),
     (b"a SORT () UTF-8 ALL\r\n", "a", "empty sort criteria"),
     (b"a SORT (REVERSE) UTF-8 ALL\r\n", "a", "REVERSE without"),
