@@ -1,26 +1,16 @@
 """Counters that every replica shares, in a NATS KV bucket whose max age is the counting
-window (login throttles, LOGIN-DELAY): one key encoding, compare-and-set increments.
+window (login throttles, LOGIN-DELAY): one key encoding (kit.counter_keys), compare-and-set
+increments.
 Uses kit.bus only (never nats)."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import sys
 
 from postbus.kit.bus import Bus, ErrorMap, KvBucket, raising
+from postbus.kit.counter_keys import account_key, ip_key, kv_key
 
-_MAX_PLAIN = 192  # octets of text kept readable in a key; longer text is hashed
-
-
-def kv_key(text: str) -> str:
-    """Any text as a valid KV key (``[-/_=.a-zA-Z0-9]``: IPv6 colons, '@', '|', CIDR
-    slashes): base64url without padding, or ``=`` and its SHA-256 when the text is long
-    (base64url without padding never holds a ``=``, so the two cannot collide)."""
-    raw = text.encode("utf-8", "surrogateescape")
-    if len(raw) > _MAX_PLAIN:
-        return "=" + hashlib.sha256(raw).hexdigest()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=") or "="
+__all__ = ["KvCounters", "kv_key", "ip_key", "account_key"]  # the keys live in kit.counter_keys
 
 
 class KvCounters:

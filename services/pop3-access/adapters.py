@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, BusUnavailable, KvBucket, RemoteError, raising
-from postbus.kit.counters import KvCounters
+from postbus.kit.counters import KvCounters, account_key, ip_key
 from postbus.kit.logging import get_logger
 from postbus.pop3_access.ports import Unavailable
 from postbus.proto.store import (
@@ -214,7 +214,7 @@ class KvLocks:
 
 class KvThrottle:
     """Failed-login counters per client IP and per account name (kit.counters, keys spelt
-    as smtp-ingress spells them) in a KV bucket whose max age is the counting window;
+    by kit.counter_keys as smtp-ingress's) in a KV bucket whose max age is the counting window;
     LOGIN-DELAY as one unit per account in a bucket whose max age is the delay."""
 
     def __init__(self, failures: KvBucket, login_delay: KvBucket | None) -> None:
@@ -223,15 +223,15 @@ class KvThrottle:
                             if login_delay is not None else None)
 
     async def failures(self, client_ip: str, username: str) -> tuple[int, int]:
-        return (await self.counters.get("ip:" + client_ip),
-                await self.counters.get("acct:" + username.lower()))
+        return (await self.counters.get(ip_key(client_ip)),
+                await self.counters.get(account_key(username)))
 
     async def record_failure(self, client_ip: str, username: str) -> None:
-        await self.counters.incr("ip:" + client_ip)
-        await self.counters.incr("acct:" + username.lower())
+        await self.counters.incr(ip_key(client_ip))
+        await self.counters.incr(account_key(username))
 
     async def record_success(self, client_ip: str, username: str) -> None:
-        key = "acct:" + username.lower()
+        key = account_key(username)
         if await self.counters.get(key):  # a read, not a delete marker, per good login
             await self.counters.reset(key)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from postbus.kit.counter_keys import account_key, ip_key
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import Tally, counter, histogram
 from postbus.proto.directory import AuthReply
@@ -447,7 +448,7 @@ class Session:
             return Reply(line(replies.R504_AUTH_TYPE))
         s = self.settings
         try:
-            ip_failures = await self.shared.auth_failures.get("ip:" + self.peer.ip)
+            ip_failures = await self.shared.auth_failures.get(ip_key(self.peer.ip))
         except Unavailable:
             return Reply(line(replies.R454_AUTH_TEMPORARY))
         if policy.auth_throttled(ip_failures, 0, ip_limit=s.auth_fail_limit_ip, account_limit=0):
@@ -504,7 +505,7 @@ class Session:
     async def _login(self, username: str, password: str) -> Reply:
         sh, s, listener = self.shared, self.settings, self.peer.listener
         try:
-            account_failures = await sh.auth_failures.get("acct:" + username.lower())
+            account_failures = await sh.auth_failures.get(account_key(username))
             if policy.auth_throttled(0, account_failures, ip_limit=0,
                                      account_limit=s.auth_fail_limit_account):
                 sh.stats.auth_throttled(listener, "account")
@@ -523,8 +524,8 @@ class Session:
             return Reply(line(replies.R454_AUTH_THROTTLED))
         sh.stats.auth_tally.inc(listener, "failed")
         try:
-            await sh.auth_failures.incr("ip:" + self.peer.ip)
-            await sh.auth_failures.incr("acct:" + username.lower())
+            await sh.auth_failures.incr(ip_key(self.peer.ip))
+            await sh.auth_failures.incr(account_key(username))
         except Unavailable:
             pass
         return Reply(line(replies.R535_INVALID))

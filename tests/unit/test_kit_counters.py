@@ -1,4 +1,5 @@
-"""kit.counters.kv_key: one key encoding for every counter in NATS KV."""
+"""kit.counter_keys: what the shared counters are keyed by, and one key encoding for every
+counter in NATS KV."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import re
 
 import pytest
 
-from postbus.kit.counters import kv_key
+from postbus.kit import counters
+from postbus.kit.counter_keys import account_key, ip_key, kv_key
 
 KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")
 
@@ -24,3 +26,13 @@ def test_short_text_stays_readable_and_long_text_is_hashed() -> None:
     assert kv_key("x" * 193).startswith("=") and len(kv_key("x" * 193)) == 65
     assert kv_key("x" * 193) != kv_key("x" * 194)
     assert kv_key("a") != kv_key("A")  # callers choose their own case folding
+
+
+def test_login_throttle_keys_are_spelt_once_and_as_before() -> None:
+    # smtp-ingress and pop3-access wrote these by hand; a rolling update keeps their counts
+    assert ip_key("192.0.2.1") == "ip:192.0.2.1"
+    assert ip_key("2001:db8::1") == "ip:2001:db8::1"
+    assert account_key("Bob@Example.TEST") == "acct:bob@example.test"
+    assert kv_key(ip_key("192.0.2.1")) == "aXA6MTkyLjAuMi4x"
+    assert ip_key("acct") != account_key("acct")  # the two kinds cannot collide
+    assert (counters.kv_key, counters.ip_key, counters.account_key) == (kv_key, ip_key, account_key)
