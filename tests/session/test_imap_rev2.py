@@ -1,0 +1,123 @@
+"""IMAP4rev2 (RFC 9051) against the in-memory ports, beside the transcripts
+29_imap4rev2.txt and 30_searchres.txt: what a transcript cannot say (8-bit octets that are not
+UTF-8, one mailbox seen from an IMAP4rev1 and an IMAP4rev2 session), and the edges of the
+mode switch (ADR 0016)."""
+
+from __future__ import annotations
+
+import imap_support
+
+LOGIN = b"a LOGIN alice@example.test secret\r\n"
+MSG = (b"From: Bob <bob@example.net>\r\nSubject: hi\r\nMIME-Version: 1.0\r\n"
+       b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+       b"\r\nAAECAw==\r\n")
+
+
+async def client(rev2: bool) -> imap_support.Client:
+    c = imap_support.Client()
+    c.out.take()
+    await c.send(LOGIN)
+    if rev2:
+        assert await c.send(b"e ENABLE imap4rev2\r\n") == [  # any case (RFC 5161 §3.1)
+            b"* ENABLED IMAP4rev2", b"e OK ENABLE completed"]
+    return c
+
+
+async def test_names_are_utf8_in_rev2_and_modified_utf7_in_rev1() -> None:
+    rev2 = await client(True)
+    out = await rev2.send('c1 CREATE "Entwürfe/a&b"\r\n'.encode()
+                          + b'c2 LIST "" "Entw\xc3\xbcrfe/*"\r\n')
+    assert out == [b"c1 OK CREATE completed",
+                   b'* LIST (\\HasNoChildren) "/" "Entw\xc3\xbcrfe/a&b"',
+                   b"c2 OK LIST completed"]
+    # the same store seen by an IMAP4rev1 session: modified UTF-7 (RFC 3501 §5.1.3)
+    rev1 = imap_support.Client()
+    rev1.mp, rev1.acc = rev2.mp, rev2.acc
+    rev1.session.directory = rev1.session.store = rev2.mp
+    rev1.session.blobs = rev1.session.changes = rev2.mp
+    rev1.out.take()
+    await rev1.send(LOGIN)
+    assert await rev1.send(b'c3 LIST "" "Entw&APw-rfe/*"\r\n') == [
+        b'* LIST (\\HasNoChildren) "/" Entw&APw-rfe/a&-b', b"c3 OK LIST completed"]
+
+
+async def test_a_name_that_is_not_utf8_is_bad_in_rev2() -> None:
+    c = await client(True)
+    out = await c.send(b'c1 CREATE "caf\xe9"\r\nc2 SELECT "caf\xe9"\r\n')
+    assert out == [b"c1 BAD [CLIENTBUG] Mailbox name is not UTF-8",
+                   b"c2 BAD [CLIENTBUG] Mailbox name is not UTF-8"]
+
+
+async def test_utf8_names_are_quoted_with_escapes_or_sent_as_literals() -> None:
+    c = await client(True)
+    name = 'ä "q" \\'
+    await c.send(b"c1 CREATE {%d+}\r\n" % len(name.encode()) + name.encode() + b"\r\n")
+    out = await c.send(b'c2 LIST "" "\xc3\xa4*"\r\n')
+    assert out[0] == b'* LIST (\\HasNoChildren) "/" "\xc3\xa4 \\"q\\" \\\\"'
+    long = "ü" * 600  # past QUOTED_MAX octets: a literal
+    await c.send(b"c3 CREATE {%d+}\r\n" % len(long.encode()) + long.encode() + b"\r\n")
+    out = await c.send(b'c4 LIST "" "\xc3\xbc*"\r\n')
+    assert out[0] == b'* LIST (\\HasNoChildren) "/" {1200}'
+
+
+async def test_select_lists_the_mailbox_with_its_attributes() -> None:
+    c = await client(True)
+    out = await c.send(b"s1 SELECT Drafts\r\n")
+    assert b'* LIST (\\HasNoChildren \\Drafts) "/" Drafts' in out
+    assert not any(b"RECENT" in line or b"[UNSEEN" in line for line in out)
+
+
+async def test_rev1_keeps_recent_lsub_and_select_without_closed() -> None:
+    c = await client(False)
+    c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\ns2 SELECT Drafts\r\nl1 LSUB \"\" *\r\n"
+                       b"s3 STATUS INBOX (RECENT)\r\n")
+    assert b"* 1 RECENT" in out and b"* OK [CLOSED] Previous mailbox closed" not in out
+    assert b'* LSUB () "/" INBOX' in out and b"l1 OK LSUB completed" in out
+    assert b"* STATUS INBOX (RECENT 0)" in out
+
+
+async def test_rev2_is_not_qresync_expunges_stay_expunge_responses() -> None:
+    c = await client(True)
+    c.mp.deliver(c.acc, MSG)
+    c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nt1 STORE 1 +FLAGS.SILENT (\\Deleted)\r\n"
+                       b"x1 EXPUNGE\r\n")
+    assert out[-2:] == [b"* 1 EXPUNGE", b"x1 OK EXPUNGE completed"]
+
+
+async def test_binary_fetch_and_literal8_append_in_rev2() -> None:
+    c = await client(True)
+    data = b"Subject: b\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\x01\xff\r\n"
+    out = await c.send(b"p1 APPEND INBOX ~{%d+}\r\n" % len(data) + data + b"\r\n")
+    assert out[-1].startswith(b"p1 OK [APPENDUID")
+    out = await c.send(b"s1 SELECT INBOX\r\nf1 FETCH 1 (BINARY.PEEK[1] BINARY.SIZE[1])\r\n")
+    assert b"\r\n".join(out).endswith(
+        b"* 1 FETCH (BINARY[1] ~{5}\r\n\x00\x01\xff\r\n BINARY.SIZE[1] 5)\r\n"
+        b"f1 OK FETCH completed")
+
+
+async def test_a_failed_search_with_save_empties_the_saved_result() -> None:
+    c = await client(True)
+    c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nq1 SEARCH RETURN (SAVE) ALL\r\n"
+                       b"q2 SEARCH RETURN (SAVE) NEW\r\nq3 FETCH $ (UID)\r\n")
+    assert out[-3:] == [
+        b"q1 OK SEARCH completed",
+        b"q2 BAD [CLIENTBUG] RECENT, NEW and OLD are not IMAP4rev2 search keys",
+        b"q3 OK FETCH completed"]  # RFC 5182 §2.1: "$" is empty after a failed SAVE
+
+
+async def test_a_live_search_keeps_the_saved_result_it_started_with() -> None:
+    c = await client(False)
+    for _ in range(3):
+        c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nq1 UID SEARCH RETURN (SAVE) UID 2\r\n"
+                       b"u1 UID SEARCH RETURN (UPDATE) $ UNSEEN\r\n"
+                       b"q2 UID SEARCH RETURN (SAVE) UID 3\r\n"
+                       b"t1 UID STORE 2,3 FLAGS (\\Seen)\r\nt2 UID STORE 2,3 FLAGS ()\r\n")
+    # the update follows message 2 (the "$" of its start), never 3
+    updates = [line for line in out if line.startswith(b'* ESEARCH (TAG "u1")')]
+    assert updates == [b'* ESEARCH (TAG "u1") UID',
+                       b'* ESEARCH (TAG "u1") UID REMOVEFROM (0 2)',
+                       b'* ESEARCH (TAG "u1") UID ADDTO (0 2)']
