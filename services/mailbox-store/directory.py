@@ -9,7 +9,8 @@ HTTPException never appears here (see mgmt.py).
 
 This module only re-exports the names importers use. The directory is split by layer:
 directory_rules.py (address and domain rules, errors, result values; pure),
-directory_sql.py (``DirectorySql``: every directory query) and directory_rpc.py
+directory_sql_admin.py and directory_sql.py (``DirectorySql``: every directory query,
+administration and lookups) and directory_rpc.py
 (``Directory``: the bus handlers, ``LoginThrottle``, ``serve_directory``).
 """
 

@@ -1,5 +1,5 @@
 """The directory's rules without I/O: address and domain syntax, errors, result values
-(no SQL, no bus; directory_sql.py and directory_rpc.py build on it).
+(no SQL, no bus; directory_sql_admin.py, directory_sql.py and directory_rpc.py build on it).
 """
 
 from __future__ import annotations
