@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -204,6 +204,21 @@ class DirectoryAdmin:
         _, canon = await self._canonical(s, address)
         return await s.scalar(select(Account).where(Account.address == canon))
 
+    async def _new_address(self, s: AsyncSession, address: str,
+                           kind: Literal["account", "alias"]) -> tuple[Domain, str]:
+        """The domain and canonical spelling of a new account or alias: its domain must
+        exist, and no account or alias may have the address already (RCPT finds either)."""
+        d, canon = await self._canonical(s, address)
+        if d is None:
+            raise NotFound(f"domain {canon.rsplit('@', 1)[1]} does not exist; "
+                           "create the domain first")
+        same, other = (Account, Alias) if kind == "account" else (Alias, Account)
+        if await s.scalar(select(same.id).where(same.address == canon)) is not None:
+            raise Exists(f"{kind} {canon} exists")
+        if await s.scalar(select(other.id).where(other.address == canon)) is not None:
+            raise Exists(f"{canon} is an {'alias' if kind == 'account' else 'account'}")
+        return d, canon
+
     async def _account(self, s: AsyncSession, address: str) -> Account:
         acc = await self._find_account(s, address)
         if acc is None:
@@ -220,14 +235,7 @@ class DirectoryAdmin:
             raise Invalid("quota_bytes must be >= 0")
         pw_hash = await self.passwords.hash(password)
         async with self._write() as s:
-            d, canon = await self._canonical(s, address)
-            if d is None:
-                raise NotFound(f"domain {canon.rsplit('@', 1)[1]} does not exist; "
-                               "create the domain first")
-            if await s.scalar(select(Account.id).where(Account.address == canon)) is not None:
-                raise Exists(f"account {canon} exists")
-            if await s.scalar(select(Alias.id).where(Alias.address == canon)) is not None:
-                raise Exists(f"{canon} is an alias")
+            d, canon = await self._new_address(s, address, "account")
             acc = Account(address=canon, domain_id=d.id, password_hash=pw_hash, enabled=enabled,
                           quota_bytes=quota_bytes, used_bytes=0, message_count=0,
                           pop3_policy=pop3_policy, pop3_expire_days=pop3_expire_days)
@@ -345,14 +353,7 @@ class DirectoryAdmin:
 
     async def create_alias(self, address: str, targets: Sequence[str]) -> AliasInfo:
         async with self._write() as s:
-            d, canon = await self._canonical(s, address)
-            if d is None:
-                raise NotFound(f"domain {canon.rsplit('@', 1)[1]} does not exist; "
-                               "create the domain first")
-            if await s.scalar(select(Alias.id).where(Alias.address == canon)) is not None:
-                raise Exists(f"alias {canon} exists")
-            if await s.scalar(select(Account.id).where(Account.address == canon)) is not None:
-                raise Exists(f"{canon} is an account")
+            d, canon = await self._new_address(s, address, "alias")
             ids = await self._targets(s, targets)
             al = Alias(address=canon, domain_id=d.id)
             s.add(al)
