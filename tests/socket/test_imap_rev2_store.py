@@ -1,0 +1,147 @@
+"""IMAP4rev2 (RFC 9051) through the imap-access server over the real mailbox-store
+(SQLite; PostgreSQL too when POSTBUS_TEST_POSTGRES_URL is set) on a real nats-server: an
+IMAP4rev1 and an IMAP4rev2 session on one account. UTF-8 names in and out beside modified
+UTF-7 ones, STATUS SIZE and DELETED from the store, SELECT without \\Recent and UNSEEN but
+with LIST, ESEARCH, "$" (SEARCHRES) through MOVE, new mail without RECENT, OK [CLOSED]."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from store_dir_support import BACKENDS, open_db
+
+from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs, store_error
+from postbus.imap_access.server import ImapServer
+from postbus.imap_access.settings import Settings as ImapSettings
+from postbus.kit.blob import BlobStore
+from postbus.kit.bus import Bus
+from postbus.kit.directory import DirectoryClient
+from postbus.kit.settings import CommonSettings
+from postbus.mailbox_store.directory import serve_directory
+from postbus.mailbox_store.passwords import Passwords, fast_hasher
+from postbus.mailbox_store.repository import NewMessage, Repository
+from postbus.mailbox_store.settings import Settings as StoreSettings
+from postbus.mailbox_store.storeapi import StoreApi
+from postbus.protocols.mime import summarize
+
+pytestmark = pytest.mark.timeout(120)
+
+USER, PASSWORD = "alice@example.test", "secret"
+NAME = "Entwürfe"
+
+
+class Client:
+    """A line-at-a-time IMAP client speaking UTF-8 (the answers here carry no literals)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.rf = self.sock.makefile("rb")
+        self.n = 0
+        self.rf.readline()  # greeting
+
+    def cmd(self, text: str, status: str = "OK") -> list[str]:
+        self.n += 1
+        tag = f"r{self.n}"
+        self.sock.sendall(f"{tag} {text}\r\n".encode())
+        lines: list[str] = []
+        while True:
+            line = self.rf.readline().decode("utf-8").rstrip("\r\n")
+            assert line, f"connection closed after {lines}"
+            lines.append(line)
+            if line.startswith(tag + " "):
+                assert line.startswith(f"{tag} {status}"), lines
+                return lines
+
+    def close(self) -> None:
+        self.cmd("LOGOUT")
+        self.rf.close()
+        self.sock.close()
+
+
+def matching(lines: list[str], pattern: str) -> list[str]:
+    return [x for x in lines if re.fullmatch(pattern, x)]
+
+
+@pytest_asyncio.fixture(params=BACKENDS)
+async def imap_port(request: pytest.FixtureRequest, tmp_path: Path, bus: Bus,
+                    blobs: BlobStore, common_settings: CommonSettings) -> AsyncIterator[int]:
+    async for sm in open_db(request.param, tmp_path):
+        repo = Repository(sm.kw["bind"])
+        d = await serve_directory(bus, sm, passwords=Passwords(fast_hasher()), repo=repo)
+        await d.create_domain("example.test")
+        aid = (await d.create_account(USER, PASSWORD)).id
+        await StoreApi(bus, blobs, repo, StoreSettings(common=common_settings)).serve()
+        msgs = []
+        for i in range(4):
+            raw = f"From: bob@example.net\r\nSubject: m{i}\r\n\r\nbody {i}\r\n".encode()
+            msgs.append(NewMessage(await blobs.put(raw), len(raw), summarize(raw)))
+        await repo.append_many(aid, "INBOX", msgs)
+        server = ImapServer(ImapSettings(common=common_settings, auth_fail_delay_s=0),
+                            DirectoryClient(bus, "imap", errors=store_error), BusStore(bus),
+                            S3Blobs(blobs), BusChanges(bus))
+        [port] = await server.start("127.0.0.1", 0, None)
+        try:
+            yield port
+        finally:
+            await server.stop()
+
+
+def scenario(port: int) -> None:
+    old = Client(port)
+    old.cmd(f"LOGIN {USER} {PASSWORD}")
+    new = Client(port)
+    new.cmd(f"LOGIN {USER} {PASSWORD}")
+    assert new.cmd("ENABLE IMAP4rev2")[0] == "* ENABLED IMAP4rev2"
+    # one mailbox, two spellings (RFC 9051 §5.1, RFC 3501 §5.1.3)
+    new.cmd(f'CREATE "{NAME}"')
+    assert matching(new.cmd(f'LIST "" "{NAME}"'), r"\* LIST.*") == [
+        f'* LIST (\\HasNoChildren) "/" "{NAME}"']
+    assert matching(old.cmd('LIST "" Entw*'), r"\* LIST.*") == [
+        '* LIST (\\HasNoChildren) "/" Entw&APw-rfe']
+    # STATUS: SIZE and DELETED from the store; no RECENT in rev2
+    new.cmd("STATUS INBOX (RECENT)", status="BAD")
+    status = matching(new.cmd("STATUS INBOX (MESSAGES SIZE DELETED)"), r"\* STATUS.*")
+    assert re.fullmatch(r"\* STATUS INBOX \(MESSAGES 4 SIZE \d+ DELETED 0\)", status[0])
+    # SELECT: LIST, no RECENT, no UNSEEN (the four are unseen and were recent)
+    lines = new.cmd("SELECT INBOX")
+    assert '* LIST (\\HasNoChildren) "/" INBOX' in lines and "* 4 EXISTS" in lines
+    assert not matching(lines, r"\* (\d+ RECENT|OK \[UNSEEN \d+\].*)")
+    assert all("\\Recent" not in x for x in new.cmd("FETCH 1:* (FLAGS)"))
+    new.cmd("SEARCH NEW", status="BAD")
+    # ESEARCH only; "$" through FETCH and MOVE
+    assert new.cmd("SEARCH RETURN (SAVE) 2:3")[0].endswith("OK SEARCH completed")
+    assert matching(new.cmd("FETCH $ (UID)"), r"\* \d+ FETCH.*") == [
+        "* 2 FETCH (UID 2)", "* 3 FETCH (UID 3)"]
+    lines = new.cmd(f'MOVE $ "{NAME}"')
+    assert matching(lines, r"\* \d+ EXPUNGE") == ["* 2 EXPUNGE", "* 2 EXPUNGE"]
+    assert matching(new.cmd("UID SEARCH ALL"), r"\* .*SEARCH.*") == [
+        f'* ESEARCH (TAG "r{new.n}") UID ALL 1,4']
+    # new mail from the rev1 session: EXISTS, no RECENT
+    old.cmd("APPEND INBOX {12+}\r\nSubject: x\r\n")
+    seen: list[str] = []
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        lines = new.cmd("NOOP")
+        assert not matching(lines, r"\* \d+ RECENT")
+        seen = matching(lines, r"\* \d+ EXISTS")
+        time.sleep(0.05)
+    assert seen == ["* 3 EXISTS"]
+    # another SELECT: [CLOSED] first (RFC 9051 §6.3.2), the UTF-8 name in its LIST
+    lines = new.cmd(f'SELECT "{NAME}"')
+    assert lines[0] == "* OK [CLOSED] Previous mailbox closed"
+    assert f'* LIST (\\HasNoChildren) "/" "{NAME}"' in lines and "* 2 EXISTS" in lines
+    new.cmd('LSUB "" *', status="BAD")
+    assert matching(old.cmd('LSUB "" INBOX'), r"\* LSUB.*") == ['* LSUB () "/" INBOX']
+    old.close()
+    new.close()
+
+
+async def test_imap4rev2_over_the_real_store(imap_port: int) -> None:
+    await asyncio.to_thread(scenario, imap_port)
