@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # can reach. With it, 993 takes the header before the TLS handshake.
     proxy_protocol: bool = False
     proxy_protocol_timeout_s: float = 5.0
+    # SELECT pages, FETCH metadata, STATUS and LIST read from the metadata database
+    # (POSTBUS_DATABASE_URL) on a read-only connection instead of asking mailbox-store over
+    # NATS (ADR 0012); where the database cannot be opened they go to the store as before
+    sql_reads: bool = True
+    sql_pool_size: int = 4
     fetch_batch: int = 250  # messages per STORE_FETCH request
     fetch_bytes_in_flight: int = 32 * 1024 * 1024  # bodies one FETCH holds in memory at once
     # immutable message metadata kept for FETCH (metacache.py), all sessions together

@@ -55,7 +55,8 @@ def is_sqlite(engine: AsyncEngine | AsyncConnection | Connection) -> bool:
 
 
 def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "FULL",
-                  echo: bool = False, connect_args: dict[str, Any] | None = None) -> AsyncEngine:
+                  echo: bool = False, connect_args: dict[str, Any] | None = None,
+                  read_only: bool = False) -> AsyncEngine:
     """An engine with the right connection set-up for the dialect.
 
     SQLite (run in the loop's thread, see sqlite_inline): WAL (readers never block the
@@ -63,14 +64,24 @@ def create_engine(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "F
     foreign keys on, and explicit transaction control so a write
     transaction starts with ``BEGIN IMMEDIATE`` (it takes the write lock up front instead
     of failing to upgrade a read lock later).
+
+    ``read_only``: a reader beside the store (imap-access, ADR 0012) that must never write:
+    SQLite opens the file with ``mode=ro`` (and never creates it), PostgreSQL sessions run
+    with ``default_transaction_read_only``.
     """
     url = normalize_url(url)
     kw: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
+        if read_only and path and path != ":memory:" and not path.startswith("file:"):
+            url = f"{url.split('///', 1)[0]}///file:{Path(path).resolve()}?mode=ro&uri=true"
+        elif path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         kw["pool_pre_ping"] = False
+    elif read_only and url.startswith("postgresql+asyncpg"):
+        connect_args = {**(connect_args or {}), "server_settings": {
+            **(connect_args or {}).get("server_settings", {}),
+            "default_transaction_read_only": "on"}}
     # connections beyond pool_size are closed when returned: for SQLite each one is a file
     # open and four PRAGMAs, so under load a small pool reconnects all the time
     kw.update(pool_size=pool_size, max_overflow=pool_size)
@@ -211,6 +222,25 @@ async def run_periodically(engine: AsyncEngine, lock_key: int, interval_s: float
         except Exception:
             _jobs_log.exception(f"{what} failed; next pass later")
         await asyncio.sleep(interval_s)
+
+
+def head_revision() -> str:
+    """The migration this code expects the schema to be at (Alembic's head)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError("no migrations")
+    return head
+
+
+async def schema_revision(engine: AsyncEngine) -> str | None:
+    """The migration the database is at; None before the first one ran."""
+    async with engine.connect() as conn:
+        try:
+            return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+        except Exception:  # no table yet: the store has not migrated
+            return None
 
 
 async def check(engine: AsyncEngine) -> None:

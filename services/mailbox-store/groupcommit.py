@@ -121,8 +121,9 @@ class _Batcher:
 class DeliverOps(MessageOps):
     """deliver(): idempotent on (queue_id, account_id), grouped into batches."""
 
-    def __init__(self, engine: AsyncEngine, *, delivery_batch: int = 128) -> None:
-        super().__init__(engine)
+    def __init__(self, engine: AsyncEngine, *, delivery_batch: int = 128,
+                 read_only: bool = False) -> None:
+        super().__init__(engine, read_only=read_only)
         self._batcher = _Batcher(self._deliver_batch, delivery_batch)
 
     # ------------------------------------------------------------ delivery

@@ -34,6 +34,7 @@ from postbus.mailbox_store.sqlbase import (
     Exists,
     Invalid,
     Limit,
+    NeedsWriter,
     NewMessage,
     NotFound,
     OverQuota,
@@ -52,7 +53,7 @@ from postbus.mailbox_store.sqlbase import (
 __all__ = [
     "ANY_UID", "BLOB_OPS", "BLOB_SEARCH_BATCH", "DEFAULT_MAILBOXES", "DELETED", "DELIMITER",
     "INBOX", "MAX_NAME", "MAX_RANGES_IN_SQL", "MAX_UIDS_IN_LIST", "SEEN", "SPECIAL_USES",
-    "Change", "Conflict", "DeliverOutcome", "Exists", "Invalid", "Limit", "NewMessage",
+    "Change", "Conflict", "DeliverOutcome", "Exists", "Invalid", "Limit", "NeedsWriter", "NewMessage",
     "NotFound", "OverQuota", "Repository", "StoreError", "flags_from_db", "flags_to_db",
     "make_state", "normalize_name", "parents_of", "parse_search_date",
     "trusted_model", "uid_filter", "unseen_deleted", "utc",

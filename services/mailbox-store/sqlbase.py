@@ -144,6 +144,12 @@ class StoreError(Exception):
         self.message = message
 
 
+class NeedsWriter(Exception):  # noqa: N818 (not an error of the caller's: a routing signal)
+    """A read-only repository (imap-access reading SQL, ADR 0012) reached an operation that
+    writes (INBOX created on first use, a \\Recent claim): the caller asks mailbox-store,
+    the only writer, instead."""
+
+
 class NotFound(StoreError):
     code: ClassVar[ErrorCode] = "not_found"
 
@@ -396,9 +402,10 @@ class RepoBase:
     """Transactions, account and mailbox rows, INBOX and the default folders: what every
     other part of the repository builds on."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, read_only: bool = False) -> None:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
+        self.read_only = read_only  # a reader beside the store: every write is NeedsWriter
         self._writer = Writer(engine)
         self._has_inbox: set[int] = set()  # accounts known to have their INBOX
         self._insert = sqlite_dialect.insert if self.sqlite else pg_dialect.insert
@@ -415,6 +422,8 @@ class RepoBase:
     async def write(self, fn: Callable[[AsyncConnection], Awaitable[T]], attempts: int = 5) -> T:
         """Run ``fn`` in a write transaction (group-committed on SQLite, see txn.py);
         returns once the change is committed."""
+        if self.read_only:
+            raise NeedsWriter("a write, and this repository only reads")
         return await self._writer.write(fn, attempts)
 
     # ------------------------------------------------------------ account + mailbox rows

@@ -18,6 +18,7 @@ from postbus.kit.bus import Bus, RemoteError
 from postbus.kit.flow import ByteGate
 from postbus.kit.logging import get_logger
 from postbus.mailbox_store.delivery import keep_body, publish_change
+from postbus.mailbox_store.reads import StoreReads
 from postbus.mailbox_store.repository import Change, Limit, NewMessage, Repository, StoreError
 from postbus.mailbox_store.settings import Settings
 from postbus.proto.base import Rpc
@@ -50,12 +51,8 @@ from postbus.proto.store import (
     CopyRequest,
     ExpungeReply,
     ExpungeRequest,
-    FetchReply,
-    FetchRequest,
     MailboxCreateRequest,
     MailboxInfo,
-    MailboxListReply,
-    MailboxListRequest,
     MailboxRef,
     MailboxRenameRequest,
     Ok,
@@ -68,7 +65,6 @@ from postbus.proto.store import (
     SearchReply,
     SearchRequest,
     SelectReply,
-    SelectRequest,
     StoreFlagsReply,
     StoreFlagsRequest,
     SubscribeRequest,
@@ -83,8 +79,6 @@ QUEUE = "mailbox-store"
 # under PAGE_BYTES; POP3 messages are also cut at PAGE_BYTES (their prefixes vary)
 MAX_UID_PAGE = 40_000
 MAX_POP3_PAGE = 5_000
-# SELECT snapshots: about 45 octets a message (UID, flags, MODSEQ), so 10,000 is ~450 KB
-MAX_SELECT_PAGE = 10_000
 # STORE answers every changed message (~45 octets), COPY two UID lists (up to ~22 octets):
 # larger sets are refused before anything changes, so a reply is never lost as too large
 MAX_STORE_SET = 10_000
@@ -93,7 +87,9 @@ Req = TypeVar("Req", bound=BaseModel)
 Rep = TypeVar("Rep", bound=BaseModel)
 
 
-class StoreApi:
+class StoreApi(StoreReads):
+    """Every store request over NATS; the reads are StoreReads' (shared with imap-access)."""
+
     def __init__(self, bus: Bus, blobs: BlobStore, repo: Repository, settings: Settings, *,
                  max_uid_page: int = MAX_UID_PAGE, max_pop3_page: int = MAX_POP3_PAGE) -> None:
         self.bus = bus
@@ -101,7 +97,7 @@ class StoreApi:
         # small bodies are in the blob rows, not in S3 (ADR 0014): every reader of this
         # BlobStore in the store (search, export, the management API) finds them there
         blobs.inline = repo
-        self.repo = repo
+        super().__init__(repo)
         self.settings = settings
         self.max_uid_page = max_uid_page  # tests make pages small to see them followed
         self.max_pop3_page = max_pop3_page
@@ -132,13 +128,6 @@ class StoreApi:
             await self.bus.serve(rpc, _errors(handler), queue=QUEUE)
 
     # ------------------------------------------------------------ mailboxes
-    async def mailbox_list(self, req: MailboxListRequest) -> MailboxListReply:
-        return MailboxListReply(mailboxes=await self.repo.list_mailboxes(
-            req.account_id, req.subscribed_only))
-
-    async def mailbox_status(self, req: MailboxRef) -> MailboxInfo:
-        return await self.repo.status(req.account_id, req.name)
-
     async def mailbox_create(self, req: MailboxCreateRequest) -> MailboxInfo:
         return await self.repo.create_mailbox(req.account_id, req.name, req.special_use)
 
@@ -157,18 +146,6 @@ class StoreApi:
         return Ok()
 
     # ------------------------------------------------------------ messages
-    async def select(self, req: SelectRequest) -> SelectReply:
-        info, msgs, more, vanished, recent_uid = await self.repo.select(
-            req.account_id, req.mailbox_id, name=req.name, after_uid=req.after_uid,
-            limit=max(1, min(req.limit, MAX_SELECT_PAGE)), changed_since=req.changed_since,
-            claim_recent=req.claim_recent)
-        return SelectReply(mailbox=info, messages=msgs, more=more, vanished=vanished,
-                           recent_uid=recent_uid)
-
-    async def fetch(self, req: FetchRequest) -> FetchReply:
-        return FetchReply(messages=await self.repo.fetch(
-            req.account_id, req.mailbox_id, req.uids, req.with_summary))
-
     async def flags(self, req: StoreFlagsRequest) -> StoreFlagsReply:
         updated, modified, change = await self.repo.store_flags(
             req.account_id, req.mailbox_id, req.uids, req.op, req.flags, req.unchanged_since,

@@ -23,15 +23,19 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncEngine
 from test_store_core_contract import PG_URL, add_account, drop, make_engine
 
 from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.ports import Blobs, Changes, Store, StoreError
+from postbus.imap_access.sqlreads import SqlReadStore
 from postbus.kit.blob import BlobStore, StoreBodies, blob_key
 from postbus.kit.bus import Bus
 from postbus.kit.testing import RunningNats, RunningS3
+from postbus.mailbox_store import db
 from postbus.mailbox_store.models import Account
 from postbus.mailbox_store.repository import NewMessage, Repository
 from postbus.mailbox_store.settings import Settings
@@ -66,8 +70,11 @@ from postbus.protocols.served import retr_octets
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.asyncio(loop_scope="module")]
 
-FLAVOURS = ["memory", "sqlite", pytest.param("postgresql", marks=[
-    pytest.mark.postgres, pytest.mark.skipif(not PG_URL, reason="POSTBUS_TEST_POSTGRES_URL not set")])]
+# "+sqlreads": imap-access's port, reads from SQL on a read-only connection (ADR 0012),
+# writes over the bus to the same StoreApi
+_PG = [pytest.mark.postgres, pytest.mark.skipif(not PG_URL, reason="POSTBUS_TEST_POSTGRES_URL not set")]
+FLAVOURS = ["memory", "sqlite", "sqlite+sqlreads", pytest.param("postgresql", marks=_PG),
+            pytest.param("postgresql+sqlreads", marks=_PG)]
 _accounts = itertools.count(1)
 
 
@@ -178,7 +185,8 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     root = tmp_path_factory.mktemp(flavour)
     s3: RunningS3 = request.getfixturevalue("s3_server")  # started only for SQL flavours
     nats = RunningNats(root)
-    engine, target, _args = await make_engine(flavour, Path(root))
+    sql = flavour.split("+")[0]
+    engine, target, args = await make_engine(sql, Path(root))
     common = nats.common(s3_endpoint=s3.endpoint, s3_bucket="t-" + uuid.uuid4().hex[:12],
                          database_url=f"sqlite:///{root / 'unused.db'}", blob_cache_mb=16)
     bus = await Bus.connect(common, "test")
@@ -209,14 +217,22 @@ async def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
             await conn.execute(update(Account.__table__).where(
                 Account.__table__.c.id == account).values(quota_bytes=limit))
 
+    store = BusStore(bus)
+    reader: AsyncEngine | None = None
+    if flavour.endswith("+sqlreads"):
+        reader = db.create_engine(target if sql == "sqlite" else PG_URL or "",
+                                  connect_args=args, read_only=True)
+        store = SqlReadStore(bus, reader)
     try:
         # pages of two maildrop messages: the adapter must follow them
-        yield Backend(flavour, BusStore(bus), S3Blobs(readers), new_sql_account, sql_quota,
+        yield Backend(flavour, store, S3Blobs(readers), new_sql_account, sql_quota,
                       StoreMaildrops(bus, readers, page=2), sql_deliver, BusChanges(bus))
     finally:
+        if reader is not None:
+            await reader.dispose()
         await bus.close()
         await blobs.close()
-        await drop(flavour, engine, target)
+        await drop(sql, engine, target)
         nats.stop()
         s3.drop_bucket(common.s3_bucket)
 
@@ -886,3 +902,61 @@ async def test_every_change_is_announced_once_with_its_origin(backend: Backend) 
         assert await events(1) == [("INBOX", [], [], [2], "s4", 0, True, True)]
     finally:
         await unsubscribe()
+
+
+# ---------------------------------------------------------------- imap-access's SQL reads
+def _reads(path: str) -> float:
+    return REGISTRY.get_sample_value("postbus_imap_store_reads_total", {"path": path}) or 0.0
+
+
+async def test_sql_reads_come_from_sql_and_what_would_write_goes_to_the_store(port: Port) -> None:
+    """ADR 0012: on a fresh account the first LIST must create INBOX, a write: the store does
+    it; afterwards LIST, STATUS, SELECT (EXAMINE) and FETCH are answered from SQL, and a
+    SELECT that claims \\Recent goes to the store again."""
+    if not port.flavour.endswith("+sqlreads"):
+        pytest.skip("imap-access's SQL reads only")
+    sql, bus = _reads("sql"), _reads("bus")
+    await port.store.mailbox_list(MailboxListRequest(account_id=port.account))
+    assert (_reads("sql") - sql, _reads("bus") - bus) == (0, 1)  # INBOX made by the store
+    inbox = await port.box("INBOX")
+    uid = await port.append(raw_message(1))
+    sql, bus = _reads("sql"), _reads("bus")
+    boxes = (await port.store.mailbox_list(MailboxListRequest(account_id=port.account))).mailboxes
+    assert "INBOX" in {b.name for b in boxes}
+    status = await port.store.mailbox_status(MailboxRef(account_id=port.account, name="INBOX"))
+    assert status.messages == 1 and status.uidvalidity == inbox.uidvalidity
+    page = await port.store.select(SelectRequest(account_id=port.account, name="INBOX"))
+    assert [m.uid for m in page.messages] == [uid]
+    got = await port.store.fetch(FetchRequest(account_id=port.account,
+                                              mailbox_id=page.mailbox.mailbox_id, uids=[[uid, uid]]))
+    assert [m.uid for m in got.messages] == [uid]
+    assert (_reads("sql") - sql, _reads("bus") - bus) == (4, 0)
+    claimed = await port.store.select(SelectRequest(account_id=port.account, name="INBOX",
+                                                     claim_recent=True))
+    assert claimed.recent_uid == uid  # the store claimed it: \\Recent for this session
+    assert (_reads("sql") - sql, _reads("bus") - bus) == (4, 1)
+    with pytest.raises(StoreError) as info:  # the store's error codes, answered from SQL
+        await port.store.mailbox_status(MailboxRef(account_id=port.account, name="Nope"))
+    assert info.value.code == "not_found"
+    assert (_reads("sql") - sql, _reads("bus") - bus) == (5, 1)
+
+
+async def test_sql_reads_fall_back_to_the_store_when_the_database_cannot_be_read(
+        port: Port, tmp_path: Path) -> None:
+    """A database imap-access cannot open (a SQLite file in another pod) is not an error:
+    every read goes to the store, and answers as it would."""
+    if not port.flavour.endswith("+sqlreads"):
+        pytest.skip("imap-access's SQL reads only")
+    assert isinstance(port.store, SqlReadStore)
+    engine = db.create_engine(f"sqlite:///{tmp_path / 'absent' / 'store.db'}", read_only=True)
+    try:
+        blind = SqlReadStore(port.store.bus, engine)
+        sql, bus = _reads("sql"), _reads("bus")
+        boxes = (await blind.mailbox_list(MailboxListRequest(account_id=port.account))).mailboxes
+        assert "INBOX" in {b.name for b in boxes}
+        assert (await blind.mailbox_status(MailboxRef(account_id=port.account,
+                                                      name="INBOX"))).messages == 0
+        assert (_reads("sql") - sql, _reads("bus") - bus) == (0, 2)
+        assert not blind.ready and not (tmp_path / "absent").exists()  # read-only: not created
+    finally:
+        await engine.dispose()
