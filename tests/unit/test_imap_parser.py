@@ -142,6 +142,16 @@ GOOD = [
     (b"a SORT RETURN () (SIZE) UTF-8 ALL\r\n", p.Sort(
         "a", False, (p.SortKey("SIZE"),), "UTF-8",
         p.SearchNode("and", children=(p.SearchNode("all"),)), ())),
+    # SEARCHRES (RFC 5182 §2.1): SAVE, and "$" as a whole sequence set
+    (b"a SEARCH RETURN (SAVE MIN) $ UID $\r\n", p.Search(
+        "a", False, None, p.SearchNode("and", children=(
+            p.SearchNode("seq", seqset=p.SAVED), p.SearchNode("uid", seqset=p.SAVED))),
+        ("SAVE", "MIN"))),
+    (b"a FETCH $ FLAGS\r\n", p.Fetch("a", False, p.SAVED, (BODY("FLAGS"),))),
+    (b"a UID STORE $ +FLAGS (\\Seen)\r\n",
+     p.StoreCmd("a", True, p.SAVED, "add", False, ("\\Seen",))),
+    (b"a MOVE $ Trash\r\n", p.Copy("a", False, p.SAVED, b"Trash", True)),
+    (b"a UID EXPUNGE $\r\n", p.Expunge("a", p.SAVED)),
 ]
 
 
@@ -566,6 +576,11 @@ def test_string_choice() -> None:
     assert string('a"b\\c') == b'"a\\"b\\\\c"'
     assert string("line\r\nbreak") == b"{11}\r\nline\r\nbreak"
     assert string("é") == b"{2}\r\n\xc3\xa9"
+    # IMAP4rev2 mailbox names: quoted UTF-8 (RFC 9051 §9 QUOTED-CHAR), not for other bytes
+    assert astring("Entwürfe", utf8=True) == '"Entwürfe"'.encode()
+    assert astring('ä "q"', utf8=True) == '"ä \\"q\\""'.encode()
+    assert astring(b"caf\xe9", utf8=True) == b"{4}\r\ncaf\xe9"
+    assert astring("a&b", utf8=True) == b"a&b"
     assert nstring(None) == b"NIL"
     assert flag_list(["\\Seen", "$Junk"]) == b"(\\Seen $Junk)"
 
