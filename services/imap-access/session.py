@@ -1373,6 +1373,9 @@ class Session:
             if {"MIN", "MAX"} & set(opts) and not {"ALL", "COUNT"} & set(opts):
                 self._saved = sorted({*(uids[:1] if "MIN" in opts else []),
                                       *(uids[-1:] if "MAX" in opts else [])})
+            elif cmd.partial is not None and "COUNT" not in opts:
+                # PARTIAL saves its range, unless COUNT asks about the whole (as Dovecot)
+                self._saved = imap_context.take_partial(uids, cmd.partial)
             else:
                 self._saved = list(uids)
         if opts is not None and (not save or set(opts) - {"SAVE"}):

@@ -121,3 +121,16 @@ async def test_a_live_search_keeps_the_saved_result_it_started_with() -> None:
     assert updates == [b'* ESEARCH (TAG "u1") UID',
                        b'* ESEARCH (TAG "u1") UID REMOVEFROM (0 2)',
                        b'* ESEARCH (TAG "u1") UID ADDTO (0 2)']
+
+
+async def test_save_with_partial_keeps_the_range_unless_count_asks_for_all() -> None:
+    c = await client(False)
+    for _ in range(4):
+        c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nq1 SEARCH RETURN (SAVE PARTIAL 2:3) ALL\r\n"
+                       b"f1 FETCH $ (UID)\r\n")
+    assert b'* ESEARCH (TAG "q1") PARTIAL (2:3 2:3)' in out
+    assert [x for x in out if b"FETCH (UID" in x] == [b"* 2 FETCH (UID 2)", b"* 3 FETCH (UID 3)"]
+    out = await c.send(b"q2 SEARCH RETURN (SAVE COUNT PARTIAL 1:1) ALL\r\nf2 FETCH $ (UID)\r\n")
+    assert [x for x in out if b"FETCH (UID" in x] == [
+        b"* %d FETCH (UID %d)" % (n, n) for n in range(1, 5)]
