@@ -95,8 +95,22 @@ class Writer:
             if group:
                 await self._commit_group(group)
 
+    async def _one(self, fn: Tx, fut: asyncio.Future[Any]) -> None:
+        """One transaction on its own, its outcome handed to its caller."""
+        try:
+            result = await self._alone(fn, 5)
+        except Exception as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+        else:
+            if not fut.done():
+                fut.set_result(result)
+
     async def _commit_group(self, group: list[tuple[Tx, asyncio.Future[Any]]]) -> None:
         GROUP.observe(len(group))
+        if len(group) == 1:  # nothing to keep it apart from: no savepoint (7 % of the CPU)
+            await self._one(*group[0])
+            return
         outcomes: list[tuple[bool, Any]] = []
         try:
             async with self._begin() as conn:
@@ -116,14 +130,7 @@ class Writer:
             log.warning("group commit failed; writing one at a time", error=str(exc)[:200],
                         size=len(group))
             for fn, fut in group:
-                try:
-                    result = await self._alone(fn, 5)
-                except Exception as one:
-                    if not fut.done():
-                        fut.set_exception(one)
-                else:
-                    if not fut.done():
-                        fut.set_result(result)
+                await self._one(fn, fut)
             return
         for (_, fut), (ok, value) in zip(group, outcomes, strict=True):
             if fut.done():
