@@ -10,7 +10,8 @@ Imports SQLAlchemy; never nats or boto3.
 This module only assembles ``Repository`` and re-exports the names importers use. The SQL
 is in the layer modules, each class built on the one before: sqlbase.py (tables, errors,
 helpers, ``RepoBase``) -> messages.py -> groupcommit.py -> mailboxes.py -> flags.py ->
-search.py -> pop3.py; the directory's SQL is in directory_sql.py.
+search.py -> pop3.py; the directory's SQL is in directory_sql_admin.py and directory_sql.py.
+reads.py answers the read requests from it, for the store and for imap-access (ADR 0012).
 """
 
 from __future__ import annotations

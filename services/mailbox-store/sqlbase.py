@@ -3,7 +3,7 @@ pure helpers, and ``RepoBase`` (transactions, account and mailbox rows, INBOX on
 
 ``Repository`` (repository.py) is one chain of classes, each module's on the one before:
 sqlbase -> messages -> groupcommit -> mailboxes -> flags -> search -> pop3. Those modules
-and directory_sql.py are the only places in mailbox-store that query mail data (db.py and
+and directory_sql_admin.py / directory_sql.py are the only places in mailbox-store that query mail data (db.py and
 txn.py only set up engines and transactions; models.py is the schema).
 """
 
