@@ -42,6 +42,8 @@ Rep = TypeVar("Rep", bound=BaseModel)
 log = get_logger(__name__)
 
 ERROR_HEADER = "Postbus-Error"
+# a busy consumer's fetch waits at most this long for more than what is waiting already
+BUSY_WAIT_S = 0.005
 
 BUS_HANDLED = counter("postbus_bus_messages_total", "Work-queue messages handled",
                       ["subject", "outcome"])
@@ -279,13 +281,22 @@ class Bus:
                 filter_subject=subject.pattern,
             )
             psub = None
+            # nats-py's fetch(n) returns at once what is waiting, but when nothing is, its
+            # lingering pull waits until n messages came or the timeout ran out: at 300
+            # messages a second each one sat up to a second, and the unacked backlog made
+            # smtp-ingress slow its clients (in_flow_delay). So: idle, wait for one message;
+            # busy, take what is there and wait at most BUSY_WAIT_S for more.
+            busy = False
             while not self._closing.is_set():
                 try:
                     if psub is None:
                         psub = await self.js.pull_subscribe(
                             subject.pattern, durable=durable, stream=stream, config=cfg)
-                    msgs = await psub.fetch(batch, timeout=1.0)
+                    msgs = await (psub.fetch(batch, timeout=BUSY_WAIT_S) if busy
+                                  else psub.fetch(1, timeout=1.0))
+                    busy = True
                 except (TimeoutError, nats.errors.TimeoutError):
+                    busy = False
                     continue
                 except asyncio.CancelledError:
                     raise

@@ -84,8 +84,12 @@ class Settings(BaseSettings):
     # 100: on a quiet machine bench-e2e delivered 191/s at 100, 142/s at 50 and 131/s at 20
     # (the consumers need that much queued work to batch); 20 halves the 250 -> IDLE EXISTS
     # median (97 vs 195 ms) at that cost. Runs on a loaded machine had hidden the difference.
+    # 1 ms a message: the depth is read every flow_poll_s, and at 10 ms a depth of 150 held
+    # every MAIL FROM for half a second until the next reading, so intake swung between
+    # stalled and free: 292 delivered/s against 502 with no delay; at 1 ms 445-465/s, the
+    # 250 -> IDLE EXISTS p99 205-258 ms (no delay: 335) (docs/benchmarks.md)
     flow_backlog_threshold: int = 100
-    flow_delay_per_message_s: float = 0.01
+    flow_delay_per_message_s: float = 0.001
     flow_delay_max_s: float = 1.0
     flow_poll_s: float = 0.25
 
