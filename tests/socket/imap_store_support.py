@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -51,6 +52,18 @@ class Client:
             if line.startswith(tag + " "):
                 assert line.startswith(f"{tag} {status}"), lines
                 return lines
+
+    def noop_until(self, want: str, never: str) -> list[str]:
+        """NOOP for at most 10 s until some response matches ``want``; the ones that do.
+        No response on the way may match ``never``."""
+        deadline = time.monotonic() + 10
+        seen: list[str] = []
+        while not seen and time.monotonic() < deadline:
+            lines = self.cmd("NOOP")
+            assert not matching(lines, never)
+            seen = matching(lines, want)
+            time.sleep(0.05)
+        return seen
 
     def close(self) -> None:
         self.cmd("LOGOUT")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -72,14 +71,7 @@ def scenario(port: int) -> None:
     # the other session expunges while this one watches: VANISHED, not EXPUNGE
     b.cmd("UID STORE 1 +FLAGS.SILENT (\\Deleted)")
     b.cmd("UID EXPUNGE 1")
-    deadline = time.monotonic() + 10
-    seen: list[str] = []
-    while not seen and time.monotonic() < deadline:
-        lines = a.cmd("NOOP")
-        assert not matching(lines, r"\* \d+ EXPUNGE")
-        seen = matching(lines, r"\* VANISHED.*")
-        time.sleep(0.05)
-    assert seen == ["* VANISHED 1"]
+    assert a.noop_until(r"\* VANISHED.*", never=r"\* \d+ EXPUNGE") == ["* VANISHED 1"]
     lines = a.cmd(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {since} VANISHED)")
     assert matching(lines, r"\* VANISHED.*") == ["* VANISHED (EARLIER) 1:2,4,7"]
     assert [re.sub(r"MODSEQ \(\d+\)", "MODSEQ (n)", x)

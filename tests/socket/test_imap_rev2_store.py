@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -66,14 +65,7 @@ def scenario(port: int) -> None:
         f'* ESEARCH (TAG "r{new.n}") UID ALL 1,4']
     # new mail from the rev1 session: EXISTS, no RECENT
     old.cmd("APPEND INBOX {12+}\r\nSubject: x\r\n")
-    seen: list[str] = []
-    deadline = time.monotonic() + 10
-    while not seen and time.monotonic() < deadline:
-        lines = new.cmd("NOOP")
-        assert not matching(lines, r"\* \d+ RECENT")
-        seen = matching(lines, r"\* \d+ EXISTS")
-        time.sleep(0.05)
-    assert seen == ["* 3 EXISTS"]
+    assert new.noop_until(r"\* \d+ EXISTS", never=r"\* \d+ RECENT") == ["* 3 EXISTS"]
     # another SELECT: [CLOSED] first (RFC 9051 §6.3.2), the UTF-8 name in its LIST
     lines = new.cmd(f'SELECT "{NAME}"')
     assert lines[0] == "* OK [CLOSED] Previous mailbox closed"
