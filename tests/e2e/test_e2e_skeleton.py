@@ -3,14 +3,14 @@ with the real platform (each service its own process, real nats-server, real Sea
 
 from __future__ import annotations
 
-import imaplib
 import poplib
 import smtplib
 
 import httpx
 import pytest
+from inbox_support import first_in_inbox
 
-from postbus.kit.testing import Platform, wait_for
+from postbus.kit.testing import Platform
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -76,23 +76,10 @@ def test_one_message_smtp_to_imap_and_pop3(platform: Platform) -> None:
         assert code == 250 and b"queued as" in resp, resp
 
     # IMAP: LOGIN, SELECT, FETCH
-    def imap_count() -> int:
-        with imaplib.IMAP4("127.0.0.1", platform.port("imap-access", "imap_port")) as m:
-            m.login("alice@example.test", "secret")
-            typ, data = m.select("INBOX")
-            return int(data[0])
-
-    wait_for(lambda: imap_count() == 1, timeout=30)
-    with imaplib.IMAP4("127.0.0.1", platform.port("imap-access", "imap_port")) as m:
-        m.login("alice@example.test", "secret")
-        m.select("INBOX")
-        typ, data = m.uid("FETCH", "1", "(BODY.PEEK[] RFC822.SIZE)")
-        assert typ == "OK"
-        raw = data[0][1]
-        assert raw.lower().startswith((b"return-path:", b"delivered-to:", b"received:"))
-        assert strip_trace(raw) == BODY
-        assert f"RFC822.SIZE {len(raw)}".encode() in data[0][0]
-        m.logout()
+    head, raw = first_in_inbox(platform, "(BODY.PEEK[] RFC822.SIZE)", timeout=30)
+    assert raw.lower().startswith((b"return-path:", b"delivered-to:", b"received:"))
+    assert strip_trace(raw) == BODY
+    assert f"RFC822.SIZE {len(raw)}".encode() in head
 
     # POP3: USER, PASS, STAT, LIST, RETR, QUIT (keep mode: no DELE)
     p = poplib.POP3("127.0.0.1", platform.port("pop3-access", "pop3_port"), timeout=10)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import imaplib
 import re
 import smtplib
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from aiosmtpd.controller import Controller
+from inbox_support import first_in_inbox
 
 from postbus.kit import embedded
 from postbus.kit.testing import Platform, RunningNats, RunningS3, start_platform, wait_for
@@ -94,19 +94,7 @@ def test_relay_and_bounce_through_the_platform(outbound_platform: Platform,
     assert mail_from == "alice@example.test" and rcpts == ["carol@example.net"]
     assert b"Hello out there." in data and b"Subject: outbound e2e" in data
 
-    def inbox_count() -> int:
-        with imaplib.IMAP4("127.0.0.1", plat.port("imap-access", "imap_port")) as im:
-            im.login("alice@example.test", "secret")
-            typ, got = im.select("INBOX")
-            return int(got[0])
-
-    wait_for(lambda: inbox_count() == 1, timeout=60)
-    with imaplib.IMAP4("127.0.0.1", plat.port("imap-access", "imap_port")) as im:
-        im.login("alice@example.test", "secret")
-        im.select("INBOX")
-        typ, fetched = im.uid("FETCH", "1", "(BODY.PEEK[])")
-        assert typ == "OK"
-        raw = fetched[0][1]
+    _, raw = first_in_inbox(plat, "(BODY.PEEK[])", timeout=60)
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert msg.get_content_type() == "multipart/report"
     assert "MAILER-DAEMON@" in str(msg["From"])
