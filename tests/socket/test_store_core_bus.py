@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from test_store_core_contract import add_account
 
 from postbus.kit.blob import BlobNotFound, BlobStore, StoreBodies, blob_key
 from postbus.kit.bus import Bus, Delivery, RemoteError
@@ -19,7 +20,7 @@ from postbus.kit.settings import CommonSettings
 from postbus.mailbox_store import db
 from postbus.mailbox_store.blobgc import collect
 from postbus.mailbox_store.delivery import Deliverer
-from postbus.mailbox_store.models import Account, Blob, Domain
+from postbus.mailbox_store.models import Blob
 from postbus.mailbox_store.repository import Repository
 from postbus.mailbox_store.settings import Settings
 from postbus.mailbox_store.storeapi import StoreApi
@@ -83,20 +84,6 @@ class Env:
     events: asyncio.Queue[DeliveryEvent]
 
 
-async def _account(engine: AsyncEngine, address: str, quota: int | None = None) -> int:
-    async with engine.begin() as conn:
-        did = (await conn.execute(select(Domain.__table__.c.id).where(
-            Domain.__table__.c.name == "example.test"))).scalar()
-        if did is None:
-            did = (await conn.execute(insert(Domain.__table__).values(
-                name="example.test", local_part_case_sensitive=False)
-                .returning(Domain.__table__.c.id))).scalar()
-        return int((await conn.execute(insert(Account.__table__).values(
-            address=address, domain_id=did, password_hash="x", enabled=True, quota_bytes=quota,
-            used_bytes=0, message_count=0, pop3_policy="client")
-            .returning(Account.__table__.c.id))).scalar())
-
-
 @pytest_asyncio.fixture
 async def env(bus: Bus, blobs: BlobStore, common_settings: CommonSettings) -> AsyncIterator[Env]:
     settings = Settings(common=common_settings, delivery_max_attempts=2,
@@ -104,8 +91,8 @@ async def env(bus: Bus, blobs: BlobStore, common_settings: CommonSettings) -> As
     engine = db.create_engine(common_settings.database_url)
     await db.migrate(engine)
     repo = Repository(engine)
-    alice = await _account(engine, "alice@example.test")
-    small = await _account(engine, "small@example.test", quota=10)
+    alice = await add_account(engine, "alice@example.test")
+    small = await add_account(engine, "small@example.test", quota=10)
     changes: asyncio.Queue[MailboxChanged] = asyncio.Queue()
     events: asyncio.Queue[DeliveryEvent] = asyncio.Queue()
 
@@ -317,7 +304,7 @@ async def test_search_past_its_budget_is_refused_with_limit(
     engine = db.create_engine(common_settings.database_url)
     await db.migrate(engine)
     repo = Repository(engine)
-    a = await _account(engine, "alice@example.test")
+    a = await add_account(engine, "alice@example.test")
     settings = Settings(common=common_settings, search_text_budget=3000,
                         search_text_per_message=1000)
     await StoreApi(bus, blobs, repo, settings).serve()

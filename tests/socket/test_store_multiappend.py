@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import insert, select
+from test_store_core_contract import add_account
 
 from postbus.kit.blob import BlobStore
 from postbus.kit.bus import Bus, RemoteError
 from postbus.kit.settings import CommonSettings
 from postbus.mailbox_store import db
-from postbus.mailbox_store.models import Account, Domain
 from postbus.mailbox_store.repository import Repository
 from postbus.mailbox_store.settings import Settings
 from postbus.mailbox_store.storeapi import StoreApi
@@ -38,27 +37,13 @@ class Env:
     small: int
 
 
-async def _account(engine: object, address: str, quota: int | None = None) -> int:
-    async with engine.begin() as conn:  # type: ignore[attr-defined]
-        did = (await conn.execute(select(Domain.__table__.c.id).where(
-            Domain.__table__.c.name == "example.test"))).scalar()
-        if did is None:
-            did = (await conn.execute(insert(Domain.__table__).values(
-                name="example.test", local_part_case_sensitive=False)
-                .returning(Domain.__table__.c.id))).scalar()
-        return int((await conn.execute(insert(Account.__table__).values(
-            address=address, domain_id=did, password_hash="x", enabled=True, quota_bytes=quota,
-            used_bytes=0, message_count=0, pop3_policy="client")
-            .returning(Account.__table__.c.id))).scalar())
-
-
 @pytest_asyncio.fixture
 async def env(bus: Bus, blobs: BlobStore, common_settings: CommonSettings) -> AsyncIterator[Env]:
     engine = db.create_engine(common_settings.database_url)
     await db.migrate(engine)
     repo = Repository(engine)
-    alice = await _account(engine, "alice@example.test")
-    small = await _account(engine, "small@example.test", quota=100)
+    alice = await add_account(engine, "alice@example.test")
+    small = await add_account(engine, "small@example.test", quota=100)
     await StoreApi(bus, blobs, repo, Settings(common=common_settings)).serve()
     yield Env(bus, alice, small)
     await engine.dispose()
