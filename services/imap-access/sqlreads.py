@@ -1,6 +1,7 @@
-"""Store reads from SQL (ADR 0012): SELECT pages, FETCH metadata, STATUS and LIST come from
-the metadata database on a read-only connection, through the store's own read code
-(``postbus.mailbox_store.reads``); writes stay requests to mailbox-store, the only writer.
+"""Store reads from SQL (ADR 0012): SELECT pages, FETCH metadata, STATUS, LIST and an
+EXPUNGE with nothing to remove come from the metadata database on a read-only connection,
+through the store's own read code (``postbus.mailbox_store.reads``); writes stay requests
+to mailbox-store, the only writer.
 
 Every command that reads used to be a NATS round trip to the one store process and a
 queue behind its writes. A read the store would answer after its commit is visible here as
@@ -32,6 +33,8 @@ from postbus.mailbox_store.reads import StoreReads
 from postbus.mailbox_store.repository import NeedsWriter, Repository
 from postbus.mailbox_store.repository import StoreError as RepoError
 from postbus.proto.store import (
+    ExpungeReply,
+    ExpungeRequest,
     FetchReply,
     FetchRequest,
     MailboxInfo,
@@ -122,3 +125,8 @@ class SqlReadStore(BusStore):
 
     async def fetch(self, req: FetchRequest) -> FetchReply:
         return await self._read(self.reads.fetch, super().fetch, req)
+
+    async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
+        """Answered here only when nothing is \\Deleted (then nothing changes); else the
+        store removes them and announces it."""
+        return await self._read(self.reads.expunge, super().expunge, req)

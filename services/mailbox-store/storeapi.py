@@ -18,7 +18,7 @@ from postbus.kit.bus import Bus, RemoteError
 from postbus.kit.flow import ByteGate
 from postbus.kit.logging import get_logger
 from postbus.mailbox_store.delivery import keep_body, publish_change
-from postbus.mailbox_store.reads import StoreReads
+from postbus.mailbox_store.reads import MAX_UID_PAGE, StoreReads
 from postbus.mailbox_store.repository import Change, Limit, NewMessage, Repository, StoreError
 from postbus.mailbox_store.settings import Settings
 from postbus.proto.base import Rpc
@@ -75,9 +75,7 @@ from postbus.protocols.served import normalize_crlf, served
 
 log = get_logger(__name__)
 QUEUE = "mailbox-store"
-# the most a page may hold, whatever the request asks: 40,000 UIDs of up to 10 digits stay
-# under PAGE_BYTES; POP3 messages are also cut at PAGE_BYTES (their prefixes vary)
-MAX_UID_PAGE = 40_000
+# POP3 messages are cut at PAGE_BYTES too (their prefixes vary)
 MAX_POP3_PAGE = 5_000
 # STORE answers every changed message (~45 octets), COPY two UID lists (up to ~22 octets):
 # larger sets are refused before anything changes, so a reply is never lost as too large
@@ -97,9 +95,8 @@ class StoreApi(StoreReads):
         # small bodies are in the blob rows, not in S3 (ADR 0014): every reader of this
         # BlobStore in the store (search, export, the management API) finds them there
         blobs.inline = repo
-        super().__init__(repo)
+        super().__init__(repo, max_uid_page=max_uid_page)
         self.settings = settings
-        self.max_uid_page = max_uid_page  # tests make pages small to see them followed
         self.max_pop3_page = max_pop3_page
         # message bodies that searches hold in memory at once, all searches together
         self.search_gate = ByteGate(settings.search_bytes_in_flight)
@@ -231,10 +228,9 @@ class StoreApi(StoreReads):
         return BodiesReply(bodies=await self.repo.inline_bodies(req.keys))
 
     async def expunge(self, req: ExpungeRequest) -> ExpungeReply:
-        expunged, hms, change, more = await self.repo.expunge(
-            req.account_id, req.mailbox_id, req.uids, limit=min(req.limit, self.max_uid_page))
+        reply, change = await self.expunge_change(req)
         await publish_change(self.bus, change, req.origin)
-        return ExpungeReply(expunged=expunged, highestmodseq=hms, more=more)
+        return reply
 
     async def search(self, req: SearchRequest) -> SearchReply:
         budget = SearchBudget(text_left=self.settings.search_text_budget,

@@ -960,3 +960,25 @@ async def test_sql_reads_fall_back_to_the_store_when_the_database_cannot_be_read
         assert not blind.ready and not (tmp_path / "absent").exists()  # read-only: not created
     finally:
         await engine.dispose()
+
+
+async def test_expunge_with_nothing_deleted_is_a_read_and_with_something_the_stores(
+        port: Port) -> None:
+    """An EXPUNGE that finds nothing \\Deleted changes nothing, so imap-access answers it from
+    SQL; one that finds some is the store's write, announced as before."""
+    if not port.flavour.endswith("+sqlreads"):
+        pytest.skip("imap-access's SQL reads only")
+    inbox = await port.box("INBOX")
+    uids = [await port.append(raw_message(i)) for i in (1, 2)]
+    sql, bus = _reads("sql"), _reads("bus")
+    req = ExpungeRequest(account_id=port.account, mailbox_id=inbox.mailbox_id)
+    nothing = await port.store.expunge(req)
+    assert (_reads("sql") - sql, _reads("bus") - bus) == (1, 0)
+    assert nothing.expunged == [] and nothing.highestmodseq == (await port.box()).highestmodseq
+    sql += 1  # that STATUS
+    await port.store.flags(StoreFlagsRequest(account_id=port.account, mailbox_id=inbox.mailbox_id,
+                                             uids=[[uids[0], uids[0]]], op="add",
+                                             flags=["\\Deleted"]))
+    gone = await port.store.expunge(req)
+    assert gone.expunged == [uids[0]]
+    assert (_reads("sql") - sql, _reads("bus") - bus) == (1, 1)
