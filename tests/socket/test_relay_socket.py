@@ -229,6 +229,16 @@ async def events(worker: RelayWorker, qid: str) -> list[DeliveryEvent]:
     return await worker.history(qid)
 
 
+async def first_event(worker: RelayWorker, qid: str, kind: str) -> DeliveryEvent:
+    """Wait until ``qid``'s history has an event of ``kind``; the first such event."""
+
+    async def of_kind() -> list[DeliveryEvent]:
+        return [e for e in await events(worker, qid) if e.kind == kind]
+
+    await until(of_kind)
+    return (await of_kind())[0]
+
+
 def parse(raw: bytes) -> email.message.EmailMessage:
     return email.message_from_bytes(raw, policy=email.policy.default)  # type: ignore[return-value]
 
@@ -429,11 +439,7 @@ async def test_connection_refused_defers_and_unknown_transport_never_crashes(
     worker = await service.start(s, bus, blobs)
     job = await enqueue(bus, blobs, ["carol@example.net"])
 
-    async def deferred() -> list[DeliveryEvent]:
-        return [e for e in await events(worker, job.queue_id) if e.kind == "deferred"]
-
-    await until(deferred)
-    ev = (await deferred())[0]
+    ev = await first_event(worker, job.queue_id, "deferred")
     assert ev.status == "4.4.1" and "connect to" in ev.detail
     assert ev.next_attempt_at is not None
 
@@ -589,11 +595,7 @@ async def test_tls_verify_refuses_a_self_signed_certificate(
     worker = await service.start(s, bus, blobs)
     job = await enqueue(bus, blobs, ["carol@example.net"])
 
-    async def deferred() -> list[DeliveryEvent]:
-        return [e for e in await events(worker, job.queue_id) if e.kind == "deferred"]
-
-    await until(deferred)
-    ev = (await deferred())[0]
+    ev = await first_event(worker, job.queue_id, "deferred")
     assert ev.status == "4.7.0" and "STARTTLS" in ev.detail
     assert r.messages == []  # no fallback to clear text when verification is asked for
 
@@ -607,11 +609,7 @@ async def test_tls_required_defers_when_not_offered(bus: Bus, blobs: BlobStore,
     worker = await service.start(s, bus, blobs)
     job = await enqueue(bus, blobs, ["carol@example.net"])
 
-    async def deferred() -> list[DeliveryEvent]:
-        return [e for e in await events(worker, job.queue_id) if e.kind == "deferred"]
-
-    await until(deferred)
-    assert (await deferred())[0].status == "4.7.5"
+    assert (await first_event(worker, job.queue_id, "deferred")).status == "4.7.5"
     assert r.messages == []
 
 
@@ -623,21 +621,13 @@ async def test_size_limit_and_smtputf8_are_permanent(bus: Bus, blobs: BlobStore,
                                  bus, blobs)
     job = await enqueue(bus, blobs, ["carol@example.net"])
 
-    async def failed() -> list[DeliveryEvent]:
-        return [e for e in await events(worker, job.queue_id) if e.kind == "failed"]
-
-    await until(failed)
-    assert (await failed())[0].status == "5.3.4"
+    assert (await first_event(worker, job.queue_id, "failed")).status == "5.3.4"
 
     r.size_limit = 10_000_000
     binary = await enqueue(bus, blobs, ["carol@example.net"], body=b"Subject: b\r\n\r\n\0\r\n",
                            body_type="BINARYMIME")
 
-    async def failed_binary() -> list[DeliveryEvent]:
-        return [e for e in await events(worker, binary.queue_id) if e.kind == "failed"]
-
-    await until(failed_binary)
-    assert (await failed_binary())[0].status == "5.6.3"
+    assert (await first_event(worker, binary.queue_id, "failed")).status == "5.6.3"
     assert r.messages == []
 
 
