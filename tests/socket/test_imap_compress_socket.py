@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import time
 import tracemalloc
 import zlib
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_imap_more_clients import mutt_copy_all
 from test_imap_socket import PASSWORD, USER, Running, _insecure_ctx, _start
 
 from postbus.imap_access import server as server_mod
@@ -220,19 +220,6 @@ def test_mutt_with_imap_deflate(imap: Running, tmp_path: Path,
 
     monkeypatch.setattr(server_mod, "_Deflate", Spy)
     imap.deliver(b"From: Carol <carol@example.net>\r\nSubject: second\r\n\r\nmore\r\n")
-    out = tmp_path / "out.mbox"
-    rc = tmp_path / "muttrc"
-    rc.write_text(
-        f'set imap_user="{USER}" imap_pass="{PASSWORD}" ssl_starttls=no ssl_force_tls=no\n'
-        f'set folder="imap://127.0.0.1:{imap.port}/" spoolfile="+INBOX" record=""\n'
-        "set mbox_type=mbox confirmappend=no confirmcreate=no move=no quit=yes\n"
-        "set imap_deflate=yes\n")
-    keys = f"<tag-pattern>~A<enter><tag-prefix><copy-message>{out}<enter><quit>"
-    cmd = (f"mutt -n -F {rc} -f imap://127.0.0.1:{imap.port}/INBOX "
-           f"-e 'push \"{keys}\"'")
-    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, timeout=60,
-                       env={**os.environ, "TERM": "vt100", "HOME": str(tmp_path)})
-    assert out.exists(), r.stdout.decode(errors="replace")[-2000:]
-    mbox = out.read_bytes()
+    mbox = mutt_copy_all(imap, tmp_path, "set imap_deflate=yes\n")
     assert b"Subject: hello" in mbox and b"Subject: second" in mbox and b"see you." in mbox
     assert started  # mutt asked for COMPRESS DEFLATE and the stream was wrapped

@@ -27,6 +27,24 @@ def _inbox(imap: Running) -> dict[int, list[str]]:
     return {uid: list(m.flags) for uid, m in box.msgs.items()}
 
 
+def mutt_copy_all(imap: Running, tmp_path: Path, rc_extra: str = "") -> bytes:
+    """mutt, driven through a terminal, copies every message in the INBOX to an mbox (its
+    muttrc the usual one plus ``rc_extra``); that mbox."""
+    out = tmp_path / "out.mbox"
+    rc = tmp_path / "muttrc"
+    rc.write_text(
+        f'set imap_user="{USER}" imap_pass="{PASSWORD}" ssl_starttls=no ssl_force_tls=no\n'
+        f'set folder="imap://127.0.0.1:{imap.port}/" spoolfile="+INBOX" record=""\n'
+        "set mbox_type=mbox confirmappend=no confirmcreate=no move=no quit=yes\n" + rc_extra)
+    keys = f"<tag-pattern>~A<enter><tag-prefix><copy-message>{out}<enter><quit>"
+    cmd = (f"mutt -n -F {rc} -f imap://127.0.0.1:{imap.port}/INBOX "
+           f"-e 'push \"{keys}\"'")
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, timeout=60,
+                       env={**os.environ, "TERM": "vt100", "HOME": str(tmp_path)})
+    assert out.exists(), r.stdout.decode(errors="replace")[-2000:]
+    return out.read_bytes()
+
+
 @pytest.mark.skipif(shutil.which("offlineimap") is None, reason="offlineimap not installed")
 def test_offlineimap_two_way_sync(imap: Running, tmp_path: Path) -> None:
     local = tmp_path / "mail"
@@ -74,19 +92,7 @@ def test_offlineimap_two_way_sync(imap: Running, tmp_path: Path) -> None:
                     reason="mutt or script not installed")
 def test_mutt_reads_the_inbox(imap: Running, tmp_path: Path) -> None:
     imap.deliver(b"From: Carol <carol@example.net>\r\nSubject: second\r\n\r\nmore\r\n")
-    out = tmp_path / "out.mbox"
-    rc = tmp_path / "muttrc"
-    rc.write_text(
-        f'set imap_user="{USER}" imap_pass="{PASSWORD}" ssl_starttls=no ssl_force_tls=no\n'
-        f'set folder="imap://127.0.0.1:{imap.port}/" spoolfile="+INBOX" record=""\n'
-        "set mbox_type=mbox confirmappend=no confirmcreate=no move=no quit=yes\n")
-    keys = f"<tag-pattern>~A<enter><tag-prefix><copy-message>{out}<enter><quit>"
-    cmd = (f"mutt -n -F {rc} -f imap://127.0.0.1:{imap.port}/INBOX "
-           f"-e 'push \"{keys}\"'")
-    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, timeout=60,
-                       env={**os.environ, "TERM": "vt100", "HOME": str(tmp_path)})
-    assert out.exists(), r.stdout.decode(errors="replace")[-2000:]
-    mbox = out.read_bytes()
+    mbox = mutt_copy_all(imap, tmp_path)
     assert mbox.count(b"\nFrom ") + mbox.startswith(b"From ") == 2
     assert b"Subject: hello" in mbox and b"Subject: second" in mbox
     assert b"see you." in mbox
