@@ -75,6 +75,9 @@ class Bad:
     # its command name (upper-case) where known, for the reply only: an APPEND's TOOBIG is a
     # NO (RFC 7889 §4); not part of what the refusal is
     command: str = field(default="", compare=False)
+    # a SEARCH with RETURN (SAVE): answered NO (BADCHARSET), it empties "$" (RFC 9051
+    # §6.4.4.1); answered BAD, it leaves it as it was
+    saves: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -493,10 +496,11 @@ def _astring_text(s: str) -> str:
 
 
 class ParseError(Exception):
-    def __init__(self, reason: str, code: str | None = None) -> None:
+    def __init__(self, reason: str, code: str | None = None, saves: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.saves = saves  # Bad.saves
 
 
 # ---------------------------------------------------------------- receiver (framing)
@@ -978,7 +982,7 @@ def parse_command(data: bytes, tag: str | None = None) -> Command | Bad:
         c.end()
         return cmd
     except ParseError as exc:
-        return Bad(t, exc.reason, exc.code)
+        return Bad(t, exc.reason, exc.code, saves=exc.saves)
     except RecursionError:
         return Bad(t, "nested too deeply")
 
@@ -1641,7 +1645,8 @@ def _search(c: _Cursor, tag: str, uid: bool) -> Search:
         c.sp()
     py_charset = {"UTF-8": "utf-8", "US-ASCII": "ascii"}.get(charset or "UTF-8")
     if py_charset is None:
-        raise c.fail(f"unsupported charset {charset}", "BADCHARSET (UTF-8 US-ASCII)")
+        raise ParseError(f"unsupported charset {charset}", "BADCHARSET (UTF-8 US-ASCII)",
+                         saves=ret is not None and "SAVE" in ret)
     keys = [_search_key(c, py_charset if py_charset != "ascii" else "utf-8")]
     while not c.at_end():
         c.sp()

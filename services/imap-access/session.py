@@ -471,6 +471,8 @@ class Session:
                 status = "NO" if code and code.startswith("BADCHARSET") or (
                     code == "TOOBIG" and item.command == "APPEND" and not fatal) else "BAD"
                 COMMANDS.labels("invalid", status).inc()
+                if status == "NO" and item.saves:
+                    self._saved = []  # RFC 9051 §6.4.4.1: SEARCH with SAVE answered NO
                 self.w(f"{tag} {status} [{code or 'CLIENTBUG'}] {reason}")
                 if fatal:
                     log.info("input past the limits, closing", session=self.info.id,
@@ -1357,8 +1359,10 @@ class Session:
         charset = cmd.charset or "UTF-8"
         try:
             uids, highestmodseq = await self._matching(st, cmd.program, charset)
-        except BaseException:
-            if save:  # RFC 5182 §2.1: a SEARCH with SAVE that fails leaves "$" empty
+        except BaseException as exc:
+            # RFC 9051 §6.4.4.1: a SEARCH with SAVE answered NO sets "$" to the empty
+            # sequence; one answered BAD MUST NOT change it
+            if save and not (isinstance(exc, No) and exc.status == "BAD"):
                 self._saved = []
             raise
         nums = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]

@@ -97,15 +97,30 @@ async def test_binary_fetch_and_literal8_append_in_rev2() -> None:
         b"f1 OK FETCH completed")
 
 
-async def test_a_failed_search_with_save_empties_the_saved_result() -> None:
+async def test_a_bad_search_with_save_leaves_the_saved_result() -> None:
+    # RFC 9051 §6.4.4.1 (RFC 5182 §2.1): a SEARCH answered BAD MUST NOT change "$"
     c = await client(True)
     c.mp.deliver(c.acc, MSG)
     out = await c.send(b"s1 SELECT INBOX\r\nq1 SEARCH RETURN (SAVE) ALL\r\n"
                        b"q2 SEARCH RETURN (SAVE) NEW\r\nq3 FETCH $ (UID)\r\n")
-    assert out[-3:] == [
+    assert out[-4:] == [
         b"q1 OK SEARCH completed",
         b"q2 BAD [CLIENTBUG] RECENT, NEW and OLD are not IMAP4rev2 search keys",
-        b"q3 OK FETCH completed"]  # RFC 5182 §2.1: "$" is empty after a failed SAVE
+        b"* 1 FETCH (UID 1)", b"q3 OK FETCH completed"]
+
+
+async def test_a_search_with_save_answered_no_empties_the_saved_result() -> None:
+    # RFC 9051 §6.4.4.1: a SEARCH with SAVE answered NO (here BADCHARSET, which the parser
+    # decides) sets "$" to the empty sequence; one without SAVE leaves it
+    c = await client(True)
+    c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nq1 SEARCH RETURN (SAVE) ALL\r\n"
+                       b"q2 SEARCH CHARSET KOI8-R ALL\r\nq3 FETCH $ (UID)\r\n")
+    assert out[-3:] == [b"q2 NO [BADCHARSET (UTF-8 US-ASCII)] unsupported charset KOI8-R",
+                        b"* 1 FETCH (UID 1)", b"q3 OK FETCH completed"]
+    out = await c.send(b"q4 SEARCH RETURN (SAVE) CHARSET KOI8-R ALL\r\nq5 FETCH $ (UID)\r\n")
+    assert out == [b"q4 NO [BADCHARSET (UTF-8 US-ASCII)] unsupported charset KOI8-R",
+                   b"q5 OK FETCH completed"]
 
 
 async def test_a_live_search_keeps_the_saved_result_it_started_with() -> None:
@@ -134,3 +149,4 @@ async def test_save_with_partial_keeps_the_range_unless_count_asks_for_all() -> 
     out = await c.send(b"q2 SEARCH RETURN (SAVE COUNT PARTIAL 1:1) ALL\r\nf2 FETCH $ (UID)\r\n")
     assert [x for x in out if b"FETCH (UID" in x] == [
         b"* %d FETCH (UID %d)" % (n, n) for n in range(1, 5)]
+
