@@ -39,6 +39,7 @@ class MemoryDirectory:
     def __init__(self) -> None:
         self.accounts: dict[str, MemoryAccount] = {}
         self.calls = 0
+        self.services: list[str] = []  # the service each login over the bus named
         self.down = False
 
     def add(self, address: str, password: str, account_id: int | None = None, *,
@@ -213,6 +214,7 @@ async def serve_on_bus(bus: Bus, directory: MemoryDirectory, maildrops: MemoryMa
     pop3-access process can run without mailbox-store (socket tests, the benchmark)."""
 
     async def authenticate(req: AuthRequest) -> AuthReply:
+        directory.services.append(req.service)
         return await directory.authenticate(req.username, req.password, req.client_ip or "")
 
     async def maildrop(req: Pop3MaildropRequest) -> Pop3MaildropReply:

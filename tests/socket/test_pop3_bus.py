@@ -13,23 +13,14 @@ import httpx
 import pytest_asyncio
 
 from postbus.kit.blob import BlobStore
-from postbus.kit.bus import Bus, RemoteError
+from postbus.kit.bus import Bus
 from postbus.kit.directory import DirectoryClient
 from postbus.kit.mgmt import create_app
 from postbus.kit.testing import ADMIN_TOKEN
 from postbus.pop3_access import adapters, mgmt
-from postbus.pop3_access.memory import MemoryDirectory, MemoryMaildrops
+from postbus.pop3_access.memory import MemoryDirectory, MemoryMaildrops, serve_on_bus
 from postbus.pop3_access.server import Pop3Server
 from postbus.pop3_access.session import Limits
-from postbus.proto.directory import DIRECTORY_AUTHENTICATE, AuthReply, AuthRequest
-from postbus.proto.store import (
-    STORE_POP3_COMMIT,
-    STORE_POP3_MAILDROP,
-    Ok,
-    Pop3CommitRequest,
-    Pop3MaildropReply,
-    Pop3MaildropRequest,
-)
 
 USER, PASSWORD = "alice@example.test", "pw"
 BODIES = [b"Subject: one\r\n\r\nfirst\r\n", b"Subject: two\n\n.second\n"]
@@ -55,24 +46,7 @@ async def cluster(bus: Bus, blobs: BlobStore) -> AsyncIterator[Cluster]:
         await blobs.put(body)
         store.deliver(acc.account_id, body, PREFIX)
     blobs.cache = type(blobs.cache)(blobs.cache.max_bytes)  # cold cache: bodies come from S3
-    auth_services: list[str] = []
-
-    async def authenticate(req: AuthRequest) -> AuthReply:
-        auth_services.append(req.service)
-        return await directory.authenticate(req.username, req.password, req.client_ip or "")
-
-    async def maildrop(req: Pop3MaildropRequest) -> Pop3MaildropReply:
-        if req.account_id not in store.mailboxes:
-            raise RemoteError("not_found", "no such account")
-        return await store.open(req.account_id)
-
-    async def commit(req: Pop3CommitRequest) -> Ok:
-        await store.commit(req)
-        return Ok()
-
-    await bus.serve(DIRECTORY_AUTHENTICATE, authenticate, queue="directory")
-    await bus.serve(STORE_POP3_MAILDROP, maildrop, queue="store")
-    await bus.serve(STORE_POP3_COMMIT, commit, queue="store")
+    await serve_on_bus(bus, directory, store)
 
     locks_bucket = await bus.kv_bucket("pop3-locks-test", ttl_s=3)
     auth_bucket = await bus.kv_bucket("pop3-auth-test", ttl_s=60)
@@ -89,7 +63,7 @@ async def cluster(bus: Bus, blobs: BlobStore) -> AsyncIterator[Cluster]:
             replica=replica))
     ports = [await s.listen("127.0.0.1", 0) for s in servers]
     assert locks is not None
-    yield Cluster(servers[0], servers[1], ports[0], ports[1], store, locks, auth_services)
+    yield Cluster(servers[0], servers[1], ports[0], ports[1], store, locks, directory.services)
     for s in servers:
         await s.close()
 
