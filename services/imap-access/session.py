@@ -12,7 +12,7 @@ import contextlib
 import re
 import time
 import uuid
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -276,9 +276,10 @@ class Session:
         # after ENABLE IMAP4rev2 (RFC 9051, ADR 0016): UTF-8 mailbox names, no \Recent,
         # ESEARCH for every SEARCH, no LSUB, a LIST response and [CLOSED] from SELECT
         self.rev2 = False
-        # SEARCH RETURN (SAVE)'s result, the messages "$" names (RFC 5182 §2.1), by UID:
+        # SEARCH RETURN (SAVE)'s result, the messages "$" names (RFC 5182 §2.1), as
+        # ascending UID ranges (a run of saved messages costs one range, however long):
         # expunged ones drop out when it is used; empty after SELECT, CLOSE, UNSELECT
-        self._saved: list[int] = []
+        self._saved: list[tuple[int, int]] = []
         # what the server should do after the current command
         self.expect_line = False
         self.start_tls = False
@@ -1263,7 +1264,11 @@ class Session:
     # ------------------------------------------------------------ resolving sets
     def _saved_uids(self, view: MailboxView) -> list[int]:
         """The messages "$" names: the saved result without the ones expunged since."""
-        return [u for u in self._saved if u in view.flags]
+        uids = view.uids  # ascending
+        out: list[int] = []
+        for lo, hi in self._saved:
+            out += uids[bisect_left(uids, lo):bisect_right(uids, hi)]
+        return out
 
     def _uids(self, view: MailboxView, s: p.SeqSet, uid: bool) -> list[int]:
         if s == p.SAVED:
@@ -1307,7 +1312,8 @@ class Session:
     def _search_key(self, view: MailboxView, node: p.SearchNode) -> SearchKey:
         if node.op in ("seq", "uid") and node.seqset == p.SAVED:
             # "$" (RFC 5182 §2.1): the saved messages still here, by sequence number or UID
-            return SearchKey(op="uid", uids=to_ranges(self._saved_uids(view)))
+            # (the store knows no expunged UID, and a new one is above every saved range)
+            return SearchKey(op="uid", uids=list(self._saved))
         if node.op in ("flag", "unflag") and node.args and node.args[0].lower() == "\\recent":
             if self.rev2:  # RFC 9051 §6.4.4 has no RECENT, NEW or OLD (as Dovecot: BAD)
                 raise No("RECENT, NEW and OLD are not IMAP4rev2 search keys", "CLIENTBUG",
@@ -1375,13 +1381,13 @@ class Session:
             # RFC 5182 §2.1: with MIN or MAX and neither ALL nor COUNT only those are saved
             assert opts is not None
             if {"MIN", "MAX"} & set(opts) and not {"ALL", "COUNT"} & set(opts):
-                self._saved = sorted({*(uids[:1] if "MIN" in opts else []),
-                                      *(uids[-1:] if "MAX" in opts else [])})
+                self._saved = to_ranges([*(uids[:1] if "MIN" in opts else []),
+                                         *(uids[-1:] if "MAX" in opts else [])])
             elif cmd.partial is not None and "COUNT" not in opts:
                 # PARTIAL saves its range, unless COUNT asks about the whole (as Dovecot)
-                self._saved = imap_context.take_partial(uids, cmd.partial)
+                self._saved = to_ranges(imap_context.take_partial(uids, cmd.partial))
             else:
-                self._saved = list(uids)
+                self._saved = to_ranges(uids)
         if opts is not None and (not save or set(opts) - {"SAVE"}):
             # (SAVE alone: no ESEARCH response, RFC 5182 §2.1)
             part = None if cmd.partial is None else imap_context.partial_data(
@@ -1526,7 +1532,7 @@ class Session:
             return
         view = st.view
         self._live[cmd.tag] = LiveSearch(cmd.tag, cmd.uid,
-                                         _uid_program(view, cmd.program, self._saved_uids(view)),
+                                         _uid_program(view, cmd.program, self._saved),
                                          charset, imap_context.ResultSet(uids))
         if view.touched is None:
             view.touched = set()
@@ -1887,7 +1893,7 @@ class Session:
             # RFC 7162 §3.2.6: first the requested UIDs expunged since CHANGEDSINCE
             gone = await self._vanished_since(st.account_id, view, cmd.changedsince,
                                               imap_qresync.from_seqset(cmd.seqset)
-                                              if cmd.seqset != p.SAVED else to_ranges(self._saved))
+                                              if cmd.seqset != p.SAVED else list(self._saved))
             if gone:
                 self._vanished(gone, earlier=True)
         if cmd.changedsince is not None:
@@ -2113,13 +2119,13 @@ def _metric_name(cmd: p.Command) -> str:
     return "UID " + name if getattr(cmd, "uid", False) else name
 
 
-def _uid_program(view: MailboxView, node: p.SearchNode, saved: list[int]) -> p.SearchNode:
-    """A search program with its message sequence sets (and "$", the ``saved`` UIDs) turned
+def _uid_program(view: MailboxView, node: p.SearchNode,
+                 saved: list[tuple[int, int]]) -> p.SearchNode:
+    """A search program with its message sequence sets (and "$", the ``saved`` UID ranges) turned
     into the UIDs they name now: a live search keeps meaning the same messages when
     sequence numbers move or "$" changes."""
     if node.op in ("seq", "uid") and node.seqset == p.SAVED:
-        return p.SearchNode("uid", seqset=tuple((a, b) for a, b in to_ranges(saved))
-                            or ((0, 0),))
+        return p.SearchNode("uid", seqset=tuple(saved) or ((0, 0),))
     if node.op == "seq":
         ranges = to_ranges(view.resolve_lenient(node.seqset))
         return p.SearchNode("uid", seqset=tuple((a, b) for a, b in ranges) or ((0, 0),))

@@ -150,3 +150,19 @@ async def test_save_with_partial_keeps_the_range_unless_count_asks_for_all() -> 
     assert [x for x in out if b"FETCH (UID" in x] == [
         b"* %d FETCH (UID %d)" % (n, n) for n in range(1, 5)]
 
+
+async def test_the_saved_result_is_kept_as_uid_ranges() -> None:
+    # a saved result of millions of UIDs must not cost a Python int each for the rest of
+    # the session: "$" is held as ascending UID ranges, one per run of saved messages
+    c = await client(True)
+    for _ in range(6):
+        c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nq1 UID SEARCH RETURN (SAVE) NOT UID 4\r\n"
+                       b"t1 UID STORE 2 +FLAGS.SILENT (\\Deleted)\r\nx1 EXPUNGE\r\n"
+                       b"f1 UID FETCH $ (FLAGS)\r\nq2 SEARCH $\r\n")
+    assert c.session._saved == [(1, 3), (5, 6)]
+    assert [x for x in out if b"FETCH (" in x] == [
+        b"* 1 FETCH (UID 1 FLAGS ())", b"* 2 FETCH (UID 3 FLAGS ())",
+        b"* 4 FETCH (UID 5 FLAGS ())", b"* 5 FETCH (UID 6 FLAGS ())"]
+    assert b'* ESEARCH (TAG "q2") ALL 1:2,4:5' in out
+
