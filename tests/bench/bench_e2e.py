@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
+from proc_support import cpu_seconds, rss_mb
 
 from postbus.kit.testing import RunningNats, RunningS3, start_platform
 
@@ -112,18 +113,6 @@ class IdleProbe:
             await asyncio.sleep(0.2)
         w.write(b"DONE\r\nd LOGOUT\r\n")
         w.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def start_bare(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:

@@ -31,22 +31,11 @@ import time
 from pathlib import Path
 
 import httpx
+from proc_support import cpu_seconds, rss_mb
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = Path(os.environ.get("IMAPTEST_DIR", ROOT.parent / "shared" / "tools" / "imaptest"))
 USERS, PASSWORD = 50, "pass"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def imaptest(port: int, user: str, secs: int, clients: int, login_only: bool) -> dict[str, object]:

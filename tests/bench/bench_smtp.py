@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_support import cpu_seconds
+
 ROOT = Path(__file__).resolve().parents[2]
 RCPT = "alice@example.test"
 
@@ -161,13 +163,6 @@ async def run_load(port: int, size: int, concurrency: int, seconds: float) -> di
 
 
 # ---------------------------------------------------------------- orchestration
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process (Linux /proc), to report CPU per message:
-    a figure that does not depend on what else the machine is running."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _spawn(args: list[str], port_file: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, cwd=ROOT)
