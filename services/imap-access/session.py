@@ -220,6 +220,14 @@ def to_store_name(raw: bytes, utf8: bool = False) -> str:
     return name
 
 
+def check_new_name(name: str) -> None:
+    """A name a client creates (CREATE, RENAME's target): RFC 9051 §5.1 forbids the C0 and
+    C1 controls, DEL, LINE SEPARATOR and PARAGRAPH SEPARATOR in mailbox names, whether they
+    come as UTF-8 (IMAP4rev2) or modified UTF-7. The store refuses only C0 and DEL."""
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F or ch in "\u2028\u2029" for ch in name):
+        raise No("Mailbox name contains a control character or line separator", "CANNOT")
+
+
 def wire_name(name: str, utf8: bool = False) -> bytes:
     """A store name for the wire: modified UTF-7, or with ``utf8`` (IMAP4rev2) UTF-8,
     quoted when it is not an atom (RFC 9051 §5.1)."""
@@ -568,6 +576,7 @@ class Session:
                 o, n = self._name(old), self._name(new)
                 if not n or n == "INBOX":
                     raise No("Invalid target name", "CANNOT")
+                check_new_name(n)
                 await self.store.mailbox_rename(
                     MailboxRenameRequest(account_id=st.account_id, old=o, new=n))
                 return Tagged("OK", "RENAME completed")
@@ -921,6 +930,7 @@ class Session:
         name = self._name(cmd.mailbox)
         if not name or name == "INBOX":
             raise No("Mailbox already exists", "ALREADYEXISTS")
+        check_new_name(name)
         use = cmd.special_use[0] if cmd.special_use else None
         try:
             await self.store.mailbox_create(MailboxCreateRequest(

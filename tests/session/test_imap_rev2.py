@@ -166,3 +166,18 @@ async def test_the_saved_result_is_kept_as_uid_ranges() -> None:
         b"* 4 FETCH (UID 5 FLAGS ())", b"* 5 FETCH (UID 6 FLAGS ())"]
     assert b'* ESEARCH (TAG "q2") ALL 1:2,4:5' in out
 
+
+async def test_names_with_control_characters_or_line_separators_are_refused() -> None:
+    # RFC 9051 §5.1: names MUST NOT contain U+0000-U+001F, U+007F, U+0080-U+009F, U+2028
+    # or U+2029, however they reach the server (UTF-8 in rev2, modified UTF-7 in rev1)
+    c = await client(True)
+    out = await c.send(b'c1 CREATE "a\xc2\x85b"\r\nc2 CREATE "x\xe2\x80\xa8"\r\n'
+                       b'c3 CREATE "y\xe2\x80\xa9/z"\r\nc4 CREATE "ok\xc2\xa0"\r\n'
+                       b'r1 RENAME Junk "J\xc2\x9f"\r\nl1 LIST "" "*"\r\n')
+    refused = b"NO [CANNOT] Mailbox name contains a control character or line separator"
+    assert out[:5] == [b"c1 " + refused, b"c2 " + refused, b"c3 " + refused,
+                       b"c4 OK CREATE completed", b"r1 " + refused]
+    assert not any(b"\xc2\x85" in x or b"\xe2\x80" in x or b"\xc2\x9f" in x for x in out)
+    rev1 = await client(False)
+    assert await rev1.send(b"c5 CREATE a&AIU-b\r\nc6 CREATE &ICg-\r\n") == [
+        b"c5 " + refused, b"c6 " + refused]
