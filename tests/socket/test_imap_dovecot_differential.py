@@ -13,18 +13,17 @@ item is skipped, by name.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_imap_socket import serving
 
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.server import ImapServer
@@ -356,25 +355,17 @@ def servers() -> Iterator[Servers]:
     settings = Settings(common=CommonSettings(admin_token_file=run / "tok"), auth_fail_delay_s=0)
     mp = MemoryPlatform()
     mp.add_user(USER, PASSWORD)
-    loop = asyncio.new_event_loop()
-    server = ImapServer(settings, mp, mp, mp, mp)
-    ports = loop.run_until_complete(server.start("127.0.0.1", 0, None))
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
     try:
-        d, p = Client(port), Client(ports[0])
-        d.cmd(b"LOGIN testuser pass")
-        p.cmd(b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
-        for c in (d, p):
-            c.cmd(b"SELECT INBOX")
-        yield Servers(d, p)
-        d.close()
-        p.close()
+        with serving(ImapServer(settings, mp, mp, mp, mp), tls=False) as (_, ports):
+            d, p = Client(port), Client(ports[0])
+            d.cmd(b"LOGIN testuser pass")
+            p.cmd(b"LOGIN %s %s" % (USER.encode(), PASSWORD.encode()))
+            for c in (d, p):
+                c.cmd(b"SELECT INBOX")
+            yield Servers(d, p)
+            d.close()
+            p.close()
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
-        loop.close()
         subprocess.run([str(ANCHOR), "stop", str(run / "anchor")], capture_output=True,
                        timeout=60)
         shutil.rmtree(run, ignore_errors=True)

@@ -4,15 +4,14 @@ script); one past the cap, or any other over-long pre-login line, still ends the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_imap_socket import serving
 
 from postbus.imap_access.memory import MemoryPlatform
 from postbus.imap_access.server import ImapServer
@@ -31,18 +30,8 @@ def port(tmp_path: Path) -> Iterator[int]:
                         auth_fail_delay_s=0)
     mp = MemoryPlatform()
     mp.add_user(USER, PASSWORD)
-    loop = asyncio.new_event_loop()
-    server = ImapServer(settings, mp, mp, mp, mp)
-    ports = loop.run_until_complete(server.start("127.0.0.1", 0, None))
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    try:
+    with serving(ImapServer(settings, mp, mp, mp, mp), tls=False) as (_, ports):
         yield ports[0]
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
-        loop.close()
 
 
 def _connect(port: int) -> tuple[socket.socket, io.BufferedReader]:

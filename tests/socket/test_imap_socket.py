@@ -55,6 +55,24 @@ class Running:
         return self.call(self.mp.deliver, self.account, raw, mailbox)  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def serving(server: ImapServer, *, tls: bool
+            ) -> Iterator[tuple[asyncio.AbstractEventLoop, list[int]]]:
+    """``server`` listening on 127.0.0.1 port 0 (and on a port 0 for implicit TLS when
+    ``tls``), on an event loop of its own in a thread: that loop and the ports. Stopped after."""
+    loop = asyncio.new_event_loop()
+    ports = loop.run_until_complete(server.start("127.0.0.1", 0, 0 if tls else None))
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    try:
+        yield loop, ports
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()
+
+
 def _start(tmp_path: Path, **overrides: object) -> Iterator[Running]:
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     self_signed(cert, key)
@@ -64,18 +82,9 @@ def _start(tmp_path: Path, **overrides: object) -> Iterator[Running]:
     mp = MemoryPlatform()
     account = mp.add_user(USER, PASSWORD)
     mp.deliver(account, MSG, prefix=PREFIX)
-    loop = asyncio.new_event_loop()
     server = ImapServer(settings, mp, mp, mp, mp, tls=server_context(cert, key))
-    ports = loop.run_until_complete(server.start("127.0.0.1", 0, 0))
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    try:
+    with serving(server, tls=True) as (loop, ports):
         yield Running(server, mp, account, loop, ports[0], ports[1])
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
-        loop.close()
 
 
 @pytest.fixture
