@@ -10,7 +10,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from store_dir_support import open_db
+import pytest
+import pytest_asyncio
+from store_dir_support import BACKENDS, open_db
 
 from postbus.imap_access.adapters import BusChanges, BusStore, S3Blobs, store_error
 from postbus.imap_access.server import ImapServer
@@ -75,12 +77,13 @@ def matching(lines: list[str], pattern: str) -> list[str]:
     return [x for x in lines if re.fullmatch(pattern, x)]
 
 
-async def imap_over_store(backend: str, tmp_path: Path, bus: Bus, blobs: BlobStore,
-                          common_settings: CommonSettings, *, messages: int
-                          ) -> AsyncIterator[int]:
-    """Yield the port of an IMAP server over a fresh store in which alice's INBOX holds
-    ``messages`` messages (subjects m0, m1, ...)."""
-    async for sm in open_db(backend, tmp_path):
+@pytest_asyncio.fixture(params=BACKENDS)
+async def imap_port(request: pytest.FixtureRequest, tmp_path: Path, bus: Bus,
+                    blobs: BlobStore, common_settings: CommonSettings) -> AsyncIterator[int]:
+    """The port of an IMAP server over a fresh store, on each backend, in which alice's INBOX
+    holds as many messages (subjects m0, m1, ...) as the test module's ``INBOX_MESSAGES``."""
+    messages: int = request.module.INBOX_MESSAGES
+    async for sm in open_db(request.param, tmp_path):
         repo = Repository(sm.kw["bind"])
         d = await serve_directory(bus, sm, passwords=Passwords(fast_hasher()), repo=repo)
         await d.create_domain("example.test")

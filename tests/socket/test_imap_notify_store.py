@@ -9,9 +9,12 @@ import asyncio
 import re
 
 import pytest
-from test_imap_qresync_store import imap_port, session  # noqa: F401 (a fixture)
+from imap_store_support import imap_port  # noqa: F401 (a fixture)
+from test_imap_qresync_store import session
 
 pytestmark = pytest.mark.timeout(120)
+
+INBOX_MESSAGES = 8  # in alice's INBOX when imap_port starts
 
 
 def scenario(port: int) -> None:

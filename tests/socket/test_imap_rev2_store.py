@@ -8,29 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from imap_store_support import PASSWORD, USER, Client, imap_over_store, matching
-from store_dir_support import BACKENDS
-
-from postbus.kit.blob import BlobStore
-from postbus.kit.bus import Bus
-from postbus.kit.settings import CommonSettings
+from imap_store_support import (
+    PASSWORD,
+    USER,
+    Client,
+    imap_port,  # noqa: F401 (a fixture)
+    matching,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
+INBOX_MESSAGES = 4  # in alice's INBOX when imap_port starts
+
 NAME = "Entwürfe"
-
-
-@pytest_asyncio.fixture(params=BACKENDS)
-async def imap_port(request: pytest.FixtureRequest, tmp_path: Path, bus: Bus,
-                    blobs: BlobStore, common_settings: CommonSettings) -> AsyncIterator[int]:
-    async for port in imap_over_store(request.param, tmp_path, bus, blobs, common_settings,
-                                      messages=4):
-        yield port
 
 
 def scenario(port: int) -> None:
@@ -76,5 +68,5 @@ def scenario(port: int) -> None:
     new.close()
 
 
-async def test_imap4rev2_over_the_real_store(imap_port: int) -> None:
+async def test_imap4rev2_over_the_real_store(imap_port: int) -> None:  # noqa: F811
     await asyncio.to_thread(scenario, imap_port)
