@@ -5,19 +5,12 @@ imaptest (search-date, search-addresses, search-header)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
 import pytest
-import pytest_asyncio
-from test_store_core_contract import add_account, drop, make_engine, new_message
+from fetch_support import Search, search  # noqa: F401 (search: a fixture)
 
-from postbus.imap_access.memory import MemoryPlatform
-from postbus.mailbox_store.repository import Repository
-from postbus.mailbox_store.storeapi import eval_leaves
-from postbus.proto.store import SearchKey, SearchRequest
+from postbus.proto.store import SearchKey
 
 # imaptest's search-date.mbox: the Date: fields around two daylight-saving changes
 DATES = [
@@ -113,46 +106,7 @@ CASES: list[tuple[str, SearchKey, list[int]]] = [
     ("header-x-extra-text", K(op="header", args=["x-extra", "another"]), addrs(9)),
 ]
 
-Search = Callable[[SearchKey], Awaitable[list[int]]]
-
-
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
-async def search(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Search]:
-    if request.param == "memory":
-        mp = MemoryPlatform()
-        acc = mp.add_user("alice@example.test", "secret")
-        for raw, when in corpus():
-            mp.deliver(acc, raw, internaldate=when)
-        box = mp.boxes[acc]["INBOX"].id
-
-        async def memory(key: SearchKey) -> list[int]:
-            req = SearchRequest(account_id=acc, mailbox_id=box, key=key)
-            return (await mp.search(req)).uids
-
-        yield memory
-        return
-    engine, target, _ = await make_engine("sqlite", tmp_path)
-    account = await add_account(engine, "alice@example.test")
-    repo = Repository(engine)
-    blobs: dict[str, bytes] = {}
-    for i, (raw, when) in enumerate(corpus()):
-        m = new_message(raw, internaldate=when)
-        blobs[m.blob_key] = raw
-        await repo.deliver(f"Q{i}", account, "INBOX", m)
-    inbox = (await repo.status(account, "INBOX")).mailbox_id
-
-    async def matcher(rows: list[Any], leaves: list[tuple[str, SearchKey]]
-                      ) -> dict[int, dict[int, bool]]:
-        return {row.uid: eval_leaves(bytes(row.prefix or b"") + blobs[row.blob_key], leaves)[0]
-                for row in rows}
-
-    async def sql(key: SearchKey) -> list[int]:
-        return (await repo.search(account, inbox, key, matcher))[0]
-
-    yield sql
-    await drop("sqlite", engine, target)
-
 
 @pytest.mark.parametrize("key,want", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-async def test_search_rules(search: Search, key: SearchKey, want: list[int]) -> None:
+async def test_search_rules(search: Search, key: SearchKey, want: list[int]) -> None:  # noqa: F811
     assert await search(key) == want

@@ -5,13 +5,10 @@ RFC 5957). Messages from Dovecot's imaptest sort scripts."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from fetch_support import Fetch, corpus_fetcher
+from fetch_support import Fetch, fetch  # noqa: F401 (fetch: a fixture)
 
 from postbus.proto.store import MessageMeta
 from postbus.protocols.imap_sort import Criterion, SortInfo, sort_messages
@@ -35,12 +32,6 @@ T0 = datetime(2008, 2, 21, 23, 0, tzinfo=UTC)
 def corpus() -> list[tuple[bytes, datetime]]:
     return [(f"{h}\r\n\r\n{'x' * (7 * i % 5)}\r\n".encode(), T0 + timedelta(minutes=17 * i % 60))
             for i, h in enumerate(HEADERS)]
-
-
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
-async def fetch(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fetch]:
-    async with corpus_fetcher(request.param, tmp_path, corpus()) as f:
-        yield f
 
 
 def infos(metas: list[MessageMeta]) -> list[SortInfo]:
@@ -70,7 +61,7 @@ ORDERS = [
 
 
 @pytest.mark.parametrize("crit,want", ORDERS, ids=[o[0] for o in ORDERS])
-async def test_sort_orders_agree(fetch: Fetch, crit: str, want: list[int]) -> None:
+async def test_sort_orders_agree(fetch: Fetch, crit: str, want: list[int]) -> None:  # noqa: F811
     metas = await fetch()
     assert [m.uid for m in metas] == [1, 2, 3, 4, 5, 6]
     c = Criterion(crit.removeprefix("-"), crit.startswith("-"))

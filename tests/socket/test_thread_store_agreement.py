@@ -6,13 +6,10 @@ from the blob."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from fetch_support import Fetch, corpus_fetcher
+from fetch_support import Fetch, fetch  # noqa: F401 (fetch: a fixture)
 
 from postbus.proto.store import MessageMeta
 from postbus.protocols.imap_thread import ThreadInfo, thread, thread_headers, thread_lists
@@ -38,12 +35,6 @@ def corpus() -> list[tuple[bytes, datetime]]:
             for i, h in enumerate(HEADERS)]
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
-async def fetch(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fetch]:
-    async with corpus_fetcher(request.param, tmp_path, corpus()) as f:
-        yield f
-
-
 def infos(metas: list[MessageMeta]) -> list[ThreadInfo]:
     raws = [raw for raw, _ in corpus()]
     out = []
@@ -66,7 +57,7 @@ THREADS = [
 
 
 @pytest.mark.parametrize("alg,want", THREADS, ids=[t[0] for t in THREADS])
-async def test_threads_agree(fetch: Fetch, alg: str, want: str) -> None:
+async def test_threads_agree(fetch: Fetch, alg: str, want: str) -> None:  # noqa: F811
     metas = await fetch()
     assert [m.uid for m in metas] == [1, 2, 3, 4, 5, 6]
     assert thread_lists(thread(alg, infos(metas)), uid=False) == want
