@@ -1472,13 +1472,14 @@ def _section(c: _Cursor) -> tuple[str, str, tuple[str, ...]]:
 
 
 def _partial(c: _Cursor) -> tuple[int, int] | None:
-    """``<start.count>`` after a section, if there is one (RFC 3501 §9 partial)."""
+    """``<start.count>`` after a section, if there is one: number64 "." nz-number64
+    (RFC 9051 §9 partial, Appendix D; RFC 3501 had 32-bit numbers, a subset)."""
     if c.peek() != 0x3C:
         return None
     c.i += 1
-    start = c.number(limit=4294967295)
+    start = c.number()
     c.expect(b".")
-    count = c.number(nz=True, limit=4294967295)
+    count = c.number(nz=True)
     c.expect(b">")
     return start, count
 

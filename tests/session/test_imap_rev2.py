@@ -181,3 +181,17 @@ async def test_names_with_control_characters_or_line_separators_are_refused() ->
     rev1 = await client(False)
     assert await rev1.send(b"c5 CREATE a&AIU-b\r\nc6 CREATE &ICg-\r\n") == [
         b"c5 " + refused, b"c6 " + refused]
+
+
+async def test_partial_fetch_offsets_and_lengths_are_63_bit() -> None:
+    # RFC 9051 §9: partial = "<" number64 "." nz-number64 ">" (Appendix D: 63-bit sizes);
+    # a rev2 client may ask for "the rest" with a length past 2^32 - 1
+    c = await client(True)
+    c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nf1 FETCH 1 (BODY.PEEK[]<0.5000000000>)\r\n"
+                       b"f2 FETCH 1 (BINARY.PEEK[]<5000000000.9223372036854775807>)\r\n"
+                       b"f3 FETCH 1 (BODY.PEEK[]<0.9223372036854775808>)\r\n")
+    text = b"\r\n".join(out)
+    assert b"* 1 FETCH (BODY[]<0> {%d}\r\n" % len(MSG) + MSG + b")" in text
+    assert b"* 1 FETCH (BINARY[]<5000000000> {0}\r\n)" in text
+    assert out[-1] == b"f3 BAD [CLIENTBUG] number out of range"
