@@ -1,6 +1,7 @@
 """The store's read requests as plain calls on a repository: SELECT pages, FETCH metadata,
-STATUS, LIST, and an EXPUNGE that finds nothing to remove. ``StoreApi`` serves them over NATS; imap-access runs the same code on a
-read-only repository of its own (ADR 0012), so both answer alike by construction.
+STATUS, LIST, and an EXPUNGE that finds nothing to remove. ``StoreApi`` serves them over
+NATS; imap-access runs the same code on a read-only repository of its own (ADR 0012), so
+both answer alike by construction.
 
 A read that would write (INBOX created on an account's first use, a SELECT that claims
 \\Recent) raises ``NeedsWriter`` on a read-only repository; the caller then asks the store.

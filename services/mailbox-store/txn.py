@@ -129,13 +129,10 @@ class Writer:
                     await _driver_sql(conn, "SAVEPOINT g")
                     try:
                         value = await fn(conn)
-                    except DBAPIError as exc:
-                        if retryable(exc):
+                    except Exception as exc:
+                        if isinstance(exc, DBAPIError) and retryable(exc):
                             raise  # the whole group is redone, one at a time
-                        await _driver_sql(conn, "ROLLBACK TO g")
-                        await _driver_sql(conn, "RELEASE g")
-                        outcomes.append((False, exc))
-                    except Exception as exc:  # a refusal: undone to its savepoint
+                        # a refusal (or a failed statement): undone to its savepoint
                         await _driver_sql(conn, "ROLLBACK TO g")
                         await _driver_sql(conn, "RELEASE g")
                         outcomes.append((False, exc))
