@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     # (POSTBUS_DATABASE_URL) on a read-only connection instead of asking mailbox-store over
     # NATS (ADR 0012); where the database cannot be opened they go to the store as before
     sql_reads: bool = True
-    sql_pool_size: int = 4
+    sql_pool_size: int = 8  # sessions reading at once; beyond 2x this they wait
     fetch_batch: int = 250  # messages per STORE_FETCH request
     fetch_bytes_in_flight: int = 32 * 1024 * 1024  # bodies one FETCH holds in memory at once
     # immutable message metadata kept for FETCH (metacache.py), all sessions together
