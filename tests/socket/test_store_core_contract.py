@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -359,6 +359,24 @@ async def test_copy_and_move(store: Store) -> None:
     assert sorted(refs.values()) == [1, 2, 2]
 
 
+@contextlib.contextmanager
+def counted_writes(repo: Repository) -> Iterator[list[int]]:
+    """Count the write transactions ``repo`` runs inside the block, in the one item of the
+    list it yields."""
+    writes = [0]
+    write = repo.write
+
+    async def counting(fn: Any, attempts: int = 5) -> Any:
+        writes[0] += 1
+        return await write(fn, attempts)
+
+    repo.write = counting  # type: ignore[method-assign]
+    try:
+        yield writes
+    finally:
+        repo.write = write  # type: ignore[method-assign]
+
+
 async def test_move_into_the_same_mailbox_is_one_transaction(store: Store) -> None:
     """RFC 6851 does not forbid MOVE into the source mailbox: new UIDs, the old ones
     expunged and logged for VANISHED, counters and usage unchanged, all in one commit."""
@@ -368,18 +386,9 @@ async def test_move_into_the_same_mailbox_is_one_transaction(store: Store) -> No
     await r.store_flags(a, inbox, [(2, 2)], "add", ["\\Seen", "$Work"])
     before = await r.status(a, "INBOX")
     used = await r.quota(a)
-    writes = 0
-    write = r.write
-
-    async def counting(fn: Any, attempts: int = 5) -> Any:
-        nonlocal writes
-        writes += 1
-        return await write(fn, attempts)
-
-    r.write = counting  # type: ignore[method-assign]
-    uv, src, dst, changes = await r.copy(a, inbox, [(1, 2)], "INBOX", move=True)
-    r.write = write  # type: ignore[method-assign]
-    assert writes == 1
+    with counted_writes(r) as writes:
+        uv, src, dst, changes = await r.copy(a, inbox, [(1, 2)], "INBOX", move=True)
+    assert writes == [1]
     assert uv == before.uidvalidity and src == [1, 2] and dst == [4, 5]
     assert [(c.mailbox, [m.uid for m in c.added], c.expunged) for c in changes] == [
         ("INBOX", [4, 5], []), ("INBOX", [], [1, 2])]
@@ -404,20 +413,9 @@ async def test_recent_is_claimed_by_one_select(store: Store) -> None:
 
     async def select(**kw: Any) -> tuple[Any, list[int], int, int]:
         """(info, UIDs, recent_uid, write transactions it took)"""
-        writes = 0
-        write = r.write
-
-        async def counting(fn: Any, attempts: int = 5) -> Any:
-            nonlocal writes
-            writes += 1
-            return await write(fn, attempts)
-
-        r.write = counting  # type: ignore[method-assign]
-        try:
+        with counted_writes(r) as writes:
             info, msgs, _, _, recent_uid = await r.select(a, **kw)
-        finally:
-            r.write = write  # type: ignore[method-assign]
-        return info, [m.uid for m in msgs], recent_uid, writes
+        return info, [m.uid for m in msgs], recent_uid, writes[0]
 
     assert (await r.status(a, "INBOX")).recent == 3
     info, _, recent_uid, writes = await select(mailbox_id=inbox)  # EXAMINE
