@@ -105,6 +105,12 @@ def call(c: httpx.Client, method: str, path: str, **kw: Any) -> Any:
     return r.json()
 
 
+def api(method: str, path: str, **kw: Any) -> Any:
+    """One request to the management API on a connection of its own (see ``call``)."""
+    with client() as c:
+        return call(c, method, path, **kw)
+
+
 def q(address: str) -> str:
     return quote(address, safe="@")
 
@@ -146,17 +152,15 @@ def domain_add(name: str,
                    "--case-sensitive", help="Compare local parts case-sensitively.")] = False
                ) -> None:
     """Add a domain."""
-    with client() as c:
-        d = call(c, "POST", "/domains", json={"name": name,
-                                              "local_part_case_sensitive": case_sensitive})
+    d = api("POST", "/domains", json={"name": name,
+                                      "local_part_case_sensitive": case_sensitive})
     out.print(f"domain [bold]{d['name']}[/bold] added")
 
 
 @domain_app.command("list")
 def domain_list(as_json: JsonOpt = False) -> None:
     """List domains."""
-    with client() as c:
-        ds = call(c, "GET", "/domains")
+    ds = api("GET", "/domains")
     if as_json:
         return emit_json(ds)
     t = Table("domain", "accounts", "aliases", "catch-all", "local parts")
@@ -172,8 +176,7 @@ def domain_delete(name: str,
                       "--force", help="Also delete its accounts (with their mail) and aliases.")
                   ] = False) -> None:
     """Delete a domain."""
-    with client() as c:
-        call(c, "DELETE", f"/domains/{quote(name)}", params={"force": force})
+    api("DELETE", f"/domains/{quote(name)}", params={"force": force})
     out.print(f"domain [bold]{name}[/bold] deleted")
 
 
@@ -186,8 +189,7 @@ def domain_catch_all(name: str,
     """Set (or --clear) the catch-all account of a domain."""
     if (account is None) == (not clear):
         fail("give an ACCOUNT or --clear", 2)
-    with client() as c:
-        d = call(c, "PATCH", f"/domains/{quote(name)}", json={"catch_all": account})
+    d = api("PATCH", f"/domains/{quote(name)}", json={"catch_all": account})
     out.print(f"catch-all of [bold]{d['name']}[/bold]: {d['catch_all'] or 'none'}")
 
 
@@ -225,8 +227,7 @@ def user_add(address: str, password: PasswordOpt = None,
                             "enabled": not disabled}
     if quota is not None:
         body["quota_bytes"] = parse_size(quota)
-    with client() as c:
-        u = call(c, "POST", "/users", json=body)
+    u = api("POST", "/users", json=body)
     out.print(f"account [bold]{u['address']}[/bold] created (quota {human(u['quota_bytes'])})")
 
 
@@ -258,16 +259,14 @@ def user_list(domain: Annotated[str | None, typer.Option(help="Only this domain.
 @user_app.command("show")
 def user_show(address: str, as_json: JsonOpt = False) -> None:
     """One account with its usage."""
-    with client() as c:
-        u = call(c, "GET", f"/users/{q(address)}")
+    u = api("GET", f"/users/{q(address)}")
     if as_json:
         return emit_json(u)
     _show_user(u)
 
 
 def _patch_user(address: str, body: dict[str, Any], what: str) -> None:
-    with client() as c:
-        u = call(c, "PATCH", f"/users/{q(address)}", json=body)
+    u = api("PATCH", f"/users/{q(address)}", json=body)
     out.print(f"[bold]{u['address']}[/bold]: {what}")
 
 
@@ -320,8 +319,7 @@ def user_delete(address: str,
         if not sys.stdin.isatty():
             fail("deleting an account deletes its mail: confirm with --yes", 2)
         typer.confirm(f"delete {address} and all its mail?", abort=True)
-    with client() as c:
-        call(c, "DELETE", f"/users/{q(address)}")
+    api("DELETE", f"/users/{q(address)}")
     out.print(f"account [bold]{address}[/bold] deleted")
 
 
@@ -331,16 +329,14 @@ def alias_add(address: str,
               targets: Annotated[list[str], typer.Argument(help="Accounts it delivers to.")]
               ) -> None:
     """Create an alias (`alias set` replaces the targets of an existing one)."""
-    with client() as c:
-        a = call(c, "POST", "/aliases", json={"address": address, "targets": targets})
+    a = api("POST", "/aliases", json={"address": address, "targets": targets})
     out.print(f"alias [bold]{a['address']}[/bold] -> {', '.join(a['targets'])}")
 
 
 @alias_app.command("set")
 def alias_set(address: str, targets: list[str]) -> None:
     """Replace the targets of an alias."""
-    with client() as c:
-        a = call(c, "PATCH", f"/aliases/{q(address)}", json={"targets": targets})
+    a = api("PATCH", f"/aliases/{q(address)}", json={"targets": targets})
     out.print(f"alias [bold]{a['address']}[/bold] -> {', '.join(a['targets'])}")
 
 
@@ -348,8 +344,7 @@ def alias_set(address: str, targets: list[str]) -> None:
 def alias_list(domain: Annotated[str | None, typer.Option()] = None,
                as_json: JsonOpt = False) -> None:
     """List aliases."""
-    with client() as c:
-        als = call(c, "GET", "/aliases", params={"domain": domain} if domain else None)
+    als = api("GET", "/aliases", params={"domain": domain} if domain else None)
     if as_json:
         return emit_json(als)
     t = Table("alias", "delivers to")
@@ -361,8 +356,7 @@ def alias_list(domain: Annotated[str | None, typer.Option()] = None,
 @alias_app.command("delete")
 def alias_delete(address: str) -> None:
     """Delete an alias."""
-    with client() as c:
-        call(c, "DELETE", f"/aliases/{q(address)}")
+    api("DELETE", f"/aliases/{q(address)}")
     out.print(f"alias [bold]{address}[/bold] deleted")
 
 
@@ -370,8 +364,7 @@ def alias_delete(address: str) -> None:
 @mailbox_app.command("list")
 def mailbox_list(user: str, as_json: JsonOpt = False) -> None:
     """Mailboxes of an account with message counts and sizes."""
-    with client() as c:
-        bs = call(c, "GET", f"/users/{q(user)}/mailboxes")
+    bs = api("GET", f"/users/{q(user)}/mailboxes")
     if as_json:
         return emit_json(bs)
     t = Table("mailbox", "special-use", "messages", "unseen", "size")
