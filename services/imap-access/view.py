@@ -21,6 +21,13 @@ class BadSequence(Exception):
     """A message sequence number outside 1..EXISTS (RFC 3501 §9 seq-number)."""
 
 
+def _bounds(a: int | None, b: int | None, top: int) -> tuple[int, int]:
+    """One seq-range (RFC 3501 §9) as (low, high): ``*`` (None) is ``top``, and the two ends
+    may come in either order ("4:2" is "2:4")."""
+    lo, hi = (top if a is None else a), (top if b is None else b)
+    return (hi, lo) if lo > hi else (lo, hi)
+
+
 @dataclass
 class MailboxView:
     mailbox_id: int
@@ -121,18 +128,14 @@ class MailboxView:
             top = self.max_uid
             out: set[int] = set()
             for a, b in seqset:
-                lo, hi = (top if a is None else a), (top if b is None else b)
-                if lo > hi:
-                    lo, hi = hi, lo
+                lo, hi = _bounds(a, b, top)
                 i, j = bisect_left(self.uids, lo), bisect_right(self.uids, hi)
                 out.update(self.uids[i:j])
             return sorted(out)
         n = len(self.uids)
         seqs: set[int] = set()
         for a, b in seqset:
-            lo, hi = (n if a is None else a), (n if b is None else b)
-            if lo > hi:
-                lo, hi = hi, lo
+            lo, hi = _bounds(a, b, n)
             if lo < 1 or hi > n:
                 raise BadSequence(f"invalid message sequence number (EXISTS is {n})")
             if hi - lo > 10_000_000:
@@ -145,9 +148,7 @@ class MailboxView:
         n = len(self.uids)
         out: set[int] = set()
         for a, b in seqset:
-            lo, hi = (n if a is None else a), (n if b is None else b)
-            if lo > hi:
-                lo, hi = hi, lo
+            lo, hi = _bounds(a, b, n)
             lo, hi = max(lo, 1), min(hi, n)
             out.update(self.uids[lo - 1:hi])
         return sorted(out)
