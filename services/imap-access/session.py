@@ -12,6 +12,7 @@ import contextlib
 import re
 import time
 import uuid
+from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -285,9 +286,10 @@ class Session:
         # ESEARCH for every SEARCH, no LSUB, a LIST response and [CLOSED] from SELECT
         self.rev2 = False
         # SEARCH RETURN (SAVE)'s result, the messages "$" names (RFC 5182 §2.1), as
-        # ascending UID ranges (a run of saved messages costs one range, however long):
+        # ascending UID ranges, first and last flat in 32-bit words: 8 octets a run of
+        # saved messages however long, 8 a message at worst (every other one saved);
         # expunged ones drop out when it is used; empty after SELECT, CLOSE, UNSELECT
-        self._saved: list[tuple[int, int]] = []
+        self._saved: array[int] = array("I")
         # what the server should do after the current command
         self.expect_line = False
         self.start_tls = False
@@ -481,7 +483,7 @@ class Session:
                     code == "TOOBIG" and item.command == "APPEND" and not fatal) else "BAD"
                 COMMANDS.labels("invalid", status).inc()
                 if status == "NO" and item.saves:
-                    self._saved = []  # RFC 9051 §6.4.4.1: SEARCH with SAVE answered NO
+                    self._saved = array("I")  # RFC 9051 §6.4.4.1: SAVE answered NO
                 self.w(f"{tag} {status} [{code or 'CLIENTBUG'}] {reason}")
                 if fatal:
                     log.info("input past the limits, closing", session=self.info.id,
@@ -951,7 +953,7 @@ class Session:
     async def _select(self, st: Authenticated | Selected, cmd: p.Select) -> Tagged:
         if cmd.qresync is not None:
             _check_qresync(cmd.qresync, self.qresync)
-        self._saved = []  # RFC 5182 §2.1: "$" starts empty in every mailbox
+        self._saved = array("I")  # RFC 5182 §2.1: "$" starts empty in every mailbox
         if isinstance(st, Selected):
             self._deselect(st)
             # RFC 7162 §3.2.11 with CONDSTORE; always in IMAP4rev2 (RFC 9051 §6.3.2)
@@ -1098,7 +1100,7 @@ class Session:
 
     def _deselect(self, st: Selected) -> None:
         self.state = Authenticated(st.account_id, st.user)
-        self._saved = []
+        self._saved = array("I")
         self.info.mailbox = None
         self._events.clear()
         self._resync = False
@@ -1276,7 +1278,7 @@ class Session:
         """The messages "$" names: the saved result without the ones expunged since."""
         uids = view.uids  # ascending
         out: list[int] = []
-        for lo, hi in self._saved:
+        for lo, hi in _saved_ranges(self._saved):
             out += uids[bisect_left(uids, lo):bisect_right(uids, hi)]
         return out
 
@@ -1323,7 +1325,7 @@ class Session:
         if node.op in ("seq", "uid") and node.seqset == p.SAVED:
             # "$" (RFC 5182 §2.1): the saved messages still here, by sequence number or UID
             # (the store knows no expunged UID, and a new one is above every saved range)
-            return SearchKey(op="uid", uids=list(self._saved))
+            return SearchKey(op="uid", uids=_saved_ranges(self._saved))
         if node.op in ("flag", "unflag") and node.args and node.args[0].lower() == "\\recent":
             if self.rev2:  # RFC 9051 §6.4.4 has no RECENT, NEW or OLD (as Dovecot: BAD)
                 raise No("RECENT, NEW and OLD are not IMAP4rev2 search keys", "CLIENTBUG",
@@ -1379,7 +1381,7 @@ class Session:
             # RFC 9051 §6.4.4.1: a SEARCH with SAVE answered NO sets "$" to the empty
             # sequence; one answered BAD MUST NOT change it
             if save and not (isinstance(exc, No) and exc.status == "BAD"):
-                self._saved = []
+                self._saved = array("I")
             raise
         nums = uids if cmd.uid else [view.seq_of(u) or 0 for u in uids]
         uses_modseq = _has_op(cmd.program, "modseq")
@@ -1391,13 +1393,13 @@ class Session:
             # RFC 5182 §2.1: with MIN or MAX and neither ALL nor COUNT only those are saved
             assert opts is not None
             if {"MIN", "MAX"} & set(opts) and not {"ALL", "COUNT"} & set(opts):
-                self._saved = to_ranges([*(uids[:1] if "MIN" in opts else []),
+                self._saved = _saved_of([*(uids[:1] if "MIN" in opts else []),
                                          *(uids[-1:] if "MAX" in opts else [])])
             elif cmd.partial is not None and "COUNT" not in opts:
                 # PARTIAL saves its range, unless COUNT asks about the whole (as Dovecot)
-                self._saved = to_ranges(imap_context.take_partial(uids, cmd.partial))
+                self._saved = _saved_of(imap_context.take_partial(uids, cmd.partial))
             else:
-                self._saved = to_ranges(uids)
+                self._saved = _saved_of(uids)
         if opts is not None and (not save or set(opts) - {"SAVE"}):
             # (SAVE alone: no ESEARCH response, RFC 5182 §2.1)
             part = None if cmd.partial is None else imap_context.partial_data(
@@ -1542,7 +1544,8 @@ class Session:
             return
         view = st.view
         self._live[cmd.tag] = LiveSearch(cmd.tag, cmd.uid,
-                                         _uid_program(view, cmd.program, self._saved),
+                                         _uid_program(view, cmd.program,
+                                                      _saved_ranges(self._saved)),
                                          charset, imap_context.ResultSet(uids))
         if view.touched is None:
             view.touched = set()
@@ -1903,7 +1906,8 @@ class Session:
             # RFC 7162 §3.2.6: first the requested UIDs expunged since CHANGEDSINCE
             gone = await self._vanished_since(st.account_id, view, cmd.changedsince,
                                               imap_qresync.from_seqset(cmd.seqset)
-                                              if cmd.seqset != p.SAVED else list(self._saved))
+                                              if cmd.seqset != p.SAVED
+                                              else _saved_ranges(self._saved))
             if gone:
                 self._vanished(gone, earlier=True)
         if cmd.changedsince is not None:
@@ -2127,6 +2131,20 @@ def _metric_name(cmd: p.Command) -> str:
         case _:
             name = type(cmd).__name__.upper().removesuffix("CMD")
     return "UID " + name if getattr(cmd, "uid", False) else name
+
+
+def _saved_of(uids: list[int]) -> array[int]:
+    """A search result to keep as "$": its UID ranges, first and last flat (UIDs are 32-bit,
+    RFC 9051 §2.3.1.1)."""
+    out = array("I")
+    for lo, hi in to_ranges(uids):
+        out.append(lo)
+        out.append(hi)
+    return out
+
+
+def _saved_ranges(saved: array[int]) -> list[tuple[int, int]]:
+    return list(zip(saved[0::2], saved[1::2], strict=True))
 
 
 def _uid_program(view: MailboxView, node: p.SearchNode,
