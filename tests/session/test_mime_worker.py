@@ -142,6 +142,15 @@ def parts() -> tuple[MimeWorker, TableDirectory, MemBlobs, DedupPublisher, Fixed
 Parts = tuple[MimeWorker, TableDirectory, MemBlobs, DedupPublisher, FixedAuth, MemMemo]
 
 
+def other_worker(parts: Parts, settings: Settings) -> tuple[MimeWorker, DedupPublisher]:
+    """A worker with ``settings`` on the same directory, blobs, authenticator and memo as
+    ``parts``, and a publisher of its own."""
+    _, d, b, _, a, mm = parts
+    pub = DedupPublisher()
+    return MimeWorker(settings, directory=d, blobs=b, publisher=pub, authenticator=a,
+                      memo=mm), pub
+
+
 async def test_mx_mail_fans_out_dedupes_and_reports(parts: Parts) -> None:
     w, _, blobs, pub, auth, _ = parts
     m = mail(rcpts=["team@example.test", "alice@example.test", "nobody@example.test",
@@ -209,10 +218,7 @@ async def test_bounces_return_full_content_only_to_senders_we_vouch_for(parts: P
 
 
 async def test_trusted_network_may_relay_and_mx_auth_user_too(parts: Parts) -> None:
-    _, d, b, _, a, mm = parts
-    pub = DedupPublisher()
-    w = MimeWorker(Settings(common=CommonSettings(trusted_networks=["10.0.0.0/8"])), directory=d, blobs=b,
-                   publisher=pub, authenticator=a, memo=mm)
+    w, pub = other_worker(parts, Settings(common=CommonSettings(trusted_networks=["10.0.0.0/8"])))
     assert await w.handle_message(mail("Q3", ["x@remote.example"], ip="10.1.1.1")) == Ack()
     assert len(pub.of(OutboundQueued)) == 1
 
@@ -290,10 +296,8 @@ async def test_claim_check_body_and_missing_blob(parts: Parts) -> None:
 async def test_bare_cr_normalised_as_every_other_path_does(parts: Parts) -> None:
     """One normalisation for every way in (issue 11.3): a bare CR ends a line as a bare LF
     does, so the stored bytes, RFC822.SIZE and what POP3 serves agree."""
-    _, d, b, _, a, mm = parts
-    pub = DedupPublisher()
-    w = MimeWorker(Settings(auth_checks=False), directory=d, blobs=b, publisher=pub,
-                   authenticator=a, memo=mm)
+    w, pub = other_worker(parts, Settings(auth_checks=False))
+    b = parts[2]
     body = b"Subject: cr\r\n\r\none\rtwo\r\n"
     assert await w.handle_message(mail("Q9", ["alice@example.test"], body=body)) == Ack()
     [dl] = pub.of(DeliverLocal)
@@ -302,10 +306,8 @@ async def test_bare_cr_normalised_as_every_other_path_does(parts: Parts) -> None
 
 
 async def test_auth_checks_off_and_bare_lf_normalised(parts: Parts) -> None:
-    _, d, b, _, a, mm = parts
-    pub = DedupPublisher()
-    w = MimeWorker(Settings(auth_checks=False), directory=d, blobs=b, publisher=pub,
-                   authenticator=a, memo=mm)
+    w, pub = other_worker(parts, Settings(auth_checks=False))
+    _, _, b, _, a, _ = parts
     lf = b"Subject: lf\n\nline\n"
     assert await w.handle_message(mail("Q8", ["alice@example.test"], body=lf)) == Ack()
     assert a.calls == 0
