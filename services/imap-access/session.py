@@ -953,6 +953,9 @@ class Session:
     async def _select(self, st: Authenticated | Selected, cmd: p.Select) -> Tagged:
         if cmd.qresync is not None:
             _check_qresync(cmd.qresync, self.qresync)
+        # a name that is not UTF-8 (IMAP4rev2) is BAD before anything changes: the selected
+        # mailbox and "$" stay as they were
+        name = self._name(cmd.mailbox)
         self._saved = array("I")  # RFC 5182 §2.1: "$" starts empty in every mailbox
         if isinstance(st, Selected):
             self._deselect(st)
@@ -967,8 +970,7 @@ class Session:
             # \Recent (RFC 3501 §2.3.2): SELECT takes the messages no session was told about;
             # EXAMINE only looks (§6.3.2: it must not make them lose \Recent)
             page = await self.store.select(SelectRequest(
-                account_id=st2.account_id, name=self._name(cmd.mailbox),
-                claim_recent=not cmd.readonly))
+                account_id=st2.account_id, name=name, claim_recent=not cmd.readonly))
         except StoreError as exc:
             if exc.code == "not_found":
                 raise No("Mailbox does not exist", "NONEXISTENT") from None

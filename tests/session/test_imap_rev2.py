@@ -198,3 +198,16 @@ async def test_partial_fetch_offsets_and_lengths_are_63_bit() -> None:
     assert b"* 1 FETCH (BODY[]<0> {%d}\r\n" % len(MSG) + MSG + b")" in text
     assert b"* 1 FETCH (BINARY[]<5000000000> {0}\r\n)" in text
     assert out[-1] == b"f3 BAD [CLIENTBUG] number out of range"
+
+
+async def test_a_select_refused_as_bad_keeps_the_mailbox_and_the_saved_result() -> None:
+    # a name that is not UTF-8 makes SELECT BAD: the command is not carried out, so the
+    # selected mailbox stays (no [CLOSED]) and so does "$" (RFC 9051 §6.4.4.1 resets it
+    # on a SELECT's tagged OK only)
+    c = await client(True)
+    c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nq1 SEARCH RETURN (SAVE) ALL\r\n"
+                       b's2 SELECT "caf\xe9"\r\nf1 FETCH $ (UID)\r\n')
+    assert out[-4:] == [b"q1 OK SEARCH completed",
+                        b"s2 BAD [CLIENTBUG] Mailbox name is not UTF-8",
+                        b"* 1 FETCH (UID 1)", b"f1 OK FETCH completed"]
