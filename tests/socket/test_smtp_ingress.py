@@ -132,6 +132,12 @@ async def greeted(port: int, tls: ssl.SSLContext | None = None, helo: str = "EHL
     return c
 
 
+async def start_data(c: Raw) -> None:
+    """MAIL FROM bob, RCPT TO alice and DATA, pipelined: 250, 250 and 354."""
+    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+
+
 async def inside_tls(c: Raw, ing: RunningIngress) -> None:
     """After a 220 to STARTTLS: the handshake, then EHLO's is the first reply inside TLS
     (nothing sent before the handshake is answered), then the session goes on."""
@@ -335,8 +341,7 @@ async def test_smtp_smuggling_is_refused(ing: RunningIngress, inbox: Inbox, sep:
     c = await greeted(ing.port("mx"))
     smuggled = (b"MAIL FROM:<admin@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
                 b"From: admin@example.test\r\n\r\nsmuggled\r\n")
-    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await start_data(c)
     await c.send(b"Subject: x\r\n\r\nhello" + sep + smuggled + b"\r\n.\r\nNOOP\r\n")
     code, lines = await c.reply()
     assert (code, lines[-1][:5]) == (550, "5.5.2"), lines
@@ -449,8 +454,7 @@ async def test_message_limits(start: Start, inbox: Inbox) -> None:
     code, lines = await c.reply()
     assert (code, lines[-1][:5]) == (552, "5.3.4")
     # a long line in DATA
-    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await start_data(c)
     await c.send(b"z" * 999 + b"\r\n.\r\n")
     code, lines = await c.reply()
     assert (code, lines[-1][:5]) == (500, "5.5.6")
@@ -522,8 +526,7 @@ async def test_large_body_goes_to_s3_first(start: Start, inbox: Inbox, blobs: Bl
     ing.ingress.inline_threshold = 1024
     body = BODY + b"line of text for a large message\r\n" * 200
     c = await greeted(ing.port("mx"))
-    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await start_data(c)
     await c.send(body + b".\r\n")
     assert (await c.reply())[0] == 250
     msg = await inbox.get()
@@ -546,8 +549,7 @@ async def test_s3_unavailable_gives_451(bus: Bus, common_settings: CommonSetting
     ing.ingress.inline_threshold = 100
     try:
         c = await greeted(ing.port("mx"))
-        await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-        assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+        await start_data(c)
         await c.send(BODY * 5 + b".\r\n")
         code, lines = await c.reply(timeout=30)
         assert (code, lines[-1][:5]) == (451, "4.3.0")
@@ -603,8 +605,7 @@ async def test_large_bodies_are_spooled_and_the_spool_is_released(
 
     # DATA: on disk while it is read, nothing of it in memory
     c = await greeted(ing.port("mx"))
-    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await start_data(c)
     await c.send(stuffed(BIG_BODY)[:400_000])
     await settle(lambda: sp.disk.used > 300_000)
     assert sp.open_files == 1 and len(spool_fds(sp.path)) == 1 and sp.memory.used == 0
@@ -626,8 +627,7 @@ async def test_large_bodies_are_spooled_and_the_spool_is_released(
 
     # refused after spooling: too big (552), bare LF (550)
     for body, code in ((BIG_BODY + BIG_BODY, 552), (BIG_BODY + b"bare\nLF\r\n", 550)):
-        await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-        assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+        await start_data(c)
         await c.send(stuffed(body) + b".\r\n")
         assert (await c.reply())[0] == code
         assert spool_idle(ing)
@@ -657,8 +657,7 @@ async def test_spool_full_gives_451_and_memory_full_spools_early(start: Start,
     ing = await start(spool_max_bytes=100_000)
     ing.ingress.inline_threshold = 1024
     c = await greeted(ing.port("mx"))
-    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await start_data(c)
     await c.send(stuffed(BIG_BODY) + b".\r\nNOOP\r\n")
     code, lines = await c.reply()
     assert (code, lines[-1][:5]) == (451, "4.3.1")
@@ -670,8 +669,7 @@ async def test_spool_full_gives_451_and_memory_full_spools_early(start: Start,
     ing2.table.users.update(ing.table.users)
     sp = ing2.ingress.spool
     c = await greeted(ing2.port("mx"))
-    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await start_data(c)
     body = BODY * 100
     await c.send(body)
     await settle(lambda: sp.disk.used > 0)
@@ -718,8 +716,7 @@ async def test_proxy_protocol_v1_and_v2(start: Start, inbox: Inbox) -> None:
     await c.send(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 25\r\n")
     assert (await c.reply())[0] == 220
     assert (await c.cmd("EHLO c.example.net"))[0] == 250
-    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await start_data(c)
     await c.send(BODY + b".\r\n")
     assert (await c.reply())[0] == 250
     msg = await inbox.get()
@@ -886,8 +883,7 @@ async def test_starttls_command_injection_is_discarded(ing: RunningIngress) -> N
 async def test_reverse_dns_in_client_info_and_received(start: Start, inbox: Inbox) -> None:
     ing = await start(reverse_dns=True)
     c = await greeted(ing.port("mx"))
-    await c.send(b"MAIL FROM:<bob@example.net>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
-    assert [(await c.reply())[0] for _ in range(3)] == [250, 250, 354]
+    await start_data(c)
     await c.send(BODY + b".\r\n")
     assert (await c.reply())[0] == 250
     msg = await inbox.get()
