@@ -11,14 +11,16 @@ from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from postbus.mailbox_store.mailboxes import MailboxOps
+from postbus.mailbox_store.outcomes import (
+    Change,
+    Conflict,
+    Limit,
+)
 from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.sqlbase import (
     ANY_UID,
     MAX_KEYWORDS,
     MB,
-    Change,
-    Conflict,
-    Limit,
     M,
     _check_count,
     flags_from_db,

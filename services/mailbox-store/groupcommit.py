@@ -15,6 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postbus.kit.metrics import histogram
 from postbus.mailbox_store.messages import _Q_INSERT, _Q_REF_BLOB, BlobRefs, MessageOps
+from postbus.mailbox_store.outcomes import (
+    Change,
+    DeliverOutcome,
+    Invalid,
+    NewMessage,
+)
 from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.sqlbase import (
     DEFAULT_MAILBOXES,
@@ -22,12 +28,8 @@ from postbus.mailbox_store.sqlbase import (
     MB,
     A,
     B,
-    Change,
     D,
-    DeliverOutcome,
-    Invalid,
     M,
-    NewMessage,
     flags_from_db,
     flags_to_db,
     normalize_name,

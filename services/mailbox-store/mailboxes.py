@@ -10,6 +10,13 @@ from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from postbus.mailbox_store.groupcommit import DeliverOps
+from postbus.mailbox_store.outcomes import (
+    Change,
+    Exists,
+    Invalid,
+    Limit,
+    NotFound,
+)
 from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.sqlbase import (
     DELIMITER,
@@ -18,12 +25,7 @@ from postbus.mailbox_store.sqlbase import (
     MB,
     Q_MAILBOXES_INFO,
     SPECIAL_USES,
-    Change,
-    Exists,
-    Invalid,
-    Limit,
     M,
-    NotFound,
     S,
     X,
     normalize_name,

@@ -13,6 +13,13 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from postbus.mailbox_store.outcomes import (
+    Change,
+    Invalid,
+    Limit,
+    NewMessage,
+    NotFound,
+)
 from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.sqlbase import (
     ANY_UID,
@@ -22,12 +29,7 @@ from postbus.mailbox_store.sqlbase import (
     MAX_KEYWORDS,
     MB,
     B,
-    Change,
-    Invalid,
-    Limit,
     M,
-    NewMessage,
-    NotFound,
     RepoBase,
     X,
     _check_count,

@@ -11,6 +11,10 @@ from typing import Literal
 from sqlalchemy import ColumnElement, and_, delete, false, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from postbus.mailbox_store.outcomes import (
+    Change,
+    NotFound,
+)
 from postbus.mailbox_store.search import SearchOps
 from postbus.mailbox_store.sqlbase import (
     INBOX,
@@ -18,10 +22,8 @@ from postbus.mailbox_store.sqlbase import (
     SEEN,
     A,
     B,
-    Change,
     D,
     M,
-    NotFound,
     flags_from_db,
     trusted_model,
     utc,

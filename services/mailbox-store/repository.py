@@ -16,6 +16,19 @@ reads.py answers the read requests from it, for the store and for imap-access (A
 
 from __future__ import annotations
 
+from postbus.mailbox_store.outcomes import (
+    Change,
+    Conflict,
+    DeliverOutcome,
+    Exists,
+    Invalid,
+    Limit,
+    NeedsWriter,
+    NewMessage,
+    NotFound,
+    OverQuota,
+    StoreError,
+)
 from postbus.mailbox_store.pop3 import Pop3Ops
 from postbus.mailbox_store.search import BLOB_OPS, BLOB_SEARCH_BATCH, parse_search_date
 from postbus.mailbox_store.sqlbase import (
@@ -29,17 +42,6 @@ from postbus.mailbox_store.sqlbase import (
     MAX_UIDS_IN_LIST,
     SEEN,
     SPECIAL_USES,
-    Change,
-    Conflict,
-    DeliverOutcome,
-    Exists,
-    Invalid,
-    Limit,
-    NeedsWriter,
-    NewMessage,
-    NotFound,
-    OverQuota,
-    StoreError,
     flags_from_db,
     flags_to_db,
     make_state,

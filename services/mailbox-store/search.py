@@ -14,7 +14,15 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, false, func, literal, not_, or_, select, true
 
 from postbus.mailbox_store.flags import FlagOps
-from postbus.mailbox_store.sqlbase import _FLAG_BY_LOWER, ANY_UID, Invalid, M, uid_filter
+from postbus.mailbox_store.outcomes import (
+    Invalid,
+)
+from postbus.mailbox_store.sqlbase import (
+    _FLAG_BY_LOWER,
+    ANY_UID,
+    M,
+    uid_filter,
+)
 from postbus.proto.store import SearchKey
 from postbus.protocols.searchtext import address_text, compare_dates
 

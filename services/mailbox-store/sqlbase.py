@@ -1,10 +1,12 @@
-"""The store's SQL layer, base: tables, prebuilt statements, limits, errors, result values,
-pure helpers, and ``RepoBase`` (transactions, account and mailbox rows, INBOX on first use).
+"""The store's SQL layer, base: tables, prebuilt statements, limits, pure helpers, and
+``RepoBase`` (transactions, account and mailbox rows, INBOX on first use). Errors and
+result records are in outcomes.py.
 
 ``Repository`` (repository.py) is one chain of classes, each module's on the one before:
 sqlbase -> messages -> groupcommit -> mailboxes -> flags -> search -> pop3. Those modules
-and directory_sql_admin.py / directory_sql.py are the only places in mailbox-store that query mail data (db.py and
-txn.py only set up engines and transactions; models.py is the schema).
+and directory_sql_admin.py / directory_sql.py are the only places in mailbox-store that
+query mail data (db.py and txn.py only set up engines and transactions; models.py is the
+schema).
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import functools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 from sqlalchemy import (
@@ -48,12 +49,16 @@ from postbus.mailbox_store.models import (
     Message,
     Subscription,
 )
+from postbus.mailbox_store.outcomes import (
+    Conflict,
+    Invalid,
+    NeedsWriter,
+    NotFound,
+    OverQuota,
+)
 from postbus.mailbox_store.prepared import Prepared
 from postbus.mailbox_store.txn import Writer
-from postbus.proto.base import ErrorCode
-from postbus.proto.mail import MessageSummary
 from postbus.proto.store import MailboxInfo, MessageState
-from postbus.protocols.served import served_size
 
 log = get_logger(__name__)
 
@@ -131,96 +136,6 @@ _KEYWORD_RE = re.compile(r'^[^\x00-\x20\x7f(){%*"\\\]]+$')
 MAX_RANGES_IN_SQL = 100
 # a UID set of several ranges with at most this many UIDs is sent as one IN list
 MAX_UIDS_IN_LIST = 2000
-
-
-# ---------------------------------------------------------------- errors
-class StoreError(Exception):
-    """A refused operation; ``code`` is the RpcError code (proto/base.py ErrorCode)."""
-
-    code: ClassVar[ErrorCode] = "internal"
-
-    def __init__(self, message: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class NeedsWriter(Exception):  # noqa: N818 (not an error of the caller's: a routing signal)
-    """A read-only repository (imap-access reading SQL, ADR 0012) reached an operation that
-    writes (INBOX created on first use, a \\Recent claim): the caller asks mailbox-store,
-    the only writer, instead."""
-
-
-class NotFound(StoreError):
-    code: ClassVar[ErrorCode] = "not_found"
-
-
-class Exists(StoreError):
-    code: ClassVar[ErrorCode] = "exists"
-
-
-class Invalid(StoreError):
-    code: ClassVar[ErrorCode] = "invalid"
-
-
-class OverQuota(StoreError):
-    code: ClassVar[ErrorCode] = "over_quota"
-
-
-class Conflict(StoreError):
-    code: ClassVar[ErrorCode] = "conflict"
-
-
-class Limit(StoreError):
-    """Refused because it would cost more than a bound allows (IMAP: NO [LIMIT], RFC 5530)."""
-
-    code: ClassVar[ErrorCode] = "limit"
-
-
-# ---------------------------------------------------------------- results
-@dataclass
-class Change:
-    """What a committed write did to one mailbox, for MAILBOX_CHANGED."""
-
-    account_id: int
-    mailbox_id: int
-    mailbox: str
-    uidvalidity: int
-    uidnext: int
-    highestmodseq: int
-    exists: int
-    added: list[MessageState] = field(default_factory=list)
-    flags: list[MessageState] = field(default_factory=list)
-    expunged: list[int] = field(default_factory=list)
-    message_ids: list[int] = field(default_factory=list)  # row ids of added (single insert)
-    # an APPEND that claimed \Recent (append_many claim_recent): the first UID it claimed
-    recent_from: int | None = None
-
-
-@dataclass
-class DeliverOutcome:
-    status: Literal["delivered", "duplicate", "over_quota", "disabled", "no_account"]
-    uid: int | None = None
-    mailbox_id: int | None = None
-    change: Change | None = None
-
-
-@dataclass
-class NewMessage:
-    """A message to insert: the blob is already in S3, or ``body`` holds its bytes, to be
-    kept in the blob's row (a small one, ADR 0014)."""
-
-    blob_key: str
-    blob_size: int
-    summary: MessageSummary
-    prefix: bytes = b""
-    flags: Sequence[str] = ()
-    internaldate: datetime | None = None
-    body: bytes | None = None
-
-    @property
-    def size(self) -> int:
-        """The RFC822.SIZE clients see (ADR 0002)."""
-        return served_size(self.prefix, self.blob_size)
 
 
 # ---------------------------------------------------------------- helpers
