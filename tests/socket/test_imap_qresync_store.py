@@ -10,13 +10,7 @@ import asyncio
 import re
 
 import pytest
-from imap_store_support import (
-    PASSWORD,
-    USER,
-    Client,
-    imap_port,  # noqa: F401 (a fixture)
-    matching,
-)
+from imap_store_support import PASSWORD, USER, Client, imap_port, matching  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
