@@ -40,6 +40,10 @@ class Box:
     def modseq(self) -> int:
         return self.mp.boxes[self.acc][self.name].highestmodseq
 
+    @property
+    def uidvalidity(self) -> int:
+        return self.mp.boxes[self.acc][self.name].uidvalidity
+
     async def set_flags(self, uid: int, *flags: str) -> None:
         await self.mp.flags(StoreFlagsRequest(
             account_id=self.acc, mailbox_id=self.id, uids=[(uid, uid)], op="set",
@@ -52,6 +56,12 @@ class Box:
             flags=["\\Deleted"], origin="other"))
         await self.mp.expunge(ExpungeRequest(account_id=self.acc, mailbox_id=self.id,
                                              uids=[(u, u) for u in uids], limit=100_000))
+
+
+def inbox(n: int) -> Box:
+    """A fresh platform whose one user, alice, has UIDs 1..n in her INBOX."""
+    mp = MemoryPlatform()
+    return Box(mp, mp.add_user("alice@example.test", "secret"), "INBOX", n)
 
 
 async def client(mp: MemoryPlatform, *, enable: bool = True) -> Client:
@@ -68,9 +78,7 @@ def untagged(lines: list[str], word: str) -> list[str]:
 
 async def test_rfc7162_3_2_5_1_select_with_known_uids() -> None:
     # A03 SELECT INBOX (QRESYNC (67890007 20050715194045000 41,43:211,214:541))
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    box = Box(mp, acc, "INBOX", 549)
+    box = inbox(549)
     since = box.modseq
     await box.expunge("41,43:116,118,120:211,214:540")
     await box.set_flags(117, "\\Seen", "\\Answered")
@@ -78,8 +86,8 @@ async def test_rfc7162_3_2_5_1_select_with_known_uids() -> None:
     await box.set_flags(541, "\\Seen", "$Forwarded")
     await box.set_flags(30, "\\Seen")  # changed, but the client did not name it
     await box.set_flags(549, "\\Seen")  # nor this one (it learns of it from EXISTS)
-    c = await client(mp)
-    uidvalidity = mp.boxes[acc]["INBOX"].uidvalidity
+    c = await client(box.mp)
+    uidvalidity = box.uidvalidity
     lines = await c.cmd(f"SELECT INBOX (QRESYNC ({uidvalidity} {since} 41,43:211,214:541))")
     assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 41,43:116,118,120:211,214:540"]
     fetches = untagged(lines, "FETCH")
@@ -95,19 +103,17 @@ async def test_rfc7162_3_2_5_1_select_with_known_uids() -> None:
 
 
 async def test_select_without_known_uids_reports_every_expunge_since() -> None:
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    box = Box(mp, acc, "INBOX", 20)
+    box = inbox(20)
     since = box.modseq
     await box.expunge("3,5:7")
     await box.expunge("20")
-    c = await client(mp)
-    uv = mp.boxes[acc]["INBOX"].uidvalidity
+    c = await client(box.mp)
+    uv = box.uidvalidity
     lines = await c.cmd(f"EXAMINE INBOX (QRESYNC ({uv} {since}))")
     assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 3,5:7,20"]
     assert untagged(lines, "FETCH") == []
     # a MODSEQ from before the first expunge but after the second: only the second
-    later = mp.boxes[acc]["INBOX"].expunged[3]
+    later = box.mp.boxes[box.acc]["INBOX"].expunged[3]
     lines = await c.cmd(f"EXAMINE INBOX (QRESYNC ({uv} {later}))")
     assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 20"]
     # a MODSEQ of 0 (the client knows nothing): every expunge the mailbox ever had
@@ -119,16 +125,14 @@ async def test_select_without_known_uids_reports_every_expunge_since() -> None:
 async def test_rfc7162_3_2_5_2_seq_match_data_is_checked_and_the_log_answers() -> None:
     # B04 SELECT INBOX (QRESYNC (67890007 90060115194045000 1:29997 (5000,7500,9000,9990:9999
     #     15000,22500,27000,29970,29973,29976,29979,29982,29985,29988,29991,29994,29997)))
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    box = Box(mp, acc, "INBOX", 30)
+    box = inbox(30)
     since = box.modseq
     await box.expunge("2:3,10")
-    c = await client(mp)
-    uv = mp.boxes[acc]["INBOX"].uidvalidity
+    c = await client(box.mp)
+    uv = box.uidvalidity
     lines = await c.cmd(f"SELECT INBOX (QRESYNC ({uv} {since} 1:30 (5,10,20:21 5,10,20,21)))")
     assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 2:3,10"]
-    bad = Client(mp)
+    bad = Client(box.mp)
     await bad.cmd("LOGIN alice@example.test secret")
     await bad.cmd("ENABLE QRESYNC")
     bad.rx.push(f"x SELECT INBOX (QRESYNC ({uv} {since} 1:30 (5,10 5)))\r\n".encode())
@@ -139,10 +143,8 @@ async def test_rfc7162_3_2_5_2_seq_match_data_is_checked_and_the_log_answers() -
 
 async def test_rfc7162_3_2_6_uid_fetch_vanished() -> None:
     # s100 UID FETCH 300:500 (FLAGS) (CHANGEDSINCE 12345 VANISHED)
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    box = Box(mp, acc, "INBOX", 520)
-    c = await client(mp)
+    box = inbox(520)
+    c = await client(box.mp)
     await c.cmd("SELECT INBOX")
     since = box.modseq
     await box.expunge("300:310,405,411,510")
@@ -162,10 +164,8 @@ async def test_rfc7162_3_2_6_uid_fetch_vanished() -> None:
 async def test_an_expunge_not_yet_reported_is_not_earlier() -> None:
     # the session still shows the message: its expunge comes as a VANISHED that changes
     # message numbers, at a point where one may be sent, never as VANISHED (EARLIER)
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    box = Box(mp, acc, "INBOX", 5)
-    c = await client(mp)
+    box = inbox(5)
+    c = await client(box.mp)
     await c.cmd("SELECT INBOX")
     since = box.modseq
     await box.expunge("2")
@@ -177,10 +177,8 @@ async def test_an_expunge_not_yet_reported_is_not_earlier() -> None:
 
 
 async def test_rfc7162_3_2_10_vanished_instead_of_expunge() -> None:
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    Box(mp, acc, "INBOX", 430)
-    c = await client(mp)
+    box = inbox(430)
+    c = await client(box.mp)
     await c.cmd("SELECT INBOX")
     await c.cmd("UID STORE 405,407,410,425 +FLAGS.SILENT (\\Deleted)")
     lines = await c.cmd("EXPUNGE")
@@ -193,20 +191,16 @@ async def test_rfc7162_3_2_10_vanished_instead_of_expunge() -> None:
 
 
 async def test_without_enable_expunge_stays_expunge() -> None:
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    Box(mp, acc, "INBOX", 5)
-    c = await client(mp, enable=False)
+    box = inbox(5)
+    c = await client(box.mp, enable=False)
     await c.cmd("SELECT INBOX (CONDSTORE)")
     await c.cmd("STORE 2,4 +FLAGS.SILENT (\\Deleted)")
     assert (await c.cmd("EXPUNGE"))[:-1] == ["* 2 EXPUNGE", "* 3 EXPUNGE"]
 
 
 async def test_other_sessions_hear_vanished_and_live_searches_stay_in_step() -> None:
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    Box(mp, acc, "INBOX", 6)
-    a, b = await client(mp), await client(mp)
+    box = inbox(6)
+    a, b = await client(box.mp), await client(box.mp)
     await a.cmd("SELECT INBOX")
     await b.cmd("SELECT INBOX")
     await a.cmd("SEARCH RETURN (UPDATE) ALL")  # a live search on message numbers
@@ -225,21 +219,19 @@ async def test_other_sessions_hear_vanished_and_live_searches_stay_in_step() -> 
 async def test_when_the_expunge_log_cannot_answer_every_missing_known_uid_is_vanished(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # RFC 7162 §3.2.5.2: a server without the log reports the known UIDs that are gone
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    box = Box(mp, acc, "INBOX", 12)
+    box = inbox(12)
     since = box.modseq
     await box.expunge("2,5:6,12")
-    c = await client(mp)
-    uv = mp.boxes[acc]["INBOX"].uidvalidity
-    real = mp.select
+    c = await client(box.mp)
+    uv = box.uidvalidity
+    real = box.mp.select
 
     async def no_log(req: SelectRequest) -> SelectReply:
         if req.changed_since is not None:
             raise StoreError("too_large", "the expunge log does not fit a reply")
         return await real(req)
 
-    monkeypatch.setattr(mp, "select", no_log)
+    monkeypatch.setattr(box.mp, "select", no_log)
     lines = await c.cmd(f"SELECT INBOX (QRESYNC ({uv} {since} 1:5,9:20))")
     assert untagged(lines, "VANISHED") == ["* VANISHED (EARLIER) 2,5,12"]
     lines = await c.cmd(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {since} VANISHED)")
@@ -247,10 +239,8 @@ async def test_when_the_expunge_log_cannot_answer_every_missing_known_uid_is_van
 
 
 async def test_many_scattered_expunges_go_out_in_lines_of_bounded_length() -> None:
-    mp = MemoryPlatform()
-    acc = mp.add_user("alice@example.test", "secret")
-    box = Box(mp, acc, "INBOX", 6000)
-    c = await client(mp)
+    box = inbox(6000)
+    c = await client(box.mp)
     await c.cmd("SELECT INBOX")
     await box.expunge(",".join(str(u) for u in range(2, 6001, 2)))  # another client's
     lines = untagged(await c.cmd("NOOP"), "VANISHED")
