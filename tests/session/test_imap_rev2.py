@@ -48,6 +48,11 @@ async def test_a_name_that_is_not_utf8_is_bad_in_rev2() -> None:
     out = await c.send(b'c1 CREATE "caf\xe9"\r\nc2 SELECT "caf\xe9"\r\n')
     assert out == [b"c1 BAD [CLIENTBUG] Mailbox name is not UTF-8",
                    b"c2 BAD [CLIENTBUG] Mailbox name is not UTF-8"]
+    # overlong forms, UTF-16 surrogates, past U+10FFFF, 5-octet forms: none is UTF-8
+    for bad in (b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80", b"\xed\xbf\xbf\xed\xb0\x80",
+                b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"a\x80"):
+        assert await c.send(b'c3 CREATE "%s"\r\n' % bad) == [
+            b"c3 BAD [CLIENTBUG] Mailbox name is not UTF-8"]
 
 
 async def test_utf8_names_are_quoted_with_escapes_or_sent_as_literals() -> None:
@@ -211,3 +216,24 @@ async def test_a_select_refused_as_bad_keeps_the_mailbox_and_the_saved_result() 
     assert out[-4:] == [b"q1 OK SEARCH completed",
                         b"s2 BAD [CLIENTBUG] Mailbox name is not UTF-8",
                         b"* 1 FETCH (UID 1)", b"f1 OK FETCH completed"]
+
+
+async def test_rev2_claims_recent_as_rev1_does_without_showing_it() -> None:
+    # ADR 0016: a rev2 SELECT takes \Recent in the store (RFC 3501 §2.3.2: the first
+    # session told of a message), so a rev1 session after it sees none, as after a rev1 one;
+    # EXAMINE in rev2 takes nothing
+    rev2 = await client(True)
+    for _ in range(2):
+        rev2.mp.deliver(rev2.acc, MSG)
+    rev1 = imap_support.Client()
+    rev1.mp, rev1.acc = rev2.mp, rev2.acc
+    rev1.session.directory = rev1.session.store = rev2.mp
+    rev1.session.blobs = rev1.session.changes = rev2.mp
+    rev1.out.take()
+    await rev1.send(LOGIN)
+    assert b"* 2 RECENT" in await rev1.send(b"x1 EXAMINE INBOX\r\n")
+    out = await rev2.send(b"x2 EXAMINE INBOX\r\n")
+    assert not any(b"RECENT" in x for x in out)
+    assert b"* 2 RECENT" in await rev1.send(b"x3 EXAMINE INBOX\r\n")
+    await rev2.send(b"s1 SELECT INBOX\r\n")
+    assert b"* 0 RECENT" in await rev1.send(b"s2 SELECT INBOX\r\n")
