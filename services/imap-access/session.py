@@ -222,9 +222,10 @@ def to_store_name(raw: bytes, utf8: bool = False) -> str:
 
 
 def check_new_name(name: str) -> None:
-    """A name a client creates (CREATE, RENAME's target): RFC 9051 §5.1 forbids the C0 and
-    C1 controls, DEL, LINE SEPARATOR and PARAGRAPH SEPARATOR in mailbox names, whether they
-    come as UTF-8 (IMAP4rev2) or modified UTF-7. The store refuses only C0 and DEL."""
+    """A name a client creates (CREATE, RENAME's target, SUBSCRIBE): RFC 9051 §5.1 forbids
+    the C0 and C1 controls, DEL, LINE SEPARATOR and PARAGRAPH SEPARATOR in mailbox names,
+    whether they come as UTF-8 (IMAP4rev2) or modified UTF-7. The store refuses only C0
+    and DEL."""
     if any(ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F or ch in "\u2028\u2029" for ch in name):
         raise No("Mailbox name contains a control character or line separator", "CANNOT")
 
@@ -583,6 +584,8 @@ class Session:
                     MailboxRenameRequest(account_id=st.account_id, old=o, new=n))
                 return Tagged("OK", "RENAME completed")
             case p.Subscribe(mailbox=m) | p.Unsubscribe(mailbox=m):
+                if isinstance(cmd, p.Subscribe):
+                    check_new_name(self._name(m))  # a name LIST (SUBSCRIBED) may show
                 await self.store.mailbox_subscribe(SubscribeRequest(
                     account_id=st.account_id, name=self._name(m),
                     subscribed=isinstance(cmd, p.Subscribe)))

@@ -237,3 +237,15 @@ async def test_rev2_claims_recent_as_rev1_does_without_showing_it() -> None:
     assert b"* 2 RECENT" in await rev1.send(b"x3 EXAMINE INBOX\r\n")
     await rev2.send(b"s1 SELECT INBOX\r\n")
     assert b"* 0 RECENT" in await rev1.send(b"s2 SELECT INBOX\r\n")
+
+
+async def test_a_subscription_to_a_forbidden_name_is_refused_and_can_be_dropped() -> None:
+    # SUBSCRIBE puts a name in the list LIST (SUBSCRIBED) shows even without a mailbox
+    # (RFC 9051 §6.3.7): the characters §5.1 forbids are refused there too (the store
+    # refused C0 already); UNSUBSCRIBE takes any name, to drop one made before
+    c = await client(True)
+    refused = b"NO [CANNOT] Mailbox name contains a control character or line separator"
+    out = await c.send(b'b1 SUBSCRIBE "a\xc2\x85"\r\nb2 SUBSCRIBE "b\xe2\x80\xa8"\r\n'
+                       b'b3 UNSUBSCRIBE "a\xc2\x85"\r\nl1 LIST (SUBSCRIBED) "" "*"\r\n')
+    assert out[:3] == [b"b1 " + refused, b"b2 " + refused, b"b3 OK UNSUBSCRIBE completed"]
+    assert not any(b"\\NonExistent" in x for x in out)
