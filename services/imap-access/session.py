@@ -180,6 +180,7 @@ class LiveSearch:
     program: p.SearchNode
     charset: str
     result: imap_context.ResultSet
+    ranges: int = 0  # the UID ranges ``program`` holds ("$" and sequence sets resolved)
 
 
 @dataclass
@@ -1542,16 +1543,18 @@ class Session:
     def _watch(self, st: Selected, cmd: p.Search, charset: str, uids: list[int]) -> None:
         """Keep a SEARCH RETURN (UPDATE) up to date, or say NO [NOUPDATE] (§4.3) when the
         session holds too many live searches or results already."""
-        held = sum(len(ls.result) for ls in self._live.values())
+        # what it holds: its result, and the UID ranges its program keeps (a large "$", or
+        # a sequence set over a mailbox with many gaps), as many as the result at worst
+        view = st.view
+        program = _uid_program(view, cmd.program, _saved_ranges(self._saved))
+        ranges = _ranges_in(program)
+        held = sum(len(ls.result) + ls.ranges for ls in self._live.values())
         if (len(self._live) >= self.cfg.search_updates_max
-                or held + len(uids) > self.cfg.search_update_uids_max):
+                or held + len(uids) + ranges > self.cfg.search_update_uids_max):
             self.w(f'* NO [NOUPDATE "{cmd.tag}"] Too many search updates')
             return
-        view = st.view
-        self._live[cmd.tag] = LiveSearch(cmd.tag, cmd.uid,
-                                         _uid_program(view, cmd.program,
-                                                      _saved_ranges(self._saved)),
-                                         charset, imap_context.ResultSet(uids))
+        self._live[cmd.tag] = LiveSearch(cmd.tag, cmd.uid, program, charset,
+                                         imap_context.ResultSet(uids), ranges)
         if view.touched is None:
             view.touched = set()
         view.on_expunge = self._live_expunge
@@ -1602,7 +1605,7 @@ class Session:
                     gone = set(touched) - set(present)
                 checked = [u for u in touched if u not in gone]
             added, removed = ls.result.update(checked, matching)
-            held = sum(len(x.result) for x in self._live.values())
+            held = sum(len(x.result) + x.ranges for x in self._live.values())
             if added and held > self.cfg.search_update_uids_max:
                 del self._live[ls.tag]  # §4.3: the server may stop updating at any time
                 self.w(f'* NO [NOUPDATE "{ls.tag}"] Search result too large to update')
@@ -2150,6 +2153,11 @@ def _saved_of(uids: list[int]) -> array[int]:
 
 def _saved_ranges(saved: array[int]) -> list[tuple[int, int]]:
     return list(zip(saved[0::2], saved[1::2], strict=True))
+
+
+def _ranges_in(node: p.SearchNode) -> int:
+    """How many ranges the sequence sets of a search program hold."""
+    return len(node.seqset or ()) + sum(_ranges_in(c) for c in node.children)
 
 
 def _uid_program(view: MailboxView, node: p.SearchNode,

@@ -249,3 +249,21 @@ async def test_a_subscription_to_a_forbidden_name_is_refused_and_can_be_dropped(
                        b'b3 UNSUBSCRIBE "a\xc2\x85"\r\nl1 LIST (SUBSCRIBED) "" "*"\r\n')
     assert out[:3] == [b"b1 " + refused, b"b2 " + refused, b"b3 OK UNSUBSCRIBE completed"]
     assert not any(b"\\NonExistent" in x for x in out)
+
+
+async def test_a_live_search_over_a_large_saved_result_counts_its_ranges() -> None:
+    # SEARCH RETURN (UPDATE) $ keeps "$" as UID ranges in its program for as long as it
+    # lives: they count against the UIDs a session's live searches may hold, as its result
+    # does, or ten live searches could each keep a copy of a huge "$" (RFC 5267 §4.3:
+    # NO [NOUPDATE] when the server will not keep one)
+    c = imap_support.Client(search_update_uids_max=10)
+    c.out.take()
+    await c.send(LOGIN)
+    for _ in range(30):
+        c.mp.deliver(c.acc, MSG)
+    odd = b",".join(b"%d" % n for n in range(1, 30, 2))  # 15 ranges
+    out = await c.send(b"s1 SELECT INBOX\r\nq1 SEARCH RETURN (SAVE) " + odd + b"\r\n"
+                       b"u1 SEARCH RETURN (UPDATE) $ FLAGGED\r\n"
+                       b"u2 SEARCH RETURN (UPDATE) 1:5 FLAGGED\r\n")
+    assert b'* NO [NOUPDATE "u1"] Too many search updates' in out
+    assert not any(b'NOUPDATE "u2"' in x for x in out)
