@@ -267,3 +267,18 @@ async def test_a_live_search_over_a_large_saved_result_counts_its_ranges() -> No
                        b"u2 SEARCH RETURN (UPDATE) 1:5 FLAGGED\r\n")
     assert b'* NO [NOUPDATE "u1"] Too many search updates' in out
     assert not any(b'NOUPDATE "u2"' in x for x in out)
+
+
+async def test_dollar_with_nothing_saved_names_no_message() -> None:
+    # RFC 9051 §6.4.4.1: "$" before any SEARCH with SAVE (or after SELECT reset it) is the
+    # empty sequence, valid but matching nothing: no command touches a message through it
+    c = await client(True)
+    for _ in range(2):
+        c.mp.deliver(c.acc, MSG)
+    out = await c.send(b"s1 SELECT INBOX\r\nt0 STORE 1:2 +FLAGS.SILENT (\\Deleted)\r\n"
+                       b"f1 FETCH $ (UID)\r\nt1 STORE $ +FLAGS (\\Seen)\r\n"
+                       b"c1 COPY $ Trash\r\nm1 MOVE $ Trash\r\nx1 UID EXPUNGE $\r\n"
+                       b"q1 SEARCH $\r\nq2 UID SEARCH NOT UID $\r\n")
+    assert not any(b"FETCH (" in x or b"EXPUNGE" == x[-7:] for x in out)
+    assert b'* ESEARCH (TAG "q1")' in out and b'* ESEARCH (TAG "q2") UID ALL 1:2' in out
+    assert b"* STATUS Trash (MESSAGES 0)" in await c.send(b"s2 STATUS Trash (MESSAGES)\r\n")
