@@ -35,6 +35,7 @@ from postbus.mailbox_store.sqlbase import (
     normalize_name,
     unseen_deleted,
 )
+from postbus.mailbox_store.txn import settle
 from postbus.proto.store import MessageState
 
 COMMIT_BATCH = histogram("postbus_store_delivery_batch_size", "Deliveries per group commit",
@@ -91,6 +92,9 @@ class _Batcher:
             self.worker = asyncio.create_task(self._drain(), name="store-group-commit")
         return await fut
 
+    async def _alone(self, job: _DeliverJob) -> DeliverOutcome:
+        return (await self.run([job]))[0]
+
     async def _drain(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
@@ -106,14 +110,7 @@ class _Batcher:
                     live[0][1].set_exception(exc)
                     continue
                 for job, fut in live:  # isolate the failure
-                    try:
-                        out = (await self.run([job]))[0]
-                    except Exception as one_exc:
-                        if not fut.done():
-                            fut.set_exception(one_exc)
-                    else:
-                        if not fut.done():
-                            fut.set_result(out)
+                    await settle(fut, self._alone(job))
                 continue
             for (_, fut), out in zip(live, outcomes, strict=True):
                 if not fut.done():

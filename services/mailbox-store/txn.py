@@ -59,6 +59,19 @@ async def _driver_sql(conn: AsyncConnection, sql: str) -> None:
         await conn.exec_driver_sql(sql)
 
 
+async def settle(fut: asyncio.Future[T], work: Awaitable[T]) -> None:
+    """Hand ``work``'s result, or its exception, to the caller waiting on ``fut`` (unless
+    that caller gave up)."""
+    try:
+        result = await work
+    except Exception as exc:
+        if not fut.done():
+            fut.set_exception(exc)
+    else:
+        if not fut.done():
+            fut.set_result(result)
+
+
 class Writer:
     def __init__(self, engine: AsyncEngine, *, max_group: int = MAX_GROUP) -> None:
         self.engine = engine
@@ -108,14 +121,7 @@ class Writer:
 
     async def _one(self, fn: Tx, fut: asyncio.Future[Any]) -> None:
         """One transaction on its own, its outcome handed to its caller."""
-        try:
-            result = await self._alone(fn, 5)
-        except Exception as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-        else:
-            if not fut.done():
-                fut.set_result(result)
+        await settle(fut, self._alone(fn, 5))
 
     async def _commit_group(self, group: list[tuple[Tx, asyncio.Future[Any]]]) -> None:
         GROUP.observe(len(group))

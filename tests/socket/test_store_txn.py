@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -71,3 +73,25 @@ async def test_a_transaction_alone_commits_or_is_rolled_back_whole(tmp_path: Pat
         assert await _values(engine) == [7, 9]
     finally:
         await engine.dispose()
+
+
+async def test_a_failed_delivery_batch_is_retried_one_by_one() -> None:
+    """The delivery batcher (groupcommit.py): a batch whose transaction fails is run again
+    one delivery at a time; the bad one gets its exception, the others their outcome."""
+    from postbus.mailbox_store.groupcommit import _Batcher
+    from postbus.mailbox_store.outcomes import DeliverOutcome
+
+    runs: list[list[str]] = []
+
+    async def run(jobs: list[Any]) -> list[DeliverOutcome]:
+        runs.append([j.queue_id for j in jobs])
+        if any(j.queue_id == "bad" for j in jobs):
+            raise Refused("bad")
+        return [DeliverOutcome("delivered", uid=i + 1) for i in range(len(jobs))]
+
+    b = _Batcher(run)
+    jobs = [SimpleNamespace(queue_id=q) for q in ("a", "bad", "c")]
+    got = await asyncio.gather(*(b.submit(j) for j in jobs), return_exceptions=True)  # type: ignore[arg-type]
+    assert runs[0] == ["a", "bad", "c"] and sorted(runs[1:]) == [["a"], ["bad"], ["c"]]
+    assert isinstance(got[1], Refused)
+    assert [g.status for g in (got[0], got[2])] == ["delivered", "delivered"]  # type: ignore[union-attr]
