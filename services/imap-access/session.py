@@ -9,7 +9,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import re
 import time
 import uuid
 from array import array
@@ -243,21 +242,54 @@ def _ancestors(name: str) -> list[str]:
     return [DELIM.join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
-def _pattern_regex(ref: str, pattern: str) -> re.Pattern[str]:
-    """LIST wildcards (RFC 3501 §6.3.8): * matches anything, % anything but the delimiter."""
-    full = pattern if (not ref or pattern.startswith(DELIM)) else ref + pattern
-    out = []
-    for ch in full:
-        if ch == "*":
-            out.append(".*")
-        elif ch == "%":
-            out.append(f"[^{re.escape(DELIM)}]*")
-        else:
-            out.append(re.escape(ch))
-    rx = "".join(out)
-    if full.upper().startswith("INBOX"):
-        rx = "(?i:INBOX)" + "".join(out[5:])
-    return re.compile(rx + r"\Z", re.DOTALL)
+class _ListPattern:
+    """A LIST pattern (RFC 3501 §6.3.8, RFC 9051 §6.3.9): ``*`` matches anything, ``%``
+    anything but the delimiter; a leading INBOX in any case. Matched as a set of positions
+    in the pattern carried along the name (bits of an int), never by backtracking: a
+    pattern of many wildcards against a long name costs its length times the pattern's,
+    where a regex took exponential time and held the event loop."""
+
+    def __init__(self, ref: str, pattern: str) -> None:
+        full = pattern if (not ref or pattern.startswith(DELIM)) else ref + pattern
+        # every "*" and "%" of a pattern is a wildcard; a run of them is one, "*" if it
+        # has one, else "%"
+        toks: list[str] = []
+        for ch in full:
+            if ch in "*%" and toks and toks[-1] in "*%":
+                toks[-1] = "*" if "*" in (ch, toks[-1]) else "%"
+            else:
+                toks.append(ch)
+        self.size = len(toks)
+        self.literals = sum(t not in "*%" for t in toks)  # the fewest characters it takes
+        self.star = self.pct = 0
+        self.lit: dict[str, int] = {}  # per character, the positions it matches at
+        inbox = full[:5].upper() == "INBOX"
+        for i, t in enumerate(toks):
+            if t == "*":
+                self.star |= 1 << i
+            elif t == "%":
+                self.pct |= 1 << i
+            else:
+                for ch in {t.lower(), t.upper()} if inbox and i < 5 else {t}:
+                    self.lit[ch] = self.lit.get(ch, 0) | 1 << i
+        self.wild = self.star | self.pct
+
+    def _close(self, states: int) -> int:
+        # a wildcard matches nothing too; none follows another, so one step is enough
+        return states | (states & self.wild) << 1
+
+    def match(self, name: str) -> bool:
+        if self.literals > len(name):
+            return False
+        states = self._close(1)
+        for ch in name:
+            nxt = (states & self.lit.get(ch, 0)) << 1 | states & self.star
+            if ch != DELIM:
+                nxt |= states & self.pct
+            states = self._close(nxt)
+            if not states:
+                return False
+        return bool(states >> self.size & 1)
 
 
 class Session:
@@ -843,7 +875,7 @@ class Session:
             account_id=st.account_id, subscribed_only=subscribed_only))).mailboxes
         names = {b.name for b in boxes}
         pats = [self._decode(pat) for pat in cmd.patterns]
-        rxs = [_pattern_regex(ref, pat) for pat in pats]
+        rxs = [_ListPattern(ref, pat) for pat in pats]
         want_status = [x[7:] for x in cmd.return_opts if x.startswith("STATUS.")]
         self._check_status_items(want_status)
         show_subscribed = "SUBSCRIBED" in cmd.return_opts or "SUBSCRIBED" in cmd.select_opts

@@ -5,6 +5,7 @@ mode switch (ADR 0016)."""
 
 from __future__ import annotations
 
+import time
 from array import array
 
 import imap_support
@@ -282,3 +283,20 @@ async def test_dollar_with_nothing_saved_names_no_message() -> None:
     assert not any(b"FETCH (" in x or b"EXPUNGE" == x[-7:] for x in out)
     assert b'* ESEARCH (TAG "q1")' in out and b'* ESEARCH (TAG "q2") UID ALL 1:2' in out
     assert b"* STATUS Trash (MESSAGES 0)" in await c.send(b"s2 STATUS Trash (MESSAGES)\r\n")
+
+
+async def test_list_wildcards_do_not_backtrack() -> None:
+    # a pattern of many "*" or "%" against a long name the client made itself: a
+    # backtracking regex took seconds (minutes, with a few more stars) in the event loop,
+    # stalling every session of the process; matching is linear in the name's length
+    c = await client(True)
+    name = b"a" * 150
+    await c.send(b"c1 CREATE " + name + b"\r\n")
+    started = time.monotonic()
+    out = await c.send(b'l1 LIST "" "*a*a*a*a*ab"\r\nl2 LIST "" "%a%a%a%a%ab"\r\n'
+                       b'l3 LIST "" "*a*a*a*a*a"\r\nl4 LIST "" "%a%%a*%a"\r\n'
+                       b'l5 LIST "" "inBOX"\r\nl6 LIST "" "*/%"\r\n')
+    assert time.monotonic() - started < 1.0
+    listed = [x for x in out if x.startswith(b"* LIST")]
+    assert listed == [b'* LIST (\\HasNoChildren) "/" ' + name] * 2 + [
+        b'* LIST (\\HasNoChildren) "/" INBOX']
