@@ -63,10 +63,14 @@ class Settings(BaseSettings):
     # can reach. With it, 993 takes the header before the TLS handshake.
     proxy_protocol: bool = False
     proxy_protocol_timeout_s: float = 5.0
-    # SELECT pages, FETCH metadata, STATUS and LIST read from the metadata database
-    # (POSTBUS_DATABASE_URL) on a read-only connection instead of asking mailbox-store over
-    # NATS (ADR 0012); where the database cannot be opened they go to the store as before
-    sql_reads: bool = True
+    # SELECT pages, FETCH metadata, STATUS, LIST and an EXPUNGE with nothing to remove read
+    # from the metadata database (POSTBUS_DATABASE_URL) on a read-only connection instead of
+    # asking mailbox-store over NATS (ADR 0012); where the database cannot be opened they go
+    # to the store as before. Off by default: it moves a quarter of the store's CPU per IMAP
+    # command into imap-access and saves a fifth of NATS's, but the sum is the same, so on
+    # one machine it gains nothing (bench-imap-stress, 2 cores). Turn it on where
+    # mailbox-store is the bound and imap-access runs as several replicas.
+    sql_reads: bool = False
     sql_pool_size: int = 8  # sessions reading at once; beyond 2x this they wait
     fetch_batch: int = 250  # messages per STORE_FETCH request
     fetch_bytes_in_flight: int = 32 * 1024 * 1024  # bodies one FETCH holds in memory at once
