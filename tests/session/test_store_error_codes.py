@@ -13,7 +13,7 @@ import pytest
 from test_imap_transcripts import Runner
 
 from postbus.imap_access.ports import StoreError
-from postbus.mailbox_store import directory_rules, mgmt, sqlbase
+from postbus.mailbox_store import directory_rules, mgmt, outcomes
 from postbus.proto.base import ERROR_CODES, RpcError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def _subclasses(cls: type) -> list[type]:
 
 
 def test_every_store_error_class_has_a_code_of_the_set() -> None:
-    codes = {c.code for c in _subclasses(sqlbase.StoreError)}
+    codes = {c.code for c in _subclasses(outcomes.StoreError)}
     assert codes <= ERROR_CODES
     assert {"not_found", "exists", "invalid", "over_quota", "conflict", "limit"} <= codes
     directory = {c.code for c in _subclasses(directory_rules.DirectoryError)}
