@@ -160,9 +160,13 @@ def check_spf(resolver: Dns, ip: str, mail_from: str, helo: str, deadline: float
 
 
 # ---------------------------------------------------------------- DKIM through dkimpy
-def check_dkim(resolver: Dns, raw: bytes, deadline: float) -> list[DkimResult]:
+def dkim_signatures(raw: bytes) -> int:
     header = raw[:header_block_end(raw, 0, len(raw))]
-    count = sum(1 for name, _ in parse_headers(header) if name == "dkim-signature")
+    return sum(1 for name, _ in parse_headers(header) if name == "dkim-signature")
+
+
+def check_dkim(resolver: Dns, raw: bytes, deadline: float) -> list[DkimResult]:
+    count = dkim_signatures(raw)
     if count == 0:
         return []
     temp = {"hit": False}
@@ -269,7 +273,9 @@ class DnsAuthenticator:
         cached = self.spf_cache.get(client.ip, mail_from, helo)
         spf_f = None if cached is not None else loop.run_in_executor(
             self._pool, check_spf, self.dns, client.ip, mail_from, helo, deadline)
-        dkim_f = loop.run_in_executor(self._pool, check_dkim, self.dns, raw, deadline)
+        # unsigned mail (most of it) needs no thread for DKIM: counting is a header scan
+        dkim_f = (loop.run_in_executor(self._pool, check_dkim, self.dns, raw, deadline)
+                  if dkim_signatures(raw) else None)
         slack = 0.5  # the libraries' own overhead after the last lookup
         if spf_f is None:
             assert cached is not None
@@ -280,11 +286,13 @@ class DnsAuthenticator:
             except TimeoutError:
                 spf_r = SpfResult("temperror", mail_from, helo, "time budget spent")
             self.spf_cache.put(client.ip, mail_from, helo, spf_r)
-        try:
-            remaining = max(0.0, deadline - time.monotonic()) + slack
-            dkim_r = await asyncio.wait_for(asyncio.shield(dkim_f), remaining)
-        except TimeoutError:
-            dkim_r = [DkimResult("temperror", comment="time budget spent")]
+        dkim_r: list[DkimResult] = []
+        if dkim_f is not None:
+            try:
+                remaining = max(0.0, deadline - time.monotonic()) + slack
+                dkim_r = await asyncio.wait_for(asyncio.shield(dkim_f), remaining)
+            except TimeoutError:
+                dkim_r = [DkimResult("temperror", comment="time budget spent")]
         try:
             remaining = max(0.0, deadline - time.monotonic()) + slack
             dmarc_r = await asyncio.wait_for(

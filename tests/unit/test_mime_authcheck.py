@@ -140,6 +140,22 @@ async def test_authenticator_end_to_end(keypair: tuple[bytes, str]) -> None:
     assert (res.dmarc.result, res.dmarc.policy) == ("pass", "quarantine")
 
 
+async def test_unsigned_mail_is_checked_without_a_dkim_lookup() -> None:
+    """No DKIM-Signature: no key lookup and no thread for DKIM; DMARC rests on SPF."""
+    auth = DnsAuthenticator([], 1.0, 3.0, threads=2)
+    table = TableDns({
+        ("sender.example", "TXT"): ["v=spf1 ip4:192.0.2.0/24 -all"],
+        ("_dmarc.sender.example", "TXT"): ["v=DMARC1; p=reject"],
+    })
+    auth.dns = table
+    raw = (b"From: a@sender.example\r\nTo: b@example.test\r\nSubject: hi\r\n\r\nbody\r\n")
+    res = await auth.check(raw, ClientInfo(ip="192.0.2.9", helo="mx.sender.example"),
+                           "bounce@sender.example")
+    await auth.close()
+    assert res.spf.result == "pass" and res.dkim == []
+    assert (res.dmarc.result, res.dmarc.policy) == ("pass", "reject")
+
+
 async def test_spf_result_is_reused_for_the_same_host_and_sender(
         keypair: tuple[bytes, str]) -> None:
     """One SPF evaluation per (IP, MAIL FROM, HELO) within the cache's TTL; another IP, another
