@@ -65,6 +65,15 @@ class _Compiled:
                 for n, p in zip(self.names, self.binds, strict=True)]
 
 
+async def driver_execute(conn: AsyncConnection, sql: str, args: Sequence[Any] = ()) -> Any:
+    """``sql`` as text on the driver: sqlite3 itself on SQLite (no SQLAlchemy execution
+    context, statement cache or result wrapping), exec_driver_sql elsewhere; the cursor."""
+    dbapi = conn.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
+    if isinstance(dbapi, AdaptedConnection):
+        return await run_busy(dbapi.raw_sqlite.execute, sql, args)
+    return await conn.exec_driver_sql(sql, tuple(args))
+
+
 class Prepared:
     """One Core statement with named bind parameters (``bindparam("x")``), compiled once
     per dialect. ``rows`` returns tuples (named tuples with ``named``: attribute access as
@@ -109,11 +118,7 @@ class Prepared:
 
     async def _execute(self, conn: AsyncConnection, params: dict[str, Any]) -> tuple[Any, _Compiled]:
         c = self.compiled(conn.dialect)
-        args = c.args(params)
-        dbapi = conn.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
-        if isinstance(dbapi, AdaptedConnection):
-            return await run_busy(dbapi.raw_sqlite.execute, c.sql, args), c
-        return await conn.exec_driver_sql(c.sql, tuple(args)), c
+        return await driver_execute(conn, c.sql, c.args(params)), c
 
     async def rows(self, conn: AsyncConnection, **params: Any) -> list[Row]:
         cur, c = await self._execute(conn, params)
