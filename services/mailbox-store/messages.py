@@ -17,6 +17,7 @@ from postbus.mailbox_store.outcomes import (
     Change,
     Invalid,
     Limit,
+    NeedsWriter,
     NewMessage,
     NotFound,
 )
@@ -255,6 +256,8 @@ class MessageOps(RepoBase):
                 if name is not None:
                     raise Invalid(f"{row.name} cannot be selected (\\Noselect)")
                 raise NotFound(f"{row.name} is \\Noselect")
+            if claim_recent and self.read_only and row.recent_uid < info.uidnext:
+                raise NeedsWriter("a \\Recent claim")  # before reading a page for nothing
             mailbox_id = row.id
             if changed_since is None:
                 rows = await _Q_PAGE.rows(conn, p_mailbox=mailbox_id, p_after=after_uid,
@@ -431,7 +434,8 @@ class MessageOps(RepoBase):
             # STORE \Deleted that commits after this read is simply ordered after it.
             async with self._read() as conn:
                 mbox = await self._mailbox_by_id(conn, account_id, mailbox_id)
-                if not await found(conn):
+                # the mailbox row counts its \Deleted messages: no scan for a plain EXPUNGE
+                if not (mbox.deleted_count if uids is None else await found(conn)):
                     return [], mbox.highestmodseq, None, False
         return await self.write(tx)
 

@@ -18,7 +18,7 @@ from postbus.kit.bus import Bus, RemoteError
 from postbus.kit.flow import ByteGate
 from postbus.kit.logging import get_logger
 from postbus.mailbox_store.delivery import keep_body, publish_change
-from postbus.mailbox_store.reads import MAX_UID_PAGE, StoreReads
+from postbus.mailbox_store.reads import MAX_SELECT_PAGE, MAX_UID_PAGE, StoreReads
 from postbus.mailbox_store.repository import Change, Limit, NewMessage, Repository, StoreError
 from postbus.mailbox_store.settings import Settings
 from postbus.proto.base import Rpc
@@ -179,7 +179,8 @@ class StoreApi(StoreReads):
         """The selected view's new messages up to the UIDNEXT the APPEND claimed to: later
         ones are not \\Recent for this caller and reach it by notification, as usual."""
         info, page, more, _, _ = await self.repo.select(
-            account_id, change.mailbox_id, after_uid=after_uid, limit=self.max_uid_page)
+            account_id, change.mailbox_id, after_uid=after_uid,
+            limit=min(self.max_uid_page, MAX_SELECT_PAGE))  # SELECT's bound, as a SELECT page
         upto = [m for m in page if m.uid < change.uidnext]
         more = more and len(upto) == len(page)
         info = info.model_copy(update={"uidnext": change.uidnext})
