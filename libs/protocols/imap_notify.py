@@ -29,7 +29,6 @@ class Filter:
 
     groups: tuple[tuple[NotifyGroup, tuple[str, ...]], ...]
     selected: NotifyGroup | None
-    status: bool
 
     @classmethod
     def of(cls, cmd: Notify, names: list[tuple[str, ...]]) -> Filter:
@@ -37,7 +36,7 @@ class Filter:
         sel = next((g for g in cmd.groups if g.filter.startswith("selected")), None)
         others = tuple((g, n) for g, n in zip(cmd.groups, names, strict=True)
                        if not g.filter.startswith("selected"))
-        return cls(others, sel, cmd.status)
+        return cls(others, sel)
 
     def events_for(self, name: str, subscribed: frozenset[str] | set[str]) -> tuple[str, ...]:
         """The events wanted from a mailbox other than the selected one: those of the first

@@ -12,8 +12,8 @@ import contextlib
 import time
 import uuid
 from array import array
-from bisect import bisect_left, bisect_right
-from collections.abc import AsyncIterator
+from bisect import bisect_right
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -446,10 +446,9 @@ class Session:
         for mailbox_id, (ev, items) in pending.items():
             if mailbox_id == selected:
                 continue
-            vals = {"MESSAGES": ev.exists, "UIDNEXT": ev.uidnext,
-                    "UIDVALIDITY": ev.uidvalidity, "HIGHESTMODSEQ": ev.highestmodseq}
-            body = " ".join(f"{it} {vals[it]}" for it in items)
-            self.out.write(b"* STATUS " + self._wire(ev.mailbox) + f" ({body})\r\n".encode())
+            self._status_write(ev.mailbox, items, {
+                "MESSAGES": ev.exists, "UIDNEXT": ev.uidnext, "UIDVALIDITY": ev.uidvalidity,
+                "HIGHESTMODSEQ": ev.highestmodseq})
 
     async def _notify_cmd(self, st: Authenticated | Selected, cmd: p.Notify) -> Tagged:
         """NOTIFY SET / NONE (RFC 5465 §3). Events this server cannot report (mailbox
@@ -541,7 +540,6 @@ class Session:
         if isinstance(self.state, Selected) and result.status != "BAD":
             try:
                 await self._apply_changes(allow_expunge=_expunge_allowed(cmd))
-                await self._update_live()
             except Exception:
                 log.exception("applying mailbox changes failed", session=self.info.id)
         self._flush_notify()
@@ -809,7 +807,6 @@ class Session:
             if line.strip().upper() == b"DONE":
                 if isinstance(self.state, Selected):
                     await self._apply_changes(allow_expunge=True)
-                    await self._update_live()
                 self._flush_notify()
                 COMMANDS.labels("IDLE", "OK").inc()
                 self.w(f"{tag} OK IDLE terminated")
@@ -824,7 +821,6 @@ class Session:
         self.w("+ idling")
         if isinstance(st, Selected):
             await self._apply_changes(allow_expunge=True)
-            await self._update_live()
         self._flush_notify()
         await self.out.drain()
         return None
@@ -845,14 +841,14 @@ class Session:
             # (without FlagChange a flag change alone waits for the next command, §5.1)
             await self._apply_changes(
                 allow_expunge=in_idle or (flt is not None and flt.selected_immediate))
-            await self._update_live()
         self._flush_notify()
         await self.out.drain()
 
     async def _apply_changes(self, allow_expunge: bool) -> None:
         """The selected mailbox's news (``_apply_events``), then, when NOTIFY asked for
         MessageNew with fetch attributes (RFC 5465 §5.2), a FETCH of each new message
-        (BODY[] as BODY.PEEK[]: a notification does not set \\Seen)."""
+        (BODY[] as BODY.PEEK[]: a notification does not set \\Seen), then what entered and
+        left the live searches."""
         st = self.state
         if not isinstance(st, Selected):
             return
@@ -862,6 +858,7 @@ class Session:
         if atts and self.state is st and st.view.max_uid > top:
             await self._fetch(st, p.Fetch("*", True, ((top + 1, st.view.max_uid),),
                                           tuple(replace(a, peek=True) for a in atts)))
+        await self._update_live()
 
     # ------------------------------------------------------------ mailboxes
     async def _list(self, st: Authenticated | Selected, cmd: p.ListCmd) -> Tagged:
@@ -942,8 +939,12 @@ class Session:
                 "DELETED": info.deleted,
                 # RFC 7889 §3.1: NIL when there is no limit
                 "APPENDLIMIT": "NIL" if self.cfg.append_limit is None else self.cfg.append_limit}
+        self._status_write(info.name, items, vals)
+
+    def _status_write(self, name: str, items: Iterable[str], vals: Mapping[str, object]) -> None:
+        """``* STATUS name (item value ...)`` for the items asked, in their order."""
         body = " ".join(f"{it} {vals[it]}" for it in items if it in vals)
-        self.out.write(b"* STATUS " + self._wire(info.name) + f" ({body})\r\n".encode())
+        self.out.write(b"* STATUS " + self._wire(name) + f" ({body})\r\n".encode())
 
     def _check_status_items(self, items: list[str] | tuple[str, ...]) -> None:
         """IMAP4rev2's status-att has no RECENT (RFC 9051 §6.3.11, §9): BAD, as Dovecot."""
@@ -1122,19 +1123,27 @@ class Session:
         running the VANISHED goes out message by message, right after its REMOVEFROM."""
         if not self.qresync:
             for uid in uids:
-                seq = view.expunge(uid)
+                seq = self._expunge_one(view, uid)
                 if seq is not None:
                     self.w(f"* {seq} EXPUNGE")
             return
         gone: list[int] = []
         for uid in sorted(uids):
-            if view.on_expunge is not None and gone:
+            if self._live and gone:
                 self._vanished(to_ranges(gone))
                 gone = []
-            if view.expunge(uid) is not None:
+            if self._expunge_one(view, uid) is not None:
                 gone.append(uid)
         if gone:
             self._vanished(to_ranges(gone))
+
+    def _expunge_one(self, view: MailboxView, uid: int) -> int | None:
+        """Remove a message from the view, after the live searches holding it said
+        REMOVEFROM; the sequence number it had."""
+        seq = view.seq_of(uid)
+        if seq is not None and self._live:
+            self._live_expunge(uid, seq)
+        return view.expunge(uid)
 
     def _deselect(self, st: Selected) -> None:
         self.state = Authenticated(st.account_id, st.user)
@@ -1143,7 +1152,7 @@ class Session:
         self._events.clear()
         self._resync = False
         self._live.clear()  # RFC 5267 §4.3: a live search ends with its mailbox
-        st.view.touched = st.view.on_expunge = None
+        st.view.touched = None
 
     # ------------------------------------------------------------ changes from elsewhere
     async def _sync_new(self, st: Selected, *, exists_sent: bool = False,
@@ -1312,17 +1321,9 @@ class Session:
         self.out.write(b"* %d FETCH (" % seq + b" ".join(items) + b")\r\n")
 
     # ------------------------------------------------------------ resolving sets
-    def _saved_uids(self, view: MailboxView) -> list[int]:
-        """The messages "$" names: the saved result without the ones expunged since."""
-        uids = view.uids  # ascending
-        out: list[int] = []
-        for lo, hi in _saved_ranges(self._saved):
-            out += uids[bisect_left(uids, lo):bisect_right(uids, hi)]
-        return out
-
     def _uids(self, view: MailboxView, s: p.SeqSet, uid: bool) -> list[int]:
-        if s == p.SAVED:
-            return self._saved_uids(view)
+        if s == p.SAVED:  # the saved result, without the messages expunged since
+            return view.resolve(tuple(_saved_ranges(self._saved)), True)
         try:
             return view.resolve(s, uid)
         except BadSequence as exc:
@@ -1440,11 +1441,9 @@ class Session:
                 self._saved = _saved_of(uids)
         if opts is not None and (not save or set(opts) - {"SAVE"}):
             # (SAVE alone: no ESEARCH response, RFC 5182 §2.1)
-            part = None if cmd.partial is None else imap_context.partial_data(
-                cmd.partial, imap_context.take_partial(nums, cmd.partial), ordered=False)
             self._esearch(cmd.tag, cmd.uid, opts, nums, seqset(nums) if nums else "",
                           uids[0] if uids else 0, uids[-1] if uids else 0,
-                          highestmodseq if uses_modseq else None, part)
+                          highestmodseq if uses_modseq else None, cmd.partial)
         elif opts is None:
             line = "* SEARCH" + "".join(f" {n}" for n in nums)
             if uses_modseq and nums:
@@ -1477,12 +1476,10 @@ class Session:
             return Tagged("OK", "SORT completed")
         # RFC 5267 §3.1: MIN and MAX are the first and last message in sort order, ALL
         # lists the messages in sort order
-        part = None if cmd.partial is None else imap_context.partial_data(
-            cmd.partial, imap_context.take_partial(nums, cmd.partial), ordered=True)
         self._esearch(cmd.tag, cmd.uid, cmd.return_opts, nums,
                       ordered_seqset(nums) if nums else "",
                       ordered[0].uid if ordered else 0, ordered[-1].uid if ordered else 0,
-                      highestmodseq if uses_modseq else None, part)
+                      highestmodseq if uses_modseq else None, cmd.partial, ordered=True)
         return Tagged("OK", "SORT completed")
 
     # ------------------------------------------------------------ THREAD
@@ -1542,10 +1539,12 @@ class Session:
 
     def _esearch(self, tag: str, uid: bool, return_opts: tuple[str, ...], nums: list[int],
                  all_set: str, first_uid: int, last_uid: int,
-                 highestmodseq: int | None, partial: str | None = None) -> None:
+                 highestmodseq: int | None, partial: tuple[int, int] | None = None, *,
+                 ordered: bool = False) -> None:
         """The ESEARCH response of SEARCH and SORT with RETURN (RFC 4731 §3.1, RFC 5267
         §3.1, §4.4): ``nums`` in answer order, ``first_uid``/``last_uid`` the UIDs of its
-        first and last, ``partial`` the PARTIAL data; ``highestmodseq`` when the search used
+        first and last, ``partial`` the PARTIAL range asked (``ordered``: in SORT order);
+        ``highestmodseq`` when the search used
         MODSEQ (RFC 7162 §3.1.5: the highest MODSEQ of the messages returned, with only MIN
         and MAX those two). UPDATE alone returns no result (as Dovecot: §4.3 leaves it to
         the other options); no option at all, or CONTEXT alone, means ALL."""
@@ -1559,7 +1558,8 @@ class Session:
             if "ALL" in opts:
                 parts.append(f"ALL {all_set}")
         if partial is not None:
-            parts.append(partial)
+            parts.append(imap_context.partial_data(
+                partial, imap_context.take_partial(nums, partial), ordered=ordered))
         if "COUNT" in opts:
             parts.append(f"COUNT {len(nums)}")
         if highestmodseq is not None and nums:
@@ -1589,16 +1589,15 @@ class Session:
                                          imap_context.ResultSet(uids), ranges)
         if view.touched is None:
             view.touched = set()
-        view.on_expunge = self._live_expunge
 
     def _stop_watching(self, view: MailboxView) -> None:
         if not self._live:
-            view.touched = view.on_expunge = None
+            view.touched = None
 
     def _live_expunge(self, uid: int, seq: int) -> None:
-        """MailboxView.expunge calls this before a message goes: REMOVEFROM of the live
-        searches holding it, with the sequence number it has until its EXPUNGE (which the
-        caller sends next)."""
+        """Before a message goes (``_expunge_one``): REMOVEFROM of the live searches
+        holding it, with the sequence number it has until its EXPUNGE (which the caller
+        sends next)."""
         for ls in self._live.values():
             if ls.result.discard(uid):
                 self.w(imap_context.update_line(ls.tag, ls.uid, [uid if ls.uid else seq], []))

@@ -63,7 +63,8 @@ class SqlReadStore(BusStore):
         self.recheck_s = recheck_s
         self.ready = False  # the schema is at the revision this code expects
         self._next_check = 0.0
-        self._head: str | None = None
+        # the migration this code expects, read from the scripts once (not in a command)
+        self._head = db.head_revision()
         self._said = False
 
     async def _schema_ok(self) -> bool:
@@ -76,7 +77,6 @@ class SqlReadStore(BusStore):
             return False
         self._next_check = now + self.recheck_s
         try:
-            self._head = self._head or db.head_revision()
             found = await db.schema_revision(self.engine)
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
             self._not_yet("cannot read the database", error=str(exc))

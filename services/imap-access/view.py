@@ -7,7 +7,6 @@ view changes only through ``add`` and ``expunge``.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from postbus.proto.store import uid_ranges
@@ -45,10 +44,8 @@ class MailboxView:
     # says which UIDs this session claimed (SelectReply.recent_uid)
     recent: set[int] = field(default_factory=set)
     # live searches (RFC 5267 §4.3): while the session keeps one, the UIDs added or whose
-    # flags or modseq changed since it last looked (None: nobody is looking), and who to
-    # tell of an expunge before it happens, with the sequence number it has until then
+    # flags or modseq changed since it last looked (None: nobody is looking)
     touched: set[int] | None = None
-    on_expunge: Callable[[int, int], None] | None = None
 
     @property
     def exists(self) -> int:
@@ -84,8 +81,6 @@ class MailboxView:
         seq = self.seq_of(uid)
         if seq is None:
             return None
-        if self.on_expunge is not None:
-            self.on_expunge(uid, seq)
         if self.touched is not None:
             self.touched.discard(uid)
         del self.uids[seq - 1]
