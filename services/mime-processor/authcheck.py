@@ -165,8 +165,10 @@ def dkim_signatures(raw: bytes) -> int:
     return sum(1 for name, _ in parse_headers(header) if name == "dkim-signature")
 
 
-def check_dkim(resolver: Dns, raw: bytes, deadline: float) -> list[DkimResult]:
-    count = dkim_signatures(raw)
+def check_dkim(resolver: Dns, raw: bytes, deadline: float,
+               count: int | None = None) -> list[DkimResult]:
+    """``count``: the DKIM-Signature fields, when the caller counted them already."""
+    count = dkim_signatures(raw) if count is None else count
     if count == 0:
         return []
     temp = {"hit": False}
@@ -274,8 +276,9 @@ class DnsAuthenticator:
         spf_f = None if cached is not None else loop.run_in_executor(
             self._pool, check_spf, self.dns, client.ip, mail_from, helo, deadline)
         # unsigned mail (most of it) needs no thread for DKIM: counting is a header scan
-        dkim_f = (loop.run_in_executor(self._pool, check_dkim, self.dns, raw, deadline)
-                  if dkim_signatures(raw) else None)
+        signatures = dkim_signatures(raw)
+        dkim_f = (loop.run_in_executor(self._pool, check_dkim, self.dns, raw, deadline,
+                                       signatures) if signatures else None)
         slack = 0.5  # the libraries' own overhead after the last lookup
         if spf_f is None:
             assert cached is not None

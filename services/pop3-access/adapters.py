@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from postbus.kit.blob import BlobNotFound, BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, BusUnavailable, KvBucket, RemoteError, raising
-from postbus.kit.counters import KvCounters, account_key, ip_key
+from postbus.kit.counter_keys import account_key, ip_key
+from postbus.kit.counters import KvCounters
 from postbus.kit.logging import get_logger
 from postbus.pop3_access.ports import Unavailable
 from postbus.proto.store import (
@@ -167,7 +168,7 @@ class KvLease:
         if self._lost:
             return
         self._lost = True
-        try:
+        with raising(unavailable):
             if await self.bucket.delete(self.key, last=self.revision):
                 return
             # a refresh cancelled while its update was on the wire may have moved the
@@ -176,8 +177,6 @@ class KvLease:
             entry = await self.bucket.get(self.key)
             if entry is not None and entry.value == self.value:
                 await self.bucket.delete(self.key, last=entry.revision)
-        except BusUnavailable as exc:
-            raise Unavailable(str(exc)) from exc
 
 
 class KvLocks:
@@ -193,10 +192,8 @@ class KvLocks:
         key = _account_key(account_id)
         value = json.dumps({"replica": self.replica, "session": holder,
                             "since": time.time()}).encode()
-        try:
+        with raising(unavailable):
             rev = await self.bucket.create(key, value)
-        except BusUnavailable as exc:
-            raise Unavailable(str(exc)) from exc
         if rev is None:
             return None
         return KvLease(self.bucket, key, value, rev, self.ttl_s)

@@ -108,7 +108,6 @@ class Stats:
     command_tally: Tally = field(default_factory=lambda: Tally(COMMANDS))  # by command, outcome
     retr_tally: Tally = field(default_factory=lambda: Tally(RETRIEVED))
     retr_octet_tally: Tally = field(default_factory=lambda: Tally(RETR_OCTETS))
-    top_octet_tally: Tally = field(default_factory=lambda: Tally(RETR_OCTETS))
     delete_tally: Tally = field(default_factory=lambda: Tally(DELETED))
 
     @property
@@ -547,7 +546,7 @@ class Session:
             return Reply(err("message body unavailable; try again later", SYS_TEMP))
         if top_lines is not None:
             payload = top_payload(retr_text(m.prefix, blob), top_lines)
-            self.stats.top_octet_tally.inc(n=len(payload))
+            RETR_OCTETS.inc(len(payload))  # counted for Prometheus, not in retrieved_octets
             return Reply(ok("top of message follows") + payload)
         prefix = m.prefix
         if prefix and not prefix.endswith(b"\n"):  # not whole lines: convert it all at once

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from postbus.kit.blob import BlobStore, BlobUnavailable
 from postbus.kit.bus import Bus, BusUnavailable, RemoteError
-from postbus.kit.counters import kv_key
+from postbus.kit.counter_keys import kv_key
 from postbus.kit.logging import get_logger
 from postbus.kit.net import Network, ip_in
 from postbus.proto.mail import DELIVER_STREAM, INBOUND_STREAM, MAIL_RECEIVED, MailReceived
