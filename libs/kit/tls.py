@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import ssl
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -50,3 +53,28 @@ def server_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert), str(key))
     return ctx
+
+
+async def discard_buffered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           chunk: int = 256 * 1024) -> int:
+    """Before STARTTLS/STLS's handshake (RFC 3207 §4.2, RFC 2595 §4, CVE-2011-0411): stop
+    reading the socket and drop what the stream reader already holds, octets that came in
+    plaintext after the command; returns how many. The handshake resumes reading
+    (``loop.start_tls``)."""
+    # a socket's transport reads too (typeshed types StreamWriter.transport as a write
+    # transport; uvloop's does not subclass asyncio.Transport, so no isinstance check)
+    transport = cast(asyncio.Transport, writer.transport)
+    dropped = 0
+    while True:
+        transport.pause_reading()
+        read = asyncio.ensure_future(reader.read(chunk))
+        await asyncio.sleep(0)  # one step: a buffered read completes in it
+        if not read.done():  # nothing buffered: it waits for the socket, which is paused
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await read
+            return dropped
+        data = read.result()
+        if not data:
+            return dropped
+        dropped += len(data)  # reading may have resumed the socket: pause, look again

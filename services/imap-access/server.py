@@ -29,6 +29,7 @@ from postbus.kit.net import (
     linger_close,
     read_proxy_header,
 )
+from postbus.kit.tls import discard_buffered
 from postbus.protocols.imap_parser import Continue, Limits, RawLine, Receiver
 
 log = get_logger(__name__)
@@ -353,6 +354,11 @@ class ImapServer:
                         # nothing may follow STARTTLS in plaintext (RFC 3501 §6.2.1)
                         read_task.cancel()
                         read_task = None
+                    # whether the receiver or the stream holds it (CVE-2011-0411)
+                    dropped = rx.pending + await discard_buffered(reader, writer)
+                    if dropped:
+                        log.info("data pipelined after STARTTLS discarded",
+                                 session=session.info.id, octets=dropped)
                     rx.reset()
                     assert self.tls is not None
                     await writer.start_tls(self.tls)

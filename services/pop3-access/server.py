@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
 from postbus.kit.net import BadProxyHeader, PerIpLimit, read_proxy_header
+from postbus.kit.tls import discard_buffered
 from postbus.pop3_access.ports import Directory, Locks, Maildrops, Throttle
 from postbus.pop3_access.session import Limits, Peer, PreparedBodies, Session, Stats
 from postbus.protocols.pop3 import Receiver, err
@@ -186,8 +187,10 @@ class Pop3Server:
                     return
                 if reply.starttls:
                     await writer.drain()
-                    # RFC 2595 §4 / CVE-2011-0411: nothing sent before the handshake counts
-                    if i + 1 < len(items) or receiver.pending():
+                    # RFC 2595 §4 / CVE-2011-0411: nothing sent before the handshake counts,
+                    # whether the receiver or the stream holds it
+                    dropped = await discard_buffered(reader, writer)
+                    if i + 1 < len(items) or receiver.pending() or dropped:
                         log.warning("data pipelined after STLS discarded", session=session.id)
                     receiver.discard()
                     assert self.ssl_context is not None

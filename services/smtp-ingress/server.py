@@ -14,11 +14,12 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 from postbus.kit.logging import get_logger
 from postbus.kit.metrics import counter, gauge
 from postbus.kit.net import BadProxyHeader, read_proxy_header
+from postbus.kit.tls import discard_buffered
 from postbus.protocols import smtp_replies as replies
 from postbus.protocols.smtp import Bdat, Data, Receiver
 from postbus.smtp_ingress import policy
@@ -374,7 +375,8 @@ class Connection:
                 elif reply.starttls:
                     # RFC 3207 §4.2 / CVE-2011-0411: nothing sent before the handshake counts,
                     # whether the receiver or the stream holds it
-                    dropped = receiver.pending() + await self._discard_buffered()
+                    dropped = receiver.pending() + await discard_buffered(
+                        self.reader, self.writer, READ_CHUNK)
                     if dropped:
                         log.info("data pipelined after STARTTLS discarded", ip=self.ip,
                                  octets=dropped)
@@ -391,31 +393,6 @@ class Connection:
         await self.flush()
         self.closing = True
         self.writer.close()
-
-    async def _discard_buffered(self) -> int:
-        """Stop reading the socket and drop what the stream reader already holds (octets
-        that came while earlier commands were answered); returns how many. The handshake
-        resumes reading (``loop.start_tls``)."""
-        dropped = 0
-        transport = self._socket()
-        while True:
-            transport.pause_reading()
-            read = asyncio.ensure_future(self.reader.read(READ_CHUNK))
-            await asyncio.sleep(0)  # one step: a buffered read completes in it
-            if not read.done():  # nothing buffered: it waits for the socket, which is paused
-                read.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await read
-                return dropped
-            data = read.result()
-            if not data:
-                return dropped
-            dropped += len(data)  # reading may have resumed the socket: pause, look again
-
-    def _socket(self) -> asyncio.Transport:
-        # a socket's transport reads too (typeshed types StreamWriter.transport as a write
-        # transport; uvloop's does not subclass asyncio.Transport, so no isinstance check)
-        return cast(asyncio.Transport, self.writer.transport)
 
     async def _start_tls(self) -> None:
         """Put TLS under the connection (STARTTLS, or the start of an smtps connection)."""

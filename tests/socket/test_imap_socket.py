@@ -413,6 +413,27 @@ def test_starttls_discards_pipelined_plaintext(tmp_path: Path) -> None:
         tls.close()
 
 
+def test_starttls_discards_plaintext_the_stream_still_holds(tmp_path: Path) -> None:
+    """The injected command past the server's first read (64 KiB) waits in the stream
+    reader, not in the receiver: it must be dropped too, not read inside TLS."""
+    for imap in _start(tmp_path, loopback_is_secure=False):
+        s = socket.create_connection(("127.0.0.1", imap.port), timeout=10)
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"a1 STARTTLS\r\n" + b"\r\n" * 40_000
+                  + b"a2 LOGIN alice@example.test secret\r\n")
+        while not (line := f.readline()).startswith(b"a1 "):
+            pass
+        assert line.startswith(b"a1 OK")
+        tls = _insecure_ctx().wrap_socket(s, server_hostname="localhost")
+        tls.sendall(b"a3 NOOP\r\n")
+        data = b""
+        while b"a3 " not in data:
+            data += tls.recv(4096)
+        assert b"a2" not in data  # the injected LOGIN was never executed
+        tls.close()
+
+
 # ---------------------------------------------------------------- management API
 def test_mgmt_lists_live_sessions_and_counters(imap: Running) -> None:
     asyncio.run_coroutine_threadsafe(imap.server.check(), imap.loop).result(5)  # readiness

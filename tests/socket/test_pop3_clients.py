@@ -419,6 +419,23 @@ async def test_data_pipelined_after_stls_is_discarded(rig: Rig) -> None:
     assert await asyncio.to_thread(client) == b"-ERR not allowed before login\r\n"
 
 
+async def test_stls_discards_plaintext_the_stream_still_holds(rig: Rig) -> None:
+    """The injected command past the server's first read (64 KiB) waits in the stream
+    reader, not in the receiver: it must be dropped too, not read inside TLS."""
+    def client() -> bytes:
+        s = socket.create_connection(("127.0.0.1", rig.port), timeout=10)
+        _recv_until(s, b"\r\n")
+        s.sendall(b"STLS\r\n" + b"NOOP\r\n" * 12_000 + b"CAPA\r\n")
+        line = _recv_until(s, b"\r\n")
+        while not line.startswith(b"+OK Begin TLS"):
+            line = _recv_until(s, b"\r\n")
+        t = client_tls().wrap_socket(s)
+        t.sendall(b"NOOP\r\n")
+        return _recv_until(t, b"\r\n")
+
+    assert await asyncio.to_thread(client) == b"-ERR not allowed before login\r\n"
+
+
 async def test_idle_autologout(rig: Rig) -> None:
     rig.server.idle_timeout_s = 0.3
 
