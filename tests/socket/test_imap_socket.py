@@ -397,6 +397,17 @@ def test_preauth_timeout_says_bye(tmp_path: Path) -> None:
         r.close()
 
 
+def _noop_inside_tls(s: socket.socket) -> bytes:
+    """The handshake after STARTTLS's OK, then everything up to a NOOP's tagged answer."""
+    tls = _insecure_ctx().wrap_socket(s, server_hostname="localhost")
+    tls.sendall(b"a3 NOOP\r\n")
+    data = b""
+    while b"a3 " not in data:
+        data += tls.recv(4096)
+    tls.close()
+    return data
+
+
 def test_starttls_discards_pipelined_plaintext(tmp_path: Path) -> None:
     for imap in _start(tmp_path, loopback_is_secure=False):
         s = socket.create_connection(("127.0.0.1", imap.port), timeout=10)
@@ -404,13 +415,7 @@ def test_starttls_discards_pipelined_plaintext(tmp_path: Path) -> None:
         f.readline()
         s.sendall(b"a1 STARTTLS\r\na2 LOGIN alice@example.test secret\r\n")
         assert f.readline().startswith(b"a1 OK")
-        tls = _insecure_ctx().wrap_socket(s, server_hostname="localhost")
-        tls.sendall(b"a3 NOOP\r\n")
-        data = b""
-        while b"a3 " not in data:
-            data += tls.recv(4096)
-        assert b"a2" not in data  # the injected LOGIN was never executed
-        tls.close()
+        assert b"a2" not in _noop_inside_tls(s)  # the injected LOGIN was never executed
 
 
 def test_starttls_discards_plaintext_the_stream_still_holds(tmp_path: Path) -> None:
@@ -425,13 +430,7 @@ def test_starttls_discards_plaintext_the_stream_still_holds(tmp_path: Path) -> N
         while not (line := f.readline()).startswith(b"a1 "):
             pass
         assert line.startswith(b"a1 OK")
-        tls = _insecure_ctx().wrap_socket(s, server_hostname="localhost")
-        tls.sendall(b"a3 NOOP\r\n")
-        data = b""
-        while b"a3 " not in data:
-            data += tls.recv(4096)
-        assert b"a2" not in data  # the injected LOGIN was never executed
-        tls.close()
+        assert b"a2" not in _noop_inside_tls(s)  # the injected LOGIN was never executed
 
 
 # ---------------------------------------------------------------- management API
